@@ -1,0 +1,92 @@
+//! Ed25519 signing with domain separation.
+
+use prost::Message;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+use crate::wire::{Receipt, SignedEnvelope, SignedReceipt};
+
+/// Prefix of the bytes an envelope signature covers: `domain || envelope`.
+pub const ENVELOPE_DOMAIN: &[u8] = b"antar/envelope/v1\0";
+/// Prefix of the bytes a receipt signature covers: `domain || receipt`.
+pub const RECEIPT_DOMAIN: &[u8] = b"antar/receipt/v1\0";
+
+/// Why a signing key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    /// The key is not an Ed25519 PKCS#8 key.
+    #[error("signing key is not an Ed25519 PKCS#8 key: {0}")]
+    BadKey(String),
+    /// The key does not belong to the certificate given with it.
+    #[error("signing key does not match the public key of its certificate")]
+    KeyCertMismatch,
+}
+
+/// A node's signing key with the certificate that vouches for it.
+pub struct Signer {
+    key: Ed25519KeyPair,
+    cert_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("Signer").finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Loads an Ed25519 PKCS#8 key (v1 or v2) and the DER certificate of its public key.
+    ///
+    /// # Errors
+    /// [`SignError::BadKey`] for a key that is not Ed25519 PKCS#8;
+    /// [`SignError::KeyCertMismatch`] when the certificate holds another key.
+    pub fn from_pkcs8(pkcs8: &[u8], cert_der: Vec<u8>) -> Result<Self, SignError> {
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
+            .map_err(|e| SignError::BadKey(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| SignError::BadKey(format!("certificate: {e}")))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key().as_ref() {
+            return Err(SignError::KeyCertMismatch);
+        }
+        Ok(Self { key, cert_der })
+    }
+
+    /// The DER certificate that is sent with every signature.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// The raw 32-byte Ed25519 public key.
+    pub fn public_key(&self) -> &[u8] {
+        self.key.public_key().as_ref()
+    }
+
+    /// Signs serialized `Envelope` bytes.
+    pub fn sign_envelope_bytes(&self, envelope: Vec<u8>) -> SignedEnvelope {
+        let signature = self.sign(ENVELOPE_DOMAIN, &envelope);
+        SignedEnvelope {
+            envelope,
+            signature,
+            signer_cert: self.cert_der.clone(),
+        }
+    }
+
+    /// Serializes and signs a receipt.
+    pub fn sign_receipt(&self, receipt: &Receipt) -> SignedReceipt {
+        let receipt = receipt.encode_to_vec();
+        let signature = self.sign(RECEIPT_DOMAIN, &receipt);
+        SignedReceipt {
+            receipt,
+            signature,
+            signer_cert: self.cert_der.clone(),
+        }
+    }
+
+    fn sign(&self, domain: &[u8], bytes: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(domain.len() + bytes.len());
+        msg.extend_from_slice(domain);
+        msg.extend_from_slice(bytes);
+        self.key.sign(&msg).as_ref().to_vec()
+    }
+}

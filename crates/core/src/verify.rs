@@ -1,0 +1,503 @@
+//! Verification of signed envelopes and receipts against the federation root.
+//!
+//! A signature counts only when its certificate was issued by the federation
+//! root, was valid when the thing was signed, is a signing certificate
+//! (Ed25519, digitalSignature + contentCommitment, no TLS usage), is not
+//! revoked, names a node of this federation, and that node's agency is the
+//! envelope's `sender` (the receipt's `issuer`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use prost::Message;
+use ring::signature::{UnparsedPublicKey, ED25519};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::envelope::{payload_digest, sha256};
+use crate::id::{AgencyId, Identity, MessageId, Role};
+use crate::sign::{ENVELOPE_DOMAIN, RECEIPT_DOMAIN};
+use crate::time::from_timestamp;
+use crate::wire::{Envelope, Payload, Receipt, SignedEnvelope, SignedReceipt};
+
+/// OID of Ed25519 keys (RFC 8410).
+const OID_ED25519: &str = "1.3.101.112";
+
+/// Why a signed envelope, receipt, payload or revocation list was refused.
+///
+/// Each variant is one way verification fails, so a caller (and a
+/// `REJECTED` receipt's reason code, see [`VerifyError::reason`]) can say
+/// exactly what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The signature does not verify over the signed bytes: the bytes or the signature were altered.
+    #[error("signature does not verify over the signed bytes")]
+    BadSignature,
+    /// The signed bytes verified but do not decode as the expected message.
+    #[error("signed bytes are not a valid {0}")]
+    Malformed(&'static str),
+    /// A required field is missing or invalid in the signed message.
+    #[error("invalid field {field}: {detail}")]
+    InvalidField {
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The payload (or its salt) does not match the envelope's `payload_digest`.
+    #[error("payload does not match the envelope's payload_digest")]
+    PayloadDigest,
+    /// The payload's length differs from the envelope's `payload_size`.
+    #[error("payload is {actual} bytes, the envelope says {declared}")]
+    PayloadSize {
+        /// `payload_size` in the envelope.
+        declared: u64,
+        /// Length of the payload received.
+        actual: u64,
+    },
+    /// The signer certificate is not DER X.509.
+    #[error("signer certificate is not a valid X.509 certificate")]
+    CertificateMalformed,
+    /// The signer certificate was not issued by the federation root.
+    #[error("signer certificate was not issued by the federation root")]
+    UnknownIssuer,
+    /// The signer certificate was not valid at the time of signing.
+    #[error("signer certificate was not valid at {at}")]
+    CertificateNotValidAt {
+        /// The signing time, seconds since the Unix epoch.
+        at: i64,
+    },
+    /// The signer certificate has been revoked by the federation.
+    #[error("signer certificate serial {serial} is revoked")]
+    Revoked {
+        /// The certificate serial, hex.
+        serial: String,
+    },
+    /// The certificate is not a signing certificate (e.g. a TLS certificate).
+    #[error("not a signing certificate: {0}")]
+    NotSigningCertificate(&'static str),
+    /// The certificate carries no node identity of this federation.
+    #[error("signer certificate has no node identity of federation {federation}: {found}")]
+    NotNodeIdentity {
+        /// The federation this verifier trusts.
+        federation: String,
+        /// What the certificate carries instead.
+        found: String,
+    },
+    /// The certificate's agency is not the envelope's sender (the receipt's issuer).
+    #[error("signed by agency {signer} but claims to be from {claimed}")]
+    SignerMismatch {
+        /// The agency in the signer certificate.
+        signer: String,
+        /// The `sender` or `issuer` claimed in the signed bytes.
+        claimed: String,
+    },
+    /// A revocation list that is not a CRL signed by the federation root.
+    #[error("revocation list is invalid: {0}")]
+    BadRevocationList(String),
+    /// The federation root certificate itself could not be used.
+    #[error("federation root certificate is invalid: {0}")]
+    BadRoot(String),
+}
+
+impl VerifyError {
+    /// A stable reason code for `REJECTED` receipts and custody acks.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadSignature => "bad_signature",
+            Self::Malformed(_) | Self::InvalidField { .. } => "malformed",
+            Self::PayloadDigest | Self::PayloadSize { .. } => "payload_digest",
+            Self::CertificateMalformed | Self::UnknownIssuer | Self::NotNodeIdentity { .. } => {
+                "unknown_signer"
+            }
+            Self::CertificateNotValidAt { .. } => "certificate_expired",
+            Self::Revoked { .. } => "revoked",
+            Self::NotSigningCertificate(_) => "not_signing_certificate",
+            Self::SignerMismatch { .. } => "wrong_signer",
+            Self::BadRevocationList(_) | Self::BadRoot(_) => "bad_trust_config",
+        }
+    }
+}
+
+/// The federation root: the only issuer of node certificates.
+#[derive(Debug, Clone)]
+pub struct TrustAnchor {
+    federation: String,
+    root_der: Arc<Vec<u8>>,
+}
+
+impl TrustAnchor {
+    /// Trusts `root_der` as the root of `federation`.
+    ///
+    /// # Errors
+    /// [`VerifyError::BadRoot`] when the root is not a CA certificate.
+    pub fn new(federation: &str, root_der: Vec<u8>) -> Result<Self, VerifyError> {
+        let (_, root) =
+            X509Certificate::from_der(&root_der).map_err(|e| VerifyError::BadRoot(e.to_string()))?;
+        if !root.is_ca() {
+            return Err(VerifyError::BadRoot("not a CA certificate".into()));
+        }
+        Ok(Self {
+            federation: federation.to_owned(),
+            root_der: Arc::new(root_der),
+        })
+    }
+
+    /// The federation's name, e.g. `gov.example`.
+    pub fn federation(&self) -> &str {
+        &self.federation
+    }
+
+    /// The root certificate, DER.
+    pub fn root_der(&self) -> &[u8] {
+        &self.root_der
+    }
+
+    fn root(&self) -> X509Certificate<'_> {
+        // `new` parsed these same bytes, so parsing again cannot fail.
+        match X509Certificate::from_der(&self.root_der) {
+            Ok((_, c)) => c,
+            Err(_) => unreachable!("root parsed in TrustAnchor::new"),
+        }
+    }
+}
+
+/// The serials the federation root has revoked, from a CRL it signed.
+#[derive(Debug, Clone, Default)]
+pub struct Revocations {
+    serials: HashSet<Vec<u8>>,
+}
+
+impl Revocations {
+    /// No certificate revoked.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Reads a DER CRL and checks that the federation root signed it.
+    ///
+    /// # Errors
+    /// [`VerifyError::BadRevocationList`] when it does not parse, was issued
+    /// by someone else, or its signature does not verify.
+    pub fn from_crl_der(anchor: &TrustAnchor, der: &[u8]) -> Result<Self, VerifyError> {
+        let bad = |e: String| VerifyError::BadRevocationList(e);
+        let (_, crl) = CertificateRevocationList::from_der(der).map_err(|e| bad(e.to_string()))?;
+        let root = anchor.root();
+        if crl.issuer() != root.subject() {
+            return Err(bad("not issued by the federation root".into()));
+        }
+        crl.verify_signature(root.public_key())
+            .map_err(|e| bad(format!("signature: {e}")))?;
+        let serials = crl
+            .iter_revoked_certificates()
+            .map(|r| strip_leading_zeros(r.raw_serial()).to_vec())
+            .collect();
+        Ok(Self { serials })
+    }
+
+    /// How many serials are revoked.
+    pub fn len(&self) -> usize {
+        self.serials.len()
+    }
+
+    /// True when nothing is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.serials.is_empty()
+    }
+
+    fn contains(&self, serial: &[u8]) -> bool {
+        self.serials.contains(strip_leading_zeros(serial))
+    }
+}
+
+fn strip_leading_zeros(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| **b == 0).count();
+    &s[n.min(s.len().saturating_sub(1))..]
+}
+
+/// A signing certificate that chains to the root, parsed once and cached.
+#[derive(Debug, Clone)]
+struct SignerCert {
+    identity: Identity,
+    public_key: Vec<u8>,
+    serial: Vec<u8>,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// An envelope whose signature, signer and fields have been checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedEnvelope {
+    /// The decoded header.
+    pub envelope: Envelope,
+    /// The parsed id.
+    pub id: MessageId,
+    /// The parsed sender.
+    pub sender: AgencyId,
+    /// The parsed recipient.
+    pub recipient: AgencyId,
+    /// The identity of the node that signed it.
+    pub signer: Identity,
+}
+
+impl VerifiedEnvelope {
+    /// Checks that `payload` is the one the signed header commits to.
+    ///
+    /// # Errors
+    /// [`VerifyError::PayloadSize`] or [`VerifyError::PayloadDigest`].
+    pub fn check_payload(&self, payload: &Payload) -> Result<(), VerifyError> {
+        let actual = payload.data.len() as u64;
+        if actual != self.envelope.payload_size {
+            return Err(VerifyError::PayloadSize {
+                declared: self.envelope.payload_size,
+                actual,
+            });
+        }
+        if payload_digest(&payload.salt, &payload.data)[..] != self.envelope.payload_digest[..] {
+            return Err(VerifyError::PayloadDigest);
+        }
+        Ok(())
+    }
+}
+
+/// A receipt whose signature and issuer have been checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedReceipt {
+    /// The decoded receipt.
+    pub receipt: Receipt,
+    /// The parsed message id.
+    pub message_id: MessageId,
+    /// The identity of the node that signed it.
+    pub signer: Identity,
+}
+
+/// Verifies envelopes and receipts of one federation; cheap to clone and share.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    anchor: TrustAnchor,
+    revoked: Arc<RwLock<Revocations>>,
+    /// Certificates that already chained to the root, by SHA-256 of their DER:
+    /// a node signs thousands of envelopes with one certificate.
+    cache: Arc<Mutex<HashMap<[u8; 32], SignerCert>>>,
+}
+
+impl Verifier {
+    /// A verifier trusting `anchor`, with `revoked` serials refused.
+    pub fn new(anchor: TrustAnchor, revoked: Revocations) -> Self {
+        Self {
+            anchor,
+            revoked: Arc::new(RwLock::new(revoked)),
+            cache: Arc::default(),
+        }
+    }
+
+    /// The trust anchor.
+    pub fn anchor(&self) -> &TrustAnchor {
+        &self.anchor
+    }
+
+    /// Replaces the revocation list (on reload); takes effect for every clone.
+    pub fn set_revocations(&self, revoked: Revocations) {
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
+    }
+
+    /// Verifies a signed envelope: signature, signer certificate, sender, fields.
+    ///
+    /// The payload is checked separately by [`VerifiedEnvelope::check_payload`].
+    ///
+    /// # Errors
+    /// One [`VerifyError`] variant per way it can fail.
+    pub fn verify_envelope(&self, signed: &SignedEnvelope) -> Result<VerifiedEnvelope, VerifyError> {
+        let cert = self.signer_cert(&signed.signer_cert)?;
+        verify_sig(
+            &cert.public_key,
+            ENVELOPE_DOMAIN,
+            &signed.envelope,
+            &signed.signature,
+        )?;
+        let envelope =
+            Envelope::decode(signed.envelope.as_slice()).map_err(|_| VerifyError::Malformed("Envelope"))?;
+        let created_at = envelope
+            .created_at
+            .as_ref()
+            .ok_or_else(|| field("created_at", "missing"))?;
+        self.check_cert_at(&cert, from_timestamp(created_at))?;
+        let sender = AgencyId::parse(&envelope.sender).map_err(|e| field("sender", e))?;
+        if sender != cert.identity.agency {
+            return Err(VerifyError::SignerMismatch {
+                signer: cert.identity.agency.to_string(),
+                claimed: sender.to_string(),
+            });
+        }
+        let id = MessageId::parse(&envelope.id).map_err(|e| field("id", e))?;
+        let recipient = AgencyId::parse(&envelope.recipient).map_err(|e| field("recipient", e))?;
+        if envelope.payload_digest.len() != 32 {
+            return Err(field("payload_digest", "must be 32 bytes"));
+        }
+        Ok(VerifiedEnvelope {
+            envelope,
+            id,
+            sender,
+            recipient,
+            signer: cert.identity,
+        })
+    }
+
+    /// Verifies a signed receipt: signature, signer certificate, issuer.
+    ///
+    /// # Errors
+    /// One [`VerifyError`] variant per way it can fail.
+    pub fn verify_receipt(&self, signed: &SignedReceipt) -> Result<VerifiedReceipt, VerifyError> {
+        let cert = self.signer_cert(&signed.signer_cert)?;
+        verify_sig(
+            &cert.public_key,
+            RECEIPT_DOMAIN,
+            &signed.receipt,
+            &signed.signature,
+        )?;
+        let receipt =
+            Receipt::decode(signed.receipt.as_slice()).map_err(|_| VerifyError::Malformed("Receipt"))?;
+        let at = receipt.at.as_ref().ok_or_else(|| field("at", "missing"))?;
+        self.check_cert_at(&cert, from_timestamp(at))?;
+        let issuer = AgencyId::parse(&receipt.issuer).map_err(|e| field("issuer", e))?;
+        if issuer != cert.identity.agency {
+            return Err(VerifyError::SignerMismatch {
+                signer: cert.identity.agency.to_string(),
+                claimed: issuer.to_string(),
+            });
+        }
+        let message_id = MessageId::parse(&receipt.message_id).map_err(|e| field("message_id", e))?;
+        Ok(VerifiedReceipt {
+            receipt,
+            message_id,
+            signer: cert.identity,
+        })
+    }
+
+    fn check_cert_at(&self, cert: &SignerCert, at: SystemTime) -> Result<(), VerifyError> {
+        let at = crate::time::unix_millis(at) as i64 / 1000;
+        if at < cert.not_before || at > cert.not_after {
+            return Err(VerifyError::CertificateNotValidAt { at });
+        }
+        let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        if revoked.contains(&cert.serial) {
+            return Err(VerifyError::Revoked {
+                serial: hex::encode(&cert.serial),
+            });
+        }
+        Ok(())
+    }
+
+    fn signer_cert(&self, der: &[u8]) -> Result<SignerCert, VerifyError> {
+        let key = sha256(der);
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        drop(cache);
+        let parsed = self.parse_signer_cert(der)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(key, parsed.clone());
+        Ok(parsed)
+    }
+
+    fn parse_signer_cert(&self, der: &[u8]) -> Result<SignerCert, VerifyError> {
+        let (rest, cert) = X509Certificate::from_der(der).map_err(|_| VerifyError::CertificateMalformed)?;
+        if !rest.is_empty() {
+            return Err(VerifyError::CertificateMalformed);
+        }
+        let root = self.anchor.root();
+        if cert.issuer() != root.subject() || cert.verify_signature(Some(root.public_key())).is_err() {
+            return Err(VerifyError::UnknownIssuer);
+        }
+        if cert.public_key().algorithm.algorithm.to_id_string() != OID_ED25519 {
+            return Err(VerifyError::NotSigningCertificate("key is not Ed25519"));
+        }
+        if cert.is_ca() {
+            return Err(VerifyError::NotSigningCertificate("certificate is a CA"));
+        }
+        let mut usage_ok = false;
+        let mut uris = Vec::new();
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::KeyUsage(ku) => {
+                    usage_ok = ku.digital_signature() && ku.non_repudiation();
+                }
+                ParsedExtension::ExtendedKeyUsage(eku) if eku.server_auth || eku.client_auth || eku.any => {
+                    return Err(VerifyError::NotSigningCertificate(
+                        "certificate is for TLS (serverAuth/clientAuth)",
+                    ));
+                }
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        if let GeneralName::URI(uri) = name {
+                            uris.push((*uri).to_owned());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !usage_ok {
+            return Err(VerifyError::NotSigningCertificate(
+                "key usage lacks digitalSignature + contentCommitment",
+            ));
+        }
+        let federation = self.anchor.federation();
+        let identity = uris
+            .iter()
+            .filter_map(|u| Identity::parse(u).ok())
+            .find(|id| id.federation == federation && id.role == Role::Node)
+            .ok_or_else(|| VerifyError::NotNodeIdentity {
+                federation: federation.to_owned(),
+                found: if uris.is_empty() {
+                    "no URI SAN".into()
+                } else {
+                    uris.join(", ")
+                },
+            })?;
+        let validity = cert.validity();
+        Ok(SignerCert {
+            identity,
+            public_key: cert.public_key().subject_public_key.data.to_vec(),
+            serial: strip_leading_zeros(cert.raw_serial()).to_vec(),
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+}
+
+fn field(field: &'static str, detail: impl ToString) -> VerifyError {
+    VerifyError::InvalidField {
+        field,
+        detail: detail.to_string(),
+    }
+}
+
+fn verify_sig(public_key: &[u8], domain: &[u8], bytes: &[u8], signature: &[u8]) -> Result<(), VerifyError> {
+    let mut msg = Vec::with_capacity(domain.len() + bytes.len());
+    msg.extend_from_slice(domain);
+    msg.extend_from_slice(bytes);
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(&msg, signature)
+        .map_err(|_| VerifyError::BadSignature)
+}
+
+/// Checks an Ed25519 signature over `domain || bytes` with a raw public key:
+/// what an auditor with any Ed25519 library does.
+///
+/// # Errors
+/// [`VerifyError::BadSignature`] when it does not verify.
+pub fn verify_raw(
+    public_key: &[u8],
+    domain: &[u8],
+    bytes: &[u8],
+    signature: &[u8],
+) -> Result<(), VerifyError> {
+    verify_sig(public_key, domain, bytes, signature)
+}

@@ -1,0 +1,143 @@
+//! Group commit: one fsync serves every caller waiting when it starts.
+//!
+//! Callers commit their sled transaction, then take a ticket and wait. A
+//! dedicated flusher thread reads the newest ticket, flushes, and publishes
+//! that ticket as flushed; every waiter whose ticket is at or below it is
+//! released. A ticket is only taken after its transaction committed, so a
+//! flush that starts after the ticket covers it. A failed flush poisons the
+//! store for good (fail-stop): nothing may be acknowledged after it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::watch;
+
+use crate::StoreError;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Flushed {
+    UpTo(u64),
+    Poisoned(String),
+}
+
+pub(crate) struct GroupCommit {
+    tickets: Arc<AtomicU64>,
+    wake: Arc<(Mutex<Wake>, Condvar)>,
+    flushed: watch::Receiver<Flushed>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Wake {
+    pending: bool,
+    stop: bool,
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        {
+            let (lock, cvar) = &*self.wake;
+            lock.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+            cvar.notify_one();
+        }
+        // Joining releases the flusher's handle on the database, so the
+        // directory can be opened again as soon as the store is dropped.
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl GroupCommit {
+    pub(crate) fn start(db: sled::Db) -> Self {
+        let tickets = Arc::new(AtomicU64::new(0));
+        let wake = Arc::new((Mutex::new(Wake::default()), Condvar::new()));
+        let (tx, rx) = watch::channel(Flushed::UpTo(0));
+        let (t, w) = (tickets.clone(), wake.clone());
+        let spawned = std::thread::Builder::new()
+            .name("antar-flusher".into())
+            .spawn(move || flusher(db, t, w, tx));
+        match spawned {
+            Ok(thread) => Self {
+                tickets,
+                wake,
+                flushed: rx,
+                thread: Some(thread),
+            },
+            Err(e) => {
+                // Without a flusher nothing can become durable: fail-stop now.
+                let (_, rx) = watch::channel(Flushed::Poisoned(format!("cannot start flusher: {e}")));
+                Self {
+                    tickets,
+                    wake,
+                    flushed: rx,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        match &*self.flushed.borrow() {
+            Flushed::Poisoned(e) => Err(StoreError::Poisoned(e.clone())),
+            Flushed::UpTo(_) => Ok(()),
+        }
+    }
+
+    pub(crate) async fn durable(&self) -> Result<(), StoreError> {
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        {
+            let (lock, cvar) = &*self.wake;
+            lock.lock().unwrap_or_else(|p| p.into_inner()).pending = true;
+            cvar.notify_one();
+        }
+        let mut rx = self.flushed.clone();
+        let result = rx
+            .wait_for(|f| matches!(f, Flushed::Poisoned(_)) || matches!(f, Flushed::UpTo(n) if *n >= ticket))
+            .await;
+        match result.as_deref() {
+            Ok(Flushed::UpTo(_)) => Ok(()),
+            Ok(Flushed::Poisoned(e)) => Err(StoreError::Poisoned(e.clone())),
+            Err(_) => Err(StoreError::Poisoned("flusher stopped".into())),
+        }
+    }
+}
+
+fn flusher(
+    db: sled::Db,
+    tickets: Arc<AtomicU64>,
+    wake: Arc<(Mutex<Wake>, Condvar)>,
+    tx: watch::Sender<Flushed>,
+) {
+    let mut done = 0u64;
+    loop {
+        {
+            let (lock, cvar) = &*wake;
+            let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+            while !state.pending && !state.stop {
+                state = cvar.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+            if state.stop && !state.pending {
+                // Dropped with nothing pending: flush what is there and end.
+                let _ = db.flush();
+                return;
+            }
+            state.pending = false;
+        }
+        let target = tickets.load(Ordering::SeqCst);
+        if target == done {
+            continue;
+        }
+        match db.flush() {
+            Ok(_) => {
+                done = target;
+                tx.send_replace(Flushed::UpTo(target));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store flush failed; refusing all further work");
+                tx.send_replace(Flushed::Poisoned(e.to_string()));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Tree names and key layout.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `messages` | message id (16 bytes) | `MessageRecord` |
+//! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem` |
+//! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |
+//! | `inbox_index` | message id | inbox key |
+//! | `seen` | sender `\0` message id | empty: dedup of received envelopes and receipts |
+//! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |
+//! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent |
+//! | `dead` | message id | `DeadLetter` |
+//! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
+//!
+//! Sequence numbers come from sled's monotonic id generator, so queues are FIFO.
+
+pub(crate) const MESSAGES: usize = 0;
+pub(crate) const OUTBOX: usize = 1;
+pub(crate) const INBOX: usize = 2;
+pub(crate) const INBOX_INDEX: usize = 3;
+pub(crate) const SEEN: usize = 4;
+pub(crate) const TX_KEYS: usize = 5;
+pub(crate) const RECEIPT_LOG: usize = 6;
+pub(crate) const DEAD: usize = 7;
+pub(crate) const EXPIRY: usize = 8;
+
+pub(crate) const TREES: [&str; 9] = [
+    "messages",
+    "outbox",
+    "inbox",
+    "inbox_index",
+    "seen",
+    "tx_keys",
+    "receipt_log",
+    "dead",
+    "expiry",
+];
+
+pub(crate) fn prefixed(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 9);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k
+}
+
+pub(crate) fn seq_key(name: &str, seq: u64) -> Vec<u8> {
+    let mut k = prefixed(name);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn pair_key(name: &str, rest: &[u8]) -> Vec<u8> {
+    let mut k = prefixed(name);
+    k.extend_from_slice(rest);
+    k
+}
+
+pub(crate) fn u64_of(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = bytes.len().min(8);
+    b[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(b)
+}
+
+pub(crate) fn seq_of(key: &[u8]) -> u64 {
+    u64_of(&key[key.len().saturating_sub(8)..])
+}
+
+pub(crate) fn name_of(key: &[u8]) -> String {
+    let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+    String::from_utf8_lossy(&key[..end]).into_owned()
+}
+
+pub(crate) fn expiry_key(expires_ms: u64, peer: &str, seq: u64) -> Vec<u8> {
+    let mut k = expires_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(&seq_key(peer, seq));
+    k
+}
+
+pub(crate) fn expiry_target(key: &[u8]) -> Option<(String, u64)> {
+    let rest = key.get(8..)?;
+    if rest.len() < 9 {
+        return None;
+    }
+    Some((name_of(rest), seq_of(rest)))
+}

@@ -1,0 +1,369 @@
+//! Antar's durable store on sled: message records, per-peer outboxes,
+//! per-service inboxes, dedup keys, the receipt log and dead letters.
+//!
+//! Every state change is one sled transaction over all trees ([`Store::transact`]);
+//! nothing is acknowledged before [`Store::durable`] returns, and one flush
+//! serves every caller waiting at that moment (group commit). Only this
+//! crate names sled.
+
+#![warn(missing_docs)]
+
+mod commit;
+mod keys;
+mod records;
+mod tx;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use tokio::sync::Notify;
+
+pub use records::{DeadLetter, InboxEntry, MessageRecord};
+pub use tx::{Abort, Tx, TxError};
+
+use antar_core::MessageId;
+use commit::GroupCommit;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled reported an IO or corruption error.
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// A flush failed earlier: the store refuses all further work (fail-stop),
+    /// because it can no longer tell what is on disk.
+    #[error("store is poisoned: a flush failed ({0}); restart the node")]
+    Poisoned(String),
+    /// A stored record does not decode: the data directory is corrupt.
+    #[error("corrupt record in tree {tree}: {detail}")]
+    Corrupt {
+        /// The tree holding the record.
+        tree: &'static str,
+        /// The decode error.
+        detail: String,
+    },
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The sled directory.
+    pub path: PathBuf,
+    /// Bytes of queued work (outboxes + inboxes) past which new sends are refused.
+    pub max_queued_bytes: u64,
+    /// sled's page cache, bytes.
+    pub cache_capacity: u64,
+}
+
+/// The node's durable state. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+    commit: GroupCommit,
+    queued_bytes: AtomicU64,
+    max_queued_bytes: u64,
+    outbox_notify: Mutex<HashMap<String, Arc<Notify>>>,
+    inbox_notify: Arc<Notify>,
+    receipt_notify: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store and recovers from any crash: sled replays
+    /// its log, and the queued-bytes count is rebuilt from the queues.
+    ///
+    /// # Errors
+    /// [`StoreError::Sled`] when the directory cannot be opened.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity)
+            // Durability comes from our own group-commit flushes, not a timer.
+            .flush_every_ms(None)
+            .open()?;
+        let trees = keys::TREES
+            .iter()
+            .map(|name| db.open_tree(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut queued = 0u64;
+        for t in [keys::OUTBOX, keys::INBOX] {
+            for kv in trees[t].iter() {
+                let (_, v) = kv?;
+                queued += tx::queued_size(t, &v)?;
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                commit: GroupCommit::start(db.clone()),
+                db,
+                trees,
+                queued_bytes: AtomicU64::new(queued),
+                max_queued_bytes: config.max_queued_bytes,
+                outbox_notify: Mutex::default(),
+                inbox_notify: Arc::default(),
+                receipt_notify: Arc::default(),
+            }),
+        })
+    }
+
+    /// Runs `f` as one atomic sled transaction over every tree. `f` may run
+    /// more than once on conflict, so it must only act through `Tx`.
+    ///
+    /// # Errors
+    /// `Err(Ok(abort))` when `f` aborted, `Err(Err(store))` on a store failure.
+    pub fn transact<T>(
+        &self,
+        f: impl Fn(&Tx<'_>) -> Result<T, TxError>,
+    ) -> Result<T, Result<Abort, StoreError>> {
+        self.inner.commit.check().map_err(Err)?;
+        let effects = std::cell::RefCell::new(tx::Effects::default());
+        let result = self.inner.trees.as_slice().transaction(|trees| {
+            let tx = Tx::new(trees);
+            let out = f(&tx).map_err(|e| e.0)?;
+            *effects.borrow_mut() = tx.into_effects();
+            Ok(out)
+        });
+        use sled::transaction::TransactionError;
+        let out = match result {
+            Ok(out) => out,
+            Err(TransactionError::Abort(a)) => return Err(Ok(a)),
+            Err(TransactionError::Storage(e)) => return Err(Err(e.into())),
+        };
+        let effects = effects.into_inner();
+        let delta = effects.queued_delta;
+        if delta >= 0 {
+            self.inner.queued_bytes.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.inner
+                .queued_bytes
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+        for peer in &effects.outboxes {
+            self.outbox_notify(peer).notify_one();
+        }
+        if effects.inbox {
+            self.inner.inbox_notify.notify_waiters();
+        }
+        if effects.receipts {
+            self.inner.receipt_notify.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    /// Waits until everything committed before this call is on disk.
+    /// One flush serves every caller waiting at that moment.
+    ///
+    /// # Errors
+    /// [`StoreError::Poisoned`] when a flush failed; the node must stop.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.inner.commit.durable().await
+    }
+
+    /// True when queued bytes have passed the quota: new sends must be refused.
+    pub fn over_quota(&self) -> bool {
+        self.queued_bytes() >= self.inner.max_queued_bytes
+    }
+
+    /// Bytes of queued work (outboxes + inboxes).
+    pub fn queued_bytes(&self) -> u64 {
+        self.inner.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Size of the sled files on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// The message record of `id`, if this node holds one.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure or a corrupt record.
+    pub fn message(&self, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
+        self.inner.trees[keys::MESSAGES]
+            .get(id.as_bytes())?
+            .map(|v| decode(keys::MESSAGES, &v))
+            .transpose()
+    }
+
+    /// Up to `max` outbox items for `peer` with a sequence number above `after`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn outbox_batch(
+        &self,
+        peer: &str,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let prefix = keys::prefixed(peer);
+        let start = match after {
+            Some(seq) => keys::seq_key(peer, seq.saturating_add(1)),
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.inner.trees[keys::OUTBOX].range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) || out.len() >= max {
+                break;
+            }
+            out.push((keys::seq_of(&k), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Items waiting in `peer`'s outbox.
+    pub fn outbox_depth(&self, peer: &str) -> u64 {
+        self.inner.trees[keys::OUTBOX]
+            .scan_prefix(keys::prefixed(peer))
+            .count() as u64
+    }
+
+    /// The peers that have an outbox, with their depth.
+    pub fn outbox_depths(&self) -> Vec<(String, u64)> {
+        prefix_counts(&self.inner.trees[keys::OUTBOX])
+    }
+
+    /// The services that have an inbox, with their depth.
+    pub fn inbox_depths(&self) -> Vec<(String, u64)> {
+        prefix_counts(&self.inner.trees[keys::INBOX])
+    }
+
+    /// Inbox entries in arrival order, of `service` or of every service.
+    /// Returns the entry keys (for [`Tx::remove_inbox`]) with their entries.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure or a corrupt entry.
+    pub fn inbox_scan(
+        &self,
+        service: Option<&str>,
+    ) -> impl Iterator<Item = Result<InboxEntry, StoreError>> + '_ {
+        let tree = &self.inner.trees[keys::INBOX];
+        let iter = match service {
+            Some(s) => tree.scan_prefix(keys::prefixed(s)),
+            None => tree.iter(),
+        };
+        iter.map(|kv| {
+            let (_, v) = kv?;
+            decode(keys::INBOX, &v)
+        })
+    }
+
+    /// Receipts logged after `cursor`, up to `max`, with their cursors.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn receipts_after(&self, cursor: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = cursor.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self.inner.trees[keys::RECEIPT_LOG].range(start..).take(max) {
+            let (k, v) = kv?;
+            out.push((keys::u64_of(&k), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Dead letters in id order after `after`, up to `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure or a corrupt record.
+    pub fn dead_letters(
+        &self,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let tree = &self.inner.trees[keys::DEAD];
+        let iter = match after {
+            Some(id) => {
+                let mut start = id.as_bytes().to_vec();
+                start.push(0);
+                tree.range(start..)
+            }
+            None => tree.iter(),
+        };
+        iter.take(limit).map(|kv| decode(keys::DEAD, &kv?.1)).collect()
+    }
+
+    /// Number of dead letters.
+    pub fn dead_letter_count(&self) -> u64 {
+        self.inner.trees[keys::DEAD].len() as u64
+    }
+
+    /// Outbox entries whose envelope expires at or before `now_ms`, as
+    /// (peer, seq) pairs, up to `max`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn expired(&self, now_ms: u64, max: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let end = (now_ms.saturating_add(1)).to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self.inner.trees[keys::EXPIRY].range(..end.to_vec()).take(max) {
+            let (k, _) = kv?;
+            if let Some(pair) = keys::expiry_target(&k) {
+                out.push(pair);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Woken whenever an item is queued for `peer`.
+    pub fn outbox_notify(&self, peer: &str) -> Arc<Notify> {
+        let mut map = self.inner.outbox_notify.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(peer.to_owned()).or_default().clone()
+    }
+
+    /// Woken whenever something enters an inbox.
+    pub fn inbox_notify(&self) -> Arc<Notify> {
+        self.inner.inbox_notify.clone()
+    }
+
+    /// Woken whenever a receipt is logged.
+    pub fn receipt_notify(&self) -> Arc<Notify> {
+        self.inner.receipt_notify.clone()
+    }
+
+    /// Flushes and waits: for shutdown.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the flush fails.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.durable().await
+    }
+}
+
+fn prefix_counts(tree: &sled::Tree) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for (k, _) in tree.iter().flatten() {
+        let name = keys::name_of(&k);
+        match out.last_mut() {
+            Some((n, c)) if *n == name => *c += 1,
+            _ => out.push((name, 1)),
+        }
+    }
+    out
+}
+
+pub(crate) fn decode<M: Message + Default>(tree: usize, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        tree: keys::TREES[tree],
+        detail: e.to_string(),
+    })
+}
+
+use sled::Transactional as _;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,70 @@
+//! Records kept in the store, encoded with prost (forward compatible: new
+//! fields get new tags).
+
+use antar_proto::v1::{Payload, SignedEnvelope, SignedReceipt};
+
+/// What a node knows about one message it sent or holds for one of its services.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MessageRecord {
+    /// The signed header.
+    #[prost(message, optional, tag = "1")]
+    pub envelope: Option<SignedEnvelope>,
+    /// The payload; cleared by a retention purge.
+    #[prost(message, optional, tag = "2")]
+    pub payload: Option<Payload>,
+    /// `antar.v1.MessageState` as i32.
+    #[prost(int32, tag = "3")]
+    pub state: i32,
+    /// The last reason a hop gave for refusing it.
+    #[prost(string, tag = "4")]
+    pub reason: String,
+    /// Every receipt about it this node holds, in arrival order.
+    #[prost(message, repeated, tag = "5")]
+    pub receipts: Vec<SignedReceipt>,
+    /// The verified SPIFFE URI of the sender node (received messages).
+    #[prost(string, tag = "6")]
+    pub sender_identity: String,
+    /// True when this node sent it.
+    #[prost(bool, tag = "7")]
+    pub outgoing: bool,
+    /// The recipient's service.
+    #[prost(string, tag = "8")]
+    pub service: String,
+    /// When the sender said it expires, ms since the epoch.
+    #[prost(uint64, tag = "9")]
+    pub expires_at_ms: u64,
+}
+
+/// One message waiting in a service's inbox.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InboxEntry {
+    /// The message id, 16 bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub message_id: Vec<u8>,
+    /// Bytes it counts against the quota.
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    /// The service's name.
+    #[prost(string, tag = "3")]
+    pub service: String,
+}
+
+/// An item that could not be delivered, kept until retried or purged.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeadLetter {
+    /// The message id, 16 bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub message_id: Vec<u8>,
+    /// The serialized `TransferItem` that was queued.
+    #[prost(bytes = "vec", tag = "2")]
+    pub item: Vec<u8>,
+    /// Reason code, e.g. `expired`.
+    #[prost(string, tag = "3")]
+    pub reason: String,
+    /// When it died, ms since the epoch.
+    #[prost(uint64, tag = "4")]
+    pub at_ms: u64,
+    /// The peer whose outbox it was in.
+    #[prost(string, tag = "5")]
+    pub peer: String,
+}

@@ -1,0 +1,165 @@
+use super::*;
+use antar_core::MessageId;
+
+fn open(dir: &std::path::Path, quota: u64) -> Store {
+    Store::open(&StoreConfig {
+        path: dir.to_path_buf(),
+        max_queued_bytes: quota,
+        cache_capacity: 8 << 20,
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn outbox_survives_reopen_in_order_and_counts_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path(), 1 << 20);
+        for i in 0..10u8 {
+            s.transact(|tx| tx.push_outbox("health", &[i; 100], 0)).unwrap();
+        }
+        s.durable().await.unwrap();
+        assert_eq!(s.queued_bytes(), 1000);
+    }
+    let s = open(dir.path(), 1000);
+    assert_eq!(s.queued_bytes(), 1000);
+    assert!(s.over_quota());
+    let batch = s.outbox_batch("health", None, 4).unwrap();
+    assert_eq!(batch.len(), 4);
+    assert_eq!(
+        batch.iter().map(|(_, v)| v[8]).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    let next = s.outbox_batch("health", Some(batch[3].0), 100).unwrap();
+    assert_eq!(next.len(), 6);
+    assert_eq!(next[0].1[8], 4);
+    assert!(s.outbox_batch("hub", None, 100).unwrap().is_empty());
+    let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
+    s.transact(|tx| {
+        for seq in &seqs {
+            tx.remove_outbox("health", *seq)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(s.queued_bytes(), 600);
+    assert!(!s.over_quota());
+    assert_eq!(s.outbox_depth("health"), 6);
+}
+
+#[tokio::test]
+async fn aborted_transaction_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let id = MessageId::new();
+    let r: Result<(), _> = s.transact(|tx| {
+        tx.push_inbox("birth.lookup", &id, 10)?;
+        tx.mark_seen("finance", id.as_bytes())?;
+        Err(Abort::Refused("no".into()).into())
+    });
+    assert!(matches!(r, Err(Ok(Abort::Refused(_)))));
+    assert_eq!(s.queued_bytes(), 0);
+    assert_eq!(s.inbox_scan(None).count(), 0);
+    let seen = s.transact(|tx| tx.seen("finance", id.as_bytes())).unwrap();
+    assert!(!seen);
+}
+
+#[tokio::test]
+async fn inbox_dedup_and_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let ids: Vec<MessageId> = (0..3).map(|_| MessageId::new()).collect();
+    for id in &ids {
+        let dup = s
+            .transact(|tx| {
+                if tx.mark_seen("finance", id.as_bytes())? {
+                    return Ok(true);
+                }
+                tx.push_inbox("birth.lookup", id, 5)?;
+                Ok(false)
+            })
+            .unwrap();
+        assert!(!dup);
+    }
+    let again = s
+        .transact(|tx| tx.mark_seen("finance", ids[0].as_bytes()))
+        .unwrap();
+    assert!(again, "second sighting is a duplicate");
+    let listed: Vec<Vec<u8>> = s
+        .inbox_scan(Some("birth.lookup"))
+        .map(|e| e.unwrap().message_id)
+        .collect();
+    assert_eq!(
+        listed,
+        ids.iter().map(|i| i.as_bytes().to_vec()).collect::<Vec<_>>()
+    );
+    assert!(s.transact(|tx| tx.remove_inbox(&ids[1])).unwrap());
+    assert!(!s.transact(|tx| tx.remove_inbox(&ids[1])).unwrap());
+    assert_eq!(s.queued_bytes(), 10);
+    assert_eq!(s.inbox_depths(), vec![("birth.lookup".to_owned(), 2)]);
+}
+
+#[tokio::test]
+async fn group_commit_serves_many_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 30);
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.transact(|tx| tx.push_outbox("hub", &i.to_be_bytes(), 0))
+                .unwrap();
+            s.durable().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.outbox_depth("hub"), 200);
+}
+
+#[tokio::test]
+async fn expiry_index_follows_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let a = s.transact(|tx| tx.push_outbox("hub", b"a", 1_000)).unwrap();
+    let _b = s.transact(|tx| tx.push_outbox("hub", b"b", 5_000)).unwrap();
+    assert_eq!(s.expired(2_000, 10).unwrap(), vec![("hub".to_owned(), a)]);
+    s.transact(|tx| tx.remove_outbox("hub", a)).unwrap();
+    assert!(s.expired(2_000, 10).unwrap().is_empty());
+    assert_eq!(s.expired(9_000, 10).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn receipt_log_resumes_from_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let c1 = s.transact(|tx| tx.log_receipt(b"one")).unwrap();
+    let c2 = s.transact(|tx| tx.log_receipt(b"two")).unwrap();
+    assert!(c2 > c1 && c1 > 0);
+    let all = s.receipts_after(0, 10).unwrap();
+    assert_eq!(
+        all.iter().map(|(_, v)| v.as_slice()).collect::<Vec<_>>(),
+        vec![b"one".as_slice(), b"two"]
+    );
+    assert_eq!(s.receipts_after(c1, 10).unwrap(), vec![(c2, b"two".to_vec())]);
+}
+
+#[tokio::test]
+async fn corrupt_record_is_reported_not_panicked() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = MessageId::new();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("messages")
+            .unwrap()
+            .insert(id.as_bytes(), &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let s = open(dir.path(), 1 << 20);
+    assert!(matches!(
+        s.message(&id),
+        Err(StoreError::Corrupt { tree: "messages", .. })
+    ));
+}
