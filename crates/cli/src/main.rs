@@ -1,1 +1,209 @@
-fn main() {}
+//! `antar`: the one binary of Antar. A thin clap front over the node, the
+//! PKI and the client; see `antar --help`.
+
+mod bench;
+mod client_cmds;
+mod conn;
+mod dev;
+mod pki;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Antar: inter-agency message exchange gateway.
+///
+/// Agency systems hand their node envelopes for other agencies; nodes move
+/// signed envelopes through durable store-and-forward queues over mutual TLS
+/// and bring back signed delivery receipts.
+#[derive(Debug, Parser)]
+#[command(
+    name = "antar",
+    version,
+    after_help = "Start here:\n  antar dev                      # a local federation: finance, health, registry, hub\n  antar send --federation .antar-dev/federation.json --agency finance \\\n      --to registry --service birth.lookup --data 'hello'\n\nEvery subcommand has --help with an example."
+)]
+struct Cli {
+    /// Log filter (tracing syntax), e.g. info or antar_node=debug.
+    #[arg(long, global = true, env = "ANTAR_LOG")]
+    log: Option<String>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole local federation (finance, health, registry, hub) in one process.
+    #[command(
+        after_help = "Example:\n  antar dev --dir .antar-dev\n\nCertificates are made on the first run and reused; a second run on the\nsame directory resumes with every queued envelope intact. Ctrl-C stops it."
+    )]
+    Dev(dev::DevArgs),
+    /// Run or check a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Manage the federation PKI: roots, node and client certificates, revocation.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
+    /// Send an envelope to one or more agencies.
+    Send(client_cmds::SendArgs),
+    /// Receive deliveries from this agency's inbox and acknowledge them.
+    Inbox(client_cmds::InboxArgs),
+    /// Show a message's state and every receipt about it.
+    Track(client_cmds::TrackArgs),
+    /// Administer a node: status, peers, drain, reload, dead letters.
+    #[command(subcommand)]
+    Admin(client_cmds::AdminCommand),
+    /// Measure the whole path: two real nodes, mTLS, sled, signatures, receipts.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Run a node until SIGTERM or Ctrl-C; SIGHUP reloads its config and revocation list.
+    #[command(
+        after_help = "Example:\n  antar node run --config /etc/antar/node.toml\n\nEnvironment overrides: ANTAR_<SECTION>__<KEY>, e.g. ANTAR_LIMITS__MAX_HOPS=4."
+    )]
+    Run {
+        /// The node's TOML config.
+        #[arg(long, env = "ANTAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a config file and print it with every default filled in.
+    #[command(after_help = "Example:\n  antar node check-config /etc/antar/node.toml")]
+    CheckConfig {
+        /// The node's TOML config.
+        config: PathBuf,
+    },
+}
+
+fn init_tracing(filter: Option<&str>, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let quiet_default = match &cli.command {
+        Command::Node(_) | Command::Dev(_) => "info",
+        _ => "warn",
+    };
+    match cli.command {
+        Command::Node(NodeCommand::Run { config }) => {
+            let loaded = match antar_node::NodeConfig::load(&config, std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: invalid config {}:\n{e}", config.display());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            let json = cli.log_json || loaded.log.format == "json";
+            init_tracing(Some(cli.log.as_deref().unwrap_or(&loaded.log.level)), json);
+            run_node(loaded, config).await
+        }
+        Command::Node(NodeCommand::CheckConfig { config }) => {
+            match antar_node::NodeConfig::load(&config, std::env::vars()) {
+                Ok(c) => {
+                    println!(
+                        "# {} is valid; effective configuration:\n{}",
+                        config.display(),
+                        c.to_toml()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: invalid config {}:\n{e}", config.display());
+                    Ok(ExitCode::from(EXIT_CONFIG))
+                }
+            }
+        }
+        command => {
+            init_tracing(Some(cli.log.as_deref().unwrap_or(quiet_default)), cli.log_json);
+            match command {
+                Command::Dev(args) => dev::run(args).await,
+                Command::Pki(cmd) => pki::run(cmd).map(|()| ExitCode::SUCCESS),
+                Command::Send(args) => client_cmds::send(args).await,
+                Command::Inbox(args) => client_cmds::inbox(args).await,
+                Command::Track(args) => client_cmds::track(args).await,
+                Command::Admin(cmd) => client_cmds::admin(cmd).await,
+                Command::Bench(args) => bench::run(args).await,
+                Command::Node(_) => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Result<ExitCode> {
+    let listeners = antar_node::Listeners::bind(&config).await?;
+    let node = match antar_node::Node::start(config, Some(path), listeners).await {
+        Ok(n) => n,
+        Err(e @ (antar_node::RunError::Config(_) | antar_node::RunError::Pki(_))) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    wait_for_signals(|| match node.reload() {
+        Ok(n) => tracing::info!(revoked = n, "reloaded on SIGHUP"),
+        Err(e) => tracing::error!(error = %e, "reload on SIGHUP failed; the old configuration stays"),
+    })
+    .await;
+    node.stop().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGTERM or Ctrl-C; calls `on_hup` on each SIGHUP.
+pub(crate) async fn wait_for_signals(on_hup: impl Fn()) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => on_hup(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

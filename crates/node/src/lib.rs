@@ -1,1 +1,396 @@
-//! placeholder
+//! The Antar node: configuration, the two TLS listeners, the Agency, Peer
+//! and Admin services, one forwarder per peer, the expiry sweeper and
+//! metrics. [`run`] takes bound listeners and a shutdown future, so tests
+//! bind `127.0.0.1:0` and stop nodes cleanly.
+
+#![warn(missing_docs)]
+
+mod admin;
+mod agency;
+mod auth;
+pub mod config;
+pub mod dev;
+mod error;
+mod forward;
+mod metrics;
+mod net;
+mod peer;
+mod state;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use antar_core::wire::admin_server::AdminServer;
+use antar_core::wire::agency_server::AgencyServer;
+use antar_core::wire::peer_server::PeerServer;
+use antar_core::{AgencyId, Identity, Revocations, Signer, TrustAnchor, Verifier};
+use antar_store::{Store, StoreConfig};
+
+pub use config::{ConfigError, NodeConfig};
+pub use error::NodeError;
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A certificate or key could not be loaded.
+    #[error("{0}")]
+    Pki(String),
+    /// The store could not be opened or failed.
+    #[error(transparent)]
+    Store(#[from] antar_store::StoreError),
+    /// A listener failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+}
+
+/// The node's listeners, bound before [`run`] so a caller can choose port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Agency systems, administrators, auditors.
+    pub api: TcpListener,
+    /// Other nodes.
+    pub peer: TcpListener,
+    /// An extra API listener for administrators.
+    pub admin: Option<TcpListener>,
+    /// Prometheus metrics.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config.listen`.
+    ///
+    /// # Errors
+    /// [`RunError::Io`] naming the address that could not be bound.
+    pub async fn bind(config: &NodeConfig) -> Result<Self, RunError> {
+        async fn one(what: &str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+            TcpListener::bind(addr).await.map_err(|source| RunError::Io {
+                what: format!("cannot bind {what} listener {addr}"),
+                source,
+            })
+        }
+        let l = &config.listen;
+        Ok(Self {
+            api: one("listen.api", l.api).await?,
+            peer: one("listen.peer", l.peer).await?,
+            admin: match l.admin {
+                Some(a) => Some(one("listen.admin", a).await?),
+                None => None,
+            },
+            metrics: match l.metrics {
+                Some(a) => Some(one("listen.metrics", a).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// The error and its chain of sources on one line ("cannot read x: No such file").
+fn pki_err(e: impl std::fmt::Display) -> RunError {
+    RunError::Pki(e.to_string())
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn load_revocations(
+    config: &NodeConfig,
+    anchor: &TrustAnchor,
+) -> Result<(Revocations, Vec<Vec<u8>>), RunError> {
+    match &config.tls.revocation_list {
+        None => Ok((Revocations::none(), Vec::new())),
+        Some(path) => {
+            let der = antar_pki::read_crl_der(path).map_err(|e| pki_err(chain(&e)))?;
+            let r = Revocations::from_crl_der(anchor, &der)
+                .map_err(|e| pki_err(format!("tls.revocation_list {}: {e}", path.display())))?;
+            Ok((r, vec![der]))
+        }
+    }
+}
+
+/// Runs a node until `shutdown` completes, then stops accepting, drains
+/// in-flight transfers and flushes the store.
+///
+/// `config_path` is re-read by Admin `Reload` (and SIGHUP in the CLI).
+///
+/// # Errors
+/// [`RunError`] when the node cannot start (bad certificates, store) or a listener fails.
+pub async fn run(
+    config: NodeConfig,
+    config_path: Option<PathBuf>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let node = Node::start(config, config_path, listeners).await?;
+    shutdown.await;
+    node.stop().await
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<state::Shared>,
+    token: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    servers: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    reload: Arc<dyn Fn() -> Result<u32, NodeError> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("agency", &self.shared.agency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Loads certificates, opens the store and starts every listener and task.
+    ///
+    /// # Errors
+    /// [`RunError`] when a certificate, key or the store cannot be loaded.
+    pub async fn start(
+        config: NodeConfig,
+        config_path: Option<PathBuf>,
+        listeners: Listeners,
+    ) -> Result<Self, RunError> {
+        config.validate()?;
+        let t = &config.tls;
+        let agency = AgencyId::parse(&config.agency).map_err(|e| pki_err(format!("agency: {e}")))?;
+        let root_der = antar_pki::read_cert_der(&t.federation_root).map_err(|e| pki_err(chain(&e)))?;
+        let anchor = TrustAnchor::new(&config.federation, root_der.clone()).map_err(|e| {
+            pki_err(format!(
+                "tls.federation_root {}: {e}",
+                t.federation_root.display()
+            ))
+        })?;
+        let (revocations, crls) = load_revocations(&config, &anchor)?;
+        let signing_cert = antar_pki::read_cert_der(&t.signing_cert).map_err(|e| pki_err(chain(&e)))?;
+        let signing_key = antar_pki::read_key_der(&t.signing_key).map_err(|e| pki_err(chain(&e)))?;
+        let signer = Signer::from_pkcs8(&signing_key, signing_cert)
+            .map_err(|e| pki_err(format!("tls.signing_key {}: {e}", t.signing_key.display())))?;
+        let verifier = Verifier::new(anchor, revocations);
+        let tls_chain = antar_pki::read_certs_der(&t.node_cert).map_err(|e| pki_err(chain(&e)))?;
+        let tls_key = antar_pki::read_key_der(&t.node_key).map_err(|e| pki_err(chain(&e)))?;
+        let identity = Identity::node(&config.federation, agency.clone());
+        match tls_chain.first().map(|c| antar_pki::identity_of(c)) {
+            Some(Ok(id)) if id == identity => {}
+            other => {
+                return Err(pki_err(format!(
+                    "tls.node_cert {}: must carry {identity}, found {other:?}",
+                    t.node_cert.display()
+                )))
+            }
+        }
+        let local_ca = antar_pki::read_cert_der(&t.local_ca).map_err(|e| pki_err(chain(&e)))?;
+        let api_chain = antar_pki::read_certs_der(&t.api_cert).map_err(|e| pki_err(chain(&e)))?;
+        let api_key = antar_pki::read_key_der(&t.api_key).map_err(|e| pki_err(chain(&e)))?;
+        let peer_tls = antar_pki::tls::peer_server_config(
+            &root_der,
+            tls_chain.clone(),
+            tls_key.clone(),
+            &config.federation,
+            crls,
+        )
+        .map_err(|e| pki_err(chain(&e)))?;
+        let api_tls =
+            antar_pki::tls::api_server_config(&local_ca, api_chain, api_key, &config.federation, &agency)
+                .map_err(|e| pki_err(chain(&e)))?;
+        let store = Store::open(&StoreConfig {
+            path: config.data_dir.clone(),
+            max_queued_bytes: config.limits.max_queued_bytes,
+            cache_capacity: config.limits.cache_bytes,
+        })?;
+        let shared = Arc::new(state::Shared {
+            policy: RwLock::new(Arc::new(state::Policy::from_config(&config))),
+            agency,
+            identity,
+            signer,
+            verifier,
+            store,
+            leases: Mutex::default(),
+            peer_health: Mutex::default(),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            metrics: metrics::Metrics::default(),
+            tls_chain,
+            tls_key,
+            config,
+        });
+        let token = CancellationToken::new();
+        let reload = {
+            let shared = shared.clone();
+            Arc::new(move || reload(&shared, config_path.as_ref()))
+                as Arc<dyn Fn() -> Result<u32, NodeError> + Send + Sync>
+        };
+        let mut node = Self {
+            shared: shared.clone(),
+            token: token.clone(),
+            tasks: Vec::new(),
+            servers: Vec::new(),
+            reload: reload.clone(),
+        };
+        let calls: Arc<agency::CallWaiters> = Arc::default();
+        let limits = shared.limits().clone();
+        let handshake = Duration::from_millis(limits.handshake_timeout_ms);
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        for name in ["", "antar.v1.Agency", "antar.v1.Admin", "antar.v1.Peer"] {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(antar_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| pki_err(format!("reflection: {e}")))?;
+        let api_router = |shared: &Arc<state::Shared>| {
+            Server::builder()
+                .add_service(health.clone())
+                .add_service(reflection.clone())
+                .add_service(
+                    AgencyServer::new(agency::AgencyService::new(shared.clone(), calls.clone()))
+                        .max_decoding_message_size(
+                            (limits.max_payload_bytes as usize).saturating_add(1 << 20),
+                        ),
+                )
+                .add_service(AdminServer::new(admin::AdminService {
+                    shared: shared.clone(),
+                    reload: reload.clone(),
+                }))
+        };
+        let mut api_listeners = vec![("api", listeners.api)];
+        if let Some(a) = listeners.admin {
+            api_listeners.push(("admin", a));
+        }
+        for (name, l) in api_listeners {
+            let incoming = net::tls_incoming(l, api_tls.clone(), handshake, token.clone(), name);
+            let router = api_router(&shared);
+            let t = token.clone();
+            node.servers.push(tokio::spawn(
+                router.serve_with_incoming_shutdown(incoming, t.cancelled_owned()),
+            ));
+        }
+        let peer_router = Server::builder()
+            .add_service(health.clone())
+            .add_service(reflection.clone())
+            .add_service(
+                PeerServer::new(peer::PeerService {
+                    shared: shared.clone(),
+                    calls: calls.clone(),
+                })
+                .max_decoding_message_size(64 << 20),
+            );
+        let incoming = net::tls_incoming(listeners.peer, peer_tls, handshake, token.clone(), "peer");
+        node.servers.push(tokio::spawn(
+            peer_router.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned()),
+        ));
+        if let Some(m) = listeners.metrics {
+            node.tasks
+                .push(tokio::spawn(metrics::serve(m, shared.clone(), token.clone())));
+        }
+        let peers: HashMap<String, String> = shared
+            .policy()
+            .peers()
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect();
+        for (peer, addr) in peers {
+            node.tasks.push(tokio::spawn(forward::run(
+                shared.clone(),
+                peer,
+                addr,
+                token.clone(),
+            )));
+        }
+        node.tasks
+            .push(tokio::spawn(sweeper(shared.clone(), token.clone())));
+        tracing::info!(agency = %shared.agency, identity = %shared.identity, "node started");
+        Ok(node)
+    }
+
+    /// Reloads the config file's policy (peers' routes, apps, access) and the revocation list.
+    ///
+    /// # Errors
+    /// [`NodeError`] when the file cannot be read or is invalid; the old policy stays.
+    pub fn reload(&self) -> Result<u32, NodeError> {
+        (self.reload)()
+    }
+
+    /// Stops accepting, drains in-flight transfers, and flushes the store.
+    ///
+    /// # Errors
+    /// [`RunError::Store`] when the final flush fails.
+    pub async fn stop(self) -> Result<(), RunError> {
+        self.token.cancel();
+        for t in self.servers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        self.shared.store.close().await?;
+        tracing::info!(agency = %self.shared.agency, "node stopped");
+        Ok(())
+    }
+}
+
+fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeError> {
+    let Some(path) = path else {
+        return Err(NodeError::FailedPrecondition(
+            "this node was started without a config file".into(),
+        ));
+    };
+    let config =
+        NodeConfig::load(path, std::env::vars()).map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
+    let (revocations, _) = load_revocations(&config, shared.verifier.anchor())
+        .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
+    let n = revocations.len() as u32;
+    shared.verifier.set_revocations(revocations);
+    *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state::Policy::from_config(&config));
+    tracing::info!(path = %path.display(), revoked = n, "configuration reloaded");
+    Ok(n)
+}
+
+async fn sweeper(shared: Arc<state::Shared>, token: CancellationToken) {
+    let every = Duration::from_millis(shared.limits().sweep_interval_ms.max(10));
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match admin::sweep_expired(&shared) {
+            Ok(0) => {}
+            Ok(n) => {
+                if let Err(e) = shared.store.durable().await {
+                    tracing::error!(error = %e, "flush after expiry failed");
+                }
+                tracing::info!(expired = n, "moved expired envelopes to dead letters");
+            }
+            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+    }
+}

@@ -199,7 +199,8 @@ impl Store {
             .transpose()
     }
 
-    /// Up to `max` outbox items for `peer` with a sequence number above `after`.
+    /// Up to `max` outbox items (serialized `TransferItem`s) for `peer` with
+    /// a sequence number above `after`.
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure.
@@ -220,7 +221,8 @@ impl Store {
             if !k.starts_with(&prefix) || out.len() >= max {
                 break;
             }
-            out.push((keys::seq_of(&k), v.to_vec()));
+            // The value is expires_ms (8 bytes) followed by the item.
+            out.push((keys::seq_of(&k), v.get(8..).unwrap_or_default().to_vec()));
         }
         Ok(out)
     }
@@ -230,6 +232,14 @@ impl Store {
         self.inner.trees[keys::OUTBOX]
             .scan_prefix(keys::prefixed(peer))
             .count() as u64
+    }
+
+    /// True when `peer`'s outbox is empty.
+    pub fn outbox_depth_is_zero(&self, peer: &str) -> bool {
+        self.inner.trees[keys::OUTBOX]
+            .scan_prefix(keys::prefixed(peer))
+            .next()
+            .is_none()
     }
 
     /// The peers that have an outbox, with their depth.

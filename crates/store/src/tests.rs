@@ -27,12 +27,12 @@ async fn outbox_survives_reopen_in_order_and_counts_quota() {
     let batch = s.outbox_batch("health", None, 4).unwrap();
     assert_eq!(batch.len(), 4);
     assert_eq!(
-        batch.iter().map(|(_, v)| v[8]).collect::<Vec<_>>(),
+        batch.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
         vec![0, 1, 2, 3]
     );
     let next = s.outbox_batch("health", Some(batch[3].0), 100).unwrap();
     assert_eq!(next.len(), 6);
-    assert_eq!(next[0].1[8], 4);
+    assert_eq!(next[0].1[0], 4);
     assert!(s.outbox_batch("hub", None, 100).unwrap().is_empty());
     let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
     s.transact(|tx| {

@@ -1,0 +1,231 @@
+//! `antar bench`: the whole path measured on this machine — two real nodes
+//! (finance -> health, peered directly) with mTLS, sled on disk, signatures
+//! and receipts; concurrent senders, and an acking receiver at health.
+//! Prints one `RESULT` line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use prost::Message as _;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
+
+use antar_client::wire::{self, Kind};
+use antar_client::{Client, ClientRole};
+use antar_node::dev::{Addrs, AgencySpec, DevLayout};
+use antar_node::{Listeners, Node};
+
+/// `antar bench` arguments.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  antar bench --messages 20000 --size 1024 --senders 32\n\nPrints: RESULT sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…"
+)]
+pub struct BenchArgs {
+    /// Envelopes to send in total.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Concurrent senders (each waits for its Send to be durable before the next).
+    #[arg(long, default_value_t = 64)]
+    senders: u64,
+    /// Deliveries the receiver may hold unacked.
+    #[arg(long, default_value_t = 512)]
+    in_flight: u32,
+    /// Directory for the nodes' certificates and stores (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+async fn start_pair(
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<Node>, antar_pki::federation_file::FederationFile)> {
+    let layout = DevLayout::new(dir);
+    let topology = vec![
+        AgencySpec {
+            id: "finance".into(),
+            peers: vec!["health".into()],
+            default_route: None,
+        },
+        AgencySpec {
+            id: "health".into(),
+            peers: vec!["finance".into()],
+            default_route: None,
+        },
+    ];
+    layout.ensure_pki(&topology)?;
+    let mut addrs = BTreeMap::new();
+    let mut bound = Vec::new();
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    for spec in &topology {
+        let l = [
+            TcpListener::bind(any).await?,
+            TcpListener::bind(any).await?,
+            TcpListener::bind(any).await?,
+        ];
+        addrs.insert(
+            spec.id.clone(),
+            Addrs {
+                api: l[0].local_addr()?,
+                peer: l[1].local_addr()?,
+                admin: l[2].local_addr()?,
+                metrics: l[2].local_addr()?,
+            },
+        );
+        bound.push(l);
+    }
+    let mut nodes = Vec::new();
+    for (spec, [api, peer, admin]) in topology.iter().zip(bound) {
+        let mut config = layout.node_config(spec, &addrs);
+        config.listen.metrics = None;
+        config.limits.max_in_flight = 1024;
+        nodes.push(
+            Node::start(
+                config,
+                None,
+                Listeners {
+                    api,
+                    peer,
+                    admin: Some(admin),
+                    metrics: None,
+                },
+            )
+            .await?,
+        );
+    }
+    Ok((nodes, layout.federation_file(&topology, &addrs)?))
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut fed_file_dir = dir.clone();
+    fed_file_dir.push("federation.json");
+    let (nodes, fed) = start_pair(&dir)
+        .await
+        .context("cannot start the two bench nodes")?;
+    fed.save(&fed_file_dir)?;
+    let fed = antar_pki::federation_file::FederationFile::load(&fed_file_dir)?;
+    let sender = Client::from_federation(&fed, "finance", ClientRole::App).await?;
+    let receiver = Client::from_federation(&fed, "health", ClientRole::App).await?;
+
+    let total = args.messages;
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let recv_task = {
+        let (latencies, delivered) = (latencies.clone(), delivered.clone());
+        let mut agency = receiver.agency();
+        let in_flight = args.in_flight;
+        tokio::spawn(async move {
+            let mut stream = agency
+                .receive(wire::ReceiveRequest {
+                    services: vec![],
+                    max_in_flight: in_flight,
+                })
+                .await?
+                .into_inner();
+            let mut acks = tokio::task::JoinSet::new();
+            while delivered.load(Ordering::Relaxed) < total {
+                let Some(d) = stream.next().await else { break };
+                let d = d?;
+                let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope.as_slice())?;
+                if let Some(ts) = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok()) {
+                    latencies
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(now_ns().saturating_sub(ts));
+                }
+                delivered.fetch_add(1, Ordering::Relaxed);
+                let mut a = agency.clone();
+                acks.spawn(async move {
+                    a.ack(wire::AckRequest {
+                        message_id: env.id,
+                        ..Default::default()
+                    })
+                    .await
+                });
+                while acks.len() > 256 {
+                    if let Some(r) = acks.join_next().await {
+                        r??;
+                    }
+                }
+            }
+            while let Some(r) = acks.join_next().await {
+                r??;
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    let payload = vec![0x5au8; args.size];
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..args.senders.max(1) {
+        let (mut agency, next, payload) = (sender.agency(), next.clone(), payload.clone());
+        senders.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                agency
+                    .send(wire::SendRequest {
+                        kind: Kind::Notice as i32,
+                        recipients: vec!["health".into()],
+                        service: "bench.load".into(),
+                        payload: payload.clone(),
+                        headers: [("bench-ts".to_owned(), now_ns().to_string())].into(),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = senders.join_next().await {
+        r??;
+    }
+    let sent_secs = start.elapsed().as_secs_f64();
+    eprintln!("sent {total} in {sent_secs:.2}s; waiting for deliveries");
+    tokio::time::timeout(Duration::from_secs(300), recv_task)
+        .await
+        .context("deliveries did not finish within 300 s")???;
+    let all_secs = start.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    println!(
+        "RESULT messages={total} size={} senders={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+        args.size,
+        args.senders,
+        total as f64 / sent_secs,
+        total as f64 / all_secs,
+        pct(0.50),
+        pct(0.99)
+    );
+    for n in nodes {
+        n.stop().await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,459 @@
+//! Client commands: send, inbox, track, admin.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prost::Message as _;
+use serde_json::json;
+use tokio_stream::StreamExt as _;
+
+use antar_client::wire::{self, Kind, MessageState, Outcome, ReceiptStatus};
+use antar_client::ClientRole;
+
+use crate::conn::ConnArgs;
+
+/// `antar send`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  antar send --federation .antar-dev/federation.json --agency finance \\\n      --to registry --service birth.lookup --data '{\"nik\":\"3171\"}'\n  antar send ... --kind transaction --idempotency-key pay-2026-0001 --to health --service claims.pay --file claim.json\n  antar send ... --kind notice --to health --to registry --service address.changed --data moved"
+)]
+pub struct SendArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Recipient agency (repeat for a NOTICE to several agencies).
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+    /// The recipient's service, e.g. birth.lookup.
+    #[arg(long)]
+    service: String,
+    /// notice, request or transaction.
+    #[arg(long, default_value = "notice")]
+    kind: KindArg,
+    /// Idempotency key (required for --kind transaction).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Payload as text.
+    #[arg(long, conflicts_with = "file")]
+    data: Option<String>,
+    /// Payload from a file ("-" for standard input).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// MIME type of the payload.
+    #[arg(long, default_value = "application/octet-stream")]
+    content_type: String,
+    /// Time to live in seconds (default: the node's).
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// A header NAME=VALUE (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Notice,
+    Request,
+    Transaction,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let payload = match (&args.data, &args.file) {
+        (Some(d), _) => d.clone().into_bytes(),
+        (None, Some(p)) if p.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+            buf
+        }
+        (None, Some(p)) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        (None, None) => Vec::new(),
+    };
+    let client = args.conn.connect(ClientRole::App).await?;
+    let kind = match args.kind {
+        KindArg::Notice => Kind::Notice,
+        KindArg::Request => Kind::Request,
+        KindArg::Transaction => Kind::Transaction,
+    };
+    let resp = client
+        .agency()
+        .send(wire::SendRequest {
+            kind: kind as i32,
+            recipients: args.to.clone(),
+            service: args.service.clone(),
+            payload,
+            content_type: args.content_type.clone(),
+            headers: args.headers.into_iter().collect(),
+            idempotency_key: args.idempotency_key.unwrap_or_default(),
+            ttl: args.ttl.map(|s| prost_types::Duration {
+                seconds: s as i64,
+                nanos: 0,
+            }),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if args.conn.json {
+        println!("{}", json!({ "message_ids": resp.message_ids }));
+    } else {
+        for (to, id) in args.to.iter().zip(&resp.message_ids) {
+            println!("accepted {id} -> {to}/{}", args.service);
+        }
+        if let Some(id) = resp.message_ids.first() {
+            println!("track it: antar track {id} (with the same connection flags)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `antar inbox`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  antar inbox --federation .antar-dev/federation.json --agency registry --ack\n  antar inbox ... --service birth.lookup --count 10 --wait 30 --ack --outcome committed"
+)]
+pub struct InboxArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Only this service (repeatable; default: every service the app owns).
+    #[arg(long)]
+    service: Vec<String>,
+    /// Acknowledge each delivery after printing it (it is then never delivered again).
+    #[arg(long)]
+    ack: bool,
+    /// Outcome to ack TRANSACTIONs with.
+    #[arg(long, default_value = "committed")]
+    outcome: OutcomeArg,
+    /// Stop after this many deliveries.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this many seconds without a delivery (0: wait forever).
+    #[arg(long, default_value_t = 2)]
+    wait: u64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutcomeArg {
+    Committed,
+    Rejected,
+}
+
+pub async fn inbox(args: InboxArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.connect(ClientRole::App).await?;
+    let mut agency = client.agency();
+    let mut stream = agency
+        .receive(wire::ReceiveRequest {
+            services: args.service.clone(),
+            max_in_flight: 16,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut n = 0u64;
+    loop {
+        if args.count.is_some_and(|c| n >= c) {
+            break;
+        }
+        let next = if args.wait == 0 {
+            stream.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_secs(args.wait), stream.next()).await {
+                Ok(x) => x,
+                Err(_) => break,
+            }
+        };
+        let Some(delivery) = next else { break };
+        let delivery = delivery.map_err(status_err)?;
+        let signed = delivery.envelope.clone().unwrap_or_default();
+        let env = wire::Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
+        let data = delivery.payload.clone().unwrap_or_default().data;
+        if args.conn.json {
+            println!(
+                "{}",
+                json!({
+                    "id": env.id, "kind": kind_name(env.kind), "sender": env.sender,
+                    "sender_identity": delivery.sender_identity, "service": env.service,
+                    "correlation_id": env.correlation_id, "attempt": delivery.attempt,
+                    "content_type": env.content_type, "payload": String::from_utf8_lossy(&data),
+                })
+            );
+        } else {
+            println!(
+                "{} {} from {} ({}) to {} attempt {}: {}",
+                env.id,
+                kind_name(env.kind),
+                env.sender,
+                delivery.sender_identity,
+                env.service,
+                delivery.attempt,
+                String::from_utf8_lossy(&data)
+            );
+        }
+        if args.ack {
+            let outcome = if env.kind == Kind::Transaction as i32 {
+                match args.outcome {
+                    OutcomeArg::Committed => Outcome::Committed,
+                    OutcomeArg::Rejected => Outcome::Rejected,
+                }
+            } else {
+                Outcome::Unspecified
+            };
+            agency
+                .ack(wire::AckRequest {
+                    message_id: env.id.clone(),
+                    outcome: outcome as i32,
+                    result: Vec::new(),
+                })
+                .await
+                .map_err(status_err)?;
+        }
+        n += 1;
+    }
+    if !args.conn.json {
+        eprintln!(
+            "{n} deliveries{}",
+            if args.ack {
+                ", acked"
+            } else {
+                " (not acked: they will be delivered again)"
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `antar track`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  antar track 0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f --federation .antar-dev/federation.json --agency finance"
+)]
+pub struct TrackArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The message id that `antar send` printed.
+    id: String,
+}
+
+pub async fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.connect(ClientRole::App).await?;
+    let resp = client
+        .agency()
+        .track(wire::TrackRequest {
+            message_id: args.id.clone(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let receipts: Vec<_> = resp
+        .receipts
+        .iter()
+        .map(|r| wire::Receipt::decode(r.receipt.as_slice()).unwrap_or_default())
+        .collect();
+    let state = MessageState::try_from(resp.state).unwrap_or(MessageState::Unspecified);
+    if args.conn.json {
+        let list: Vec<_> = receipts
+            .iter()
+            .map(|r| {
+                json!({ "status": status_name(r.status), "issuer": r.issuer, "reason": r.reason,
+                             "at": r.at.map(|t| t.seconds), "outcome": r.outcome })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({ "id": args.id, "state": state.as_str_name(), "reason": resp.reason, "receipts": list })
+        );
+    } else {
+        println!(
+            "{} {}{}",
+            args.id,
+            state.as_str_name(),
+            if resp.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", resp.reason)
+            }
+        );
+        for r in &receipts {
+            println!(
+                "  {} by {}{}",
+                status_name(r.status),
+                r.issuer,
+                if r.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.reason)
+                }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `antar admin`.
+#[derive(Debug, clap::Subcommand)]
+pub enum AdminCommand {
+    /// Version, identity, uptime, peers, queues, store size.
+    #[command(
+        after_help = "Example:\n  antar admin status --federation .antar-dev/federation.json --agency hub"
+    )]
+    Status(ConnOnly),
+    /// Peers with connection state, last contact and backlog.
+    #[command(
+        after_help = "Example:\n  antar admin peers --federation .antar-dev/federation.json --agency finance"
+    )]
+    Peers(ConnOnly),
+    /// Refuse new sends (UNAVAILABLE) for maintenance; --off resumes.
+    #[command(
+        after_help = "Example:\n  antar admin drain --federation f.json --agency finance\n  antar admin drain --off ..."
+    )]
+    Drain {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Resume accepting sends.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Reload the config file and the revocation list (same as SIGHUP).
+    #[command(after_help = "Example:\n  antar admin reload --federation f.json --agency finance")]
+    Reload(ConnOnly),
+}
+
+/// Only connection flags.
+#[derive(Debug, clap::Args)]
+pub struct ConnOnly {
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AdminCommand::Status(c) => {
+            let s = c
+                .conn
+                .connect(ClientRole::Admin)
+                .await?
+                .admin()
+                .status(wire::StatusRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if c.conn.json {
+                println!(
+                    "{}",
+                    json!({
+                        "version": s.version, "identity": s.identity, "agency": s.agency, "uptime_seconds": s.uptime_seconds,
+                        "store_bytes": s.store_bytes, "dead_letters": s.dead_letters, "draining": s.draining,
+                        "peers": s.peers.iter().map(peer_json).collect::<Vec<_>>(),
+                        "inboxes": s.inboxes.iter().map(|q| json!({"service": q.name, "depth": q.depth})).collect::<Vec<_>>(),
+                    })
+                );
+            } else {
+                println!(
+                    "{} ({}) antar {} up {}s, store {} bytes, {} dead letters{}",
+                    s.agency,
+                    s.identity,
+                    s.version,
+                    s.uptime_seconds,
+                    s.store_bytes,
+                    s.dead_letters,
+                    if s.draining { ", DRAINING" } else { "" }
+                );
+                for p in &s.peers {
+                    print_peer(p);
+                }
+                for q in &s.inboxes {
+                    println!("  inbox {}: {}", q.name, q.depth);
+                }
+            }
+        }
+        AdminCommand::Peers(c) => {
+            let r = c
+                .conn
+                .connect(ClientRole::Admin)
+                .await?
+                .admin()
+                .list_peers(wire::ListPeersRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if c.conn.json {
+                println!("{}", json!(r.peers.iter().map(peer_json).collect::<Vec<_>>()));
+            } else {
+                r.peers.iter().for_each(print_peer);
+            }
+        }
+        AdminCommand::Drain { conn, off } => {
+            let r = conn
+                .connect(ClientRole::Admin)
+                .await?
+                .admin()
+                .drain(wire::DrainRequest { drain: !off })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "{}",
+                if r.draining {
+                    "draining: new sends are refused"
+                } else {
+                    "accepting sends"
+                }
+            );
+        }
+        AdminCommand::Reload(c) => {
+            let r = c
+                .conn
+                .connect(ClientRole::Admin)
+                .await?
+                .admin()
+                .reload(wire::ReloadRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("reloaded; {} serials revoked", r.revoked_serials);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn peer_json(p: &wire::PeerStatus) -> serde_json::Value {
+    json!({ "agency": p.agency, "addr": p.addr, "connected": p.connected, "backlog": p.backlog,
+            "last_contact": p.last_contact.map(|t| t.seconds), "last_error": p.last_error })
+}
+
+fn print_peer(p: &wire::PeerStatus) {
+    println!(
+        "  peer {} at {}: {}, backlog {}{}",
+        p.agency,
+        p.addr,
+        if p.connected { "connected" } else { "not connected" },
+        p.backlog,
+        if p.last_error.is_empty() {
+            String::new()
+        } else {
+            format!(", last error: {}", p.last_error)
+        }
+    );
+}
+
+pub(crate) fn kind_name(k: i32) -> &'static str {
+    Kind::try_from(k)
+        .map(|k| k.as_str_name())
+        .unwrap_or("KIND_UNKNOWN")
+}
+
+pub(crate) fn status_name(s: i32) -> &'static str {
+    ReceiptStatus::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("RECEIPT_STATUS_UNKNOWN")
+}
+
+/// A gRPC status as an error that says what the node answered.
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the node answered {:?}: {}", s.code(), s.message())
+}

@@ -1,0 +1,124 @@
+//! `antar dev`: the local federation of DESIGN.md §8 in one process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use antar_node::dev::{standard_topology, Addrs, DevLayout};
+use antar_node::{Listeners, Node};
+
+/// `antar dev` arguments.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Directory for certificates, node configs, sled stores and federation.json.
+    #[arg(long, default_value = ".antar-dev")]
+    dir: PathBuf,
+    /// First port of a block of 16 (API, peer, admin, metrics per agency); 0 picks free ports.
+    #[arg(long, default_value_t = 7400)]
+    base_port: u16,
+}
+
+async fn bind(port: u16) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind {addr}; is another `antar dev` running? Try --base-port 0"))
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let layout = DevLayout::new(&args.dir);
+    let topology = standard_topology();
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let created = layout
+        .ensure_pki(&topology)
+        .context("cannot create the dev certificates")?;
+    let mut bound = Vec::new();
+    let mut addrs = BTreeMap::new();
+    for (i, spec) in topology.iter().enumerate() {
+        let port = |k: u16| {
+            if args.base_port == 0 {
+                0
+            } else {
+                args.base_port + (i as u16) * 4 + k
+            }
+        };
+        let l = [
+            bind(port(0)).await?,
+            bind(port(1)).await?,
+            bind(port(2)).await?,
+            bind(port(3)).await?,
+        ];
+        addrs.insert(
+            spec.id.clone(),
+            Addrs {
+                api: l[0].local_addr()?,
+                peer: l[1].local_addr()?,
+                admin: l[2].local_addr()?,
+                metrics: l[3].local_addr()?,
+            },
+        );
+        bound.push(l);
+    }
+    let mut nodes = Vec::new();
+    for (spec, [api, peer, admin, metrics]) in topology.iter().zip(bound) {
+        let config = layout.node_config(spec, &addrs);
+        let path = layout.config_path(&spec.id);
+        std::fs::write(&path, config.to_toml())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let listeners = Listeners {
+            api,
+            peer,
+            admin: Some(admin),
+            metrics: Some(metrics),
+        };
+        let node = Node::start(config, Some(path), listeners)
+            .await
+            .with_context(|| format!("cannot start {}", spec.id))?;
+        nodes.push(node);
+    }
+    let fed_path = layout.federation_json();
+    layout.federation_file(&topology, &addrs)?.save(&fed_path)?;
+    let fed = std::fs::canonicalize(&fed_path).unwrap_or(fed_path);
+    let fed = fed.display();
+    println!(
+        "Antar dev federation {} is up in {:.1}s ({}):",
+        antar_node::dev::DEV_FEDERATION,
+        started.elapsed().as_secs_f64(),
+        if created {
+            "certificates created"
+        } else {
+            "certificates reused"
+        }
+    );
+    for (id, a) in &addrs {
+        println!(
+            "  {id:<9} api {}  peer {}  admin {}  metrics http://{}/metrics",
+            a.api, a.peer, a.admin, a.metrics
+        );
+    }
+    println!("finance <-> health directly; registry only through hub.\n");
+    println!("Try, in another terminal:");
+    println!("  antar send  --federation {fed} --agency finance --to registry --service birth.lookup --data 'hello registry'");
+    println!("  antar inbox --federation {fed} --agency registry --ack");
+    println!("  antar track --federation {fed} --agency finance <id printed by send>");
+    println!("  antar admin status --federation {fed} --agency hub");
+    println!("\nClients in other languages need only {fed} and proto/. Ctrl-C stops.");
+    crate::wait_for_signals(|| {
+        for n in &nodes {
+            if let Err(e) = n.reload() {
+                tracing::error!(error = %e, "reload failed");
+            }
+        }
+    })
+    .await;
+    eprintln!("stopping: draining transfers and flushing stores");
+    for n in nodes {
+        n.stop().await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,277 @@
+//! `antar.v1.Admin`: status, peers, dead letters, reload and drain.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use antar_core::time::{to_timestamp, unix_millis};
+use antar_core::wire::admin_server::Admin;
+use antar_core::wire::{
+    transfer_item, DeadLetter as WireDeadLetter, DrainRequest, DrainResponse, Envelope,
+    ListDeadLettersRequest, ListDeadLettersResponse, ListPeersRequest, ListPeersResponse, Outcome,
+    PeerStatus, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, Receipt, ReceiptStatus,
+    ReloadRequest, ReloadResponse, RetryDeadLettersRequest, RetryDeadLettersResponse, StatusRequest,
+    StatusResponse, TransferItem,
+};
+use antar_core::MessageId;
+use antar_store::{DeadLetter, Tx, TxError};
+
+use crate::auth;
+use crate::error::NodeError;
+use crate::state::Shared;
+
+pub(crate) struct AdminService {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) reload: Arc<dyn Fn() -> Result<u32, NodeError> + Send + Sync>,
+}
+
+pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
+    let policy = shared.policy();
+    let health = shared
+        .peer_health
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut peers: Vec<PeerStatus> = policy
+        .peers()
+        .map(|(agency, addr)| {
+            let h = health.get(agency).cloned().unwrap_or_default();
+            PeerStatus {
+                agency: agency.clone(),
+                addr: addr.clone(),
+                connected: h.connected,
+                last_contact: h.last_contact.map(to_timestamp),
+                backlog: shared.store.outbox_depth(agency),
+                last_error: h.last_error,
+            }
+        })
+        .collect();
+    peers.sort_by(|a, b| a.agency.cmp(&b.agency));
+    peers
+}
+
+fn ids(field: &'static str, list: &[String]) -> Result<Vec<MessageId>, NodeError> {
+    list.iter()
+        .map(|s| MessageId::parse(s).map_err(|e| NodeError::invalid(field, e)))
+        .collect()
+}
+
+fn all_or(shared: &Shared, given: Vec<MessageId>) -> Result<Vec<MessageId>, NodeError> {
+    if !given.is_empty() {
+        return Ok(given);
+    }
+    Ok(shared
+        .store
+        .dead_letters(None, usize::MAX)?
+        .iter()
+        .filter_map(|d| <[u8; 16]>::try_from(d.message_id.as_slice()).ok())
+        .map(MessageId::from_bytes)
+        .collect())
+}
+
+/// Moves an expired or refused item to the dead letters; for an envelope,
+/// routes a signed receipt with `status` to its sender.
+pub(crate) fn bury(
+    shared: &Shared,
+    tx: &Tx<'_>,
+    peer: &str,
+    item: &[u8],
+    status: ReceiptStatus,
+    reason: &str,
+) -> Result<(), TxError> {
+    let decoded = TransferItem::decode(item).unwrap_or_default();
+    let Some(transfer_item::Item::Envelope(et)) = &decoded.item else {
+        return Ok(());
+    };
+    let signed = et.envelope.clone().unwrap_or_default();
+    let env = Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
+    let id = MessageId::parse(&env.id).unwrap_or_default();
+    tx.put_dead(
+        &id,
+        &DeadLetter {
+            message_id: id.as_bytes().to_vec(),
+            item: item.to_vec(),
+            reason: reason.to_owned(),
+            at_ms: unix_millis(SystemTime::now()),
+            peer: peer.to_owned(),
+        },
+    )?;
+    let receipt = shared.receipt(
+        &env,
+        &signed.envelope,
+        status,
+        reason,
+        Outcome::Unspecified,
+        Vec::new(),
+    );
+    let r = Receipt::decode(receipt.receipt.as_slice()).unwrap_or_default();
+    shared.route_receipt(tx, &receipt, &r, Vec::new())
+}
+
+/// Moves every outbox item past its TTL to the dead letters with an EXPIRED receipt.
+pub(crate) fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
+    let due = shared.store.expired(unix_millis(SystemTime::now()), 512)?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let n = shared
+        .store
+        .transact(|tx| {
+            let mut n = 0;
+            for (peer, seq) in &due {
+                if let Some(item) = tx.remove_outbox(peer, *seq)? {
+                    bury(shared, tx, peer, &item, ReceiptStatus::Expired, "expired")?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .map_err(NodeError::from)?;
+    shared.metrics.expired.inc_by(n as u64);
+    Ok(n)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        let s = &self.shared;
+        Ok(Response::new(StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            identity: s.identity.to_string(),
+            agency: s.agency.to_string(),
+            uptime_seconds: s.started.elapsed().as_secs(),
+            store_bytes: s.store.size_on_disk(),
+            peers: peer_statuses(s),
+            inboxes: s
+                .store
+                .inbox_depths()
+                .into_iter()
+                .map(|(name, depth)| QueueDepth { name, depth })
+                .collect(),
+            dead_letters: s.store.dead_letter_count(),
+            draining: s.draining(),
+        }))
+    }
+
+    async fn list_peers(
+        &self,
+        req: Request<ListPeersRequest>,
+    ) -> Result<Response<ListPeersResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        Ok(Response::new(ListPeersResponse {
+            peers: peer_statuses(&self.shared),
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        let r = req.into_inner();
+        let after = if r.after.is_empty() {
+            None
+        } else {
+            Some(MessageId::parse(&r.after).map_err(|e| NodeError::invalid("after", e))?)
+        };
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) } as usize;
+        let list = self
+            .shared
+            .store
+            .dead_letters(after.as_ref(), limit)
+            .map_err(NodeError::from)?;
+        let dead_letters = list
+            .into_iter()
+            .map(|d| {
+                let item = TransferItem::decode(d.item.as_slice()).unwrap_or_default();
+                let envelope = match item.item {
+                    Some(transfer_item::Item::Envelope(et)) => et.envelope,
+                    _ => None,
+                };
+                WireDeadLetter {
+                    envelope,
+                    reason: d.reason,
+                    at: Some(to_timestamp(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.at_ms),
+                    )),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListDeadLettersResponse { dead_letters }))
+    }
+
+    async fn retry_dead_letters(
+        &self,
+        req: Request<RetryDeadLettersRequest>,
+    ) -> Result<Response<RetryDeadLettersResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        let wanted = all_or(&self.shared, ids("message_ids", &req.get_ref().message_ids)?)?;
+        let shared = &self.shared;
+        let retried = shared
+            .store
+            .transact(|tx| {
+                let mut retried = Vec::new();
+                for id in &wanted {
+                    let Some(dead) = tx.take_dead(id)? else { continue };
+                    let item = TransferItem::decode(dead.item.as_slice()).unwrap_or_default();
+                    let recipient = match &item.item {
+                        Some(transfer_item::Item::Envelope(et)) => {
+                            Envelope::decode(et.envelope.clone().unwrap_or_default().envelope.as_slice())
+                                .unwrap_or_default()
+                                .recipient
+                        }
+                        _ => continue,
+                    };
+                    let peer = shared.policy().next_hop(&recipient).unwrap_or(dead.peer.clone());
+                    // Retried by an administrator: no longer subject to its TTL here.
+                    tx.push_outbox(&peer, &dead.item, 0)?;
+                    retried.push(id.to_string());
+                }
+                Ok(retried)
+            })
+            .map_err(NodeError::from)?;
+        shared.store.durable().await.map_err(NodeError::from)?;
+        Ok(Response::new(RetryDeadLettersResponse { retried }))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        req: Request<PurgeDeadLettersRequest>,
+    ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        let wanted = all_or(&self.shared, ids("message_ids", &req.get_ref().message_ids)?)?;
+        let purged = self
+            .shared
+            .store
+            .transact(|tx| {
+                let mut purged = Vec::new();
+                for id in &wanted {
+                    if tx.take_dead(id)?.is_some() {
+                        purged.push(id.to_string());
+                    }
+                }
+                Ok(purged)
+            })
+            .map_err(NodeError::from)?;
+        self.shared.store.durable().await.map_err(NodeError::from)?;
+        Ok(Response::new(PurgeDeadLettersResponse { purged }))
+    }
+
+    async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        let revoked_serials = (self.reload)()?;
+        Ok(Response::new(ReloadResponse { revoked_serials }))
+    }
+
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        auth::admin(&self.shared, &req)?;
+        let drain = req.get_ref().drain;
+        self.shared.draining.store(drain, Ordering::Relaxed);
+        tracing::info!(drain, "drain mode changed by an administrator");
+        Ok(Response::new(DrainResponse { draining: drain }))
+    }
+}

@@ -1,0 +1,700 @@
+//! `antar.v1.Agency`: what agency systems call on their own node.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use antar_core::envelope::sha256;
+use antar_core::wire::agency_server::Agency;
+use antar_core::wire::{
+    transfer_item, AckRequest, AckResponse, Delivery, Envelope, EnvelopeTransfer, Kind, MessageState,
+    Outcome, ReceiptEvent, ReceiptStatus, ReceiveRequest, ReplyRequest, SendRequest, SendResponse,
+    SignedReceipt, TrackRequest, TrackResponse, TransferItem, WatchReceiptsRequest,
+};
+use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
+use antar_store::{Abort, MessageRecord};
+
+use crate::auth;
+use crate::error::NodeError;
+use crate::state::{expires_ms, Lease, Services, Shared};
+
+/// Callers of `Call` waiting for the RESPONSE to their request id.
+pub(crate) type CallWaiters = Mutex<HashMap<String, oneshot::Sender<MessageId>>>;
+
+/// The Agency service of one node.
+pub(crate) struct AgencyService {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) calls: Arc<CallWaiters>,
+    streams: AtomicU64,
+}
+
+impl AgencyService {
+    pub(crate) fn new(shared: Arc<Shared>, calls: Arc<CallWaiters>) -> Self {
+        Self {
+            shared,
+            calls,
+            streams: AtomicU64::new(0),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// A send that has been validated: what to seal, for whom.
+struct Validated {
+    drafts: Vec<Draft>,
+    payload: Vec<u8>,
+    idempotency_key: Option<String>,
+}
+
+fn validate_send(
+    shared: &Shared,
+    req: SendRequest,
+    correlation: Option<String>,
+) -> Result<Validated, NodeError> {
+    if shared.draining() {
+        return Err(NodeError::Draining);
+    }
+    let kind = Kind::try_from(req.kind).unwrap_or(Kind::Unspecified);
+    match (kind, &correlation) {
+        (Kind::Unspecified, _) => {
+            return Err(NodeError::invalid(
+                "kind",
+                "must be KIND_REQUEST, KIND_NOTICE or KIND_TRANSACTION",
+            ))
+        }
+        (Kind::Response, None) => return Err(NodeError::invalid("kind", "a RESPONSE is sent with Reply")),
+        _ => {}
+    }
+    if req.recipients.is_empty() {
+        return Err(NodeError::invalid(
+            "recipients",
+            "at least one recipient agency is required",
+        ));
+    }
+    if req.recipients.len() > 1 && kind != Kind::Notice {
+        return Err(NodeError::invalid(
+            "recipients",
+            "only a NOTICE may have several recipients",
+        ));
+    }
+    let service = ServiceName::parse(&req.service).map_err(|e| NodeError::invalid("service", e))?;
+    let limits = shared.limits();
+    if req.payload.len() as u64 > limits.max_payload_bytes {
+        return Err(NodeError::invalid(
+            "payload",
+            format!(
+                "{} bytes is over max_payload_bytes = {}",
+                req.payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    let ttl = match req.ttl {
+        None => Duration::from_secs(limits.default_ttl_secs),
+        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
+            return Err(NodeError::invalid("ttl", "must be positive"))
+        }
+        Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
+    };
+    if ttl > Duration::from_secs(limits.max_ttl_secs) {
+        return Err(NodeError::invalid(
+            "ttl",
+            format!("is over max_ttl_secs = {}", limits.max_ttl_secs),
+        ));
+    }
+    let idempotency_key = match (kind, req.idempotency_key.is_empty()) {
+        (Kind::Transaction, true) => {
+            return Err(NodeError::invalid(
+                "idempotency_key",
+                "required for KIND_TRANSACTION",
+            ))
+        }
+        (Kind::Transaction, false) if req.idempotency_key.len() > 256 => {
+            return Err(NodeError::invalid("idempotency_key", "at most 256 bytes"))
+        }
+        (Kind::Transaction, false) => Some(req.idempotency_key.clone()),
+        (_, false) => {
+            return Err(NodeError::invalid(
+                "idempotency_key",
+                "only KIND_TRANSACTION takes one",
+            ))
+        }
+        (_, true) => None,
+    };
+    for (k, v) in &req.headers {
+        if k.is_empty() || k.len() > 256 || v.len() > 8192 {
+            return Err(NodeError::invalid(
+                "headers",
+                format!("header {k:?}: names 1..256 bytes, values up to 8 KiB"),
+            ));
+        }
+    }
+    let policy = shared.policy();
+    let now = SystemTime::now();
+    let mut drafts = Vec::with_capacity(req.recipients.len());
+    for r in &req.recipients {
+        let recipient = AgencyId::parse(r).map_err(|e| NodeError::invalid("recipients", e))?;
+        if recipient != shared.agency && policy.next_hop(recipient.as_str()).is_none() {
+            return Err(NodeError::NotFound(format!(
+                "recipient {recipient}: no peer, route or default_route reaches it from {}",
+                shared.agency
+            )));
+        }
+        drafts.push(Draft {
+            kind,
+            sender: shared.agency.clone(),
+            recipient,
+            service: service.clone(),
+            correlation_id: correlation
+                .clone()
+                .or_else(|| idempotency_key.clone())
+                .unwrap_or_default(),
+            created_at: now,
+            ttl,
+            headers: req.headers.clone(),
+            content_type: req.content_type.clone(),
+        });
+    }
+    if shared.store.over_quota() {
+        return Err(NodeError::StoreFull {
+            queued: shared.store.queued_bytes(),
+            quota: limits.max_queued_bytes,
+        });
+    }
+    Ok(Validated {
+        drafts,
+        payload: req.payload,
+        idempotency_key,
+    })
+}
+
+/// Seals, stores in one transaction (records, outbox or inbox, ACCEPTED
+/// receipts, the idempotency key) and waits for the flush. For a
+/// TRANSACTION whose key was seen, returns the original ids and stores nothing.
+async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
+    let sender = shared.agency.to_string();
+    let key = v.idempotency_key.as_deref();
+    let ids = shared
+        .store
+        .transact(|tx| {
+            if let Some(key) = key {
+                if let Some(ids) = tx.tx_key(&sender, key)? {
+                    return Ok(ids);
+                }
+            }
+            let mut ids = Vec::with_capacity(sealed.len());
+            for s in &sealed {
+                let env = Envelope::decode(s.envelope.envelope.as_slice())
+                    .map_err(|e| Abort::Refused(format!("own envelope does not decode: {e}")))?;
+                let accepted = shared.receipt(
+                    &env,
+                    &s.envelope.envelope,
+                    ReceiptStatus::Accepted,
+                    "",
+                    Outcome::Unspecified,
+                    Vec::new(),
+                );
+                let record = MessageRecord {
+                    envelope: Some(s.envelope.clone()),
+                    payload: Some(s.payload.clone()),
+                    state: MessageState::Accepted as i32,
+                    receipts: vec![accepted.clone()],
+                    sender_identity: shared.identity.to_string(),
+                    outgoing: true,
+                    service: env.service.clone(),
+                    expires_at_ms: expires_ms(&env),
+                    ..Default::default()
+                };
+                tx.log_receipt(&accepted.encode_to_vec())?;
+                if env.recipient == sender {
+                    shared.deliver_local(tx, &s.id, record, &env, &s.envelope.envelope)?;
+                } else {
+                    tx.put_message(&s.id, &record)?;
+                    let peer = shared
+                        .policy()
+                        .next_hop(&env.recipient)
+                        .ok_or_else(|| Abort::Refused(format!("no route to {}", env.recipient)))?;
+                    let item = TransferItem {
+                        seq: 0,
+                        item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
+                            envelope: Some(s.envelope.clone()),
+                            payload: Some(s.payload.clone()),
+                            hops: vec![sender.clone()],
+                            traceparent: String::new(),
+                        })),
+                    };
+                    tx.push_outbox(&peer, &item.encode_to_vec(), expires_ms(&env))?;
+                }
+                ids.push(s.id);
+            }
+            if let Some(key) = key {
+                tx.put_tx_key(&sender, key, &ids)?;
+            }
+            Ok(ids)
+        })
+        .map_err(NodeError::from)?;
+    shared.store.durable().await?;
+    shared.metrics.sent.inc_by(ids.len() as u64);
+    Ok(ids)
+}
+
+fn seal_all(shared: &Shared, v: &Validated) -> Vec<Sealed> {
+    v.drafts
+        .iter()
+        .map(|d| d.clone().seal(v.payload.clone(), &shared.signer))
+        .collect()
+}
+
+async fn send(shared: &Shared, req: SendRequest) -> Result<Vec<MessageId>, NodeError> {
+    let v = validate_send(shared, req, None)?;
+    if let Some(key) = &v.idempotency_key {
+        let sender = shared.agency.to_string();
+        if let Some(ids) = shared
+            .store
+            .transact(|tx| tx.tx_key(&sender, key))
+            .map_err(NodeError::from)?
+        {
+            return Ok(ids);
+        }
+    }
+    let sealed = seal_all(shared, &v);
+    accept(shared, v, sealed).await
+}
+
+fn delivery(record: &MessageRecord, attempt: u32) -> Delivery {
+    Delivery {
+        envelope: record.envelope.clone(),
+        payload: record.payload.clone(),
+        sender_identity: record.sender_identity.clone(),
+        attempt,
+    }
+}
+
+fn parse_id(field: &'static str, s: &str) -> Result<MessageId, NodeError> {
+    MessageId::parse(s).map_err(|e| NodeError::invalid(field, e))
+}
+
+/// Takes `id` out of the inbox for good and routes a PROCESSED receipt.
+/// Acking again is a no-op.
+async fn ack(
+    shared: &Shared,
+    services: &Services,
+    id: MessageId,
+    outcome: Outcome,
+    result: &[u8],
+) -> Result<(), NodeError> {
+    let record = shared
+        .store
+        .message(&id)?
+        .ok_or_else(|| NodeError::NotFound(format!("message {id} is not held by this node")))?;
+    if !services.contains(&record.service) {
+        return Err(NodeError::PermissionDenied(format!(
+            "message {id} is for service {} which this app does not own",
+            record.service
+        )));
+    }
+    let signed = record.envelope.clone().unwrap_or_default();
+    let env = Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
+    let outcome = match (Kind::try_from(env.kind), outcome) {
+        (Ok(Kind::Transaction), Outcome::Unspecified) => {
+            return Err(NodeError::invalid(
+                "outcome",
+                "a TRANSACTION is acked with OUTCOME_COMMITTED or OUTCOME_REJECTED",
+            ))
+        }
+        (Ok(Kind::Transaction), o) => o,
+        (_, Outcome::Unspecified) => Outcome::Unspecified,
+        (_, o) => o,
+    };
+    let result_digest = if result.is_empty() {
+        Vec::new()
+    } else {
+        sha256(result).to_vec()
+    };
+    shared
+        .store
+        .transact(|tx| {
+            if !tx.remove_inbox(&id)? {
+                return Ok(());
+            }
+            let mut record = tx.message(&id)?.unwrap_or_default();
+            if !record.outgoing {
+                record.state = MessageState::Processed as i32;
+            }
+            tx.put_message(&id, &record)?;
+            let processed = shared.receipt(
+                &env,
+                &signed.envelope,
+                ReceiptStatus::Processed,
+                "",
+                outcome,
+                result_digest.clone(),
+            );
+            let decoded = antar_core::wire::Receipt::decode(processed.receipt.as_slice()).unwrap_or_default();
+            shared.route_receipt(tx, &processed, &decoded, Vec::new())
+        })
+        .map_err(NodeError::from)?;
+    shared.store.durable().await?;
+    shared
+        .leases
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    shared.metrics.processed.inc();
+    Ok(())
+}
+
+impl AgencyService {
+    fn services_of(&self, app: &str) -> Result<Services, NodeError> {
+        self.shared.policy().app(app).cloned().ok_or_else(|| {
+            NodeError::PermissionDenied(format!("app {app} is not configured on this node ([[apps]])"))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Agency for AgencyService {
+    async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let _app = auth::app(&self.shared, &req)?;
+        let ids = send(&self.shared, req.into_inner()).await?;
+        Ok(Response::new(SendResponse {
+            message_ids: ids.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn call(&self, req: Request<SendRequest>) -> Result<Response<Delivery>, Status> {
+        let app = auth::app(&self.shared, &req)?;
+        let services = self.services_of(&app)?;
+        let deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let mut r = req.into_inner();
+        if r.kind == Kind::Unspecified as i32 {
+            r.kind = Kind::Request as i32;
+        }
+        if r.kind != Kind::Request as i32 {
+            return Err(NodeError::invalid("kind", "Call sends a KIND_REQUEST").into());
+        }
+        let v = validate_send(&self.shared, r, None)?;
+        if v.drafts.len() != 1 {
+            return Err(NodeError::invalid("recipients", "Call takes exactly one recipient").into());
+        }
+        let sealed = seal_all(&self.shared, &v);
+        let request_id = sealed[0].id.to_string();
+        let (tx, rx) = oneshot::channel();
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(request_id.clone(), tx);
+        let _guard = CallGuard {
+            calls: &self.calls,
+            id: request_id.clone(),
+        };
+        accept(&self.shared, v, sealed).await?;
+        let wait = async {
+            match rx.await {
+                Ok(id) => Ok(id),
+                Err(_) => Err(NodeError::FailedPrecondition("node is shutting down".into())),
+            }
+        };
+        let response_id = match deadline {
+            Some(d) => tokio::time::timeout(d, wait).await.map_err(|_| {
+                NodeError::DeadlineExceeded(format!(
+                    "no RESPONSE to request {request_id} before the deadline; it stays tracked and a late response goes to the inbox"
+                ))
+            })??,
+            None => wait.await?,
+        };
+        let record = self
+            .shared
+            .store
+            .message(&response_id)
+            .map_err(NodeError::from)?
+            .ok_or_else(|| NodeError::NotFound(format!("response {response_id} vanished")))?;
+        ack(&self.shared, &services, response_id, Outcome::Unspecified, &[]).await?;
+        Ok(Response::new(delivery(&record, 1)))
+    }
+
+    type ReceiveStream = BoxStream<Delivery>;
+
+    async fn receive(&self, req: Request<ReceiveRequest>) -> Result<Response<Self::ReceiveStream>, Status> {
+        let app = auth::app(&self.shared, &req)?;
+        let owned = self.services_of(&app)?;
+        let r = req.into_inner();
+        let mut wanted = Vec::new();
+        for s in &r.services {
+            let name = ServiceName::parse(s).map_err(|e| NodeError::invalid("services", e))?;
+            if !owned.contains(name.as_str()) {
+                return Err(
+                    NodeError::PermissionDenied(format!("app {app} does not own service {name}")).into(),
+                );
+            }
+            wanted.push(name.to_string());
+        }
+        let scope = if wanted.is_empty() {
+            owned
+        } else {
+            Services::Some(wanted.into_iter().collect())
+        };
+        let max = if r.max_in_flight == 0 {
+            self.shared.limits().max_in_flight
+        } else {
+            r.max_in_flight.min(10_000)
+        };
+        let stream = self.streams.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(max as usize);
+        tokio::spawn(receive_loop(self.shared.clone(), scope, max, stream, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let app = auth::app(&self.shared, &req)?;
+        let services = self.services_of(&app)?;
+        let r = req.into_inner();
+        let id = parse_id("message_id", &r.message_id)?;
+        let outcome =
+            Outcome::try_from(r.outcome).map_err(|_| NodeError::invalid("outcome", "unknown value"))?;
+        ack(&self.shared, &services, id, outcome, &r.result).await?;
+        Ok(Response::new(AckResponse {}))
+    }
+
+    async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<SendResponse>, Status> {
+        let app = auth::app(&self.shared, &req)?;
+        let services = self.services_of(&app)?;
+        let r = req.into_inner();
+        let request_id = parse_id("request_id", &r.request_id)?;
+        let record = self
+            .shared
+            .store
+            .message(&request_id)
+            .map_err(NodeError::from)?
+            .ok_or_else(|| NodeError::NotFound(format!("request {request_id} is not held by this node")))?;
+        let env =
+            Envelope::decode(record.envelope.unwrap_or_default().envelope.as_slice()).unwrap_or_default();
+        if env.kind != Kind::Request as i32 || env.recipient != self.shared.agency.as_str() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "{request_id} is not a REQUEST received by this node"
+            ))
+            .into());
+        }
+        if !services.contains(&env.service) {
+            return Err(NodeError::PermissionDenied(format!(
+                "app {app} does not own service {}",
+                env.service
+            ))
+            .into());
+        }
+        let send_req = SendRequest {
+            kind: Kind::Response as i32,
+            recipients: vec![env.sender.clone()],
+            service: env.service.clone(),
+            payload: r.payload,
+            content_type: r.content_type,
+            headers: r.headers,
+            idempotency_key: String::new(),
+            ttl: None,
+        };
+        let v = validate_send(&self.shared, send_req, Some(request_id.to_string()))?;
+        let sealed = seal_all(&self.shared, &v);
+        let ids = accept(&self.shared, v, sealed).await?;
+        Ok(Response::new(SendResponse {
+            message_ids: ids.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn track(&self, req: Request<TrackRequest>) -> Result<Response<TrackResponse>, Status> {
+        let _app = auth::app(&self.shared, &req)?;
+        let id = parse_id("message_id", &req.get_ref().message_id)?;
+        let record = self
+            .shared
+            .store
+            .message(&id)
+            .map_err(NodeError::from)?
+            .ok_or_else(|| NodeError::NotFound(format!("message {id} is not known to this node")))?;
+        Ok(Response::new(TrackResponse {
+            state: record.state,
+            envelope: record.envelope,
+            receipts: record.receipts,
+            reason: record.reason,
+        }))
+    }
+
+    type WatchReceiptsStream = BoxStream<ReceiptEvent>;
+
+    async fn watch_receipts(
+        &self,
+        req: Request<WatchReceiptsRequest>,
+    ) -> Result<Response<Self::WatchReceiptsStream>, Status> {
+        let _app = auth::app(&self.shared, &req)?;
+        let mut cursor = req.get_ref().after_cursor;
+        let shared = self.shared.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let notify = shared.store.receipt_notify();
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let batch = match shared.store.receipts_after(cursor, 256) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(NodeError::from(e).into())).await;
+                        return;
+                    }
+                };
+                let empty = batch.is_empty();
+                for (c, bytes) in batch {
+                    cursor = c;
+                    let receipt = SignedReceipt::decode(bytes.as_slice()).unwrap_or_default();
+                    if tx
+                        .send(Ok(ReceiptEvent {
+                            cursor: c,
+                            receipt: Some(receipt),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if empty {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct CallGuard<'a> {
+    calls: &'a CallWaiters,
+    id: String,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// `grpc-timeout` header value, e.g. `1500m`, as a duration.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Leases deliveries to one `Receive` stream: at most `max` unacked at a
+/// time; a lease that times out makes the message visible again.
+async fn receive_loop(
+    shared: Arc<Shared>,
+    scope: Services,
+    max: u32,
+    stream: u64,
+    tx: mpsc::Sender<Result<Delivery, Status>>,
+) {
+    let notify = shared.store.inbox_notify();
+    let visibility = shared.config.visibility_timeout();
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = Instant::now();
+        let mut next_expiry = now + Duration::from_secs(1);
+        let mut to_send = Vec::new();
+        {
+            let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let mut in_flight = leases
+                .values()
+                .filter(|l| l.stream == stream && l.until > now)
+                .count() as u32;
+            let iter: Box<dyn Iterator<Item = _>> = match &scope {
+                Services::All => Box::new(shared.store.inbox_scan(None)),
+                Services::Some(set) => Box::new(set.iter().flat_map(|s| shared.store.inbox_scan(Some(s)))),
+            };
+            for entry in iter {
+                if in_flight >= max {
+                    break;
+                }
+                let Ok(entry) = entry else { continue };
+                let Ok(bytes) = <[u8; 16]>::try_from(entry.message_id.as_slice()) else {
+                    continue;
+                };
+                let id = MessageId::from_bytes(bytes);
+                let attempt = match leases.get(&id) {
+                    Some(l) if l.until > now => {
+                        next_expiry = next_expiry.min(l.until);
+                        continue;
+                    }
+                    Some(l) => l.attempt + 1,
+                    None => 1,
+                };
+                leases.insert(
+                    id,
+                    Lease {
+                        until: now + visibility,
+                        attempt,
+                        stream,
+                    },
+                );
+                in_flight += 1;
+                to_send.push((id, attempt));
+            }
+        }
+        for (id, attempt) in to_send {
+            let record = match shared.store.message(&id) {
+                Ok(Some(r)) => r,
+                _ => continue,
+            };
+            if tx.send(Ok(delivery(&record, attempt))).await.is_err() {
+                release(&shared, stream);
+                return;
+            }
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tx.closed() => {
+                release(&shared, stream);
+                return;
+            }
+            _ = tokio::time::sleep_until(next_expiry.into()) => {}
+        }
+    }
+}
+
+/// A closed stream gives its leases back, so its deliveries go to the next receiver at once.
+fn release(shared: &Shared, stream: u64) {
+    let now = Instant::now();
+    let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+    for lease in leases.values_mut().filter(|l| l.stream == stream) {
+        lease.until = now;
+    }
+    drop(leases);
+    shared.store.inbox_notify().notify_waiters();
+}

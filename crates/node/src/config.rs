@@ -1,0 +1,518 @@
+//! The node's configuration: one typed struct, read from TOML, with
+//! `ANTAR_*` environment overrides and defaults that work.
+//!
+//! Unknown keys are an error that names the key; every problem found is
+//! reported at once, each with the key it concerns.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use antar_core::{AgencyId, ServiceName};
+
+/// A configuration that could not be used; the message lists every problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem, each naming its key.
+    pub problems: Vec<String>,
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of the federation (the SPIFFE trust domain), e.g. `gov.example`.
+    pub federation: String,
+    /// This node's agency id, e.g. `finance`.
+    pub agency: String,
+    /// Directory of the sled store. Relative paths are relative to the config file.
+    pub data_dir: PathBuf,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Certificates and keys.
+    pub tls: Tls,
+    /// Nodes this node transfers to and accepts transfers from.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// Static routes: recipient agency -> peer agency that is the next hop.
+    #[serde(default)]
+    pub routes: BTreeMap<String, String>,
+    /// Next hop for agencies with no route and no direct peering (a hub).
+    #[serde(default)]
+    pub default_route: Option<String>,
+    /// Agency systems and the services each owns (`*`: every service).
+    #[serde(default = "default_apps")]
+    pub apps: Vec<App>,
+    /// Which sender agencies may send to which service.
+    #[serde(default = "default_access")]
+    pub access: Vec<Access>,
+    /// Limits and timings.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Logging.
+    #[serde(default)]
+    pub log: Log,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// The API listener (agency systems; Agency, Admin, health, reflection). Default `127.0.0.1:7443`.
+    #[serde(default = "default_api")]
+    pub api: SocketAddr,
+    /// The peer listener (other nodes; Peer, health, reflection). Default `0.0.0.0:7444`.
+    #[serde(default = "default_peer")]
+    pub peer: SocketAddr,
+    /// An extra listener for administrators, same services as `api`. Default: none.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// Prometheus `/metrics` over plain HTTP. Default: none.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            api: default_api(),
+            peer: default_peer(),
+            admin: None,
+            metrics: None,
+        }
+    }
+}
+
+/// Certificate and key paths (PEM). Relative paths are relative to the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// The federation root CA certificate: the only trust root of the peer listener.
+    pub federation_root: PathBuf,
+    /// This node's TLS certificate (from the federation root).
+    pub node_cert: PathBuf,
+    /// Its private key.
+    pub node_key: PathBuf,
+    /// This node's Ed25519 signing certificate (from the federation root).
+    pub signing_cert: PathBuf,
+    /// Its private key.
+    pub signing_key: PathBuf,
+    /// The agency-local CA: the only trust root of the API listener.
+    pub local_ca: PathBuf,
+    /// The API listener's server certificate (from the local CA).
+    pub api_cert: PathBuf,
+    /// Its private key.
+    pub api_key: PathBuf,
+    /// Federation-signed CRL (PEM); reloaded on `antar admin reload` and SIGHUP.
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
+}
+
+/// A peer node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// The peer's agency id; its certificate must carry this identity.
+    pub agency: String,
+    /// Its peer listener, `host:port`.
+    pub addr: String,
+}
+
+/// An agency system of this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    /// The name in its certificate, `…/app/<name>`.
+    pub name: String,
+    /// Services whose inbox it receives; `*` for all.
+    pub services: Vec<String>,
+}
+
+/// An access right: these sender agencies may send to this service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// A service of this agency, or `*`.
+    pub service: String,
+    /// Sender agency ids, or `*`.
+    pub allow: Vec<String>,
+}
+
+/// Limits and timings; every one has a default that works.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest payload an app may send, bytes. Default 4 MiB.
+    pub max_payload_bytes: u64,
+    /// TTL of a message whose sender set none, seconds. Default 86400 (one day).
+    pub default_ttl_secs: u64,
+    /// Longest TTL an app may ask for, seconds. Default 30 days.
+    pub max_ttl_secs: u64,
+    /// Most nodes an envelope may pass through. Default 8.
+    pub max_hops: u32,
+    /// Queued bytes (outboxes + inboxes) past which `Send` answers RESOURCE_EXHAUSTED. Default 1 GiB.
+    pub max_queued_bytes: u64,
+    /// How long a delivery stays leased to a receiver before it is redelivered, ms. Default 30000.
+    pub visibility_timeout_ms: u64,
+    /// Unacked deliveries per `Receive` stream when the app asks for 0. Default 64.
+    pub max_in_flight: u32,
+    /// Most items in one transfer batch. Default 256.
+    pub batch_size: usize,
+    /// Batches a forwarder keeps in flight before it waits for acks. Default 4.
+    pub transfer_window: usize,
+    /// First retry delay of a forwarder after a failure, ms. Default 200.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, ms. Default 30000.
+    pub retry_max_ms: u64,
+    /// sled page cache, bytes. Default 64 MiB.
+    pub cache_bytes: u64,
+    /// How often the expiry sweeper runs, ms. Default 1000.
+    pub sweep_interval_ms: u64,
+    /// Longest a TLS handshake may take before the connection is dropped, ms. Default 10000.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 4 << 20,
+            default_ttl_secs: 86_400,
+            max_ttl_secs: 30 * 86_400,
+            max_hops: 8,
+            max_queued_bytes: 1 << 30,
+            visibility_timeout_ms: 30_000,
+            max_in_flight: 64,
+            batch_size: 256,
+            transfer_window: 4,
+            retry_initial_ms: 200,
+            retry_max_ms: 30_000,
+            cache_bytes: 64 << 20,
+            sweep_interval_ms: 1_000,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `pretty` or `json`. Default `pretty`.
+    pub format: String,
+    /// A tracing filter, e.g. `info,antar_node=debug`. Default `info`.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: "pretty".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+fn default_api() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+fn default_peer() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7444))
+}
+fn default_apps() -> Vec<App> {
+    Vec::new()
+}
+fn default_access() -> Vec<Access> {
+    Vec::new()
+}
+
+impl NodeConfig {
+    /// Reads `path`, applies `ANTAR_*` overrides from `env`, resolves relative
+    /// paths against the file's directory, and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem, each naming its key.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("{}: cannot read: {e}", path.display())],
+        })?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError {
+            problems: vec![format!("{}: {e}", path.display())],
+        })?;
+        apply_env(&mut table, env)?;
+        let mut config: NodeConfig = table.try_into().map_err(|e: toml::de::Error| ConfigError {
+            problems: vec![format!("{}: {e}", path.display())],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no env, paths as given) and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        let t = &mut self.tls;
+        for p in [
+            &mut t.federation_root,
+            &mut t.node_cert,
+            &mut t.node_key,
+            &mut t.signing_cert,
+            &mut t.signing_key,
+            &mut t.local_ca,
+            &mut t.api_cert,
+            &mut t.api_key,
+        ] {
+            fix(p);
+        }
+        if let Some(p) = &mut t.revocation_list {
+            fix(p);
+        }
+    }
+
+    /// Checks every value; collects all problems before failing.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut agency = |key: &str, v: &str| {
+            if let Err(e) = AgencyId::parse(v) {
+                problems.push(format!("{key}: {e}"));
+            }
+        };
+        agency("agency", &self.agency);
+        for (i, p) in self.peers.iter().enumerate() {
+            agency(&format!("peers[{i}].agency"), &p.agency);
+        }
+        for (dest, hop) in &self.routes {
+            agency(&format!("routes.{dest} (key)"), dest);
+            agency(&format!("routes.{dest}"), hop);
+        }
+        if let Some(d) = &self.default_route {
+            agency("default_route", d);
+        }
+        if self.federation.is_empty() {
+            problems.push("federation: must not be empty".into());
+        }
+        let peers: Vec<&str> = self.peers.iter().map(|p| p.agency.as_str()).collect();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.addr
+                .rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .is_none()
+            {
+                problems.push(format!("peers[{i}].addr: {:?} is not host:port", p.addr));
+            }
+            if p.agency == self.agency {
+                problems.push(format!("peers[{i}].agency: a node cannot peer with itself"));
+            }
+        }
+        for (dest, hop) in &self.routes {
+            if !peers.contains(&hop.as_str()) {
+                problems.push(format!("routes.{dest}: next hop {hop:?} is not in [[peers]]"));
+            }
+        }
+        if let Some(d) = &self.default_route {
+            if !peers.contains(&d.as_str()) {
+                problems.push(format!("default_route: {d:?} is not in [[peers]]"));
+            }
+        }
+        for (i, app) in self.apps.iter().enumerate() {
+            for s in &app.services {
+                if s != "*" {
+                    if let Err(e) = ServiceName::parse(s) {
+                        problems.push(format!("apps[{i}].services: {e}"));
+                    }
+                }
+            }
+        }
+        for (i, a) in self.access.iter().enumerate() {
+            if a.service != "*" {
+                if let Err(e) = ServiceName::parse(&a.service) {
+                    problems.push(format!("access[{i}].service: {e}"));
+                }
+            }
+            for s in &a.allow {
+                if s != "*" {
+                    if let Err(e) = AgencyId::parse(s) {
+                        problems.push(format!("access[{i}].allow: {e}"));
+                    }
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.max_hops == 0 {
+            problems.push("limits.max_hops: must be at least 1".into());
+        }
+        if l.batch_size == 0 {
+            problems.push("limits.batch_size: must be at least 1".into());
+        }
+        if l.transfer_window == 0 {
+            problems.push("limits.transfer_window: must be at least 1".into());
+        }
+        if l.default_ttl_secs == 0 || l.default_ttl_secs > l.max_ttl_secs {
+            problems.push("limits.default_ttl_secs: must be between 1 and limits.max_ttl_secs".into());
+        }
+        if !matches!(self.log.format.as_str(), "pretty" | "json") {
+            problems.push(format!(
+                "log.format: {:?} is not \"pretty\" or \"json\"",
+                self.log.format
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The visibility timeout as a duration.
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.visibility_timeout_ms)
+    }
+}
+
+/// Applies `ANTAR_<SECTION>__<KEY>=value` (double underscore between levels,
+/// e.g. `ANTAR_LIMITS__MAX_HOPS=4`, `ANTAR_DATA_DIR=/var/lib/antar`).
+/// Values parse as TOML when they can (numbers, booleans), else as strings.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix("ANTAR_") else {
+            continue;
+        };
+        // Variables the CLI reads for its own connections are not config keys.
+        if matches!(
+            rest,
+            "CONFIG" | "LOG" | "FEDERATION" | "AGENCY" | "ADDR" | "CA" | "CERT" | "KEY" | "BIN" | "JSON"
+        ) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(v.clone()));
+        if let Err(p) = set_path(table, &path, value) {
+            problems.push(format!("{k}: {p} is not a table"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Ok(()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => match table
+            .entry(first.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => set_path(t, rest, value),
+            _ => Err(first.clone()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+federation = "gov.example"
+agency = "finance"
+data_dir = "data"
+[tls]
+federation_root = "root.pem"
+node_cert = "node.pem"
+node_key = "node.key"
+signing_cert = "sign.pem"
+signing_key = "sign.key"
+local_ca = "local-ca.pem"
+api_cert = "api.pem"
+api_key = "api.key"
+"#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = NodeConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.limits.max_hops, 8);
+        assert_eq!(c.listen.api, default_api());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = NodeConfig::from_toml(&format!("{MINIMAL}\n[limits]\nmax_hopz = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("max_hopz"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = "default_route = \"hub\"\n".to_owned()
+            + &MINIMAL.replace("agency = \"finance\"", "agency = \"Finance\"")
+            + "[[peers]]\nagency = \"health\"\naddr = \"nope\"\n";
+        let err = NodeConfig::from_toml(&text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("agency: invalid agency id \"Finance\""), "{msg}");
+        assert!(msg.contains("peers[0].addr"), "{msg}");
+        assert!(
+            msg.contains("default_route: \"hub\" is not in [[peers]]"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let env = vec![
+            ("ANTAR_LIMITS__MAX_HOPS".to_owned(), "3".to_owned()),
+            ("ANTAR_AGENCY".to_owned(), "ignored-by-config".to_owned()),
+            ("ANTAR_LISTEN__API".to_owned(), "127.0.0.1:9000".to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+        ];
+        let c = NodeConfig::load(&path, env).unwrap();
+        assert_eq!(c.limits.max_hops, 3);
+        assert_eq!(c.agency, "finance");
+        assert_eq!(c.listen.api.port(), 9000);
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.tls.api_key, dir.path().join("api.key"));
+    }
+}

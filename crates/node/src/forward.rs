@@ -1,0 +1,246 @@
+//! One forwarder per peer: keeps a `Transfer` stream open, sends the peer's
+//! outbox in batches with a bounded window in flight, and deletes an item
+//! only after the peer's STORED or DUPLICATE. Failures back off
+//! exponentially with full jitter, capped; a peer that is down only makes
+//! its queue grow.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prost::Message;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use antar_core::wire::peer_client::PeerClient;
+use antar_core::wire::{
+    transfer_item, CustodyStatus, Envelope, MessageState, TransferAck, TransferBatch, TransferItem,
+};
+use antar_core::MessageId;
+
+use crate::error::NodeError;
+use crate::state::Shared;
+
+/// Most bytes in one batch, so a batch of large payloads stays well under the frame limit.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+pub(crate) async fn run(shared: Arc<Shared>, peer: String, addr: String, shutdown: CancellationToken) {
+    let limits = shared.limits().clone();
+    let mut delay = Duration::from_millis(limits.retry_initial_ms);
+    let notify = shared.store.outbox_notify(&peer);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        // Sleep until there is work before dialing an idle peer.
+        if shared.store.outbox_depth_is_zero(&peer) {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if shared.store.outbox_depth_is_zero(&peer) {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+        match session(&shared, &peer, &addr, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                shared.metrics.retries.inc();
+                let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
+                let h = health.entry(peer.clone()).or_default();
+                h.connected = false;
+                h.last_error = e.to_string();
+                drop(health);
+                tracing::warn!(%peer, %addr, error = %e, retry_in_ms = delay.as_millis() as u64, "transfer to peer failed");
+            }
+        }
+        let jittered = rand::rng().random_range(delay / 2..=delay);
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(Duration::from_millis(limits.retry_max_ms));
+    }
+}
+
+/// One connected stream; returns Ok only on shutdown.
+async fn session(
+    shared: &Shared,
+    peer: &str,
+    addr: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let config = antar_pki::tls::peer_client_config(
+        shared.verifier.anchor().root_der(),
+        shared.tls_chain.clone(),
+        shared.tls_key.clone(),
+        &shared.config.federation,
+        &antar_core::AgencyId::parse(peer).map_err(|e| SessionError(e.to_string()))?,
+    )
+    .map_err(|e| SessionError(e.to_string()))?;
+    let channel = crate::net::dial(addr, config).map_err(|e| SessionError(e.to_string()))?;
+    let mut client = PeerClient::new(channel).max_decoding_message_size(64 << 20);
+    let limits = shared.limits();
+    let (tx, rx) = mpsc::channel::<TransferBatch>(limits.transfer_window);
+    let mut acks = client
+        .transfer(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| SessionError(format!("{}: {}", s.code(), s.message())))?
+        .into_inner();
+    {
+        let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
+        let h = health.entry(peer.to_owned()).or_default();
+        h.connected = true;
+        h.last_contact = Some(SystemTime::now());
+        h.last_error.clear();
+    }
+    tracing::info!(%peer, %addr, "transfer stream open");
+    let notify = shared.store.outbox_notify(peer);
+    let mut in_flight: VecDeque<Vec<u64>> = VecDeque::new();
+    let mut cursor: Option<u64> = None;
+    loop {
+        if in_flight.len() < limits.transfer_window {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let items = shared.store.outbox_batch(peer, cursor, limits.batch_size)?;
+            if !items.is_empty() {
+                let mut batch = TransferBatch::default();
+                let mut seqs = Vec::with_capacity(items.len());
+                let mut bytes = 0;
+                for (seq, value) in items {
+                    if bytes > 0 && bytes + value.len() > MAX_BATCH_BYTES {
+                        break;
+                    }
+                    bytes += value.len();
+                    let mut item = TransferItem::decode(value.as_slice()).unwrap_or_default();
+                    item.seq = seq;
+                    batch.items.push(item);
+                    seqs.push(seq);
+                    cursor = Some(seq);
+                }
+                tx.send(batch)
+                    .await
+                    .map_err(|_| SessionError("stream closed".into()))?;
+                in_flight.push_back(seqs);
+                continue;
+            }
+            tokio::select! {
+                _ = notified => continue,
+                _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
+                ack = acks.message() => settle(shared, peer, ack, &mut in_flight)?,
+            }
+        } else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
+                ack = acks.message() => settle(shared, peer, ack, &mut in_flight)?,
+            }
+        }
+    }
+}
+
+/// On shutdown, waits briefly for the acks of batches already sent.
+async fn drain(
+    shared: &Shared,
+    peer: &str,
+    acks: &mut tonic::Streaming<TransferAck>,
+    in_flight: &mut VecDeque<Vec<u64>>,
+) -> Result<(), SessionError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !in_flight.is_empty() {
+        match tokio::time::timeout_at(deadline, acks.message()).await {
+            Ok(ack) => settle(shared, peer, ack, in_flight)?,
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct SessionError(String);
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<antar_store::StoreError> for SessionError {
+    fn from(e: antar_store::StoreError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<NodeError> for SessionError {
+    fn from(e: NodeError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Deletes what the peer took custody of; records what it refused.
+fn settle(
+    shared: &Shared,
+    peer: &str,
+    ack: Result<Option<TransferAck>, tonic::Status>,
+    in_flight: &mut VecDeque<Vec<u64>>,
+) -> Result<(), SessionError> {
+    let ack = match ack {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err(SessionError("peer closed the stream".into())),
+        Err(s) => return Err(SessionError(format!("{}: {}", s.code(), s.message()))),
+    };
+    let Some(sent) = in_flight.pop_front() else {
+        return Err(SessionError("ack for a batch never sent".into()));
+    };
+    if ack.acks.len() != sent.len() || ack.acks.iter().zip(&sent).any(|(a, s)| a.seq != *s) {
+        return Err(SessionError("acks do not match the batch".into()));
+    }
+    let sender = shared.agency.to_string();
+    shared
+        .store
+        .transact(|tx| {
+            for a in &ack.acks {
+                let Some(item) = tx.remove_outbox(peer, a.seq)? else {
+                    continue;
+                };
+                if a.status != CustodyStatus::Rejected as i32 {
+                    continue;
+                }
+                // Refused for good: keep it as a dead letter with the reason.
+                let item_decoded = TransferItem::decode(item.as_slice()).unwrap_or_default();
+                let Some(transfer_item::Item::Envelope(et)) = &item_decoded.item else {
+                    continue;
+                };
+                let env = Envelope::decode(et.envelope.clone().unwrap_or_default().envelope.as_slice())
+                    .unwrap_or_default();
+                let id = MessageId::parse(&env.id).unwrap_or_default();
+                if env.sender == sender {
+                    if let Some(mut record) = tx.message(&id)? {
+                        record.state = MessageState::Rejected as i32;
+                        record.reason = a.reason.clone();
+                        tx.put_message(&id, &record)?;
+                    }
+                }
+                tx.put_dead(
+                    &id,
+                    &antar_store::DeadLetter {
+                        message_id: id.as_bytes().to_vec(),
+                        item: item.clone(),
+                        reason: a.reason.clone(),
+                        at_ms: antar_core::time::unix_millis(SystemTime::now()),
+                        peer: peer.to_owned(),
+                    },
+                )?;
+            }
+            Ok(())
+        })
+        .map_err(NodeError::from)?;
+    let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
+    health.entry(peer.to_owned()).or_default().last_contact = Some(SystemTime::now());
+    shared.metrics.transferred.inc_by(sent.len() as u64);
+    Ok(())
+}

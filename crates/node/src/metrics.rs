@@ -1,0 +1,147 @@
+//! Prometheus metrics: counters kept in atomics, gauges read from the store
+//! when scraped, served as text on `listen.metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::Shared;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub(crate) fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn inc_by(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Every counter the node keeps.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) sent: Counter,
+    pub(crate) delivered: Counter,
+    pub(crate) relayed: Counter,
+    pub(crate) processed: Counter,
+    pub(crate) transferred: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) expired: Counter,
+    rejections: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    pub(crate) fn rejected(&self, reason: &str) {
+        *self
+            .rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason.to_owned())
+            .or_default() += 1;
+    }
+
+    /// The Prometheus text exposition of the node.
+    pub(crate) fn render(&self, shared: &Shared) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
+        };
+        counter(
+            "antar_sent_total",
+            "Envelopes accepted from apps.",
+            self.sent.get(),
+        );
+        counter(
+            "antar_delivered_total",
+            "Envelopes stored in this node's inboxes from peers.",
+            self.delivered.get(),
+        );
+        counter(
+            "antar_relayed_total",
+            "Envelopes taken into custody to relay.",
+            self.relayed.get(),
+        );
+        counter(
+            "antar_processed_total",
+            "Deliveries acked by apps.",
+            self.processed.get(),
+        );
+        counter(
+            "antar_transferred_total",
+            "Items peers took custody of.",
+            self.transferred.get(),
+        );
+        counter(
+            "antar_transfer_retries_total",
+            "Failed transfer sessions, retried with backoff.",
+            self.retries.get(),
+        );
+        counter(
+            "antar_expired_total",
+            "Envelopes that expired before delivery.",
+            self.expired.get(),
+        );
+        out.push_str("# HELP antar_rejected_total Items this node refused, by reason.\n# TYPE antar_rejected_total counter\n");
+        for (reason, n) in self.rejections.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "antar_rejected_total{{reason=\"{reason}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP antar_outbox_depth Items waiting for a peer.\n# TYPE antar_outbox_depth gauge\n",
+        );
+        for (peer, n) in shared.store.outbox_depths() {
+            let _ = writeln!(out, "antar_outbox_depth{{peer=\"{peer}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP antar_inbox_depth Messages waiting for an app's ack.\n# TYPE antar_inbox_depth gauge\n",
+        );
+        for (service, n) in shared.store.inbox_depths() {
+            let _ = writeln!(out, "antar_inbox_depth{{service=\"{service}\"}} {n}");
+        }
+        let _ = write!(
+            out,
+            "# HELP antar_dead_letters Dead letters kept.\n# TYPE antar_dead_letters gauge\nantar_dead_letters {}\n\
+             # HELP antar_queued_bytes Bytes queued in outboxes and inboxes.\n# TYPE antar_queued_bytes gauge\nantar_queued_bytes {}\n\
+             # HELP antar_store_bytes Size of the store on disk.\n# TYPE antar_store_bytes gauge\nantar_store_bytes {}\n",
+            shared.store.dead_letter_count(),
+            shared.store.queued_bytes(),
+            shared.store.size_on_disk()
+        );
+        out
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) over plain HTTP/1.1.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let (mut conn, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return;
+            }
+            let body = shared.metrics.render(&shared);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,302 @@
+//! `antar.v1.Peer`: custody transfer from other nodes.
+//!
+//! Each batch is verified item by item, stored in one transaction, flushed,
+//! and only then acked: STORED (custody passed), DUPLICATE (it had passed
+//! before), or REJECTED with a reason code (and a signed REJECTED receipt
+//! routed to the sender when one can be built).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use antar_core::wire::peer_server::Peer;
+use antar_core::wire::{
+    transfer_item, CustodyStatus, Envelope, EnvelopeTransfer, ItemAck, Kind, MessageState, Outcome, Receipt,
+    ReceiptStatus, SignedReceipt, TransferAck, TransferBatch, TransferItem,
+};
+use antar_core::{Identity, MessageId, VerifiedEnvelope};
+use antar_store::{MessageRecord, Tx, TxError};
+
+use crate::agency::CallWaiters;
+use crate::auth;
+use crate::error::NodeError;
+use crate::state::{expires_ms, Shared};
+
+pub(crate) struct PeerService {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) calls: Arc<CallWaiters>,
+}
+
+/// What to do with one item, decided before the transaction.
+enum Plan {
+    Reject {
+        reason: String,
+        receipt: Option<(SignedReceipt, Receipt)>,
+    },
+    Deliver(Box<VerifiedEnvelope>, EnvelopeTransfer, String),
+    Relay(Box<VerifiedEnvelope>, EnvelopeTransfer, String),
+    Receipt(SignedReceipt, Receipt, Vec<String>),
+}
+
+/// How the transaction settled one item.
+#[derive(Clone)]
+enum Settled {
+    Stored,
+    Duplicate,
+    Rejected(String),
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type TransferStream = Pin<Box<dyn Stream<Item = Result<TransferAck, Status>> + Send>>;
+
+    async fn transfer(
+        &self,
+        req: Request<Streaming<TransferBatch>>,
+    ) -> Result<Response<Self::TransferStream>, Status> {
+        let from = auth::peer(&self.shared, &req)?;
+        let mut batches = req.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        let shared = self.shared.clone();
+        let calls = self.calls.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = batches.next().await {
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(status) => {
+                        tracing::debug!(peer = %from.agency, %status, "transfer stream ended");
+                        return;
+                    }
+                };
+                let result = handle_batch(&shared, &calls, &from, batch).await;
+                let failed = result.is_err();
+                if tx.send(result.map_err(Status::from)).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn handle_batch(
+    shared: &Shared,
+    calls: &CallWaiters,
+    from: &Identity,
+    batch: TransferBatch,
+) -> Result<TransferAck, NodeError> {
+    let plans: Vec<(u64, Plan)> = batch
+        .items
+        .into_iter()
+        .map(|item| (item.seq, plan(shared, from, item)))
+        .collect();
+    let settled = shared
+        .store
+        .transact(|tx| {
+            plans
+                .iter()
+                .map(|(_, p)| settle(shared, tx, p))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(NodeError::from)?;
+    shared.store.durable().await?;
+    let mut acks = Vec::with_capacity(plans.len());
+    for ((seq, plan), result) in plans.iter().zip(settled) {
+        let (status, reason) = match result {
+            Settled::Stored => (CustodyStatus::Stored, String::new()),
+            Settled::Duplicate => (CustodyStatus::Duplicate, String::new()),
+            Settled::Rejected(r) => (CustodyStatus::Rejected, r),
+        };
+        match (&status, plan) {
+            (CustodyStatus::Stored, Plan::Deliver(v, _, _)) => {
+                shared.metrics.delivered.inc();
+                if v.envelope.kind == Kind::Response as i32 {
+                    let waiter = calls
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&v.envelope.correlation_id);
+                    if let Some(w) = waiter {
+                        let _ = w.send(v.id);
+                    }
+                }
+            }
+            (CustodyStatus::Stored, Plan::Relay(..)) => shared.metrics.relayed.inc(),
+            (CustodyStatus::Rejected, _) => {
+                shared.metrics.rejected(&reason);
+                tracing::warn!(peer = %from.agency, seq, %reason, "rejected a transferred item");
+            }
+            _ => {}
+        }
+        acks.push(ItemAck {
+            seq: *seq,
+            status: status as i32,
+            reason,
+        });
+    }
+    Ok(TransferAck { acks })
+}
+
+fn reject(shared: &Shared, reason: &str, env: Option<(&Envelope, &[u8])>) -> Plan {
+    let receipt = env.map(|(e, bytes)| {
+        let signed = shared.receipt(
+            e,
+            bytes,
+            ReceiptStatus::Rejected,
+            reason,
+            Outcome::Unspecified,
+            Vec::new(),
+        );
+        let decoded = Receipt::decode(signed.receipt.as_slice()).unwrap_or_default();
+        (signed, decoded)
+    });
+    Plan::Reject {
+        reason: reason.to_owned(),
+        receipt,
+    }
+}
+
+/// Verifies one item and decides its fate; no store access.
+fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan {
+    let limits = shared.limits();
+    match item.item {
+        None => reject(shared, "malformed", None),
+        Some(transfer_item::Item::Receipt(rt)) => {
+            let Some(signed) = rt.receipt.clone() else {
+                return reject(shared, "malformed", None);
+            };
+            if rt.hops.len() >= limits.max_hops as usize {
+                return reject(shared, "hop_limit", None);
+            }
+            if rt.hops.iter().any(|h| h == shared.agency.as_str()) {
+                return reject(shared, "loop", None);
+            }
+            match shared.verifier.verify_receipt(&signed) {
+                Ok(v) => Plan::Receipt(signed, v.receipt, rt.hops),
+                Err(e) => reject(shared, e.reason(), None),
+            }
+        }
+        Some(transfer_item::Item::Envelope(et)) => {
+            let Some(signed) = et.envelope.as_ref() else {
+                return reject(shared, "malformed", None);
+            };
+            // Decoded without trust, only to address a REJECTED receipt to the claimed sender.
+            let claimed = Envelope::decode(signed.envelope.as_slice()).ok();
+            let claimed = claimed.as_ref().map(|e| (e, signed.envelope.as_slice()));
+            let verified = match shared.verifier.verify_envelope(signed) {
+                Ok(v) => v,
+                Err(e) => return reject(shared, e.reason(), claimed),
+            };
+            let payload = et.payload.clone().unwrap_or_default();
+            if let Err(e) = verified.check_payload(&payload) {
+                return reject(shared, e.reason(), claimed);
+            }
+            if et.hops.first().map(String::as_str) != Some(verified.sender.as_str())
+                || et.hops.last().map(String::as_str) != Some(from.agency.as_str())
+            {
+                return reject(shared, "bad_hops", claimed);
+            }
+            if et.hops.len() >= limits.max_hops as usize {
+                return reject(shared, "hop_limit", claimed);
+            }
+            if et.hops.iter().any(|h| h == shared.agency.as_str()) {
+                return reject(shared, "loop", claimed);
+            }
+            let identity = verified.signer.to_string();
+            if verified.recipient == shared.agency {
+                let policy = shared.policy();
+                let service = &verified.envelope.service;
+                if !policy.service_known(service) {
+                    return reject(shared, "unknown_service", claimed);
+                }
+                if !policy.may_send(verified.sender.as_str(), service) {
+                    return reject(shared, "no_access_right", claimed);
+                }
+                Plan::Deliver(Box::new(verified), et, identity)
+            } else {
+                match shared.policy().next_hop(verified.recipient.as_str()) {
+                    Some(next) => Plan::Relay(Box::new(verified), et, next),
+                    None => reject(shared, "no_route", claimed),
+                }
+            }
+        }
+    }
+}
+
+fn seen_key(sender: &str, id: &MessageId) -> Vec<u8> {
+    let mut k = sender.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Applies one plan inside the batch's transaction.
+fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError> {
+    match plan {
+        Plan::Reject { reason, receipt } => {
+            if let Some((signed, decoded)) = receipt {
+                // One REJECTED receipt per message, however often it is offered.
+                let first = !tx.mark_seen(
+                    "rejected",
+                    &seen_key(
+                        &decoded.sender,
+                        &MessageId::parse(&decoded.message_id).unwrap_or_default(),
+                    ),
+                )?;
+                if first {
+                    shared.route_receipt(tx, signed, decoded, Vec::new())?;
+                }
+            }
+            Ok(Settled::Rejected(reason.clone()))
+        }
+        Plan::Deliver(v, et, identity) => {
+            if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {
+                return Ok(Settled::Duplicate);
+            }
+            let signed = et.envelope.clone().unwrap_or_default();
+            let record = MessageRecord {
+                envelope: Some(signed.clone()),
+                payload: et.payload.clone(),
+                state: MessageState::Inbox as i32,
+                sender_identity: identity.clone(),
+                outgoing: false,
+                service: v.envelope.service.clone(),
+                expires_at_ms: expires_ms(&v.envelope),
+                ..Default::default()
+            };
+            shared.deliver_local(tx, &v.id, record, &v.envelope, &signed.envelope)?;
+            Ok(Settled::Stored)
+        }
+        Plan::Relay(v, et, next) => {
+            if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {
+                return Ok(Settled::Duplicate);
+            }
+            let mut et = et.clone();
+            et.hops.push(shared.agency.to_string());
+            let item = TransferItem {
+                seq: 0,
+                item: Some(transfer_item::Item::Envelope(et)),
+            };
+            tx.push_outbox(next, &item.encode_to_vec(), expires_ms(&v.envelope))?;
+            Ok(Settled::Stored)
+        }
+        Plan::Receipt(signed, receipt, hops) => {
+            if receipt.sender == shared.agency.as_str() {
+                if tx.seen("receipt", &antar_core::envelope::sha256(&signed.receipt))? {
+                    return Ok(Settled::Duplicate);
+                }
+                shared.apply_receipt(tx, signed, receipt)?;
+                return Ok(Settled::Stored);
+            }
+            if tx.mark_seen("relayed-receipt", &antar_core::envelope::sha256(&signed.receipt))? {
+                return Ok(Settled::Duplicate);
+            }
+            shared.route_receipt(tx, signed, receipt, hops.clone())?;
+            Ok(Settled::Stored)
+        }
+    }
+}

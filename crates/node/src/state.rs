@@ -1,0 +1,309 @@
+//! The node's shared state and the store changes every service builds on:
+//! local delivery, receipt issue and routing, receipt application.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime};
+
+use prost::Message;
+
+use antar_core::envelope::sha256;
+use antar_core::time::{to_timestamp, unix_millis};
+use antar_core::wire::{
+    transfer_item, Envelope, MessageState, Outcome, Receipt, ReceiptStatus, ReceiptTransfer, SignedReceipt,
+    TransferItem,
+};
+use antar_core::{AgencyId, Identity, MessageId, Signer, Verifier};
+use antar_store::{MessageRecord, Store, Tx, TxError};
+
+use crate::config::{Limits, NodeConfig};
+
+/// Who may do what, and where envelopes go: the reloadable part of the config.
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    peers: HashMap<String, String>,
+    routes: HashMap<String, String>,
+    default_route: Option<String>,
+    apps: HashMap<String, Services>,
+    access: Vec<(String, HashSet<String>)>,
+}
+
+/// The services an app owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Services {
+    All,
+    Some(HashSet<String>),
+}
+
+impl Services {
+    pub(crate) fn contains(&self, service: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Some(s) => s.contains(service),
+        }
+    }
+}
+
+impl Policy {
+    pub(crate) fn from_config(c: &NodeConfig) -> Self {
+        let apps = c
+            .apps
+            .iter()
+            .map(|a| {
+                let s = if a.services.iter().any(|s| s == "*") {
+                    Services::All
+                } else {
+                    Services::Some(a.services.iter().cloned().collect())
+                };
+                (a.name.clone(), s)
+            })
+            .collect();
+        Self {
+            peers: c
+                .peers
+                .iter()
+                .map(|p| (p.agency.clone(), p.addr.clone()))
+                .collect(),
+            routes: c.routes.clone().into_iter().collect(),
+            default_route: c.default_route.clone(),
+            apps,
+            access: c
+                .access
+                .iter()
+                .map(|a| (a.service.clone(), a.allow.iter().cloned().collect()))
+                .collect(),
+        }
+    }
+
+    /// The peer that is the next hop toward `dest`.
+    pub(crate) fn next_hop(&self, dest: &str) -> Option<String> {
+        if self.peers.contains_key(dest) {
+            return Some(dest.to_owned());
+        }
+        self.routes.get(dest).or(self.default_route.as_ref()).cloned()
+    }
+
+    pub(crate) fn is_peer(&self, agency: &str) -> bool {
+        self.peers.contains_key(agency)
+    }
+
+    pub(crate) fn peers(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.peers.iter()
+    }
+
+    pub(crate) fn app(&self, name: &str) -> Option<&Services> {
+        self.apps.get(name)
+    }
+
+    /// True when some app of this node owns `service`.
+    pub(crate) fn service_known(&self, service: &str) -> bool {
+        self.apps.values().any(|s| s.contains(service))
+    }
+
+    /// True when `sender` holds an access right to `service`.
+    pub(crate) fn may_send(&self, sender: &str, service: &str) -> bool {
+        self.access
+            .iter()
+            .any(|(s, allow)| (s == "*" || s == service) && (allow.contains("*") || allow.contains(sender)))
+    }
+}
+
+/// A delivery leased to a receiver, in memory only: after a crash every
+/// lease is gone, so every unacked message is delivered again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lease {
+    pub(crate) until: Instant,
+    pub(crate) attempt: u32,
+    pub(crate) stream: u64,
+}
+
+/// Per-peer health, for Admin.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerHealth {
+    pub(crate) connected: bool,
+    pub(crate) last_contact: Option<SystemTime>,
+    pub(crate) last_error: String,
+}
+
+/// Everything the services share.
+pub(crate) struct Shared {
+    pub(crate) config: NodeConfig,
+    pub(crate) agency: AgencyId,
+    pub(crate) identity: Identity,
+    pub(crate) signer: Signer,
+    pub(crate) verifier: Verifier,
+    pub(crate) store: Store,
+    pub(crate) policy: RwLock<Arc<Policy>>,
+    pub(crate) leases: Mutex<HashMap<MessageId, Lease>>,
+    pub(crate) peer_health: Mutex<HashMap<String, PeerHealth>>,
+    pub(crate) draining: AtomicBool,
+    pub(crate) started: Instant,
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// This node's TLS certificate chain and key, for dialing peers.
+    pub(crate) tls_chain: Vec<Vec<u8>>,
+    pub(crate) tls_key: Vec<u8>,
+}
+
+impl Shared {
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Signs a receipt about `envelope` (whose signed bytes are `envelope_bytes`).
+    pub(crate) fn receipt(
+        &self,
+        envelope: &Envelope,
+        envelope_bytes: &[u8],
+        status: ReceiptStatus,
+        reason: &str,
+        outcome: Outcome,
+        result_digest: Vec<u8>,
+    ) -> SignedReceipt {
+        self.signer.sign_receipt(&Receipt {
+            message_id: envelope.id.clone(),
+            envelope_sha256: sha256(envelope_bytes).to_vec(),
+            sender: envelope.sender.clone(),
+            recipient: envelope.recipient.clone(),
+            status: status as i32,
+            reason: reason.to_owned(),
+            at: Some(to_timestamp(SystemTime::now())),
+            issuer: self.agency.to_string(),
+            outcome: outcome as i32,
+            result_digest,
+        })
+    }
+
+    /// Sends a receipt toward the node of its `sender` (or applies it here).
+    /// A receipt with no route is logged and dropped: nothing can carry it.
+    pub(crate) fn route_receipt(
+        &self,
+        tx: &Tx<'_>,
+        signed: &SignedReceipt,
+        receipt: &Receipt,
+        hops: Vec<String>,
+    ) -> Result<(), TxError> {
+        if receipt.sender == self.agency.as_str() {
+            return self.apply_receipt(tx, signed, receipt);
+        }
+        match self.policy().next_hop(&receipt.sender) {
+            Some(peer) => {
+                let mut hops = hops;
+                hops.push(self.agency.to_string());
+                let item = TransferItem {
+                    seq: 0,
+                    item: Some(transfer_item::Item::Receipt(ReceiptTransfer {
+                        receipt: Some(signed.clone()),
+                        hops,
+                    })),
+                };
+                tx.push_outbox(&peer, &item.encode_to_vec(), 0)?;
+            }
+            None => tracing::warn!(
+                message_id = %receipt.message_id,
+                sender = %receipt.sender,
+                "no route back to the sender; receipt dropped"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Records a receipt about a message this node sent: on its record, in
+    /// the receipt log. A receipt seen before is ignored.
+    pub(crate) fn apply_receipt(
+        &self,
+        tx: &Tx<'_>,
+        signed: &SignedReceipt,
+        receipt: &Receipt,
+    ) -> Result<(), TxError> {
+        let digest = sha256(&signed.receipt);
+        if tx.mark_seen("receipt", &digest)? {
+            return Ok(());
+        }
+        let Ok(id) = MessageId::parse(&receipt.message_id) else {
+            return Ok(());
+        };
+        if let Some(mut record) = tx.message(&id)? {
+            let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
+            record.state = next_state(record.state, status);
+            if matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired) {
+                record.reason = receipt.reason.clone();
+            }
+            record.receipts.push(signed.clone());
+            tx.put_message(&id, &record)?;
+        }
+        tx.log_receipt(&signed.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Puts a verified envelope addressed to this node into its service's
+    /// inbox and routes a DELIVERED receipt to the sender.
+    pub(crate) fn deliver_local(
+        &self,
+        tx: &Tx<'_>,
+        id: &MessageId,
+        record: MessageRecord,
+        envelope: &Envelope,
+        envelope_bytes: &[u8],
+    ) -> Result<(), TxError> {
+        let size = record.payload.as_ref().map_or(0, |p| p.data.len() as u64) + envelope_bytes.len() as u64;
+        let mut record = record;
+        if record.state == MessageState::Unspecified as i32 || !record.outgoing {
+            record.state = MessageState::Inbox as i32;
+        }
+        tx.put_message(id, &record)?;
+        tx.push_inbox(&envelope.service, id, size)?;
+        let delivered = self.receipt(
+            envelope,
+            envelope_bytes,
+            ReceiptStatus::Delivered,
+            "",
+            Outcome::Unspecified,
+            Vec::new(),
+        );
+        let decoded = Receipt::decode(delivered.receipt.as_slice()).unwrap_or_default();
+        self.route_receipt(tx, &delivered, &decoded, Vec::new())
+    }
+}
+
+/// The state a message moves to when a receipt with `status` arrives.
+/// Terminal states stay; otherwise the furthest state wins.
+fn next_state(current: i32, status: ReceiptStatus) -> i32 {
+    let cur = MessageState::try_from(current).unwrap_or(MessageState::Unspecified);
+    let new = match status {
+        ReceiptStatus::Accepted => MessageState::Accepted,
+        ReceiptStatus::Delivered => MessageState::Delivered,
+        ReceiptStatus::Processed => MessageState::Processed,
+        ReceiptStatus::Rejected => MessageState::Rejected,
+        ReceiptStatus::Expired => MessageState::Expired,
+        ReceiptStatus::Unspecified => return current,
+    };
+    let rank = |s: MessageState| match s {
+        MessageState::Unspecified => 0,
+        MessageState::Accepted => 1,
+        MessageState::Inbox | MessageState::Delivered => 2,
+        MessageState::Processed => 3,
+        MessageState::Rejected | MessageState::Expired => 4,
+    };
+    if rank(new) >= rank(cur) {
+        new as i32
+    } else {
+        current
+    }
+}
+
+/// Milliseconds since the epoch of an envelope's `expires_at` (0: never).
+pub(crate) fn expires_ms(envelope: &Envelope) -> u64 {
+    envelope
+        .expires_at
+        .as_ref()
+        .map_or(0, |t| unix_millis(antar_core::time::from_timestamp(t)))
+}

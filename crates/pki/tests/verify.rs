@@ -1,0 +1,228 @@
+//! The certificates this crate issues, checked by the core's verifier: what
+//! a node does with every envelope it receives.
+
+// Tests panic on the first unexpected error; that is their job.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use antar_core::wire::{Kind, SignedEnvelope};
+use antar_core::{Draft, Revocations, ServiceName, SignError, Signer, TrustAnchor, Verifier, VerifyError};
+use antar_pki::{serial_of, AgencyId, Ca, CertKey};
+use time::OffsetDateTime;
+
+const FED: &str = "gov.example";
+
+fn agency(s: &str) -> AgencyId {
+    AgencyId::parse(s).unwrap()
+}
+
+fn draft(sender: &str, created_at: SystemTime) -> Draft {
+    Draft {
+        kind: Kind::Notice,
+        sender: agency(sender),
+        recipient: agency("health"),
+        service: ServiceName::parse("birth.notify").unwrap(),
+        correlation_id: String::new(),
+        created_at,
+        ttl: Duration::from_secs(3600),
+        headers: HashMap::new(),
+        content_type: "application/json".into(),
+    }
+}
+
+fn signer(ck: &CertKey) -> Signer {
+    Signer::from_pkcs8(&ck.key_der(), ck.cert_der()).unwrap()
+}
+
+fn verifier(root: &Ca, revoked: Revocations) -> Verifier {
+    Verifier::new(TrustAnchor::new(FED, root.cert_der()).unwrap(), revoked)
+}
+
+fn sealed_by(ck: &CertKey, sender: &str, created_at: SystemTime) -> SignedEnvelope {
+    draft(sender, created_at)
+        .seal(b"{\"child\":1}".to_vec(), &signer(ck))
+        .envelope
+}
+
+#[test]
+fn signing_cert_verifies_and_payload_checks() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let tax = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+    let sealed = draft("tax", SystemTime::now()).seal(b"payload".to_vec(), &signer(&tax));
+    let verified = verifier(&root, Revocations::none())
+        .verify_envelope(&sealed.envelope)
+        .unwrap();
+    assert_eq!(verified.sender, agency("tax"));
+    assert_eq!(verified.signer.to_string(), "spiffe://gov.example/agency/tax");
+    verified.check_payload(&sealed.payload).unwrap();
+}
+
+#[test]
+fn revoked_serial_is_refused_and_other_serials_are_not() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let tax = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+    let other = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+    let serial = serial_of(&tax.cert_der()).unwrap();
+    let anchor = TrustAnchor::new(FED, root.cert_der()).unwrap();
+
+    let crl_pem = root
+        .revocation_list(std::slice::from_ref(&serial), 7, 30)
+        .unwrap();
+    let crl_der = pem::parse(&crl_pem).unwrap().into_contents();
+    let revoked = Revocations::from_crl_der(&anchor, &crl_der).unwrap();
+    assert_eq!(revoked.len(), 1);
+    let v = verifier(&root, revoked);
+
+    let err = v
+        .verify_envelope(&sealed_by(&tax, "tax", SystemTime::now()))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        VerifyError::Revoked {
+            serial: antar_pki::CertInfo::from_der(&tax.cert_der()).unwrap().serial_hex
+        }
+    );
+    // Another certificate of the same agency is unaffected.
+    v.verify_envelope(&sealed_by(&other, "tax", SystemTime::now()))
+        .unwrap();
+}
+
+#[test]
+fn crl_signed_by_another_ca_is_refused() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let rogue = Ca::new_federation_root(FED, 3650).unwrap();
+    let local = Ca::new_local(FED, &agency("tax"), 1825).unwrap();
+    let anchor = TrustAnchor::new(FED, root.cert_der()).unwrap();
+    for ca in [&rogue, &local] {
+        let crl = ca.revocation_list(&[vec![0x42; 16]], 1, 30).unwrap();
+        let der = pem::parse(&crl).unwrap().into_contents();
+        assert!(matches!(
+            Revocations::from_crl_der(&anchor, &der),
+            Err(VerifyError::BadRevocationList(_))
+        ));
+    }
+}
+
+#[test]
+fn cert_from_another_root_or_a_local_ca_is_unknown_issuer() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    // Same federation name, same subject: only the key differs.
+    let rogue_root = Ca::new_federation_root(FED, 3650).unwrap();
+    let local = Ca::new_local(FED, &agency("tax"), 1825).unwrap();
+    let v = verifier(&root, Revocations::none());
+    for ca in [&rogue_root, &local] {
+        let cert = ca.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+        assert_eq!(
+            v.verify_envelope(&sealed_by(&cert, "tax", SystemTime::now()))
+                .unwrap_err(),
+            VerifyError::UnknownIssuer
+        );
+    }
+}
+
+#[test]
+fn expired_signing_cert_is_refused_at_now_but_valid_inside_its_period() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let expired = root
+        .issue_node_signing_with_validity(
+            FED,
+            &agency("tax"),
+            now - time::Duration::days(400),
+            now - time::Duration::days(30),
+        )
+        .unwrap();
+    let v = verifier(&root, Revocations::none());
+    let created = SystemTime::now();
+    let err = v
+        .verify_envelope(&sealed_by(&expired, "tax", created))
+        .unwrap_err();
+    assert!(
+        matches!(err, VerifyError::CertificateNotValidAt { .. }),
+        "{err:?}"
+    );
+    // An envelope signed while the certificate was valid still verifies.
+    let then = created - Duration::from_secs(100 * 86_400);
+    v.verify_envelope(&sealed_by(&expired, "tax", then)).unwrap();
+}
+
+#[test]
+fn not_yet_valid_signing_cert_is_refused() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let future = root
+        .issue_node_signing_with_validity(
+            FED,
+            &agency("tax"),
+            now + time::Duration::days(1),
+            now + time::Duration::days(365),
+        )
+        .unwrap();
+    let err = verifier(&root, Revocations::none())
+        .verify_envelope(&sealed_by(&future, "tax", SystemTime::now()))
+        .unwrap_err();
+    assert!(
+        matches!(err, VerifyError::CertificateNotValidAt { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn health_cert_signing_as_finance_is_signer_mismatch() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let health = root.issue_node_signing(FED, &agency("health"), 365).unwrap();
+    let err = verifier(&root, Revocations::none())
+        .verify_envelope(&sealed_by(&health, "finance", SystemTime::now()))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        VerifyError::SignerMismatch {
+            signer: "health".into(),
+            claimed: "finance".into()
+        }
+    );
+}
+
+#[test]
+fn tls_cert_is_not_a_signing_cert() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let tls = root
+        .issue_node_tls(FED, &agency("tax"), &["tax.gov.example".into()], &[], 365)
+        .unwrap();
+    // The core refuses to sign with an ECDSA key at all…
+    assert!(matches!(
+        Signer::from_pkcs8(&tls.key_der(), tls.cert_der()),
+        Err(SignError::BadKey(_))
+    ));
+    // …and the verifier refuses the certificate before looking at the signature.
+    let good = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+    let mut forged = sealed_by(&good, "tax", SystemTime::now());
+    forged.signer_cert = tls.cert_der();
+    forged.signature = vec![0; 64];
+    assert!(matches!(
+        verifier(&root, Revocations::none())
+            .verify_envelope(&forged)
+            .unwrap_err(),
+        VerifyError::NotSigningCertificate(_)
+    ));
+}
+
+#[test]
+fn signing_key_loads_from_files_written_by_the_crate() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let cert = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+    let (cp, kp) = (dir.path().join("s.crt"), dir.path().join("s.key"));
+    cert.write(&cp, &kp).unwrap();
+    let signer = Signer::from_pkcs8(
+        &antar_pki::read_key_der(&kp).unwrap(),
+        antar_pki::read_cert_der(&cp).unwrap(),
+    )
+    .unwrap();
+    let sealed = draft("tax", SystemTime::now()).seal(b"x".to_vec(), &signer);
+    verifier(&root, Revocations::none())
+        .verify_envelope(&sealed.envelope)
+        .unwrap();
+}
