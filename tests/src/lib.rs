@@ -1,1 +1,348 @@
-//! placeholder
+//! The federation harness for Antar's multi-node scenarios: certificates
+//! made by rcgen at test time, real nodes on 127.0.0.1 with real sled
+//! directories, in-process (stoppable) or as `antar node run` child
+//! processes (killable with SIGKILL).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use antar_client::{Client, ClientRole, Credentials};
+use antar_core::{AgencyId, Role};
+use antar_node::dev::{standard_topology, Addrs, AgencySpec, DevLayout, DEV_FEDERATION};
+use antar_node::{Listeners, Node, NodeConfig};
+use antar_pki::federation_file::FederationFile;
+
+pub use antar_client::wire;
+
+/// A federation of nodes under a temporary directory.
+pub struct Federation {
+    pub dir: tempfile::TempDir,
+    pub layout: DevLayout,
+    pub topology: Vec<AgencySpec>,
+    pub addrs: BTreeMap<String, Addrs>,
+    pub file: FederationFile,
+}
+
+fn free_addr() -> SocketAddr {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+impl Federation {
+    /// finance, health, registry and hub as DESIGN.md §8 lays them out.
+    pub fn standard() -> Self {
+        Self::new(standard_topology())
+    }
+
+    /// Any topology; certificates and free loopback ports are chosen now.
+    pub fn new(topology: Vec<AgencySpec>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DevLayout::new(dir.path());
+        layout.ensure_pki(&topology).unwrap();
+        let addrs: BTreeMap<String, Addrs> = topology
+            .iter()
+            .map(|s| {
+                (
+                    s.id.clone(),
+                    Addrs {
+                        api: free_addr(),
+                        peer: free_addr(),
+                        admin: free_addr(),
+                        metrics: free_addr(),
+                    },
+                )
+            })
+            .collect();
+        let file = layout.federation_file(&topology, &addrs).unwrap();
+        let path = layout.federation_json();
+        file.save(&path).unwrap();
+        let file = FederationFile::load(&path).unwrap();
+        Self {
+            dir,
+            layout,
+            topology,
+            addrs,
+            file,
+        }
+    }
+
+    fn spec(&self, agency: &str) -> &AgencySpec {
+        self.topology.iter().find(|s| s.id == agency).unwrap()
+    }
+
+    /// The config a node of `agency` runs with (tweak it before starting).
+    pub fn config(&self, agency: &str) -> NodeConfig {
+        let mut c = self.layout.node_config(self.spec(agency), &self.addrs);
+        c.limits.retry_initial_ms = 50;
+        c.limits.retry_max_ms = 500;
+        c.limits.sweep_interval_ms = 200;
+        c
+    }
+
+    /// Starts a node in this process.
+    pub async fn start(&self, agency: &str) -> Node {
+        self.start_with(self.config(agency)).await
+    }
+
+    /// Starts a node in this process with a given config.
+    pub async fn start_with(&self, config: NodeConfig) -> Node {
+        let path = self.layout.config_path(&config.agency);
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let listeners = bind_retrying(&config).await;
+        Node::start(config, Some(path), listeners).await.unwrap()
+    }
+
+    /// Starts a node as an `antar node run` child process.
+    pub fn spawn(&self, agency: &str) -> ChildNode {
+        self.spawn_with(self.config(agency))
+    }
+
+    /// Starts a node as a child process with a given config.
+    pub fn spawn_with(&self, config: NodeConfig) -> ChildNode {
+        let path = self.layout.config_path(&config.agency);
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", config.agency))).unwrap();
+        let child = Command::new(antar_bin())
+            .args(["node", "run", "--config"])
+            .arg(&path)
+            .env("ANTAR_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start the antar binary");
+        ChildNode {
+            child,
+            agency: config.agency,
+        }
+    }
+
+    /// An app client of `agency` (certificate `…/app/dev`), retrying until the node answers.
+    pub async fn app(&self, agency: &str) -> Client {
+        self.client(agency, ClientRole::App).await
+    }
+
+    /// An admin client of `agency`.
+    pub async fn admin(&self, agency: &str) -> Client {
+        self.client(agency, ClientRole::Admin).await
+    }
+
+    /// A client of `agency` with the certificate of `role`; retries for up to 20 s
+    /// while the node starts.
+    pub async fn client(&self, agency: &str, role: ClientRole) -> Client {
+        let (addr, creds) = antar_client::federation_credentials(&self.file, agency, role).unwrap();
+        connect_retrying(&addr, &creds).await
+    }
+
+    /// An app client of `agency` with its own certificate `…/app/<name>`.
+    pub async fn named_app(&self, agency: &str, name: &str) -> Client {
+        let node = self.layout.node_dir(agency);
+        let role = Role::App(name.to_owned());
+        let (cert, key) = node.client_files(&role).unwrap();
+        if !cert.exists() {
+            antar_pki::layout::issue_client(
+                &node,
+                DEV_FEDERATION,
+                &AgencyId::parse(agency).unwrap(),
+                &role,
+                30,
+                false,
+            )
+            .unwrap();
+        }
+        let creds = Credentials::load(&node.local_ca_cert(), &cert, &key).unwrap();
+        connect_retrying(&self.addrs[agency].api.to_string(), &creds).await
+    }
+
+    /// The verifier an auditor of this federation would use.
+    pub fn verifier(&self) -> antar_core::Verifier {
+        let root = antar_pki::read_cert_der(&self.file.root_ca).unwrap();
+        antar_core::Verifier::new(
+            antar_core::TrustAnchor::new(DEV_FEDERATION, root).unwrap(),
+            antar_core::Revocations::none(),
+        )
+    }
+
+    /// The directory of `agency`'s certificates.
+    pub fn certs(&self, agency: &str) -> antar_pki::layout::NodeDir {
+        self.layout.node_dir(agency)
+    }
+
+    /// The log of a child node.
+    pub fn log(&self, agency: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{agency}.log"))).unwrap_or_default()
+    }
+}
+
+async fn bind_retrying(config: &NodeConfig) -> Listeners {
+    // A port freed by a stopped node can take a moment to be released.
+    for _ in 0..100 {
+        if let Ok(l) = Listeners::bind(config).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Listeners::bind(config).await.unwrap()
+}
+
+async fn connect_retrying(addr: &str, creds: &Credentials) -> Client {
+    let mut last = None;
+    for _ in 0..400 {
+        match Client::connect(addr, creds).await {
+            Ok(c) => return c,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("node at {addr} never answered: {last:?}");
+}
+
+/// The `antar` binary next to the test executable (built by `cargo test --workspace`),
+/// or `$ANTAR_BIN`.
+pub fn antar_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ANTAR_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("antar");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p antar` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A node running as a child process.
+pub struct ChildNode {
+    child: Child,
+    pub agency: String,
+}
+
+impl ChildNode {
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        for _ in 0..400 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        self.child.kill().unwrap();
+        panic!("{} did not stop within 10 s of SIGTERM", self.agency);
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns Some, for at most `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Receives up to `n` deliveries within `secs` seconds, acking each if `ack`.
+pub async fn receive(client: &Client, n: usize, secs: u64, ack: bool) -> Vec<wire::Delivery> {
+    use tokio_stream::StreamExt as _;
+    let mut agency = client.agency();
+    let mut stream = agency
+        .receive(wire::ReceiveRequest {
+            services: vec![],
+            max_in_flight: 256,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while out.len() < n {
+        let Ok(Some(d)) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            break;
+        };
+        let d = d.unwrap();
+        if ack {
+            let id = envelope_of(&d).id;
+            agency
+                .ack(wire::AckRequest {
+                    message_id: id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// The decoded header of a delivery.
+pub fn envelope_of(d: &wire::Delivery) -> wire::Envelope {
+    use prost::Message as _;
+    wire::Envelope::decode(d.envelope.as_ref().unwrap().envelope.as_slice()).unwrap()
+}
+
+/// A NOTICE to one agency.
+pub fn notice(to: &str, service: &str, payload: &[u8]) -> wire::SendRequest {
+    wire::SendRequest {
+        kind: wire::Kind::Notice as i32,
+        recipients: vec![to.to_owned()],
+        service: service.to_owned(),
+        payload: payload.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Sends and returns the first message id.
+pub async fn send(client: &Client, req: wire::SendRequest) -> String {
+    client
+        .agency()
+        .send(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .message_ids
+        .remove(0)
+}
+
+/// Backlog of `peer` as `agency`'s admin sees it.
+pub async fn backlog(admin: &Client, peer: &str) -> u64 {
+    let s = admin
+        .admin()
+        .status(wire::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    s.peers.iter().find(|p| p.agency == peer).map_or(0, |p| p.backlog)
+}

@@ -572,6 +572,7 @@ impl Agency for AgencyService {
                     tokio::select! {
                         _ = notified => {}
                         _ = tx.closed() => return,
+                        _ = shared.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     }
                 }
@@ -684,6 +685,10 @@ async fn receive_loop(
                 return;
             }
             _ = tokio::time::sleep_until(next_expiry.into()) => {}
+            _ = shared.shutdown.cancelled() => {
+                release(&shared, stream);
+                return;
+            }
         }
     }
 }

@@ -240,8 +240,9 @@ impl Node {
             tls_chain,
             tls_key,
             config,
+            shutdown: CancellationToken::new(),
         });
-        let token = CancellationToken::new();
+        let token = shared.shutdown.clone();
         let reload = {
             let shared = shared.clone();
             Arc::new(move || reload(&shared, config_path.as_ref()))

@@ -65,7 +65,12 @@ impl Peer for PeerService {
         let shared = self.shared.clone();
         let calls = self.calls.clone();
         tokio::spawn(async move {
-            while let Some(batch) = batches.next().await {
+            loop {
+                let batch = tokio::select! {
+                    b = batches.next() => b,
+                    _ = shared.shutdown.cancelled() => return,
+                };
+                let Some(batch) = batch else { return };
                 let batch = match batch {
                     Ok(b) => b,
                     Err(status) => {

@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     /// This node's TLS certificate chain and key, for dialing peers.
     pub(crate) tls_chain: Vec<Vec<u8>>,
     pub(crate) tls_key: Vec<u8>,
+    /// Cancelled at shutdown: ends streams so connections can close.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {

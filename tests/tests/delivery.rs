@@ -1,0 +1,125 @@
+//! Store-and-forward between real nodes: direct, through the hub, and with
+//! the recipient or the relay down for a while.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use antar_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_relayed_delivery_carry_the_exact_bytes_and_verified_sender() {
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "health", "registry", "hub"] {
+        nodes.push(fed.start(a).await);
+    }
+    let finance = fed.app("finance").await;
+    let payload: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+    let direct = send(&finance, notice("health", "tax.notice", &payload)).await;
+    let relayed = send(&finance, notice("registry", "birth.lookup", b"via hub \x00\xff")).await;
+
+    let verifier = fed.verifier();
+    for (agency, id, body) in [
+        ("health", &direct, payload.as_slice()),
+        ("registry", &relayed, b"via hub \x00\xff".as_slice()),
+    ] {
+        let app = fed.app(agency).await;
+        let got = receive(&app, 1, 10, true).await;
+        assert_eq!(got.len(), 1, "{agency} got nothing");
+        let d = &got[0];
+        assert_eq!(d.payload.as_ref().unwrap().data, body);
+        assert_eq!(d.sender_identity, "spiffe://gov.example/agency/finance");
+        assert_eq!(d.attempt, 1);
+        // Any holder of the federation root can check what the node checked.
+        let v = verifier.verify_envelope(d.envelope.as_ref().unwrap()).unwrap();
+        v.check_payload(d.payload.as_ref().unwrap()).unwrap();
+        assert_eq!(&v.id.to_string(), id);
+        assert_eq!(v.recipient.as_str(), agency);
+    }
+
+    // Both messages end PROCESSED at finance with receipts that verify.
+    for id in [&direct, &relayed] {
+        let track = eventually(10, "PROCESSED at finance", || async {
+            let t = finance
+                .agency()
+                .track(wire::TrackRequest {
+                    message_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (t.state == wire::MessageState::Processed as i32).then_some(t)
+        })
+        .await;
+        let statuses: Vec<i32> = track
+            .receipts
+            .iter()
+            .map(|r| verifier.verify_receipt(r).unwrap().receipt.status)
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![
+                wire::ReceiptStatus::Accepted as i32,
+                wire::ReceiptStatus::Delivered as i32,
+                wire::ReceiptStatus::Processed as i32
+            ]
+        );
+    }
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+async fn outage(down: &str, to: &str, service: &str) {
+    let fed = Federation::standard();
+    let mut nodes = std::collections::HashMap::new();
+    for a in ["finance", "health", "registry", "hub"] {
+        if a != down {
+            nodes.insert(a, fed.start(a).await);
+        }
+    }
+    let finance = fed.app("finance").await;
+    let finance_admin = fed.admin("finance").await;
+    let mut ids = Vec::new();
+    for i in 0..50u32 {
+        ids.push(send(&finance, notice(to, service, &i.to_be_bytes())).await);
+    }
+    // The node next to the outage holds the queue.
+    let (holder_admin, next) = if down == "hub" {
+        (finance_admin, "hub")
+    } else {
+        (finance_admin, down)
+    };
+    let depth = backlog(&holder_admin, next).await;
+    assert!(
+        depth >= 50,
+        "queue toward {next} should hold the 50 envelopes, has {depth}"
+    );
+
+    nodes.insert(down, fed.start(down).await);
+    let app = fed.app(to).await;
+    let got = receive(&app, 50, 30, true).await;
+    let mut got_ids: Vec<String> = got.iter().map(|d| envelope_of(d).id).collect();
+    got_ids.sort();
+    ids.sort();
+    assert_eq!(
+        got_ids, ids,
+        "every accepted envelope arrives once the {down} node is back"
+    );
+    eventually(10, "outbox drained", || async {
+        (backlog(&holder_admin, next).await == 0).then_some(())
+    })
+    .await;
+    for (_, n) in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipient_down_queue_grows_then_drains() {
+    outage("health", "health", "tax.notice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_down_queue_grows_then_drains() {
+    outage("hub", "registry", "birth.lookup").await;
+}
