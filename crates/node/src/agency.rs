@@ -143,6 +143,11 @@ fn validate_send(
     let mut drafts = Vec::with_capacity(req.recipients.len());
     for r in &req.recipients {
         let recipient = AgencyId::parse(r).map_err(|e| NodeError::invalid("recipients", e))?;
+        if !policy.in_directory(recipient.as_str()) {
+            return Err(NodeError::NotFound(format!(
+                "recipient {recipient}: not an agency in this node's directory"
+            )));
+        }
         if recipient != shared.agency && policy.next_hop(recipient.as_str()).is_none() {
             return Err(NodeError::NotFound(format!(
                 "recipient {recipient}: no peer, route or default_route reaches it from {}",

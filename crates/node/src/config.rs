@@ -45,6 +45,12 @@ pub struct NodeConfig {
     /// Next hop for agencies with no route and no direct peering (a hub).
     #[serde(default)]
     pub default_route: Option<String>,
+    /// The federation's agencies that apps of this node may address. When
+    /// set, a `Send` to an agency outside it is `NOT_FOUND` and stores
+    /// nothing; when empty, any agency a peer, route or default route
+    /// reaches is accepted (and one nobody knows comes back `REJECTED`).
+    #[serde(default)]
+    pub directory: Vec<String>,
     /// Agency systems and the services each owns (`*`: every service).
     #[serde(default = "default_apps")]
     pub apps: Vec<App>,
@@ -316,6 +322,9 @@ impl NodeConfig {
         }
         if let Some(d) = &self.default_route {
             agency("default_route", d);
+        }
+        for (i, d) in self.directory.iter().enumerate() {
+            agency(&format!("directory[{i}]"), d);
         }
         if self.federation.is_empty() {
             problems.push("federation: must not be empty".into());

@@ -201,6 +201,7 @@ impl DevLayout {
                 .collect(),
             routes: BTreeMap::new(),
             default_route: spec.default_route.clone(),
+            directory: addrs.keys().cloned().collect(),
             apps: vec![App {
                 name: DEV_CLIENT.to_owned(),
                 services: vec!["*".to_owned()],

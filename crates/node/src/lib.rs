@@ -271,6 +271,7 @@ impl Node {
             .map_err(|e| pki_err(format!("reflection: {e}")))?;
         let api_router = |shared: &Arc<state::Shared>| {
             Server::builder()
+                .layer(tower::util::MapResponseLayer::new(oversize_is_invalid_argument))
                 .add_service(health.clone())
                 .add_service(reflection.clone())
                 .add_service(
@@ -297,6 +298,7 @@ impl Node {
             ));
         }
         let peer_router = Server::builder()
+            .layer(tower::util::MapResponseLayer::new(oversize_is_invalid_argument))
             .add_service(health.clone())
             .add_service(reflection.clone())
             .add_service(
@@ -394,4 +396,24 @@ async fn sweeper(shared: Arc<state::Shared>, token: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
         }
     }
+}
+
+/// tonic answers a message over the size limit with `OUT_OF_RANGE` before any
+/// handler runs (a trailers-only response); DESIGN.md §9 promises
+/// `INVALID_ARGUMENT` for oversize frames, and no handler of ours uses
+/// `OUT_OF_RANGE`, so the code is rewritten. The message, naming the limit,
+/// is kept.
+fn oversize_is_invalid_argument(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+    {
+        let invalid = http::HeaderValue::from(tonic::Code::InvalidArgument as i32);
+        headers.insert("grpc-status", invalid);
+    }
+    response
 }

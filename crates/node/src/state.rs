@@ -25,6 +25,7 @@ pub(crate) struct Policy {
     peers: HashMap<String, String>,
     routes: HashMap<String, String>,
     default_route: Option<String>,
+    directory: HashSet<String>,
     apps: HashMap<String, Services>,
     access: Vec<(String, HashSet<String>)>,
 }
@@ -67,6 +68,7 @@ impl Policy {
                 .collect(),
             routes: c.routes.clone().into_iter().collect(),
             default_route: c.default_route.clone(),
+            directory: c.directory.iter().cloned().collect(),
             apps,
             access: c
                 .access
@@ -74,6 +76,11 @@ impl Policy {
                 .map(|a| (a.service.clone(), a.allow.iter().cloned().collect()))
                 .collect(),
         }
+    }
+
+    /// Whether apps may address `dest`: it is in the directory, or there is none.
+    pub(crate) fn in_directory(&self, dest: &str) -> bool {
+        self.directory.is_empty() || self.directory.contains(dest)
     }
 
     /// The peer that is the next hop toward `dest`.

@@ -3,6 +3,8 @@
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 /// Package `antar.v1`.
 pub mod v1 {
     tonic::include_proto!("antar.v1");

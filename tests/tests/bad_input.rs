@@ -1,0 +1,274 @@
+//! DESIGN.md §9 from the outside: every bad input gets its listed gRPC code
+//! (or a TLS failure), nothing is stored for it, and the node keeps serving.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use antar_client::{Client, ClientRole, Credentials};
+use antar_tests::*;
+use prost::bytes::{Buf as _, BufMut as _};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Code;
+
+/// Sends raw bytes as a gRPC message: what a broken client in any language can do.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+async fn raw_send(client: &Client, bytes: Vec<u8>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(client.channel());
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/antar.v1.Agency/Send");
+    grpc.unary(tonic::Request::new(bytes), path, RawCodec)
+        .await
+        .expect_err("a malformed message must be refused")
+}
+
+async fn send_err(client: &Client, req: wire::SendRequest) -> tonic::Status {
+    client.agency().send(req).await.expect_err("must be refused")
+}
+
+/// A good send on the same client still works: the node and the connection survive.
+async fn still_serving(client: &Client) {
+    send(client, notice("health", "tax.notice", b"still here")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_code_and_store_nothing() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.max_payload_bytes = 64 * 1024;
+    let finance = fed.start_with(config).await;
+    let app = fed.app("finance").await;
+    let admin = fed.admin("finance").await;
+
+    let cases: Vec<(wire::SendRequest, Code, &str)> = vec![
+        (notice("atlantis", "tax.notice", b"x"), Code::NotFound, "atlantis"),
+        (
+            notice("Not An Agency", "tax.notice", b"x"),
+            Code::InvalidArgument,
+            "recipients",
+        ),
+        (
+            notice("health", "no spaces allowed", b"x"),
+            Code::InvalidArgument,
+            "service",
+        ),
+        (
+            notice("health", "tax.notice", &vec![7; 64 * 1024 + 1]),
+            Code::InvalidArgument,
+            "max_payload_bytes = 65536",
+        ),
+        (
+            wire::SendRequest {
+                kind: wire::Kind::Unspecified as i32,
+                ..notice("health", "tax.notice", b"x")
+            },
+            Code::InvalidArgument,
+            "kind",
+        ),
+        (
+            wire::SendRequest {
+                kind: wire::Kind::Transaction as i32,
+                ..notice("health", "tax.notice", b"x")
+            },
+            Code::InvalidArgument,
+            "idempotency_key",
+        ),
+        (
+            wire::SendRequest {
+                recipients: vec![],
+                ..notice("health", "tax.notice", b"x")
+            },
+            Code::InvalidArgument,
+            "recipients",
+        ),
+    ];
+    for (req, code, names) in cases {
+        let st = send_err(&app, req).await;
+        assert_eq!(st.code(), code, "{st:?}");
+        assert!(
+            st.message().contains(names),
+            "{:?} should name {names}",
+            st.message()
+        );
+        // Nothing was queued for any of them (health is not running).
+        assert_eq!(backlog(&admin, "health").await, 0);
+        assert_eq!(backlog(&admin, "hub").await, 0);
+    }
+
+    // Bytes that are not a SendRequest: INVALID_ARGUMENT, and the same connection serves on.
+    let st = raw_send(&app, vec![0x0a, 0xff, 0xff, 0xff]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("malformed"), "{st:?}");
+    still_serving(&app).await;
+
+    // A frame far over the payload limit: INVALID_ARGUMENT naming the limit, connection survives.
+    let st = raw_send(&app, vec![0u8; 3 << 20]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("limit"), "{st:?}");
+    still_serving(&app).await;
+    assert_eq!(
+        backlog(&admin, "health").await,
+        2,
+        "exactly the two good sends are queued"
+    );
+    finance.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_certificates_fail_the_handshake() {
+    let fed = Federation::standard();
+    let other = Federation::standard();
+    let finance = fed.start("finance").await;
+    let addrs = fed.addrs["finance"];
+    let root_der = antar_pki::read_cert_der(&fed.file.root_ca).unwrap();
+    let certs = fed.certs("finance");
+    let (_, app_creds) = antar_client::federation_credentials(&fed.file, "finance", ClientRole::App).unwrap();
+    let (app_cert, app_key) = certs.client_files(&antar_core::Role::App("dev".into())).unwrap();
+
+    // An app certificate (local CA) on the peer port.
+    let app_on_peer = Credentials::from_der(
+        root_der.clone(),
+        antar_pki::read_certs_der(&app_cert).unwrap(),
+        antar_pki::read_key_der(&app_key).unwrap(),
+    );
+    refused(addrs.peer, app_on_peer, "app certificate on the peer port").await;
+
+    // A node certificate (federation root) on the API port.
+    let node_on_api = Credentials::load(&certs.local_ca_cert(), &certs.tls_cert(), &certs.tls_key()).unwrap();
+    refused(addrs.api, node_on_api, "node certificate on the API port").await;
+
+    // An app certificate of the same name from another federation's CA.
+    let foreign = Credentials::from_der(
+        antar_pki::read_cert_der(&certs.local_ca_cert()).unwrap(),
+        foreign_chain(&other),
+        foreign_key(&other),
+    );
+    refused(addrs.api, foreign, "certificate from another CA").await;
+
+    // The node keeps serving the right certificate.
+    let app = Client::connect(&addrs.api.to_string(), &app_creds).await.unwrap();
+    let st = app
+        .agency()
+        .track(wire::TrackRequest {
+            message_id: "0190a0a0-0000-7000-8000-000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    finance.stop().await.unwrap();
+}
+
+/// Asserts that `creds` cannot reach any service at `addr`: the handshake
+/// (or the first request on it) fails.
+async fn refused(addr: std::net::SocketAddr, creds: Credentials, what: &str) {
+    let Ok(client) = Client::connect(&addr.to_string(), &creds).await else {
+        return;
+    };
+    // TLS 1.3 reports a refused client certificate on first use.
+    let reached = match client
+        .agency()
+        .track(wire::TrackRequest {
+            message_id: "0190a0a0-0000-7000-8000-000000000000".into(),
+        })
+        .await
+    {
+        Ok(_) => true,
+        Err(st) => matches!(st.code(), Code::NotFound | Code::Unimplemented),
+    };
+    assert!(!reached, "{what} must be refused");
+}
+
+fn foreign_chain(fed: &Federation) -> Vec<Vec<u8>> {
+    let (cert, _) = fed
+        .certs("finance")
+        .client_files(&antar_core::Role::App("dev".into()))
+        .unwrap();
+    antar_pki::read_certs_der(&cert).unwrap()
+}
+
+fn foreign_key(fed: &Federation) -> Vec<u8> {
+    let (_, key) = fed
+        .certs("finance")
+        .client_files(&antar_core::Role::App("dev".into()))
+        .unwrap();
+    antar_pki::read_key_der(&key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_new_sends_and_keeps_accepted_work() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.max_queued_bytes = 256 * 1024;
+    let finance = fed.start_with(config).await;
+    let app = fed.app("finance").await;
+
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for i in 0..200u32 {
+        let mut body = vec![0u8; 16 * 1024];
+        body[..4].copy_from_slice(&i.to_be_bytes());
+        match app.agency().send(notice("health", "tax.notice", &body)).await {
+            Ok(r) => accepted.push(r.into_inner().message_ids.remove(0)),
+            Err(st) => {
+                refusal = Some(st);
+                break;
+            }
+        }
+    }
+    let st = refusal.expect("a 256 KiB quota must fill within 200 sends of 16 KiB");
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert!(st.message().contains("max_queued_bytes"), "{st:?}");
+    assert!(accepted.len() >= 10, "only {} sends fit", accepted.len());
+
+    // Every accepted envelope is still delivered once health comes up.
+    let health = fed.start("health").await;
+    let health_app = fed.app("health").await;
+    let got = receive(&health_app, accepted.len(), 30, true).await;
+    let mut got: Vec<String> = got.iter().map(|d| envelope_of(d).id).collect();
+    got.sort();
+    accepted.sort();
+    assert_eq!(got, accepted);
+    // And once the queue drains, sends are accepted again.
+    eventually(10, "quota freed", || async {
+        app.agency()
+            .send(notice("health", "tax.notice", b"room again"))
+            .await
+            .ok()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    health.stop().await.unwrap();
+    finance.stop().await.unwrap();
+}
