@@ -385,6 +385,21 @@ impl NodeConfig {
         if l.transfer_window == 0 {
             problems.push("limits.transfer_window: must be at least 1".into());
         }
+        for (key, v) in [
+            ("limits.max_in_flight", u64::from(l.max_in_flight)),
+            ("limits.visibility_timeout_ms", l.visibility_timeout_ms),
+            ("limits.retry_initial_ms", l.retry_initial_ms),
+            ("limits.sweep_interval_ms", l.sweep_interval_ms),
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.max_payload_bytes", l.max_payload_bytes),
+        ] {
+            if v == 0 {
+                problems.push(format!("{key}: must be at least 1"));
+            }
+        }
+        if l.retry_max_ms < l.retry_initial_ms {
+            problems.push("limits.retry_max_ms: must be at least limits.retry_initial_ms".into());
+        }
         if l.default_ttl_secs == 0 || l.default_ttl_secs > l.max_ttl_secs {
             problems.push("limits.default_ttl_secs: must be between 1 and limits.max_ttl_secs".into());
         }
@@ -427,6 +442,14 @@ fn apply_env(
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        // Without a section only the top-level scalars are config keys; other
+        // ANTAR_* names (Kubernetes service links, ANTAR_FOO_SERVICE_HOST) are
+        // not ours.
+        if let [key] = path.as_slice() {
+            if !matches!(key.as_str(), "data_dir" | "default_route") {
+                continue;
+            }
+        }
         let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
@@ -516,6 +539,10 @@ api_key = "api.key"
             ("ANTAR_AGENCY".to_owned(), "ignored-by-config".to_owned()),
             ("ANTAR_LISTEN__API".to_owned(), "127.0.0.1:9000".to_owned()),
             ("HOME".to_owned(), "/root".to_owned()),
+            (
+                "ANTAR_FINANCE_PEER_SERVICE_HOST".to_owned(),
+                "10.0.0.1".to_owned(),
+            ),
         ];
         let c = NodeConfig::load(&path, env).unwrap();
         assert_eq!(c.limits.max_hops, 3);

@@ -214,7 +214,7 @@ impl Node {
             tls_chain.clone(),
             tls_key.clone(),
             &config.federation,
-            crls,
+            crls.clone(),
         )
         .map_err(|e| pki_err(chain(&e)))?;
         let api_tls =
@@ -239,6 +239,8 @@ impl Node {
             metrics: metrics::Metrics::default(),
             tls_chain,
             tls_key,
+            crls: RwLock::new(crls),
+            peer_tls: RwLock::new(peer_tls),
             config,
             shutdown: CancellationToken::new(),
         });
@@ -290,7 +292,8 @@ impl Node {
             api_listeners.push(("admin", a));
         }
         for (name, l) in api_listeners {
-            let incoming = net::tls_incoming(l, api_tls.clone(), handshake, token.clone(), name);
+            let api_tls = api_tls.clone();
+            let incoming = net::tls_incoming(l, move || api_tls.clone(), handshake, token.clone(), name);
             let router = api_router(&shared);
             let t = token.clone();
             node.servers.push(tokio::spawn(
@@ -308,6 +311,10 @@ impl Node {
                 })
                 .max_decoding_message_size(64 << 20),
             );
+        let peer_tls = {
+            let shared = shared.clone();
+            move || shared.peer_tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+        };
         let incoming = net::tls_incoming(listeners.peer, peer_tls, handshake, token.clone(), "peer");
         node.servers.push(tokio::spawn(
             peer_router.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned()),
@@ -369,10 +376,21 @@ fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeErr
     };
     let config =
         NodeConfig::load(path, std::env::vars()).map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
-    let (revocations, _) = load_revocations(&config, shared.verifier.anchor())
+    let (revocations, crls) = load_revocations(&config, shared.verifier.anchor())
         .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
+    let peer_tls = antar_pki::tls::peer_server_config(
+        shared.verifier.anchor().root_der(),
+        shared.tls_chain.clone(),
+        shared.tls_key.clone(),
+        &shared.config.federation,
+        crls.clone(),
+    )
+    .map_err(|e| NodeError::FailedPrecondition(chain(&e)))?;
     let n = revocations.len() as u32;
+    // Signatures, new peer handshakes in and out: all from now on.
     shared.verifier.set_revocations(revocations);
+    *shared.crls.write().unwrap_or_else(|p| p.into_inner()) = crls;
+    *shared.peer_tls.write().unwrap_or_else(|p| p.into_inner()) = peer_tls;
     *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state::Policy::from_config(&config));
     tracing::info!(path = %path.display(), revoked = n, "configuration reloaded");
     Ok(n)

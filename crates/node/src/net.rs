@@ -17,16 +17,16 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Accepts TCP connections and runs each TLS handshake on its own task, under
 /// `handshake_timeout`, so a slow or silent client never stalls the others.
-/// Failed handshakes are logged and dropped.
+/// Failed handshakes are logged and dropped. `config` is asked for each
+/// connection, so a reloaded revocation list applies to the next handshake.
 pub(crate) fn tls_incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
     name: &'static str,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -42,7 +42,7 @@ pub(crate) fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {

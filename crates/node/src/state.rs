@@ -150,6 +150,10 @@ pub(crate) struct Shared {
     /// This node's TLS certificate chain and key, for dialing peers.
     pub(crate) tls_chain: Vec<Vec<u8>>,
     pub(crate) tls_key: Vec<u8>,
+    /// The federation's revocation lists (DER), as last loaded.
+    pub(crate) crls: RwLock<Vec<Vec<u8>>>,
+    /// The peer listener's TLS configuration; replaced on reload.
+    pub(crate) peer_tls: RwLock<Arc<rustls::ServerConfig>>,
     /// Cancelled at shutdown: ends streams so connections can close.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }

@@ -1,0 +1,212 @@
+//! A hostile peer with a valid node certificate: it takes custody of
+//! finance's envelopes, then hands registry tampered ones. Registry refuses
+//! each with its reason, the signed REJECTED receipt travels back to
+//! finance, and registry's app never sees a tampered envelope.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use antar_client::{Client, Credentials};
+use antar_tests::wire::peer_client::PeerClient;
+use antar_tests::wire::peer_server::{Peer, PeerServer};
+use antar_tests::wire::{
+    transfer_item, CustodyStatus, EnvelopeTransfer, ItemAck, TransferAck, TransferBatch, TransferItem,
+};
+use antar_tests::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Stands in for the hub: acknowledges every envelope as STORED and keeps it.
+struct Capture(mpsc::UnboundedSender<EnvelopeTransfer>);
+
+#[tonic::async_trait]
+impl Peer for Capture {
+    type TransferStream = Pin<Box<dyn Stream<Item = Result<TransferAck, Status>> + Send>>;
+
+    async fn transfer(
+        &self,
+        req: Request<Streaming<TransferBatch>>,
+    ) -> Result<Response<Self::TransferStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (acks, rx) = mpsc::channel(16);
+        let captured = self.0.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(batch)) = inbound.next().await {
+                let mut out = Vec::new();
+                for item in batch.items {
+                    if let Some(transfer_item::Item::Envelope(e)) = item.item {
+                        let _ = captured.send(e);
+                    }
+                    out.push(ItemAck {
+                        seq: item.seq,
+                        status: CustodyStatus::Stored as i32,
+                        reason: String::new(),
+                    });
+                }
+                if acks.send(Ok(TransferAck { acks: out })).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() {
+    let fed = Federation::standard();
+    let hub_certs = fed.certs("hub");
+    let finance_node = fed.start("finance").await;
+    let registry_node = fed.start("registry").await;
+
+    // 1. The hostile hub takes custody of three genuine envelopes from finance.
+    let (captured_tx, mut captured) = mpsc::unbounded_channel();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            std::fs::read(hub_certs.tls_cert()).unwrap(),
+            std::fs::read(hub_certs.tls_key()).unwrap(),
+        ))
+        .client_ca_root(Certificate::from_pem(
+            std::fs::read(hub_certs.federation_root()).unwrap(),
+        ));
+    let listener = tokio::net::TcpListener::bind(fed.addrs["hub"].peer)
+        .await
+        .unwrap();
+    let fake = tokio::spawn(
+        Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(PeerServer::new(Capture(captured_tx)))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let finance = fed.app("finance").await;
+    let mut ids = Vec::new();
+    for body in [
+        b"altered payload".as_slice(),
+        b"re-signed by hub",
+        b"altered header bytes",
+    ] {
+        ids.push(send(&finance, notice("registry", "birth.lookup", body)).await);
+    }
+    let mut envelopes = Vec::new();
+    while envelopes.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), captured.recv())
+            .await
+            .expect("finance never transferred to the hub")
+            .unwrap();
+        envelopes.push(e);
+    }
+    // Dropping the server frees the hub's port; finance's open connection
+    // to it is never used again once finance holds no more for the hub.
+    fake.abort();
+    let _ = fake.await;
+
+    // 2. The real hub comes up (to carry receipts back); the hostile one
+    //    uses the hub's certificate to hand registry tampered versions.
+    let hub_node = fed.start("hub").await;
+    envelopes.sort_by_key(|e| ids.iter().position(|id| *id == envelope_id(e)).unwrap());
+    let [mut payload_altered, mut resigned, mut bytes_altered] =
+        <[EnvelopeTransfer; 3]>::try_from(envelopes).unwrap();
+
+    payload_altered.payload.as_mut().unwrap().data[0] ^= 1;
+
+    let hub_signer = antar_core::Signer::from_pkcs8(
+        &antar_pki::read_key_der(&hub_certs.signing_key()).unwrap(),
+        antar_pki::read_cert_der(&hub_certs.signing_cert()).unwrap(),
+    )
+    .unwrap();
+    let genuine = resigned.envelope.clone().unwrap();
+    resigned.envelope = Some(hub_signer.sign_envelope_bytes(genuine.envelope));
+
+    // An unknown field appended: decodes to the same header, but not the signed bytes.
+    bytes_altered
+        .envelope
+        .as_mut()
+        .unwrap()
+        .envelope
+        .extend_from_slice(&[0x98, 0x06, 0x01]);
+
+    let creds = Credentials::from_der(
+        antar_pki::read_cert_der(&hub_certs.federation_root()).unwrap(),
+        antar_pki::read_certs_der(&hub_certs.tls_cert()).unwrap(),
+        antar_pki::read_key_der(&hub_certs.tls_key()).unwrap(),
+    );
+    let channel = Client::connect(&fed.addrs["registry"].peer.to_string(), &creds)
+        .await
+        .unwrap()
+        .channel();
+    let items = [payload_altered, resigned, bytes_altered]
+        .into_iter()
+        .enumerate()
+        .map(|(seq, mut e)| {
+            e.hops.push("hub".into());
+            TransferItem {
+                seq: seq as u64,
+                item: Some(transfer_item::Item::Envelope(e)),
+            }
+        })
+        .collect();
+    let mut acks = PeerClient::new(channel)
+        .transfer(tokio_stream::iter([TransferBatch { items }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let ack = tokio::time::timeout(Duration::from_secs(10), acks.next())
+        .await
+        .expect("registry never acknowledged the batch")
+        .unwrap()
+        .unwrap();
+    let expected = ["payload_digest", "wrong_signer", "bad_signature"];
+    for (i, reason) in expected.iter().enumerate() {
+        let a = &ack.acks[i];
+        assert_eq!(a.seq, i as u64);
+        assert_eq!(a.status, CustodyStatus::Rejected as i32, "{a:?}");
+        assert_eq!(a.reason, *reason);
+    }
+
+    // 3. Each reason reaches finance in a REJECTED receipt signed by registry.
+    let verifier = fed.verifier();
+    for (id, reason) in ids.iter().zip(expected) {
+        let t = eventually(15, reason, || async {
+            let t = finance
+                .agency()
+                .track(wire::TrackRequest {
+                    message_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (t.state == wire::MessageState::Rejected as i32).then_some(t)
+        })
+        .await;
+        assert_eq!(t.reason, reason);
+        let r = verifier
+            .verify_receipt(t.receipts.last().unwrap())
+            .unwrap()
+            .receipt;
+        assert_eq!(
+            (r.status, r.issuer.as_str()),
+            (wire::ReceiptStatus::Rejected as i32, "registry")
+        );
+        assert_eq!(r.reason, reason);
+    }
+
+    // 4. Registry's app never sees any of them.
+    let registry = fed.app("registry").await;
+    assert!(receive(&registry, 1, 1, false).await.is_empty());
+    for n in [hub_node, registry_node, finance_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+fn envelope_id(e: &EnvelopeTransfer) -> String {
+    use prost::Message as _;
+    wire::Envelope::decode(e.envelope.as_ref().unwrap().envelope.as_slice())
+        .unwrap()
+        .id
+}
