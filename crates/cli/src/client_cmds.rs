@@ -34,6 +34,19 @@ pub struct SendArgs {
     /// Idempotency key (required for --kind transaction).
     #[arg(long)]
     idempotency_key: Option<String>,
+    #[command(flatten)]
+    payload: PayloadArgs,
+    /// Time to live in seconds (default: the node's).
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// A header NAME=VALUE (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
+/// The payload of `send`, `call` and `reply`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PayloadArgs {
     /// Payload as text.
     #[arg(long, conflicts_with = "file")]
     data: Option<String>,
@@ -43,12 +56,26 @@ pub struct SendArgs {
     /// MIME type of the payload.
     #[arg(long, default_value = "application/octet-stream")]
     content_type: String,
-    /// Time to live in seconds (default: the node's).
-    #[arg(long)]
-    ttl: Option<u64>,
-    /// A header NAME=VALUE (repeatable).
-    #[arg(long = "header", value_parser = parse_header)]
-    headers: Vec<(String, String)>,
+}
+
+impl PayloadArgs {
+    /// The payload bytes (empty when neither --data nor --file is given).
+    pub(crate) fn read(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(match (&self.data, &self.file) {
+            (Some(d), _) => d.clone().into_bytes(),
+            (None, Some(p)) if p.as_os_str() == "-" => {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                buf
+            }
+            (None, Some(p)) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+            (None, None) => Vec::new(),
+        })
+    }
+
+    pub(crate) fn content_type(&self) -> String {
+        self.content_type.clone()
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -58,23 +85,14 @@ enum KindArg {
     Transaction,
 }
 
-fn parse_header(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_header(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
 }
 
 pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
-    let payload = match (&args.data, &args.file) {
-        (Some(d), _) => d.clone().into_bytes(),
-        (None, Some(p)) if p.as_os_str() == "-" => {
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
-            buf
-        }
-        (None, Some(p)) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
-        (None, None) => Vec::new(),
-    };
+    let payload = args.payload.read()?;
     let client = args.conn.connect(ClientRole::App).await?;
     let kind = match args.kind {
         KindArg::Notice => Kind::Notice,
@@ -88,7 +106,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
             recipients: args.to.clone(),
             service: args.service.clone(),
             payload,
-            content_type: args.content_type.clone(),
+            content_type: args.payload.content_type(),
             headers: args.headers.into_iter().collect(),
             idempotency_key: args.idempotency_key.unwrap_or_default(),
             ttl: args.ttl.map(|s| prost_types::Duration {
@@ -169,31 +187,7 @@ pub async fn inbox(args: InboxArgs) -> anyhow::Result<ExitCode> {
         };
         let Some(delivery) = next else { break };
         let delivery = delivery.map_err(status_err)?;
-        let signed = delivery.envelope.clone().unwrap_or_default();
-        let env = wire::Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
-        let data = delivery.payload.clone().unwrap_or_default().data;
-        if args.conn.json {
-            println!(
-                "{}",
-                json!({
-                    "id": env.id, "kind": kind_name(env.kind), "sender": env.sender,
-                    "sender_identity": delivery.sender_identity, "service": env.service,
-                    "correlation_id": env.correlation_id, "attempt": delivery.attempt,
-                    "content_type": env.content_type, "payload": String::from_utf8_lossy(&data),
-                })
-            );
-        } else {
-            println!(
-                "{} {} from {} ({}) to {} attempt {}: {}",
-                env.id,
-                kind_name(env.kind),
-                env.sender,
-                delivery.sender_identity,
-                env.service,
-                delivery.attempt,
-                String::from_utf8_lossy(&data)
-            );
-        }
+        let env = print_delivery(&delivery, args.conn.json);
         if args.ack {
             let outcome = if env.kind == Kind::Transaction as i32 {
                 match args.outcome {
@@ -225,6 +219,38 @@ pub async fn inbox(args: InboxArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one delivery (a line, or a JSON object with --json); returns its header.
+pub(crate) fn print_delivery(delivery: &wire::Delivery, json: bool) -> wire::Envelope {
+    let signed = delivery.envelope.clone().unwrap_or_default();
+    let env = wire::Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
+    let data = delivery.payload.clone().unwrap_or_default().data;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "id": env.id, "kind": kind_name(env.kind), "sender": env.sender,
+                "sender_identity": delivery.sender_identity, "service": env.service,
+                "correlation_id": env.correlation_id, "attempt": delivery.attempt,
+                "content_type": env.content_type, "payload": String::from_utf8_lossy(&data),
+            })
+        );
+    } else {
+        let correlation = optional(" re ", &env.correlation_id, "");
+        println!(
+            "{} {} from {} ({}) to {}{} attempt {}: {}",
+            env.id,
+            kind_name(env.kind),
+            env.sender,
+            delivery.sender_identity,
+            env.service,
+            correlation,
+            delivery.attempt,
+            String::from_utf8_lossy(&data)
+        );
+    }
+    env
 }
 
 /// `antar track`.
@@ -272,22 +298,14 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
             "{} {}{}",
             args.id,
             state.as_str_name(),
-            if resp.reason.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", resp.reason)
-            }
+            optional(" (", &resp.reason, ")")
         );
         for r in &receipts {
             println!(
                 "  {} by {}{}",
                 status_name(r.status),
                 r.issuer,
-                if r.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", r.reason)
-                }
+                optional(": ", &r.reason, "")
             );
         }
     }
@@ -321,6 +339,48 @@ pub enum AdminCommand {
     /// Reload the config file and the revocation list (same as SIGHUP).
     #[command(after_help = "Example:\n  antar admin reload --federation f.json --agency finance")]
     Reload(ConnOnly),
+    /// Envelopes that expired or were refused: list, retry or purge them.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLetterCommand),
+}
+
+/// `antar admin dead-letters`.
+#[derive(Debug, clap::Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters with their reason and time.
+    #[command(
+        after_help = "Example:\n  antar admin dead-letters list --federation .antar-dev/federation.json --agency finance"
+    )]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// At most this many (0: the node's page size).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Queue dead letters for delivery again (no longer subject to their TTL at this node).
+    #[command(
+        after_help = "Examples:\n  antar admin dead-letters retry 0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f --federation f.json --agency finance\n  antar admin dead-letters retry --all --federation f.json --agency finance"
+    )]
+    Retry(DeadLetterIds),
+    /// Delete dead letters for good (their receipts stay).
+    #[command(
+        after_help = "Examples:\n  antar admin dead-letters purge 0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f --federation f.json --agency finance\n  antar admin dead-letters purge --all ..."
+    )]
+    Purge(DeadLetterIds),
+}
+
+/// Which dead letters.
+#[derive(Debug, clap::Args)]
+pub struct DeadLetterIds {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Message ids.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    ids: Vec<String>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
 }
 
 /// Only connection flags.
@@ -417,8 +477,86 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             println!("reloaded; {} serials revoked", r.revoked_serials);
         }
+        AdminCommand::DeadLetters(cmd) => dead_letters(cmd).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn dead_letters(cmd: DeadLetterCommand) -> anyhow::Result<()> {
+    match cmd {
+        DeadLetterCommand::List { conn, limit } => {
+            let r = conn
+                .connect(ClientRole::Admin)
+                .await?
+                .admin()
+                .list_dead_letters(wire::ListDeadLettersRequest {
+                    limit,
+                    after: String::new(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            for d in &r.dead_letters {
+                let env = wire::Envelope::decode(d.envelope.clone().unwrap_or_default().envelope.as_slice())
+                    .unwrap_or_default();
+                let at = d.at.map(|t| t.seconds).unwrap_or_default();
+                if conn.json {
+                    println!(
+                        "{}",
+                        json!({ "id": env.id, "recipient": env.recipient, "service": env.service,
+                                "reason": d.reason, "at": at })
+                    );
+                } else {
+                    println!(
+                        "{} -> {}/{}: {} (at {at})",
+                        env.id, env.recipient, env.service, d.reason
+                    );
+                }
+            }
+            if !conn.json {
+                eprintln!("{} dead letters", r.dead_letters.len());
+            }
+        }
+        DeadLetterCommand::Retry(ids) => {
+            let mut admin = ids.conn.connect(ClientRole::Admin).await?.admin();
+            let done = admin
+                .retry_dead_letters(wire::RetryDeadLettersRequest {
+                    message_ids: ids.ids.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .retried;
+            report(&ids, "retried", &done);
+        }
+        DeadLetterCommand::Purge(ids) => {
+            let mut admin = ids.conn.connect(ClientRole::Admin).await?.admin();
+            let done = admin
+                .purge_dead_letters(wire::PurgeDeadLettersRequest {
+                    message_ids: ids.ids.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .purged;
+            report(&ids, "purged", &done);
+        }
+    }
+    Ok(())
+}
+
+fn report(ids: &DeadLetterIds, verb: &str, done: &[String]) {
+    if ids.conn.json {
+        println!("{}", json!({ verb: done }));
+        return;
+    }
+    for id in done {
+        println!("{verb} {id}");
+    }
+    let missing: Vec<_> = ids.ids.iter().filter(|id| !done.contains(id)).collect();
+    for id in missing {
+        eprintln!("not a dead letter: {id}");
+    }
 }
 
 fn peer_json(p: &wire::PeerStatus) -> serde_json::Value {
@@ -433,11 +571,7 @@ fn print_peer(p: &wire::PeerStatus) {
         p.addr,
         if p.connected { "connected" } else { "not connected" },
         p.backlog,
-        if p.last_error.is_empty() {
-            String::new()
-        } else {
-            format!(", last error: {}", p.last_error)
-        }
+        optional(", last error: ", &p.last_error, "")
     );
 }
 
@@ -451,6 +585,15 @@ pub(crate) fn status_name(s: i32) -> &'static str {
     ReceiptStatus::try_from(s)
         .map(|s| s.as_str_name())
         .unwrap_or("RECEIPT_STATUS_UNKNOWN")
+}
+
+/// `before value after`, or nothing when `value` is empty: optional parts of a line.
+pub(crate) fn optional(before: &str, value: &str, after: &str) -> String {
+    if value.is_empty() {
+        String::new()
+    } else {
+        format!("{before}{value}{after}")
+    }
 }
 
 /// A gRPC status as an error that says what the node answered.

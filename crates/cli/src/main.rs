@@ -5,6 +5,7 @@ mod bench;
 mod client_cmds;
 mod conn;
 mod dev;
+mod exchange;
 mod pki;
 
 use std::path::PathBuf;
@@ -56,6 +57,12 @@ enum Command {
     Inbox(client_cmds::InboxArgs),
     /// Show a message's state and every receipt about it.
     Track(client_cmds::TrackArgs),
+    /// Send a REQUEST and wait for its RESPONSE.
+    Call(exchange::CallArgs),
+    /// Answer a REQUEST from this agency's inbox with a RESPONSE.
+    Reply(exchange::ReplyArgs),
+    /// List the receipts this node holds for its agency's messages; --follow streams new ones.
+    Receipts(exchange::ReceiptsArgs),
     /// Administer a node: status, peers, drain, reload, dead letters.
     #[command(subcommand)]
     Admin(client_cmds::AdminCommand),
@@ -156,6 +163,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Send(args) => client_cmds::send(args).await,
                 Command::Inbox(args) => client_cmds::inbox(args).await,
                 Command::Track(args) => client_cmds::track(args).await,
+                Command::Call(args) => exchange::call(args).await,
+                Command::Reply(args) => exchange::reply(args).await,
+                Command::Receipts(args) => exchange::receipts(args).await,
                 Command::Admin(cmd) => client_cmds::admin(cmd).await,
                 Command::Bench(args) => bench::run(args).await,
                 Command::Node(_) => unreachable!("handled above"),

@@ -27,6 +27,12 @@ fn every_subcommand_has_help_with_an_example() {
         vec!["admin", "peers"],
         vec!["admin", "drain"],
         vec!["admin", "reload"],
+        vec!["admin", "dead-letters", "list"],
+        vec!["admin", "dead-letters", "retry"],
+        vec!["admin", "dead-letters", "purge"],
+        vec!["call"],
+        vec!["reply"],
+        vec!["receipts"],
         vec!["bench"],
     ] {
         let out = antar().args(&args).arg("--help").output().unwrap();

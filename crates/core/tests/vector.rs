@@ -27,7 +27,8 @@ fn committed_envelope_vector_verifies() {
     assert_eq!(field(&v, "signed_message_hex"), message);
 
     let key = UnparsedPublicKey::new(&ED25519, &public);
-    key.verify(&message, &signature).expect("the vector's signature verifies");
+    key.verify(&message, &signature)
+        .expect("the vector's signature verifies");
     // Without the domain prefix, or with one bit flipped, it does not.
     assert!(key.verify(&envelope, &signature).is_err());
     let mut flipped = message.clone();

@@ -414,7 +414,9 @@ impl Agency for AgencyService {
             }
         };
         let response_id = match deadline {
-            Some(d) => tokio::time::timeout(d, wait).await.map_err(|_| {
+            // Answer a little before the caller's own timer fires, so the
+            // caller gets our DEADLINE_EXCEEDED rather than a local cancel.
+            Some(d) => tokio::time::timeout(d - (d / 20).min(Duration::from_millis(100)), wait).await.map_err(|_| {
                 NodeError::DeadlineExceeded(format!(
                     "no RESPONSE to request {request_id} before the deadline; it stays tracked and a late response goes to the inbox"
                 ))

@@ -1,0 +1,166 @@
+//! README command 1 as a newcomer runs it: `antar dev` as a child process,
+//! then only the CLI and `federation.json`: send finance -> registry, receive
+//! and ack at registry, see PROCESSED at finance, scrape the metrics, and
+//! stop it cleanly with SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn antar() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_antar"));
+    c.env_remove("ANTAR_FEDERATION").env_remove("ANTAR_AGENCY");
+    c
+}
+
+/// Kills the federation if the test fails half-way.
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `antar ARGS --federation F --agency A --json` until it succeeds (the
+/// nodes may still be starting) and returns its output.
+fn cli(fed: &Path, agency: &str, args: &[&str]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = antar()
+            .args(args)
+            .arg("--federation")
+            .arg(fed)
+            .args(["--agency", agency, "--json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "antar {args:?} kept failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = antar()
+        .args(["dev", "--base-port", "0", "--dir"])
+        .arg(dir.path())
+        .env("ANTAR_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut dev = Dev(child);
+    let fed = dir.path().join("federation.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fed.exists() {
+        assert!(Instant::now() < deadline, "antar dev never wrote federation.json");
+        assert!(dev.0.try_wait().unwrap().is_none(), "antar dev exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&fed).unwrap()).unwrap();
+    let agencies: Vec<&str> = file["agencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(agencies.len(), 4, "{agencies:?}");
+    for a in ["finance", "health", "registry", "hub"] {
+        assert!(agencies.contains(&a), "{a} missing from federation.json");
+    }
+
+    let sent = cli(
+        &fed,
+        "finance",
+        &[
+            "send",
+            "--to",
+            "registry",
+            "--service",
+            "birth.lookup",
+            "--data",
+            "hello registry",
+        ],
+    );
+    let id = json_lines(&sent)[0]["message_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let got = cli(
+        &fed,
+        "registry",
+        &["inbox", "--ack", "--count", "1", "--wait", "20"],
+    );
+    let got = json_lines(&got);
+    assert_eq!(got.len(), 1, "registry received {got:?}");
+    assert_eq!(got[0]["id"], id.as_str());
+    assert_eq!(got[0]["payload"], "hello registry");
+    assert_eq!(got[0]["sender_identity"], "spiffe://gov.example/agency/finance");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let track = loop {
+        let t = json_lines(&cli(&fed, "finance", &["track", &id])).remove(0);
+        if t["state"] == "MESSAGE_STATE_PROCESSED" {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "never PROCESSED: {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let statuses: Vec<&str> = track["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "RECEIPT_STATUS_ACCEPTED",
+            "RECEIPT_STATUS_DELIVERED",
+            "RECEIPT_STATUS_PROCESSED"
+        ]
+    );
+
+    // SIGTERM: a clean stop, exit 0.
+    let pid = dev.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = dev.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "antar dev did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "antar dev exited with {status}");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(dev.0.stdout.as_mut().unwrap(), &mut printed).unwrap();
+    assert!(
+        printed.contains("antar send"),
+        "antar dev should print what to try next:\n{printed}"
+    );
+}

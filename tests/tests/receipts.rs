@@ -1,0 +1,355 @@
+//! Signed receipts and the four kinds of traffic end to end (issue 4):
+//! receipts across a hub restart, Call with and without a responder,
+//! transactions exactly once across repeats and a sender restart, and TTL
+//! expiry into dead letters and back out.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use antar_client::Client;
+use antar_tests::*;
+use tonic::Code;
+
+async fn track(client: &Client, id: &str) -> wire::TrackResponse {
+    client
+        .agency()
+        .track(wire::TrackRequest {
+            message_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn until_state(client: &Client, id: &str, state: wire::MessageState, secs: u64) -> wire::TrackResponse {
+    eventually(secs, &format!("{id} {state:?}"), || async {
+        let t = track(client, id).await;
+        (t.state == state as i32).then_some(t)
+    })
+    .await
+}
+
+/// The statuses of a message's receipts, each verified against the federation root.
+fn verified_statuses(fed: &Federation, t: &wire::TrackResponse) -> Vec<(i32, String)> {
+    let verifier = fed.verifier();
+    t.receipts
+        .iter()
+        .map(|r| {
+            let v = verifier.verify_receipt(r).expect("every receipt verifies");
+            (v.receipt.status, v.receipt.issuer)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_come_back_signed_across_a_hub_restart() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let registry_node = fed.start("registry").await;
+    let hub = fed.start("hub").await;
+    let finance = fed.app("finance").await;
+    let registry = fed.app("registry").await;
+
+    // Delivered through the hub; then the hub goes away before the app acks,
+    // so the PROCESSED receipt waits at registry until the hub is back.
+    let first = send(
+        &finance,
+        notice("registry", "birth.lookup", b"before the restart"),
+    )
+    .await;
+    until_state(&finance, &first, wire::MessageState::Delivered, 10).await;
+    hub.stop().await.unwrap();
+    let second = send(
+        &finance,
+        notice("registry", "birth.lookup", b"while the hub is down"),
+    )
+    .await;
+    assert_eq!(receive(&registry, 1, 5, true).await.len(), 1);
+    let hub = fed.start("hub").await;
+    assert_eq!(receive(&registry, 1, 10, true).await.len(), 1);
+
+    for id in [&first, &second] {
+        let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
+        assert_eq!(
+            verified_statuses(&fed, &t),
+            vec![
+                (wire::ReceiptStatus::Accepted as i32, "finance".to_owned()),
+                (wire::ReceiptStatus::Delivered as i32, "registry".to_owned()),
+                (wire::ReceiptStatus::Processed as i32, "registry".to_owned()),
+            ]
+        );
+    }
+
+    // WatchReceipts resumes from a cursor: what comes after the first three
+    // events is exactly what a reconnecting app would have missed.
+    use tokio_stream::StreamExt as _;
+    let mut all = finance
+        .agency()
+        .watch_receipts(wire::WatchReceiptsRequest { after_cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < 6 {
+        let e = tokio::time::timeout(Duration::from_secs(5), all.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        events.push(e);
+    }
+    let cursor = events[2].cursor;
+    let mut resumed = finance
+        .agency()
+        .watch_receipts(wire::WatchReceiptsRequest { after_cursor: cursor })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = tokio::time::timeout(Duration::from_secs(5), resumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.cursor, events[3].cursor);
+    assert_eq!(next.receipt, events[3].receipt);
+    for n in [hub, registry_node, finance_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+/// Registry's responder: replies to `n` REQUESTs with their payload reversed.
+async fn respond(registry: Client, n: usize) {
+    use tokio_stream::StreamExt as _;
+    let mut agency = registry.agency();
+    let mut stream = agency
+        .receive(wire::ReceiveRequest {
+            services: vec![],
+            max_in_flight: 8,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(15), stream.next())
+            .await
+            .expect("no request reached the responder")
+            .unwrap()
+            .unwrap();
+        let e = envelope_of(&d);
+        assert_eq!(e.kind, wire::Kind::Request as i32);
+        let mut answer = d.payload.unwrap().data;
+        answer.reverse();
+        agency
+            .reply(wire::ReplyRequest {
+                request_id: e.id.clone(),
+                payload: answer,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        agency
+            .ack(wire::AckRequest {
+                message_id: e.id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn request(payload: &[u8]) -> wire::SendRequest {
+    wire::SendRequest {
+        kind: wire::Kind::Request as i32,
+        ..notice("registry", "birth.lookup", payload)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_answers_within_its_deadline_or_fails_and_the_late_response_still_arrives() {
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "registry", "hub"] {
+        nodes.push(fed.start(a).await);
+    }
+    let finance = fed.app("finance").await;
+
+    // With a responder: the RESPONSE comes back as the Call's Delivery.
+    let responder = tokio::spawn(respond(fed.app("registry").await, 1));
+    let mut req = tonic::Request::new(request(b"1234"));
+    req.set_timeout(Duration::from_secs(10));
+    let answer = finance.agency().call(req).await.unwrap().into_inner();
+    responder.await.unwrap();
+    let e = envelope_of(&answer);
+    assert_eq!(e.kind, wire::Kind::Response as i32);
+    assert_eq!(answer.payload.unwrap().data, b"4321");
+    let request_id = e.correlation_id.clone();
+    assert_eq!(
+        until_state(&finance, &request_id, wire::MessageState::Processed, 10)
+            .await
+            .state,
+        wire::MessageState::Processed as i32
+    );
+
+    // Without one: DEADLINE_EXCEEDED; the request stays tracked.
+    let mut req = tonic::Request::new(request(b"abc"));
+    req.set_timeout(Duration::from_millis(700));
+    let st = finance.agency().call(req).await.unwrap_err();
+    assert_eq!(st.code(), Code::DeadlineExceeded, "{st:?}");
+    // The responder comes late; its RESPONSE lands in finance's inbox.
+    respond(fed.app("registry").await, 1).await;
+    let late = receive(&finance, 1, 15, true).await;
+    assert_eq!(late.len(), 1, "the late response must reach the inbox");
+    let e = envelope_of(&late[0]);
+    assert_eq!(e.kind, wire::Kind::Response as i32);
+    assert_eq!(late[0].payload.as_ref().unwrap().data, b"cba");
+    let t = track(&finance, &e.correlation_id).await;
+    assert!(
+        t.state == wire::MessageState::Processed as i32,
+        "the timed-out request is still tracked to the end: {:?}",
+        t.state
+    );
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_key_is_delivered_once_across_repeats_and_a_sender_restart() {
+    let fed = Federation::standard();
+    let mut finance_node = fed.start("finance").await;
+    let registry_node = fed.start("registry").await;
+    let hub = fed.start("hub").await;
+    let payment = wire::SendRequest {
+        kind: wire::Kind::Transaction as i32,
+        idempotency_key: "payment-2026-000042".into(),
+        ..notice("registry", "fee.payment", b"EUR 120.00 to registry")
+    };
+
+    let finance = fed.app("finance").await;
+    let id = send(&finance, payment.clone()).await;
+    let registry = fed.app("registry").await;
+    let got = receive(&registry, 1, 10, false).await;
+    assert_eq!(got.len(), 1);
+    registry
+        .agency()
+        .ack(wire::AckRequest {
+            message_id: id.clone(),
+            outcome: wire::Outcome::Committed as i32,
+            result: b"registry receipt no. 77".to_vec(),
+        })
+        .await
+        .unwrap();
+    until_state(&finance, &id, wire::MessageState::Processed, 15).await;
+
+    // Again after it was processed: the same id, nothing new sent.
+    assert_eq!(send(&finance, payment.clone()).await, id);
+    // And again across a restart of the sender node.
+    finance_node.stop().await.unwrap();
+    finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    assert_eq!(send(&finance, payment.clone()).await, id);
+    assert!(
+        receive(&registry, 1, 2, true).await.is_empty(),
+        "a repeated transaction key must never be delivered twice"
+    );
+
+    // The PROCESSED receipt carries the app's outcome and the digest of its result.
+    let t = track(&finance, &id).await;
+    let verifier = fed.verifier();
+    let processed = t
+        .receipts
+        .iter()
+        .map(|r| verifier.verify_receipt(r).unwrap().receipt)
+        .find(|r| r.status == wire::ReceiptStatus::Processed as i32)
+        .unwrap();
+    assert_eq!(processed.outcome, wire::Outcome::Committed as i32);
+    assert_eq!(
+        processed.result_digest,
+        antar_core::envelope::sha256(b"registry receipt no. 77").to_vec()
+    );
+    for n in [hub, registry_node, finance_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_envelope_becomes_a_dead_letter_that_can_be_retried_or_purged() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    let admin = fed.admin("finance").await;
+    let short = |body: &[u8]| wire::SendRequest {
+        ttl: Some(prost_types_duration(1)),
+        ..notice("health", "tax.notice", body)
+    };
+    let retry_me = send(&finance, short(b"retry me")).await;
+    let purge_me = send(&finance, short(b"purge me")).await;
+
+    // Health is down: the TTL passes, finance signs EXPIRED receipts.
+    for id in [&retry_me, &purge_me] {
+        let t = until_state(&finance, id, wire::MessageState::Expired, 10).await;
+        assert_eq!(t.reason, "expired");
+        let statuses: Vec<i32> = verified_statuses(&fed, &t).into_iter().map(|s| s.0).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                wire::ReceiptStatus::Accepted as i32,
+                wire::ReceiptStatus::Expired as i32
+            ]
+        );
+    }
+    assert_eq!(backlog(&admin, "health").await, 0);
+    let dead = dead_letters(&admin).await;
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|d| d.reason == "expired"));
+
+    // Purge one, retry the other: it is delivered once health is back.
+    let purged = admin
+        .admin()
+        .purge_dead_letters(wire::PurgeDeadLettersRequest {
+            message_ids: vec![purge_me.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .purged;
+    assert_eq!(purged, vec![purge_me.clone()]);
+    let retried = admin
+        .admin()
+        .retry_dead_letters(wire::RetryDeadLettersRequest {
+            message_ids: vec![retry_me.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .retried;
+    assert_eq!(retried, vec![retry_me.clone()]);
+    let health_node = fed.start("health").await;
+    let got = receive(&fed.app("health").await, 2, 10, true).await;
+    assert_eq!(
+        got.iter().map(|d| envelope_of(d).id).collect::<Vec<_>>(),
+        vec![retry_me]
+    );
+    assert!(dead_letters(&admin).await.is_empty());
+    for n in [health_node, finance_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+async fn dead_letters(admin: &Client) -> Vec<wire::DeadLetter> {
+    admin
+        .admin()
+        .list_dead_letters(wire::ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+}
+
+fn prost_types_duration(secs: i64) -> antar_proto::prost_types::Duration {
+    antar_proto::prost_types::Duration {
+        seconds: secs,
+        nanos: 0,
+    }
+}
