@@ -86,12 +86,28 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
     );
     let finance = fed.app("finance").await;
     let mut ids = Vec::new();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for body in [
         b"altered payload".as_slice(),
         b"re-signed by hub",
         b"altered header bytes",
     ] {
-        ids.push(send(&finance, notice("registry", "birth.lookup", body)).await);
+        // The app's W3C trace context travels with the envelope to the next hop.
+        let mut req = tonic::Request::new(notice("registry", "birth.lookup", body));
+        req.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+        );
+        ids.push(
+            finance
+                .agency()
+                .send(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .message_ids
+                .remove(0),
+        );
     }
     let mut envelopes = Vec::new();
     while envelopes.len() < 3 {
@@ -99,6 +115,7 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
             .await
             .expect("finance never transferred to the hub")
             .unwrap();
+        assert_eq!(&e.traceparent[3..35], trace, "{}", e.traceparent);
         envelopes.push(e);
     }
     // Dropping the server frees the hub's port; finance's open connection

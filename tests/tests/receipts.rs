@@ -353,3 +353,52 @@ fn prost_types_duration(secs: i64) -> antar_proto::prost_types::Duration {
         nanos: 0,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each() {
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "health", "registry", "hub"] {
+        nodes.push(fed.start(a).await);
+    }
+    let finance = fed.app("finance").await;
+    let ids = finance
+        .agency()
+        .send(wire::SendRequest {
+            recipients: vec!["registry".into(), "health".into()],
+            ..notice("registry", "address.changed", b"citizen 3171 moved")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message_ids;
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    for (agency, id) in [("registry", &ids[0]), ("health", &ids[1])] {
+        let app = fed.app(agency).await;
+        let got = receive(&app, 1, 10, true).await;
+        assert_eq!(got.len(), 1, "{agency} gets its envelope");
+        assert!(
+            receive(&app, 1, 1, true).await.is_empty(),
+            "{agency} gets only its own envelope"
+        );
+        let e = envelope_of(&got[0]);
+        assert_eq!(
+            (&e.id, e.recipient.as_str()),
+            (id, agency),
+            "ids come back in recipient order"
+        );
+        let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
+        let chain = verified_statuses(&fed, &t);
+        assert_eq!(
+            chain
+                .iter()
+                .map(|(_, issuer)| issuer.as_str())
+                .collect::<Vec<_>>(),
+            ["finance", agency, agency]
+        );
+    }
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}

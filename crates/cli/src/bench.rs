@@ -176,6 +176,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         })
     };
 
+    // Progress on stderr while it runs (hidden when stderr is not a terminal).
+    let progress = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} delivered {pos}/{len} [{bar:40}] {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let ticker = {
+        let (progress, delivered) = (progress.clone(), delivered.clone());
+        tokio::spawn(async move {
+            loop {
+                progress.set_position(delivered.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
     let payload = vec![0x5au8; args.size];
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -202,11 +218,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         r??;
     }
     let sent_secs = start.elapsed().as_secs_f64();
-    eprintln!("sent {total} in {sent_secs:.2}s; waiting for deliveries");
+    progress.println(format!("sent {total} in {sent_secs:.2}s; waiting for deliveries"));
     tokio::time::timeout(Duration::from_secs(300), recv_task)
         .await
         .context("deliveries did not finish within 300 s")???;
     let all_secs = start.elapsed().as_secs_f64();
+    ticker.abort();
+    progress.finish_and_clear();
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
     lat.sort_unstable();
     let pct = |p: f64| {

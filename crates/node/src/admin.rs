@@ -26,6 +26,9 @@ use crate::state::Shared;
 pub(crate) struct AdminService {
     pub(crate) shared: Arc<Shared>,
     pub(crate) reload: Arc<dyn Fn() -> Result<u32, NodeError> + Send + Sync>,
+    /// `grpc.health.v1`: `antar.v1.Agency` is NOT_SERVING while draining,
+    /// so load balancers and readiness probes move apps elsewhere.
+    pub(crate) health: tonic_health::server::HealthReporter,
 }
 
 pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
@@ -271,6 +274,12 @@ impl Admin for AdminService {
         auth::admin(&self.shared, &req)?;
         let drain = req.get_ref().drain;
         self.shared.draining.store(drain, Ordering::Relaxed);
+        let status = if drain {
+            tonic_health::ServingStatus::NotServing
+        } else {
+            tonic_health::ServingStatus::Serving
+        };
+        self.health.set_service_status("antar.v1.Agency", status).await;
         tracing::info!(drain, "drain mode changed by an administrator");
         Ok(Response::new(DrainResponse { draining: drain }))
     }

@@ -22,9 +22,9 @@ use antar_core::wire::{
 use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
 use antar_store::{Abort, MessageRecord};
 
-use crate::auth;
 use crate::error::NodeError;
 use crate::state::{expires_ms, Lease, Services, Shared};
+use crate::{auth, trace};
 
 /// Callers of `Call` waiting for the RESPONSE to their request id.
 pub(crate) type CallWaiters = Mutex<HashMap<String, oneshot::Sender<MessageId>>>;
@@ -53,12 +53,15 @@ struct Validated {
     drafts: Vec<Draft>,
     payload: Vec<u8>,
     idempotency_key: Option<String>,
+    /// W3C trace context the envelopes travel with.
+    traceparent: String,
 }
 
 fn validate_send(
     shared: &Shared,
     req: SendRequest,
     correlation: Option<String>,
+    traceparent: String,
 ) -> Result<Validated, NodeError> {
     if shared.draining() {
         return Err(NodeError::Draining);
@@ -179,6 +182,7 @@ fn validate_send(
         drafts,
         payload: req.payload,
         idempotency_key,
+        traceparent,
     })
 }
 
@@ -234,7 +238,7 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                             envelope: Some(s.envelope.clone()),
                             payload: Some(s.payload.clone()),
                             hops: vec![sender.clone()],
-                            traceparent: String::new(),
+                            traceparent: v.traceparent.clone(),
                         })),
                     };
                     tx.push_outbox(&peer, &item.encode_to_vec(), expires_ms(&env))?;
@@ -249,6 +253,10 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
     shared.metrics.sent.inc_by(ids.len() as u64);
+    let trace_id = trace::trace_id(&v.traceparent);
+    for id in &ids {
+        tracing::debug!(%id, trace_id, "accepted");
+    }
     Ok(ids)
 }
 
@@ -259,8 +267,8 @@ fn seal_all(shared: &Shared, v: &Validated) -> Vec<Sealed> {
         .collect()
 }
 
-async fn send(shared: &Shared, req: SendRequest) -> Result<Vec<MessageId>, NodeError> {
-    let v = validate_send(shared, req, None)?;
+async fn send(shared: &Shared, req: SendRequest, traceparent: String) -> Result<Vec<MessageId>, NodeError> {
+    let v = validate_send(shared, req, None, traceparent)?;
     if let Some(key) = &v.idempotency_key {
         let sender = shared.agency.to_string();
         if let Some(ids) = shared
@@ -370,7 +378,10 @@ impl AgencyService {
 impl Agency for AgencyService {
     async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let _app = auth::app(&self.shared, &req)?;
-        let ids = send(&self.shared, req.into_inner()).await?;
+        let started = Instant::now();
+        let traceparent = trace::from_metadata(req.metadata());
+        let ids = send(&self.shared, req.into_inner(), traceparent).await?;
+        self.shared.metrics.send_seconds.observe(started.elapsed());
         Ok(Response::new(SendResponse {
             message_ids: ids.iter().map(ToString::to_string).collect(),
         }))
@@ -379,6 +390,7 @@ impl Agency for AgencyService {
     async fn call(&self, req: Request<SendRequest>) -> Result<Response<Delivery>, Status> {
         let app = auth::app(&self.shared, &req)?;
         let services = self.services_of(&app)?;
+        let traceparent = trace::from_metadata(req.metadata());
         let deadline = req
             .metadata()
             .get("grpc-timeout")
@@ -391,7 +403,7 @@ impl Agency for AgencyService {
         if r.kind != Kind::Request as i32 {
             return Err(NodeError::invalid("kind", "Call sends a KIND_REQUEST").into());
         }
-        let v = validate_send(&self.shared, r, None)?;
+        let v = validate_send(&self.shared, r, None, traceparent)?;
         if v.drafts.len() != 1 {
             return Err(NodeError::invalid("recipients", "Call takes exactly one recipient").into());
         }
@@ -479,6 +491,8 @@ impl Agency for AgencyService {
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<SendResponse>, Status> {
         let app = auth::app(&self.shared, &req)?;
         let services = self.services_of(&app)?;
+        let started = Instant::now();
+        let traceparent = trace::from_metadata(req.metadata());
         let r = req.into_inner();
         let request_id = parse_id("request_id", &r.request_id)?;
         let record = self
@@ -512,9 +526,10 @@ impl Agency for AgencyService {
             idempotency_key: String::new(),
             ttl: None,
         };
-        let v = validate_send(&self.shared, send_req, Some(request_id.to_string()))?;
+        let v = validate_send(&self.shared, send_req, Some(request_id.to_string()), traceparent)?;
         let sealed = seal_all(&self.shared, &v);
         let ids = accept(&self.shared, v, sealed).await?;
+        self.shared.metrics.send_seconds.observe(started.elapsed());
         Ok(Response::new(SendResponse {
             message_ids: ids.iter().map(ToString::to_string).collect(),
         }))

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
 use rand::Rng;
@@ -102,7 +102,7 @@ async fn session(
     }
     tracing::info!(%peer, %addr, "transfer stream open");
     let notify = shared.store.outbox_notify(peer);
-    let mut in_flight: VecDeque<Vec<u64>> = VecDeque::new();
+    let mut in_flight: VecDeque<(Instant, Vec<u64>)> = VecDeque::new();
     let mut cursor: Option<u64> = None;
     loop {
         if in_flight.len() < limits.transfer_window {
@@ -128,7 +128,7 @@ async fn session(
                 tx.send(batch)
                     .await
                     .map_err(|_| SessionError("stream closed".into()))?;
-                in_flight.push_back(seqs);
+                in_flight.push_back((Instant::now(), seqs));
                 continue;
             }
             tokio::select! {
@@ -150,7 +150,7 @@ async fn drain(
     shared: &Shared,
     peer: &str,
     acks: &mut tonic::Streaming<TransferAck>,
-    in_flight: &mut VecDeque<Vec<u64>>,
+    in_flight: &mut VecDeque<(Instant, Vec<u64>)>,
 ) -> Result<(), SessionError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !in_flight.is_empty() {
@@ -188,16 +188,17 @@ fn settle(
     shared: &Shared,
     peer: &str,
     ack: Result<Option<TransferAck>, tonic::Status>,
-    in_flight: &mut VecDeque<Vec<u64>>,
+    in_flight: &mut VecDeque<(Instant, Vec<u64>)>,
 ) -> Result<(), SessionError> {
     let ack = match ack {
         Ok(Some(a)) => a,
         Ok(None) => return Err(SessionError("peer closed the stream".into())),
         Err(s) => return Err(SessionError(format!("{}: {}", s.code(), s.message()))),
     };
-    let Some(sent) = in_flight.pop_front() else {
+    let Some((started, sent)) = in_flight.pop_front() else {
         return Err(SessionError("ack for a batch never sent".into()));
     };
+    shared.metrics.transfer_seconds.observe(started.elapsed());
     if ack.acks.len() != sent.len() || ack.acks.iter().zip(&sent).any(|(a, s)| a.seq != *s) {
         return Err(SessionError("acks do not match the batch".into()));
     }

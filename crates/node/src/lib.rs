@@ -16,6 +16,7 @@ mod metrics;
 mod net;
 mod peer;
 mod state;
+mod trace;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -285,6 +286,7 @@ impl Node {
                 .add_service(AdminServer::new(admin::AdminService {
                     shared: shared.clone(),
                     reload: reload.clone(),
+                    health: health_reporter.clone(),
                 }))
         };
         let mut api_listeners = vec![("api", listeners.api)];

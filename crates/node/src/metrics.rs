@@ -28,6 +28,46 @@ impl Counter {
     }
 }
 
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+
+/// A Prometheus histogram of durations: cumulative bucket counts, sum, count.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0;
+        for (b, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = write!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}\n"
+        );
+    }
+}
+
 /// Every counter the node keeps.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -38,6 +78,12 @@ pub(crate) struct Metrics {
     pub(crate) transferred: Counter,
     pub(crate) retries: Counter,
     pub(crate) expired: Counter,
+    /// `Send` (and `Reply`) from request to durable acceptance.
+    pub(crate) send_seconds: Histogram,
+    /// A transfer batch from sending to the peer's acknowledgement.
+    pub(crate) transfer_seconds: Histogram,
+    /// An envelope's `created_at` to its storage in this node's inbox.
+    pub(crate) delivery_seconds: Histogram,
     rejections: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -91,6 +137,21 @@ impl Metrics {
             "antar_expired_total",
             "Envelopes that expired before delivery.",
             self.expired.get(),
+        );
+        self.send_seconds.render(
+            &mut out,
+            "antar_send_duration_seconds",
+            "Send and Reply calls, from request to durable acceptance.",
+        );
+        self.transfer_seconds.render(
+            &mut out,
+            "antar_transfer_duration_seconds",
+            "Transfer batches, from sending to the peer's custody acknowledgement.",
+        );
+        self.delivery_seconds.render(
+            &mut out,
+            "antar_delivery_latency_seconds",
+            "Envelopes from created_at at the sender to stored in this node's inbox.",
         );
         out.push_str("# HELP antar_rejected_total Items this node refused, by reason.\n# TYPE antar_rejected_total counter\n");
         for (reason, n) in self.rejections.lock().unwrap_or_else(|p| p.into_inner()).iter() {

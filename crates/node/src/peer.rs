@@ -7,6 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use prost::Message;
 use tokio::sync::mpsc;
@@ -118,8 +119,18 @@ async fn handle_batch(
             Settled::Rejected(r) => (CustodyStatus::Rejected, r),
         };
         match (&status, plan) {
-            (CustodyStatus::Stored, Plan::Deliver(v, _, _)) => {
+            (CustodyStatus::Stored, Plan::Deliver(v, et, _)) => {
                 shared.metrics.delivered.inc();
+                if let Some(age) = v
+                    .envelope
+                    .created_at
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .and_then(|t| t.elapsed().ok())
+                {
+                    shared.metrics.delivery_seconds.observe(age);
+                }
+                tracing::debug!(id = %v.id, trace_id = crate::trace::trace_id(&et.traceparent),
+                    from = %from.agency, service = %v.envelope.service, "delivered to the inbox");
                 if v.envelope.kind == Kind::Response as i32 {
                     let waiter = calls
                         .lock()
@@ -130,7 +141,11 @@ async fn handle_batch(
                     }
                 }
             }
-            (CustodyStatus::Stored, Plan::Relay(..)) => shared.metrics.relayed.inc(),
+            (CustodyStatus::Stored, Plan::Relay(v, et, next)) => {
+                shared.metrics.relayed.inc();
+                tracing::debug!(id = %v.id, trace_id = crate::trace::trace_id(&et.traceparent),
+                    from = %from.agency, %next, "relaying");
+            }
             (CustodyStatus::Rejected, _) => {
                 shared.metrics.rejected(&reason);
                 tracing::warn!(peer = %from.agency, seq, %reason, "rejected a transferred item");
@@ -282,6 +297,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             }
             let mut et = et.clone();
             et.hops.push(shared.agency.to_string());
+            et.traceparent = crate::trace::child(&et.traceparent);
             let item = TransferItem {
                 seq: 0,
                 item: Some(transfer_item::Item::Envelope(et)),

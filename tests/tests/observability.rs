@@ -1,0 +1,135 @@
+//! What an operator's Prometheus sees after traffic: counters, queue and
+//! inbox depths, rejections by reason, latency histograms, store size.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+
+use antar_node::config::Access;
+use antar_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET /metrics`, parsed into series -> value.
+async fn scrape(fed: &Federation, agency: &str) -> HashMap<String, f64> {
+    let mut conn = tokio::net::TcpStream::connect(fed.addrs[agency].metrics)
+        .await
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+fn get(m: &HashMap<String, f64>, series: &str) -> f64 {
+    *m.get(series).unwrap_or_else(|| panic!("no series {series}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_traffic_that_happened() {
+    let fed = Federation::standard();
+    let mut health_config = fed.config("health");
+    health_config.access = vec![Access {
+        service: "tax.notice".into(),
+        allow: vec!["finance".into()],
+    }];
+    let health_node = fed.start_with(health_config).await;
+    let finance_node = fed.start("finance").await; // hub stays down
+    let finance = fed.app("finance").await;
+    for i in 0..6u8 {
+        send(&finance, notice("health", "tax.notice", &[i])).await;
+    }
+    send(&finance, notice("health", "secret.register", b"no right")).await;
+    send(&finance, notice("registry", "birth.lookup", b"waits for the hub")).await;
+    let health = fed.app("health").await;
+    assert_eq!(receive(&health, 5, 10, true).await.len(), 5);
+    // The sixth is delivered and left unacked.
+    assert_eq!(receive(&health, 1, 10, false).await.len(), 1);
+
+    let f = eventually(10, "finance's receipts settle", || async {
+        let m = scrape(&fed, "finance").await;
+        (m.get("antar_outbox_depth{peer=\"health\"}")
+            .copied()
+            .unwrap_or(0.0)
+            == 0.0
+            && get(&m, "antar_transfer_retries_total") >= 1.0)
+            .then_some(m)
+    })
+    .await;
+    assert_eq!(get(&f, "antar_sent_total"), 8.0);
+    assert_eq!(get(&f, "antar_send_duration_seconds_count"), 8.0);
+    assert_eq!(get(&f, "antar_send_duration_seconds_bucket{le=\"+Inf\"}"), 8.0);
+    assert!(get(&f, "antar_send_duration_seconds_sum") > 0.0);
+    assert!(get(&f, "antar_transfer_duration_seconds_count") >= 1.0);
+    assert_eq!(
+        get(&f, "antar_outbox_depth{peer=\"hub\"}"),
+        1.0,
+        "the registry envelope waits for the hub"
+    );
+    assert!(get(&f, "antar_store_bytes") > 0.0);
+    assert!(get(&f, "antar_queued_bytes") > 0.0);
+
+    let h = scrape(&fed, "health").await;
+    assert_eq!(get(&h, "antar_delivered_total"), 6.0);
+    assert_eq!(get(&h, "antar_processed_total"), 5.0);
+    assert_eq!(get(&h, "antar_rejected_total{reason=\"no_access_right\"}"), 1.0);
+    assert_eq!(get(&h, "antar_inbox_depth{service=\"tax.notice\"}"), 1.0);
+    assert_eq!(get(&h, "antar_delivery_latency_seconds_count"), 6.0);
+    assert_eq!(get(&h, "antar_dead_letters"), 0.0);
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_sends_and_turns_health_to_not_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let fed = Federation::standard();
+    let node = fed.start("finance").await;
+    let app = fed.app("finance").await;
+    let admin = fed.admin("finance").await;
+    let health = || async {
+        HealthClient::new(app.channel())
+            .check(HealthCheckRequest {
+                service: "antar.v1.Agency".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    };
+    assert_eq!(health().await, ServingStatus::Serving as i32);
+    let drain = |on: bool| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .admin()
+                .drain(wire::DrainRequest { drain: on })
+                .await
+                .unwrap();
+        }
+    };
+    drain(true).await;
+    assert_eq!(health().await, ServingStatus::NotServing as i32);
+    let st = app
+        .agency()
+        .send(notice("health", "tax.notice", b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    assert!(st.message().contains("draining"), "{st:?}");
+    drain(false).await;
+    assert_eq!(health().await, ServingStatus::Serving as i32);
+    send(&app, notice("health", "tax.notice", b"accepted again")).await;
+    node.stop().await.unwrap();
+}
