@@ -1,6 +1,7 @@
 //! `antar`: the one binary of Antar. A thin clap front over the node, the
 //! PKI and the client; see `antar --help`.
 
+mod audit_cmds;
 mod bench;
 mod client_cmds;
 mod conn;
@@ -66,6 +67,9 @@ enum Command {
     /// Administer a node: status, peers, drain, reload, dead letters.
     #[command(subcommand)]
     Admin(client_cmds::AdminCommand),
+    /// Audit a node's tamper-evident log: query, prove, export, verify offline.
+    #[command(subcommand)]
+    Audit(audit_cmds::AuditCommand),
     /// Measure the whole path: two real nodes, mTLS, sled, signatures, receipts.
     Bench(bench::BenchArgs),
 }
@@ -168,6 +172,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Receipts(args) => exchange::receipts(args).await,
                 Command::Admin(cmd) => client_cmds::admin(cmd).await,
                 Command::Bench(args) => bench::run(args).await,
+                Command::Audit(cmd) => audit_cmds::run(cmd).await,
                 Command::Node(_) => unreachable!("handled above"),
             }
         }

@@ -33,6 +33,10 @@ fn every_subcommand_has_help_with_an_example() {
         vec!["call"],
         vec!["reply"],
         vec!["receipts"],
+        vec!["audit", "query"],
+        vec!["audit", "proof"],
+        vec!["audit", "export"],
+        vec!["audit", "verify"],
         vec!["bench"],
     ] {
         let out = antar().args(&args).arg("--help").output().unwrap();

@@ -7,8 +7,11 @@
 
 #![warn(missing_docs)]
 
+pub mod audit;
+pub mod checkpoint;
 pub mod envelope;
 pub mod id;
+pub mod merkle;
 pub mod sign;
 pub mod time;
 pub mod verify;

@@ -52,6 +52,25 @@ impl Signer {
         Ok(Self { key, cert_der })
     }
 
+    /// A signer with no certificate, for unit tests of what it signs.
+    #[cfg(test)]
+    pub(crate) fn without_cert(pkcs8: &[u8]) -> Self {
+        #[allow(clippy::expect_used)]
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).expect("an Ed25519 key");
+        Self {
+            key,
+            cert_der: Vec::new(),
+        }
+    }
+
+    /// Signs the body of a C2SP signed note (a log checkpoint). The note
+    /// format is its own domain: a body starts with the log's origin line,
+    /// never with an `antar/…\0` prefix, so it cannot pass for an envelope
+    /// or a receipt.
+    pub fn sign_note(&self, body: &[u8]) -> Vec<u8> {
+        self.key.sign(body).as_ref().to_vec()
+    }
+
     /// The DER certificate that is sent with every signature.
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der

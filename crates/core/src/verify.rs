@@ -376,6 +376,23 @@ impl Verifier {
         })
     }
 
+    /// Checks a node signing certificate — chained to the federation root,
+    /// signing key usage, a node identity, not revoked — and returns its
+    /// identity and raw Ed25519 public key (for checkpoint signatures).
+    ///
+    /// # Errors
+    /// The [`VerifyError`] of the first check that fails.
+    pub fn node_signing_key(&self, der: &[u8]) -> Result<(Identity, Vec<u8>), VerifyError> {
+        let cert = self.signer_cert(der)?;
+        let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        if revoked.contains(&cert.serial) {
+            return Err(VerifyError::Revoked {
+                serial: hex::encode(&cert.serial),
+            });
+        }
+        Ok((cert.identity, cert.public_key))
+    }
+
     fn check_cert_at(&self, cert: &SignerCert, at: SystemTime) -> Result<(), VerifyError> {
         let at = crate::time::unix_millis(at) as i64 / 1000;
         if at < cert.not_before || at > cert.not_after {

@@ -42,6 +42,18 @@ pub(crate) fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, No
     }
 }
 
+/// Checks that the caller is an auditor of this node's agency.
+pub(crate) fn auditor<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, NodeError> {
+    let id = caller(req)?;
+    check_agency(shared, &id)?;
+    match id.role {
+        Role::Auditor(_) => Ok(id),
+        _ => Err(NodeError::PermissionDenied(format!(
+            "{id} is not an auditor certificate; the Audit API needs .../auditor/<name>"
+        ))),
+    }
+}
+
 /// The peer agency of a caller on the peer listener; it must be a configured peer.
 pub(crate) fn peer<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, NodeError> {
     let id = caller(req)?;

@@ -181,6 +181,8 @@ pub struct Limits {
     pub sweep_interval_ms: u64,
     /// Longest a TLS handshake may take before the connection is dropped, ms. Default 10000.
     pub handshake_timeout_ms: u64,
+    /// Seconds between signed checkpoints of the Merkle log (when it grew).
+    pub checkpoint_interval_secs: u64,
 }
 
 impl Default for Limits {
@@ -200,6 +202,7 @@ impl Default for Limits {
             cache_bytes: 64 << 20,
             sweep_interval_ms: 1_000,
             handshake_timeout_ms: 10_000,
+            checkpoint_interval_secs: 60,
         }
     }
 }
@@ -391,6 +394,7 @@ impl NodeConfig {
             ("limits.retry_initial_ms", l.retry_initial_ms),
             ("limits.sweep_interval_ms", l.sweep_interval_ms),
             ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.checkpoint_interval_secs", l.checkpoint_interval_secs),
             ("limits.max_payload_bytes", l.max_payload_bytes),
         ] {
             if v == 0 {

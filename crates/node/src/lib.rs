@@ -7,6 +7,7 @@
 
 mod admin;
 mod agency;
+mod audit;
 mod auth;
 pub mod config;
 pub mod dev;
@@ -32,6 +33,7 @@ use tonic::transport::Server;
 
 use antar_core::wire::admin_server::AdminServer;
 use antar_core::wire::agency_server::AgencyServer;
+use antar_core::wire::audit_server::AuditServer;
 use antar_core::wire::peer_server::PeerServer;
 use antar_core::{AgencyId, Identity, Revocations, Signer, TrustAnchor, Verifier};
 use antar_store::{Store, StoreConfig};
@@ -262,7 +264,13 @@ impl Node {
         let limits = shared.limits().clone();
         let handshake = Duration::from_millis(limits.handshake_timeout_ms);
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        for name in ["", "antar.v1.Agency", "antar.v1.Admin", "antar.v1.Peer"] {
+        for name in [
+            "",
+            "antar.v1.Agency",
+            "antar.v1.Admin",
+            "antar.v1.Audit",
+            "antar.v1.Peer",
+        ] {
             health_reporter
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
@@ -282,6 +290,12 @@ impl Node {
                         .max_decoding_message_size(
                             (limits.max_payload_bytes as usize).saturating_add(1 << 20),
                         ),
+                )
+                .add_service(
+                    AuditServer::new(audit::AuditService {
+                        shared: shared.clone(),
+                    })
+                    .max_encoding_message_size(64 << 20),
                 )
                 .add_service(AdminServer::new(admin::AdminService {
                     shared: shared.clone(),
@@ -340,6 +354,8 @@ impl Node {
         }
         node.tasks
             .push(tokio::spawn(sweeper(shared.clone(), token.clone())));
+        node.tasks
+            .push(tokio::spawn(audit::checkpointer(shared.clone(), token.clone())));
         tracing::info!(agency = %shared.agency, identity = %shared.identity, "node started");
         Ok(node)
     }

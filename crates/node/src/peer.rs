@@ -296,6 +296,9 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 return Ok(Settled::Duplicate);
             }
             let mut et = et.clone();
+            if let Some(signed) = &et.envelope {
+                crate::state::audit_envelope(tx, signed, &v.id.to_string())?;
+            }
             et.hops.push(shared.agency.to_string());
             et.traceparent = crate::trace::child(&et.traceparent);
             let item = TransferItem {

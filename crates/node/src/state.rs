@@ -11,8 +11,8 @@ use prost::Message;
 use antar_core::envelope::sha256;
 use antar_core::time::{to_timestamp, unix_millis};
 use antar_core::wire::{
-    transfer_item, Envelope, MessageState, Outcome, Receipt, ReceiptStatus, ReceiptTransfer, SignedReceipt,
-    TransferItem,
+    transfer_item, EntryKind, Envelope, MessageState, Outcome, Receipt, ReceiptStatus, ReceiptTransfer,
+    SignedEnvelope, SignedReceipt, TransferItem,
 };
 use antar_core::{AgencyId, Identity, MessageId, Signer, Verifier};
 use antar_store::{MessageRecord, Store, Tx, TxError};
@@ -207,6 +207,8 @@ impl Shared {
         if receipt.sender == self.agency.as_str() {
             return self.apply_receipt(tx, signed, receipt);
         }
+        // Issued here for another agency's message, or relayed through here.
+        audit_receipt(tx, signed, &receipt.message_id)?;
         match self.policy().next_hop(&receipt.sender) {
             Some(peer) => {
                 let mut hops = hops;
@@ -241,6 +243,7 @@ impl Shared {
         if tx.mark_seen("receipt", &digest)? {
             return Ok(());
         }
+        audit_receipt(tx, signed, &receipt.message_id)?;
         let Ok(id) = MessageId::parse(&receipt.message_id) else {
             return Ok(());
         };
@@ -269,6 +272,11 @@ impl Shared {
     ) -> Result<(), TxError> {
         let size = record.payload.as_ref().map_or(0, |p| p.data.len() as u64) + envelope_bytes.len() as u64;
         let mut record = record;
+        if !record.outgoing {
+            if let Some(signed) = &record.envelope {
+                audit_envelope(tx, signed, &id.to_string())?;
+            }
+        }
         if record.state == MessageState::Unspecified as i32 || !record.outgoing {
             record.state = MessageState::Inbox as i32;
         }
@@ -319,4 +327,17 @@ pub(crate) fn expires_ms(envelope: &Envelope) -> u64 {
         .expires_at
         .as_ref()
         .map_or(0, |t| unix_millis(antar_core::time::from_timestamp(t)))
+}
+
+/// Logs a signed envelope (header and signature; never the payload) in the
+/// node's Merkle log, in the caller's transaction.
+pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &str) -> Result<(), TxError> {
+    tx.audit_append(EntryKind::Envelope, &signed.encode_to_vec(), message_id)
+        .map(drop)
+}
+
+/// Logs a signed receipt in the node's Merkle log, in the caller's transaction.
+pub(crate) fn audit_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<(), TxError> {
+    tx.audit_append(EntryKind::Receipt, &signed.encode_to_vec(), message_id)
+        .map(drop)
 }

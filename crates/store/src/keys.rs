@@ -11,6 +11,9 @@
 //! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent |
 //! | `dead` | message id | `DeadLetter` |
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
+//! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log |
+//! | `audit_hash` | index (u64 BE) | leaf hash `SHA-256(0x00 ‖ entry)` |
+//! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) | log size (u64 BE) / a signed `Checkpoint` |
 //!
 //! Sequence numbers come from sled's monotonic id generator, so queues are FIFO.
 
@@ -23,8 +26,11 @@ pub(crate) const TX_KEYS: usize = 5;
 pub(crate) const RECEIPT_LOG: usize = 6;
 pub(crate) const DEAD: usize = 7;
 pub(crate) const EXPIRY: usize = 8;
+pub(crate) const AUDIT: usize = 9;
+pub(crate) const AUDIT_HASH: usize = 10;
+pub(crate) const AUDIT_META: usize = 11;
 
-pub(crate) const TREES: [&str; 9] = [
+pub(crate) const TREES: [&str; 12] = [
     "messages",
     "outbox",
     "inbox",
@@ -34,7 +40,13 @@ pub(crate) const TREES: [&str; 9] = [
     "receipt_log",
     "dead",
     "expiry",
+    "audit",
+    "audit_hash",
+    "audit_meta",
 ];
+
+pub(crate) const AUDIT_SIZE: &[u8] = b"size";
+pub(crate) const CHECKPOINT_PREFIX: &[u8] = b"cp";
 
 pub(crate) fn prefixed(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.len() + 9);

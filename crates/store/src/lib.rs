@@ -286,6 +286,76 @@ impl Store {
         Ok(out)
     }
 
+    /// Number of entries in the Merkle log.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn audit_size(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.trees[keys::AUDIT_META]
+            .get(keys::AUDIT_SIZE)?
+            .map_or(0, |v| keys::u64_of(&v)))
+    }
+
+    /// Log entries (index, exact stored `LogEntry` bytes) from `from`, up to `max`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn audit_entries(&self, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.trees[keys::AUDIT]
+            .range(from.to_be_bytes()..)
+            .take(max)
+        {
+            let (k, v) = kv?;
+            out.push((keys::u64_of(&k), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The leaf hashes of the first `size` log entries.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure, or a log with a hole (corrupt).
+    pub fn audit_leaf_hashes(&self, size: u64) -> Result<Vec<antar_core::merkle::Hash>, StoreError> {
+        let mut out = Vec::with_capacity(size as usize);
+        for kv in self.inner.trees[keys::AUDIT_HASH].range(..size.to_be_bytes()) {
+            let (k, v) = kv?;
+            let hash = antar_core::merkle::Hash::try_from(v.as_ref()).ok();
+            match hash {
+                Some(h) if keys::u64_of(&k) == out.len() as u64 => out.push(h),
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        tree: keys::TREES[keys::AUDIT_HASH],
+                        detail: format!("log entry {} is missing or malformed", out.len()),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores a signed checkpoint (encoded `Checkpoint`) of the log at `size`, and flushes.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub async fn put_checkpoint(&self, size: u64, checkpoint: &[u8]) -> Result<(), StoreError> {
+        let mut key = keys::CHECKPOINT_PREFIX.to_vec();
+        key.extend_from_slice(&size.to_be_bytes());
+        self.inner.trees[keys::AUDIT_META].insert(key, checkpoint)?;
+        self.durable().await
+    }
+
+    /// Every stored checkpoint (encoded `Checkpoint`), oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.trees[keys::AUDIT_META]
+            .scan_prefix(keys::CHECKPOINT_PREFIX)
+            .map(|kv| Ok(kv?.1.to_vec()))
+            .collect()
+    }
+
     /// Dead letters in id order after `after`, up to `limit`.
     ///
     /// # Errors

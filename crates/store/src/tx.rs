@@ -8,7 +8,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree, Unabort
 
 use antar_core::MessageId;
 
-use crate::keys::{self, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, OUTBOX, RECEIPT_LOG, SEEN, TX_KEYS};
+use crate::keys::{
+    self, AUDIT, AUDIT_HASH, AUDIT_META, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, OUTBOX, RECEIPT_LOG,
+    SEEN, TX_KEYS,
+};
 use crate::records::{DeadLetter, InboxEntry, MessageRecord};
 use crate::StoreError;
 
@@ -220,6 +223,31 @@ impl<'a> Tx<'a> {
         self.trees[RECEIPT_LOG].insert(&cursor.to_be_bytes(), signed_receipt)?;
         self.effects.borrow_mut().receipts = true;
         Ok(cursor)
+    }
+
+    /// Appends an entry to the Merkle log in this transaction: the signed
+    /// envelope or receipt bytes (never a payload), at the next dense index.
+    /// Returns the index.
+    ///
+    /// # Errors
+    /// A conflict or a storage failure.
+    pub fn audit_append(&self, kind: antar_core::wire::EntryKind, data: &[u8], message_id: &str) -> R<u64> {
+        let index = self.trees[AUDIT_META]
+            .get(keys::AUDIT_SIZE)?
+            .map_or(0, |v| keys::u64_of(&v));
+        let entry = antar_core::wire::LogEntry {
+            index,
+            kind: kind as i32,
+            data: data.to_vec(),
+            message_id: message_id.to_owned(),
+            logged_at: Some(antar_core::time::to_timestamp(std::time::SystemTime::now())),
+        }
+        .encode_to_vec();
+        let key = index.to_be_bytes();
+        self.trees[AUDIT_HASH].insert(&key, &antar_core::merkle::leaf_hash(&entry))?;
+        self.trees[AUDIT].insert(&key, entry)?;
+        self.trees[AUDIT_META].insert(keys::AUDIT_SIZE, &(index + 1).to_be_bytes())?;
+        Ok(index)
     }
 
     /// Stores a dead letter.

@@ -1,0 +1,250 @@
+//! Offline verification of a node's exported log (`AuditBundle`): what
+//! `antar audit verify` runs, needing only the bundle and the federation
+//! root. Stops at the first failure and names it: which entry, which
+//! checkpoint, which check.
+
+use prost::Message as _;
+
+use crate::checkpoint::{origin, Checkpoint as Note};
+use crate::merkle::{self, Hash};
+use crate::wire::{AuditBundle, EntryKind, LogEntry, SignedEnvelope, SignedReceipt};
+use crate::{AgencyId, Verifier};
+
+/// The first thing wrong with a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The bundle as a whole: encoding, federation, agency, certificates.
+    #[error("bundle: {0}")]
+    Bundle(String),
+    /// One log entry.
+    #[error("entry {index}: {detail}")]
+    Entry {
+        /// Its position in the bundle.
+        index: usize,
+        /// What failed.
+        detail: String,
+    },
+    /// One checkpoint.
+    #[error("checkpoint {index} (size {size}): {detail}")]
+    Checkpoint {
+        /// Its position in the bundle (0: oldest).
+        index: usize,
+        /// The tree size it claims.
+        size: u64,
+        /// What failed.
+        detail: String,
+    },
+    /// The consistency of two successive checkpoints.
+    #[error("checkpoints {from} -> {to} (sizes {old_size} -> {new_size}): {detail}")]
+    Consistency {
+        /// The older checkpoint's position.
+        from: usize,
+        /// The newer checkpoint's position.
+        to: usize,
+        /// The older size.
+        old_size: u64,
+        /// The newer size.
+        new_size: u64,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// What a verified bundle holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The node whose log it is.
+    pub agency: String,
+    /// Entries, each signature and certificate checked.
+    pub entries: usize,
+    /// Envelopes among them.
+    pub envelopes: usize,
+    /// Receipts among them.
+    pub receipts: usize,
+    /// Checkpoints, each signed by the node and consistent with the one before.
+    pub checkpoints: usize,
+    /// Size and root of the newest checkpoint.
+    pub latest: (u64, Hash),
+}
+
+fn bundle_err(s: impl Into<String>) -> AuditError {
+    AuditError::Bundle(s.into())
+}
+
+/// Verifies an exported bundle against `verifier`'s federation root.
+///
+/// # Errors
+/// The first [`AuditError`] found.
+pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, AuditError> {
+    let bundle = AuditBundle::decode(bytes)
+        .map_err(|e| bundle_err(format!("does not decode as an AuditBundle: {e}")))?;
+    if bundle.encode_to_vec() != bytes {
+        return Err(bundle_err(
+            "is not the exact encoding the node wrote (bytes altered, added or cut)",
+        ));
+    }
+    let federation = verifier.anchor().federation();
+    if bundle.federation != federation {
+        return Err(bundle_err(format!(
+            "is from federation {:?}, the root given is {federation:?}",
+            bundle.federation
+        )));
+    }
+    if bundle.root_ca != verifier.anchor().root_der() {
+        return Err(bundle_err("names a federation root other than the one given"));
+    }
+    let agency = AgencyId::parse(&bundle.agency).map_err(|e| bundle_err(format!("agency: {e}")))?;
+
+    // The node's checkpoint key: a signing certificate of this agency's node.
+    let mut keys = Vec::new();
+    for (i, der) in bundle.certificates.iter().enumerate() {
+        let (identity, key) = verifier
+            .node_signing_key(der)
+            .map_err(|e| bundle_err(format!("certificate {i}: {e}")))?;
+        if identity.agency != agency {
+            return Err(bundle_err(format!(
+                "certificate {i} belongs to {}, not {agency}",
+                identity.agency
+            )));
+        }
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(bundle_err("holds no signing certificate of the node"));
+    }
+
+    let (mut envelopes, mut receipts) = (0, 0);
+    let mut leaves = Vec::with_capacity(bundle.entries.len());
+    for (i, raw) in bundle.entries.iter().enumerate() {
+        let entry_err = |detail: String| AuditError::Entry { index: i, detail };
+        let entry = LogEntry::decode(raw.as_slice())
+            .map_err(|e| entry_err(format!("does not decode as a LogEntry: {e}")))?;
+        if entry.index != i as u64 {
+            return Err(entry_err(format!(
+                "says it is entry {}: entries were dropped, inserted or reordered",
+                entry.index
+            )));
+        }
+        let message_id = match EntryKind::try_from(entry.kind) {
+            Ok(EntryKind::Envelope) => {
+                let signed = SignedEnvelope::decode(entry.data.as_slice())
+                    .map_err(|e| entry_err(format!("envelope does not decode: {e}")))?;
+                envelopes += 1;
+                verifier
+                    .verify_envelope(&signed)
+                    .map_err(|e| entry_err(format!("envelope check failed: {e}")))?
+                    .id
+            }
+            Ok(EntryKind::Receipt) => {
+                let signed = SignedReceipt::decode(entry.data.as_slice())
+                    .map_err(|e| entry_err(format!("receipt does not decode: {e}")))?;
+                receipts += 1;
+                verifier
+                    .verify_receipt(&signed)
+                    .map_err(|e| entry_err(format!("receipt check failed: {e}")))?
+                    .message_id
+            }
+            _ => return Err(entry_err(format!("unknown kind {}", entry.kind))),
+        };
+        if message_id.to_string() != entry.message_id {
+            return Err(entry_err(format!(
+                "is indexed under message {} but signs message {message_id}",
+                entry.message_id
+            )));
+        }
+        leaves.push(merkle::leaf_hash(raw));
+    }
+
+    let want_origin = origin(federation, agency.as_str());
+    let mut previous: Option<(usize, u64, Hash)> = None;
+    for (k, c) in bundle.checkpoints.iter().enumerate() {
+        let cp_err = |detail: String| AuditError::Checkpoint {
+            index: k,
+            size: c.tree_size,
+            detail,
+        };
+        let note = keys
+            .iter()
+            .find_map(|key| Note::verify(&c.note, key).ok())
+            .ok_or_else(|| {
+                let why = keys
+                    .first()
+                    .map(|key| {
+                        Note::verify(&c.note, key)
+                            .err()
+                            .map(|e| e.to_string())
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_default();
+                cp_err(format!("signed note does not verify with the node's key: {why}"))
+            })?;
+        if note.origin != want_origin {
+            return Err(cp_err(format!(
+                "origin {:?}, expected {want_origin:?}",
+                note.origin
+            )));
+        }
+        if note.size != c.tree_size || note.root.as_slice() != c.root_hash.as_slice() {
+            return Err(cp_err(
+                "tree_size or root_hash differ from the signed note".into(),
+            ));
+        }
+        let size = note.size as usize;
+        if size > leaves.len() {
+            return Err(cp_err(format!(
+                "covers {size} entries, the bundle has {}",
+                leaves.len()
+            )));
+        }
+        if merkle::root(&leaves[..size]) != note.root {
+            return Err(cp_err(format!(
+                "root does not match entries 0..{size}: the log was rewritten or the checkpoint comes from another history"
+            )));
+        }
+        if let Some((from, old_size, old_root)) = previous {
+            let cons_err = |detail: String| AuditError::Consistency {
+                from,
+                to: k,
+                old_size,
+                new_size: note.size,
+                detail,
+            };
+            let proof = bundle
+                .consistency
+                .get(from)
+                .ok_or_else(|| cons_err("no consistency proof".into()))?;
+            let path = proof
+                .path
+                .iter()
+                .map(|h| Hash::try_from(h.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| cons_err("a proof hash is not 32 bytes".into()))?;
+            merkle::verify_consistency(old_size, note.size, &path, &old_root, &note.root)
+                .map_err(|e| cons_err(e.to_string()))?;
+        }
+        previous = Some((k, note.size, note.root));
+    }
+    let Some((_, size, root)) = previous else {
+        return Err(bundle_err("holds no checkpoint"));
+    };
+    if bundle.consistency.len() + 1 != bundle.checkpoints.len() {
+        return Err(bundle_err(
+            "the number of consistency proofs does not match the checkpoints",
+        ));
+    }
+    if size as usize != leaves.len() {
+        return Err(bundle_err(format!(
+            "{} entries are not covered by the newest checkpoint (size {size})",
+            leaves.len() as u64 - size.min(leaves.len() as u64)
+        )));
+    }
+    Ok(Verified {
+        agency: agency.to_string(),
+        entries: leaves.len(),
+        envelopes,
+        receipts,
+        checkpoints: bundle.checkpoints.len(),
+        latest: (size, root),
+    })
+}

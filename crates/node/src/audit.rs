@@ -1,0 +1,308 @@
+//! `antar.v1.Audit` (auditor certificates only): the node's Merkle log —
+//! queries, signed checkpoints, inclusion and consistency proofs, and a
+//! self-contained export that `antar audit verify` checks without the node.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use prost::Message as _;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use antar_core::checkpoint::{origin, Checkpoint as Note};
+use antar_core::merkle;
+use antar_core::time::from_timestamp;
+use antar_core::wire::audit_server::Audit;
+use antar_core::wire::{
+    AuditBundle, Checkpoint, ConsistencyProofRequest, ConsistencyProofResponse, EntryKind, Envelope,
+    ExportChunk, ExportRequest, InclusionProofRequest, InclusionProofResponse, LatestCheckpointRequest,
+    LogEntry, QueryRequest, Receipt, ReceiptStatus, SignedEnvelope, SignedReceipt,
+};
+
+use crate::auth;
+use crate::error::NodeError;
+use crate::state::Shared;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Entries a `Query` returns when it names no limit, and at most.
+const QUERY_PAGE: usize = 1_000;
+const QUERY_MAX: usize = 100_000;
+/// Export stream chunk size.
+const CHUNK: usize = 1 << 20;
+
+pub(crate) struct AuditService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// The newest checkpoint; a new one is signed and stored first when the log
+/// grew since the last.
+pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeError> {
+    let size = shared.store.audit_size()?;
+    let last = latest_stored(shared)?;
+    if let Some(c) = last.filter(|c| c.tree_size == size) {
+        return Ok(c);
+    }
+    let root = merkle::root(&shared.store.audit_leaf_hashes(size)?);
+    let note = Note {
+        origin: origin(&shared.config.federation, shared.agency.as_str()),
+        size,
+        root,
+    }
+    .sign(&shared.signer);
+    let c = Checkpoint {
+        note,
+        tree_size: size,
+        root_hash: root.to_vec(),
+    };
+    shared.store.put_checkpoint(size, &c.encode_to_vec()).await?;
+    tracing::debug!(size, "log checkpoint signed");
+    Ok(c)
+}
+
+fn stored_checkpoints(shared: &Shared) -> Result<Vec<Checkpoint>, NodeError> {
+    shared
+        .store
+        .checkpoints()?
+        .iter()
+        .map(|b| {
+            Checkpoint::decode(b.as_slice()).map_err(|e| {
+                NodeError::Store(antar_store::StoreError::Corrupt {
+                    tree: "audit_meta",
+                    detail: e.to_string(),
+                })
+            })
+        })
+        .collect()
+}
+
+fn latest_stored(shared: &Shared) -> Result<Option<Checkpoint>, NodeError> {
+    Ok(stored_checkpoints(shared)?.pop())
+}
+
+/// Runs until shutdown: a checkpoint every `limits.checkpoint_interval_secs` when the log grew.
+pub(crate) async fn checkpointer(shared: Arc<Shared>, token: tokio_util::sync::CancellationToken) {
+    let every = std::time::Duration::from_secs(shared.limits().checkpoint_interval_secs.max(1));
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = checkpoint_now(&shared).await {
+            tracing::error!(error = %e, "log checkpoint failed");
+        }
+    }
+}
+
+/// What an entry is about, for query filters.
+struct About {
+    agencies: Vec<String>,
+    status: Option<i32>,
+    kind: Option<i32>,
+}
+
+fn about(entry: &LogEntry) -> About {
+    match EntryKind::try_from(entry.kind) {
+        Ok(EntryKind::Envelope) => {
+            let e = SignedEnvelope::decode(entry.data.as_slice())
+                .ok()
+                .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
+                .unwrap_or_default();
+            About {
+                agencies: vec![e.sender, e.recipient],
+                status: None,
+                kind: Some(e.kind),
+            }
+        }
+        _ => {
+            let r = SignedReceipt::decode(entry.data.as_slice())
+                .ok()
+                .and_then(|s| Receipt::decode(s.receipt.as_slice()).ok())
+                .unwrap_or_default();
+            About {
+                agencies: vec![r.sender, r.recipient, r.issuer],
+                status: Some(r.status),
+                kind: None,
+            }
+        }
+    }
+}
+
+fn matches(q: &QueryRequest, entry: &LogEntry) -> bool {
+    if !q.message_id.is_empty() && entry.message_id != q.message_id {
+        return false;
+    }
+    let at = entry.logged_at.as_ref().map(from_timestamp);
+    let before = |t: &antar_proto::prost_types::Timestamp| at.is_some_and(|a| a < from_timestamp(t));
+    if q.from.as_ref().is_some_and(before) {
+        return false;
+    }
+    let after = |t: &antar_proto::prost_types::Timestamp| at.is_some_and(|a| a > from_timestamp(t));
+    if q.until.as_ref().is_some_and(after) {
+        return false;
+    }
+    if q.agency.is_empty() && q.status == 0 && q.kind == 0 {
+        return true;
+    }
+    let a = about(entry);
+    (q.agency.is_empty() || a.agencies.contains(&q.agency))
+        && (q.status == ReceiptStatus::Unspecified as i32 || a.status == Some(q.status))
+        && (q.kind == 0 || a.kind == Some(q.kind))
+}
+
+fn proof_hashes(path: Vec<merkle::Hash>) -> Vec<Vec<u8>> {
+    path.into_iter().map(|h| h.to_vec()).collect()
+}
+
+fn proof_err(e: merkle::ProofError) -> NodeError {
+    NodeError::invalid("tree_size", e)
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    type QueryStream = BoxStream<LogEntry>;
+
+    async fn query(&self, req: Request<QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
+        auth::auditor(&self.shared, &req)?;
+        let q = req.into_inner();
+        let limit = match q.limit as usize {
+            0 => QUERY_PAGE,
+            n => n.min(QUERY_MAX),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut next = q.after_index;
+            let mut sent = 0;
+            loop {
+                let page = match shared.store.audit_entries(next, 512) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(NodeError::from(e).into())).await;
+                        return;
+                    }
+                };
+                if page.is_empty() {
+                    return;
+                }
+                for (index, bytes) in page {
+                    next = index + 1;
+                    let Ok(entry) = LogEntry::decode(bytes.as_slice()) else {
+                        continue;
+                    };
+                    if matches(&q, &entry) {
+                        if tx.send(Ok(entry)).await.is_err() {
+                            return;
+                        }
+                        sent += 1;
+                        if sent >= limit {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn latest_checkpoint(
+        &self,
+        req: Request<LatestCheckpointRequest>,
+    ) -> Result<Response<Checkpoint>, Status> {
+        auth::auditor(&self.shared, &req)?;
+        Ok(Response::new(checkpoint_now(&self.shared).await?))
+    }
+
+    async fn inclusion_proof(
+        &self,
+        req: Request<InclusionProofRequest>,
+    ) -> Result<Response<InclusionProofResponse>, Status> {
+        auth::auditor(&self.shared, &req)?;
+        let r = req.into_inner();
+        let size = self.shared.store.audit_size().map_err(NodeError::from)?;
+        if r.tree_size == 0 || r.tree_size > size {
+            return Err(NodeError::invalid("tree_size", format!("must be 1..={size}")).into());
+        }
+        let leaves = self
+            .shared
+            .store
+            .audit_leaf_hashes(r.tree_size)
+            .map_err(NodeError::from)?;
+        let path =
+            merkle::inclusion_proof(r.index as usize, &leaves).map_err(|e| NodeError::invalid("index", e))?;
+        Ok(Response::new(InclusionProofResponse {
+            path: proof_hashes(path),
+        }))
+    }
+
+    async fn consistency_proof(
+        &self,
+        req: Request<ConsistencyProofRequest>,
+    ) -> Result<Response<ConsistencyProofResponse>, Status> {
+        auth::auditor(&self.shared, &req)?;
+        let r = req.into_inner();
+        let size = self.shared.store.audit_size().map_err(NodeError::from)?;
+        if r.new_size > size {
+            return Err(NodeError::invalid("new_size", format!("must be at most {size}")).into());
+        }
+        let leaves = self
+            .shared
+            .store
+            .audit_leaf_hashes(r.new_size)
+            .map_err(NodeError::from)?;
+        let path = merkle::consistency_proof(r.old_size as usize, &leaves).map_err(proof_err)?;
+        Ok(Response::new(ConsistencyProofResponse {
+            path: proof_hashes(path),
+        }))
+    }
+
+    type ExportStream = BoxStream<ExportChunk>;
+
+    async fn export(&self, req: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        auth::auditor(&self.shared, &req)?;
+        let bundle = export_bundle(&self.shared).await?.encode_to_vec();
+        tracing::info!(bytes = bundle.len(), "audit export");
+        let chunks: Vec<Result<ExportChunk, Status>> = bundle
+            .chunks(CHUNK)
+            .map(|c| Ok(ExportChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+/// Everything an auditor needs to verify this node's log offline.
+pub(crate) async fn export_bundle(shared: &Shared) -> Result<AuditBundle, NodeError> {
+    let latest = checkpoint_now(shared).await?;
+    let checkpoints = stored_checkpoints(shared)?;
+    let size = latest.tree_size;
+    let entries: Vec<Vec<u8>> = shared
+        .store
+        .audit_entries(0, size as usize)?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let leaves = shared.store.audit_leaf_hashes(size)?;
+    let mut consistency = Vec::new();
+    for pair in checkpoints.windows(2) {
+        let old = pair[0].tree_size as usize;
+        let path = if old == 0 {
+            Vec::new()
+        } else {
+            merkle::consistency_proof(old, &leaves[..pair[1].tree_size as usize]).map_err(proof_err)?
+        };
+        consistency.push(ConsistencyProofResponse {
+            path: proof_hashes(path),
+        });
+    }
+    Ok(AuditBundle {
+        federation: shared.config.federation.clone(),
+        agency: shared.agency.to_string(),
+        certificates: vec![shared.signer.cert_der().to_vec()],
+        entries,
+        checkpoints,
+        consistency,
+        root_ca: shared.verifier.anchor().root_der().to_vec(),
+    })
+}

@@ -1,0 +1,311 @@
+//! The tamper-evident log from an auditor's side: after traffic of all four
+//! kinds every node's export verifies offline; a receipt is proven in the
+//! recipient's log; any altered byte, dropped or swapped entry, or a
+//! checkpoint from a forked history fails `verify` with a named reason; only
+//! auditor certificates may use the Audit API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use antar_client::{Client, ClientRole};
+use antar_core::audit::{verify_bundle, AuditError};
+use antar_core::checkpoint::{origin, Checkpoint as Note};
+use antar_core::merkle;
+use antar_tests::*;
+use prost::Message as _;
+use tokio_stream::StreamExt as _;
+use tonic::Code;
+
+async fn export(client: &Client) -> Vec<u8> {
+    let mut stream = client
+        .audit()
+        .export(wire::ExportRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap().data);
+    }
+    out
+}
+
+/// Traffic of all four kinds between finance, registry (via hub) and health.
+async fn traffic(fed: &Federation) -> String {
+    let finance = fed.app("finance").await;
+    let registry = fed.app("registry").await;
+    send(&finance, notice("health", "tax.notice", b"notice")).await;
+    let ids = finance
+        .agency()
+        .send(wire::SendRequest {
+            recipients: vec!["health".into(), "registry".into()],
+            ..notice("health", "address.changed", b"fan-out")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message_ids;
+    let payment = send(
+        &finance,
+        wire::SendRequest {
+            kind: wire::Kind::Transaction as i32,
+            idempotency_key: "pay-1".into(),
+            ..notice("registry", "fee.payment", b"EUR 10")
+        },
+    )
+    .await;
+    // A request answered by registry.
+    let responder = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut agency = registry.agency();
+            let mut stream = agency
+                .receive(wire::ReceiveRequest {
+                    services: vec![],
+                    max_in_flight: 16,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut seen = 0;
+            while seen < 3 {
+                let d = tokio::time::timeout(Duration::from_secs(15), stream.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                let e = envelope_of(&d);
+                if e.kind == wire::Kind::Request as i32 {
+                    agency
+                        .reply(wire::ReplyRequest {
+                            request_id: e.id.clone(),
+                            payload: b"born 2001".to_vec(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                }
+                agency
+                    .ack(wire::AckRequest {
+                        message_id: e.id,
+                        outcome: if e.kind == wire::Kind::Transaction as i32 {
+                            wire::Outcome::Committed as i32
+                        } else {
+                            0
+                        },
+                        result: vec![],
+                    })
+                    .await
+                    .unwrap();
+                seen += 1;
+            }
+        })
+    };
+    let mut call = tonic::Request::new(wire::SendRequest {
+        kind: wire::Kind::Request as i32,
+        ..notice("registry", "birth.lookup", b"who?")
+    });
+    call.set_timeout(Duration::from_secs(15));
+    finance.agency().call(call).await.unwrap();
+    responder.await.unwrap();
+    receive(&fed.app("health").await, 2, 10, true).await;
+    for id in [&payment, &ids[1]] {
+        eventually(15, "PROCESSED", || async {
+            let t = finance
+                .agency()
+                .track(wire::TrackRequest {
+                    message_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (t.state == wire::MessageState::Processed as i32).then_some(())
+        })
+        .await;
+    }
+    payment
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_verify_and_any_tampering_is_named() {
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "health", "registry", "hub"] {
+        nodes.push(fed.start(a).await);
+    }
+    let payment = traffic(&fed).await;
+    let verifier = fed.verifier();
+
+    // Every node's export verifies offline.
+    let mut bundles = std::collections::BTreeMap::new();
+    for a in ["finance", "health", "registry", "hub"] {
+        let auditor = fed.client(a, ClientRole::Auditor).await;
+        let bytes = export(&auditor).await;
+        let v = verify_bundle(&bytes, &verifier).unwrap_or_else(|e| panic!("{a}'s export: {e}"));
+        assert!(v.entries > 0 && v.envelopes > 0 && v.receipts > 0, "{a}: {v:?}");
+        bundles.insert(a, bytes);
+    }
+
+    // The payment's DELIVERED receipt is in registry's log under its signed checkpoint.
+    let registry_auditor = fed.client("registry", ClientRole::Auditor).await;
+    let mut audit = registry_auditor.audit();
+    let checkpoint = audit
+        .latest_checkpoint(wire::LatestCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let registry_key = antar_core::Verifier::node_signing_key(
+        &verifier,
+        &antar_pki::read_cert_der(&fed.certs("registry").signing_cert()).unwrap(),
+    )
+    .unwrap()
+    .1;
+    let note = Note::verify(&checkpoint.note, &registry_key).unwrap();
+    let entries: Vec<wire::LogEntry> = audit
+        .query(wire::QueryRequest {
+            message_id: payment.clone(),
+            status: wire::ReceiptStatus::Delivered as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(
+        entries.len(),
+        1,
+        "one DELIVERED receipt for the payment: {entries:?}"
+    );
+    let delivered = &entries[0];
+    let signed = wire::SignedReceipt::decode(delivered.data.as_slice()).unwrap();
+    let r = verifier.verify_receipt(&signed).unwrap().receipt;
+    assert_eq!(
+        (r.status, r.issuer.as_str()),
+        (wire::ReceiptStatus::Delivered as i32, "registry")
+    );
+    let path: Vec<merkle::Hash> = audit
+        .inclusion_proof(wire::InclusionProofRequest {
+            index: delivered.index,
+            tree_size: note.size,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .path
+        .iter()
+        .map(|h| h.as_slice().try_into().unwrap())
+        .collect();
+    merkle::verify_inclusion(
+        &merkle::leaf_hash(&delivered.encode_to_vec()),
+        delivered.index,
+        note.size,
+        &path,
+        &note.root,
+    )
+    .unwrap();
+
+    // One byte altered anywhere: refused, every time.
+    let good = bundles["finance"].clone();
+    let step = (good.len() / 150).max(1);
+    for pos in (0..good.len()).step_by(step).chain([good.len() - 1]) {
+        let mut bad = good.clone();
+        bad[pos] ^= 0x01;
+        assert!(
+            verify_bundle(&bad, &verifier).is_err(),
+            "flipping byte {pos} went unnoticed"
+        );
+    }
+
+    // An entry dropped, or two swapped: named by position.
+    let bundle = wire::AuditBundle::decode(good.as_slice()).unwrap();
+    let mut dropped = bundle.clone();
+    dropped.entries.remove(2);
+    assert_eq!(
+        verify_bundle(&dropped.encode_to_vec(), &verifier).unwrap_err(),
+        AuditError::Entry {
+            index: 2,
+            detail: "says it is entry 3: entries were dropped, inserted or reordered".into()
+        }
+    );
+    let mut swapped = bundle.clone();
+    swapped.entries.swap(3, 4);
+    let err = verify_bundle(&swapped.encode_to_vec(), &verifier).unwrap_err();
+    assert!(matches!(err, AuditError::Entry { index: 3, .. }), "{err}");
+
+    // A checkpoint from a forked history, properly signed by finance's key.
+    let finance_signer = antar_core::Signer::from_pkcs8(
+        &antar_pki::read_key_der(&fed.certs("finance").signing_key()).unwrap(),
+        antar_pki::read_cert_der(&fed.certs("finance").signing_cert()).unwrap(),
+    )
+    .unwrap();
+    let last = bundle.checkpoints.last().unwrap().clone();
+    let forked_root = merkle::leaf_hash(b"another history");
+    let forked = Note {
+        origin: origin("gov.example", "finance"),
+        size: last.tree_size,
+        root: forked_root,
+    };
+    let mut forked_bundle = bundle.clone();
+    *forked_bundle.checkpoints.last_mut().unwrap() = wire::Checkpoint {
+        note: forked.sign(&finance_signer),
+        tree_size: last.tree_size,
+        root_hash: forked_root.to_vec(),
+    };
+    let err = verify_bundle(&forked_bundle.encode_to_vec(), &verifier).unwrap_err();
+    assert!(
+        matches!(&err, AuditError::Checkpoint { detail, .. } if detail.contains("root does not match")),
+        "{err}"
+    );
+
+    // The CLI, as an auditor runs it: export, verify OK; a swapped bundle fails naming the entry.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("finance.bundle");
+    let fed_json = fed.layout.federation_json();
+    let status = Command::new(antar_bin())
+        .args(["audit", "export", "--agency", "finance", "--out"])
+        .arg(&out)
+        .arg("--federation")
+        .arg(&fed_json)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ok = Command::new(antar_bin())
+        .args(["audit", "verify"])
+        .arg(&out)
+        .arg("--root")
+        .arg(&fed.file.root_ca)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("OK: finance's log"));
+    let bad = dir.path().join("swapped.bundle");
+    std::fs::write(&bad, swapped.encode_to_vec()).unwrap();
+    let failed = Command::new(antar_bin())
+        .args(["audit", "verify"])
+        .arg(&bad)
+        .arg("--federation")
+        .arg(&fed_json)
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("FAILED: entry 3"), "{stderr}");
+
+    // Only auditors: app and admin certificates are PERMISSION_DENIED.
+    for role in [ClientRole::App, ClientRole::Admin] {
+        let c = fed.client("finance", role).await;
+        let st = c
+            .audit()
+            .latest_checkpoint(wire::LatestCheckpointRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    }
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
