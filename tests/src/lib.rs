@@ -81,6 +81,7 @@ impl Federation {
         c.limits.retry_initial_ms = 50;
         c.limits.retry_max_ms = 500;
         c.limits.sweep_interval_ms = 200;
+        c.limits.checkpoint_interval_secs = 1;
         c
     }
 

@@ -148,14 +148,29 @@ async fn exports_verify_and_any_tampering_is_named() {
         bundles.insert(a, bytes);
     }
 
-    // The payment's DELIVERED receipt is in registry's log under its signed checkpoint.
+    // The payment's DELIVERED receipt is in registry's log under its signed
+    // checkpoint, cosigned by registry's peer, the hub.
     let registry_auditor = fed.client("registry", ClientRole::Auditor).await;
     let mut audit = registry_auditor.audit();
-    let checkpoint = audit
-        .latest_checkpoint(wire::LatestCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let checkpoint = eventually(20, "a checkpoint of registry cosigned by the hub", || {
+        let mut audit = audit.clone();
+        async move {
+            let c = audit
+                .latest_checkpoint(wire::LatestCheckpointRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            c.cosignatures.iter().any(|c| c.witness == "hub").then_some(c)
+        }
+    })
+    .await;
+    let hub_cosig = checkpoint
+        .cosignatures
+        .iter()
+        .find(|c| c.witness == "hub")
+        .unwrap();
+    let (hub, hub_key) = verifier.node_signing_key(&hub_cosig.cert).unwrap();
+    assert_eq!(hub.agency.as_str(), "hub");
     let registry_key = antar_core::Verifier::node_signing_key(
         &verifier,
         &antar_pki::read_cert_der(&fed.certs("registry").signing_cert()).unwrap(),
@@ -163,6 +178,13 @@ async fn exports_verify_and_any_tampering_is_named() {
     .unwrap()
     .1;
     let note = Note::verify(&checkpoint.note, &registry_key).unwrap();
+    antar_core::checkpoint::verify_cosignature(
+        &hub_cosig.line,
+        &note,
+        &origin("gov.example", "hub"),
+        &hub_key,
+    )
+    .unwrap();
     let entries: Vec<wire::LogEntry> = audit
         .query(wire::QueryRequest {
             message_id: payment.clone(),
@@ -254,6 +276,7 @@ async fn exports_verify_and_any_tampering_is_named() {
         note: forked.sign(&finance_signer),
         tree_size: last.tree_size,
         root_hash: forked_root.to_vec(),
+        cosignatures: vec![],
     };
     let err = verify_bundle(&forked_bundle.encode_to_vec(), &verifier).unwrap_err();
     assert!(
@@ -308,4 +331,190 @@ async fn exports_verify_and_any_tampering_is_named() {
     for n in nodes {
         n.stop().await.unwrap();
     }
+}
+
+/// Removes the last `n` entries of a stopped node's log and every stored
+/// checkpoint and witness state: a rewritten history, as an operator with
+/// access to the disk could make it.
+fn rewrite_history(data_dir: &std::path::Path, n: u64) {
+    let db = sled::open(data_dir).unwrap();
+    let meta = db.open_tree("audit_meta").unwrap();
+    let size = u64::from_be_bytes(meta.get("size").unwrap().unwrap().as_ref().try_into().unwrap());
+    assert!(size > n, "log of {size} entries is too short to rewrite");
+    for t in ["audit", "audit_hash"] {
+        let tree = db.open_tree(t).unwrap();
+        for i in size - n..size {
+            tree.remove(i.to_be_bytes()).unwrap();
+        }
+    }
+    meta.insert("size", &(size - n).to_be_bytes()).unwrap();
+    for prefix in [b"cp".as_slice(), b"wit\0"] {
+        for k in meta.scan_prefix(prefix).keys() {
+            meta.remove(k.unwrap()).unwrap();
+        }
+    }
+    db.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_log_is_caught_by_the_peers_witness() {
+    let fed = Federation::standard();
+    let health_node = fed.start("health").await;
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    let health = fed.app("health").await;
+    for i in 0..3u8 {
+        send(&finance, notice("health", "tax.notice", &[i])).await;
+    }
+    assert_eq!(receive(&health, 3, 10, true).await.len(), 3);
+    let auditor = fed.client("finance", ClientRole::Auditor).await;
+    eventually(20, "finance's log witnessed by health", || {
+        let mut audit = auditor.audit();
+        async move {
+            let c = audit
+                .latest_checkpoint(wire::LatestCheckpointRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            c.cosignatures.iter().any(|c| c.witness == "health").then_some(())
+        }
+    })
+    .await;
+    let health_admin = fed.admin("health").await;
+    let status = health_admin
+        .admin()
+        .status(wire::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.split_views.is_empty());
+
+    // finance's operator rewrites history on disk, then carries on.
+    finance_node.stop().await.unwrap();
+    rewrite_history(&fed.layout.data_dir("finance"), 2);
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    for i in 10..13u8 {
+        send(&finance, notice("health", "tax.notice", &[i])).await;
+    }
+
+    // Health's witness catches it at the next checkpoint: Admin status, metrics.
+    eventually(20, "health flags a split view of finance's log", || {
+        let mut admin = health_admin.admin();
+        async move {
+            let s = admin.status(wire::StatusRequest {}).await.unwrap().into_inner();
+            (s.split_views == ["finance"]).then_some(())
+        }
+    })
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(fed.addrs["health"].metrics)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut conn, b"GET /metrics HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut text)
+        .await
+        .unwrap();
+    assert!(text.contains("antar_split_view{log=\"finance\"} 1"), "{text}");
+    // Witnessing never blocks traffic: the new envelopes still arrive.
+    assert_eq!(receive(&health, 3, 10, true).await.len(), 3);
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_payload_purge_every_proof_still_verifies() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.payload_retention_secs = 1;
+    let finance_node = fed.start_with(config).await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let mut ids = Vec::new();
+    for i in 0..2u8 {
+        ids.push(send(&finance, notice("health", "tax.notice", &[i; 100])).await);
+    }
+    assert_eq!(receive(&fed.app("health").await, 2, 10, true).await.len(), 2);
+    let metrics = fed.addrs["finance"].metrics;
+    eventually(20, "finance purged both payloads", || async move {
+        let mut conn = tokio::net::TcpStream::connect(metrics).await.ok()?;
+        tokio::io::AsyncWriteExt::write_all(&mut conn, b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut text)
+            .await
+            .ok()?;
+        text.contains("antar_payloads_purged_total 2").then_some(())
+    })
+    .await;
+
+    let auditor = fed.client("finance", ClientRole::Auditor).await;
+    let bundle = export(&auditor).await;
+    let v = verify_bundle(&bundle, &fed.verifier()).unwrap();
+    assert!(v.entries >= 6, "{v:?}");
+    let mut audit = auditor.audit();
+    let cp = audit
+        .latest_checkpoint(wire::LatestCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let root: merkle::Hash = cp.root_hash.as_slice().try_into().unwrap();
+    let entries: Vec<wire::LogEntry> = audit
+        .query(wire::QueryRequest {
+            message_id: ids[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert!(
+        entries.len() >= 3,
+        "envelope, ACCEPTED, DELIVERED, PROCESSED: {entries:?}"
+    );
+    for e in entries.iter().filter(|e| e.index < cp.tree_size) {
+        let path: Vec<merkle::Hash> = audit
+            .inclusion_proof(wire::InclusionProofRequest {
+                index: e.index,
+                tree_size: cp.tree_size,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .path
+            .iter()
+            .map(|h| h.as_slice().try_into().unwrap())
+            .collect();
+        merkle::verify_inclusion(
+            &merkle::leaf_hash(&e.encode_to_vec()),
+            e.index,
+            cp.tree_size,
+            &path,
+            &root,
+        )
+        .unwrap();
+    }
+    finance_node.stop().await.unwrap();
+    health_node.stop().await.unwrap();
+
+    // On disk: the payload is gone, the signed envelope and receipts are not.
+    let store = antar_store::Store::open(&antar_store::StoreConfig {
+        path: fed.layout.data_dir("finance"),
+        max_queued_bytes: 1 << 30,
+        cache_capacity: 1 << 20,
+    })
+    .unwrap();
+    let record = store
+        .message(&antar_core::MessageId::parse(&ids[0]).unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(record.payload.is_none());
+    assert!(record.envelope.is_some());
+    assert_eq!(record.receipts.len(), 3);
 }

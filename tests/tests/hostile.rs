@@ -28,6 +28,14 @@ struct Capture(mpsc::UnboundedSender<EnvelopeTransfer>);
 impl Peer for Capture {
     type TransferStream = Pin<Box<dyn Stream<Item = Result<TransferAck, Status>> + Send>>;
 
+    /// The hostile hub witnesses nothing.
+    async fn witness(
+        &self,
+        _: Request<wire::WitnessRequest>,
+    ) -> Result<Response<wire::WitnessResponse>, Status> {
+        Err(Status::unimplemented("not a witness"))
+    }
+
     async fn transfer(
         &self,
         req: Request<Streaming<TransferBatch>>,

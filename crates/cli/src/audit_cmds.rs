@@ -363,17 +363,19 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                 println!(
                     "{}",
                     json!({ "ok": true, "agency": v.agency, "entries": v.entries, "envelopes": v.envelopes,
-                            "receipts": v.receipts, "checkpoints": v.checkpoints, "tree_size": v.latest.0,
+                            "receipts": v.receipts, "checkpoints": v.checkpoints, "cosignatures": v.cosignatures,
+                            "tree_size": v.latest.0,
                             "root": hex::encode(v.latest.1) })
                 );
             } else {
                 println!(
-                    "OK: {}'s log, {} entries ({} envelopes, {} receipts), {} checkpoints consistent; newest size {} root {}",
+                    "OK: {}'s log, {} entries ({} envelopes, {} receipts), {} checkpoints consistent, {} peer cosignatures; newest size {} root {}",
                     v.agency,
                     v.entries,
                     v.envelopes,
                     v.receipts,
                     v.checkpoints,
+                    v.cosignatures,
                     v.latest.0,
                     hex::encode(v.latest.1)
                 );

@@ -5,7 +5,7 @@
 
 use prost::Message as _;
 
-use crate::checkpoint::{origin, Checkpoint as Note};
+use crate::checkpoint::{origin, verify_cosignature, Checkpoint as Note};
 use crate::merkle::{self, Hash};
 use crate::wire::{AuditBundle, EntryKind, LogEntry, SignedEnvelope, SignedReceipt};
 use crate::{AgencyId, Verifier};
@@ -66,6 +66,8 @@ pub struct Verified {
     pub checkpoints: usize,
     /// Size and root of the newest checkpoint.
     pub latest: (u64, Hash),
+    /// Cosignatures by peer nodes (witnesses), each checked.
+    pub cosignatures: usize,
 }
 
 fn bundle_err(s: impl Into<String>) -> AuditError {
@@ -158,6 +160,7 @@ pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, Audi
 
     let want_origin = origin(federation, agency.as_str());
     let mut previous: Option<(usize, u64, Hash)> = None;
+    let mut cosignatures = 0;
     for (k, c) in bundle.checkpoints.iter().enumerate() {
         let cp_err = |detail: String| AuditError::Checkpoint {
             index: k,
@@ -189,6 +192,20 @@ pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, Audi
             return Err(cp_err(
                 "tree_size or root_hash differ from the signed note".into(),
             ));
+        }
+        for (j, cosig) in c.cosignatures.iter().enumerate() {
+            let (witness, key) = verifier
+                .node_signing_key(&cosig.cert)
+                .map_err(|e| cp_err(format!("cosignature {j} ({}): certificate: {e}", cosig.witness)))?;
+            if witness.agency.as_str() != cosig.witness {
+                return Err(cp_err(format!(
+                    "cosignature {j} claims witness {} but its certificate is {}'s",
+                    cosig.witness, witness.agency
+                )));
+            }
+            verify_cosignature(&cosig.line, &note, &origin(federation, &cosig.witness), &key)
+                .map_err(|e| cp_err(format!("cosignature {j} by {}: {e}", cosig.witness)))?;
+            cosignatures += 1;
         }
         let size = note.size as usize;
         if size > leaves.len() {
@@ -246,5 +263,6 @@ pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, Audi
         receipts,
         checkpoints: bundle.checkpoints.len(),
         latest: (size, root),
+        cosignatures,
     })
 }

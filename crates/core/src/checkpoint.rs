@@ -134,6 +134,62 @@ impl Checkpoint {
     }
 }
 
+fn cosignature_key_id(name: &str, public_key: &[u8]) -> [u8; 4] {
+    let mut b = Vec::with_capacity(name.len() + 2 + public_key.len());
+    b.extend_from_slice(name.as_bytes());
+    b.push(b'\n');
+    b.push(0x04);
+    b.extend_from_slice(public_key);
+    let h = sha256(&b);
+    [h[0], h[1], h[2], h[3]]
+}
+
+fn cosigned_message(body: &str, time: u64) -> String {
+    format!("cosignature/v1\ntime {time}\n{body}")
+}
+
+/// A witness's C2SP `tlog-cosignature/v1` line over `checkpoint`, made at
+/// `time` (Unix seconds) by `signer` under the witness `name`.
+pub fn cosign(checkpoint: &Checkpoint, name: &str, signer: &Signer, time: u64) -> String {
+    let msg = cosigned_message(&checkpoint.body(), time);
+    let mut sig = cosignature_key_id(name, signer.public_key()).to_vec();
+    sig.extend_from_slice(&time.to_be_bytes());
+    sig.extend_from_slice(&signer.sign_note(msg.as_bytes()));
+    format!("\u{2014} {name} {}", B64.encode(sig))
+}
+
+/// Checks a cosignature line of witness `name` (key `public_key`) over
+/// `checkpoint`; returns the time it was made.
+///
+/// # Errors
+/// [`CheckpointError`] naming what is wrong.
+pub fn verify_cosignature(
+    line: &str,
+    checkpoint: &Checkpoint,
+    name: &str,
+    public_key: &[u8],
+) -> Result<u64, CheckpointError> {
+    let rest = line.strip_prefix("\u{2014} ").ok_or(CheckpointError::Malformed(
+        "a cosignature line does not start with an em dash",
+    ))?;
+    let (line_name, sig) = rest
+        .rsplit_once(' ')
+        .ok_or(CheckpointError::Malformed("a cosignature line has no signature"))?;
+    let sig = B64
+        .decode(sig)
+        .map_err(|_| CheckpointError::Malformed("a cosignature is not base64"))?;
+    if line_name != name || sig.len() != 76 || sig[..4] != cosignature_key_id(name, public_key) {
+        return Err(CheckpointError::NotSigned(name.to_owned()));
+    }
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&sig[4..12]);
+    let time = u64::from_be_bytes(t);
+    let msg = cosigned_message(&checkpoint.body(), time);
+    crate::verify::verify_raw(public_key, b"", msg.as_bytes(), &sig[12..])
+        .map(|()| time)
+        .map_err(|_| CheckpointError::BadSignature(name.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -167,5 +223,19 @@ mod tests {
             Err(CheckpointError::BadSignature("gov.example/antar/finance".into()))
         );
         assert!(Checkpoint::verify("garbage", s.public_key()).is_err());
+
+        let witness = signer();
+        let name = origin("gov.example", "health");
+        let line = cosign(&c, &name, &witness, 1_790_000_000);
+        assert_eq!(
+            verify_cosignature(&line, &c, &name, witness.public_key()),
+            Ok(1_790_000_000)
+        );
+        let moved = Checkpoint {
+            size: 1043,
+            ..c.clone()
+        };
+        assert!(verify_cosignature(&line, &moved, &name, witness.public_key()).is_err());
+        assert!(verify_cosignature(&line, &c, &name, s.public_key()).is_err());
     }
 }

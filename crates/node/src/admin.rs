@@ -157,6 +157,10 @@ impl Admin for AdminService {
                 .collect(),
             dead_letters: s.store.dead_letter_count(),
             draining: s.draining(),
+            split_views: crate::witness::split_views(s)
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect(),
         }))
     }
 

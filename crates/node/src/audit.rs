@@ -16,7 +16,7 @@ use antar_core::wire::audit_server::Audit;
 use antar_core::wire::{
     AuditBundle, Checkpoint, ConsistencyProofRequest, ConsistencyProofResponse, EntryKind, Envelope,
     ExportChunk, ExportRequest, InclusionProofRequest, InclusionProofResponse, LatestCheckpointRequest,
-    LogEntry, QueryRequest, Receipt, ReceiptStatus, SignedEnvelope, SignedReceipt,
+    LogEntry, MessageState, QueryRequest, Receipt, ReceiptStatus, SignedEnvelope, SignedReceipt,
 };
 
 use crate::auth;
@@ -54,6 +54,7 @@ pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeEr
         note,
         tree_size: size,
         root_hash: root.to_vec(),
+        cosignatures: Vec::new(),
     };
     shared.store.put_checkpoint(size, &c.encode_to_vec()).await?;
     tracing::debug!(size, "log checkpoint signed");
@@ -88,9 +89,50 @@ pub(crate) async fn checkpointer(shared: Arc<Shared>, token: tokio_util::sync::C
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = checkpoint_now(&shared).await {
-            tracing::error!(error = %e, "log checkpoint failed");
+        purge_payloads(&shared);
+        match checkpoint_now(&shared).await {
+            Ok(cp) => {
+                shared.metrics.checkpoint_signed(&cp);
+                crate::witness::request_all(&shared, cp).await;
+            }
+            Err(e) => tracing::error!(error = %e, "log checkpoint failed"),
         }
+    }
+}
+
+/// Retention: drops the payloads of finished messages older than
+/// `limits.payload_retention_secs`. The log holds no payload, so every
+/// signature and proof stays verifiable.
+fn purge_payloads(shared: &Shared) {
+    let secs = shared.limits().payload_retention_secs;
+    if secs == 0 {
+        return;
+    }
+    let Some(cutoff) = std::time::SystemTime::now().checked_sub(std::time::Duration::from_secs(secs)) else {
+        return;
+    };
+    let finished = [
+        MessageState::Processed,
+        MessageState::Rejected,
+        MessageState::Expired,
+    ]
+    .map(|s| s as i32);
+    let purged = shared.store.purge_payloads(|r| {
+        let created = r
+            .envelope
+            .as_ref()
+            .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
+            .and_then(|e| e.created_at)
+            .map(|t| from_timestamp(&t));
+        finished.contains(&r.state) && created.is_some_and(|c| c < cutoff)
+    });
+    match purged {
+        Ok(0) => {}
+        Ok(n) => {
+            shared.metrics.payloads_purged.inc_by(n);
+            tracing::info!(purged = n, "payloads past their retention deleted");
+        }
+        Err(e) => tracing::error!(error = %e, "payload retention purge failed"),
     }
 }
 

@@ -183,6 +183,9 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// Seconds between signed checkpoints of the Merkle log (when it grew).
     pub checkpoint_interval_secs: u64,
+    /// Seconds after which the payload of a finished message (processed,
+    /// rejected or expired) is deleted; 0 keeps payloads forever.
+    pub payload_retention_secs: u64,
 }
 
 impl Default for Limits {
@@ -203,6 +206,7 @@ impl Default for Limits {
             sweep_interval_ms: 1_000,
             handshake_timeout_ms: 10_000,
             checkpoint_interval_secs: 60,
+            payload_retention_secs: 0,
         }
     }
 }

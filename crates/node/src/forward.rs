@@ -74,17 +74,7 @@ async fn session(
     addr: &str,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let crls = shared.crls.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let config = antar_pki::tls::peer_client_config_with_crls(
-        shared.verifier.anchor().root_der(),
-        shared.tls_chain.clone(),
-        shared.tls_key.clone(),
-        &shared.config.federation,
-        &antar_core::AgencyId::parse(peer).map_err(|e| SessionError(e.to_string()))?,
-        crls,
-    )
-    .map_err(|e| SessionError(e.to_string()))?;
-    let channel = crate::net::dial(addr, config).map_err(|e| SessionError(e.to_string()))?;
+    let channel = crate::net::peer_channel(shared, peer, addr).map_err(SessionError)?;
     let mut client = PeerClient::new(channel).max_decoding_message_size(64 << 20);
     let limits = shared.limits();
     let (tx, rx) = mpsc::channel::<TransferBatch>(limits.transfer_window);

@@ -18,6 +18,7 @@ mod net;
 mod peer;
 mod state;
 mod trace;
+mod witness;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -78,6 +78,7 @@ pub(crate) struct Metrics {
     pub(crate) transferred: Counter,
     pub(crate) retries: Counter,
     pub(crate) expired: Counter,
+    pub(crate) payloads_purged: Counter,
     /// `Send` (and `Reply`) from request to durable acceptance.
     pub(crate) send_seconds: Histogram,
     /// A transfer batch from sending to the peer's acknowledgement.
@@ -85,9 +86,21 @@ pub(crate) struct Metrics {
     /// An envelope's `created_at` to its storage in this node's inbox.
     pub(crate) delivery_seconds: Histogram,
     rejections: Mutex<BTreeMap<String, u64>>,
+    /// Unix seconds of the newest checkpoint seen by the checkpointer, and its cosignature count.
+    checkpoint_at: AtomicU64,
+    checkpoint_cosignatures: AtomicU64,
 }
 
 impl Metrics {
+    pub(crate) fn checkpoint_signed(&self, cp: &antar_core::wire::Checkpoint) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.checkpoint_at.store(now, Ordering::Relaxed);
+        self.checkpoint_cosignatures
+            .store(cp.cosignatures.len() as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn rejected(&self, reason: &str) {
         *self
             .rejections
@@ -134,6 +147,11 @@ impl Metrics {
             self.retries.get(),
         );
         counter(
+            "antar_payloads_purged_total",
+            "Payloads deleted after limits.payload_retention_secs.",
+            self.payloads_purged.get(),
+        );
+        counter(
             "antar_expired_total",
             "Envelopes that expired before delivery.",
             self.expired.get(),
@@ -153,6 +171,26 @@ impl Metrics {
             "antar_delivery_latency_seconds",
             "Envelopes from created_at at the sender to stored in this node's inbox.",
         );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let at = self.checkpoint_at.load(Ordering::Relaxed);
+        if at > 0 {
+            let _ = write!(
+                out,
+                "# HELP antar_checkpoint_age_seconds Seconds since the checkpointer last checked the log.\n# TYPE antar_checkpoint_age_seconds gauge\nantar_checkpoint_age_seconds {}\n",
+                now.saturating_sub(at)
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP antar_checkpoint_cosignatures Peer cosignatures on the newest checkpoint when last checked.\n# TYPE antar_checkpoint_cosignatures gauge\nantar_checkpoint_cosignatures {}\n",
+            self.checkpoint_cosignatures.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP antar_split_view Logs of peers caught presenting a split view (1 per log).\n# TYPE antar_split_view gauge\n");
+        for (log, _) in crate::witness::split_views(shared) {
+            let _ = writeln!(out, "antar_split_view{{log=\"{log}\"}} 1");
+        }
         out.push_str("# HELP antar_rejected_total Items this node refused, by reason.\n# TYPE antar_rejected_total counter\n");
         for (reason, n) in self.rejections.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "antar_rejected_total{{reason=\"{reason}\"}} {n}");

@@ -86,3 +86,20 @@ pub(crate) fn dial(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Chan
         }
     })))
 }
+
+/// A channel to `peer`'s node at `addr`: this node's TLS identity, the
+/// federation root, the current revocation lists, and `peer`'s identity
+/// required of the server.
+pub(crate) fn peer_channel(shared: &crate::state::Shared, peer: &str, addr: &str) -> Result<Channel, String> {
+    let crls = shared.crls.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let config = antar_pki::tls::peer_client_config_with_crls(
+        shared.verifier.anchor().root_der(),
+        shared.tls_chain.clone(),
+        shared.tls_key.clone(),
+        &shared.config.federation,
+        &antar_core::AgencyId::parse(peer).map_err(|e| e.to_string())?,
+        crls,
+    )
+    .map_err(|e| e.to_string())?;
+    dial(addr, config).map_err(|e| e.to_string())
+}

@@ -56,6 +56,16 @@ enum Settled {
 impl Peer for PeerService {
     type TransferStream = Pin<Box<dyn Stream<Item = Result<TransferAck, Status>> + Send>>;
 
+    async fn witness(
+        &self,
+        req: Request<antar_core::wire::WitnessRequest>,
+    ) -> Result<Response<antar_core::wire::WitnessResponse>, Status> {
+        let from = auth::peer(&self.shared, &req)?;
+        Ok(Response::new(
+            crate::witness::serve(&self.shared, &from, req.into_inner()).await?,
+        ))
+    }
+
     async fn transfer(
         &self,
         req: Request<Streaming<TransferBatch>>,

@@ -24,6 +24,9 @@ use tokio::sync::Notify;
 pub use records::{DeadLetter, InboxEntry, MessageRecord};
 pub use tx::{Abort, Tx, TxError};
 
+/// A raw key and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 use antar_core::MessageId;
 use commit::GroupCommit;
 
@@ -199,6 +202,47 @@ impl Store {
             .transpose()
     }
 
+    /// Drops the payload of every message for which `purge` says so (it sees
+    /// the record), one transaction per message; envelopes, receipts and the
+    /// log are kept. Returns how many payloads were dropped.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn purge_payloads(&self, purge: impl Fn(&MessageRecord) -> bool) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for kv in self.inner.trees[keys::MESSAGES].iter() {
+            let (k, v) = kv?;
+            let record: MessageRecord = decode(keys::MESSAGES, &v)?;
+            if record.payload.is_none() || !purge(&record) {
+                continue;
+            }
+            let Ok(bytes) = <[u8; 16]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            let id = MessageId::from_bytes(bytes);
+            let dropped = self
+                .transact(|tx| {
+                    let Some(mut r) = tx.message(&id)? else {
+                        return Ok(false);
+                    };
+                    if r.payload.take().is_none() {
+                        return Ok(false);
+                    }
+                    tx.put_message(&id, &r)?;
+                    Ok(true)
+                })
+                .map_err(|e| match e {
+                    Ok(abort) => StoreError::Corrupt {
+                        tree: keys::TREES[keys::MESSAGES],
+                        detail: format!("{abort:?}"),
+                    },
+                    Err(e) => e,
+                })?;
+            n += u64::from(dropped);
+        }
+        Ok(n)
+    }
+
     /// Up to `max` outbox items (serialized `TransferItem`s) for `peer` with
     /// a sequence number above `after`.
     ///
@@ -342,6 +386,37 @@ impl Store {
         let mut key = keys::CHECKPOINT_PREFIX.to_vec();
         key.extend_from_slice(&size.to_be_bytes());
         self.inner.trees[keys::AUDIT_META].insert(key, checkpoint)?;
+        self.durable().await
+    }
+
+    /// A value of the log's metadata (witness state), by key.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn audit_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.trees[keys::AUDIT_META].get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Every (key, value) of the log's metadata under `prefix`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn audit_meta_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.trees[keys::AUDIT_META]
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k.to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Sets a value of the log's metadata and flushes.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub async fn put_audit_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner.trees[keys::AUDIT_META].insert(key, value)?;
         self.durable().await
     }
 

@@ -1,0 +1,238 @@
+//! Witnessing (DESIGN.md §7): each node sends its newest checkpoint to its
+//! peers; a peer checks it is consistent with the last checkpoint it saw
+//! from that node and cosigns it (C2SP `tlog-cosignature/v1`). A checkpoint
+//! inconsistent with one already witnessed is a split view: flagged in the
+//! metrics, the log and Admin status. Witnessing never blocks traffic.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+
+use antar_core::checkpoint::{cosign, origin, verify_cosignature, Checkpoint as Note};
+use antar_core::merkle::{self, Hash};
+use antar_core::wire::peer_client::PeerClient;
+use antar_core::wire::{Checkpoint, Cosignature, WitnessRequest, WitnessResponse};
+use antar_core::Identity;
+
+use crate::error::NodeError;
+use crate::state::Shared;
+
+/// Metadata keys: the newest checkpoint witnessed per agency, the size last
+/// cosigned per peer, and split views found per agency.
+const SEEN: &[u8] = b"seen\0";
+const COSIGNED: &[u8] = b"wit\0";
+const SPLIT: &[u8] = b"split\0";
+
+fn key(prefix: &[u8], agency: &str) -> Vec<u8> {
+    [prefix, agency.as_bytes()].concat()
+}
+
+/// Agencies caught presenting a split view, with what was found.
+pub(crate) fn split_views(shared: &Shared) -> Vec<(String, String)> {
+    shared
+        .store
+        .audit_meta_prefix(SPLIT)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k[SPLIT.len()..]).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn hashes(path: &[Vec<u8>]) -> Result<Vec<Hash>, NodeError> {
+    path.iter()
+        .map(|h| Hash::try_from(h.as_slice()).map_err(|_| NodeError::invalid("proof", "hashes are 32 bytes")))
+        .collect()
+}
+
+/// Serves `Peer.Witness` for the node `from`.
+pub(crate) async fn serve(
+    shared: &Shared,
+    from: &Identity,
+    r: WitnessRequest,
+) -> Result<WitnessResponse, NodeError> {
+    let cp = r
+        .checkpoint
+        .ok_or_else(|| NodeError::invalid("checkpoint", "missing"))?;
+    let (signer, public_key) = shared
+        .verifier
+        .node_signing_key(&r.signer_cert)
+        .map_err(|e| NodeError::invalid("signer_cert", e))?;
+    if signer.agency != from.agency {
+        return Err(NodeError::PermissionDenied(format!(
+            "{} may only ask to witness its own log, not {}'s",
+            from.agency, signer.agency
+        )));
+    }
+    let note = Note::verify(&cp.note, &public_key).map_err(|e| NodeError::invalid("checkpoint.note", e))?;
+    let agency = from.agency.as_str();
+    if note.origin != origin(&shared.config.federation, agency) {
+        return Err(NodeError::invalid(
+            "checkpoint.note",
+            format!("origin {:?}", note.origin),
+        ));
+    }
+    let seen = shared
+        .store
+        .audit_meta(&key(SEEN, agency))?
+        .and_then(|b| Checkpoint::decode(b.as_slice()).ok());
+    let known = seen.as_ref().map_or(0, |s| s.tree_size);
+    if r.old_size != known {
+        return Ok(WitnessResponse {
+            cosignature: String::new(),
+            known_size: known,
+            witness_cert: shared.signer.cert_der().to_vec(),
+        });
+    }
+    if let Some(seen) = &seen {
+        let old_root = Hash::try_from(seen.root_hash.as_slice()).unwrap_or_default();
+        let consistent =
+            merkle::verify_consistency(known, note.size, &hashes(&r.proof)?, &old_root, &note.root);
+        if let Err(e) = consistent {
+            let what = format!(
+                "checkpoint size {} root {} is not consistent with size {known} root {} witnessed before ({e})",
+                note.size,
+                hex::encode(note.root),
+                hex::encode(old_root)
+            );
+            tracing::error!(log = agency, %what, "SPLIT VIEW: a peer's log was rewritten or forked");
+            shared
+                .store
+                .put_audit_meta(&key(SPLIT, agency), what.as_bytes())
+                .await?;
+            return Err(NodeError::FailedPrecondition(format!(
+                "split view of {agency}'s log: {what}"
+            )));
+        }
+    }
+    shared
+        .store
+        .put_audit_meta(&key(SEEN, agency), &cp.encode_to_vec())
+        .await?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let line = cosign(
+        &note,
+        &origin(&shared.config.federation, shared.agency.as_str()),
+        &shared.signer,
+        now,
+    );
+    tracing::debug!(log = agency, size = note.size, "witnessed a checkpoint");
+    Ok(WitnessResponse {
+        cosignature: line,
+        known_size: note.size,
+        witness_cert: shared.signer.cert_der().to_vec(),
+    })
+}
+
+/// Asks every peer that has not cosigned `cp` yet to witness it; stores the
+/// cosignatures with the checkpoint. Failures are logged, never fatal.
+pub(crate) async fn request_all(shared: &Shared, mut cp: Checkpoint) {
+    let peers: Vec<(String, String)> = shared
+        .policy()
+        .peers()
+        .map(|(a, b)| (a.clone(), b.clone()))
+        .collect();
+    let mut changed = false;
+    for (peer, addr) in peers {
+        if cp.cosignatures.iter().any(|c| c.witness == peer) {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), request(shared, &peer, &addr, &cp)).await {
+            Ok(Ok(c)) => {
+                cp.cosignatures.push(c);
+                changed = true;
+            }
+            Ok(Err(e)) => tracing::warn!(%peer, error = %e, "checkpoint not witnessed"),
+            Err(_) => tracing::warn!(%peer, "checkpoint not witnessed: timed out"),
+        }
+    }
+    if changed {
+        if let Err(e) = shared
+            .store
+            .put_checkpoint(cp.tree_size, &cp.encode_to_vec())
+            .await
+        {
+            tracing::error!(error = %e, "cannot store cosignatures");
+        }
+    }
+}
+
+async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Result<Cosignature, String> {
+    let channel = crate::net::peer_channel(shared, peer, addr)?;
+    let mut client = PeerClient::new(channel);
+    let size = cp.tree_size;
+    let mut old = shared
+        .store
+        .audit_meta(&key(COSIGNED, peer))
+        .map_err(|e| e.to_string())?
+        .map_or(0, |v| u64::from_be_bytes(v.try_into().unwrap_or_default()));
+    // At most twice: once with what we believe the witness holds, once with what it says it holds.
+    for _ in 0..2 {
+        let proof = if old == 0 || old >= size {
+            Vec::new()
+        } else {
+            let leaves = shared.store.audit_leaf_hashes(size).map_err(|e| e.to_string())?;
+            merkle::consistency_proof(old as usize, &leaves)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|h| h.to_vec())
+                .collect()
+        };
+        let resp = client
+            .witness(WitnessRequest {
+                checkpoint: Some(Checkpoint {
+                    cosignatures: Vec::new(),
+                    ..cp.clone()
+                }),
+                signer_cert: shared.signer.cert_der().to_vec(),
+                old_size: old,
+                proof,
+            })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        if resp.cosignature.is_empty() {
+            old = resp.known_size;
+            continue;
+        }
+        let note = Note {
+            origin: origin(&shared.config.federation, shared.agency.as_str()),
+            size,
+            root: Hash::try_from(cp.root_hash.as_slice()).unwrap_or_default(),
+        };
+        let (witness, key) = shared
+            .verifier
+            .node_signing_key(&resp.witness_cert)
+            .map_err(|e| format!("witness certificate: {e}"))?;
+        verify_cosignature(
+            &resp.cosignature,
+            &note,
+            &origin(&shared.config.federation, witness.agency.as_str()),
+            &key,
+        )
+        .map_err(|e| format!("cosignature: {e}"))?;
+        shared
+            .store
+            .put_audit_meta(&key_of_cosigned(peer), &size.to_be_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(Cosignature {
+            witness: witness.agency.to_string(),
+            line: resp.cosignature,
+            cert: resp.witness_cert,
+        });
+    }
+    Err(format!(
+        "{peer} holds a checkpoint of size {old} this node cannot prove consistency from"
+    ))
+}
+
+fn key_of_cosigned(peer: &str) -> Vec<u8> {
+    key(COSIGNED, peer)
+}
