@@ -59,12 +59,19 @@ struct Validated {
 
 fn validate_send(
     shared: &Shared,
+    app: &str,
     req: SendRequest,
     correlation: Option<String>,
     traceparent: String,
 ) -> Result<Validated, NodeError> {
     if shared.draining() {
         return Err(NodeError::Draining);
+    }
+    if !shared.app_rate.allow(app, req.recipients.len().max(1)) {
+        return Err(NodeError::RateLimited(format!(
+            "app {app} is over limits.app_sends_per_sec = {}; slow down and retry",
+            shared.limits().app_sends_per_sec
+        )));
     }
     let kind = Kind::try_from(req.kind).unwrap_or(Kind::Unspecified);
     match (kind, &correlation) {
@@ -270,8 +277,13 @@ fn seal_all(shared: &Shared, v: &Validated) -> Vec<Sealed> {
         .collect()
 }
 
-async fn send(shared: &Shared, req: SendRequest, traceparent: String) -> Result<Vec<MessageId>, NodeError> {
-    let v = validate_send(shared, req, None, traceparent)?;
+async fn send(
+    shared: &Shared,
+    app: &str,
+    req: SendRequest,
+    traceparent: String,
+) -> Result<Vec<MessageId>, NodeError> {
+    let v = validate_send(shared, app, req, None, traceparent)?;
     if let Some(key) = &v.idempotency_key {
         let sender = shared.agency.to_string();
         if let Some(ids) = shared
@@ -380,10 +392,10 @@ impl AgencyService {
 #[tonic::async_trait]
 impl Agency for AgencyService {
     async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        let _app = auth::app(&self.shared, &req)?;
+        let app = auth::app(&self.shared, &req)?;
         let started = Instant::now();
         let traceparent = trace::from_metadata(req.metadata());
-        let ids = send(&self.shared, req.into_inner(), traceparent).await?;
+        let ids = send(&self.shared, &app, req.into_inner(), traceparent).await?;
         self.shared.metrics.send_seconds.observe(started.elapsed());
         Ok(Response::new(SendResponse {
             message_ids: ids.iter().map(ToString::to_string).collect(),
@@ -406,7 +418,7 @@ impl Agency for AgencyService {
         if r.kind != Kind::Request as i32 {
             return Err(NodeError::invalid("kind", "Call sends a KIND_REQUEST").into());
         }
-        let v = validate_send(&self.shared, r, None, traceparent)?;
+        let v = validate_send(&self.shared, &app, r, None, traceparent)?;
         if v.drafts.len() != 1 {
             return Err(NodeError::invalid("recipients", "Call takes exactly one recipient").into());
         }
@@ -529,7 +541,13 @@ impl Agency for AgencyService {
             idempotency_key: String::new(),
             ttl: None,
         };
-        let v = validate_send(&self.shared, send_req, Some(request_id.to_string()), traceparent)?;
+        let v = validate_send(
+            &self.shared,
+            &app,
+            send_req,
+            Some(request_id.to_string()),
+            traceparent,
+        )?;
         let sealed = seal_all(&self.shared, &v);
         let ids = accept(&self.shared, v, sealed).await?;
         self.shared.metrics.send_seconds.observe(started.elapsed());

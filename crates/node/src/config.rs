@@ -181,6 +181,10 @@ pub struct Limits {
     pub sweep_interval_ms: u64,
     /// Longest a TLS handshake may take before the connection is dropped, ms. Default 10000.
     pub handshake_timeout_ms: u64,
+    /// Envelopes one app may send per second (burst: one second's worth); 0: unlimited.
+    pub app_sends_per_sec: u64,
+    /// Items one peer may transfer per second (burst: one second's worth); 0: unlimited.
+    pub peer_items_per_sec: u64,
     /// Seconds between signed checkpoints of the Merkle log (when it grew).
     pub checkpoint_interval_secs: u64,
     /// Seconds after which the payload of a finished message (processed,
@@ -205,6 +209,8 @@ impl Default for Limits {
             cache_bytes: 64 << 20,
             sweep_interval_ms: 1_000,
             handshake_timeout_ms: 10_000,
+            app_sends_per_sec: 10_000,
+            peer_items_per_sec: 50_000,
             checkpoint_interval_secs: 60,
             payload_retention_secs: 0,
         }

@@ -31,6 +31,9 @@ pub enum NodeError {
         /// The configured quota.
         quota: u64,
     },
+    /// A caller is over its rate limit; others are served.
+    #[error("{0}")]
+    RateLimited(String),
     /// The node is draining for maintenance and accepts no new sends.
     #[error("node is draining for maintenance; send again once it is resumed")]
     Draining,
@@ -60,7 +63,7 @@ impl NodeError {
             Self::NotFound(_) => Code::NotFound,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::StoreFull { .. } => Code::ResourceExhausted,
+            Self::StoreFull { .. } | Self::RateLimited(_) => Code::ResourceExhausted,
             Self::Draining => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Store(_) => Code::Internal,

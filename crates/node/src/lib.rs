@@ -16,6 +16,7 @@ mod forward;
 mod metrics;
 mod net;
 mod peer;
+mod rate;
 mod state;
 mod trace;
 mod witness;
@@ -244,6 +245,8 @@ impl Node {
             tls_chain,
             tls_key,
             crls: RwLock::new(crls),
+            app_rate: rate::RateLimiter::new(config.limits.app_sends_per_sec),
+            peer_rate: rate::RateLimiter::new(config.limits.peer_items_per_sec),
             peer_tls: RwLock::new(peer_tls),
             config,
             shutdown: CancellationToken::new(),

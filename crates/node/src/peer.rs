@@ -85,10 +85,24 @@ impl Peer for PeerService {
                 let batch = match batch {
                     Ok(b) => b,
                     Err(status) => {
-                        tracing::debug!(peer = %from.agency, %status, "transfer stream ended");
+                        // Garbage on the stream: say so (INVALID_ARGUMENT) and end it.
+                        tracing::warn!(peer = %from.agency, %status, "transfer stream refused");
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 };
+                if !shared.peer_rate.allow(from.agency.as_str(), batch.items.len()) {
+                    let limit = shared.limits().peer_items_per_sec;
+                    tracing::warn!(peer = %from.agency, limit, "peer over its transfer rate; stream ended");
+                    let _ = tx
+                        .send(Err(NodeError::RateLimited(format!(
+                            "peer {} is over limits.peer_items_per_sec = {limit}; retry with backoff",
+                            from.agency
+                        ))
+                        .into()))
+                        .await;
+                    return;
+                }
                 let result = handle_batch(&shared, &calls, &from, batch).await;
                 let failed = result.is_err();
                 if tx.send(result.map_err(Status::from)).await.is_err() || failed {

@@ -154,6 +154,9 @@ pub(crate) struct Shared {
     pub(crate) crls: RwLock<Vec<Vec<u8>>>,
     /// The peer listener's TLS configuration; replaced on reload.
     pub(crate) peer_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// Per-app and per-peer rate limits.
+    pub(crate) app_rate: crate::rate::RateLimiter,
+    pub(crate) peer_rate: crate::rate::RateLimiter,
     /// Cancelled at shutdown: ends streams so connections can close.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }

@@ -1,0 +1,58 @@
+//! Token buckets per app and per peer: a flood from one caller is refused
+//! with `RESOURCE_EXHAUSTED` while everyone else is served.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// One bucket per key, refilled at `rate` tokens per second up to `rate`
+/// (one second of burst). A rate of 0 means unlimited.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(per_sec: u64) -> Self {
+        Self {
+            rate: per_sec as f64,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes `n` tokens from `key`'s bucket; false when there are not enough.
+    pub(crate) fn allow(&self, key: &str, n: usize) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 10_000 {
+            buckets.retain(|_, (_, at)| now.duration_since(*at).as_secs() < 60);
+        }
+        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((self.rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
+        *at = now;
+        if *tokens >= n as f64 {
+            *tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_cut_at_the_rate_and_others_are_untouched() {
+        let l = RateLimiter::new(10);
+        let granted = (0..100).filter(|_| l.allow("flood", 1)).count();
+        assert!((10..=11).contains(&granted), "{granted}");
+        assert!(l.allow("quiet", 1));
+        assert!(RateLimiter::new(0).allow("any", 1_000_000));
+    }
+}

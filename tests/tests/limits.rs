@@ -1,0 +1,133 @@
+//! Hostile clients and peers (issue 7): silent connections on both
+//! listeners, a peer streaming garbage, a flooding app. Each is refused on
+//! its own and the node keeps serving everyone else.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use antar_client::{Client, Credentials};
+use antar_tests::*;
+use tokio::io::AsyncReadExt as _;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_dropped_after_the_handshake_timeout() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.handshake_timeout_ms = 300;
+    let node = fed.start_with(config).await;
+    let app = fed.app("finance").await;
+    let addrs = fed.addrs["finance"];
+    // Twenty slow-loris connections per listener: TCP open, no TLS hello.
+    let mut idle = Vec::new();
+    for addr in [addrs.api, addrs.peer] {
+        for _ in 0..20 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+    }
+    // Everyone else is served meanwhile.
+    send(&app, notice("health", "tax.notice", b"still served")).await;
+    let started = Instant::now();
+    for mut conn in idle {
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle connection was kept open: {closed:?}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    send(&app, notice("health", "tax.notice", b"and after")).await;
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_streaming_garbage_is_refused_and_real_peers_carry_on() {
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "registry", "hub"] {
+        nodes.push(fed.start(a).await);
+    }
+    // The hub's real certificate, but garbage on Peer.Transfer.
+    let hub = fed.certs("hub");
+    let creds = Credentials::from_der(
+        antar_pki::read_cert_der(&hub.federation_root()).unwrap(),
+        antar_pki::read_certs_der(&hub.tls_cert()).unwrap(),
+        antar_pki::read_key_der(&hub.tls_key()).unwrap(),
+    );
+    let channel = Client::connect(&fed.addrs["registry"].peer.to_string(), &creds)
+        .await
+        .unwrap()
+        .channel();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/antar.v1.Peer/Transfer");
+    let garbage = tokio_stream::iter(vec![vec![0x0a, 0xff, 0xff, 0xff, 0x7f], vec![0xde, 0xad]]);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio_stream::StreamExt as _;
+        match grpc.streaming(tonic::Request::new(garbage), path, RawCodec).await {
+            Err(st) => st,
+            Ok(resp) => resp
+                .into_inner()
+                .next()
+                .await
+                .expect("the stream must end with an error")
+                .unwrap_err(),
+        }
+    })
+    .await
+    .expect("registry never answered the garbage");
+    assert_eq!(outcome.code(), Code::InvalidArgument, "{outcome:?}");
+
+    // Real traffic through the same hub to registry still flows.
+    let finance = fed.app("finance").await;
+    let id = send(&finance, notice("registry", "birth.lookup", b"after the garbage")).await;
+    let got = receive(&fed.app("registry").await, 1, 10, true).await;
+    assert_eq!(
+        got.iter().map(|d| envelope_of(d).id).collect::<Vec<_>>(),
+        vec![id]
+    );
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_app_is_limited_and_other_apps_are_served() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.app_sends_per_sec = 20;
+    let node = fed.start_with(config).await;
+    let flood = fed.app("finance").await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        let flood = flood.clone();
+        tasks.spawn(async move {
+            flood
+                .agency()
+                .send(notice("health", "tax.notice", &i.to_be_bytes()))
+                .await
+        });
+    }
+    let (mut ok, mut limited) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(_) => ok += 1,
+            Err(st) => {
+                assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+                assert!(st.message().contains("limits.app_sends_per_sec = 20"), "{st:?}");
+                limited += 1;
+            }
+        }
+    }
+    assert!(limited >= 150, "only {limited} of 200 refused ({ok} accepted)");
+    assert!(ok >= 20, "the first second's burst is served: {ok}");
+    // Another app of the same agency has its own bucket.
+    let other = fed.named_app("finance", "payroll").await;
+    send(&other, notice("health", "tax.notice", b"payroll is not flooding")).await;
+    // Every accepted send is really queued; refused ones stored nothing.
+    let admin = fed.admin("finance").await;
+    assert_eq!(backlog(&admin, "health").await, ok + 1);
+    node.stop().await.unwrap();
+}
