@@ -23,7 +23,7 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Example:\n  antar bench --messages 20000 --size 1024 --senders 32\n\nPrints: RESULT sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…"
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --messages 20000                          # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --json report.json\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…\nLatency is from the send's (scheduled, in open loop) start to the delivery at the receiving app."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total.
@@ -41,6 +41,19 @@ pub struct BenchArgs {
     /// Directory for the nodes' certificates and stores (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Open loop: offer this many sends per second on a fixed schedule (no
+    /// coordinated omission); without it, closed loop with --senders.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Route finance -> hub -> health (two hops) instead of finance -> health.
+    #[arg(long)]
+    via_hub: bool,
+    /// notice, or transaction (each with its own idempotency key).
+    #[arg(long, default_value = "notice", value_parser = ["notice", "transaction"])]
+    kind: String,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn now_ns() -> u64 {
@@ -50,22 +63,31 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-async fn start_pair(
+fn spec(id: &str, peers: &[&str], default_route: Option<&str>) -> AgencySpec {
+    AgencySpec {
+        id: id.into(),
+        peers: peers.iter().map(|p| (*p).to_owned()).collect(),
+        default_route: default_route.map(str::to_owned),
+    }
+}
+
+async fn start_nodes(
     dir: &std::path::Path,
+    via_hub: bool,
 ) -> anyhow::Result<(Vec<Node>, antar_pki::federation_file::FederationFile)> {
     let layout = DevLayout::new(dir);
-    let topology = vec![
-        AgencySpec {
-            id: "finance".into(),
-            peers: vec!["health".into()],
-            default_route: None,
-        },
-        AgencySpec {
-            id: "health".into(),
-            peers: vec!["finance".into()],
-            default_route: None,
-        },
-    ];
+    let topology = if via_hub {
+        vec![
+            spec("finance", &["hub"], Some("hub")),
+            spec("hub", &["finance", "health"], None),
+            spec("health", &["hub"], Some("hub")),
+        ]
+    } else {
+        vec![
+            spec("finance", &["health"], None),
+            spec("health", &["finance"], None),
+        ]
+    };
     layout.ensure_pki(&topology)?;
     let mut addrs = BTreeMap::new();
     let mut bound = Vec::new();
@@ -120,7 +142,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let mut fed_file_dir = dir.clone();
     fed_file_dir.push("federation.json");
-    let (nodes, fed) = start_pair(&dir)
+    let (nodes, fed) = start_nodes(&dir, args.via_hub)
         .await
         .context("cannot start the two bench nodes")?;
     fed.save(&fed_file_dir)?;
@@ -157,9 +179,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 delivered.fetch_add(1, Ordering::Relaxed);
                 let mut a = agency.clone();
                 acks.spawn(async move {
+                    let outcome = if env.kind == Kind::Transaction as i32 {
+                        wire::Outcome::Committed as i32
+                    } else {
+                        0
+                    };
                     a.ack(wire::AckRequest {
                         message_id: env.id,
-                        ..Default::default()
+                        outcome,
+                        result: Vec::new(),
                     })
                     .await
                 });
@@ -193,26 +221,67 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let payload = vec![0x5au8; args.size];
+    let transaction = args.kind == "transaction";
+    let request = move |i: u64, ts: u64, payload: Vec<u8>| wire::SendRequest {
+        kind: if transaction {
+            Kind::Transaction
+        } else {
+            Kind::Notice
+        } as i32,
+        recipients: vec!["health".into()],
+        service: "bench.load".into(),
+        payload,
+        headers: [("bench-ts".to_owned(), ts.to_string())].into(),
+        idempotency_key: if transaction {
+            format!("bench-{i}")
+        } else {
+            String::new()
+        },
+        ..Default::default()
+    };
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut senders = tokio::task::JoinSet::new();
-    for _ in 0..args.senders.max(1) {
-        let (mut agency, next, payload) = (sender.agency(), next.clone(), payload.clone());
-        senders.spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                agency
-                    .send(wire::SendRequest {
-                        kind: Kind::Notice as i32,
-                        recipients: vec!["health".into()],
-                        service: "bench.load".into(),
-                        payload: payload.clone(),
-                        headers: [("bench-ts".to_owned(), now_ns().to_string())].into(),
-                        ..Default::default()
-                    })
-                    .await?;
+    match args.rate {
+        Some(rate) => {
+            // Open loop: send i is due at start + i / rate whatever happened
+            // before; its latency counts from then.
+            let start_ns = now_ns();
+            let agency = sender.agency();
+            let interval = 1e9 / rate.max(1) as f64;
+            senders.spawn(async move {
+                let mut inflight = tokio::task::JoinSet::new();
+                for i in 0..total {
+                    let due = Duration::from_nanos((i as f64 * interval) as u64);
+                    tokio::time::sleep_until((start + due).into()).await;
+                    let mut agency = agency.clone();
+                    let req = request(i, start_ns + due.as_nanos() as u64, payload.clone());
+                    inflight.spawn(async move { agency.send(req).await.map(drop) });
+                    while let Some(r) = inflight.try_join_next() {
+                        r??;
+                    }
+                }
+                while let Some(r) = inflight.join_next().await {
+                    r??;
+                }
+                anyhow::Ok(())
+            });
+        }
+        None => {
+            for _ in 0..args.senders.max(1) {
+                let (mut agency, next, payload) = (sender.agency(), next.clone(), payload.clone());
+                senders.spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            break;
+                        }
+                        agency.send(request(i, now_ns(), payload.clone())).await?;
+                    }
+                    anyhow::Ok(())
+                });
             }
-            anyhow::Ok(())
-        });
+        }
     }
     while let Some(r) = senders.join_next().await {
         r??;
@@ -233,15 +302,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or(0) as f64
             / 1e6
     };
+    let mode = match args.rate {
+        Some(r) => format!("open rate={r}"),
+        None => format!("closed senders={}", args.senders),
+    };
+    let hops = if args.via_hub { 2 } else { 1 };
     println!(
-        "RESULT messages={total} size={} senders={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+        "RESULT mode={mode} hops={hops} kind={} messages={total} size={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+        args.kind,
         args.size,
-        args.senders,
         total as f64 / sent_secs,
         total as f64 / all_secs,
         pct(0.50),
         pct(0.99)
     );
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "mode": if args.rate.is_some() { "open" } else { "closed" },
+            "offered_per_s": args.rate, "senders": args.senders, "hops": hops, "kind": args.kind,
+            "messages": total, "size": args.size,
+            "sent_per_s": total as f64 / sent_secs, "delivered_per_s": total as f64 / all_secs,
+            "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),
+                            "max": pct(1.0) },
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     for n in nodes {
         n.stop().await?;
     }
