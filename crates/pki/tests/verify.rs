@@ -226,3 +226,89 @@ fn signing_key_loads_from_files_written_by_the_crate() {
         .verify_envelope(&sealed.envelope)
         .unwrap();
 }
+
+#[test]
+fn round_trips_and_every_flipped_bit_is_refused() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let tax = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+    let v = verifier(&root, Revocations::none());
+    let sealed = draft("tax", SystemTime::now()).seal(b"{\"child\":1}".to_vec(), &signer(&tax));
+    v.verify_envelope(&sealed.envelope)
+        .unwrap()
+        .check_payload(&sealed.payload)
+        .unwrap();
+
+    // Any bit of the signed envelope bytes, or of the signature: the signature fails.
+    for i in 0..sealed.envelope.envelope.len() * 8 {
+        let mut e = sealed.envelope.clone();
+        e.envelope[i / 8] ^= 1 << (i % 8);
+        assert_eq!(
+            v.verify_envelope(&e).unwrap_err(),
+            VerifyError::BadSignature,
+            "envelope bit {i}"
+        );
+    }
+    for i in 0..sealed.envelope.signature.len() * 8 {
+        let mut e = sealed.envelope.clone();
+        e.signature[i / 8] ^= 1 << (i % 8);
+        assert_eq!(
+            v.verify_envelope(&e).unwrap_err(),
+            VerifyError::BadSignature,
+            "signature bit {i}"
+        );
+    }
+    // Any bit of the detached payload or of its salt: the digest fails.
+    let verified = v.verify_envelope(&sealed.envelope).unwrap();
+    for i in 0..sealed.payload.data.len() * 8 {
+        let mut p = sealed.payload.clone();
+        p.data[i / 8] ^= 1 << (i % 8);
+        assert_eq!(
+            verified.check_payload(&p).unwrap_err(),
+            VerifyError::PayloadDigest,
+            "payload bit {i}"
+        );
+    }
+    for i in 0..sealed.payload.salt.len() * 8 {
+        let mut p = sealed.payload.clone();
+        p.salt[i / 8] ^= 1 << (i % 8);
+        assert_eq!(
+            verified.check_payload(&p).unwrap_err(),
+            VerifyError::PayloadDigest,
+            "salt bit {i}"
+        );
+    }
+    let mut short = sealed.payload.clone();
+    short.data.pop();
+    assert!(matches!(
+        verified.check_payload(&short),
+        Err(VerifyError::PayloadSize { .. })
+    ));
+
+    // Receipts: round trip, then any flipped bit of the bytes or the signature.
+    let receipt = antar_core::wire::Receipt {
+        message_id: verified.id.to_string(),
+        envelope_sha256: antar_core::envelope::sha256(&sealed.envelope.envelope).to_vec(),
+        sender: "tax".into(),
+        recipient: "health".into(),
+        status: antar_core::wire::ReceiptStatus::Accepted as i32,
+        at: Some(antar_core::time::to_timestamp(SystemTime::now())),
+        issuer: "tax".into(),
+        ..Default::default()
+    };
+    let signed = signer(&tax).sign_receipt(&receipt);
+    assert_eq!(v.verify_receipt(&signed).unwrap().receipt, receipt);
+    for i in 0..(signed.receipt.len() + signed.signature.len()) * 8 {
+        let mut r = signed.clone();
+        let (buf, j) = if i < signed.receipt.len() * 8 {
+            (&mut r.receipt, i)
+        } else {
+            (&mut r.signature, i - signed.receipt.len() * 8)
+        };
+        buf[j / 8] ^= 1 << (j % 8);
+        assert_eq!(
+            v.verify_receipt(&r).unwrap_err(),
+            VerifyError::BadSignature,
+            "receipt bit {i}"
+        );
+    }
+}
