@@ -21,7 +21,7 @@ use crate::conn::ConnArgs;
 /// `antar audit`.
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
-    /// Entries of the node's log, filtered (streamed; --limit per call, --after to page).
+    /// Entries of the node's log, filtered (streamed; --limit per call, --from-index to page).
     #[command(
         after_help = "Examples:\n  antar audit query --federation .antar-dev/federation.json --agency registry --message 01a2…\n  antar audit query ... --involving finance --status delivered --from 2026-11-01T00:00:00Z"
     )]
@@ -66,9 +66,9 @@ pub struct QueryArgs {
     /// Logged at or before (RFC 3339).
     #[arg(long)]
     until: Option<String>,
-    /// Start after this log index.
-    #[arg(long, default_value_t = 0)]
-    after: u64,
+    /// First log index to return (to page on: the last index printed + 1).
+    #[arg(long = "from-index", default_value_t = 0)]
+    from_index: u64,
     /// At most this many entries (0: the node's page of 1,000).
     #[arg(long, default_value_t = 0)]
     limit: u32,
@@ -192,7 +192,7 @@ async fn query(a: QueryArgs) -> anyhow::Result<ExitCode> {
             status,
             from: timestamp("from", &a.from)?,
             until: timestamp("until", &a.until)?,
-            after_index: a.after,
+            after_index: a.from_index,
             limit: a.limit,
             kind,
         })

@@ -407,7 +407,7 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                     "{}",
                     json!({
                         "version": s.version, "identity": s.identity, "agency": s.agency, "uptime_seconds": s.uptime_seconds,
-                        "store_bytes": s.store_bytes, "dead_letters": s.dead_letters, "draining": s.draining,
+                        "store_bytes": s.store_bytes, "dead_letters": s.dead_letters, "draining": s.draining, "split_views": s.split_views,
                         "peers": s.peers.iter().map(peer_json).collect::<Vec<_>>(),
                         "inboxes": s.inboxes.iter().map(|q| json!({"service": q.name, "depth": q.depth})).collect::<Vec<_>>(),
                     })
@@ -423,6 +423,12 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                     s.dead_letters,
                     if s.draining { ", DRAINING" } else { "" }
                 );
+                if !s.split_views.is_empty() {
+                    println!(
+                        "  SPLIT VIEW of: {} (their log contradicts a checkpoint this node witnessed; see docs/auditing.md)",
+                        s.split_views.join(", ")
+                    );
+                }
                 for p in &s.peers {
                     print_peer(p);
                 }

@@ -92,8 +92,8 @@ pub(crate) async fn checkpointer(shared: Arc<Shared>, token: tokio_util::sync::C
         purge_payloads(&shared);
         match checkpoint_now(&shared).await {
             Ok(cp) => {
+                let cp = crate::witness::request_all(&shared, cp).await;
                 shared.metrics.checkpoint_signed(&cp);
-                crate::witness::request_all(&shared, cp).await;
             }
             Err(e) => tracing::error!(error = %e, "log checkpoint failed"),
         }
@@ -317,8 +317,12 @@ impl Audit for AuditService {
 /// Everything an auditor needs to verify this node's log offline.
 pub(crate) async fn export_bundle(shared: &Shared) -> Result<AuditBundle, NodeError> {
     let latest = checkpoint_now(shared).await?;
-    let checkpoints = stored_checkpoints(shared)?;
     let size = latest.tree_size;
+    // The checkpointer may store a newer one meanwhile: export up to `latest`.
+    let checkpoints: Vec<Checkpoint> = stored_checkpoints(shared)?
+        .into_iter()
+        .filter(|c| c.tree_size <= size)
+        .collect();
     let entries: Vec<Vec<u8>> = shared
         .store
         .audit_entries(0, size as usize)?

@@ -101,6 +101,11 @@ async fn session(
             notified.as_mut().enable();
             let items = shared.store.outbox_batch(peer, cursor, limits.batch_size)?;
             if !items.is_empty() {
+                // Only durable items leave the node: an item committed but not
+                // yet flushed could reach the peer and then vanish here in a
+                // crash (a DELIVERED receipt issued twice, an envelope whose
+                // Send the app saw fail delivered anyway).
+                shared.store.durable().await?;
                 let mut batch = TransferBatch::default();
                 let mut seqs = Vec::with_capacity(items.len());
                 let mut bytes = 0;

@@ -131,8 +131,9 @@ pub(crate) async fn serve(
 }
 
 /// Asks every peer that has not cosigned `cp` yet to witness it; stores the
-/// cosignatures with the checkpoint. Failures are logged, never fatal.
-pub(crate) async fn request_all(shared: &Shared, mut cp: Checkpoint) {
+/// cosignatures with the checkpoint and returns it. Failures are logged,
+/// never fatal.
+pub(crate) async fn request_all(shared: &Shared, mut cp: Checkpoint) -> Checkpoint {
     let peers: Vec<(String, String)> = shared
         .policy()
         .peers()
@@ -161,6 +162,7 @@ pub(crate) async fn request_all(shared: &Shared, mut cp: Checkpoint) {
             tracing::error!(error = %e, "cannot store cosignatures");
         }
     }
+    cp
 }
 
 async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Result<Cosignature, String> {

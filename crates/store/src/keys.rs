@@ -13,7 +13,7 @@
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
 //! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log |
 //! | `audit_hash` | index (u64 BE) | leaf hash `SHA-256(0x00 ‖ entry)` |
-//! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) | log size (u64 BE) / a signed `Checkpoint` |
+//! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
 //!
 //! Sequence numbers come from sled's monotonic id generator, so queues are FIFO.
 
