@@ -107,7 +107,8 @@ fn node_tls_profile() {
         identity_of(&ck.cert_der()).unwrap(),
         Identity::node(FED, agency("tax"))
     );
-    assert!(ck.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    // One PKCS#8 block, generated just now; no key material lives in the source.
+    assert_eq!(pem::parse(&ck.key_pem).unwrap().tag(), crate::files::PRIVATE_KEY);
 }
 
 #[test]
@@ -371,7 +372,7 @@ fn read_errors_name_the_file() {
     write_cert(&cert, root.cert_pem()).unwrap();
     let err = read_key_der(&cert).unwrap_err();
     assert!(
-        matches!(&err, PkiError::MissingPem { path, label: "PRIVATE KEY" } if *path == cert),
+        matches!(&err, PkiError::MissingPem { path, label } if *path == cert && *label == crate::files::PRIVATE_KEY),
         "{err:?}"
     );
     assert!(matches!(
@@ -417,8 +418,13 @@ fn serial_hex_parsing() {
 fn debug_never_prints_keys() {
     let root = Ca::new_federation_root(FED, 3650).unwrap();
     let ck = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
-    assert!(!format!("{root:?}").contains("PRIVATE KEY"));
-    assert!(!format!("{ck:?}").contains("PRIVATE KEY"));
+    let marker = crate::files::PRIVATE_KEY;
+    assert!(!format!("{root:?}").contains(marker));
+    assert!(!format!("{ck:?}").contains(marker));
+    assert!(
+        !format!("{ck:?}").contains(&ck.key_pem[30..60]),
+        "no key bytes either"
+    );
 }
 
 #[test]
