@@ -382,3 +382,57 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
     }
 }
+
+/// The sender node's view of a message.
+pub async fn track(client: &Client, id: &str) -> wire::TrackResponse {
+    client
+        .agency()
+        .track(wire::TrackRequest {
+            message_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls Track until `id` is in `state`, for at most `secs` seconds.
+pub async fn until_state(
+    client: &Client,
+    id: &str,
+    state: wire::MessageState,
+    secs: u64,
+) -> wire::TrackResponse {
+    eventually(secs, &format!("{id} {state:?}"), || async {
+        let t = track(client, id).await;
+        (t.state == state as i32).then_some(t)
+    })
+    .await
+}
+
+/// The statuses of a message's receipts, each verified against the federation root.
+pub fn verified_statuses(fed: &Federation, t: &wire::TrackResponse) -> Vec<(i32, String)> {
+    let verifier = fed.verifier();
+    t.receipts
+        .iter()
+        .map(|r| {
+            let v = verifier.verify_receipt(r).expect("every receipt verifies");
+            (v.receipt.status, v.receipt.issuer)
+        })
+        .collect()
+}
+
+/// The whole Audit export of the node `client` (an auditor) talks to.
+pub async fn export(client: &Client) -> Vec<u8> {
+    use tokio_stream::StreamExt as _;
+    let mut stream = client
+        .audit()
+        .export(wire::ExportRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap().data);
+    }
+    out
+}

@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use antar_client::{Client, ClientRole};
+use antar_client::ClientRole;
 use antar_core::audit::{verify_bundle, AuditError};
 use antar_core::checkpoint::{origin, Checkpoint as Note};
 use antar_core::merkle;
@@ -17,20 +17,6 @@ use antar_tests::*;
 use prost::Message as _;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
-
-async fn export(client: &Client) -> Vec<u8> {
-    let mut stream = client
-        .audit()
-        .export(wire::ExportRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        out.extend_from_slice(&chunk.unwrap().data);
-    }
-    out
-}
 
 /// Traffic of all four kinds between finance, registry (via hub) and health.
 async fn traffic(fed: &Federation) -> String {
@@ -112,18 +98,7 @@ async fn traffic(fed: &Federation) -> String {
     responder.await.unwrap();
     receive(&fed.app("health").await, 2, 10, true).await;
     for id in [&payment, &ids[1]] {
-        eventually(15, "PROCESSED", || async {
-            let t = finance
-                .agency()
-                .track(wire::TrackRequest {
-                    message_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (t.state == wire::MessageState::Processed as i32).then_some(())
-        })
-        .await;
+        until_state(&finance, id, wire::MessageState::Processed, 15).await;
     }
     payment
 }

@@ -249,16 +249,7 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
     // And every node's log still verifies after all the kills.
     for a in agencies {
         let auditor = fed.client(a, ClientRole::Auditor).await;
-        let mut stream = auditor
-            .audit()
-            .export(wire::ExportRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let mut bundle = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            bundle.extend_from_slice(&chunk.unwrap().data);
-        }
+        let bundle = export(&auditor).await;
         antar_core::audit::verify_bundle(&bundle, &verifier).unwrap_or_else(|e| panic!("{a}: {e}"));
     }
     for (_, c) in children {

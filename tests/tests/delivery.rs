@@ -38,18 +38,7 @@ async fn direct_and_relayed_delivery_carry_the_exact_bytes_and_verified_sender()
 
     // Both messages end PROCESSED at finance with receipts that verify.
     for id in [&direct, &relayed] {
-        let track = eventually(10, "PROCESSED at finance", || async {
-            let t = finance
-                .agency()
-                .track(wire::TrackRequest {
-                    message_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (t.state == wire::MessageState::Processed as i32).then_some(t)
-        })
-        .await;
+        let track = until_state(&finance, id, wire::MessageState::Processed, 10).await;
         let statuses: Vec<i32> = track
             .receipts
             .iter()

@@ -197,18 +197,7 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
     // 3. Each reason reaches finance in a REJECTED receipt signed by registry.
     let verifier = fed.verifier();
     for (id, reason) in ids.iter().zip(expected) {
-        let t = eventually(15, reason, || async {
-            let t = finance
-                .agency()
-                .track(wire::TrackRequest {
-                    message_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (t.state == wire::MessageState::Rejected as i32).then_some(t)
-        })
-        .await;
+        let t = until_state(&finance, id, wire::MessageState::Rejected, 15).await;
         assert_eq!(t.reason, reason);
         let r = verifier
             .verify_receipt(t.receipts.last().unwrap())

@@ -79,18 +79,7 @@ async fn services_reach_only_their_owner_and_senders_with_the_right() {
     // The sender learns why, in a receipt signed by registry.
     let verifier = fed.verifier();
     for (id, reason) in [(&refused, "no_access_right"), (&unknown, "unknown_service")] {
-        let t = eventually(10, reason, || async {
-            let t = finance
-                .agency()
-                .track(wire::TrackRequest {
-                    message_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (t.state == wire::MessageState::Rejected as i32).then_some(t)
-        })
-        .await;
+        let t = until_state(&finance, id, wire::MessageState::Rejected, 10).await;
         assert_eq!(t.reason, reason);
         let last = verifier
             .verify_receipt(t.receipts.last().unwrap())

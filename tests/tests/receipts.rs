@@ -11,37 +11,6 @@ use antar_client::Client;
 use antar_tests::*;
 use tonic::Code;
 
-async fn track(client: &Client, id: &str) -> wire::TrackResponse {
-    client
-        .agency()
-        .track(wire::TrackRequest {
-            message_id: id.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn until_state(client: &Client, id: &str, state: wire::MessageState, secs: u64) -> wire::TrackResponse {
-    eventually(secs, &format!("{id} {state:?}"), || async {
-        let t = track(client, id).await;
-        (t.state == state as i32).then_some(t)
-    })
-    .await
-}
-
-/// The statuses of a message's receipts, each verified against the federation root.
-fn verified_statuses(fed: &Federation, t: &wire::TrackResponse) -> Vec<(i32, String)> {
-    let verifier = fed.verifier();
-    t.receipts
-        .iter()
-        .map(|r| {
-            let v = verifier.verify_receipt(r).expect("every receipt verifies");
-            (v.receipt.status, v.receipt.issuer)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_come_back_signed_across_a_hub_restart() {
     let fed = Federation::standard();

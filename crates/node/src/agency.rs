@@ -230,10 +230,9 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                     expires_at_ms: expires_ms(&env),
                     ..Default::default()
                 };
-                tx.log_receipt(&accepted.encode_to_vec())?;
                 let id = s.id.to_string();
                 crate::state::audit_envelope(tx, &s.envelope, &id)?;
-                crate::state::audit_receipt(tx, &accepted, &id)?;
+                crate::state::log_own_receipt(tx, &accepted, &id)?;
                 if env.recipient == sender {
                     shared.deliver_local(tx, &s.id, record, &env, &s.envelope.envelope)?;
                 } else {

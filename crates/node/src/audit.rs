@@ -61,24 +61,30 @@ pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeEr
     Ok(c)
 }
 
+fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, NodeError> {
+    Checkpoint::decode(bytes).map_err(|e| {
+        NodeError::Store(antar_store::StoreError::Corrupt {
+            tree: "audit_meta",
+            detail: e.to_string(),
+        })
+    })
+}
+
 fn stored_checkpoints(shared: &Shared) -> Result<Vec<Checkpoint>, NodeError> {
     shared
         .store
         .checkpoints()?
         .iter()
-        .map(|b| {
-            Checkpoint::decode(b.as_slice()).map_err(|e| {
-                NodeError::Store(antar_store::StoreError::Corrupt {
-                    tree: "audit_meta",
-                    detail: e.to_string(),
-                })
-            })
-        })
+        .map(|b| decode_checkpoint(b))
         .collect()
 }
 
 fn latest_stored(shared: &Shared) -> Result<Option<Checkpoint>, NodeError> {
-    Ok(stored_checkpoints(shared)?.pop())
+    shared
+        .store
+        .latest_checkpoint()?
+        .map(|b| decode_checkpoint(&b))
+        .transpose()
 }
 
 /// Runs until shutdown: a checkpoint every `limits.checkpoint_interval_secs` when the log grew.

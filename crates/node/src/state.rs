@@ -246,7 +246,7 @@ impl Shared {
         if tx.mark_seen("receipt", &digest)? {
             return Ok(());
         }
-        audit_receipt(tx, signed, &receipt.message_id)?;
+        log_own_receipt(tx, signed, &receipt.message_id)?;
         let Ok(id) = MessageId::parse(&receipt.message_id) else {
             return Ok(());
         };
@@ -259,7 +259,6 @@ impl Shared {
             record.receipts.push(signed.clone());
             tx.put_message(&id, &record)?;
         }
-        tx.log_receipt(&signed.encode_to_vec())?;
         Ok(())
     }
 
@@ -337,6 +336,14 @@ pub(crate) fn expires_ms(envelope: &Envelope) -> u64 {
 pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &str) -> Result<(), TxError> {
     tx.audit_append(EntryKind::Envelope, &signed.encode_to_vec(), message_id)
         .map(drop)
+}
+
+/// A receipt about one of this node's own messages, encoded once: into the
+/// `WatchReceipts` feed and the Merkle log, in the caller's transaction.
+pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<(), TxError> {
+    let bytes = signed.encode_to_vec();
+    tx.log_receipt(&bytes)?;
+    tx.audit_append(EntryKind::Receipt, &bytes, message_id).map(drop)
 }
 
 /// Logs a signed receipt in the node's Merkle log, in the caller's transaction.

@@ -208,7 +208,7 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
             size,
             root: Hash::try_from(cp.root_hash.as_slice()).unwrap_or_default(),
         };
-        let (witness, key) = shared
+        let (witness, witness_key) = shared
             .verifier
             .node_signing_key(&resp.witness_cert)
             .map_err(|e| format!("witness certificate: {e}"))?;
@@ -216,12 +216,12 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
             &resp.cosignature,
             &note,
             &origin(&shared.config.federation, witness.agency.as_str()),
-            &key,
+            &witness_key,
         )
         .map_err(|e| format!("cosignature: {e}"))?;
         shared
             .store
-            .put_audit_meta(&key_of_cosigned(peer), &size.to_be_bytes())
+            .put_audit_meta(&key(COSIGNED, peer), &size.to_be_bytes())
             .await
             .map_err(|e| e.to_string())?;
         return Ok(Cosignature {
@@ -233,8 +233,4 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
     Err(format!(
         "{peer} holds a checkpoint of size {old} this node cannot prove consistency from"
     ))
-}
-
-fn key_of_cosigned(peer: &str) -> Vec<u8> {
-    key(COSIGNED, peer)
 }

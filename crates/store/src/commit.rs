@@ -6,6 +6,13 @@
 //! released. A ticket is only taken after its transaction committed, so a
 //! flush that starts after the ticket covers it. A failed flush poisons the
 //! store for good (fail-stop): nothing may be acknowledged after it.
+//!
+//! Every write is bracketed by [`GroupCommit::begin`] and
+//! [`GroupCommit::end`], which count writes in flight and writes done; the
+//! flusher records how many were done when it started. `durable` returns at
+//! once when no write is in flight and a finished flush covers every done
+//! write, so a caller that merely needs "what I read is on disk" (the
+//! forwarder) costs no extra flush.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,6 +29,10 @@ enum Flushed {
 
 pub(crate) struct GroupCommit {
     tickets: Arc<AtomicU64>,
+    /// Writes in flight; writes done; how many done writes a finished flush covers.
+    inflight: AtomicU64,
+    commits: Arc<AtomicU64>,
+    covered: Arc<AtomicU64>,
     wake: Arc<(Mutex<Wake>, Condvar)>,
     flushed: watch::Receiver<Flushed>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -51,15 +62,21 @@ impl Drop for GroupCommit {
 impl GroupCommit {
     pub(crate) fn start(db: sled::Db) -> Self {
         let tickets = Arc::new(AtomicU64::new(0));
+        let commits = Arc::new(AtomicU64::new(0));
+        let covered = Arc::new(AtomicU64::new(0));
         let wake = Arc::new((Mutex::new(Wake::default()), Condvar::new()));
         let (tx, rx) = watch::channel(Flushed::UpTo(0));
         let (t, w) = (tickets.clone(), wake.clone());
+        let counts = (commits.clone(), covered.clone());
         let spawned = std::thread::Builder::new()
             .name("antar-flusher".into())
-            .spawn(move || flusher(db, t, w, tx));
+            .spawn(move || flusher(db, t, counts, w, tx));
         match spawned {
             Ok(thread) => Self {
                 tickets,
+                inflight: AtomicU64::new(0),
+                commits,
+                covered,
                 wake,
                 flushed: rx,
                 thread: Some(thread),
@@ -69,6 +86,9 @@ impl GroupCommit {
                 let (_, rx) = watch::channel(Flushed::Poisoned(format!("cannot start flusher: {e}")));
                 Self {
                     tickets,
+                    inflight: AtomicU64::new(0),
+                    commits,
+                    covered,
                     wake,
                     flushed: rx,
                     thread: None,
@@ -84,7 +104,23 @@ impl GroupCommit {
         }
     }
 
+    /// A write starts (before sled commits anything).
+    pub(crate) fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The write started by [`GroupCommit::begin`] is over, committed or not.
+    pub(crate) fn end(&self) {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
     pub(crate) async fn durable(&self) -> Result<(), StoreError> {
+        if self.inflight.load(Ordering::SeqCst) == 0
+            && self.covered.load(Ordering::SeqCst) >= self.commits.load(Ordering::SeqCst)
+        {
+            return self.check();
+        }
         let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
         {
             let (lock, cvar) = &*self.wake;
@@ -106,6 +142,7 @@ impl GroupCommit {
 fn flusher(
     db: sled::Db,
     tickets: Arc<AtomicU64>,
+    (commits, covered): (Arc<AtomicU64>, Arc<AtomicU64>),
     wake: Arc<(Mutex<Wake>, Condvar)>,
     tx: watch::Sender<Flushed>,
 ) {
@@ -128,8 +165,10 @@ fn flusher(
         if target == done {
             continue;
         }
+        let writes = commits.load(Ordering::SeqCst);
         match db.flush() {
             Ok(_) => {
+                covered.fetch_max(writes, Ordering::SeqCst);
                 done = target;
                 tx.send_replace(Flushed::UpTo(target));
             }

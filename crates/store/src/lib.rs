@@ -134,12 +134,14 @@ impl Store {
     ) -> Result<T, Result<Abort, StoreError>> {
         self.inner.commit.check().map_err(Err)?;
         let effects = std::cell::RefCell::new(tx::Effects::default());
+        self.inner.commit.begin();
         let result = self.inner.trees.as_slice().transaction(|trees| {
             let tx = Tx::new(trees);
             let out = f(&tx).map_err(|e| e.0)?;
             *effects.borrow_mut() = tx.into_effects();
             Ok(out)
         });
+        self.inner.commit.end();
         use sled::transaction::TransactionError;
         let out = match result {
             Ok(out) => out,
@@ -385,7 +387,10 @@ impl Store {
     pub async fn put_checkpoint(&self, size: u64, checkpoint: &[u8]) -> Result<(), StoreError> {
         let mut key = keys::CHECKPOINT_PREFIX.to_vec();
         key.extend_from_slice(&size.to_be_bytes());
-        self.inner.trees[keys::AUDIT_META].insert(key, checkpoint)?;
+        self.inner.commit.begin();
+        let inserted = self.inner.trees[keys::AUDIT_META].insert(key, checkpoint);
+        self.inner.commit.end();
+        inserted?;
         self.durable().await
     }
 
@@ -416,8 +421,23 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub async fn put_audit_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.inner.trees[keys::AUDIT_META].insert(key, value)?;
+        self.inner.commit.begin();
+        let inserted = self.inner.trees[keys::AUDIT_META].insert(key, value);
+        self.inner.commit.end();
+        inserted?;
         self.durable().await
+    }
+
+    /// The newest stored checkpoint (encoded `Checkpoint`), if any.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn latest_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.trees[keys::AUDIT_META]
+            .scan_prefix(keys::CHECKPOINT_PREFIX)
+            .next_back()
+            .transpose()?
+            .map(|(_, v)| v.to_vec()))
     }
 
     /// Every stored checkpoint (encoded `Checkpoint`), oldest first.
