@@ -72,7 +72,7 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
     let finance_node = fed.start("finance").await;
     let registry_node = fed.start("registry").await;
 
-    // 1. The hostile hub takes custody of three genuine envelopes from finance.
+    // 1. The hostile hub takes custody of five genuine envelopes from finance.
     let (captured_tx, mut captured) = mpsc::unbounded_channel();
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(
@@ -97,8 +97,10 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for body in [
         b"altered payload".as_slice(),
+        b"altered salt",
         b"re-signed by hub",
         b"altered header bytes",
+        b"altered signature",
     ] {
         // The app's W3C trace context travels with the envelope to the next hop.
         let mut req = tonic::Request::new(notice("registry", "birth.lookup", body));
@@ -118,7 +120,7 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
         );
     }
     let mut envelopes = Vec::new();
-    while envelopes.len() < 3 {
+    while envelopes.len() < ids.len() {
         let e = tokio::time::timeout(Duration::from_secs(10), captured.recv())
             .await
             .expect("finance never transferred to the hub")
@@ -135,10 +137,12 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
     //    uses the hub's certificate to hand registry tampered versions.
     let hub_node = fed.start("hub").await;
     envelopes.sort_by_key(|e| ids.iter().position(|id| *id == envelope_id(e)).unwrap());
-    let [mut payload_altered, mut resigned, mut bytes_altered] =
-        <[EnvelopeTransfer; 3]>::try_from(envelopes).unwrap();
+    let [mut payload_altered, mut salt_altered, mut resigned, mut bytes_altered, mut sig_altered] =
+        <[EnvelopeTransfer; 5]>::try_from(envelopes).unwrap();
 
     payload_altered.payload.as_mut().unwrap().data[0] ^= 1;
+    salt_altered.payload.as_mut().unwrap().salt[31] ^= 0x80;
+    sig_altered.envelope.as_mut().unwrap().signature[10] ^= 4;
 
     let hub_signer = antar_core::Signer::from_pkcs8(
         &antar_pki::read_key_der(&hub_certs.signing_key()).unwrap(),
@@ -165,17 +169,23 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
         .await
         .unwrap()
         .channel();
-    let items = [payload_altered, resigned, bytes_altered]
-        .into_iter()
-        .enumerate()
-        .map(|(seq, mut e)| {
-            e.hops.push("hub".into());
-            TransferItem {
-                seq: seq as u64,
-                item: Some(transfer_item::Item::Envelope(e)),
-            }
-        })
-        .collect();
+    let items = [
+        payload_altered,
+        salt_altered,
+        resigned,
+        bytes_altered,
+        sig_altered,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(seq, mut e)| {
+        e.hops.push("hub".into());
+        TransferItem {
+            seq: seq as u64,
+            item: Some(transfer_item::Item::Envelope(e)),
+        }
+    })
+    .collect();
     let mut acks = PeerClient::new(channel)
         .transfer(tokio_stream::iter([TransferBatch { items }]))
         .await
@@ -186,7 +196,13 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
         .expect("registry never acknowledged the batch")
         .unwrap()
         .unwrap();
-    let expected = ["payload_digest", "wrong_signer", "bad_signature"];
+    let expected = [
+        "payload_digest",
+        "salt_digest",
+        "wrong_signer",
+        "bytes_altered",
+        "bad_signature",
+    ];
     for (i, reason) in expected.iter().enumerate() {
         let a = &ack.acks[i];
         assert_eq!(a.seq, i as u64);

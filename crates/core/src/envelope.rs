@@ -82,6 +82,7 @@ impl Draft {
             content_type: self.content_type,
             payload_digest: payload_digest(&salt, &data).to_vec(),
             payload_size: data.len() as u64,
+            salt_sha256: sha256(&salt).to_vec(),
         };
         let envelope = signer.sign_envelope_bytes(envelope.encode_to_vec());
         Sealed {

@@ -3,6 +3,7 @@
 use prost::Message;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
+use crate::envelope::sha256;
 use crate::wire::{Receipt, SignedEnvelope, SignedReceipt};
 
 /// Prefix of the bytes an envelope signature covers: `domain || envelope`.
@@ -85,6 +86,7 @@ impl Signer {
     pub fn sign_envelope_bytes(&self, envelope: Vec<u8>) -> SignedEnvelope {
         let signature = self.sign(ENVELOPE_DOMAIN, &envelope);
         SignedEnvelope {
+            envelope_sha256: sha256(&envelope).to_vec(),
             envelope,
             signature,
             signer_cert: self.cert_der.clone(),
@@ -96,6 +98,7 @@ impl Signer {
         let receipt = receipt.encode_to_vec();
         let signature = self.sign(RECEIPT_DOMAIN, &receipt);
         SignedReceipt {
+            receipt_sha256: sha256(&receipt).to_vec(),
             receipt,
             signature,
             signer_cert: self.cert_der.clone(),

@@ -32,9 +32,16 @@ const OID_ED25519: &str = "1.3.101.112";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum VerifyError {
-    /// The signature does not verify over the signed bytes: the bytes or the signature were altered.
+    /// The signature does not verify, and the signed bytes are the ones the
+    /// signer digested (or no digest came with them): the signature was
+    /// altered, or made by another key.
     #[error("signature does not verify over the signed bytes")]
     BadSignature,
+    /// The signature does not verify because the signed bytes were altered
+    /// after signing: they no longer match the SHA-256 the signer sent with
+    /// them (`envelope_sha256` / `receipt_sha256`).
+    #[error("signed bytes were altered after signing: they do not match the signer's SHA-256")]
+    BytesAltered,
     /// The signed bytes verified but do not decode as the expected message.
     #[error("signed bytes are not a valid {0}")]
     Malformed(&'static str),
@@ -46,9 +53,14 @@ pub enum VerifyError {
         /// What is wrong with it.
         detail: String,
     },
-    /// The payload (or its salt) does not match the envelope's `payload_digest`.
+    /// The payload does not match the envelope's `payload_digest` (and its
+    /// salt matches `salt_sha256`, or the envelope carries none).
     #[error("payload does not match the envelope's payload_digest")]
     PayloadDigest,
+    /// The salt does not match the envelope's `salt_sha256`: the payload
+    /// cannot be checked against `payload_digest`.
+    #[error("salt does not match the envelope's salt_sha256")]
+    SaltDigest,
     /// The payload's length differs from the envelope's `payload_size`.
     #[error("payload is {actual} bytes, the envelope says {declared}")]
     PayloadSize {
@@ -107,6 +119,8 @@ impl VerifyError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::BadSignature => "bad_signature",
+            Self::BytesAltered => "bytes_altered",
+            Self::SaltDigest => "salt_digest",
             Self::Malformed(_) | Self::InvalidField { .. } => "malformed",
             Self::PayloadDigest | Self::PayloadSize { .. } => "payload_digest",
             Self::CertificateMalformed | Self::UnknownIssuer | Self::NotNodeIdentity { .. } => {
@@ -246,7 +260,8 @@ impl VerifiedEnvelope {
     /// Checks that `payload` is the one the signed header commits to.
     ///
     /// # Errors
-    /// [`VerifyError::PayloadSize`] or [`VerifyError::PayloadDigest`].
+    /// [`VerifyError::PayloadSize`], [`VerifyError::SaltDigest`] or
+    /// [`VerifyError::PayloadDigest`].
     pub fn check_payload(&self, payload: &Payload) -> Result<(), VerifyError> {
         let actual = payload.data.len() as u64;
         if actual != self.envelope.payload_size {
@@ -256,6 +271,11 @@ impl VerifiedEnvelope {
             });
         }
         if payload_digest(&payload.salt, &payload.data)[..] != self.envelope.payload_digest[..] {
+            // Only a failure pays for naming what was altered.
+            let salt = &self.envelope.salt_sha256;
+            if !salt.is_empty() && sha256(&payload.salt)[..] != salt[..] {
+                return Err(VerifyError::SaltDigest);
+            }
             return Err(VerifyError::PayloadDigest);
         }
         Ok(())
@@ -311,11 +331,12 @@ impl Verifier {
     /// One [`VerifyError`] variant per way it can fail.
     pub fn verify_envelope(&self, signed: &SignedEnvelope) -> Result<VerifiedEnvelope, VerifyError> {
         let cert = self.signer_cert(&signed.signer_cert)?;
-        verify_sig(
+        verify_signed(
             &cert.public_key,
             ENVELOPE_DOMAIN,
             &signed.envelope,
             &signed.signature,
+            &signed.envelope_sha256,
         )?;
         let envelope =
             Envelope::decode(signed.envelope.as_slice()).map_err(|_| VerifyError::Malformed("Envelope"))?;
@@ -336,6 +357,9 @@ impl Verifier {
         if envelope.payload_digest.len() != 32 {
             return Err(field("payload_digest", "must be 32 bytes"));
         }
+        if !matches!(envelope.salt_sha256.len(), 0 | 32) {
+            return Err(field("salt_sha256", "must be empty or 32 bytes"));
+        }
         Ok(VerifiedEnvelope {
             envelope,
             id,
@@ -351,11 +375,12 @@ impl Verifier {
     /// One [`VerifyError`] variant per way it can fail.
     pub fn verify_receipt(&self, signed: &SignedReceipt) -> Result<VerifiedReceipt, VerifyError> {
         let cert = self.signer_cert(&signed.signer_cert)?;
-        verify_sig(
+        verify_signed(
             &cert.public_key,
             RECEIPT_DOMAIN,
             &signed.receipt,
             &signed.signature,
+            &signed.receipt_sha256,
         )?;
         let receipt =
             Receipt::decode(signed.receipt.as_slice()).map_err(|_| VerifyError::Malformed("Receipt"))?;
@@ -503,6 +528,25 @@ fn verify_sig(public_key: &[u8], domain: &[u8], bytes: &[u8], signature: &[u8]) 
     UnparsedPublicKey::new(&ED25519, public_key)
         .verify(&msg, signature)
         .map_err(|_| VerifyError::BadSignature)
+}
+
+/// [`verify_sig`], naming what was altered when it fails: the bytes, if
+/// they no longer match the SHA-256 their signer sent with them
+/// (`bytes_sha256`, unsigned and optional), else the signature.
+fn verify_signed(
+    public_key: &[u8],
+    domain: &[u8],
+    bytes: &[u8],
+    signature: &[u8],
+    bytes_sha256: &[u8],
+) -> Result<(), VerifyError> {
+    verify_sig(public_key, domain, bytes, signature).map_err(|e| {
+        if !bytes_sha256.is_empty() && sha256(bytes)[..] != bytes_sha256[..] {
+            VerifyError::BytesAltered
+        } else {
+            e
+        }
+    })
 }
 
 /// Checks an Ed25519 signature over `domain || bytes` with a raw public key:
