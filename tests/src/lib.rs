@@ -436,3 +436,30 @@ pub async fn export(client: &Client) -> Vec<u8> {
     }
     out
 }
+
+/// `GET /metrics` of `agency`'s node, parsed into series -> value.
+pub async fn scrape(fed: &Federation, agency: &str) -> std::collections::HashMap<String, f64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(fed.addrs[agency].metrics)
+        .await
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// One series of a [`scrape`]; panics naming it when it is missing.
+pub fn get(m: &std::collections::HashMap<String, f64>, series: &str) -> f64 {
+    *m.get(series).unwrap_or_else(|| panic!("no series {series}"))
+}

@@ -131,3 +131,100 @@ async fn a_flooding_app_is_limited_and_other_apps_are_served() {
     assert_eq!(backlog(&admin, "health").await, ok + 1);
     node.stop().await.unwrap();
 }
+
+/// A TCP connection to `addr` from the loopback address `from`.
+async fn connect_from(from: [u8; 4], addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// True when the node closed `conn` (end of stream or reset) within `wait`.
+async fn closed_within(conn: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(wait, conn.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Waits until the node reports `n` open connections on `listener`.
+async fn until_open(fed: &Federation, listener: &str, n: f64) {
+    let series = format!("antar_connections{{listener=\"{listener}\"}}");
+    eventually(5, &format!("{series} == {n}"), || async {
+        (get(&scrape(fed, "finance").await, &series) == n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_close_the_excess_and_the_node_keeps_serving() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.max_connections_per_ip = 3;
+    config.limits.max_connections = 6;
+    let node = fed.start_with(config).await;
+    let addrs = fed.addrs["finance"];
+    // The app (from 127.0.0.1) holds one HTTP/2 connection.
+    let app = fed.app("finance").await;
+    send(&app, notice("health", "tax.notice", b"before")).await;
+    until_open(&fed, "api", 1.0).await;
+
+    // 1. One address opens connections and says nothing (slow-loris): its
+    //    first three are held, the fourth is closed at accept, long before
+    //    the 10 s handshake timeout.
+    let mut flood = Vec::new();
+    for _ in 0..3 {
+        flood.push(connect_from([127, 0, 0, 2], addrs.api).await);
+    }
+    until_open(&fed, "api", 4.0).await;
+    let mut extra = connect_from([127, 0, 0, 2], addrs.api).await;
+    assert!(closed_within(&mut extra, Duration::from_secs(2)).await);
+    for conn in &mut flood {
+        assert!(!closed_within(conn, Duration::from_millis(100)).await);
+    }
+    send(&app, notice("health", "tax.notice", b"served during the flood")).await;
+    let m = scrape(&fed, "finance").await;
+    assert_eq!(get(&m, r#"antar_connections_refused_total{listener="api"}"#), 1.0);
+    assert_eq!(
+        get(&m, r#"antar_connections_refused_total{listener="peer"}"#),
+        0.0
+    );
+
+    // 2. A closed connection gives its place back.
+    drop(flood.pop());
+    until_open(&fed, "api", 3.0).await;
+    flood.push(connect_from([127, 0, 0, 2], addrs.api).await);
+    until_open(&fed, "api", 4.0).await;
+
+    // 3. The listener's own limit: two more from another address fill it
+    //    (1 + 3 + 2 = 6); a seventh from anywhere is closed, while the
+    //    connections already open, the app's among them, carry on.
+    for _ in 0..2 {
+        flood.push(connect_from([127, 0, 0, 3], addrs.api).await);
+    }
+    until_open(&fed, "api", 6.0).await;
+    let mut over = connect_from([127, 0, 0, 4], addrs.api).await;
+    assert!(closed_within(&mut over, Duration::from_secs(2)).await);
+    send(&app, notice("health", "tax.notice", b"served at the limit")).await;
+    assert_eq!(
+        get(
+            &scrape(&fed, "finance").await,
+            r#"antar_connections_refused_total{listener="api"}"#
+        ),
+        2.0
+    );
+
+    // 4. Each listener counts its own: the peer port is untouched by it.
+    let mut peer_conns = Vec::new();
+    for _ in 0..3 {
+        peer_conns.push(connect_from([127, 0, 0, 2], addrs.peer).await);
+    }
+    until_open(&fed, "peer", 3.0).await;
+    for conn in &mut peer_conns {
+        assert!(!closed_within(conn, Duration::from_millis(100)).await);
+    }
+    drop(flood);
+    until_open(&fed, "api", 1.0).await;
+    node.stop().await.unwrap();
+}

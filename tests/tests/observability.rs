@@ -3,36 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-
 use antar_node::config::Access;
 use antar_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `GET /metrics`, parsed into series -> value.
-async fn scrape(fed: &Federation, agency: &str) -> HashMap<String, f64> {
-    let mut conn = tokio::net::TcpStream::connect(fed.addrs[agency].metrics)
-        .await
-        .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    conn.read_to_string(&mut text).await.unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            (series.to_owned(), value.parse().unwrap())
-        })
-        .collect()
-}
-
-fn get(m: &HashMap<String, f64>, series: &str) -> f64 {
-    *m.get(series).unwrap_or_else(|| panic!("no series {series}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_traffic_that_happened() {

@@ -181,6 +181,10 @@ pub struct Limits {
     pub sweep_interval_ms: u64,
     /// Longest a TLS handshake may take before the connection is dropped, ms. Default 10000.
     pub handshake_timeout_ms: u64,
+    /// Connections each listener holds open at once (handshakes included). Default 1024.
+    pub max_connections: u32,
+    /// Connections one remote IP address may hold open on each listener; 0: no limit. Default 256.
+    pub max_connections_per_ip: u32,
     /// Envelopes one app may send per second (burst: one second's worth); 0: unlimited.
     pub app_sends_per_sec: u64,
     /// Items one peer may transfer per second (burst: one second's worth); 0: unlimited.
@@ -209,6 +213,8 @@ impl Default for Limits {
             cache_bytes: 64 << 20,
             sweep_interval_ms: 1_000,
             handshake_timeout_ms: 10_000,
+            max_connections: 1024,
+            max_connections_per_ip: 256,
             app_sends_per_sec: 10_000,
             peer_items_per_sec: 50_000,
             checkpoint_interval_secs: 60,
@@ -404,6 +410,7 @@ impl NodeConfig {
             ("limits.retry_initial_ms", l.retry_initial_ms),
             ("limits.sweep_interval_ms", l.sweep_interval_ms),
             ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.max_connections", u64::from(l.max_connections)),
             ("limits.checkpoint_interval_secs", l.checkpoint_interval_secs),
             ("limits.max_payload_bytes", l.max_payload_bytes),
         ] {

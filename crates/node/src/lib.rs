@@ -313,7 +313,13 @@ impl Node {
         }
         for (name, l) in api_listeners {
             let api_tls = api_tls.clone();
-            let incoming = net::tls_incoming(l, move || api_tls.clone(), handshake, token.clone(), name);
+            let incoming = net::tls_incoming(
+                l,
+                move || api_tls.clone(),
+                handshake,
+                conn_limit(&shared, name),
+                token.clone(),
+            );
             let router = api_router(&shared);
             let t = token.clone();
             node.servers.push(tokio::spawn(
@@ -335,7 +341,13 @@ impl Node {
             let shared = shared.clone();
             move || shared.peer_tls.read().unwrap_or_else(|p| p.into_inner()).clone()
         };
-        let incoming = net::tls_incoming(listeners.peer, peer_tls, handshake, token.clone(), "peer");
+        let incoming = net::tls_incoming(
+            listeners.peer,
+            peer_tls,
+            handshake,
+            conn_limit(&shared, "peer"),
+            token.clone(),
+        );
         node.servers.push(tokio::spawn(
             peer_router.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned()),
         ));
@@ -456,4 +468,21 @@ fn oversize_is_invalid_argument(
         headers.insert("grpc-status", invalid);
     }
     response
+}
+
+/// The connection limit of listener `name`, registered for the metrics.
+fn conn_limit(shared: &state::Shared, name: &'static str) -> Arc<net::ConnLimit> {
+    let limits = shared.limits();
+    let limit = net::ConnLimit::new(
+        name,
+        limits.max_connections as usize,
+        limits.max_connections_per_ip as usize,
+    );
+    shared
+        .metrics
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(limit.clone());
+    limit
 }

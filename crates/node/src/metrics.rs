@@ -86,6 +86,8 @@ pub(crate) struct Metrics {
     /// An envelope's `created_at` to its storage in this node's inbox.
     pub(crate) delivery_seconds: Histogram,
     rejections: Mutex<BTreeMap<String, u64>>,
+    /// The connection counts of every TLS listener.
+    pub(crate) listeners: Mutex<Vec<Arc<crate::net::ConnLimit>>>,
     /// Unix seconds of the newest checkpoint seen by the checkpointer, and its cosignature count.
     checkpoint_at: AtomicU64,
     checkpoint_cosignatures: AtomicU64,
@@ -190,6 +192,25 @@ impl Metrics {
         out.push_str("# HELP antar_split_view Logs of peers caught presenting a split view (1 per log).\n# TYPE antar_split_view gauge\n");
         for (log, _) in crate::witness::split_views(shared) {
             let _ = writeln!(out, "antar_split_view{{log=\"{log}\"}} 1");
+        }
+        let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        out.push_str("# HELP antar_connections Connections open on a listener, TLS handshakes included.\n# TYPE antar_connections gauge\n");
+        for l in &listeners {
+            let _ = writeln!(
+                out,
+                "antar_connections{{listener=\"{}\"}} {}",
+                l.listener(),
+                l.open()
+            );
+        }
+        out.push_str("# HELP antar_connections_refused_total Connections closed at accept by limits.max_connections or limits.max_connections_per_ip.\n# TYPE antar_connections_refused_total counter\n");
+        for l in &listeners {
+            let _ = writeln!(
+                out,
+                "antar_connections_refused_total{{listener=\"{}\"}} {}",
+                l.listener(),
+                l.refused()
+            );
         }
         out.push_str("# HELP antar_rejected_total Items this node refused, by reason.\n# TYPE antar_rejected_total counter\n");
         for (reason, n) in self.rejections.lock().unwrap_or_else(|p| p.into_inner()).iter() {

@@ -1,31 +1,208 @@
 //! TLS on both listeners and to peers: the accept loop that hands tonic
 //! finished TLS 1.3 connections, and the dialer of peer channels.
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 
-/// Accepts TCP connections and runs each TLS handshake on its own task, under
-/// `handshake_timeout`, so a slow or silent client never stalls the others.
-/// Failed handshakes are logged and dropped. `config` is asked for each
+/// The connections one listener holds open — in all, and per remote IP
+/// address — counted from accept (before the TLS handshake, so slow-loris
+/// connections count) to close. One flooding client reaches its per-address
+/// limit long before the listener's, so everyone else is still served.
+#[derive(Debug)]
+pub(crate) struct ConnLimit {
+    listener: &'static str,
+    max_total: usize,
+    /// 0: no per-address limit (e.g. every client behind one NAT).
+    max_per_ip: usize,
+    open: Mutex<Open>,
+    refused: AtomicU64,
+    /// When a refusal was last logged, and how many went unlogged since.
+    quiet: Mutex<(Option<Instant>, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Refusals are logged at most this often per listener (and all counted).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl ConnLimit {
+    pub(crate) fn new(listener: &'static str, max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            listener,
+            max_total,
+            max_per_ip,
+            open: Mutex::default(),
+            refused: AtomicU64::new(0),
+            quiet: Mutex::default(),
+        })
+    }
+
+    /// The listener's name, as in logs and metrics.
+    pub(crate) fn listener(&self) -> &'static str {
+        self.listener
+    }
+
+    /// Connections open now.
+    pub(crate) fn open(&self) -> usize {
+        self.lock().total
+    }
+
+    /// Connections refused since the node started.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a connection from `ip`, or the name of the limit it hits.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+        let mut open = self.lock();
+        if open.total >= self.max_total {
+            return Err("limits.max_connections");
+        }
+        let from_ip = open.per_ip.entry(ip).or_default();
+        if self.max_per_ip > 0 && *from_ip >= self.max_per_ip {
+            return Err("limits.max_connections_per_ip");
+        }
+        *from_ip += 1;
+        open.total += 1;
+        Ok(Slot {
+            limit: self.clone(),
+            ip,
+        })
+    }
+
+    fn refuse(&self, remote: std::net::SocketAddr, limit: &'static str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        if quiet.0.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
+            quiet.1 += 1;
+            return;
+        }
+        let (max, open) = match limit {
+            "limits.max_connections" => (self.max_total, self.open()),
+            _ => (
+                self.max_per_ip,
+                self.lock().per_ip.get(&remote.ip()).copied().unwrap_or(0),
+            ),
+        };
+        tracing::warn!(
+            listener = self.listener,
+            %remote,
+            limit,
+            max,
+            open,
+            also_refused = quiet.1,
+            "connection refused: {limit} reached (raise it, or find the client holding connections open)"
+        );
+        *quiet = (Some(Instant::now()), 0);
+    }
+}
+
+/// One admitted connection; frees its place when dropped.
+#[derive(Debug)]
+struct Slot {
+    limit: Arc<ConnLimit>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.limit.lock();
+        open.total -= 1;
+        if let Some(n) = open.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection that holds its [`Slot`] until tonic drops it.
+#[derive(Debug)]
+pub(crate) struct Counted<T> {
+    io: T,
+    _slot: Slot,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl<T: Connected> Connected for Counted<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// Accepts TCP connections within `limit` and runs each TLS handshake on its
+/// own task, under `handshake_timeout`, so a slow or silent client never
+/// stalls the others. Refused connections are closed at once; failed
+/// handshakes are logged and dropped. `config` is asked for each
 /// connection, so a reloaded revocation list applies to the next handshake.
 pub(crate) fn tls_incoming(
     listener: TcpListener,
     config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
     handshake_timeout: Duration,
+    limit: Arc<ConnLimit>,
     shutdown: CancellationToken,
-    name: &'static str,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+) -> ReceiverStream<Result<Counted<TlsStream<TcpStream>>, io::Error>> {
+    let name = limit.listener();
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -41,13 +218,21 @@ pub(crate) fn tls_incoming(
                     continue;
                 }
             };
+            let slot = match limit.admit(remote.ip()) {
+                Ok(slot) => slot,
+                Err(which) => {
+                    limit.refuse(remote, which);
+                    drop(tcp);
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx.send(Ok(Counted { io: tls, _slot: slot })).await;
                     }
                     Ok(Err(e)) => {
                         tracing::info!(listener = name, %remote, error = %e, "TLS handshake refused")
