@@ -463,3 +463,103 @@ pub async fn scrape(fed: &Federation, agency: &str) -> std::collections::HashMap
 pub fn get(m: &std::collections::HashMap<String, f64>, series: &str) -> f64 {
     *m.get(series).unwrap_or_else(|| panic!("no series {series}"))
 }
+
+/// What a [`LinkProxy`] does to the bytes of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// Bytes flow both ways.
+    Up,
+    /// Every connection is closed, new ones are closed at accept.
+    Cut,
+    /// Connections stay open, new ones are accepted, no byte moves.
+    Stall,
+}
+
+/// A TCP proxy on loopback in front of a node's port: point a peer's
+/// `peers.addr` at [`LinkProxy::addr`] and cut or stall the link at will.
+pub struct LinkProxy {
+    pub addr: SocketAddr,
+    mode: tokio::sync::watch::Sender<LinkMode>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LinkProxy {
+    /// A proxy to `target`, up.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mode, _) = tokio::sync::watch::channel(LinkMode::Up);
+        let modes = mode.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if *modes.borrow() == LinkMode::Cut {
+                    continue; // dropped: closed at once
+                }
+                let modes = modes.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pump(cr, sw, modes.subscribe()), pump(sr, cw, modes.subscribe()));
+                });
+            }
+        });
+        Self { addr, mode, task }
+    }
+
+    /// Changes what the link does, for open and new connections alike.
+    pub fn set(&self, mode: LinkMode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.set(LinkMode::Cut);
+    }
+}
+
+/// Copies one direction of a proxied connection while the link is up;
+/// holds the bytes while it is stalled; returns (closing) when it is cut or
+/// either side ends.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: tokio::sync::watch::Receiver<LinkMode>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        if !wait_up(&mut mode).await {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = mode.changed() => continue,
+        };
+        // A chunk read just before a stall waits for the link too.
+        if !wait_up(&mut mode).await || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits while the link is stalled: true once it is up, false if cut.
+async fn wait_up(mode: &mut tokio::sync::watch::Receiver<LinkMode>) -> bool {
+    loop {
+        match *mode.borrow_and_update() {
+            LinkMode::Up => return true,
+            LinkMode::Cut => return false,
+            LinkMode::Stall => {}
+        }
+        if mode.changed().await.is_err() {
+            return false;
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Chaos, short variant (issue 7): finance -> hub -> registry as three
-//! `antar node run` processes; while an app sends and another receives and
-//! acks, a seeded random schedule SIGKILLs and restarts any of them. The
+//! `antar node run` processes, each link through a loopback proxy; while an
+//! app sends and another receives and acks, a seeded random schedule
+//! SIGKILLs and restarts any node, or cuts or stalls a link for a while. The
 //! checker then proves: every send the node acknowledged reached the app
 //! and was acked; nothing was delivered again after its ack succeeded; every
 //! receipt chain is complete and verifies; every node's log export verifies.
@@ -111,7 +112,29 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
     eprintln!("chaos: {secs}s, seed {seed} (replay with ANTAR_CHAOS_SEED={seed})");
     let fed = Arc::new(line());
     let agencies = ["finance", "hub", "registry"];
-    let mut children: HashMap<&str, ChildNode> = agencies.iter().map(|a| (*a, fed.spawn(a))).collect();
+    // Both links of the line, as the dialing side sees them, go through a proxy.
+    let links = [
+        ("finance", "hub", LinkProxy::start(fed.addrs["hub"].peer).await),
+        (
+            "hub",
+            "registry",
+            LinkProxy::start(fed.addrs["registry"].peer).await,
+        ),
+    ];
+    let spawn = |agency: &str| {
+        let mut config = fed.config(agency);
+        for (from, to, proxy) in &links {
+            if *from == agency {
+                for p in config.peers.iter_mut().filter(|p| p.agency == *to) {
+                    p.addr = proxy.addr.to_string();
+                }
+            }
+        }
+        config.limits.transfer_ack_timeout_ms = 1_000;
+        config.limits.handshake_timeout_ms = 1_000;
+        fed.spawn_with(config)
+    };
+    let mut children: HashMap<&str, ChildNode> = agencies.iter().map(|a| (*a, spawn(a))).collect();
 
     let stop = tokio_util::sync::CancellationToken::new();
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -135,25 +158,41 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
         })
     };
 
-    // The schedule: kill one node at random, keep it down a moment, restart it.
+    // The schedule: two faults in three kill a node at random, keep it down
+    // a moment and restart it; the third cuts or stalls a link, then
+    // restores it.
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    let mut kills = 0;
+    let (mut kills, mut link_faults) = (0, 0);
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
-        let victim = agencies[rng.random_range(0..agencies.len())];
-        children.remove(victim).unwrap().kill9();
-        kills += 1;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
-        children.insert(victim, fed.spawn(victim));
+        let down_for = Duration::from_millis(rng.random_range(100..1500));
+        if rng.random_range(0..3) < 2 {
+            let victim = agencies[rng.random_range(0..agencies.len())];
+            children.remove(victim).unwrap().kill9();
+            kills += 1;
+            tokio::time::sleep(down_for).await;
+            children.insert(victim, spawn(victim));
+        } else {
+            let (_, _, proxy) = &links[rng.random_range(0..links.len())];
+            proxy.set(if rng.random_bool(0.5) {
+                LinkMode::Cut
+            } else {
+                LinkMode::Stall
+            });
+            link_faults += 1;
+            tokio::time::sleep(down_for).await;
+            proxy.set(LinkMode::Up);
+        }
     }
     stop.cancel();
     sender.await.unwrap();
     let sent: Vec<String> = sent.lock().unwrap().clone();
     assert!(
         sent.len() > 50,
-        "too few sends got through to make a point: {}",
-        sent.len()
+        "too few sends got through to make a point: {}; finance's log:\n{}",
+        sent.len(),
+        fed.log("finance")
     );
 
     // Drain: every acknowledged send reaches the app. (An ack whose answer
@@ -207,7 +246,7 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
             s.violations
         );
         eprintln!(
-            "chaos: {kills} kills, {} sends acknowledged, {} deliveries, {} acked",
+            "chaos: {kills} kills, {link_faults} link cuts or stalls, {} sends acknowledged, {} deliveries, {} acked",
             sent.len(),
             s.deliveries,
             s.acked.len()

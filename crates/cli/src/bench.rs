@@ -3,11 +3,11 @@
 //! and receipts; concurrent senders, and an acking receiver at health.
 //! Prints one `RESULT` line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -23,12 +23,15 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --messages 20000                          # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --json report.json\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…\nLatency is from the send's (scheduled, in open loop) start to the delivery at the receiving app."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…\n(with --peer-down: RESULT mode=queue … rss_peak_mb=… drain_per_s=…)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits)."
 )]
 pub struct BenchArgs {
-    /// Envelopes to send in total.
-    #[arg(long, default_value_t = 20_000)]
-    messages: u64,
+    /// Envelopes to send in total (default 20000; with --duration, no limit).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Stop sending after this many seconds (the run then waits for what was sent).
+    #[arg(long)]
+    duration: Option<u64>,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 1024)]
     size: usize,
@@ -51,6 +54,14 @@ pub struct BenchArgs {
     /// notice, or transaction (each with its own idempotency key).
     #[arg(long, default_value = "notice", value_parser = ["notice", "transaction"])]
     kind: String,
+    /// What completes a message: `none` — the receiving app got it; `delivered`
+    /// or `processed` — that signed receipt is back at the sending node.
+    #[arg(long, default_value = "none", value_parser = ["none", "delivered", "processed"])]
+    receipts: String,
+    /// Queue test: the recipient's node stays down while everything is sent,
+    /// then starts; reports the process's peak RSS and the drain rate.
+    #[arg(long)]
+    peer_down: bool,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -71,10 +82,27 @@ fn spec(id: &str, peers: &[&str], default_route: Option<&str>) -> AgencySpec {
     }
 }
 
+/// A node configured and bound but not started (the recipient, with --peer-down).
+struct HeldBack {
+    config: antar_node::NodeConfig,
+    listeners: Listeners,
+}
+
+impl HeldBack {
+    async fn start(self) -> anyhow::Result<Node> {
+        Ok(Node::start(self.config, None, self.listeners).await?)
+    }
+}
+
 async fn start_nodes(
     dir: &std::path::Path,
     via_hub: bool,
-) -> anyhow::Result<(Vec<Node>, antar_pki::federation_file::FederationFile)> {
+    hold_back_recipient: bool,
+) -> anyhow::Result<(
+    Vec<Node>,
+    Option<HeldBack>,
+    antar_pki::federation_file::FederationFile,
+)> {
     let layout = DevLayout::new(dir);
     let topology = if via_hub {
         vec![
@@ -110,25 +138,154 @@ async fn start_nodes(
         bound.push(l);
     }
     let mut nodes = Vec::new();
+    let mut held = None;
     for (spec, [api, peer, admin]) in topology.iter().zip(bound) {
         let mut config = layout.node_config(spec, &addrs);
         config.listen.metrics = None;
         config.limits.max_in_flight = 1024;
-        nodes.push(
-            Node::start(
-                config,
-                None,
-                Listeners {
-                    api,
-                    peer,
-                    admin: Some(admin),
-                    metrics: None,
-                },
-            )
-            .await?,
-        );
+        // A queue test holds far more than the default quota; sends must not be refused.
+        config.limits.max_queued_bytes = u64::MAX;
+        config.limits.app_sends_per_sec = 0;
+        let listeners = Listeners {
+            api,
+            peer,
+            admin: Some(admin),
+            metrics: None,
+        };
+        if hold_back_recipient && spec.id == "health" {
+            held = Some(HeldBack { config, listeners });
+        } else {
+            nodes.push(Node::start(config, None, listeners).await?);
+        }
     }
-    Ok((nodes, layout.federation_file(&topology, &addrs)?))
+    Ok((nodes, held, layout.federation_file(&topology, &addrs)?))
+}
+
+/// Latency histogram in microseconds, 1 µs to 1 h, 3 significant digits.
+type Latencies = hdrhistogram::Histogram<u64>;
+
+fn latencies() -> anyhow::Result<Latencies> {
+    Latencies::new_with_bounds(1, 3_600_000_000, 3).context("latency histogram")
+}
+
+/// This process's resident set now and at its peak, MiB (Linux `/proc/self/status`).
+fn rss_mib() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Shared counters of one run.
+#[derive(Default)]
+struct Progress {
+    /// Sends the node acknowledged.
+    sent: AtomicU64,
+    /// Messages complete (delivered to the app, or their receipt back).
+    done: AtomicU64,
+    /// How many must complete; `u64::MAX` until sending ends.
+    target: AtomicU64,
+}
+
+impl Progress {
+    fn finished(&self) -> bool {
+        self.done.load(Ordering::Relaxed) >= self.target.load(Ordering::Relaxed)
+    }
+}
+
+/// Receives at health and acks everything; with `hist`, a delivery completes
+/// its message and its latency is recorded from the `bench-ts` header.
+async fn receive_and_ack(
+    receiver: Client,
+    in_flight: u32,
+    progress: Arc<Progress>,
+    hist: Option<Arc<Mutex<Latencies>>>,
+) -> anyhow::Result<()> {
+    let mut agency = receiver.agency();
+    let mut stream = agency
+        .receive(wire::ReceiveRequest {
+            services: vec![],
+            max_in_flight: in_flight,
+        })
+        .await?
+        .into_inner();
+    let mut acks = tokio::task::JoinSet::new();
+    while !progress.finished() {
+        let d = match tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+            Err(_) => continue,
+            Ok(None) => anyhow::bail!("the receive stream ended"),
+            Ok(Some(d)) => d?,
+        };
+        let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope.as_slice())?;
+        if let Some(hist) = &hist {
+            if let Some(ts) = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok()) {
+                lock(hist).saturating_record(now_ns().saturating_sub(ts) / 1_000);
+            }
+            progress.done.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut a = agency.clone();
+        acks.spawn(async move {
+            let outcome = if env.kind == Kind::Transaction as i32 {
+                wire::Outcome::Committed as i32
+            } else {
+                0
+            };
+            a.ack(wire::AckRequest {
+                message_id: env.id,
+                outcome,
+                result: Vec::new(),
+            })
+            .await
+        });
+        while acks.len() > 256 {
+            if let Some(r) = acks.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = acks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Watches the sending node's receipts; each first receipt of `status`
+/// completes its message. Returns (message id, arrival) pairs.
+async fn watch_receipts(
+    sender: Client,
+    status: wire::ReceiptStatus,
+    progress: Arc<Progress>,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut stream = sender
+        .agency()
+        .watch_receipts(wire::WatchReceiptsRequest { after_cursor: 0 })
+        .await?
+        .into_inner();
+    let mut seen = std::collections::HashSet::new();
+    let mut arrivals = Vec::new();
+    while !progress.finished() {
+        let event = match tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+            Err(_) => continue,
+            Ok(None) => anyhow::bail!("the receipt stream ended"),
+            Ok(Some(e)) => e?,
+        };
+        let signed = event.receipt.unwrap_or_default();
+        let receipt = wire::Receipt::decode(signed.receipt.as_slice())?;
+        if receipt.status == status as i32 && seen.insert(receipt.message_id.clone()) {
+            arrivals.push((receipt.message_id, now_ns()));
+            progress.done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(arrivals)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -140,86 +297,63 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             tmp.path().to_path_buf()
         }
     };
-    let mut fed_file_dir = dir.clone();
-    fed_file_dir.push("federation.json");
-    let (nodes, fed) = start_nodes(&dir, args.via_hub)
+    let fed_path = dir.join("federation.json");
+    let (mut nodes, held, fed) = start_nodes(&dir, args.via_hub, args.peer_down)
         .await
-        .context("cannot start the two bench nodes")?;
-    fed.save(&fed_file_dir)?;
-    let fed = antar_pki::federation_file::FederationFile::load(&fed_file_dir)?;
+        .context("cannot start the bench nodes")?;
+    fed.save(&fed_path)?;
+    let fed = antar_pki::federation_file::FederationFile::load(&fed_path)?;
     let sender = Client::from_federation(&fed, "finance", ClientRole::App).await?;
-    let receiver = Client::from_federation(&fed, "health", ClientRole::App).await?;
-
-    let total = args.messages;
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
-    let delivered = Arc::new(AtomicU64::new(0));
-    let recv_task = {
-        let (latencies, delivered) = (latencies.clone(), delivered.clone());
-        let mut agency = receiver.agency();
-        let in_flight = args.in_flight;
-        tokio::spawn(async move {
-            let mut stream = agency
-                .receive(wire::ReceiveRequest {
-                    services: vec![],
-                    max_in_flight: in_flight,
-                })
-                .await?
-                .into_inner();
-            let mut acks = tokio::task::JoinSet::new();
-            while delivered.load(Ordering::Relaxed) < total {
-                let Some(d) = stream.next().await else { break };
-                let d = d?;
-                let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope.as_slice())?;
-                if let Some(ts) = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok()) {
-                    latencies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(now_ns().saturating_sub(ts));
-                }
-                delivered.fetch_add(1, Ordering::Relaxed);
-                let mut a = agency.clone();
-                acks.spawn(async move {
-                    let outcome = if env.kind == Kind::Transaction as i32 {
-                        wire::Outcome::Committed as i32
-                    } else {
-                        0
-                    };
-                    a.ack(wire::AckRequest {
-                        message_id: env.id,
-                        outcome,
-                        result: Vec::new(),
-                    })
-                    .await
-                });
-                while acks.len() > 256 {
-                    if let Some(r) = acks.join_next().await {
-                        r??;
-                    }
-                }
-            }
-            while let Some(r) = acks.join_next().await {
-                r??;
-            }
-            anyhow::Ok(())
-        })
+    let limit = args
+        .messages
+        .unwrap_or(if args.duration.is_some() { u64::MAX } else { 20_000 });
+    let receipt_status = match args.receipts.as_str() {
+        "delivered" => Some(wire::ReceiptStatus::Delivered),
+        "processed" => Some(wire::ReceiptStatus::Processed),
+        _ => None,
     };
 
+    let progress = Arc::new(Progress {
+        target: AtomicU64::new(u64::MAX),
+        ..Progress::default()
+    });
+    let hist = Arc::new(Mutex::new(latencies()?));
+    // With receipts, a message's start is kept by id until its receipt is back.
+    let starts: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let watcher =
+        receipt_status.map(|status| tokio::spawn(watch_receipts(sender.clone(), status, progress.clone())));
+    let spawn_receiver = |progress: Arc<Progress>| {
+        let hist = receipt_status.is_none().then(|| hist.clone());
+        let (fed, in_flight) = (fed.clone(), args.in_flight);
+        tokio::spawn(async move {
+            let receiver = Client::from_federation(&fed, "health", ClientRole::App).await?;
+            receive_and_ack(receiver, in_flight, progress, hist).await
+        })
+    };
+    let mut receiver = held.is_none().then(|| spawn_receiver(progress.clone()));
+
     // Progress on stderr while it runs (hidden when stderr is not a terminal).
-    let progress = indicatif::ProgressBar::new(total).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} delivered {pos}/{len} [{bar:40}] {per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = indicatif::ProgressBar::new(if limit == u64::MAX { 0 } else { limit }).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{bar:40}] {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar.set_message(if held.is_some() { "queued" } else { "done" });
     let ticker = {
-        let (progress, delivered) = (progress.clone(), delivered.clone());
+        let (bar, progress) = (bar.clone(), progress.clone());
+        let queueing = held.is_some();
         tokio::spawn(async move {
             loop {
-                progress.set_position(delivered.load(Ordering::Relaxed));
+                let counter = if queueing && progress.target.load(Ordering::Relaxed) == u64::MAX {
+                    &progress.sent
+                } else {
+                    &progress.done
+                };
+                bar.set_position(counter.load(Ordering::Relaxed));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
     };
+
     let payload = vec![0x5au8; args.size];
     let transaction = args.kind == "transaction";
     let request = move |i: u64, ts: u64, payload: Vec<u8>| wire::SendRequest {
@@ -239,8 +373,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         },
         ..Default::default()
     };
+    // A send is acknowledged: count it, and keep its start if receipts complete it.
+    let sent = {
+        let (progress, starts) = (progress.clone(), starts.clone());
+        let keep = receipt_status.is_some();
+        move |resp: wire::SendResponse, start_ns: u64| {
+            progress.sent.fetch_add(1, Ordering::Relaxed);
+            if keep {
+                if let Some(id) = resp.message_ids.into_iter().next() {
+                    lock(&starts).insert(id, start_ns);
+                }
+            }
+        }
+    };
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let sending_for = args.duration.map(Duration::from_secs);
     let mut senders = tokio::task::JoinSet::new();
     match args.rate {
         Some(rate) => {
@@ -251,12 +399,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let interval = 1e9 / rate.max(1) as f64;
             senders.spawn(async move {
                 let mut inflight = tokio::task::JoinSet::new();
-                for i in 0..total {
+                for i in 0..limit {
                     let due = Duration::from_nanos((i as f64 * interval) as u64);
+                    if sending_for.is_some_and(|d| due >= d) {
+                        break;
+                    }
                     tokio::time::sleep_until((start + due).into()).await;
-                    let mut agency = agency.clone();
-                    let req = request(i, start_ns + due.as_nanos() as u64, payload.clone());
-                    inflight.spawn(async move { agency.send(req).await.map(drop) });
+                    let (mut agency, sent) = (agency.clone(), sent.clone());
+                    let ts = start_ns + due.as_nanos() as u64;
+                    let req = request(i, ts, payload.clone());
+                    inflight.spawn(async move { agency.send(req).await.map(|r| sent(r.into_inner(), ts)) });
                     while let Some(r) = inflight.try_join_next() {
                         r??;
                     }
@@ -269,14 +421,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             for _ in 0..args.senders.max(1) {
-                let (mut agency, next, payload) = (sender.agency(), next.clone(), payload.clone());
+                let (mut agency, next, payload, sent) =
+                    (sender.agency(), next.clone(), payload.clone(), sent.clone());
                 senders.spawn(async move {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
+                        if i >= limit || sending_for.is_some_and(|d| start.elapsed() >= d) {
                             break;
                         }
-                        agency.send(request(i, now_ns(), payload.clone())).await?;
+                        let ts = now_ns();
+                        let resp = agency.send(request(i, ts, payload.clone())).await?;
+                        sent(resp.into_inner(), ts);
                     }
                     anyhow::Ok(())
                 });
@@ -287,43 +442,95 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         r??;
     }
     let sent_secs = start.elapsed().as_secs_f64();
-    progress.println(format!("sent {total} in {sent_secs:.2}s; waiting for deliveries"));
-    tokio::time::timeout(Duration::from_secs(300), recv_task)
-        .await
-        .context("deliveries did not finish within 300 s")???;
+    let total = progress.sent.load(Ordering::Relaxed);
+    progress.target.store(total, Ordering::Relaxed);
+    bar.set_length(total);
+    bar.println(format!(
+        "sent {total} in {sent_secs:.2}s; waiting for them to complete"
+    ));
+
+    // With the peer down, everything is queued now: measure, then let it drain.
+    let queued_rss = rss_mib();
+    let drain_start = Instant::now();
+    if let Some(held) = held {
+        nodes.push(held.start().await.context("cannot start the recipient's node")?);
+        receiver = Some(spawn_receiver(progress.clone()));
+        bar.set_message("drained");
+    }
+    // A long drain is fine; no progress for two minutes is not.
+    let mut last = (progress.done.load(Ordering::Relaxed), Instant::now());
+    while !progress.finished() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let done = progress.done.load(Ordering::Relaxed);
+        if done > last.0 {
+            last = (done, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("stalled: {done} of {total} complete, none for 120 s");
+        }
+        if receiver.as_ref().is_some_and(|r| r.is_finished()) && !progress.finished() {
+            break; // it failed: its error is reported below
+        }
+    }
     let all_secs = start.elapsed().as_secs_f64();
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    if let Some(r) = receiver {
+        r.await??;
+    }
+    if let Some(w) = watcher {
+        let arrivals = w.await??;
+        let starts = lock(&starts);
+        let mut hist = lock(&hist);
+        for (id, at) in arrivals {
+            if let Some(s) = starts.get(&id) {
+                hist.saturating_record(at.saturating_sub(*s) / 1_000);
+            }
+        }
+    }
     ticker.abort();
-    progress.finish_and_clear();
-    let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1e6
-    };
-    let mode = match args.rate {
-        Some(r) => format!("open rate={r}"),
-        None => format!("closed senders={}", args.senders),
-    };
+    bar.finish_and_clear();
+
+    let hist = lock(&hist).clone();
+    let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
     let hops = if args.via_hub { 2 } else { 1 };
-    println!(
-        "RESULT mode={mode} hops={hops} kind={} messages={total} size={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
-        args.kind,
-        args.size,
-        total as f64 / sent_secs,
-        total as f64 / all_secs,
-        pct(0.50),
-        pct(0.99)
-    );
+    let (rss_now, rss_peak) = queued_rss.unwrap_or((0.0, 0.0));
+    let mode = match (args.peer_down, args.rate) {
+        (true, _) => "queue".to_owned(),
+        (false, Some(r)) => format!("open rate={r}"),
+        (false, None) => format!("closed senders={}", args.senders),
+    };
+    if args.peer_down {
+        println!(
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1}",
+            args.kind,
+            args.size,
+            args.receipts,
+            total as f64 / sent_secs,
+            total as f64 / drain_secs,
+        );
+    } else {
+        println!(
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+            args.kind,
+            args.size,
+            args.receipts,
+            total as f64 / sent_secs,
+            total as f64 / all_secs,
+            pct(0.50),
+            pct(0.99)
+        );
+    }
     if let Some(path) = &args.json {
         let report = serde_json::json!({
-            "mode": if args.rate.is_some() { "open" } else { "closed" },
+            "mode": if args.peer_down { "queue" } else if args.rate.is_some() { "open" } else { "closed" },
             "offered_per_s": args.rate, "senders": args.senders, "hops": hops, "kind": args.kind,
-            "messages": total, "size": args.size,
-            "sent_per_s": total as f64 / sent_secs, "delivered_per_s": total as f64 / all_secs,
+            "receipts": args.receipts, "messages": total, "size": args.size,
+            "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
             "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),
-                            "max": pct(1.0) },
+                            "max": hist.max() as f64 / 1e3, "mean": hist.mean() / 1e3,
+                            "samples": hist.len() },
+            "queue": args.peer_down.then(|| serde_json::json!({
+                "rss_queued_mb": rss_now, "rss_peak_mb": rss_peak,
+                "drain_s": drain_secs, "drain_per_s": total as f64 / drain_secs })),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)

@@ -83,3 +83,56 @@ fn client_without_connection_says_what_to_pass() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--federation FILE --agency ID"), "{err}");
 }
+
+/// Runs `antar bench ARGS --json F`; returns its RESULT line and the report.
+fn bench(args: &[&str]) -> (String, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = antar()
+        .arg("bench")
+        .args(args)
+        .arg("--dir")
+        .arg(dir.path().join("fed"))
+        .arg("--json")
+        .arg(&json)
+        .env("ANTAR_LOG", "error")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = stdout
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .unwrap_or_else(|| panic!("no RESULT line in {stdout}"))
+        .to_owned();
+    let report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (result, report)
+}
+
+#[test]
+fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
+    // Closed loop, completed by the PROCESSED receipt back at the sender.
+    let (result, report) = bench(&["--messages", "60", "--senders", "4", "--receipts", "processed"]);
+    assert!(
+        result.starts_with("RESULT mode=closed senders=4 hops=1 kind=notice messages=60"),
+        "{result}"
+    );
+    assert!(result.contains("receipts=processed"), "{result}");
+    assert_eq!(report["latency_ms"]["samples"], 60, "{report}");
+    let (p50, p99) = (
+        report["latency_ms"]["p50"].as_f64().unwrap(),
+        report["latency_ms"]["p99"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99, "{report}");
+
+    // The recipient down while 60 are sent, then up: they all drain.
+    let (result, report) = bench(&["--peer-down", "--messages", "60", "--senders", "4"]);
+    assert!(result.starts_with("RESULT mode=queue hops=1"), "{result}");
+    assert!(result.contains(" drain_per_s="), "{result}");
+    assert_eq!(report["messages"], 60, "{report}");
+    assert!(report["queue"]["rss_peak_mb"].as_f64().unwrap() > 0.0, "{report}");
+}

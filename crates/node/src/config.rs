@@ -171,6 +171,9 @@ pub struct Limits {
     pub batch_size: usize,
     /// Batches a forwarder keeps in flight before it waits for acks. Default 4.
     pub transfer_window: usize,
+    /// Longest a forwarder waits for the custody ack of a batch before it
+    /// drops the stream as stalled and retries, ms. Default 30000.
+    pub transfer_ack_timeout_ms: u64,
     /// First retry delay of a forwarder after a failure, ms. Default 200.
     pub retry_initial_ms: u64,
     /// Longest retry delay, ms. Default 30000.
@@ -208,6 +211,7 @@ impl Default for Limits {
             max_in_flight: 64,
             batch_size: 256,
             transfer_window: 4,
+            transfer_ack_timeout_ms: 30_000,
             retry_initial_ms: 200,
             retry_max_ms: 30_000,
             cache_bytes: 64 << 20,
@@ -410,6 +414,7 @@ impl NodeConfig {
             ("limits.retry_initial_ms", l.retry_initial_ms),
             ("limits.sweep_interval_ms", l.sweep_interval_ms),
             ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.transfer_ack_timeout_ms", l.transfer_ack_timeout_ms),
             ("limits.max_connections", u64::from(l.max_connections)),
             ("limits.checkpoint_interval_secs", l.checkpoint_interval_secs),
             ("limits.max_payload_bytes", l.max_payload_bytes),

@@ -77,10 +77,13 @@ async fn session(
     let channel = crate::net::peer_channel(shared, peer, addr).map_err(SessionError)?;
     let mut client = PeerClient::new(channel).max_decoding_message_size(64 << 20);
     let limits = shared.limits();
+    let ack_timeout = Duration::from_millis(limits.transfer_ack_timeout_ms);
     let (tx, rx) = mpsc::channel::<TransferBatch>(limits.transfer_window);
-    let mut acks = client
-        .transfer(ReceiverStream::new(rx))
+    // Opening the stream (dial, TLS, HTTP/2, response headers) on a stalled
+    // link must not hang the forwarder either.
+    let mut acks = tokio::time::timeout(ack_timeout, client.transfer(ReceiverStream::new(rx)))
         .await
+        .map_err(|_| stall_error(ack_timeout))?
         .map_err(|s| SessionError(format!("{}: {}", s.code(), s.message())))?
         .into_inner();
     {
@@ -130,14 +133,35 @@ async fn session(
                 _ = notified => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
                 ack = acks.message() => settle(shared, peer, ack, &mut in_flight)?,
+                () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         } else {
             tokio::select! {
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
                 ack = acks.message() => settle(shared, peer, ack, &mut in_flight)?,
+                () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         }
     }
+}
+
+/// Resolves at `deadline`, the oldest batch in flight's send time plus the
+/// ack timeout: by then the link is stalled (or the peer hung), and the
+/// stream is dropped so the batch goes again on a fresh one, where the peer
+/// answers DUPLICATE for what it had already stored. Pending while nothing
+/// is in flight.
+async fn stalled(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn stall_error(timeout: Duration) -> SessionError {
+    SessionError(format!(
+        "no answer within {} ms (limits.transfer_ack_timeout_ms): link stalled or peer unresponsive",
+        timeout.as_millis()
+    ))
 }
 
 /// On shutdown, waits briefly for the acks of batches already sent.

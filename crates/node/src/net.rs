@@ -245,8 +245,14 @@ pub(crate) fn tls_incoming(
     ReceiverStream::new(rx)
 }
 
-/// A lazily connecting gRPC channel to `addr` over TLS with `config`.
-pub(crate) fn dial(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel, io::Error> {
+/// A lazily connecting gRPC channel to `addr` over TLS with `config`; TCP
+/// connect and TLS handshake together may take at most `handshake_timeout`
+/// (a stalled link must not hang a dial).
+pub(crate) fn dial(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    handshake_timeout: Duration,
+) -> Result<Channel, io::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
         .connect_timeout(Duration::from_secs(5))
@@ -264,9 +270,16 @@ pub(crate) fn dial(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Chan
     Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
         let (addr, connector, server_name) = (addr.clone(), connector.clone(), server_name.clone());
         async move {
-            let tcp = TcpStream::connect(&addr).await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
+            let connect = async {
+                let tcp = TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                connector.connect(server_name, tcp).await
+            };
+            let tls = tokio::time::timeout(handshake_timeout, connect)
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "TCP connect and TLS handshake timed out")
+                })??;
             Ok::<_, io::Error>(TokioIo::new(tls))
         }
     })))
@@ -286,5 +299,6 @@ pub(crate) fn peer_channel(shared: &crate::state::Shared, peer: &str, addr: &str
         crls,
     )
     .map_err(|e| e.to_string())?;
-    dial(addr, config).map_err(|e| e.to_string())
+    let handshake = Duration::from_millis(shared.limits().handshake_timeout_ms);
+    dial(addr, config, handshake).map_err(|e| e.to_string())
 }

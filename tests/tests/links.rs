@@ -1,0 +1,96 @@
+//! Faults of the link between two nodes rather than of the nodes (issue 7):
+//! finance reaches the hub through a loopback proxy that cuts or stalls the
+//! connection. A cut link and a stalled one both only delay: everything
+//! acknowledged arrives, once, when the link is back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use antar_tests::*;
+
+/// Sends `n` notices to registry and returns their ids.
+async fn send_batch(app: &antar_client::Client, what: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let body = format!("{what} {i}");
+        ids.push(send(app, notice("registry", "birth.lookup", body.as_bytes())).await);
+    }
+    ids
+}
+
+/// Receives and acks exactly the messages `ids`, each once.
+async fn receive_exactly(app: &antar_client::Client, ids: &[String], secs: u64) {
+    let got: Vec<String> = receive(app, ids.len(), secs, true)
+        .await
+        .iter()
+        .map(|d| envelope_of(d).id)
+        .collect();
+    assert_eq!(got.len(), ids.len(), "not everything arrived");
+    let want: HashSet<&String> = ids.iter().collect();
+    let unique: HashSet<&String> = got.iter().collect();
+    assert_eq!(unique, want, "other messages than those sent");
+    assert_eq!(unique.len(), got.len(), "a message arrived twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_or_stalled_link_delays_delivery_and_loses_nothing() {
+    let fed = Federation::standard();
+    let proxy = LinkProxy::start(fed.addrs["hub"].peer).await;
+    let mut config = fed.config("finance");
+    for p in &mut config.peers {
+        if p.agency == "hub" {
+            p.addr = proxy.addr.to_string();
+        }
+    }
+    config.limits.transfer_ack_timeout_ms = 1_000;
+    config.limits.handshake_timeout_ms = 1_000;
+    let mut nodes = vec![fed.start_with(config).await];
+    for a in ["hub", "registry"] {
+        nodes.push(fed.start(a).await);
+    }
+    let finance = fed.app("finance").await;
+    let finance_admin = fed.admin("finance").await;
+    let registry = fed.app("registry").await;
+
+    // Up: through the proxy like any link.
+    let ids = send_batch(&finance, "up", 5).await;
+    receive_exactly(&registry, &ids, 15).await;
+
+    // Stalled: the stream stays open but nothing moves. Sends are still
+    // accepted; nothing arrives; the forwarder gives up on the stream after
+    // limits.transfer_ack_timeout_ms instead of waiting for TCP or HTTP/2
+    // keepalives, and keeps retrying.
+    proxy.set(LinkMode::Stall);
+    let stalled_at = Instant::now();
+    let ids = send_batch(&finance, "stalled", 20).await;
+    assert!(receive(&registry, 1, 2, false).await.is_empty());
+    let retries = r#"antar_transfer_retries_total"#;
+    eventually(10, "the forwarder drops the stalled stream", || async {
+        (get(&scrape(&fed, "finance").await, retries) >= 1.0).then_some(())
+    })
+    .await;
+    assert!(stalled_at.elapsed() >= Duration::from_millis(1_000));
+    assert_eq!(backlog(&finance_admin, "hub").await, 20);
+    // Back up: everything arrives, once.
+    proxy.set(LinkMode::Up);
+    receive_exactly(&registry, &ids, 20).await;
+
+    // Cut: connections closed, new ones refused. The queue holds.
+    proxy.set(LinkMode::Cut);
+    let ids = send_batch(&finance, "cut", 20).await;
+    assert!(receive(&registry, 1, 1, false).await.is_empty());
+    assert_eq!(backlog(&finance_admin, "hub").await, 20);
+    proxy.set(LinkMode::Up);
+    receive_exactly(&registry, &ids, 20).await;
+
+    // Nothing more is waiting anywhere, and every receipt chain completed.
+    assert!(receive(&registry, 1, 1, false).await.is_empty());
+    for id in &ids {
+        until_state(&finance, id, wire::MessageState::Processed, 15).await;
+    }
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
