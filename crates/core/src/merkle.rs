@@ -22,6 +22,9 @@ pub enum ProofError {
     /// The path has the wrong number of hashes.
     #[error("the proof has the wrong length")]
     BadLength,
+    /// A subtree hash could not be read from where the log keeps them.
+    #[error("a subtree hash is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// The hash of a leaf: `SHA-256(0x00 || entry)`.
@@ -41,25 +44,72 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     sha256(&b)
 }
 
-/// The largest power of two smaller than `n` (n >= 2).
-fn split(n: usize) -> usize {
-    let mut k = 1;
-    while k << 1 < n {
-        k <<= 1;
+/// Where a proof's hashes come from: the MTH of each *perfect* subtree, the
+/// `2^level` leaves `[index·2^level, (index+1)·2^level)`. Every root and
+/// proof of RFC 9162 splits a range at the largest power of two below its
+/// size, so each is assembled from O(log n) perfect subtrees, O(log² n) for
+/// a proof: a log that stores them ([`Subtrees`] over the store) answers in
+/// O(log² n) reads however long it grows; a slice of leaf hashes computes
+/// them.
+pub trait Subtrees {
+    /// The MTH of the perfect subtree at `level` (0: a leaf) number `index`.
+    ///
+    /// # Errors
+    /// [`ProofError::Unavailable`] when it cannot be read.
+    fn perfect(&mut self, level: u32, index: u64) -> Result<Hash, ProofError>;
+}
+
+/// Leaf hashes in memory: perfect subtrees computed from them.
+struct Leaves<'a>(&'a [Hash]);
+
+impl Subtrees for Leaves<'_> {
+    fn perfect(&mut self, level: u32, index: u64) -> Result<Hash, ProofError> {
+        if level == 0 {
+            return self
+                .0
+                .get(index as usize)
+                .copied()
+                .ok_or_else(|| ProofError::OutOfRange(format!("leaf {index}")));
+        }
+        let left = self.perfect(level - 1, 2 * index)?;
+        Ok(node_hash(&left, &self.perfect(level - 1, 2 * index + 1)?))
     }
-    k
+}
+
+/// The largest power of two smaller than `n` (n >= 2).
+fn split(n: u64) -> u64 {
+    1 << (63 - (n - 1).leading_zeros())
+}
+
+/// MTH of the `n` leaves from `start` (a multiple of the largest power of two
+/// not above `n`, as every range of the RFC's recursion is).
+fn range_root(t: &mut impl Subtrees, start: u64, n: u64) -> Result<Hash, ProofError> {
+    match n {
+        0 => Ok(sha256(b"")),
+        n if n.is_power_of_two() => t.perfect(n.trailing_zeros(), start >> n.trailing_zeros()),
+        n => {
+            let k = split(n);
+            let left = range_root(t, start, k)?;
+            Ok(node_hash(&left, &range_root(t, start + k, n - k)?))
+        }
+    }
 }
 
 /// MTH over leaf hashes: the root of a tree of `leaves.len()` entries.
 pub fn root(leaves: &[Hash]) -> Hash {
-    match leaves.len() {
-        0 => sha256(b""),
-        1 => leaves[0],
-        n => {
-            let k = split(n);
-            node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
-        }
+    match range_root(&mut Leaves(leaves), 0, leaves.len() as u64) {
+        Ok(h) => h,
+        // Every index asked for is below `leaves.len()`.
+        Err(_) => unreachable!("a slice has every leaf of its own tree"),
     }
+}
+
+/// The root of the tree of the first `size` leaves of `t`.
+///
+/// # Errors
+/// [`ProofError::Unavailable`] when a subtree cannot be read.
+pub fn root_of(t: &mut impl Subtrees, size: u64) -> Result<Hash, ProofError> {
+    range_root(t, 0, size)
 }
 
 /// The inclusion proof of leaf `index` in the tree of `leaves` (PATH).
@@ -67,29 +117,46 @@ pub fn root(leaves: &[Hash]) -> Hash {
 /// # Errors
 /// [`ProofError::OutOfRange`] when `index` is not in the tree.
 pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Result<Vec<Hash>, ProofError> {
-    if index >= leaves.len() {
+    inclusion_proof_of(&mut Leaves(leaves), index as u64, leaves.len() as u64)
+}
+
+/// The inclusion proof of leaf `index` in the tree of the first `size`
+/// leaves of `t` (PATH).
+///
+/// # Errors
+/// [`ProofError::OutOfRange`] when `index` is not in the tree;
+/// [`ProofError::Unavailable`] when a subtree cannot be read.
+pub fn inclusion_proof_of(t: &mut impl Subtrees, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
+    if index >= size {
         return Err(ProofError::OutOfRange(format!(
-            "leaf {index} of a tree of {}",
-            leaves.len()
+            "leaf {index} of a tree of {size}"
         )));
     }
     let mut path = Vec::new();
-    path_into(index, leaves, &mut path);
+    path_into(t, index, 0, size, &mut path)?;
     Ok(path)
 }
 
-fn path_into(m: usize, d: &[Hash], out: &mut Vec<Hash>) {
-    if d.len() <= 1 {
-        return;
+/// PATH(m, D[start..start + n]), appended to `out` leaf-side first.
+fn path_into(
+    t: &mut impl Subtrees,
+    m: u64,
+    start: u64,
+    n: u64,
+    out: &mut Vec<Hash>,
+) -> Result<(), ProofError> {
+    if n <= 1 {
+        return Ok(());
     }
-    let k = split(d.len());
+    let k = split(n);
     if m < k {
-        path_into(m, &d[..k], out);
-        out.push(root(&d[k..]));
+        path_into(t, m, start, k, out)?;
+        out.push(range_root(t, start + k, n - k)?);
     } else {
-        path_into(m - k, &d[k..], out);
-        out.push(root(&d[..k]));
+        path_into(t, m - k, start + k, n - k, out)?;
+        out.push(range_root(t, start, k)?);
     }
+    Ok(())
 }
 
 /// The consistency proof between the first `old_size` leaves and all of
@@ -98,33 +165,54 @@ fn path_into(m: usize, d: &[Hash], out: &mut Vec<Hash>) {
 /// # Errors
 /// [`ProofError::OutOfRange`] unless `0 < old_size <= leaves.len()`.
 pub fn consistency_proof(old_size: usize, leaves: &[Hash]) -> Result<Vec<Hash>, ProofError> {
-    if old_size == 0 || old_size > leaves.len() {
+    consistency_proof_of(&mut Leaves(leaves), old_size as u64, leaves.len() as u64)
+}
+
+/// The consistency proof between the trees of the first `old_size` and the
+/// first `size` leaves of `t` (PROOF).
+///
+/// # Errors
+/// [`ProofError::OutOfRange`] unless `0 < old_size <= size`;
+/// [`ProofError::Unavailable`] when a subtree cannot be read.
+pub fn consistency_proof_of(
+    t: &mut impl Subtrees,
+    old_size: u64,
+    size: u64,
+) -> Result<Vec<Hash>, ProofError> {
+    if old_size == 0 || old_size > size {
         return Err(ProofError::OutOfRange(format!(
-            "old size {old_size} against a tree of {}",
-            leaves.len()
+            "old size {old_size} against a tree of {size}"
         )));
     }
     let mut out = Vec::new();
-    subproof(old_size, leaves, true, &mut out);
+    subproof(t, old_size, 0, size, true, &mut out)?;
     Ok(out)
 }
 
-fn subproof(m: usize, d: &[Hash], complete: bool, out: &mut Vec<Hash>) {
-    let n = d.len();
+/// SUBPROOF(m, D[start..start + n], complete), appended to `out`.
+fn subproof(
+    t: &mut impl Subtrees,
+    m: u64,
+    start: u64,
+    n: u64,
+    complete: bool,
+    out: &mut Vec<Hash>,
+) -> Result<(), ProofError> {
     if m == n {
         if !complete {
-            out.push(root(d));
+            out.push(range_root(t, start, n)?);
         }
-        return;
+        return Ok(());
     }
     let k = split(n);
     if m <= k {
-        subproof(m, &d[..k], complete, out);
-        out.push(root(&d[k..]));
+        subproof(t, m, start, k, complete, out)?;
+        out.push(range_root(t, start + k, n - k)?);
     } else {
-        subproof(m - k, &d[k..], false, out);
-        out.push(root(&d[..k]));
+        subproof(t, m - k, start + k, n - k, false, out)?;
+        out.push(range_root(t, start, k)?);
     }
+    Ok(())
 }
 
 /// Verifies that `leaf` is entry `index` of the tree of `size` with `root`
@@ -292,5 +380,74 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Perfect subtrees precomputed, as a store keeps them; counts reads.
+    struct Stored {
+        nodes: std::collections::HashMap<(u32, u64), Hash>,
+        reads: usize,
+    }
+
+    impl Stored {
+        fn of(leaves: &[Hash]) -> Self {
+            let mut nodes = std::collections::HashMap::new();
+            let mut level: Vec<Hash> = leaves.to_vec();
+            for l in 0.. {
+                for (i, h) in level.iter().enumerate() {
+                    nodes.insert((l, i as u64), *h);
+                }
+                if level.len() < 2 {
+                    break;
+                }
+                level = level.chunks_exact(2).map(|p| node_hash(&p[0], &p[1])).collect();
+            }
+            Self { nodes, reads: 0 }
+        }
+    }
+
+    impl Subtrees for Stored {
+        fn perfect(&mut self, level: u32, index: u64) -> Result<Hash, ProofError> {
+            self.reads += 1;
+            self.nodes
+                .get(&(level, index))
+                .copied()
+                .ok_or_else(|| ProofError::Unavailable(format!("{level}/{index}")))
+        }
+    }
+
+    #[test]
+    fn stored_subtrees_give_the_same_roots_and_proofs_in_few_reads() {
+        for n in 1..=40 {
+            let l = leaves(n);
+            let mut t = Stored::of(&l);
+            for size in 1..=n {
+                assert_eq!(root_of(&mut t, size as u64).unwrap(), root(&l[..size]));
+                for i in 0..size {
+                    assert_eq!(
+                        inclusion_proof_of(&mut t, i as u64, size as u64).unwrap(),
+                        inclusion_proof(i, &l[..size]).unwrap()
+                    );
+                }
+                for m in 1..=size {
+                    assert_eq!(
+                        consistency_proof_of(&mut t, m as u64, size as u64).unwrap(),
+                        consistency_proof(m, &l[..size]).unwrap()
+                    );
+                }
+            }
+        }
+        // A large log: a proof costs O(log² n) reads, not O(n).
+        let n = 100_003u64;
+        let mut t = Stored::of(&leaves(n as usize));
+        t.reads = 0;
+        let p = inclusion_proof_of(&mut t, 77_777, n).unwrap();
+        let r = root_of(&mut t, n).unwrap();
+        let leaf = leaf_hash(b"entry 77777");
+        verify_inclusion(&leaf, 77_777, n, &p, &r).unwrap();
+        assert!(t.reads < 17 * 17, "{} reads", t.reads);
+        assert!(matches!(
+            root_of(&mut Stored::of(&leaves(3)), 5),
+            Err(ProofError::Unavailable(_))
+        ));
     }
 }

@@ -43,7 +43,7 @@ pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeEr
     if let Some(c) = last.filter(|c| c.tree_size == size) {
         return Ok(c);
     }
-    let root = merkle::root(&shared.store.audit_leaf_hashes(size)?);
+    let root = merkle::root_of(&mut shared.store.audit_tree(size)?, size).map_err(proof_failure)?;
     let note = Note {
         origin: origin(&shared.config.federation, shared.agency.as_str()),
         size,
@@ -202,8 +202,20 @@ fn proof_hashes(path: Vec<merkle::Hash>) -> Vec<Vec<u8>> {
     path.into_iter().map(|h| h.to_vec()).collect()
 }
 
+/// A proof the caller asked for that cannot exist names its size; a
+/// subtree the store cannot read is the node's failure.
 fn proof_err(e: merkle::ProofError) -> NodeError {
-    NodeError::invalid("tree_size", e)
+    match e {
+        merkle::ProofError::Unavailable(_) => proof_failure(e),
+        e => NodeError::invalid("tree_size", e),
+    }
+}
+
+fn proof_failure(e: merkle::ProofError) -> NodeError {
+    NodeError::Store(antar_store::StoreError::Corrupt {
+        tree: "audit_node",
+        detail: e.to_string(),
+    })
 }
 
 #[tonic::async_trait]
@@ -273,13 +285,15 @@ impl Audit for AuditService {
         if r.tree_size == 0 || r.tree_size > size {
             return Err(NodeError::invalid("tree_size", format!("must be 1..={size}")).into());
         }
-        let leaves = self
+        let mut tree = self
             .shared
             .store
-            .audit_leaf_hashes(r.tree_size)
+            .audit_tree(r.tree_size)
             .map_err(NodeError::from)?;
-        let path =
-            merkle::inclusion_proof(r.index as usize, &leaves).map_err(|e| NodeError::invalid("index", e))?;
+        let path = merkle::inclusion_proof_of(&mut tree, r.index, r.tree_size).map_err(|e| match e {
+            merkle::ProofError::OutOfRange(_) => NodeError::invalid("index", e),
+            e => proof_failure(e),
+        })?;
         Ok(Response::new(InclusionProofResponse {
             path: proof_hashes(path),
         }))
@@ -295,12 +309,12 @@ impl Audit for AuditService {
         if r.new_size > size {
             return Err(NodeError::invalid("new_size", format!("must be at most {size}")).into());
         }
-        let leaves = self
+        let mut tree = self
             .shared
             .store
-            .audit_leaf_hashes(r.new_size)
+            .audit_tree(r.new_size)
             .map_err(NodeError::from)?;
-        let path = merkle::consistency_proof(r.old_size as usize, &leaves).map_err(proof_err)?;
+        let path = merkle::consistency_proof_of(&mut tree, r.old_size, r.new_size).map_err(proof_err)?;
         Ok(Response::new(ConsistencyProofResponse {
             path: proof_hashes(path),
         }))
@@ -335,14 +349,14 @@ pub(crate) async fn export_bundle(shared: &Shared) -> Result<AuditBundle, NodeEr
         .into_iter()
         .map(|(_, e)| e)
         .collect();
-    let leaves = shared.store.audit_leaf_hashes(size)?;
+    let mut tree = shared.store.audit_tree(size)?;
     let mut consistency = Vec::new();
     for pair in checkpoints.windows(2) {
-        let old = pair[0].tree_size as usize;
+        let old = pair[0].tree_size;
         let path = if old == 0 {
             Vec::new()
         } else {
-            merkle::consistency_proof(old, &leaves[..pair[1].tree_size as usize]).map_err(proof_err)?
+            merkle::consistency_proof_of(&mut tree, old, pair[1].tree_size).map_err(proof_err)?
         };
         consistency.push(ConsistencyProofResponse {
             path: proof_hashes(path),

@@ -179,8 +179,8 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
         let proof = if old == 0 || old >= size {
             Vec::new()
         } else {
-            let leaves = shared.store.audit_leaf_hashes(size).map_err(|e| e.to_string())?;
-            merkle::consistency_proof(old as usize, &leaves)
+            let mut tree = shared.store.audit_tree(size).map_err(|e| e.to_string())?;
+            merkle::consistency_proof_of(&mut tree, old, size)
                 .map_err(|e| e.to_string())?
                 .into_iter()
                 .map(|h| h.to_vec())

@@ -13,7 +13,8 @@
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
 //! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log |
 //! | `audit_hash` | index (u64 BE) | leaf hash `SHA-256(0x00 ‖ entry)` |
-//! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
+//! | `audit_node` | level (1 byte, ≥ 1) ‖ index (u64 BE) | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit_hash` (filled lazily up to `nodes` in `audit_meta`) |
+//! | `audit_meta` | `size` / `nodes` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / entries covered by `audit_node` / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
 //!
 //! Sequence numbers come from sled's monotonic id generator, so queues are FIFO.
 
@@ -29,8 +30,9 @@ pub(crate) const EXPIRY: usize = 8;
 pub(crate) const AUDIT: usize = 9;
 pub(crate) const AUDIT_HASH: usize = 10;
 pub(crate) const AUDIT_META: usize = 11;
+pub(crate) const AUDIT_NODE: usize = 12;
 
-pub(crate) const TREES: [&str; 12] = [
+pub(crate) const TREES: [&str; 13] = [
     "messages",
     "outbox",
     "inbox",
@@ -43,9 +45,11 @@ pub(crate) const TREES: [&str; 12] = [
     "audit",
     "audit_hash",
     "audit_meta",
+    "audit_node",
 ];
 
 pub(crate) const AUDIT_SIZE: &[u8] = b"size";
+pub(crate) const AUDIT_NODES: &[u8] = b"nodes";
 pub(crate) const CHECKPOINT_PREFIX: &[u8] = b"cp";
 
 pub(crate) fn prefixed(name: &str) -> Vec<u8> {
@@ -95,4 +99,11 @@ pub(crate) fn expiry_target(key: &[u8]) -> Option<(String, u64)> {
         return None;
     }
     Some((name_of(rest), seq_of(rest)))
+}
+
+pub(crate) fn node_key(level: u32, index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = level as u8;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
 }

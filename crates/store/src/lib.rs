@@ -77,6 +77,8 @@ struct Inner {
     outbox_notify: Mutex<HashMap<String, Arc<Notify>>>,
     inbox_notify: Arc<Notify>,
     receipt_notify: Arc<Notify>,
+    /// One thread at a time extends `audit_node`.
+    node_filler: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -119,6 +121,7 @@ impl Store {
                 outbox_notify: Mutex::default(),
                 inbox_notify: Arc::default(),
                 receipt_notify: Arc::default(),
+                node_filler: Mutex::default(),
             }),
         })
     }
@@ -358,26 +361,107 @@ impl Store {
         Ok(out)
     }
 
-    /// The leaf hashes of the first `size` log entries.
+    /// The log's Merkle tree over its first `size` entries, for roots and
+    /// proofs in O(log² n) reads (`antar_core::merkle::*_of`). First stores
+    /// the hash of every perfect subtree completed by entries added since
+    /// the last call, reading only those entries: a checkpoint or proof
+    /// costs the same on a log of a billion entries as on a small one.
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure, or a log with a hole (corrupt).
-    pub fn audit_leaf_hashes(&self, size: u64) -> Result<Vec<antar_core::merkle::Hash>, StoreError> {
-        let mut out = Vec::with_capacity(size as usize);
-        for kv in self.inner.trees[keys::AUDIT_HASH].range(..size.to_be_bytes()) {
-            let (k, v) = kv?;
-            let hash = antar_core::merkle::Hash::try_from(v.as_ref()).ok();
-            match hash {
-                Some(h) if keys::u64_of(&k) == out.len() as u64 => out.push(h),
-                _ => {
-                    return Err(StoreError::Corrupt {
-                        tree: keys::TREES[keys::AUDIT_HASH],
-                        detail: format!("log entry {} is missing or malformed", out.len()),
-                    })
-                }
+    pub fn audit_tree(&self, size: u64) -> Result<LogTree<'_>, StoreError> {
+        self.fill_audit_nodes(size)?;
+        Ok(LogTree { store: self, size })
+    }
+
+    fn fill_audit_nodes(&self, size: u64) -> Result<(), StoreError> {
+        let _one_filler = self.inner.node_filler.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = &self.inner.trees[keys::AUDIT_META];
+        let filled = meta.get(keys::AUDIT_NODES)?.map_or(0, |v| keys::u64_of(&v));
+        if filled >= size {
+            return Ok(());
+        }
+        // The perfect subtrees that make up the first `filled` entries, left
+        // to right (one per set bit of `filled`): new leaves merge into them.
+        let mut frontier: Vec<(u32, Hash)> = Vec::new();
+        let mut start = 0u64;
+        for level in (0..64).rev() {
+            if filled & (1 << level) != 0 {
+                frontier.push((level, self.audit_subtree(level, start >> level)?));
+                start += 1 << level;
             }
         }
-        Ok(out)
+        let mut nodes: Vec<([u8; 9], Hash)> = Vec::new();
+        let mut n = filled;
+        for kv in self.inner.trees[keys::AUDIT_HASH].range(filled.to_be_bytes()..size.to_be_bytes()) {
+            let (k, v) = kv?;
+            let mut hash = match Hash::try_from(v.as_ref()) {
+                Ok(h) if keys::u64_of(&k) == n => h,
+                _ => return Err(corrupt_log(n)),
+            };
+            n += 1;
+            let mut level = 0;
+            while let Some(&(l, left)) = frontier.last() {
+                if l != level {
+                    break;
+                }
+                frontier.pop();
+                hash = antar_core::merkle::node_hash(&left, &hash);
+                level += 1;
+                nodes.push((keys::node_key(level, (n >> level) - 1), hash));
+            }
+            frontier.push((level, hash));
+            if nodes.len() >= 1 << 16 {
+                self.put_audit_nodes(&mut nodes, n)?;
+            }
+        }
+        if n != size {
+            return Err(corrupt_log(n));
+        }
+        self.put_audit_nodes(&mut nodes, n)
+    }
+
+    /// Stores derived subtree hashes and how far they reach, atomically (a
+    /// crash loses both or neither; either way they are derived again).
+    fn put_audit_nodes(&self, nodes: &mut Vec<([u8; 9], Hash)>, through: u64) -> Result<(), StoreError> {
+        use sled::Transactional as _;
+        let trees = (
+            &self.inner.trees[keys::AUDIT_NODE],
+            &self.inner.trees[keys::AUDIT_META],
+        );
+        self.inner.commit.begin();
+        let done = trees.transaction(|(node, meta)| {
+            for (k, h) in nodes.iter() {
+                node.insert(k.as_slice(), h.as_slice())?;
+            }
+            meta.insert(keys::AUDIT_NODES, &through.to_be_bytes())?;
+            Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+        });
+        self.inner.commit.end();
+        nodes.clear();
+        done.map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+            sled::transaction::TransactionError::Abort(()) => unreachable!("never aborted"),
+        })
+    }
+
+    /// The MTH of the perfect subtree at `level` (0: a leaf hash) number `index`.
+    fn audit_subtree(&self, level: u32, index: u64) -> Result<Hash, StoreError> {
+        let value = if level == 0 {
+            self.inner.trees[keys::AUDIT_HASH].get(index.to_be_bytes())?
+        } else {
+            self.inner.trees[keys::AUDIT_NODE].get(keys::node_key(level, index))?
+        };
+        value
+            .and_then(|v| Hash::try_from(v.as_ref()).ok())
+            .ok_or_else(|| StoreError::Corrupt {
+                tree: keys::TREES[if level == 0 {
+                    keys::AUDIT_HASH
+                } else {
+                    keys::AUDIT_NODE
+                }],
+                detail: format!("subtree {level}/{index} is missing or malformed"),
+            })
     }
 
     /// Stores a signed checkpoint (encoded `Checkpoint`) of the log at `size`, and flushes.
@@ -542,3 +626,41 @@ use sled::Transactional as _;
 
 #[cfg(test)]
 mod tests;
+
+type Hash = antar_core::merkle::Hash;
+
+fn corrupt_log(index: u64) -> StoreError {
+    StoreError::Corrupt {
+        tree: keys::TREES[keys::AUDIT_HASH],
+        detail: format!("log entry {index} is missing or malformed"),
+    }
+}
+
+/// The log's Merkle tree as of `size` entries, read from the store: see
+/// [`Store::audit_tree`].
+#[derive(Debug)]
+pub struct LogTree<'a> {
+    store: &'a Store,
+    size: u64,
+}
+
+impl LogTree<'_> {
+    /// Entries in this tree.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl antar_core::merkle::Subtrees for LogTree<'_> {
+    fn perfect(&mut self, level: u32, index: u64) -> Result<Hash, antar_core::merkle::ProofError> {
+        if (index + 1) << level > self.size {
+            return Err(antar_core::merkle::ProofError::OutOfRange(format!(
+                "subtree {level}/{index} of a tree of {}",
+                self.size
+            )));
+        }
+        self.store
+            .audit_subtree(level, index)
+            .map_err(|e| antar_core::merkle::ProofError::Unavailable(e.to_string()))
+    }
+}

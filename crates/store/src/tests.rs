@@ -163,3 +163,64 @@ async fn corrupt_record_is_reported_not_panicked() {
         Err(StoreError::Corrupt { tree: "messages", .. })
     ));
 }
+
+#[tokio::test]
+async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
+    use antar_core::merkle;
+    use antar_core::wire::EntryKind;
+    let dir = tempfile::tempdir().unwrap();
+    let leaves = |s: &Store, n: u64| -> Vec<merkle::Hash> {
+        s.inner.trees[keys::AUDIT_HASH]
+            .range(..n.to_be_bytes())
+            .map(|kv| merkle::Hash::try_from(kv.unwrap().1.as_ref()).unwrap())
+            .collect()
+    };
+    let append = |s: &Store, n: usize| {
+        for i in 0..n {
+            s.transact(|tx| tx.audit_append(EntryKind::Envelope, &[i as u8; 7], "m").map(drop))
+                .unwrap();
+        }
+    };
+    {
+        let s = open(dir.path(), 1 << 20);
+        // Grown in uneven steps, the tree is asked about each size.
+        for step in [1, 2, 5, 1, 13, 30] {
+            append(&s, step);
+            let size = s.audit_size().unwrap();
+            let mut tree = s.audit_tree(size).unwrap();
+            let all = leaves(&s, size);
+            assert_eq!(merkle::root_of(&mut tree, size).unwrap(), merkle::root(&all));
+            // Older sizes still answer from the same stored subtrees.
+            for old in 1..=size {
+                assert_eq!(
+                    merkle::consistency_proof_of(&mut tree, old, size).unwrap(),
+                    merkle::consistency_proof(old as usize, &all).unwrap()
+                );
+            }
+            // Nothing beyond the size asked for is readable through it.
+            assert!(merkle::root_of(&mut tree, size + 1).is_err());
+        }
+    }
+    // Reopened: the stored subtrees are picked up where they stopped.
+    let s = open(dir.path(), 1 << 20);
+    append(&s, 70);
+    let size = s.audit_size().unwrap();
+    assert_eq!(size, 122);
+    let mut tree = s.audit_tree(size).unwrap();
+    let all = leaves(&s, size);
+    assert_eq!(merkle::root_of(&mut tree, size).unwrap(), merkle::root(&all));
+    for i in [0, 63, 64, 121] {
+        assert_eq!(
+            merkle::inclusion_proof_of(&mut tree, i, size).unwrap(),
+            merkle::inclusion_proof(i as usize, &all).unwrap()
+        );
+    }
+    // A log with a hole is named, not papered over.
+    s.inner.trees[keys::AUDIT_HASH]
+        .remove(121u64.to_be_bytes())
+        .unwrap();
+    s.inner.trees[keys::AUDIT_META]
+        .insert(keys::AUDIT_SIZE, &200u64.to_be_bytes())
+        .unwrap();
+    assert!(matches!(s.audit_tree(200), Err(StoreError::Corrupt { .. })));
+}
