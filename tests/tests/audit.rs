@@ -326,7 +326,6 @@ fn rewrite_history(data_dir: &std::path::Path, n: u64) {
     // A careful rewrite also drops the derived subtree hashes, so the node
     // presents the new history consistently from then on.
     db.open_tree("audit_node").unwrap().clear().unwrap();
-    meta.remove("nodes").unwrap();
     for prefix in [b"cp".as_slice(), b"wit\0"] {
         for k in meta.scan_prefix(prefix).keys() {
             meta.remove(k.unwrap()).unwrap();

@@ -13,8 +13,8 @@
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
 //! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log |
 //! | `audit_hash` | index (u64 BE) | leaf hash `SHA-256(0x00 ‖ entry)` |
-//! | `audit_node` | level (1 byte, ≥ 1) ‖ index (u64 BE) | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit_hash` (filled lazily up to `nodes` in `audit_meta`) |
-//! | `audit_meta` | `size` / `nodes` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / entries covered by `audit_node` / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
+//! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit_hash` / how many entries they cover (u64 BE), written in the same batch |
+//! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
 //!
 //! Sequence numbers come from sled's monotonic id generator, so queues are FIFO.
 
@@ -100,6 +100,11 @@ pub(crate) fn expiry_target(key: &[u8]) -> Option<(String, u64)> {
     }
     Some((name_of(rest), seq_of(rest)))
 }
+
+/// Perfect subtrees of fewer than 2^8 entries are not stored but folded from
+/// their leaf hashes when asked for: a 256th of the writes, and a root or
+/// proof still reads O(log n) stored hashes plus a few hundred leaves.
+pub(crate) const MIN_STORED_LEVEL: u32 = 8;
 
 pub(crate) fn node_key(level: u32, index: u64) -> [u8; 9] {
     let mut k = [0u8; 9];

@@ -364,7 +364,8 @@ impl Store {
     /// The log's Merkle tree over its first `size` entries, for roots and
     /// proofs in O(log² n) reads (`antar_core::merkle::*_of`). First stores
     /// the hash of every perfect subtree completed by entries added since
-    /// the last call, reading only those entries: a checkpoint or proof
+    /// the last call, reading only those entries (and holding at most 16k of
+    /// them in memory): a checkpoint or proof
     /// costs the same on a log of a billion entries as on a small one.
     ///
     /// # Errors
@@ -376,8 +377,9 @@ impl Store {
 
     fn fill_audit_nodes(&self, size: u64) -> Result<(), StoreError> {
         let _one_filler = self.inner.node_filler.lock().unwrap_or_else(|p| p.into_inner());
-        let meta = &self.inner.trees[keys::AUDIT_META];
-        let filled = meta.get(keys::AUDIT_NODES)?.map_or(0, |v| keys::u64_of(&v));
+        let filled = self.inner.trees[keys::AUDIT_NODE]
+            .get(keys::AUDIT_NODES)?
+            .map_or(0, |v| keys::u64_of(&v));
         if filled >= size {
             return Ok(());
         }
@@ -408,10 +410,12 @@ impl Store {
                 frontier.pop();
                 hash = antar_core::merkle::node_hash(&left, &hash);
                 level += 1;
-                nodes.push((keys::node_key(level, (n >> level) - 1), hash));
+                if level >= keys::MIN_STORED_LEVEL {
+                    nodes.push((keys::node_key(level, (n >> level) - 1), hash));
+                }
             }
             frontier.push((level, hash));
-            if nodes.len() >= 1 << 16 {
+            if nodes.len() >= 1 << 14 {
                 self.put_audit_nodes(&mut nodes, n)?;
             }
         }
@@ -421,47 +425,50 @@ impl Store {
         self.put_audit_nodes(&mut nodes, n)
     }
 
-    /// Stores derived subtree hashes and how far they reach, atomically (a
-    /// crash loses both or neither; either way they are derived again).
+    /// Stores derived subtree hashes and how far they reach in one batch on
+    /// their own tree: atomic (a crash loses both or neither; either way they
+    /// are derived again), and no conflict with the appends, which never
+    /// touch this tree.
     fn put_audit_nodes(&self, nodes: &mut Vec<([u8; 9], Hash)>, through: u64) -> Result<(), StoreError> {
-        use sled::Transactional as _;
-        let trees = (
-            &self.inner.trees[keys::AUDIT_NODE],
-            &self.inner.trees[keys::AUDIT_META],
-        );
+        let mut batch = sled::Batch::default();
+        for (k, h) in nodes.drain(..) {
+            batch.insert(k.as_slice(), h.as_slice());
+        }
+        batch.insert(keys::AUDIT_NODES, &through.to_be_bytes());
         self.inner.commit.begin();
-        let done = trees.transaction(|(node, meta)| {
-            for (k, h) in nodes.iter() {
-                node.insert(k.as_slice(), h.as_slice())?;
-            }
-            meta.insert(keys::AUDIT_NODES, &through.to_be_bytes())?;
-            Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-        });
+        let done = self.inner.trees[keys::AUDIT_NODE].apply_batch(batch);
         self.inner.commit.end();
-        nodes.clear();
-        done.map_err(|e| match e {
-            sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-            sled::transaction::TransactionError::Abort(()) => unreachable!("never aborted"),
-        })
+        Ok(done?)
     }
 
-    /// The MTH of the perfect subtree at `level` (0: a leaf hash) number `index`.
+    /// The MTH of the perfect subtree at `level` (0: a leaf hash) number
+    /// `index`: stored from [`keys::MIN_STORED_LEVEL`] up, below it folded
+    /// from its (at most 128) leaf hashes.
     fn audit_subtree(&self, level: u32, index: u64) -> Result<Hash, StoreError> {
-        let value = if level == 0 {
-            self.inner.trees[keys::AUDIT_HASH].get(index.to_be_bytes())?
-        } else {
-            self.inner.trees[keys::AUDIT_NODE].get(keys::node_key(level, index))?
-        };
-        value
-            .and_then(|v| Hash::try_from(v.as_ref()).ok())
-            .ok_or_else(|| StoreError::Corrupt {
-                tree: keys::TREES[if level == 0 {
-                    keys::AUDIT_HASH
-                } else {
-                    keys::AUDIT_NODE
-                }],
-                detail: format!("subtree {level}/{index} is missing or malformed"),
-            })
+        if level >= keys::MIN_STORED_LEVEL {
+            let value = self.inner.trees[keys::AUDIT_NODE].get(keys::node_key(level, index))?;
+            return value
+                .and_then(|v| Hash::try_from(v.as_ref()).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    tree: keys::TREES[keys::AUDIT_NODE],
+                    detail: format!("subtree {level}/{index} is missing or malformed"),
+                });
+        }
+        let (first, count) = (index << level, 1u64 << level);
+        let mut leaves = Vec::with_capacity(count as usize);
+        for kv in self.inner.trees[keys::AUDIT_HASH].range(first.to_be_bytes()..(first + count).to_be_bytes())
+        {
+            let (k, v) = kv?;
+            let i = first + leaves.len() as u64;
+            match Hash::try_from(v.as_ref()) {
+                Ok(h) if keys::u64_of(&k) == i => leaves.push(h),
+                _ => return Err(corrupt_log(i)),
+            }
+        }
+        if leaves.len() as u64 != count {
+            return Err(corrupt_log(first + leaves.len() as u64));
+        }
+        Ok(antar_core::merkle::root(&leaves))
     }
 
     /// Stores a signed checkpoint (encoded `Checkpoint`) of the log at `size`, and flushes.

@@ -184,14 +184,14 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     {
         let s = open(dir.path(), 1 << 20);
         // Grown in uneven steps, the tree is asked about each size.
-        for step in [1, 2, 5, 1, 13, 30] {
+        for step in [1, 2, 5, 1, 13, 30, 250, 300] {
             append(&s, step);
             let size = s.audit_size().unwrap();
             let mut tree = s.audit_tree(size).unwrap();
             let all = leaves(&s, size);
             assert_eq!(merkle::root_of(&mut tree, size).unwrap(), merkle::root(&all));
             // Older sizes still answer from the same stored subtrees.
-            for old in 1..=size {
+            for old in (1..=size).step_by(7).chain([size]) {
                 assert_eq!(
                     merkle::consistency_proof_of(&mut tree, old, size).unwrap(),
                     merkle::consistency_proof(old as usize, &all).unwrap()
@@ -205,22 +205,31 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     let s = open(dir.path(), 1 << 20);
     append(&s, 70);
     let size = s.audit_size().unwrap();
-    assert_eq!(size, 122);
+    assert_eq!(size, 672);
     let mut tree = s.audit_tree(size).unwrap();
     let all = leaves(&s, size);
     assert_eq!(merkle::root_of(&mut tree, size).unwrap(), merkle::root(&all));
-    for i in [0, 63, 64, 121] {
+    for i in [0, 63, 255, 256, 511, 600, 671] {
         assert_eq!(
             merkle::inclusion_proof_of(&mut tree, i, size).unwrap(),
             merkle::inclusion_proof(i as usize, &all).unwrap()
         );
     }
     // A log with a hole is named, not papered over.
+    // Only subtrees of 256 entries and more are stored: two at level 8, one
+    // at level 9, and the mark.
+    assert_eq!(s.inner.trees[keys::AUDIT_NODE].len(), 4);
+    // A log with a hole is named, not papered over: in the stored range...
     s.inner.trees[keys::AUDIT_HASH]
-        .remove(121u64.to_be_bytes())
+        .remove(300u64.to_be_bytes())
         .unwrap();
+    assert!(matches!(
+        merkle::inclusion_proof_of(&mut s.audit_tree(size).unwrap(), 301, size),
+        Err(merkle::ProofError::Unavailable(_))
+    ));
+    // ...and past it.
     s.inner.trees[keys::AUDIT_META]
-        .insert(keys::AUDIT_SIZE, &200u64.to_be_bytes())
+        .insert(keys::AUDIT_SIZE, &700u64.to_be_bytes())
         .unwrap();
-    assert!(matches!(s.audit_tree(200), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(s.audit_tree(700), Err(StoreError::Corrupt { .. })));
 }
