@@ -2,21 +2,25 @@
 //! proof verification never panics on arbitrary paths and sizes.
 #![no_main]
 
-use antar_core::checkpoint::{verify_cosignature, Checkpoint};
+use antar_core::checkpoint::{origin, verify_cosignature, Checkpoint};
 use antar_core::merkle;
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common.rs"]
+mod common;
+
 fuzz_target!(|data: &[u8]| {
-    let key = [7u8; 32];
+    let (signer, witness) = common::node_keys();
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = Checkpoint::verify(text, &key);
-        let cp = Checkpoint {
-            origin: "fuzz.example/antar/a".into(),
+        // A note that verifies is then checked against each cosignature
+        // line after it, as a witness's line over that very checkpoint.
+        let cp = Checkpoint::verify(text, signer).unwrap_or(Checkpoint {
+            origin: origin(common::FED, "finance"),
             size: 1,
             root: [0; 32],
-        };
+        });
         for line in text.lines() {
-            let _ = verify_cosignature(line, &cp, "fuzz.example/antar/b", &key);
+            let _ = verify_cosignature(line, &cp, &origin(common::FED, "health"), witness);
         }
     }
     if data.len() >= 16 {

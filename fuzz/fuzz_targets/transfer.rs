@@ -10,7 +10,9 @@ use prost::Message as _;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(batch) = TransferBatch::decode(data) else { return };
+    let Ok(batch) = TransferBatch::decode(data) else {
+        return;
+    };
     for item in batch.items {
         match item.item {
             Some(transfer_item::Item::Envelope(et)) => {
