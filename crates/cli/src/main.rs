@@ -14,6 +14,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: sled copies whole leaf nodes on every
+/// write, and glibc spent ~17% of a node's CPU allocating and freeing them
+/// (docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
