@@ -5,10 +5,16 @@
 set -eu
 cd "$(dirname "$0")"
 secs=${1:-600}
+cargo +nightly fuzz build
 [ -f corpus/keys/root.der ] || cargo +nightly run --release --bin seed
 for t in envelope receipt checkpoint config transfer bundle; do
     echo "== $t ($secs s)"
     cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -print_final_stats=1 2>&1 |
         grep -E '^(stat::|#[0-9]+.*DONE|==[0-9]+==|SUMMARY|.*panicked|artifact_prefix|Test unit)' || true
 done
-ls artifacts/*/ 2>/dev/null && echo "crashes above" || echo "no crash artifacts"
+if find artifacts -type f | grep -q .; then
+    find artifacts -type f
+    echo "artifacts above: crashes, leaks, timeouts or slow units to look at"
+    exit 1
+fi
+echo "no crash artifacts"

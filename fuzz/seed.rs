@@ -1,14 +1,16 @@
 //! Writes seed corpora for the fuzz targets: real, valid inputs signed under
 //! a federation root made here, so the fuzzer starts from bytes that pass
-//! decoding, signature, chain and Merkle checks and mutates its way into
-//! the deep paths instead of being stopped at the first check.
+//! decoding, signature and chain checks (and, for the audit bundle, every
+//! Merkle check) and mutates its way into the deep paths instead of being
+//! stopped at the first check.
 //!
 //!   cargo +nightly run --release --bin seed      # in fuzz/
 //!
 //! Writes `corpus/keys/` (the root certificate and the two nodes' public
 //! keys the targets verify against; no private key is kept) and
 //! `corpus/<target>/seed-*`. Everything it writes is generated and
-//! git-ignored; run it again to start over with a new root.
+//! git-ignored. Running it again starts over: it deletes `corpus/` first,
+//! since inputs signed under the old root would no longer verify.
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,6 +33,9 @@ const FED: &str = "fuzz.example";
 
 fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).expect("remove the old corpus");
+    }
     let root = Ca::new_federation_root(FED, 3650).expect("root");
     let node = |name: &str| {
         let ck = root
@@ -221,14 +226,13 @@ fn main() {
         write(&dir.join("checkpoint"), &format!("seed-proof-{i}"), &input);
     }
 
-    // Node configurations as operators write them.
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let mut n = 0;
-    for file in ["systemd/node.toml.example"] {
-        let text = fs::read(examples.join(file)).expect("example config");
-        write(&dir.join("config"), &format!("seed-{n}"), &text);
-        n += 1;
-    }
+    // A node configuration as operators write it.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/node.toml.example");
+    write(
+        &dir.join("config"),
+        "seed-0",
+        &fs::read(example).expect("example config"),
+    );
     println!("seed corpora written under {}", dir.display());
 }
 

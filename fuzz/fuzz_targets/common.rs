@@ -24,6 +24,10 @@ pub fn verifier() -> &'static Verifier {
     static V: OnceLock<Verifier> = OnceLock::new();
     V.get_or_init(|| {
         let root = seed_key("root.der").unwrap_or_else(|| {
+            eprintln!(
+                "antar-fuzz: no corpus/keys/root.der (run `cargo +nightly run --release --bin seed`); \
+                 verifying against a random root, so no input can pass the chain check"
+            );
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
             params

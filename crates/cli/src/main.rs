@@ -14,9 +14,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc's malloc: sled copies whole leaf nodes on every
-/// write, and glibc spent ~17% of a node's CPU allocating and freeing them
-/// (docs/benchmarks.md).
+/// mimalloc instead of glibc's malloc: sled copies whole leaf nodes on
+/// writes, and glibc's malloc and free were ~17% of the samples of a bench
+/// process (two nodes and the load generator) allocating and freeing them
+/// (docs/benchmarks.md, "Allocator").
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -99,9 +99,6 @@ impl Store {
             .cache_capacity(config.cache_capacity)
             // Durability comes from our own group-commit flushes, not a timer.
             .flush_every_ms(None)
-            // Less eager compaction: +11 % delivered/s, same disk and RSS in
-            // our runs (docs/benchmarks.md, "sled mode").
-            .mode(sled::Mode::HighThroughput)
             .open()?;
         let trees = keys::TREES
             .iter()
