@@ -115,7 +115,7 @@ pub(crate) fn bury(
 }
 
 /// Moves every outbox item past its TTL to the dead letters with an EXPIRED receipt.
-pub(crate) fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
+pub(crate) async fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
     let due = shared.store.expired(unix_millis(SystemTime::now()), 512)?;
     if due.is_empty() {
         return Ok(0);
@@ -132,6 +132,7 @@ pub(crate) fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
             }
             Ok(n)
         })
+        .await
         .map_err(NodeError::from)?;
     shared.metrics.expired.inc_by(n as u64);
     Ok(n)
@@ -240,6 +241,7 @@ impl Admin for AdminService {
                 }
                 Ok(retried)
             })
+            .await
             .map_err(NodeError::from)?;
         shared.store.durable().await.map_err(NodeError::from)?;
         Ok(Response::new(RetryDeadLettersResponse { retried }))
@@ -263,6 +265,7 @@ impl Admin for AdminService {
                 }
                 Ok(purged)
             })
+            .await
             .map_err(NodeError::from)?;
         self.shared.store.durable().await.map_err(NodeError::from)?;
         Ok(Response::new(PurgeDeadLettersResponse { purged }))

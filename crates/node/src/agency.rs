@@ -259,6 +259,7 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
             }
             Ok(ids)
         })
+        .await
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
     shared.metrics.sent.inc_by(ids.len() as u64);
@@ -288,6 +289,7 @@ async fn send(
         if let Some(ids) = shared
             .store
             .transact(|tx| tx.tx_key(&sender, key))
+            .await
             .map_err(NodeError::from)?
         {
             return Ok(ids);
@@ -369,6 +371,7 @@ async fn ack(
             let decoded = antar_core::wire::Receipt::decode(processed.receipt.as_slice()).unwrap_or_default();
             shared.route_receipt(tx, &processed, &decoded, Vec::new())
         })
+        .await
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
     shared

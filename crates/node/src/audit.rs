@@ -95,7 +95,7 @@ pub(crate) async fn checkpointer(shared: Arc<Shared>, token: tokio_util::sync::C
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        purge_payloads(&shared);
+        purge_payloads(&shared).await;
         match checkpoint_now(&shared).await {
             Ok(cp) => {
                 let cp = crate::witness::request_all(&shared, cp).await;
@@ -109,7 +109,7 @@ pub(crate) async fn checkpointer(shared: Arc<Shared>, token: tokio_util::sync::C
 /// Retention: drops the payloads of finished messages older than
 /// `limits.payload_retention_secs`. The log holds no payload, so every
 /// signature and proof stays verifiable.
-fn purge_payloads(shared: &Shared) {
+async fn purge_payloads(shared: &Shared) {
     let secs = shared.limits().payload_retention_secs;
     if secs == 0 {
         return;
@@ -123,15 +123,18 @@ fn purge_payloads(shared: &Shared) {
         MessageState::Expired,
     ]
     .map(|s| s as i32);
-    let purged = shared.store.purge_payloads(|r| {
-        let created = r
-            .envelope
-            .as_ref()
-            .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
-            .and_then(|e| e.created_at)
-            .map(|t| from_timestamp(&t));
-        finished.contains(&r.state) && created.is_some_and(|c| c < cutoff)
-    });
+    let purged = shared
+        .store
+        .purge_payloads(|r| {
+            let created = r
+                .envelope
+                .as_ref()
+                .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
+                .and_then(|e| e.created_at)
+                .map(|t| from_timestamp(&t));
+            finished.contains(&r.state) && created.is_some_and(|c| c < cutoff)
+        })
+        .await;
     match purged {
         Ok(0) => {}
         Ok(n) => {

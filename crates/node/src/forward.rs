@@ -132,13 +132,13 @@ async fn session(
             tokio::select! {
                 _ = notified => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
-                ack = acks.message() => settle(shared, peer, ack, &mut in_flight)?,
+                ack = acks.message() => settle(shared, peer, ack, &mut in_flight).await?,
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         } else {
             tokio::select! {
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
-                ack = acks.message() => settle(shared, peer, ack, &mut in_flight)?,
+                ack = acks.message() => settle(shared, peer, ack, &mut in_flight).await?,
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         }
@@ -174,7 +174,7 @@ async fn drain(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !in_flight.is_empty() {
         match tokio::time::timeout_at(deadline, acks.message()).await {
-            Ok(ack) => settle(shared, peer, ack, in_flight)?,
+            Ok(ack) => settle(shared, peer, ack, in_flight).await?,
             Err(_) => break,
         }
     }
@@ -203,7 +203,7 @@ impl From<NodeError> for SessionError {
 }
 
 /// Deletes what the peer took custody of; records what it refused.
-fn settle(
+async fn settle(
     shared: &Shared,
     peer: &str,
     ack: Result<Option<TransferAck>, tonic::Status>,
@@ -260,6 +260,7 @@ fn settle(
             }
             Ok(())
         })
+        .await
         .map_err(NodeError::from)?;
     let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
     health.entry(peer.to_owned()).or_default().last_contact = Some(SystemTime::now());

@@ -437,7 +437,7 @@ async fn sweeper(shared: Arc<state::Shared>, token: CancellationToken) {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match admin::sweep_expired(&shared) {
+        match admin::sweep_expired(&shared).await {
             Ok(0) => {}
             Ok(n) => {
                 if let Err(e) = shared.store.durable().await {

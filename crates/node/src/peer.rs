@@ -133,6 +133,7 @@ async fn handle_batch(
                 .map(|(_, p)| settle(shared, tx, p))
                 .collect::<Result<Vec<_>, _>>()
         })
+        .await
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
     let mut acks = Vec::with_capacity(plans.len());

@@ -7,8 +7,8 @@
 //! flush that starts after the ticket covers it. A failed flush poisons the
 //! store for good (fail-stop): nothing may be acknowledged after it.
 //!
-//! Every write is bracketed by [`GroupCommit::begin`] and
-//! [`GroupCommit::end`], which count writes in flight and writes done; the
+//! Every write is bracketed by [`WriteCounter::begin`] and
+//! [`WriteCounter::end`], which count writes in flight and writes done; the
 //! flusher records how many were done when it started. `durable` returns at
 //! once when no write is in flight and a finished flush covers every done
 //! write, so a caller that merely needs "what I read is on disk" (the
@@ -27,11 +27,30 @@ enum Flushed {
     Poisoned(String),
 }
 
+/// Counts writes in flight and writes done; cloned to whoever writes to sled.
+#[derive(Clone, Default)]
+pub(crate) struct WriteCounter {
+    inflight: Arc<AtomicU64>,
+    commits: Arc<AtomicU64>,
+}
+
+impl WriteCounter {
+    /// A write starts (before sled commits anything).
+    pub(crate) fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The write started by [`WriteCounter::begin`] is over, committed or not.
+    pub(crate) fn end(&self) {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub(crate) struct GroupCommit {
     tickets: Arc<AtomicU64>,
-    /// Writes in flight; writes done; how many done writes a finished flush covers.
-    inflight: AtomicU64,
-    commits: Arc<AtomicU64>,
+    /// Writes in flight and done; how many done writes a finished flush covers.
+    writes: WriteCounter,
     covered: Arc<AtomicU64>,
     wake: Arc<(Mutex<Wake>, Condvar)>,
     flushed: watch::Receiver<Flushed>,
@@ -62,20 +81,19 @@ impl Drop for GroupCommit {
 impl GroupCommit {
     pub(crate) fn start(db: sled::Db) -> Self {
         let tickets = Arc::new(AtomicU64::new(0));
-        let commits = Arc::new(AtomicU64::new(0));
+        let writes = WriteCounter::default();
         let covered = Arc::new(AtomicU64::new(0));
         let wake = Arc::new((Mutex::new(Wake::default()), Condvar::new()));
         let (tx, rx) = watch::channel(Flushed::UpTo(0));
         let (t, w) = (tickets.clone(), wake.clone());
-        let counts = (commits.clone(), covered.clone());
+        let counts = (writes.commits.clone(), covered.clone());
         let spawned = std::thread::Builder::new()
             .name("antar-flusher".into())
             .spawn(move || flusher(db, t, counts, w, tx));
         match spawned {
             Ok(thread) => Self {
                 tickets,
-                inflight: AtomicU64::new(0),
-                commits,
+                writes,
                 covered,
                 wake,
                 flushed: rx,
@@ -86,8 +104,7 @@ impl GroupCommit {
                 let (_, rx) = watch::channel(Flushed::Poisoned(format!("cannot start flusher: {e}")));
                 Self {
                     tickets,
-                    inflight: AtomicU64::new(0),
-                    commits,
+                    writes,
                     covered,
                     wake,
                     flushed: rx,
@@ -104,20 +121,14 @@ impl GroupCommit {
         }
     }
 
-    /// A write starts (before sled commits anything).
-    pub(crate) fn begin(&self) {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// The write started by [`GroupCommit::begin`] is over, committed or not.
-    pub(crate) fn end(&self) {
-        self.commits.fetch_add(1, Ordering::SeqCst);
-        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    /// The counter every write to sled is bracketed by.
+    pub(crate) fn writes(&self) -> &WriteCounter {
+        &self.writes
     }
 
     pub(crate) async fn durable(&self) -> Result<(), StoreError> {
-        if self.inflight.load(Ordering::SeqCst) == 0
-            && self.covered.load(Ordering::SeqCst) >= self.commits.load(Ordering::SeqCst)
+        if self.writes.inflight.load(Ordering::SeqCst) == 0
+            && self.covered.load(Ordering::SeqCst) >= self.writes.commits.load(Ordering::SeqCst)
         {
             return self.check();
         }

@@ -1,14 +1,16 @@
 //! Antar's durable store on sled: message records, per-peer outboxes,
 //! per-service inboxes, dedup keys, the receipt log and dead letters.
 //!
-//! Every state change is one sled transaction over all trees ([`Store::transact`]);
-//! nothing is acknowledged before [`Store::durable`] returns, and one flush
-//! serves every caller waiting at that moment (group commit). Only this
-//! crate names sled.
+//! Every state change is one atomic transaction over all trees
+//! ([`Store::transact`]); concurrent transactions reach sled together as one
+//! sled transaction (group transactions, `group.rs`). Nothing is
+//! acknowledged before [`Store::durable`] returns, and one flush serves every
+//! caller waiting at that moment (group commit). Only this crate names sled.
 
 #![warn(missing_docs)]
 
 mod commit;
+mod group;
 mod keys;
 mod records;
 mod tx;
@@ -71,6 +73,8 @@ pub struct Store {
 struct Inner {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    /// Before `commit`: the applier stops before the flusher's last flush.
+    groups: group::Groups,
     commit: GroupCommit,
     queued_bytes: AtomicU64,
     max_queued_bytes: u64,
@@ -111,9 +115,11 @@ impl Store {
                 queued += tx::queued_size(t, &v)?;
             }
         }
+        let commit = GroupCommit::start(db.clone());
         Ok(Self {
             inner: Arc::new(Inner {
-                commit: GroupCommit::start(db.clone()),
+                groups: group::Groups::start(trees.clone(), commit.writes().clone()),
+                commit,
                 db,
                 trees,
                 queued_bytes: AtomicU64::new(queued),
@@ -126,32 +132,35 @@ impl Store {
         })
     }
 
-    /// Runs `f` as one atomic sled transaction over every tree. `f` may run
-    /// more than once on conflict, so it must only act through `Tx`.
+    /// Runs `f` as one atomic transaction over every tree: alone, seeing
+    /// every transaction before it; its writes are in sled (visible to every
+    /// reader) when this returns, and durable after [`Store::durable`].
+    /// Concurrent transactions reach sled together (`group.rs`).
     ///
     /// # Errors
-    /// `Err(Ok(abort))` when `f` aborted, `Err(Err(store))` on a store failure.
-    pub fn transact<T>(
+    /// `Err(Ok(abort))` when `f` aborted (nothing it wrote is kept),
+    /// `Err(Err(store))` on a store failure.
+    pub async fn transact<T>(
         &self,
-        f: impl Fn(&Tx<'_>) -> Result<T, TxError>,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, TxError>,
     ) -> Result<T, Result<Abort, StoreError>> {
         self.inner.commit.check().map_err(Err)?;
-        let effects = std::cell::RefCell::new(tx::Effects::default());
-        self.inner.commit.begin();
-        let result = self.inner.trees.as_slice().transaction(|trees| {
-            let tx = Tx::new(trees);
-            let out = f(&tx).map_err(|e| e.0)?;
-            *effects.borrow_mut() = tx.into_effects();
-            Ok(out)
+        let (out, group) = self.inner.groups.run(|layers| {
+            let tx = Tx::new(&self.inner.db, &self.inner.trees, layers);
+            match f(&tx) {
+                Ok(out) => {
+                    let (writes, effects) = tx.into_parts();
+                    (Ok((out, effects)), Some(writes))
+                }
+                Err(e) => (Err(e), None),
+            }
         });
-        self.inner.commit.end();
-        use sled::transaction::TransactionError;
-        let out = match result {
-            Ok(out) => out,
-            Err(TransactionError::Abort(a)) => return Err(Ok(a)),
-            Err(TransactionError::Storage(e)) => return Err(Err(e.into())),
+        let (out, effects) = match out {
+            Ok(done) => done,
+            Err(TxError(tx::Failed::Abort(a))) => return Err(Ok(a)),
+            Err(TxError(tx::Failed::Storage(e))) => return Err(Err(e.into())),
         };
-        let effects = effects.into_inner();
+        self.inner.groups.applied(group).await.map_err(Err)?;
         let delta = effects.queued_delta;
         if delta >= 0 {
             self.inner.queued_bytes.fetch_add(delta as u64, Ordering::Relaxed);
@@ -213,7 +222,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure.
-    pub fn purge_payloads(&self, purge: impl Fn(&MessageRecord) -> bool) -> Result<u64, StoreError> {
+    pub async fn purge_payloads(&self, purge: impl Fn(&MessageRecord) -> bool) -> Result<u64, StoreError> {
         let mut n = 0;
         for kv in self.inner.trees[keys::MESSAGES].iter() {
             let (k, v) = kv?;
@@ -236,6 +245,7 @@ impl Store {
                     tx.put_message(&id, &r)?;
                     Ok(true)
                 })
+                .await
                 .map_err(|e| match e {
                     Ok(abort) => StoreError::Corrupt {
                         tree: keys::TREES[keys::MESSAGES],
@@ -435,9 +445,9 @@ impl Store {
             batch.insert(k.as_slice(), h.as_slice());
         }
         batch.insert(keys::AUDIT_NODES, &through.to_be_bytes());
-        self.inner.commit.begin();
+        self.inner.commit.writes().begin();
         let done = self.inner.trees[keys::AUDIT_NODE].apply_batch(batch);
-        self.inner.commit.end();
+        self.inner.commit.writes().end();
         Ok(done?)
     }
 
@@ -478,9 +488,9 @@ impl Store {
     pub async fn put_checkpoint(&self, size: u64, checkpoint: &[u8]) -> Result<(), StoreError> {
         let mut key = keys::CHECKPOINT_PREFIX.to_vec();
         key.extend_from_slice(&size.to_be_bytes());
-        self.inner.commit.begin();
+        self.inner.commit.writes().begin();
         let inserted = self.inner.trees[keys::AUDIT_META].insert(key, checkpoint);
-        self.inner.commit.end();
+        self.inner.commit.writes().end();
         inserted?;
         self.durable().await
     }
@@ -512,9 +522,9 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub async fn put_audit_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.inner.commit.begin();
+        self.inner.commit.writes().begin();
         let inserted = self.inner.trees[keys::AUDIT_META].insert(key, value);
-        self.inner.commit.end();
+        self.inner.commit.writes().end();
         inserted?;
         self.durable().await
     }
@@ -628,8 +638,6 @@ pub(crate) fn decode<M: Message + Default>(tree: usize, bytes: &[u8]) -> Result<
         detail: e.to_string(),
     })
 }
-
-use sled::Transactional as _;
 
 #[cfg(test)]
 mod tests;

@@ -16,7 +16,9 @@ async fn outbox_survives_reopen_in_order_and_counts_quota() {
     {
         let s = open(dir.path(), 1 << 20);
         for i in 0..10u8 {
-            s.transact(|tx| tx.push_outbox("health", &[i; 100], 0)).unwrap();
+            s.transact(|tx| tx.push_outbox("health", &[i; 100], 0))
+                .await
+                .unwrap();
         }
         s.durable().await.unwrap();
         assert_eq!(s.queued_bytes(), 1000);
@@ -41,6 +43,7 @@ async fn outbox_survives_reopen_in_order_and_counts_quota() {
         }
         Ok(())
     })
+    .await
     .unwrap();
     assert_eq!(s.queued_bytes(), 600);
     assert!(!s.over_quota());
@@ -52,15 +55,17 @@ async fn aborted_transaction_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);
     let id = MessageId::new();
-    let r: Result<(), _> = s.transact(|tx| {
-        tx.push_inbox("birth.lookup", &id, 10)?;
-        tx.mark_seen("finance", id.as_bytes())?;
-        Err(Abort::Refused("no".into()).into())
-    });
+    let r: Result<(), _> = s
+        .transact(|tx| {
+            tx.push_inbox("birth.lookup", &id, 10)?;
+            tx.mark_seen("finance", id.as_bytes())?;
+            Err(Abort::Refused("no".into()).into())
+        })
+        .await;
     assert!(matches!(r, Err(Ok(Abort::Refused(_)))));
     assert_eq!(s.queued_bytes(), 0);
     assert_eq!(s.inbox_scan(None).count(), 0);
-    let seen = s.transact(|tx| tx.seen("finance", id.as_bytes())).unwrap();
+    let seen = s.transact(|tx| tx.seen("finance", id.as_bytes())).await.unwrap();
     assert!(!seen);
 }
 
@@ -78,11 +83,13 @@ async fn inbox_dedup_and_removal() {
                 tx.push_inbox("birth.lookup", id, 5)?;
                 Ok(false)
             })
+            .await
             .unwrap();
         assert!(!dup);
     }
     let again = s
         .transact(|tx| tx.mark_seen("finance", ids[0].as_bytes()))
+        .await
         .unwrap();
     assert!(again, "second sighting is a duplicate");
     let listed: Vec<Vec<u8>> = s
@@ -93,8 +100,8 @@ async fn inbox_dedup_and_removal() {
         listed,
         ids.iter().map(|i| i.as_bytes().to_vec()).collect::<Vec<_>>()
     );
-    assert!(s.transact(|tx| tx.remove_inbox(&ids[1])).unwrap());
-    assert!(!s.transact(|tx| tx.remove_inbox(&ids[1])).unwrap());
+    assert!(s.transact(|tx| tx.remove_inbox(&ids[1])).await.unwrap());
+    assert!(!s.transact(|tx| tx.remove_inbox(&ids[1])).await.unwrap());
     assert_eq!(s.queued_bytes(), 10);
     assert_eq!(s.inbox_depths(), vec![("birth.lookup".to_owned(), 2)]);
 }
@@ -108,6 +115,7 @@ async fn group_commit_serves_many_waiters() {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             s.transact(|tx| tx.push_outbox("hub", &i.to_be_bytes(), 0))
+                .await
                 .unwrap();
             s.durable().await.unwrap();
         }));
@@ -122,10 +130,10 @@ async fn group_commit_serves_many_waiters() {
 async fn expiry_index_follows_the_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);
-    let a = s.transact(|tx| tx.push_outbox("hub", b"a", 1_000)).unwrap();
-    let _b = s.transact(|tx| tx.push_outbox("hub", b"b", 5_000)).unwrap();
+    let a = s.transact(|tx| tx.push_outbox("hub", b"a", 1_000)).await.unwrap();
+    let _b = s.transact(|tx| tx.push_outbox("hub", b"b", 5_000)).await.unwrap();
     assert_eq!(s.expired(2_000, 10).unwrap(), vec![("hub".to_owned(), a)]);
-    s.transact(|tx| tx.remove_outbox("hub", a)).unwrap();
+    s.transact(|tx| tx.remove_outbox("hub", a)).await.unwrap();
     assert!(s.expired(2_000, 10).unwrap().is_empty());
     assert_eq!(s.expired(9_000, 10).unwrap().len(), 1);
 }
@@ -134,8 +142,8 @@ async fn expiry_index_follows_the_outbox() {
 async fn receipt_log_resumes_from_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);
-    let c1 = s.transact(|tx| tx.log_receipt(b"one")).unwrap();
-    let c2 = s.transact(|tx| tx.log_receipt(b"two")).unwrap();
+    let c1 = s.transact(|tx| tx.log_receipt(b"one")).await.unwrap();
+    let c2 = s.transact(|tx| tx.log_receipt(b"two")).await.unwrap();
     assert!(c2 > c1 && c1 > 0);
     let all = s.receipts_after(0, 10).unwrap();
     assert_eq!(
@@ -175,17 +183,18 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
             .map(|kv| merkle::Hash::try_from(kv.unwrap().1.as_ref()).unwrap())
             .collect()
     };
-    let append = |s: &Store, n: usize| {
+    async fn append(s: &Store, n: usize) {
         for i in 0..n {
             s.transact(|tx| tx.audit_append(EntryKind::Envelope, &[i as u8; 7], "m").map(drop))
+                .await
                 .unwrap();
         }
-    };
+    }
     {
         let s = open(dir.path(), 1 << 20);
         // Grown in uneven steps, the tree is asked about each size.
         for step in [1, 2, 5, 1, 13, 30, 250, 300] {
-            append(&s, step);
+            append(&s, step).await;
             let size = s.audit_size().unwrap();
             let mut tree = s.audit_tree(size).unwrap();
             let all = leaves(&s, size);
@@ -203,7 +212,7 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     }
     // Reopened: the stored subtrees are picked up where they stopped.
     let s = open(dir.path(), 1 << 20);
-    append(&s, 70);
+    append(&s, 70).await;
     let size = s.audit_size().unwrap();
     assert_eq!(size, 672);
     let mut tree = s.audit_tree(size).unwrap();
@@ -232,4 +241,63 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
         .insert(keys::AUDIT_SIZE, &700u64.to_be_bytes())
         .unwrap();
     assert!(matches!(s.audit_tree(700), Err(StoreError::Corrupt { .. })));
+}
+
+/// Concurrent transactions share sled transactions (groups) yet stay
+/// serial: each read-modify-write sees every one before it, none is lost,
+/// aborted ones leave nothing, and queue order follows commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_transactions_are_serial_and_none_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), u64::MAX);
+    let tasks = 16;
+    let rounds = 40;
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let s = s.clone();
+        set.spawn(async move {
+            for r in 0..rounds {
+                let id = MessageId::new();
+                // Append this id to one shared list, and queue it.
+                s.transact(|tx| {
+                    let mut ids = tx.tx_key("bench", "list")?.unwrap_or_default();
+                    ids.push(id);
+                    tx.put_tx_key("bench", "list", &ids)?;
+                    tx.push_outbox("health", id.as_bytes(), 0)?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+                if (t + r) % 5 == 0 {
+                    let aborted: Result<(), _> = s
+                        .transact(|tx| {
+                            tx.put_tx_key("bench", "list", &[])?;
+                            tx.push_outbox("health", b"never", 0)?;
+                            Err(Abort::Refused("test".into()).into())
+                        })
+                        .await;
+                    assert!(matches!(aborted, Err(Ok(Abort::Refused(_)))));
+                }
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    let list = s
+        .transact(|tx| tx.tx_key("bench", "list"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(list.len(), tasks * rounds, "a read-modify-write was lost");
+    let queued: Vec<Vec<u8>> = s
+        .outbox_batch("health", None, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let listed: Vec<Vec<u8>> = list.iter().map(|id| id.as_bytes().to_vec()).collect();
+    assert_eq!(queued, listed, "queue order differs from commit order");
+    assert_eq!(s.queued_bytes(), (tasks * rounds * 16) as u64);
+    s.durable().await.unwrap();
 }

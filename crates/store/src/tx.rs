@@ -1,10 +1,16 @@
-//! The typed view of one sled transaction.
+//! The typed view of one transaction.
+//!
+//! A transaction runs alone (the store's writer lock is held), reading
+//! through the layers of writes not yet in sled: its own, then the open
+//! group's, then the group being applied. Its writes stay in its own layer
+//! until it returns `Ok`; then they join the open group, which is applied to
+//! sled as one atomic sled transaction (see `group.rs`).
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use prost::Message;
-use sled::transaction::{ConflictableTransactionError, TransactionalTree, UnabortableTransactionError};
+use sled::IVec;
 
 use antar_core::MessageId;
 
@@ -25,27 +31,30 @@ pub enum Abort {
     Refused(String),
 }
 
-/// The error a transaction closure returns: a conflict (sled retries) or an abort.
+/// The error a transaction closure returns: an abort, or a storage failure.
 #[derive(Debug)]
-pub struct TxError(pub(crate) ConflictableTransactionError<Abort>);
+pub struct TxError(pub(crate) Failed);
+
+#[derive(Debug)]
+pub(crate) enum Failed {
+    Abort(Abort),
+    Storage(sled::Error),
+}
 
 impl From<Abort> for TxError {
     fn from(a: Abort) -> Self {
-        Self(ConflictableTransactionError::Abort(a))
+        Self(Failed::Abort(a))
     }
 }
 
 impl From<sled::Error> for TxError {
     fn from(e: sled::Error) -> Self {
-        Self(ConflictableTransactionError::Storage(e))
+        Self(Failed::Storage(e))
     }
 }
 
-impl From<UnabortableTransactionError> for TxError {
-    fn from(e: UnabortableTransactionError) -> Self {
-        Self(e.into())
-    }
-}
+/// Writes not yet in sled, by (tree, key); `None` removes the key.
+pub(crate) type Writes = HashMap<(usize, Vec<u8>), Option<IVec>>;
 
 /// What a committed transaction changed, to wake the right waiters.
 #[derive(Debug, Default)]
@@ -58,22 +67,68 @@ pub(crate) struct Effects {
 
 /// One atomic change over every tree of the store.
 pub struct Tx<'a> {
-    trees: &'a [TransactionalTree],
+    db: &'a sled::Db,
+    trees: &'a [sled::Tree],
+    /// Writes of earlier transactions not yet in sled, newest layer first.
+    below: [Option<&'a Writes>; 2],
+    own: RefCell<Writes>,
     effects: RefCell<Effects>,
 }
 
 type R<T> = Result<T, TxError>;
 
 impl<'a> Tx<'a> {
-    pub(crate) fn new(trees: &'a [TransactionalTree]) -> Self {
+    pub(crate) fn new(db: &'a sled::Db, trees: &'a [sled::Tree], below: [Option<&'a Writes>; 2]) -> Self {
         Self {
+            db,
             trees,
+            below,
+            own: RefCell::default(),
             effects: RefCell::default(),
         }
     }
 
-    pub(crate) fn into_effects(self) -> Effects {
-        self.effects.into_inner()
+    pub(crate) fn into_parts(self) -> (Writes, Effects) {
+        (self.own.into_inner(), self.effects.into_inner())
+    }
+
+    /// The value of `key` in `tree` as this transaction sees it.
+    fn get(&self, tree: usize, key: &[u8]) -> R<Option<IVec>> {
+        let k = (tree, key.to_vec());
+        if let Some(v) = self.own.borrow().get(&k) {
+            return Ok(v.clone());
+        }
+        for layer in self.below.iter().flatten() {
+            if let Some(v) = layer.get(&k) {
+                return Ok(v.clone());
+            }
+        }
+        Ok(self.trees[tree].get(key)?)
+    }
+
+    /// Sets `key` without reading what was there.
+    fn put(&self, tree: usize, key: impl Into<Vec<u8>>, value: impl Into<IVec>) {
+        self.own
+            .borrow_mut()
+            .insert((tree, key.into()), Some(value.into()));
+    }
+
+    /// Sets `key`; returns what was there.
+    fn insert(&self, tree: usize, key: impl Into<Vec<u8>>, value: impl Into<IVec>) -> R<Option<IVec>> {
+        let key = key.into();
+        let old = self.get(tree, &key)?;
+        self.put(tree, key, value);
+        Ok(old)
+    }
+
+    /// Removes `key`; returns what was there.
+    fn remove(&self, tree: usize, key: impl Into<Vec<u8>>) -> R<Option<IVec>> {
+        let key = key.into();
+        let old = self.get(tree, &key)?;
+        if old.is_some() {
+            self.own.borrow_mut().insert((tree, key), None);
+        }
+        Ok(old)
     }
 
     /// The record of message `id`.
@@ -81,7 +136,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict, or [`Abort::Corrupt`].
     pub fn message(&self, id: &MessageId) -> R<Option<MessageRecord>> {
-        match self.trees[MESSAGES].get(id.as_bytes())? {
+        match self.get(MESSAGES, id.as_bytes())? {
             Some(v) => Ok(Some(decode(MESSAGES, &v)?)),
             None => Ok(None),
         }
@@ -92,7 +147,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn put_message(&self, id: &MessageId, record: &MessageRecord) -> R<()> {
-        self.trees[MESSAGES].insert(id.as_bytes().as_slice(), record.encode_to_vec())?;
+        self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
         Ok(())
     }
 
@@ -102,13 +157,13 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn push_outbox(&self, peer: &str, item: &[u8], expires_ms: u64) -> R<u64> {
-        let seq = self.trees[OUTBOX].generate_id()?;
+        let seq = self.db.generate_id()?;
         let mut value = Vec::with_capacity(8 + item.len());
         value.extend_from_slice(&expires_ms.to_be_bytes());
         value.extend_from_slice(item);
-        self.trees[OUTBOX].insert(keys::seq_key(peer, seq), value)?;
+        self.put(OUTBOX, keys::seq_key(peer, seq), value);
         if expires_ms != 0 {
-            self.trees[EXPIRY].insert(keys::expiry_key(expires_ms, peer, seq), &[][..])?;
+            self.put(EXPIRY, keys::expiry_key(expires_ms, peer, seq), &[][..]);
         }
         let mut fx = self.effects.borrow_mut();
         fx.outboxes.insert(peer.to_owned());
@@ -122,12 +177,12 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn remove_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
-        let Some(value) = self.trees[OUTBOX].remove(keys::seq_key(peer, seq))? else {
+        let Some(value) = self.remove(OUTBOX, keys::seq_key(peer, seq))? else {
             return Ok(None);
         };
         let expires_ms = keys::u64_of(&value);
         if expires_ms != 0 {
-            self.trees[EXPIRY].remove(keys::expiry_key(expires_ms, peer, seq))?;
+            self.remove(EXPIRY, keys::expiry_key(expires_ms, peer, seq))?;
         }
         let item = value.get(8..).unwrap_or_default().to_vec();
         self.effects.borrow_mut().queued_delta -= item.len() as i64;
@@ -139,15 +194,15 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn push_inbox(&self, service: &str, id: &MessageId, size: u64) -> R<()> {
-        let seq = self.trees[INBOX].generate_id()?;
+        let seq = self.db.generate_id()?;
         let key = keys::seq_key(service, seq);
         let entry = InboxEntry {
             message_id: id.as_bytes().to_vec(),
             size,
             service: service.to_owned(),
         };
-        self.trees[INBOX].insert(key.clone(), entry.encode_to_vec())?;
-        self.trees[INBOX_INDEX].insert(id.as_bytes().as_slice(), key)?;
+        self.put(INBOX, key.clone(), entry.encode_to_vec());
+        self.put(INBOX_INDEX, id.as_bytes().as_slice(), key);
         let mut fx = self.effects.borrow_mut();
         fx.inbox = true;
         fx.queued_delta += size as i64;
@@ -159,10 +214,10 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict, or [`Abort::Corrupt`].
     pub fn remove_inbox(&self, id: &MessageId) -> R<bool> {
-        let Some(key) = self.trees[INBOX_INDEX].remove(id.as_bytes().as_slice())? else {
+        let Some(key) = self.remove(INBOX_INDEX, id.as_bytes().as_slice())? else {
             return Ok(false);
         };
-        if let Some(v) = self.trees[INBOX].remove(key)? {
+        if let Some(v) = self.remove(INBOX, key.to_vec())? {
             let entry: InboxEntry = decode(INBOX, &v)?;
             self.effects.borrow_mut().queued_delta -= entry.size as i64;
         }
@@ -174,7 +229,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn in_inbox(&self, id: &MessageId) -> R<bool> {
-        Ok(self.trees[INBOX_INDEX].get(id.as_bytes().as_slice())?.is_some())
+        Ok(self.get(INBOX_INDEX, id.as_bytes().as_slice())?.is_some())
     }
 
     /// Marks (`namespace`, `key`) as seen; returns true if it was seen before.
@@ -184,7 +239,7 @@ impl<'a> Tx<'a> {
     /// A conflict.
     pub fn mark_seen(&self, namespace: &str, key: &[u8]) -> R<bool> {
         let k = keys::pair_key(namespace, key);
-        Ok(self.trees[SEEN].insert(k, &[][..])?.is_some())
+        Ok(self.insert(SEEN, k, &[][..])?.is_some())
     }
 
     /// True when (`namespace`, `key`) was seen.
@@ -192,7 +247,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn seen(&self, namespace: &str, key: &[u8]) -> R<bool> {
-        Ok(self.trees[SEEN].get(keys::pair_key(namespace, key))?.is_some())
+        Ok(self.get(SEEN, &keys::pair_key(namespace, key))?.is_some())
     }
 
     /// The message ids recorded for a sender's idempotency key.
@@ -200,7 +255,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn tx_key(&self, sender: &str, key: &str) -> R<Option<Vec<MessageId>>> {
-        let v = self.trees[TX_KEYS].get(keys::pair_key(sender, key.as_bytes()))?;
+        let v = self.get(TX_KEYS, &keys::pair_key(sender, key.as_bytes()))?;
         Ok(v.map(|v| ids_of(&v)))
     }
 
@@ -210,7 +265,7 @@ impl<'a> Tx<'a> {
     /// A conflict.
     pub fn put_tx_key(&self, sender: &str, key: &str, ids: &[MessageId]) -> R<()> {
         let v: Vec<u8> = ids.iter().flat_map(|id| *id.as_bytes()).collect();
-        self.trees[TX_KEYS].insert(keys::pair_key(sender, key.as_bytes()), v)?;
+        self.put(TX_KEYS, keys::pair_key(sender, key.as_bytes()), v);
         Ok(())
     }
 
@@ -219,8 +274,8 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn log_receipt(&self, signed_receipt: &[u8]) -> R<u64> {
-        let cursor = self.trees[RECEIPT_LOG].generate_id()? + 1;
-        self.trees[RECEIPT_LOG].insert(&cursor.to_be_bytes(), signed_receipt)?;
+        let cursor = self.db.generate_id()? + 1;
+        self.put(RECEIPT_LOG, cursor.to_be_bytes(), signed_receipt);
         self.effects.borrow_mut().receipts = true;
         Ok(cursor)
     }
@@ -232,8 +287,8 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict or a storage failure.
     pub fn audit_append(&self, kind: antar_core::wire::EntryKind, data: &[u8], message_id: &str) -> R<u64> {
-        let index = self.trees[AUDIT_META]
-            .get(keys::AUDIT_SIZE)?
+        let index = self
+            .get(AUDIT_META, keys::AUDIT_SIZE)?
             .map_or(0, |v| keys::u64_of(&v));
         let entry = antar_core::wire::LogEntry {
             index,
@@ -244,9 +299,9 @@ impl<'a> Tx<'a> {
         }
         .encode_to_vec();
         let key = index.to_be_bytes();
-        self.trees[AUDIT_HASH].insert(&key, &antar_core::merkle::leaf_hash(&entry))?;
-        self.trees[AUDIT].insert(&key, entry)?;
-        self.trees[AUDIT_META].insert(keys::AUDIT_SIZE, &(index + 1).to_be_bytes())?;
+        self.put(AUDIT_HASH, key, &antar_core::merkle::leaf_hash(&entry));
+        self.put(AUDIT, key, entry);
+        self.put(AUDIT_META, keys::AUDIT_SIZE, &(index + 1).to_be_bytes());
         Ok(index)
     }
 
@@ -255,7 +310,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict.
     pub fn put_dead(&self, id: &MessageId, dead: &DeadLetter) -> R<()> {
-        self.trees[DEAD].insert(id.as_bytes().as_slice(), dead.encode_to_vec())?;
+        self.put(DEAD, id.as_bytes().as_slice(), dead.encode_to_vec());
         Ok(())
     }
 
@@ -264,7 +319,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A conflict, or [`Abort::Corrupt`].
     pub fn take_dead(&self, id: &MessageId) -> R<Option<DeadLetter>> {
-        match self.trees[DEAD].remove(id.as_bytes().as_slice())? {
+        match self.remove(DEAD, id.as_bytes().as_slice())? {
             Some(v) => Ok(Some(decode(DEAD, &v)?)),
             None => Ok(None),
         }

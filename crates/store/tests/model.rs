@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use antar_core::merkle::{self, Hash};
 use antar_core::wire::{EntryKind, LogEntry};
 use antar_core::MessageId;
-use antar_store::{Abort, Store, StoreConfig};
+use antar_store::{Abort, Store, StoreConfig, StoreError, Tx, TxError};
 use proptest::prelude::*;
 use prost::Message as _;
 
@@ -135,7 +135,7 @@ fn observe(store: &Store) -> State {
     }
     for ns in NAMESPACES {
         for key in 0..6u8 {
-            if store.transact(|tx| tx.seen(ns, &[key])).unwrap() {
+            if transact(store, |tx| tx.seen(ns, &[key])).unwrap() {
                 s.seen.insert((ns.into(), key));
             }
         }
@@ -181,6 +181,21 @@ fn check_log(store: &Store, pick: Option<u64>) {
     }
 }
 
+/// Runs one transaction to its end: the model test is synchronous.
+fn transact<T>(
+    store: &Store,
+    f: impl FnOnce(&Tx<'_>) -> Result<T, TxError>,
+) -> Result<T, Result<Abort, StoreError>> {
+    RUNTIME.block_on(store.transact(f))
+}
+
+static RUNTIME: std::sync::LazyLock<tokio::runtime::Runtime> = std::sync::LazyLock::new(|| {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+});
+
 fn open(path: &Path) -> Store {
     Store::open(&StoreConfig {
         path: path.to_path_buf(),
@@ -213,9 +228,7 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
         } => {
             let item: Vec<u8> = (0..len).map(|i| (i as u64 + *next_id) as u8).collect();
             *next_id += 1;
-            let seq = store
-                .transact(|tx| tx.push_outbox(PEERS[peer], &item, expires_ms))
-                .unwrap();
+            let seq = transact(store, |tx| tx.push_outbox(PEERS[peer], &item, expires_ms)).unwrap();
             if expires_ms != 0 {
                 model.expiring.insert((PEERS[peer].into(), seq));
             }
@@ -234,16 +247,14 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             if queue.is_empty() {
                 model.outbox.remove(PEERS[peer]);
             }
-            let got = store.transact(|tx| tx.remove_outbox(PEERS[peer], seq)).unwrap();
+            let got = transact(store, |tx| tx.remove_outbox(PEERS[peer], seq)).unwrap();
             assert_eq!(got.as_ref(), Some(&item), "removed outbox item {seq}");
             model.expiring.remove(&(PEERS[peer].to_string(), seq));
             model.queued_bytes -= item.len() as u64;
         }
         Op::PushInbox { service, size } => {
             let id = MessageId::new();
-            store
-                .transact(|tx| tx.push_inbox(SERVICES[service], &id, size))
-                .unwrap();
+            transact(store, |tx| tx.push_inbox(SERVICES[service], &id, size)).unwrap();
             let queue = model.inbox.entry(SERVICES[service].into()).or_default();
             queue.push((id.as_bytes().to_vec(), size));
             model.queued_bytes += size;
@@ -265,13 +276,13 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             }
             let id = MessageId::from_bytes(raw.as_slice().try_into().unwrap());
             assert!(
-                store.transact(|tx| tx.remove_inbox(&id)).unwrap(),
+                transact(store, |tx| tx.remove_inbox(&id)).unwrap(),
                 "inbox had {id}"
             );
             model.queued_bytes -= size;
         }
         Op::MarkSeen { ns, key } => {
-            let before = store.transact(|tx| tx.mark_seen(NAMESPACES[ns], &[key])).unwrap();
+            let before = transact(store, |tx| tx.mark_seen(NAMESPACES[ns], &[key])).unwrap();
             let model_before = !model.seen.insert((NAMESPACES[ns].into(), key));
             assert_eq!(before, model_before, "mark_seen({ns}, {key})");
         }
@@ -280,19 +291,18 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             let data: Vec<Vec<u8>> = (first..first + n)
                 .map(|i| format!("entry {i}").into_bytes())
                 .collect();
-            let indexes = store
-                .transact(|tx| {
-                    data.iter()
-                        .map(|d| tx.audit_append(EntryKind::Envelope, d, "m"))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .unwrap();
+            let indexes = transact(store, |tx| {
+                data.iter()
+                    .map(|d| tx.audit_append(EntryKind::Envelope, d, "m"))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap();
             assert_eq!(indexes, (first as u64..(first + n) as u64).collect::<Vec<_>>());
             model.log.extend(data);
         }
         Op::Aborted { peer } => {
             let id = MessageId::new();
-            let r: Result<(), _> = store.transact(|tx| {
+            let r: Result<(), _> = transact(store, |tx| {
                 tx.push_outbox(PEERS[peer], b"never", 5)?;
                 tx.push_inbox(SERVICES[0], &id, 5)?;
                 tx.mark_seen(NAMESPACES[0], &[5])?;
@@ -301,7 +311,7 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             });
             assert!(matches!(r, Err(Ok(Abort::Refused(_)))));
             assert!(
-                !store.transact(|tx| tx.in_inbox(&id)).unwrap(),
+                !transact(store, |tx| tx.in_inbox(&id)).unwrap(),
                 "aborted inbox index"
             );
         }
