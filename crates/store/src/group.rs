@@ -1,37 +1,47 @@
-//! Group transactions: many callers' transactions reach sled as one sled
-//! transaction.
+//! Group transactions: many callers' transactions reach sled together,
+//! atomic across a crash without a sled transaction.
 //!
-//! Every sled transaction costs the same fixed price whatever it writes: a
-//! process-wide exclusive lock, and two writes of sled's IO buffer, each
-//! handed to sled's IO threads and followed by `sync_file_range`. With
-//! several transactions per message on each node, that price, paid on the
-//! async runtime's two worker threads, was the throughput ceiling.
+//! A sled transaction costs a fixed price whatever it writes: a
+//! process-wide exclusive lock that stalls every sled read (on the async
+//! runtime's worker threads) while it commits, and two forced writes of
+//! sled's IO buffer, each handed to sled's IO threads and followed by
+//! `sync_file_range`. With several transactions per message on each node,
+//! that price was the throughput ceiling.
 //!
 //! So a transaction's closure runs alone under the writer lock, reading
 //! through the writes not yet in sled, and on success adds its writes to the
 //! *open group*; then the caller awaits its group. A dedicated applier
-//! thread closes the open group, applies it as one sled transaction of blind
-//! writes, and publishes its number. While it applies, the next group fills,
-//! and transactions read the group being applied as a layer, so each sees
-//! every transaction before it.
+//! thread closes the open group and applies it with plain inserts, atomic
+//! across a crash by a redo journal: first the whole group as one record of
+//! the `journal` tree (one insert: on disk whole or not at all), then each
+//! write, then the record's removal. sled recovers a prefix of its log, so
+//! after a crash either the record is gone and so is every write after it,
+//! or it is there and [`replay`] (run on open) finishes the group. While it
+//! applies, the next group fills, and transactions read the group being
+//! applied as a layer, so each sees every transaction before it.
 //!
 //! Invariants:
 //! - Transactions are serial: closures run one at a time, in group order.
-//! - A group is applied atomically (one sled transaction), groups in order,
-//!   so after a crash sled holds a prefix of whole groups, hence a prefix of
-//!   whole transactions.
+//! - Groups are applied whole and in order, so after a crash sled holds a
+//!   prefix of whole groups, hence a prefix of whole transactions.
 //! - `transact` returns only after its group is in sled: a reader outside a
 //!   transaction then sees its writes.
+//! - A reader outside a transaction may see a group half applied. Writes go
+//!   in (tree, key) order, chosen so that what such a reader follows is
+//!   there first: a message record before its inbox entry, an outbox item
+//!   before its expiry entry, log entries and leaf hashes before the log
+//!   size, receipt-log cursors in ascending order.
 //! - A failed apply fails the store for good (fail-stop), like a failed flush.
 //! - Applying is bracketed by the group commit's `begin`/`end`, so the
 //!   flusher's "nothing in flight" fast path stays exact.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::IVec;
 use tokio::sync::watch;
 
 use crate::commit::WriteCounter;
+use crate::keys::{self, JOURNAL};
 use crate::tx::Writes;
 use crate::StoreError;
 
@@ -104,7 +114,8 @@ impl Drop for Groups {
 }
 
 impl Groups {
-    pub(crate) fn start(trees: Vec<sled::Tree>, writes: WriteCounter) -> Self {
+    /// `trees`: every tree, by index, the journal included.
+    pub(crate) fn start(db: sled::Db, trees: Vec<sled::Tree>, writes: WriteCounter) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 open_id: 1,
@@ -116,7 +127,7 @@ impl Groups {
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("antar-applier".into())
-            .spawn(move || applier(&s, &trees, &writes, &tx));
+            .spawn(move || applier(&s, &db, &trees, &writes, &tx));
         let (applied, thread) = match spawned {
             Ok(t) => (rx, Some(t)),
             Err(e) => (
@@ -160,7 +171,13 @@ impl Groups {
     }
 }
 
-fn applier(shared: &Shared, trees: &[sled::Tree], writes: &WriteCounter, tx: &watch::Sender<Applied>) {
+fn applier(
+    shared: &Shared,
+    db: &sled::Db,
+    trees: &[sled::Tree],
+    writes: &WriteCounter,
+    tx: &watch::Sender<Applied>,
+) {
     loop {
         let (group, id) = {
             let mut state = lock(&shared.state);
@@ -178,7 +195,7 @@ fn applier(shared: &Shared, trees: &[sled::Tree], writes: &WriteCounter, tx: &wa
             (group, id)
         };
         writes.begin();
-        let result = apply(trees, &group);
+        let result = apply(db, trees, &group);
         writes.end();
         lock(&shared.state).applying = None;
         match result {
@@ -194,25 +211,107 @@ fn applier(shared: &Shared, trees: &[sled::Tree], writes: &WriteCounter, tx: &wa
     }
 }
 
-/// Writes `group` into `trees` as one sled transaction.
-fn apply(trees: &[sled::Tree], group: &Writes) -> Result<(), sled::Error> {
+/// Writes `group` into `trees` through the journal (see the module docs).
+fn apply(db: &sled::Db, trees: &[sled::Tree], group: &Writes) -> Result<(), sled::Error> {
     if group.is_empty() {
         return Ok(());
     }
-    let result = trees.transaction(|t| {
-        for ((tree, key), value) in group {
-            match value {
-                Some(v) => t[*tree].insert(key.as_slice(), v.clone())?,
-                None => t[*tree].remove(key.as_slice())?,
-            };
+    let key = db.generate_id()?.to_be_bytes();
+    let journal = &trees[JOURNAL];
+    journal.insert(key, encode(group))?;
+    for ((tree, k), value) in group {
+        write(&trees[*tree], k, value.clone())?;
+    }
+    journal.remove(key)?;
+    Ok(())
+}
+
+fn write(tree: &sled::Tree, key: &[u8], value: Option<IVec>) -> Result<(), sled::Error> {
+    match value {
+        Some(v) => tree.insert(key, v)?,
+        None => tree.remove(key)?,
+    };
+    Ok(())
+}
+
+/// Finishes every group a crash interrupted; returns how many. Runs on open,
+/// before anything reads the store.
+pub(crate) fn replay(trees: &[sled::Tree]) -> Result<usize, StoreError> {
+    let journal = &trees[JOURNAL];
+    let mut n = 0;
+    for record in journal.iter() {
+        let (key, bytes) = record?;
+        let group = decode(&bytes).ok_or_else(|| StoreError::Corrupt {
+            tree: keys::TREES[JOURNAL],
+            detail: format!("journal record {} does not decode", keys::u64_of(&key)),
+        })?;
+        for (tree, k, value) in group {
+            write(&trees[tree], &k, value)?;
         }
-        Ok::<_, ConflictableTransactionError<()>>(())
-    });
-    match result {
-        Ok(()) => Ok(()),
-        Err(TransactionError::Storage(e)) => Err(e),
-        Err(TransactionError::Abort(())) => {
-            Err(sled::Error::ReportableBug("a group transaction aborted".into()))
+        journal.remove(key)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// A group as bytes: per write, tree (1 byte), key length (u32 BE), key,
+/// then 0 (remove) or 1, value length (u32 BE), value.
+fn encode(group: &Writes) -> Vec<u8> {
+    let size: usize = group
+        .iter()
+        .map(|((_, k), v)| 10 + k.len() + v.as_ref().map_or(0, |v| v.len()))
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for ((tree, key), value) in group {
+        out.push(*tree as u8);
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(key);
+        match value {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
         }
     }
+    out
+}
+
+type Write = (usize, Vec<u8>, Option<IVec>);
+
+/// The writes of an encoded group; `None` when the bytes are not one.
+fn decode(mut bytes: &[u8]) -> Option<Vec<Write>> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = bytes.split_at_checked(n)?;
+        *bytes = rest;
+        Some(head)
+    }
+    fn len(bytes: &mut &[u8]) -> Option<usize> {
+        Some(u32::from_be_bytes(take(bytes, 4)?.try_into().ok()?) as usize)
+    }
+    let mut writes = Vec::new();
+    while !bytes.is_empty() {
+        let tree = usize::from(take(&mut bytes, 1)?[0]);
+        if tree >= JOURNAL {
+            return None;
+        }
+        let n = len(&mut bytes)?;
+        let key = take(&mut bytes, n)?.to_vec();
+        let value = match take(&mut bytes, 1)?[0] {
+            0 => None,
+            1 => {
+                let n = len(&mut bytes)?;
+                Some(IVec::from(take(&mut bytes, n)?))
+            }
+            _ => return None,
+        };
+        writes.push((tree, key, value));
+    }
+    Some(writes)
+}
+
+#[cfg(test)]
+pub(crate) fn encode_for_test(group: &Writes) -> Vec<u8> {
+    encode(group)
 }

@@ -15,6 +15,7 @@
 //! | `audit_hash` | index (u64 BE) | leaf hash `SHA-256(0x00 ‖ entry)` |
 //! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit_hash` / how many entries they cover (u64 BE), written in the same batch |
 //! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
+//! | `journal` | id (u64 BE) | a group of writes being applied (`group.rs`); empty between groups |
 //!
 //! Sequence numbers come from sled's monotonic id generator, so queues are FIFO.
 
@@ -31,8 +32,9 @@ pub(crate) const AUDIT: usize = 9;
 pub(crate) const AUDIT_HASH: usize = 10;
 pub(crate) const AUDIT_META: usize = 11;
 pub(crate) const AUDIT_NODE: usize = 12;
+pub(crate) const JOURNAL: usize = 13;
 
-pub(crate) const TREES: [&str; 13] = [
+pub(crate) const TREES: [&str; 14] = [
     "messages",
     "outbox",
     "inbox",
@@ -46,6 +48,7 @@ pub(crate) const TREES: [&str; 13] = [
     "audit_hash",
     "audit_meta",
     "audit_node",
+    "journal",
 ];
 
 pub(crate) const AUDIT_SIZE: &[u8] = b"size";

@@ -93,7 +93,8 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (or creates) the store and recovers from any crash: sled replays
-    /// its log, and the queued-bytes count is rebuilt from the queues.
+    /// its log, groups of transactions a crash interrupted are finished from
+    /// the journal, and the queued-bytes count is rebuilt from the queues.
     ///
     /// # Errors
     /// [`StoreError::Sled`] when the directory cannot be opened.
@@ -108,6 +109,11 @@ impl Store {
             .iter()
             .map(|name| db.open_tree(name))
             .collect::<Result<Vec<_>, _>>()?;
+        let replayed = group::replay(&trees)?;
+        if replayed > 0 {
+            db.flush()?;
+            tracing::info!(groups = replayed, "finished transactions a crash interrupted");
+        }
         let mut queued = 0u64;
         for t in [keys::OUTBOX, keys::INBOX] {
             for kv in trees[t].iter() {
@@ -118,7 +124,7 @@ impl Store {
         let commit = GroupCommit::start(db.clone());
         Ok(Self {
             inner: Arc::new(Inner {
-                groups: group::Groups::start(trees.clone(), commit.writes().clone()),
+                groups: group::Groups::start(db.clone(), trees.clone(), commit.writes().clone()),
                 commit,
                 db,
                 trees,

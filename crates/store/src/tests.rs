@@ -301,3 +301,57 @@ async fn concurrent_transactions_are_serial_and_none_is_lost() {
     assert_eq!(s.queued_bytes(), (tasks * rounds * 16) as u64);
     s.durable().await.unwrap();
 }
+
+/// A crash after a group's journal record and part of its writes: opening
+/// the store finishes the group, and the journal is empty again.
+#[tokio::test]
+async fn open_finishes_a_group_a_crash_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = MessageId::new();
+    {
+        let s = open(dir.path(), 1 << 20);
+        let inner = &s.inner;
+        // The writes of a transaction that stores a message and queues it.
+        let tx = Tx::new(&inner.db, &inner.trees, [None, None]);
+        tx.put_message(&id, &MessageRecord::default()).unwrap();
+        tx.push_inbox("birth.lookup", &id, 10).unwrap();
+        let (writes, _) = tx.into_parts();
+        assert_eq!(writes.len(), 3);
+        // Its journal record, and only the first of its writes, reach disk.
+        inner.trees[keys::JOURNAL]
+            .insert(7u64.to_be_bytes(), group::encode_for_test(&writes))
+            .unwrap();
+        let ((tree, key), value) = writes.iter().next().unwrap();
+        inner.trees[*tree].insert(key, value.clone().unwrap()).unwrap();
+        inner.db.flush().unwrap();
+    }
+    let s = open(dir.path(), 1 << 20);
+    assert!(s.transact(|tx| tx.in_inbox(&id)).await.unwrap());
+    assert!(s.message(&id).unwrap().is_some());
+    assert_eq!(s.queued_bytes(), 10);
+    assert_eq!(s.inner.trees[keys::JOURNAL].len(), 0);
+    let entries: Vec<_> = s.inbox_scan(None).collect();
+    assert_eq!(entries.len(), 1);
+}
+
+/// A journal record that does not decode stops the open with an error
+/// naming the journal, rather than a guess at what the group held.
+#[tokio::test]
+async fn a_corrupt_journal_record_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path(), 1 << 20);
+        s.inner.trees[keys::JOURNAL]
+            .insert(1u64.to_be_bytes(), &[2, 0, 0, 0, 9, 1][..])
+            .unwrap();
+        s.inner.db.flush().unwrap();
+    }
+    let err = Store::open(&StoreConfig {
+        path: dir.path().to_path_buf(),
+        max_queued_bytes: 1 << 20,
+        cache_capacity: 8 << 20,
+    })
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("journal record 1"), "{err}");
+}

@@ -7,7 +7,7 @@
 //! sled as one atomic sled transaction (see `group.rs`).
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 use sled::IVec;
@@ -53,8 +53,9 @@ impl From<sled::Error> for TxError {
     }
 }
 
-/// Writes not yet in sled, by (tree, key); `None` removes the key.
-pub(crate) type Writes = HashMap<(usize, Vec<u8>), Option<IVec>>;
+/// Writes not yet in sled, by (tree, key); `None` removes the key. Kept in
+/// (tree, key) order: the order they are applied in (`group.rs`).
+pub(crate) type Writes = BTreeMap<(usize, Vec<u8>), Option<IVec>>;
 
 /// What a committed transaction changed, to wake the right waiters.
 #[derive(Debug, Default)]
