@@ -23,7 +23,7 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…\n(with --peer-down: RESULT mode=queue … rss_peak_mb=… drain_per_s=…)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits)."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits)."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -493,6 +493,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
     let hops = if args.via_hub { 2 } else { 1 };
     let (rss_now, rss_peak) = queued_rss.unwrap_or((0.0, 0.0));
+    // The high-water mark at the end covers the drain as well.
+    let rss_drain_peak = rss_mib().map_or(0.0, |(_, peak)| peak);
     let mode = match (args.peer_down, args.rate) {
         (true, _) => "queue".to_owned(),
         (false, Some(r)) => format!("open rate={r}"),
@@ -500,7 +502,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     if args.peer_down {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0}",
             args.kind,
             args.size,
             args.receipts,
@@ -529,7 +531,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                             "max": hist.max() as f64 / 1e3, "mean": hist.mean() / 1e3,
                             "samples": hist.len() },
             "queue": args.peer_down.then(|| serde_json::json!({
-                "rss_queued_mb": rss_now, "rss_peak_mb": rss_peak,
+                "rss_queued_mb": rss_now, "rss_peak_mb": rss_peak, "rss_drain_peak_mb": rss_drain_peak,
                 "drain_s": drain_secs, "drain_per_s": total as f64 / drain_secs })),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         });

@@ -134,5 +134,10 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     assert!(result.starts_with("RESULT mode=queue hops=1"), "{result}");
     assert!(result.contains(" drain_per_s="), "{result}");
     assert_eq!(report["messages"], 60, "{report}");
-    assert!(report["queue"]["rss_peak_mb"].as_f64().unwrap() > 0.0, "{report}");
+    let queued_peak = report["queue"]["rss_peak_mb"].as_f64().unwrap();
+    assert!(queued_peak > 0.0, "{report}");
+    assert!(
+        report["queue"]["rss_drain_peak_mb"].as_f64().unwrap() >= queued_peak,
+        "{report}"
+    );
 }
