@@ -1,6 +1,6 @@
 //! Group commit: one fsync serves every caller waiting when it starts.
 //!
-//! Callers commit their sled transaction, then take a ticket and wait. A
+//! Callers' writes reach sled (`group.rs`), then they take a ticket and wait. A
 //! dedicated flusher thread reads the newest ticket, flushes, and publishes
 //! that ticket as flushed; every waiter whose ticket is at or below it is
 //! released. A ticket is only taken after its transaction committed, so a
@@ -185,7 +185,7 @@ fn flusher(
             }
             Err(e) => {
                 tracing::error!(error = %e, "store flush failed; refusing all further work");
-                tx.send_replace(Flushed::Poisoned(e.to_string()));
+                tx.send_replace(Flushed::Poisoned(format!("a flush failed: {e}")));
                 return;
             }
         }

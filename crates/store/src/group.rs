@@ -31,7 +31,13 @@
 //!   there first: a message record before its inbox entry, an outbox item
 //!   before its expiry entry, log entries and leaf hashes before the log
 //!   size, receipt-log cursors in ascending order.
-//! - A failed apply fails the store for good (fail-stop), like a failed flush.
+//! - A failed apply fails the store for good (fail-stop), like a failed
+//!   flush: every later `transact` and `durable` fails. Its outcome is
+//!   unknown (the journal record may be on disk and replayed at restart),
+//!   so callers answer `INTERNAL` and senders retry with an idempotency key.
+//! - Effects (queued-bytes count, wake-ups) are published by the applier
+//!   once the group is in sled, so a caller that stops waiting (a cancelled
+//!   request) loses none of them.
 //! - Applying is bracketed by the group commit's `begin`/`end`, so the
 //!   flusher's "nothing in flight" fast path stays exact.
 
@@ -42,13 +48,15 @@ use tokio::sync::watch;
 
 use crate::commit::WriteCounter;
 use crate::keys::{self, JOURNAL};
-use crate::tx::Writes;
+use crate::tx::{Effects, Signals, Writes};
 use crate::StoreError;
 
 /// The open group and the group being applied.
 #[derive(Default)]
 pub(crate) struct State {
     open: Writes,
+    /// What the open group's transactions changed, published once it is applied.
+    effects: Effects,
     /// A transaction joined the open group (it may have no writes).
     joined: bool,
     /// The group being applied, readable until it is in sled.
@@ -67,11 +75,12 @@ impl State {
     /// Adds a finished transaction's writes to the open group; returns the
     /// group to wait for. A transaction that wrote nothing still waits for
     /// the writes it may have read.
-    fn join(&mut self, writes: Writes) -> u64 {
+    fn join(&mut self, writes: Writes, effects: Effects) -> u64 {
         if writes.is_empty() && !self.joined {
             return self.open_id - 1;
         }
         self.joined = true;
+        self.effects.merge(effects);
         if self.open.is_empty() {
             self.open = writes;
         } else {
@@ -115,7 +124,12 @@ impl Drop for Groups {
 
 impl Groups {
     /// `trees`: every tree, by index, the journal included.
-    pub(crate) fn start(db: sled::Db, trees: Vec<sled::Tree>, writes: WriteCounter) -> Self {
+    pub(crate) fn start(
+        db: sled::Db,
+        trees: Vec<sled::Tree>,
+        writes: WriteCounter,
+        signals: Arc<Signals>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 open_id: 1,
@@ -127,7 +141,7 @@ impl Groups {
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("antar-applier".into())
-            .spawn(move || applier(&s, &db, &trees, &writes, &tx));
+            .spawn(move || applier(&s, &db, &trees, &writes, &signals, &tx));
         let (applied, thread) = match spawned {
             Ok(t) => (rx, Some(t)),
             Err(e) => (
@@ -143,18 +157,30 @@ impl Groups {
     }
 
     /// Runs `f` alone under the writer lock, with the layers below it; on
-    /// success its writes (`Some`) join the open group. Returns `f`'s result
-    /// and the group to wait for.
-    pub(crate) fn run<T>(&self, f: impl FnOnce([Option<&Writes>; 2]) -> (T, Option<Writes>)) -> (T, u64) {
+    /// success its writes and effects (`Some`) join the open group. Returns
+    /// `f`'s result and the group to wait for.
+    pub(crate) fn run<T>(
+        &self,
+        f: impl FnOnce([Option<&Writes>; 2]) -> (T, Option<(Writes, Effects)>),
+    ) -> (T, u64) {
         let mut state = lock(&self.shared.state);
-        let (out, writes) = f(state.layers());
-        let Some(writes) = writes else {
+        let (out, done) = f(state.layers());
+        let Some((writes, effects)) = done else {
             return (out, 0);
         };
-        let id = state.join(writes);
+        let id = state.join(writes, effects);
         drop(state);
         self.shared.wake.notify_one();
         (out, id)
+    }
+
+    /// Fails once an apply failed: nothing may be written or acknowledged
+    /// after it.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        match &*self.applied.borrow() {
+            Applied::Failed(e) => Err(StoreError::Poisoned(e.clone())),
+            Applied::UpTo(_) => Ok(()),
+        }
     }
 
     /// Waits until group `id` is in sled.
@@ -176,10 +202,11 @@ fn applier(
     db: &sled::Db,
     trees: &[sled::Tree],
     writes: &WriteCounter,
+    signals: &Signals,
     tx: &watch::Sender<Applied>,
 ) {
     loop {
-        let (group, id) = {
+        let (group, effects, id) = {
             let mut state = lock(&shared.state);
             while !state.joined && !state.stop {
                 state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -188,11 +215,12 @@ fn applier(
                 return;
             }
             let group = Arc::new(std::mem::take(&mut state.open));
+            let effects = std::mem::take(&mut state.effects);
             state.joined = false;
             state.applying = Some(group.clone());
             let id = state.open_id;
             state.open_id += 1;
-            (group, id)
+            (group, effects, id)
         };
         writes.begin();
         let result = apply(db, trees, &group);
@@ -200,11 +228,12 @@ fn applier(
         lock(&shared.state).applying = None;
         match result {
             Ok(()) => {
+                signals.publish(&effects);
                 tx.send_replace(Applied::UpTo(id));
             }
             Err(e) => {
                 tracing::error!(error = %e, "applying a group of transactions failed; refusing all further work");
-                tx.send_replace(Applied::Failed(e.to_string()));
+                tx.send_replace(Applied::Failed(format!("applying writes failed: {e}")));
                 return;
             }
         }
@@ -243,7 +272,10 @@ pub(crate) fn replay(trees: &[sled::Tree]) -> Result<usize, StoreError> {
         let (key, bytes) = record?;
         let group = decode(&bytes).ok_or_else(|| StoreError::Corrupt {
             tree: keys::TREES[JOURNAL],
-            detail: format!("journal record {} does not decode", keys::u64_of(&key)),
+            detail: format!(
+                "journal record {} does not decode (layout version {JOURNAL_VERSION} expected)",
+                keys::u64_of(&key)
+            ),
         })?;
         for (tree, k, value) in group {
             write(&trees[tree], &k, value)?;
@@ -254,14 +286,20 @@ pub(crate) fn replay(trees: &[sled::Tree]) -> Result<usize, StoreError> {
     Ok(n)
 }
 
-/// A group as bytes: per write, tree (1 byte), key length (u32 BE), key,
-/// then 0 (remove) or 1, value length (u32 BE), value.
+/// Version of the journal record layout; a record of another version is
+/// refused, never guessed at.
+const JOURNAL_VERSION: u8 = 1;
+
+/// A group as bytes: the version, then per write: tree index (1 byte, as in
+/// `keys.rs`), key length (u32 BE), key, then 0 (remove) or 1, value length
+/// (u32 BE), value.
 fn encode(group: &Writes) -> Vec<u8> {
     let size: usize = group
         .iter()
         .map(|((_, k), v)| 10 + k.len() + v.as_ref().map_or(0, |v| v.len()))
         .sum();
-    let mut out = Vec::with_capacity(size);
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(JOURNAL_VERSION);
     for ((tree, key), value) in group {
         out.push(*tree as u8);
         out.extend_from_slice(&(key.len() as u32).to_be_bytes());
@@ -289,6 +327,9 @@ fn decode(mut bytes: &[u8]) -> Option<Vec<Write>> {
     }
     fn len(bytes: &mut &[u8]) -> Option<usize> {
         Some(u32::from_be_bytes(take(bytes, 4)?.try_into().ok()?) as usize)
+    }
+    if take(&mut bytes, 1)? != [JOURNAL_VERSION] {
+        return None;
     }
     let mut writes = Vec::new();
     while !bytes.is_empty() {

@@ -3,7 +3,7 @@
 //!
 //! Every state change is one atomic transaction over all trees
 //! ([`Store::transact`]); concurrent transactions reach sled together as one
-//! sled transaction (group transactions, `group.rs`). Nothing is
+//! group, applied through a redo journal (`group.rs`, ADR 0004). Nothing is
 //! acknowledged before [`Store::durable`] returns, and one flush serves every
 //! caller waiting at that moment (group commit). Only this crate names sled.
 
@@ -15,7 +15,6 @@ mod keys;
 mod records;
 mod tx;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,9 +38,9 @@ pub enum StoreError {
     /// sled reported an IO or corruption error.
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
-    /// A flush failed earlier: the store refuses all further work (fail-stop),
-    /// because it can no longer tell what is on disk.
-    #[error("store is poisoned: a flush failed ({0}); restart the node")]
+    /// A flush or an apply failed earlier: the store refuses all further
+    /// work (fail-stop), because it can no longer tell what is on disk.
+    #[error("store is poisoned ({0}); restart the node")]
     Poisoned(String),
     /// A stored record does not decode: the data directory is corrupt.
     #[error("corrupt record in tree {tree}: {detail}")]
@@ -76,11 +75,9 @@ struct Inner {
     /// Before `commit`: the applier stops before the flusher's last flush.
     groups: group::Groups,
     commit: GroupCommit,
-    queued_bytes: AtomicU64,
     max_queued_bytes: u64,
-    outbox_notify: Mutex<HashMap<String, Arc<Notify>>>,
-    inbox_notify: Arc<Notify>,
-    receipt_notify: Arc<Notify>,
+    /// The queued-bytes count and wake-ups, shared with the applier.
+    signals: Arc<tx::Signals>,
     /// One thread at a time extends `audit_node`.
     node_filler: Mutex<()>,
 }
@@ -122,17 +119,23 @@ impl Store {
             }
         }
         let commit = GroupCommit::start(db.clone());
+        let signals = Arc::new(tx::Signals {
+            queued_bytes: AtomicU64::new(queued),
+            ..tx::Signals::default()
+        });
         Ok(Self {
             inner: Arc::new(Inner {
-                groups: group::Groups::start(db.clone(), trees.clone(), commit.writes().clone()),
+                groups: group::Groups::start(
+                    db.clone(),
+                    trees.clone(),
+                    commit.writes().clone(),
+                    signals.clone(),
+                ),
                 commit,
                 db,
                 trees,
-                queued_bytes: AtomicU64::new(queued),
                 max_queued_bytes: config.max_queued_bytes,
-                outbox_notify: Mutex::default(),
-                inbox_notify: Arc::default(),
-                receipt_notify: Arc::default(),
+                signals,
                 node_filler: Mutex::default(),
             }),
         })
@@ -150,40 +153,22 @@ impl Store {
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, TxError>,
     ) -> Result<T, Result<Abort, StoreError>> {
-        self.inner.commit.check().map_err(Err)?;
+        self.check().map_err(Err)?;
         let (out, group) = self.inner.groups.run(|layers| {
             let tx = Tx::new(&self.inner.db, &self.inner.trees, layers);
             match f(&tx) {
-                Ok(out) => {
-                    let (writes, effects) = tx.into_parts();
-                    (Ok((out, effects)), Some(writes))
-                }
+                Ok(out) => (Ok(out), Some(tx.into_parts())),
                 Err(e) => (Err(e), None),
             }
         });
-        let (out, effects) = match out {
-            Ok(done) => done,
+        let out = match out {
+            Ok(out) => out,
             Err(TxError(tx::Failed::Abort(a))) => return Err(Ok(a)),
             Err(TxError(tx::Failed::Storage(e))) => return Err(Err(e.into())),
         };
+        // The applier counts and wakes for it once it is in sled, even if
+        // this future is dropped here.
         self.inner.groups.applied(group).await.map_err(Err)?;
-        let delta = effects.queued_delta;
-        if delta >= 0 {
-            self.inner.queued_bytes.fetch_add(delta as u64, Ordering::Relaxed);
-        } else {
-            self.inner
-                .queued_bytes
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-        }
-        for peer in &effects.outboxes {
-            self.outbox_notify(peer).notify_one();
-        }
-        if effects.inbox {
-            self.inner.inbox_notify.notify_waiters();
-        }
-        if effects.receipts {
-            self.inner.receipt_notify.notify_waiters();
-        }
         Ok(out)
     }
 
@@ -191,9 +176,16 @@ impl Store {
     /// One flush serves every caller waiting at that moment.
     ///
     /// # Errors
-    /// [`StoreError::Poisoned`] when a flush failed; the node must stop.
+    /// [`StoreError::Poisoned`] when a flush or an apply failed; the node must stop.
     pub async fn durable(&self) -> Result<(), StoreError> {
+        self.inner.groups.check()?;
         self.inner.commit.durable().await
+    }
+
+    /// Fails once a flush or an apply failed (fail-stop).
+    fn check(&self) -> Result<(), StoreError> {
+        self.inner.commit.check()?;
+        self.inner.groups.check()
     }
 
     /// True when queued bytes have passed the quota: new sends must be refused.
@@ -203,7 +195,7 @@ impl Store {
 
     /// Bytes of queued work (outboxes + inboxes).
     pub fn queued_bytes(&self) -> u64 {
-        self.inner.queued_bytes.load(Ordering::Relaxed)
+        self.inner.signals.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Size of the sled files on disk.
@@ -603,18 +595,17 @@ impl Store {
 
     /// Woken whenever an item is queued for `peer`.
     pub fn outbox_notify(&self, peer: &str) -> Arc<Notify> {
-        let mut map = self.inner.outbox_notify.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(peer.to_owned()).or_default().clone()
+        self.inner.signals.outbox(peer)
     }
 
     /// Woken whenever something enters an inbox.
     pub fn inbox_notify(&self) -> Arc<Notify> {
-        self.inner.inbox_notify.clone()
+        self.inner.signals.inbox.clone()
     }
 
     /// Woken whenever a receipt is logged.
     pub fn receipt_notify(&self) -> Arc<Notify> {
-        self.inner.receipt_notify.clone()
+        self.inner.signals.receipts.clone()
     }
 
     /// Flushes and waits: for shutdown.

@@ -355,3 +355,30 @@ async fn a_corrupt_journal_record_is_reported() {
     .unwrap();
     assert!(err.to_string().contains("journal record 1"), "{err}");
 }
+
+/// A caller that stops waiting (a cancelled request) after its transaction
+/// joined a group loses nothing: the write lands, the queued-bytes count
+/// and the outbox wake-up still follow it.
+#[tokio::test]
+async fn a_cancelled_transaction_still_counts_and_wakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let notify = s.outbox_notify("health");
+    let woken = notify.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    let mut fut = Box::pin(s.transact(|tx| tx.push_outbox("health", &[7; 100], 0)));
+    // One poll runs the closure and joins the open group; then it is dropped.
+    let first = tokio::time::timeout(std::time::Duration::ZERO, &mut fut).await;
+    drop(fut);
+    tokio::time::timeout(std::time::Duration::from_secs(5), woken)
+        .await
+        .expect("the outbox wake-up was lost");
+    assert_eq!(s.queued_bytes(), 100, "first poll finished: {}", first.is_ok());
+    assert_eq!(s.outbox_batch("health", None, 10).unwrap().len(), 1);
+    // Removing it brings the count back to zero, not below (no wrap).
+    let seq = s.outbox_batch("health", None, 10).unwrap()[0].0;
+    s.transact(|tx| tx.remove_outbox("health", seq)).await.unwrap();
+    assert_eq!(s.queued_bytes(), 0);
+    assert!(!s.over_quota());
+}

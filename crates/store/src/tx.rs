@@ -3,14 +3,17 @@
 //! A transaction runs alone (the store's writer lock is held), reading
 //! through the layers of writes not yet in sled: its own, then the open
 //! group's, then the group being applied. Its writes stay in its own layer
-//! until it returns `Ok`; then they join the open group, which is applied to
-//! sled as one atomic sled transaction (see `group.rs`).
+//! until it returns `Ok`; then they join the open group, which the applier
+//! writes to sled through the redo journal (see `group.rs`).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use sled::IVec;
+use tokio::sync::Notify;
 
 use antar_core::MessageId;
 
@@ -57,13 +60,66 @@ impl From<sled::Error> for TxError {
 /// (tree, key) order: the order they are applied in (`group.rs`).
 pub(crate) type Writes = BTreeMap<(usize, Vec<u8>), Option<IVec>>;
 
-/// What a committed transaction changed, to wake the right waiters.
+/// What committed transactions changed, to wake the right waiters.
 #[derive(Debug, Default)]
 pub(crate) struct Effects {
     pub(crate) outboxes: BTreeSet<String>,
     pub(crate) inbox: bool,
     pub(crate) receipts: bool,
     pub(crate) queued_delta: i64,
+}
+
+impl Effects {
+    /// Adds a later transaction's effects to these.
+    pub(crate) fn merge(&mut self, later: Effects) {
+        self.outboxes.extend(later.outboxes);
+        self.inbox |= later.inbox;
+        self.receipts |= later.receipts;
+        self.queued_delta += later.queued_delta;
+    }
+}
+
+/// The queued-bytes count and the wake-ups that follow applied writes.
+/// Published by the applier, so a caller that stops waiting loses none.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    pub(crate) queued_bytes: AtomicU64,
+    pub(crate) outbox: Mutex<HashMap<String, Arc<Notify>>>,
+    pub(crate) inbox: Arc<Notify>,
+    pub(crate) receipts: Arc<Notify>,
+}
+
+impl Signals {
+    /// Woken whenever an item is queued for `peer`.
+    pub(crate) fn outbox(&self, peer: &str) -> Arc<Notify> {
+        let mut map = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(peer.to_owned()).or_default().clone()
+    }
+
+    /// Counts and wakes for writes now in sled.
+    pub(crate) fn publish(&self, effects: &Effects) {
+        let delta = effects.queued_delta;
+        if delta >= 0 {
+            self.queued_bytes.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            // Saturating: a count that wrapped would refuse every send.
+            let down = delta.unsigned_abs();
+            let _ = self
+                .queued_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                    Some(q.saturating_sub(down))
+                });
+        }
+        for peer in &effects.outboxes {
+            self.outbox(peer).notify_one();
+        }
+        if effects.inbox {
+            self.inbox.notify_waiters();
+        }
+        if effects.receipts {
+            self.receipts.notify_waiters();
+        }
+    }
 }
 
 /// One atomic change over every tree of the store.
@@ -135,7 +191,7 @@ impl<'a> Tx<'a> {
     /// The record of message `id`.
     ///
     /// # Errors
-    /// A conflict, or [`Abort::Corrupt`].
+    /// A storage failure, or [`Abort::Corrupt`].
     pub fn message(&self, id: &MessageId) -> R<Option<MessageRecord>> {
         match self.get(MESSAGES, id.as_bytes())? {
             Some(v) => Ok(Some(decode(MESSAGES, &v)?)),
@@ -146,7 +202,7 @@ impl<'a> Tx<'a> {
     /// Writes the record of message `id`.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn put_message(&self, id: &MessageId, record: &MessageRecord) -> R<()> {
         self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
         Ok(())
@@ -156,7 +212,7 @@ impl<'a> Tx<'a> {
     /// `expires_ms` (0: never) indexes it for the expiry sweeper.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn push_outbox(&self, peer: &str, item: &[u8], expires_ms: u64) -> R<u64> {
         let seq = self.db.generate_id()?;
         let mut value = Vec::with_capacity(8 + item.len());
@@ -176,7 +232,7 @@ impl<'a> Tx<'a> {
     /// bytes if it was there.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn remove_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
         let Some(value) = self.remove(OUTBOX, keys::seq_key(peer, seq))? else {
             return Ok(None);
@@ -193,7 +249,7 @@ impl<'a> Tx<'a> {
     /// Puts message `id` in `service`'s inbox, counting `size` bytes against the quota.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn push_inbox(&self, service: &str, id: &MessageId, size: u64) -> R<()> {
         let seq = self.db.generate_id()?;
         let key = keys::seq_key(service, seq);
@@ -213,7 +269,7 @@ impl<'a> Tx<'a> {
     /// Takes message `id` out of its inbox; false if it was not in one.
     ///
     /// # Errors
-    /// A conflict, or [`Abort::Corrupt`].
+    /// A storage failure, or [`Abort::Corrupt`].
     pub fn remove_inbox(&self, id: &MessageId) -> R<bool> {
         let Some(key) = self.remove(INBOX_INDEX, id.as_bytes().as_slice())? else {
             return Ok(false);
@@ -228,7 +284,7 @@ impl<'a> Tx<'a> {
     /// True when `id` is in an inbox.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn in_inbox(&self, id: &MessageId) -> R<bool> {
         Ok(self.get(INBOX_INDEX, id.as_bytes().as_slice())?.is_some())
     }
@@ -237,7 +293,7 @@ impl<'a> Tx<'a> {
     /// The dedup of received envelopes (by sender and id) and receipts.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn mark_seen(&self, namespace: &str, key: &[u8]) -> R<bool> {
         let k = keys::pair_key(namespace, key);
         Ok(self.insert(SEEN, k, &[][..])?.is_some())
@@ -246,7 +302,7 @@ impl<'a> Tx<'a> {
     /// True when (`namespace`, `key`) was seen.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn seen(&self, namespace: &str, key: &[u8]) -> R<bool> {
         Ok(self.get(SEEN, &keys::pair_key(namespace, key))?.is_some())
     }
@@ -254,7 +310,7 @@ impl<'a> Tx<'a> {
     /// The message ids recorded for a sender's idempotency key.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn tx_key(&self, sender: &str, key: &str) -> R<Option<Vec<MessageId>>> {
         let v = self.get(TX_KEYS, &keys::pair_key(sender, key.as_bytes()))?;
         Ok(v.map(|v| ids_of(&v)))
@@ -263,7 +319,7 @@ impl<'a> Tx<'a> {
     /// Records the message ids of a sender's idempotency key.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn put_tx_key(&self, sender: &str, key: &str, ids: &[MessageId]) -> R<()> {
         let v: Vec<u8> = ids.iter().flat_map(|id| *id.as_bytes()).collect();
         self.put(TX_KEYS, keys::pair_key(sender, key.as_bytes()), v);
@@ -273,7 +329,7 @@ impl<'a> Tx<'a> {
     /// Appends a serialized `SignedReceipt` to the receipt log; returns its cursor.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn log_receipt(&self, signed_receipt: &[u8]) -> R<u64> {
         let cursor = self.db.generate_id()? + 1;
         self.put(RECEIPT_LOG, cursor.to_be_bytes(), signed_receipt);
@@ -286,7 +342,7 @@ impl<'a> Tx<'a> {
     /// Returns the index.
     ///
     /// # Errors
-    /// A conflict or a storage failure.
+    /// A storage failure.
     pub fn audit_append(&self, kind: antar_core::wire::EntryKind, data: &[u8], message_id: &str) -> R<u64> {
         let index = self
             .get(AUDIT_META, keys::AUDIT_SIZE)?
@@ -309,7 +365,7 @@ impl<'a> Tx<'a> {
     /// Stores a dead letter.
     ///
     /// # Errors
-    /// A conflict.
+    /// A storage failure.
     pub fn put_dead(&self, id: &MessageId, dead: &DeadLetter) -> R<()> {
         self.put(DEAD, id.as_bytes().as_slice(), dead.encode_to_vec());
         Ok(())
@@ -318,7 +374,7 @@ impl<'a> Tx<'a> {
     /// Removes and returns a dead letter.
     ///
     /// # Errors
-    /// A conflict, or [`Abort::Corrupt`].
+    /// A storage failure, or [`Abort::Corrupt`].
     pub fn take_dead(&self, id: &MessageId) -> R<Option<DeadLetter>> {
         match self.remove(DEAD, id.as_bytes().as_slice())? {
             Some(v) => Ok(Some(decode(DEAD, &v)?)),
