@@ -21,10 +21,57 @@ use tokio::sync::watch;
 
 use crate::StoreError;
 
-#[derive(Debug, Clone, PartialEq)]
-enum Flushed {
+/// How far a background thread (the flusher, the applier) got: everything
+/// up to `UpTo(n)` is done, or it failed for good (fail-stop).
+#[derive(Debug, Clone)]
+pub(crate) enum Progress {
     UpTo(u64),
-    Poisoned(String),
+    Failed(String),
+}
+
+/// The reading side of a background thread's [`Progress`].
+pub(crate) struct Watermark(watch::Receiver<Progress>);
+
+impl Watermark {
+    /// Fails once the thread failed.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        match &*self.0.borrow() {
+            Progress::Failed(e) => Err(StoreError::Poisoned(e.clone())),
+            Progress::UpTo(_) => Ok(()),
+        }
+    }
+
+    /// Waits until the thread has done everything up to `n`.
+    pub(crate) async fn reached(&self, n: u64) -> Result<(), StoreError> {
+        let mut rx = self.0.clone();
+        let result = rx
+            .wait_for(|p| matches!(p, Progress::Failed(_)) || matches!(p, Progress::UpTo(m) if *m >= n))
+            .await;
+        match result.as_deref() {
+            Ok(Progress::UpTo(_)) => Ok(()),
+            Ok(Progress::Failed(e)) => Err(StoreError::Poisoned(e.clone())),
+            Err(_) => Err(StoreError::Poisoned("a store thread stopped".into())),
+        }
+    }
+}
+
+/// Starts the named thread running `work`, which reports its progress; a
+/// thread that cannot start is a failure from the outset (fail-stop).
+pub(crate) fn spawn_worker(
+    name: &str,
+    work: impl FnOnce(watch::Sender<Progress>) + Send + 'static,
+) -> (Watermark, Option<std::thread::JoinHandle<()>>) {
+    let (tx, rx) = watch::channel(Progress::UpTo(0));
+    match std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || work(tx))
+    {
+        Ok(thread) => (Watermark(rx), Some(thread)),
+        Err(e) => {
+            let failed = Progress::Failed(format!("cannot start {name}: {e}"));
+            (Watermark(watch::channel(failed).1), None)
+        }
+    }
 }
 
 /// Counts writes in flight and writes done; cloned to whoever writes to sled.
@@ -53,7 +100,7 @@ pub(crate) struct GroupCommit {
     writes: WriteCounter,
     covered: Arc<AtomicU64>,
     wake: Arc<(Mutex<Wake>, Condvar)>,
-    flushed: watch::Receiver<Flushed>,
+    flushed: Watermark,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -84,41 +131,21 @@ impl GroupCommit {
         let writes = WriteCounter::default();
         let covered = Arc::new(AtomicU64::new(0));
         let wake = Arc::new((Mutex::new(Wake::default()), Condvar::new()));
-        let (tx, rx) = watch::channel(Flushed::UpTo(0));
         let (t, w) = (tickets.clone(), wake.clone());
         let counts = (writes.commits.clone(), covered.clone());
-        let spawned = std::thread::Builder::new()
-            .name("antar-flusher".into())
-            .spawn(move || flusher(db, t, counts, w, tx));
-        match spawned {
-            Ok(thread) => Self {
-                tickets,
-                writes,
-                covered,
-                wake,
-                flushed: rx,
-                thread: Some(thread),
-            },
-            Err(e) => {
-                // Without a flusher nothing can become durable: fail-stop now.
-                let (_, rx) = watch::channel(Flushed::Poisoned(format!("cannot start flusher: {e}")));
-                Self {
-                    tickets,
-                    writes,
-                    covered,
-                    wake,
-                    flushed: rx,
-                    thread: None,
-                }
-            }
+        let (flushed, thread) = spawn_worker("antar-flusher", move |tx| flusher(db, t, counts, w, tx));
+        Self {
+            tickets,
+            writes,
+            covered,
+            wake,
+            flushed,
+            thread,
         }
     }
 
     pub(crate) fn check(&self) -> Result<(), StoreError> {
-        match &*self.flushed.borrow() {
-            Flushed::Poisoned(e) => Err(StoreError::Poisoned(e.clone())),
-            Flushed::UpTo(_) => Ok(()),
-        }
+        self.flushed.check()
     }
 
     /// The counter every write to sled is bracketed by.
@@ -138,15 +165,7 @@ impl GroupCommit {
             lock.lock().unwrap_or_else(|p| p.into_inner()).pending = true;
             cvar.notify_one();
         }
-        let mut rx = self.flushed.clone();
-        let result = rx
-            .wait_for(|f| matches!(f, Flushed::Poisoned(_)) || matches!(f, Flushed::UpTo(n) if *n >= ticket))
-            .await;
-        match result.as_deref() {
-            Ok(Flushed::UpTo(_)) => Ok(()),
-            Ok(Flushed::Poisoned(e)) => Err(StoreError::Poisoned(e.clone())),
-            Err(_) => Err(StoreError::Poisoned("flusher stopped".into())),
-        }
+        self.flushed.reached(ticket).await
     }
 }
 
@@ -155,7 +174,7 @@ fn flusher(
     tickets: Arc<AtomicU64>,
     (commits, covered): (Arc<AtomicU64>, Arc<AtomicU64>),
     wake: Arc<(Mutex<Wake>, Condvar)>,
-    tx: watch::Sender<Flushed>,
+    tx: watch::Sender<Progress>,
 ) {
     let mut done = 0u64;
     loop {
@@ -181,11 +200,11 @@ fn flusher(
             Ok(_) => {
                 covered.fetch_max(writes, Ordering::SeqCst);
                 done = target;
-                tx.send_replace(Flushed::UpTo(target));
+                tx.send_replace(Progress::UpTo(target));
             }
             Err(e) => {
                 tracing::error!(error = %e, "store flush failed; refusing all further work");
-                tx.send_replace(Flushed::Poisoned(format!("a flush failed: {e}")));
+                tx.send_replace(Progress::Failed(format!("a flush failed: {e}")));
                 return;
             }
         }

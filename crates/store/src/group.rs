@@ -46,7 +46,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use sled::IVec;
 use tokio::sync::watch;
 
-use crate::commit::WriteCounter;
+use crate::commit::{spawn_worker, Progress, Watermark, WriteCounter};
 use crate::keys::{self, JOURNAL};
 use crate::tx::{Effects, Signals, Writes};
 use crate::StoreError;
@@ -81,19 +81,9 @@ impl State {
         }
         self.joined = true;
         self.effects.merge(effects);
-        if self.open.is_empty() {
-            self.open = writes;
-        } else {
-            self.open.extend(writes);
-        }
+        self.open.append(writes);
         self.open_id
     }
-}
-
-#[derive(Debug, Clone)]
-enum Applied {
-    UpTo(u64),
-    Failed(String),
 }
 
 struct Shared {
@@ -108,7 +98,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 /// The writer lock and the applier thread.
 pub(crate) struct Groups {
     shared: Arc<Shared>,
-    applied: watch::Receiver<Applied>,
+    applied: Watermark,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -137,18 +127,10 @@ impl Groups {
             }),
             wake: Condvar::new(),
         });
-        let (tx, rx) = watch::channel(Applied::UpTo(0));
         let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("antar-applier".into())
-            .spawn(move || applier(&s, &db, &trees, &writes, &signals, &tx));
-        let (applied, thread) = match spawned {
-            Ok(t) => (rx, Some(t)),
-            Err(e) => (
-                watch::channel(Applied::Failed(format!("cannot start applier: {e}"))).1,
-                None,
-            ),
-        };
+        let (applied, thread) = spawn_worker("antar-applier", move |tx| {
+            applier(&s, &db, &trees, &writes, &signals, &tx);
+        });
         Self {
             shared,
             applied,
@@ -177,23 +159,12 @@ impl Groups {
     /// Fails once an apply failed: nothing may be written or acknowledged
     /// after it.
     pub(crate) fn check(&self) -> Result<(), StoreError> {
-        match &*self.applied.borrow() {
-            Applied::Failed(e) => Err(StoreError::Poisoned(e.clone())),
-            Applied::UpTo(_) => Ok(()),
-        }
+        self.applied.check()
     }
 
     /// Waits until group `id` is in sled.
     pub(crate) async fn applied(&self, id: u64) -> Result<(), StoreError> {
-        let mut rx = self.applied.clone();
-        let result = rx
-            .wait_for(|a| matches!(a, Applied::Failed(_)) || matches!(a, Applied::UpTo(n) if *n >= id))
-            .await;
-        match result.as_deref() {
-            Ok(Applied::UpTo(_)) => Ok(()),
-            Ok(Applied::Failed(e)) => Err(StoreError::Poisoned(e.clone())),
-            Err(_) => Err(StoreError::Poisoned("applier stopped".into())),
-        }
+        self.applied.reached(id).await
     }
 }
 
@@ -203,7 +174,7 @@ fn applier(
     trees: &[sled::Tree],
     writes: &WriteCounter,
     signals: &Signals,
-    tx: &watch::Sender<Applied>,
+    tx: &watch::Sender<Progress>,
 ) {
     loop {
         let (group, effects, id) = {
@@ -229,11 +200,11 @@ fn applier(
         match result {
             Ok(()) => {
                 signals.publish(&effects);
-                tx.send_replace(Applied::UpTo(id));
+                tx.send_replace(Progress::UpTo(id));
             }
             Err(e) => {
                 tracing::error!(error = %e, "applying a group of transactions failed; refusing all further work");
-                tx.send_replace(Applied::Failed(format!("applying writes failed: {e}")));
+                tx.send_replace(Progress::Failed(format!("applying writes failed: {e}")));
                 return;
             }
         }
@@ -248,8 +219,8 @@ fn apply(db: &sled::Db, trees: &[sled::Tree], group: &Writes) -> Result<(), sled
     let key = db.generate_id()?.to_be_bytes();
     let journal = &trees[JOURNAL];
     journal.insert(key, encode(group))?;
-    for ((tree, k), value) in group {
-        write(&trees[*tree], k, value.clone())?;
+    for (tree, k, value) in group.iter() {
+        write(&trees[tree], k, value.clone())?;
     }
     journal.remove(key)?;
     Ok(())
@@ -293,15 +264,15 @@ const JOURNAL_VERSION: u8 = 1;
 /// A group as bytes: the version, then per write: tree index (1 byte, as in
 /// `keys.rs`), key length (u32 BE), key, then 0 (remove) or 1, value length
 /// (u32 BE), value.
-fn encode(group: &Writes) -> Vec<u8> {
+pub(crate) fn encode(group: &Writes) -> Vec<u8> {
     let size: usize = group
         .iter()
-        .map(|((_, k), v)| 10 + k.len() + v.as_ref().map_or(0, |v| v.len()))
+        .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, |v| v.len()))
         .sum();
     let mut out = Vec::with_capacity(1 + size);
     out.push(JOURNAL_VERSION);
-    for ((tree, key), value) in group {
-        out.push(*tree as u8);
+    for (tree, key, value) in group.iter() {
+        out.push(tree as u8);
         out.extend_from_slice(&(key.len() as u32).to_be_bytes());
         out.extend_from_slice(key);
         match value {
@@ -350,9 +321,4 @@ fn decode(mut bytes: &[u8]) -> Option<Vec<Write>> {
         writes.push((tree, key, value));
     }
     Some(writes)
-}
-
-#[cfg(test)]
-pub(crate) fn encode_for_test(group: &Writes) -> Vec<u8> {
-    encode(group)
 }

@@ -215,45 +215,61 @@ impl Store {
     }
 
     /// Drops the payload of every message for which `purge` says so (it sees
-    /// the record), one transaction per message; envelopes, receipts and the
-    /// log are kept. Returns how many payloads were dropped.
+    /// the record), in transactions of up to 256 messages; envelopes,
+    /// receipts and the log are kept. Returns how many payloads were dropped.
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub async fn purge_payloads(&self, purge: impl Fn(&MessageRecord) -> bool) -> Result<u64, StoreError> {
+        const CHUNK: usize = 256;
         let mut n = 0;
-        for kv in self.inner.trees[keys::MESSAGES].iter() {
-            let (k, v) = kv?;
-            let record: MessageRecord = decode(keys::MESSAGES, &v)?;
-            if record.payload.is_none() || !purge(&record) {
+        let mut ids = Vec::with_capacity(CHUNK);
+        let mut records = self.inner.trees[keys::MESSAGES].iter();
+        loop {
+            let next = records.next().transpose()?;
+            if let Some((k, v)) = &next {
+                let record: MessageRecord = decode(keys::MESSAGES, v)?;
+                if let (Some(_), true, Ok(bytes)) =
+                    (&record.payload, purge(&record), <[u8; 16]>::try_from(k.as_ref()))
+                {
+                    ids.push(MessageId::from_bytes(bytes));
+                }
+            }
+            if ids.len() < CHUNK && next.is_some() {
                 continue;
             }
-            let Ok(bytes) = <[u8; 16]>::try_from(k.as_ref()) else {
-                continue;
-            };
-            let id = MessageId::from_bytes(bytes);
-            let dropped = self
-                .transact(|tx| {
-                    let Some(mut r) = tx.message(&id)? else {
-                        return Ok(false);
-                    };
-                    if r.payload.take().is_none() {
-                        return Ok(false);
-                    }
-                    tx.put_message(&id, &r)?;
-                    Ok(true)
-                })
-                .await
-                .map_err(|e| match e {
-                    Ok(abort) => StoreError::Corrupt {
-                        tree: keys::TREES[keys::MESSAGES],
-                        detail: format!("{abort:?}"),
-                    },
-                    Err(e) => e,
-                })?;
-            n += u64::from(dropped);
+            n += self.drop_payloads(&ids).await?;
+            ids.clear();
+            if next.is_none() {
+                return Ok(n);
+            }
         }
-        Ok(n)
+    }
+
+    /// Drops the payloads of `ids` in one transaction; returns how many were there.
+    async fn drop_payloads(&self, ids: &[MessageId]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.transact(|tx| {
+            let mut dropped = 0;
+            for id in ids {
+                let Some(mut r) = tx.message(id)? else { continue };
+                if r.payload.take().is_some() {
+                    tx.put_message(id, &r)?;
+                    dropped += 1;
+                }
+            }
+            Ok(dropped)
+        })
+        .await
+        .map_err(|e| match e {
+            Ok(abort) => StoreError::Corrupt {
+                tree: keys::TREES[keys::MESSAGES],
+                detail: format!("{abort:?}"),
+            },
+            Err(e) => e,
+        })
     }
 
     /// Up to `max` outbox items (serialized `TransferItem`s) for `peer` with

@@ -243,7 +243,7 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     assert!(matches!(s.audit_tree(700), Err(StoreError::Corrupt { .. })));
 }
 
-/// Concurrent transactions share sled transactions (groups) yet stay
+/// Concurrent transactions are applied together (groups) yet stay
 /// serial: each read-modify-write sees every one before it, none is lost,
 /// aborted ones leave nothing, and queue order follows commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -316,13 +316,13 @@ async fn open_finishes_a_group_a_crash_interrupted() {
         tx.put_message(&id, &MessageRecord::default()).unwrap();
         tx.push_inbox("birth.lookup", &id, 10).unwrap();
         let (writes, _) = tx.into_parts();
-        assert_eq!(writes.len(), 3);
+        assert_eq!(writes.iter().count(), 3);
         // Its journal record, and only the first of its writes, reach disk.
         inner.trees[keys::JOURNAL]
-            .insert(7u64.to_be_bytes(), group::encode_for_test(&writes))
+            .insert(7u64.to_be_bytes(), group::encode(&writes))
             .unwrap();
-        let ((tree, key), value) = writes.iter().next().unwrap();
-        inner.trees[*tree].insert(key, value.clone().unwrap()).unwrap();
+        let (tree, key, value) = writes.iter().next().unwrap();
+        inner.trees[tree].insert(key, value.clone().unwrap()).unwrap();
         inner.db.flush().unwrap();
     }
     let s = open(dir.path(), 1 << 20);

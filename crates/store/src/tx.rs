@@ -56,9 +56,39 @@ impl From<sled::Error> for TxError {
     }
 }
 
-/// Writes not yet in sled, by (tree, key); `None` removes the key. Kept in
+/// Writes not yet in sled, by tree then key; `None` removes the key. Kept in
 /// (tree, key) order: the order they are applied in (`group.rs`).
-pub(crate) type Writes = BTreeMap<(usize, Vec<u8>), Option<IVec>>;
+#[derive(Debug, Default)]
+pub(crate) struct Writes(BTreeMap<usize, BTreeMap<Vec<u8>, Option<IVec>>>);
+
+impl Writes {
+    /// The write to `key` of `tree`, if there is one.
+    pub(crate) fn get(&self, tree: usize, key: &[u8]) -> Option<&Option<IVec>> {
+        self.0.get(&tree)?.get(key)
+    }
+
+    pub(crate) fn set(&mut self, tree: usize, key: Vec<u8>, value: Option<IVec>) {
+        self.0.entry(tree).or_default().insert(key, value);
+    }
+
+    /// Adds `later`'s writes; where both write a key, `later` wins.
+    pub(crate) fn append(&mut self, mut later: Writes) {
+        for (tree, keys) in &mut later.0 {
+            self.0.entry(*tree).or_default().append(keys);
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.values().all(BTreeMap::is_empty)
+    }
+
+    /// Every write in (tree, key) order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &[u8], &Option<IVec>)> {
+        self.0
+            .iter()
+            .flat_map(|(tree, keys)| keys.iter().map(|(k, v)| (*tree, k.as_slice(), v)))
+    }
+}
 
 /// What committed transactions changed, to wake the right waiters.
 #[derive(Debug, Default)]
@@ -151,12 +181,11 @@ impl<'a> Tx<'a> {
 
     /// The value of `key` in `tree` as this transaction sees it.
     fn get(&self, tree: usize, key: &[u8]) -> R<Option<IVec>> {
-        let k = (tree, key.to_vec());
-        if let Some(v) = self.own.borrow().get(&k) {
+        if let Some(v) = self.own.borrow().get(tree, key) {
             return Ok(v.clone());
         }
         for layer in self.below.iter().flatten() {
-            if let Some(v) = layer.get(&k) {
+            if let Some(v) = layer.get(tree, key) {
                 return Ok(v.clone());
             }
         }
@@ -165,9 +194,7 @@ impl<'a> Tx<'a> {
 
     /// Sets `key` without reading what was there.
     fn put(&self, tree: usize, key: impl Into<Vec<u8>>, value: impl Into<IVec>) {
-        self.own
-            .borrow_mut()
-            .insert((tree, key.into()), Some(value.into()));
+        self.own.borrow_mut().set(tree, key.into(), Some(value.into()));
     }
 
     /// Sets `key`; returns what was there.
@@ -183,7 +210,7 @@ impl<'a> Tx<'a> {
         let key = key.into();
         let old = self.get(tree, &key)?;
         if old.is_some() {
-            self.own.borrow_mut().insert((tree, key), None);
+            self.own.borrow_mut().set(tree, key, None);
         }
         Ok(old)
     }
