@@ -12,9 +12,9 @@ use antar_core::wire::admin_server::Admin;
 use antar_core::wire::{
     transfer_item, DeadLetter as WireDeadLetter, DrainRequest, DrainResponse, Envelope,
     ListDeadLettersRequest, ListDeadLettersResponse, ListPeersRequest, ListPeersResponse, Outcome,
-    PeerStatus, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, Receipt, ReceiptStatus,
-    ReloadRequest, ReloadResponse, RetryDeadLettersRequest, RetryDeadLettersResponse, StatusRequest,
-    StatusResponse, TransferItem,
+    PeerStatus, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, ReceiptStatus, ReloadRequest,
+    ReloadResponse, RetryDeadLettersRequest, RetryDeadLettersResponse, StatusRequest, StatusResponse,
+    TransferItem,
 };
 use antar_core::MessageId;
 use antar_store::{DeadLetter, Tx, TxError};
@@ -110,8 +110,7 @@ pub(crate) fn bury(
         Outcome::Unspecified,
         Vec::new(),
     );
-    let r = Receipt::decode(receipt.receipt.as_slice()).unwrap_or_default();
-    shared.route_receipt(tx, &receipt, &r, Vec::new())
+    shared.route_issued(tx, &receipt)
 }
 
 /// Moves every outbox item past its TTL to the dead letters with an EXPIRED receipt.

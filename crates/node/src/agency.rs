@@ -199,6 +199,22 @@ fn validate_send(
 async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
     let sender = shared.agency.to_string();
     let key = v.idempotency_key.as_deref();
+    // Receipts are signed here, outside the transaction (see `Shared::receipt`).
+    let mut receipts = Vec::with_capacity(sealed.len());
+    for s in &sealed {
+        let env = Envelope::decode(s.envelope.envelope.as_slice())
+            .map_err(|e| NodeError::FailedPrecondition(format!("own envelope does not decode: {e}")))?;
+        let accepted = shared.receipt(
+            &env,
+            &s.envelope.envelope,
+            ReceiptStatus::Accepted,
+            "",
+            Outcome::Unspecified,
+            Vec::new(),
+        );
+        let delivered = (env.recipient == sender).then(|| shared.delivered(&env, &s.envelope.envelope));
+        receipts.push((env, accepted, delivered));
+    }
     let ids = shared
         .store
         .transact(|tx| {
@@ -208,22 +224,12 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                 }
             }
             let mut ids = Vec::with_capacity(sealed.len());
-            for s in &sealed {
-                let env = Envelope::decode(s.envelope.envelope.as_slice())
-                    .map_err(|e| Abort::Refused(format!("own envelope does not decode: {e}")))?;
-                let accepted = shared.receipt(
-                    &env,
-                    &s.envelope.envelope,
-                    ReceiptStatus::Accepted,
-                    "",
-                    Outcome::Unspecified,
-                    Vec::new(),
-                );
+            for (s, (env, accepted, delivered)) in sealed.iter().zip(&receipts) {
                 let record = MessageRecord {
                     envelope: Some(s.envelope.clone()),
                     payload: Some(s.payload.clone()),
                     state: MessageState::Accepted as i32,
-                    receipts: vec![accepted.clone()],
+                    receipts: vec![accepted.signed.clone()],
                     sender_identity: shared.identity.to_string(),
                     outgoing: true,
                     service: env.service.clone(),
@@ -232,9 +238,9 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                 };
                 let id = s.id.to_string();
                 crate::state::audit_envelope(tx, &s.envelope, &id)?;
-                crate::state::log_own_receipt(tx, &accepted, &id)?;
-                if env.recipient == sender {
-                    shared.deliver_local(tx, &s.id, record, &env, &s.envelope.envelope)?;
+                crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
+                if let Some(delivered) = delivered {
+                    shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
                 } else {
                     tx.put_message(&s.id, &record)?;
                     let peer = shared
@@ -349,6 +355,16 @@ async fn ack(
     } else {
         sha256(result).to_vec()
     };
+    // Signed outside the transaction (see `Shared::receipt`); wasted only
+    // when the message was acked already.
+    let processed = shared.receipt(
+        &env,
+        &signed.envelope,
+        ReceiptStatus::Processed,
+        "",
+        outcome,
+        result_digest,
+    );
     shared
         .store
         .transact(|tx| {
@@ -360,16 +376,7 @@ async fn ack(
                 record.state = MessageState::Processed as i32;
             }
             tx.put_message(&id, &record)?;
-            let processed = shared.receipt(
-                &env,
-                &signed.envelope,
-                ReceiptStatus::Processed,
-                "",
-                outcome,
-                result_digest.clone(),
-            );
-            let decoded = antar_core::wire::Receipt::decode(processed.receipt.as_slice()).unwrap_or_default();
-            shared.route_receipt(tx, &processed, &decoded, Vec::new())
+            shared.route_issued(tx, &processed)
         })
         .await
         .map_err(NodeError::from)?;

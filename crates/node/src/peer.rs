@@ -26,7 +26,7 @@ use antar_store::{MessageRecord, Tx, TxError};
 use crate::agency::CallWaiters;
 use crate::auth;
 use crate::error::NodeError;
-use crate::state::{expires_ms, Shared};
+use crate::state::{expires_ms, Issued, Shared};
 
 pub(crate) struct PeerService {
     pub(crate) shared: Arc<Shared>,
@@ -37,9 +37,11 @@ pub(crate) struct PeerService {
 enum Plan {
     Reject {
         reason: String,
-        receipt: Option<(SignedReceipt, Receipt)>,
+        receipt: Option<Issued>,
     },
-    Deliver(Box<VerifiedEnvelope>, EnvelopeTransfer, String),
+    /// Delivered here: the envelope, the transfer, the sending node's
+    /// identity and the DELIVERED receipt, signed before the transaction.
+    Deliver(Box<VerifiedEnvelope>, EnvelopeTransfer, String, Box<Issued>),
     Relay(Box<VerifiedEnvelope>, EnvelopeTransfer, String),
     Receipt(SignedReceipt, Receipt, Vec<String>),
 }
@@ -144,7 +146,7 @@ async fn handle_batch(
             Settled::Rejected(r) => (CustodyStatus::Rejected, r),
         };
         match (&status, plan) {
-            (CustodyStatus::Stored, Plan::Deliver(v, et, _)) => {
+            (CustodyStatus::Stored, Plan::Deliver(v, et, ..)) => {
                 shared.metrics.delivered.inc();
                 if let Some(age) = v
                     .envelope
@@ -188,16 +190,14 @@ async fn handle_batch(
 
 fn reject(shared: &Shared, reason: &str, env: Option<(&Envelope, &[u8])>) -> Plan {
     let receipt = env.map(|(e, bytes)| {
-        let signed = shared.receipt(
+        shared.receipt(
             e,
             bytes,
             ReceiptStatus::Rejected,
             reason,
             Outcome::Unspecified,
             Vec::new(),
-        );
-        let decoded = Receipt::decode(signed.receipt.as_slice()).unwrap_or_default();
-        (signed, decoded)
+        )
     });
     Plan::Reject {
         reason: reason.to_owned(),
@@ -261,7 +261,8 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan {
                 if !policy.may_send(verified.sender.as_str(), service) {
                     return reject(shared, "no_access_right", claimed);
                 }
-                Plan::Deliver(Box::new(verified), et, identity)
+                let delivered = shared.delivered(&verified.envelope, &signed.envelope);
+                Plan::Deliver(Box::new(verified), et, identity, Box::new(delivered))
             } else {
                 match shared.policy().next_hop(verified.recipient.as_str()) {
                     Some(next) => Plan::Relay(Box::new(verified), et, next),
@@ -283,22 +284,22 @@ fn seen_key(sender: &str, id: &MessageId) -> Vec<u8> {
 fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError> {
     match plan {
         Plan::Reject { reason, receipt } => {
-            if let Some((signed, decoded)) = receipt {
+            if let Some(issued) = receipt {
                 // One REJECTED receipt per message, however often it is offered.
                 let first = !tx.mark_seen(
                     "rejected",
                     &seen_key(
-                        &decoded.sender,
-                        &MessageId::parse(&decoded.message_id).unwrap_or_default(),
+                        &issued.receipt.sender,
+                        &MessageId::parse(&issued.receipt.message_id).unwrap_or_default(),
                     ),
                 )?;
                 if first {
-                    shared.route_receipt(tx, signed, decoded, Vec::new())?;
+                    shared.route_issued(tx, issued)?;
                 }
             }
             Ok(Settled::Rejected(reason.clone()))
         }
-        Plan::Deliver(v, et, identity) => {
+        Plan::Deliver(v, et, identity, delivered) => {
             if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {
                 return Ok(Settled::Duplicate);
             }
@@ -313,7 +314,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 expires_at_ms: expires_ms(&v.envelope),
                 ..Default::default()
             };
-            shared.deliver_local(tx, &v.id, record, &v.envelope, &signed.envelope)?;
+            shared.deliver_local(tx, &v.id, record, &v.envelope, &signed.envelope, delivered)?;
             Ok(Settled::Stored)
         }
         Plan::Relay(v, et, next) => {

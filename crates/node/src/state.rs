@@ -175,6 +175,10 @@ impl Shared {
     }
 
     /// Signs a receipt about `envelope` (whose signed bytes are `envelope_bytes`).
+    ///
+    /// Call it before the transaction that records the receipt: signing is
+    /// the costly part, and inside a transaction it would run under the
+    /// store's writer lock, one at a time for the whole node.
     pub(crate) fn receipt(
         &self,
         envelope: &Envelope,
@@ -183,8 +187,8 @@ impl Shared {
         reason: &str,
         outcome: Outcome,
         result_digest: Vec<u8>,
-    ) -> SignedReceipt {
-        self.signer.sign_receipt(&Receipt {
+    ) -> Issued {
+        let receipt = Receipt {
             message_id: envelope.id.clone(),
             envelope_sha256: sha256(envelope_bytes).to_vec(),
             sender: envelope.sender.clone(),
@@ -195,7 +199,16 @@ impl Shared {
             issuer: self.agency.to_string(),
             outcome: outcome as i32,
             result_digest,
-        })
+        };
+        Issued {
+            signed: self.signer.sign_receipt(&receipt),
+            receipt,
+        }
+    }
+
+    /// Routes a receipt this node issued (see [`Shared::route_receipt`]).
+    pub(crate) fn route_issued(&self, tx: &Tx<'_>, issued: &Issued) -> Result<(), TxError> {
+        self.route_receipt(tx, &issued.signed, &issued.receipt, Vec::new())
     }
 
     /// Sends a receipt toward the node of its `sender` (or applies it here).
@@ -263,7 +276,7 @@ impl Shared {
     }
 
     /// Puts a verified envelope addressed to this node into its service's
-    /// inbox and routes a DELIVERED receipt to the sender.
+    /// inbox and routes its DELIVERED receipt, signed beforehand, to the sender.
     pub(crate) fn deliver_local(
         &self,
         tx: &Tx<'_>,
@@ -271,6 +284,7 @@ impl Shared {
         record: MessageRecord,
         envelope: &Envelope,
         envelope_bytes: &[u8],
+        delivered: &Issued,
     ) -> Result<(), TxError> {
         let size = record.payload.as_ref().map_or(0, |p| p.data.len() as u64) + envelope_bytes.len() as u64;
         let mut record = record;
@@ -284,17 +298,26 @@ impl Shared {
         }
         tx.put_message(id, &record)?;
         tx.push_inbox(&envelope.service, id, size)?;
-        let delivered = self.receipt(
+        self.route_issued(tx, delivered)
+    }
+
+    /// The DELIVERED receipt for an envelope about to be delivered here.
+    pub(crate) fn delivered(&self, envelope: &Envelope, envelope_bytes: &[u8]) -> Issued {
+        self.receipt(
             envelope,
             envelope_bytes,
             ReceiptStatus::Delivered,
             "",
             Outcome::Unspecified,
             Vec::new(),
-        );
-        let decoded = Receipt::decode(delivered.receipt.as_slice()).unwrap_or_default();
-        self.route_receipt(tx, &delivered, &decoded, Vec::new())
+        )
     }
+}
+
+/// A receipt this node signed, with the fields it signed.
+pub(crate) struct Issued {
+    pub(crate) signed: SignedReceipt,
+    pub(crate) receipt: Receipt,
 }
 
 /// The state a message moves to when a receipt with `status` arrives.
