@@ -28,9 +28,20 @@ pub struct Federation {
     pub file: FederationFile,
 }
 
+/// A loopback port free now, chosen below Linux's ephemeral range
+/// (32768 and up): the kernel never hands such a port to a `bind(0)` or an
+/// outgoing connection, so nothing else in the test (a link proxy, a client)
+/// can take it before its node binds it.
 fn free_addr() -> SocketAddr {
-    let l = StdListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(20_000..32_000);
+        if let Ok(l) = StdListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
+    panic!("no free loopback port in 20000..32000 after 1000 tries")
 }
 
 impl Federation {

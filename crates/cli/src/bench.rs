@@ -23,7 +23,7 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits)."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -179,6 +179,18 @@ fn rss_mib() -> Option<(f64, f64)> {
             .map(|kb| kb / 1024.0)
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU seconds this process has used, user + system (Linux `/proc/self/stat`,
+/// whose times are in USER_HZ = 100 ticks per second). Per message, a
+/// steadier figure than throughput on a machine shared with others.
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+    let utime: u64 = rest.nth(11)?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Shared counters of one run.
@@ -388,6 +400,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let cpu_start = cpu_secs();
     let sending_for = args.duration.map(Duration::from_secs);
     let mut senders = tokio::task::JoinSet::new();
     match args.rate {
@@ -472,6 +485,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let all_secs = start.elapsed().as_secs_f64();
+    let cpu_us_per_msg = match (cpu_start, cpu_secs()) {
+        (Some(a), Some(b)) if total > 0 => (b - a) * 1e6 / total as f64,
+        _ => 0.0,
+    };
     let drain_secs = drain_start.elapsed().as_secs_f64();
     if let Some(r) = receiver {
         r.await??;
@@ -511,7 +528,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0}",
             args.kind,
             args.size,
             args.receipts,
@@ -527,6 +544,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "offered_per_s": args.rate, "senders": args.senders, "hops": hops, "kind": args.kind,
             "receipts": args.receipts, "messages": total, "size": args.size,
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
+            "cpu_us_per_msg": cpu_us_per_msg,
             "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),
                             "max": hist.max() as f64 / 1e3, "mean": hist.mean() / 1e3,
                             "samples": hist.len() },

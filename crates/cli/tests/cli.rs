@@ -128,6 +128,9 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
         report["latency_ms"]["p99"].as_f64().unwrap(),
     );
     assert!(0.0 < p50 && p50 <= p99, "{report}");
+    // Two nodes with mTLS and signatures cannot move a message on no CPU.
+    assert!(report["cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(result.contains(" cpu_us_per_msg="), "{result}");
 
     // The recipient down while 60 are sent, then up: they all drain.
     let (result, report) = bench(&["--peer-down", "--messages", "60", "--senders", "4"]);

@@ -233,7 +233,7 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                     sender_identity: shared.identity.to_string(),
                     outgoing: true,
                     service: env.service.clone(),
-                    expires_at_ms: expires_ms(&env),
+                    expires_at_ms: expires_ms(env),
                     ..Default::default()
                 };
                 let id = s.id.to_string();
@@ -256,7 +256,7 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                             traceparent: v.traceparent.clone(),
                         })),
                     };
-                    tx.push_outbox(&peer, &item.encode_to_vec(), expires_ms(&env))?;
+                    tx.push_outbox(&peer, &item.encode_to_vec(), expires_ms(env))?;
                 }
                 ids.push(s.id);
             }

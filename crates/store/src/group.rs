@@ -11,42 +11,40 @@
 //! So a transaction's closure runs alone under the writer lock, reading
 //! through the writes not yet in sled, and on success adds its writes to the
 //! *open group*; then the caller awaits its group. A dedicated applier
-//! thread closes the open group and applies it with plain inserts, atomic
-//! across a crash by a redo journal: first the whole group as one record of
-//! the `journal` tree (one insert: on disk whole or not at all), then each
-//! write, then the record's removal. sled recovers a prefix of its log, so
-//! after a crash either the record is gone and so is every write after it,
-//! or it is there and [`replay`] (run on open) finishes the group. While it
-//! applies, the next group fills, and transactions read the group being
-//! applied as a layer, so each sees every transaction before it.
+//! thread closes the open group, appends it to the redo journal and syncs
+//! it (`journal.rs`: from then on the group survives a crash), then applies
+//! it with plain inserts. While it does, the next group fills, and
+//! transactions read the group being applied as a layer, so each sees every
+//! transaction before it.
 //!
 //! Invariants:
 //! - Transactions are serial: closures run one at a time, in group order.
-//! - Groups are applied whole and in order, so after a crash sled holds a
-//!   prefix of whole groups, hence a prefix of whole transactions.
-//! - `transact` returns only after its group is in sled: a reader outside a
-//!   transaction then sees its writes.
+//! - Write-ahead: nothing of a group reaches sled before its journal record
+//!   is synced; groups are applied whole and in order. After a crash sled
+//!   holds a prefix of the applied writes, never past the journal, and
+//!   replaying the journal in order finishes every synced group.
+//! - `transact` returns only after its group is synced and in sled: it is
+//!   durable, and a reader outside a transaction sees its writes.
 //! - A reader outside a transaction may see a group half applied. Writes go
 //!   in (tree, key) order, chosen so that what such a reader follows is
 //!   there first: a message record before its inbox entry, an outbox item
-//!   before its expiry entry, log entries and leaf hashes before the log
+//!   before its expiry entry, log entries before the log
 //!   size, receipt-log cursors in ascending order.
-//! - A failed apply fails the store for good (fail-stop), like a failed
-//!   flush: every later `transact` and `durable` fails. Its outcome is
-//!   unknown (the journal record may be on disk and replayed at restart),
-//!   so callers answer `INTERNAL` and senders retry with an idempotency key.
+//! - A failed append or apply fails the store for good (fail-stop), like a
+//!   failed flush: every later `transact` and `durable` fails. Its outcome is
+//!   unknown (the record may be on disk and replayed at restart), so callers
+//!   answer `INTERNAL` and senders retry with an idempotency key.
 //! - Effects (queued-bytes count, wake-ups) are published by the applier
 //!   once the group is in sled, so a caller that stops waiting (a cancelled
 //!   request) loses none of them.
-//! - Applying is bracketed by the group commit's `begin`/`end`, so the
-//!   flusher's "nothing in flight" fast path stays exact.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use sled::IVec;
 use tokio::sync::watch;
 
-use crate::commit::{spawn_worker, Progress, Watermark, WriteCounter};
+use crate::commit::{spawn_worker, Progress, Watermark};
+use crate::journal::{Checkpointer, Journal};
 use crate::keys::{self, JOURNAL};
 use crate::tx::{Effects, Signals, Writes};
 use crate::StoreError;
@@ -63,6 +61,8 @@ pub(crate) struct State {
     applying: Option<Arc<Writes>>,
     /// Number of the open group; groups are numbered from 1.
     open_id: u64,
+    /// The next sequence number or cursor a transaction hands out.
+    next_id: u64,
     stop: bool,
 }
 
@@ -75,7 +75,8 @@ impl State {
     /// Adds a finished transaction's writes to the open group; returns the
     /// group to wait for. A transaction that wrote nothing still waits for
     /// the writes it may have read.
-    fn join(&mut self, writes: Writes, effects: Effects) -> u64 {
+    fn join(&mut self, writes: Writes, effects: Effects, next_id: u64) -> u64 {
+        self.next_id = next_id;
         if writes.is_empty() && !self.joined {
             return self.open_id - 1;
         }
@@ -95,11 +96,12 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The writer lock and the applier thread.
+/// The writer lock, the applier thread and the journal's checkpointer.
 pub(crate) struct Groups {
     shared: Arc<Shared>,
     applied: Watermark,
     thread: Option<std::thread::JoinHandle<()>>,
+    checkpointer: Checkpointer,
 }
 
 impl Drop for Groups {
@@ -109,60 +111,69 @@ impl Drop for Groups {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // The applier dropped the journal, which ends the checkpointer;
+        // joining it releases its handle on the database.
+        self.checkpointer.join();
     }
 }
 
 impl Groups {
-    /// `trees`: every tree, by index, the journal included.
+    /// `trees`: every tree, by index; `journal`: opened (and replayed) on
+    /// them; `next_id`: the first sequence number to hand out.
     pub(crate) fn start(
         db: sled::Db,
         trees: Vec<sled::Tree>,
-        writes: WriteCounter,
+        (journal, checkpointer): (Journal, Checkpointer),
         signals: Arc<Signals>,
+        next_id: u64,
     ) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 open_id: 1,
+                next_id,
                 ..State::default()
             }),
             wake: Condvar::new(),
         });
         let s = shared.clone();
         let (applied, thread) = spawn_worker("antar-applier", move |tx| {
-            applier(&s, &db, &trees, &writes, &signals, &tx);
+            applier(&s, &db, &trees, journal, &signals, &tx);
         });
         Self {
             shared,
             applied,
             thread,
+            checkpointer,
         }
     }
 
-    /// Runs `f` alone under the writer lock, with the layers below it; on
-    /// success its writes and effects (`Some`) join the open group. Returns
-    /// `f`'s result and the group to wait for.
+    /// Runs `f` alone under the writer lock, with the layers below it and
+    /// the next sequence number; on success its writes, effects and next
+    /// sequence number (`Some`) join the open group. Returns `f`'s result
+    /// and the group to wait for.
     pub(crate) fn run<T>(
         &self,
-        f: impl FnOnce([Option<&Writes>; 2]) -> (T, Option<(Writes, Effects)>),
+        f: impl FnOnce([Option<&Writes>; 2], u64) -> (T, Option<(Writes, Effects, u64)>),
     ) -> (T, u64) {
         let mut state = lock(&self.shared.state);
-        let (out, done) = f(state.layers());
-        let Some((writes, effects)) = done else {
+        let (out, done) = f(state.layers(), state.next_id);
+        let Some((writes, effects, next_id)) = done else {
             return (out, 0);
         };
-        let id = state.join(writes, effects);
+        let id = state.join(writes, effects, next_id);
         drop(state);
         self.shared.wake.notify_one();
         (out, id)
     }
 
-    /// Fails once an apply failed: nothing may be written or acknowledged
-    /// after it.
+    /// Fails once an append, an apply or a checkpoint failed: nothing may be
+    /// written or acknowledged after it.
     pub(crate) fn check(&self) -> Result<(), StoreError> {
-        self.applied.check()
+        self.applied.check()?;
+        self.checkpointer.check()
     }
 
-    /// Waits until group `id` is in sled.
+    /// Waits until group `id` is synced to the journal and in sled.
     pub(crate) async fn applied(&self, id: u64) -> Result<(), StoreError> {
         self.applied.reached(id).await
     }
@@ -172,7 +183,7 @@ fn applier(
     shared: &Shared,
     db: &sled::Db,
     trees: &[sled::Tree],
-    writes: &WriteCounter,
+    mut journal: Journal,
     signals: &Signals,
     tx: &watch::Sender<Progress>,
 ) {
@@ -183,6 +194,9 @@ fn applier(
                 state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             if !state.joined {
+                if let Err(e) = journal.close(db) {
+                    tracing::warn!(error = %e, "could not empty the journal at stop; the next open replays it");
+                }
                 return;
             }
             let group = Arc::new(std::mem::take(&mut state.open));
@@ -193,9 +207,7 @@ fn applier(
             state.open_id += 1;
             (group, effects, id)
         };
-        writes.begin();
-        let result = apply(db, trees, &group);
-        writes.end();
+        let result = apply(&mut journal, trees, &group);
         lock(&shared.state).applying = None;
         match result {
             Ok(()) => {
@@ -203,30 +215,28 @@ fn applier(
                 tx.send_replace(Progress::UpTo(id));
             }
             Err(e) => {
-                tracing::error!(error = %e, "applying a group of transactions failed; refusing all further work");
-                tx.send_replace(Progress::Failed(format!("applying writes failed: {e}")));
+                tracing::error!(error = %e, "writing a group of transactions failed; refusing all further work");
+                tx.send_replace(Progress::Failed(format!("writing a group failed: {e}")));
                 return;
             }
         }
     }
 }
 
-/// Writes `group` into `trees` through the journal (see the module docs).
-fn apply(db: &sled::Db, trees: &[sled::Tree], group: &Writes) -> Result<(), sled::Error> {
+/// Syncs `group` to the journal, then writes it into `trees` (see the
+/// module docs).
+fn apply(journal: &mut Journal, trees: &[sled::Tree], group: &Writes) -> Result<(), StoreError> {
     if group.is_empty() {
         return Ok(());
     }
-    let key = db.generate_id()?.to_be_bytes();
-    let journal = &trees[JOURNAL];
-    journal.insert(key, encode(group))?;
+    journal.append(group)?;
     for (tree, k, value) in group.iter() {
         write(&trees[tree], k, value.clone())?;
     }
-    journal.remove(key)?;
-    Ok(())
+    journal.applied()
 }
 
-fn write(tree: &sled::Tree, key: &[u8], value: Option<IVec>) -> Result<(), sled::Error> {
+pub(crate) fn write(tree: &sled::Tree, key: &[u8], value: Option<IVec>) -> Result<(), sled::Error> {
     match value {
         Some(v) => tree.insert(key, v)?,
         None => tree.remove(key)?,
@@ -234,8 +244,9 @@ fn write(tree: &sled::Tree, key: &[u8], value: Option<IVec>) -> Result<(), sled:
     Ok(())
 }
 
-/// Finishes every group a crash interrupted; returns how many. Runs on open,
-/// before anything reads the store.
+/// Finishes every group a crash interrupted in a store written by Antar
+/// before the journal moved out of sled (records in the `journal` tree);
+/// returns how many. Runs on open, before anything reads the store.
 pub(crate) fn replay(trees: &[sled::Tree]) -> Result<usize, StoreError> {
     let journal = &trees[JOURNAL];
     let mut n = 0;
@@ -287,10 +298,11 @@ pub(crate) fn encode(group: &Writes) -> Vec<u8> {
     out
 }
 
-type Write = (usize, Vec<u8>, Option<IVec>);
+/// One write of a decoded group: tree index, key, value (`None`: remove).
+pub(crate) type Write = (usize, Vec<u8>, Option<IVec>);
 
 /// The writes of an encoded group; `None` when the bytes are not one.
-fn decode(mut bytes: &[u8]) -> Option<Vec<Write>> {
+pub(crate) fn decode(mut bytes: &[u8]) -> Option<Vec<Write>> {
     fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = bytes.split_at_checked(n)?;
         *bytes = rest;
@@ -305,7 +317,7 @@ fn decode(mut bytes: &[u8]) -> Option<Vec<Write>> {
     let mut writes = Vec::new();
     while !bytes.is_empty() {
         let tree = usize::from(take(&mut bytes, 1)?[0]);
-        if tree >= JOURNAL {
+        if tree >= keys::TREES.len() || tree == JOURNAL {
             return None;
         }
         let n = len(&mut bytes)?;

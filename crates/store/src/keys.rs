@@ -12,12 +12,14 @@
 //! | `dead` | message id | `DeadLetter` |
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
 //! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log |
-//! | `audit_hash` | index (u64 BE) | leaf hash `SHA-256(0x00 ‖ entry)` |
-//! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit_hash` / how many entries they cover (u64 BE), written in the same batch |
+//! | `audit_hash` | index (u64 BE) | no longer written: leaf hashes, in stores from before they were derived from `audit` |
+//! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit` / how many entries they cover (u64 BE), written in the same batch |
 //! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
-//! | `journal` | id (u64 BE) | a group of writes being applied (`group.rs`); empty between groups |
+//! | `journal` | id (u64 BE) | in stores from before ADR 0005: a group of writes being applied (`group.rs`); empty between groups |
+//! | `meta` | `next_id` | the next sequence number or receipt cursor (u64 BE) |
 //!
-//! Sequence numbers come from sled's monotonic id generator, so queues are FIFO.
+//! Sequence numbers come from the store's own counter (`meta`), monotonic
+//! across crashes, so queues are FIFO.
 
 pub(crate) const MESSAGES: usize = 0;
 pub(crate) const OUTBOX: usize = 1;
@@ -29,12 +31,14 @@ pub(crate) const RECEIPT_LOG: usize = 6;
 pub(crate) const DEAD: usize = 7;
 pub(crate) const EXPIRY: usize = 8;
 pub(crate) const AUDIT: usize = 9;
-pub(crate) const AUDIT_HASH: usize = 10;
+// 10: `audit_hash`, no longer written; its name stays so indexes keep their trees.
 pub(crate) const AUDIT_META: usize = 11;
 pub(crate) const AUDIT_NODE: usize = 12;
 pub(crate) const JOURNAL: usize = 13;
+/// The store's own counters: `next_id`.
+pub(crate) const META: usize = 14;
 
-pub(crate) const TREES: [&str; 14] = [
+pub(crate) const TREES: [&str; 15] = [
     "messages",
     "outbox",
     "inbox",
@@ -49,7 +53,13 @@ pub(crate) const TREES: [&str; 14] = [
     "audit_meta",
     "audit_node",
     "journal",
+    "meta",
 ];
+
+/// In `meta`: the next sequence number or cursor to hand out (u64 BE),
+/// written with every group that hands one out, so a replayed journal
+/// restores it and no number is given twice.
+pub(crate) const NEXT_ID: &[u8] = b"next_id";
 
 pub(crate) const AUDIT_SIZE: &[u8] = b"size";
 pub(crate) const AUDIT_NODES: &[u8] = b"nodes";

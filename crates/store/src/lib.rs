@@ -11,6 +11,7 @@
 
 mod commit;
 mod group;
+mod journal;
 mod keys;
 mod records;
 mod tx;
@@ -42,6 +43,9 @@ pub enum StoreError {
     /// work (fail-stop), because it can no longer tell what is on disk.
     #[error("store is poisoned ({0}); restart the node")]
     Poisoned(String),
+    /// The redo journal could not be written or read (names the file).
+    #[error("journal: {0}")]
+    Journal(String),
     /// A stored record does not decode: the data directory is corrupt.
     #[error("corrupt record in tree {tree}: {detail}")]
     Corrupt {
@@ -70,6 +74,8 @@ pub struct Store {
 }
 
 struct Inner {
+    /// The store's directory.
+    path: PathBuf,
     db: sled::Db,
     trees: Vec<sled::Tree>,
     /// Before `commit`: the applier stops before the flusher's last flush.
@@ -106,11 +112,25 @@ impl Store {
             .iter()
             .map(|name| db.open_tree(name))
             .collect::<Result<Vec<_>, _>>()?;
-        let replayed = group::replay(&trees)?;
+        let mut replayed = group::replay(&trees)?;
         if replayed > 0 {
             db.flush()?;
-            tracing::info!(groups = replayed, "finished transactions a crash interrupted");
         }
+        let (journal, checkpointer, n) = journal::Journal::open(&config.path, &db, &trees)?;
+        replayed += n;
+        if replayed > 0 {
+            tracing::info!(
+                groups = replayed,
+                "replayed the journal: finished transactions a crash interrupted"
+            );
+        }
+        // Numbers handed out by sled's generator (before the journal moved
+        // out of sled) or recorded with the last durable group, whichever is
+        // further.
+        let recorded = trees[keys::META]
+            .get(keys::NEXT_ID)?
+            .map_or(0, |v| keys::u64_of(&v));
+        let next_id = recorded.max(db.generate_id()? + 1);
         let mut queued = 0u64;
         for t in [keys::OUTBOX, keys::INBOX] {
             for kv in trees[t].iter() {
@@ -128,10 +148,12 @@ impl Store {
                 groups: group::Groups::start(
                     db.clone(),
                     trees.clone(),
-                    commit.writes().clone(),
+                    (journal, checkpointer),
                     signals.clone(),
+                    next_id,
                 ),
                 commit,
+                path: config.path.clone(),
                 db,
                 trees,
                 max_queued_bytes: config.max_queued_bytes,
@@ -154,8 +176,8 @@ impl Store {
         f: impl FnOnce(&Tx<'_>) -> Result<T, TxError>,
     ) -> Result<T, Result<Abort, StoreError>> {
         self.check().map_err(Err)?;
-        let (out, group) = self.inner.groups.run(|layers| {
-            let tx = Tx::new(&self.inner.db, &self.inner.trees, layers);
+        let (out, group) = self.inner.groups.run(|layers, next_id| {
+            let tx = Tx::new(&self.inner.trees, layers, next_id);
             match f(&tx) {
                 Ok(out) => (Ok(out), Some(tx.into_parts())),
                 Err(e) => (Err(e), None),
@@ -198,9 +220,9 @@ impl Store {
         self.inner.signals.queued_bytes.load(Ordering::Relaxed)
     }
 
-    /// Size of the sled files on disk.
+    /// Size of the store on disk: sled's files and the journal's segments.
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.inner.db.size_on_disk().unwrap_or(0) + journal::bytes(&self.inner.path)
     }
 
     /// The message record of `id`, if this node holds one.
@@ -419,12 +441,12 @@ impl Store {
         }
         let mut nodes: Vec<([u8; 9], Hash)> = Vec::new();
         let mut n = filled;
-        for kv in self.inner.trees[keys::AUDIT_HASH].range(filled.to_be_bytes()..size.to_be_bytes()) {
+        for kv in self.inner.trees[keys::AUDIT].range(filled.to_be_bytes()..size.to_be_bytes()) {
             let (k, v) = kv?;
-            let mut hash = match Hash::try_from(v.as_ref()) {
-                Ok(h) if keys::u64_of(&k) == n => h,
-                _ => return Err(corrupt_log(n)),
-            };
+            if keys::u64_of(&k) != n {
+                return Err(corrupt_log(n));
+            }
+            let mut hash = antar_core::merkle::leaf_hash(&v);
             n += 1;
             let mut level = 0;
             while let Some(&(l, left)) = frontier.last() {
@@ -480,14 +502,13 @@ impl Store {
         }
         let (first, count) = (index << level, 1u64 << level);
         let mut leaves = Vec::with_capacity(count as usize);
-        for kv in self.inner.trees[keys::AUDIT_HASH].range(first.to_be_bytes()..(first + count).to_be_bytes())
-        {
+        for kv in self.inner.trees[keys::AUDIT].range(first.to_be_bytes()..(first + count).to_be_bytes()) {
             let (k, v) = kv?;
             let i = first + leaves.len() as u64;
-            match Hash::try_from(v.as_ref()) {
-                Ok(h) if keys::u64_of(&k) == i => leaves.push(h),
-                _ => return Err(corrupt_log(i)),
+            if keys::u64_of(&k) != i {
+                return Err(corrupt_log(i));
             }
+            leaves.push(antar_core::merkle::leaf_hash(&v));
         }
         if leaves.len() as u64 != count {
             return Err(corrupt_log(first + leaves.len() as u64));
@@ -659,8 +680,8 @@ type Hash = antar_core::merkle::Hash;
 
 fn corrupt_log(index: u64) -> StoreError {
     StoreError::Corrupt {
-        tree: keys::TREES[keys::AUDIT_HASH],
-        detail: format!("log entry {index} is missing or malformed"),
+        tree: keys::TREES[keys::AUDIT],
+        detail: format!("log entry {index} is missing"),
     }
 }
 

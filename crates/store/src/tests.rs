@@ -1,13 +1,16 @@
 use super::*;
 use antar_core::MessageId;
 
-fn open(dir: &std::path::Path, quota: u64) -> Store {
-    Store::open(&StoreConfig {
+fn config(dir: &std::path::Path, quota: u64) -> StoreConfig {
+    StoreConfig {
         path: dir.to_path_buf(),
         max_queued_bytes: quota,
         cache_capacity: 8 << 20,
-    })
-    .unwrap()
+    }
+}
+
+fn open(dir: &std::path::Path, quota: u64) -> Store {
+    Store::open(&config(dir, quota)).unwrap()
 }
 
 #[tokio::test]
@@ -178,9 +181,9 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     use antar_core::wire::EntryKind;
     let dir = tempfile::tempdir().unwrap();
     let leaves = |s: &Store, n: u64| -> Vec<merkle::Hash> {
-        s.inner.trees[keys::AUDIT_HASH]
+        s.inner.trees[keys::AUDIT]
             .range(..n.to_be_bytes())
-            .map(|kv| merkle::Hash::try_from(kv.unwrap().1.as_ref()).unwrap())
+            .map(|kv| merkle::leaf_hash(&kv.unwrap().1))
             .collect()
     };
     async fn append(s: &Store, n: usize) {
@@ -229,9 +232,7 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     // at level 9, and the mark.
     assert_eq!(s.inner.trees[keys::AUDIT_NODE].len(), 4);
     // A log with a hole is named, not papered over: in the stored range...
-    s.inner.trees[keys::AUDIT_HASH]
-        .remove(300u64.to_be_bytes())
-        .unwrap();
+    s.inner.trees[keys::AUDIT].remove(300u64.to_be_bytes()).unwrap();
     assert!(matches!(
         merkle::inclusion_proof_of(&mut s.audit_tree(size).unwrap(), 301, size),
         Err(merkle::ProofError::Unavailable(_))
@@ -302,8 +303,9 @@ async fn concurrent_transactions_are_serial_and_none_is_lost() {
     s.durable().await.unwrap();
 }
 
-/// A crash after a group's journal record and part of its writes: opening
-/// the store finishes the group, and the journal is empty again.
+/// A store written before the journal moved out of sled, crashed after a
+/// group's record (in the `journal` tree) and part of its writes: opening
+/// it finishes the group, and the tree is empty again.
 #[tokio::test]
 async fn open_finishes_a_group_a_crash_interrupted() {
     let dir = tempfile::tempdir().unwrap();
@@ -312,11 +314,12 @@ async fn open_finishes_a_group_a_crash_interrupted() {
         let s = open(dir.path(), 1 << 20);
         let inner = &s.inner;
         // The writes of a transaction that stores a message and queues it.
-        let tx = Tx::new(&inner.db, &inner.trees, [None, None]);
+        let tx = Tx::new(&inner.trees, [None, None], 1);
         tx.put_message(&id, &MessageRecord::default()).unwrap();
         tx.push_inbox("birth.lookup", &id, 10).unwrap();
-        let (writes, _) = tx.into_parts();
-        assert_eq!(writes.iter().count(), 3);
+        let (writes, _, _) = tx.into_parts();
+        // The record, the inbox entry and its index, and the next sequence number.
+        assert_eq!(writes.iter().count(), 4);
         // Its journal record, and only the first of its writes, reach disk.
         inner.trees[keys::JOURNAL]
             .insert(7u64.to_be_bytes(), group::encode(&writes))
@@ -346,13 +349,7 @@ async fn a_corrupt_journal_record_is_reported() {
             .unwrap();
         s.inner.db.flush().unwrap();
     }
-    let err = Store::open(&StoreConfig {
-        path: dir.path().to_path_buf(),
-        max_queued_bytes: 1 << 20,
-        cache_capacity: 8 << 20,
-    })
-    .err()
-    .unwrap();
+    let err = Store::open(&config(dir.path(), 1 << 20)).err().unwrap();
     assert!(err.to_string().contains("journal record 1"), "{err}");
 }
 
@@ -381,4 +378,198 @@ async fn a_cancelled_transaction_still_counts_and_wakes() {
     s.transact(|tx| tx.remove_outbox("health", seq)).await.unwrap();
     assert_eq!(s.queued_bytes(), 0);
     assert!(!s.over_quota());
+}
+
+/// Copies a store's directory while it is open: what `kill -9` leaves.
+fn crash_copy(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            crash_copy(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The first byte of each item in `peer`'s outbox, in queue order.
+fn first_bytes(s: &Store, peer: &str) -> Vec<u8> {
+    s.outbox_batch(peer, None, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|(_, v)| v[0])
+        .collect()
+}
+
+fn segments(store: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(journal::dir(store))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A transaction is durable when `transact` returns, before sled has it:
+/// a `kill -9` then leaves it only in the journal, and the next open
+/// replays it. Without the journal the copy does not have it.
+#[tokio::test]
+async fn a_returned_transaction_survives_a_crash_through_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (with, without) = (dir.path().join("with"), dir.path().join("without"));
+    let live = dir.path().join("live");
+    let s = open(&live, 1 << 20);
+    let id = MessageId::new();
+    s.transact(|tx| {
+        tx.put_message(&id, &MessageRecord::default())?;
+        tx.push_inbox("birth.lookup", &id, 10)
+    })
+    .await
+    .unwrap();
+    crash_copy(&live, &with);
+    crash_copy(&live, &without);
+    std::fs::remove_dir_all(journal::dir(&without)).unwrap();
+    {
+        let bare = open(&without, 1 << 20);
+        assert!(
+            bare.message(&id).unwrap().is_none(),
+            "sled had it on its own: the test proves nothing"
+        );
+    }
+    let r = open(&with, 1 << 20);
+    assert!(r.message(&id).unwrap().is_some());
+    assert_eq!(r.queued_bytes(), 10);
+    assert_eq!(r.inbox_scan(None).count(), 1);
+    // The replayed segment is gone; one empty segment is open.
+    assert_eq!(segments(&with).len(), 1);
+    assert_eq!(std::fs::metadata(&segments(&with)[0]).unwrap().len(), 0);
+}
+
+/// A crash in the middle of a record's write leaves a torn tail: the open
+/// keeps every whole group before it and drops the torn one, which was
+/// never acknowledged.
+#[tokio::test]
+async fn a_torn_journal_tail_is_dropped_and_the_rest_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 20);
+    for i in 0..3u8 {
+        s.transact(|tx| tx.push_outbox("health", &[i; 100], 0))
+            .await
+            .unwrap();
+    }
+    crash_copy(&live, &copy);
+    let last = segments(&copy).pop().unwrap();
+    let whole = std::fs::read(&last).unwrap();
+    // A fourth record cut short: its header and part of its body.
+    let mut torn = whole.clone();
+    torn.extend_from_slice(&500u32.to_be_bytes());
+    torn.extend_from_slice(&0u32.to_be_bytes());
+    torn.extend_from_slice(&[1, 1, 0, 0]);
+    std::fs::write(&last, torn).unwrap();
+    let r = open(&copy, 1 << 20);
+    assert_eq!(first_bytes(&r, "health"), vec![0, 1, 2]);
+    assert_eq!(r.queued_bytes(), 300);
+}
+
+/// A bad record in a segment before the last cannot be a torn write: the
+/// open stops and names the file, rather than losing acknowledged groups.
+#[tokio::test]
+async fn a_bad_record_before_the_last_segment_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path(), 1 << 20);
+        s.transact(|tx| tx.push_outbox("health", &[1; 100], 0))
+            .await
+            .unwrap();
+    }
+    let jdir = journal::dir(dir.path());
+    std::fs::write(
+        jdir.join(format!("{:016}.log", 1)),
+        [0, 0, 0, 4, 9, 9, 9, 9, 1, 2, 3, 4],
+    )
+    .unwrap();
+    std::fs::write(jdir.join(format!("{:016}.log", 2)), []).unwrap();
+    let err = Store::open(&config(dir.path(), 1 << 20)).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("0000000000000001.log") && msg.contains("corrupt"),
+        "{msg}"
+    );
+}
+
+/// Past a segment's size the journal moves on, and the checkpointer flushes
+/// sled and deletes the full segment: the journal stays small while every
+/// group survives a crash.
+#[tokio::test]
+async fn full_segments_are_checkpointed_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 30);
+    let n = 4 * journal::SEGMENT_BYTES / 1000;
+    for i in 0..n {
+        s.transact(|tx| tx.push_outbox("health", &[(i % 251) as u8; 1000], 0))
+            .await
+            .unwrap();
+    }
+    let mut left = segments(&live);
+    for _ in 0..500 {
+        if left.len() <= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        left = segments(&live);
+    }
+    assert!(left.len() <= 2, "retired segments were not deleted: {left:?}");
+    let first: u64 = left[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    assert!(first >= 3, "the journal did not move on: {left:?}");
+    crash_copy(&live, &copy);
+    let r = open(&copy, 1 << 30);
+    assert_eq!(r.queued_bytes(), n * 1000);
+    let want: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    assert_eq!(first_bytes(&r, "health"), want);
+}
+
+/// Sequence numbers and receipt cursors handed out before a crash that
+/// only the journal kept are not handed out again: a new item after the
+/// restart queues behind the replayed ones instead of overwriting one.
+#[tokio::test]
+async fn numbers_handed_out_before_a_crash_are_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 20);
+    let mut cursors = Vec::new();
+    for i in 0..2u8 {
+        let c = s
+            .transact(|tx| {
+                tx.push_outbox("health", &[i; 10], 0)?;
+                tx.log_receipt(&[i])
+            })
+            .await
+            .unwrap();
+        cursors.push(c);
+    }
+    crash_copy(&live, &copy);
+    let r = open(&copy, 1 << 20);
+    let c = r
+        .transact(|tx| {
+            tx.push_outbox("health", &[2; 10], 0)?;
+            tx.log_receipt(&[2])
+        })
+        .await
+        .unwrap();
+    assert!(
+        c > cursors[1],
+        "cursor {c} handed out again (before: {cursors:?})"
+    );
+    assert_eq!(first_bytes(&r, "health"), vec![0, 1, 2]);
+    let log: Vec<Vec<u8>> = r
+        .receipts_after(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(log, vec![vec![0], vec![1], vec![2]]);
 }

@@ -6,7 +6,7 @@
 //! until it returns `Ok`; then they join the open group, which the applier
 //! writes to sled through the redo journal (see `group.rs`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use antar_core::MessageId;
 
 use crate::keys::{
-    self, AUDIT, AUDIT_HASH, AUDIT_META, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, OUTBOX, RECEIPT_LOG,
+    self, AUDIT, AUDIT_META, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, META, NEXT_ID, OUTBOX, RECEIPT_LOG,
     SEEN, TX_KEYS,
 };
 use crate::records::{DeadLetter, InboxEntry, MessageRecord};
@@ -154,29 +154,50 @@ impl Signals {
 
 /// One atomic change over every tree of the store.
 pub struct Tx<'a> {
-    db: &'a sled::Db,
     trees: &'a [sled::Tree],
     /// Writes of earlier transactions not yet in sled, newest layer first.
     below: [Option<&'a Writes>; 2],
     own: RefCell<Writes>,
     effects: RefCell<Effects>,
+    /// The next sequence number or cursor to hand out, and whether one was.
+    next_id: Cell<u64>,
+    ids_used: Cell<bool>,
 }
 
 type R<T> = Result<T, TxError>;
 
 impl<'a> Tx<'a> {
-    pub(crate) fn new(db: &'a sled::Db, trees: &'a [sled::Tree], below: [Option<&'a Writes>; 2]) -> Self {
+    /// A transaction over `trees` reading through `below`, handing out
+    /// sequence numbers from `next_id`.
+    pub(crate) fn new(trees: &'a [sled::Tree], below: [Option<&'a Writes>; 2], next_id: u64) -> Self {
         Self {
-            db,
             trees,
             below,
             own: RefCell::default(),
             effects: RefCell::default(),
+            next_id: Cell::new(next_id),
+            ids_used: Cell::new(false),
         }
     }
 
-    pub(crate) fn into_parts(self) -> (Writes, Effects) {
-        (self.own.into_inner(), self.effects.into_inner())
+    /// Its writes (with the new `next_id` when it handed numbers out), its
+    /// effects, and the next number to hand out after it.
+    pub(crate) fn into_parts(self) -> (Writes, Effects, u64) {
+        let next = self.next_id.get();
+        let mut own = self.own.into_inner();
+        if self.ids_used.get() {
+            own.set(META, NEXT_ID.to_vec(), Some(IVec::from(&next.to_be_bytes()[..])));
+        }
+        (own, self.effects.into_inner(), next)
+    }
+
+    /// A number never handed out before, in this store's life, crashes
+    /// included: outbox and inbox sequence numbers, receipt-log cursors.
+    fn generate_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        self.ids_used.set(true);
+        id
     }
 
     /// The value of `key` in `tree` as this transaction sees it.
@@ -241,7 +262,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure.
     pub fn push_outbox(&self, peer: &str, item: &[u8], expires_ms: u64) -> R<u64> {
-        let seq = self.db.generate_id()?;
+        let seq = self.generate_id();
         let mut value = Vec::with_capacity(8 + item.len());
         value.extend_from_slice(&expires_ms.to_be_bytes());
         value.extend_from_slice(item);
@@ -278,7 +299,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure.
     pub fn push_inbox(&self, service: &str, id: &MessageId, size: u64) -> R<()> {
-        let seq = self.db.generate_id()?;
+        let seq = self.generate_id();
         let key = keys::seq_key(service, seq);
         let entry = InboxEntry {
             message_id: id.as_bytes().to_vec(),
@@ -358,7 +379,7 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure.
     pub fn log_receipt(&self, signed_receipt: &[u8]) -> R<u64> {
-        let cursor = self.db.generate_id()? + 1;
+        let cursor = self.generate_id() + 1;
         self.put(RECEIPT_LOG, cursor.to_be_bytes(), signed_receipt);
         self.effects.borrow_mut().receipts = true;
         Ok(cursor)
@@ -382,9 +403,7 @@ impl<'a> Tx<'a> {
             logged_at: Some(antar_core::time::to_timestamp(std::time::SystemTime::now())),
         }
         .encode_to_vec();
-        let key = index.to_be_bytes();
-        self.put(AUDIT_HASH, key, &antar_core::merkle::leaf_hash(&entry));
-        self.put(AUDIT, key, entry);
+        self.put(AUDIT, index.to_be_bytes(), entry);
         self.put(AUDIT_META, keys::AUDIT_SIZE, &(index + 1).to_be_bytes());
         Ok(index)
     }

@@ -1,0 +1,320 @@
+//! The redo journal: each group of transactions, appended to a plain file
+//! and synced before any of it reaches sled (write-ahead).
+//!
+//! A group is durable once its record is synced, so acknowledging it needs
+//! one `fdatasync` of an append-only file, not a flush of sled. sled then
+//! takes the writes at its own pace: it recovers a prefix of its log after a
+//! crash, and since nothing reaches sled before its journal record is
+//! synced, that prefix never runs ahead of the journal. Replaying the
+//! journal's groups in order on open (each write a whole value, so a replay
+//! is idempotent) brings sled to the last synced group.
+//!
+//! The journal is a directory of segment files (`<n>.log`, `n` ascending).
+//! A segment past [`SEGMENT_BYTES`] is retired: the applier starts the next
+//! one and the checkpointer thread flushes sled — covering every group of
+//! the retired segment, all applied by then — and deletes it. So the
+//! journal holds at most about two segments.
+//!
+//! Record layout: length of the group bytes (u32 BE), CRC-32 of them (u32
+//! BE), the group bytes (`group::encode`). A record is only written after
+//! the one before it was synced, so only the last record of the last
+//! segment can be torn by a crash; replay stops there (that group was never
+//! acknowledged). A bad record anywhere else is corruption and stops the
+//! open.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use tokio::sync::watch;
+
+use crate::commit::{spawn_worker, Progress, Watermark};
+use crate::group::{self, Write as GroupWrite};
+use crate::tx::Writes;
+use crate::StoreError;
+
+/// Size past which a segment is retired (small in unit tests, so they
+/// cross segments).
+pub(crate) const SEGMENT_BYTES: u64 = if cfg!(test) { 64 << 10 } else { 32 << 20 };
+
+/// The journal's directory inside the store's directory.
+pub(crate) fn dir(store: &Path) -> PathBuf {
+    store.join("journal")
+}
+
+/// Bytes in the journal's segments now (0 when it cannot be listed).
+pub(crate) fn bytes(store: &Path) -> u64 {
+    fs::read_dir(dir(store)).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+/// The appending end, owned by the applier thread.
+pub(crate) struct Journal {
+    /// The store's directory, and the journal's inside it.
+    store: PathBuf,
+    dir: PathBuf,
+    file: File,
+    /// Number of the segment being written.
+    segment: u64,
+    /// Bytes in it.
+    written: u64,
+    retire: mpsc::Sender<PathBuf>,
+}
+
+/// Flushes sled and deletes retired segments, on its own thread.
+pub(crate) struct Checkpointer {
+    progress: Watermark,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Fails once a checkpoint's flush failed (fail-stop).
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        self.progress.check()
+    }
+
+    /// Waits until the retired segments are gone (the applier has stopped).
+    pub(crate) fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Journal(format!("{what} {}: {e}", path.display()))
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:016}.log"))
+}
+
+impl Journal {
+    /// Replays every group the journal holds into `trees`, flushes sled,
+    /// deletes the old segments and starts an empty journal with its
+    /// checkpointer. Returns how many groups were replayed.
+    pub(crate) fn open(
+        store: &Path,
+        db: &sled::Db,
+        trees: &[sled::Tree],
+    ) -> Result<(Self, Checkpointer, usize), StoreError> {
+        let dir = dir(store);
+        fs::create_dir_all(&dir).map_err(|e| io("creating", &dir, e))?;
+        let mut segments = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io("listing", &dir, e))? {
+            let path = entry.map_err(|e| io("listing", &dir, e))?.path();
+            let n = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u64>().ok());
+            match n {
+                Some(n) => segments.push((n, path)),
+                None => {
+                    tracing::warn!(path = %path.display(), "ignoring a file that is not a journal segment")
+                }
+            }
+        }
+        segments.sort();
+        let mut replayed = 0;
+        for (i, (_, path)) in segments.iter().enumerate() {
+            let bytes = fs::read(path).map_err(|e| io("reading", path, e))?;
+            let last = i + 1 == segments.len();
+            for group in records(path, &bytes, last)? {
+                for (tree, key, value) in group {
+                    group::write(&trees[tree], &key, value)?;
+                }
+                replayed += 1;
+            }
+        }
+        if !segments.is_empty() {
+            db.flush()?;
+            sync_sled_files(store)?;
+            for (_, path) in &segments {
+                fs::remove_file(path).map_err(|e| io("removing", path, e))?;
+            }
+        }
+        let segment = segments.last().map_or(0, |(n, _)| n + 1);
+        let (retire, retired) = mpsc::channel();
+        let checkpointer = Checkpointer::start(store.to_path_buf(), db.clone(), retired);
+        let file = create(&segment_path(&dir, segment))?;
+        sync_dir(&dir)?;
+        Ok((
+            Self {
+                store: store.to_path_buf(),
+                dir,
+                file,
+                segment,
+                written: 0,
+                retire,
+            },
+            checkpointer,
+            replayed,
+        ))
+    }
+
+    /// Appends `group` and syncs it: from here on it survives a crash.
+    pub(crate) fn append(&mut self, group: &Writes) -> Result<(), StoreError> {
+        let body = group::encode(group);
+        let mut record = Vec::with_capacity(8 + body.len());
+        record.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        record.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        record.extend_from_slice(&body);
+        let path = segment_path(&self.dir, self.segment);
+        self.file
+            .write_all(&record)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| io("writing", &path, e))?;
+        self.written += record.len() as u64;
+        Ok(())
+    }
+
+    /// Called once the groups appended so far are in sled: past
+    /// [`SEGMENT_BYTES`], starts the next segment and hands this one to the
+    /// checkpointer.
+    pub(crate) fn applied(&mut self) -> Result<(), StoreError> {
+        if self.written < SEGMENT_BYTES {
+            return Ok(());
+        }
+        let old = segment_path(&self.dir, self.segment);
+        let next = segment_path(&self.dir, self.segment + 1);
+        self.file = create(&next)?;
+        sync_dir(&self.dir)?;
+        self.segment += 1;
+        self.written = 0;
+        self.retire
+            .send(old)
+            .map_err(|_| StoreError::Journal("the checkpointer has stopped".into()))
+    }
+
+    /// At a clean stop, with every group in sled: flushes sled and empties
+    /// the journal, so the next open has nothing to replay.
+    pub(crate) fn close(self, db: &sled::Db) -> Result<(), StoreError> {
+        db.flush()?;
+        sync_sled_files(&self.store)?;
+        let path = segment_path(&self.dir, self.segment);
+        drop(self.file);
+        fs::remove_file(&path).map_err(|e| io("removing", &path, e))
+    }
+}
+
+fn create(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| io("creating", path, e))
+}
+
+/// Makes a created segment's name durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing", dir, e))
+}
+
+/// The groups of one segment, in order. In the `last` segment a torn final
+/// record ends the journal; anywhere else a bad record is corruption.
+fn records(path: &Path, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWrite>>, StoreError> {
+    let mut groups = Vec::new();
+    let mut offset = 0usize;
+    while !bytes.is_empty() {
+        let group = bytes.split_at_checked(8).and_then(|(head, rest)| {
+            let len = u32::from_be_bytes(head[..4].try_into().ok()?) as usize;
+            let crc = u32::from_be_bytes(head[4..].try_into().ok()?);
+            let body = rest.get(..len)?;
+            (crc32fast::hash(body) == crc).then_some(())?;
+            Some((group::decode(body), 8 + len))
+        });
+        match group {
+            Some((Some(writes), n)) => {
+                groups.push(writes);
+                bytes = &bytes[n..];
+                offset += n;
+            }
+            Some((None, _)) => {
+                return Err(StoreError::Journal(format!(
+                    "{} at byte {offset}: a record with a valid checksum does not decode \
+                     (written by another version of Antar?)",
+                    path.display()
+                )))
+            }
+            None if last => {
+                tracing::warn!(
+                    path = %path.display(),
+                    offset,
+                    discarded = bytes.len(),
+                    "the journal ends in a torn record: a crash cut its write, and its group was never acknowledged"
+                );
+                break;
+            }
+            None => {
+                return Err(StoreError::Journal(format!(
+                    "{} at byte {offset}: a bad record before the last segment; the journal is corrupt",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(groups)
+}
+
+impl Checkpointer {
+    fn start(store: PathBuf, db: sled::Db, retired: mpsc::Receiver<PathBuf>) -> Self {
+        let (progress, thread) = spawn_worker("antar-checkpoint", move |tx| {
+            checkpoint(&store, &db, &retired, &tx)
+        });
+        Self { progress, thread }
+    }
+}
+
+/// `fsync`s sled's log and blob files. sled's flush ends in
+/// `sync_file_range`, which leaves the file's size and the disk's cache
+/// unsynced; before a journal segment is deleted, its groups must be on
+/// disk for good.
+fn sync_sled_files(store: &Path) -> Result<(), StoreError> {
+    let mut files = vec![store.join("db")];
+    if let Ok(blobs) = fs::read_dir(store.join("blobs")) {
+        files.extend(blobs.flatten().map(|e| e.path()));
+    }
+    for path in &files {
+        match File::open(path) {
+            Ok(f) => f.sync_all().map_err(|e| io("syncing", path, e))?,
+            // A blob sled collected meanwhile needs no sync.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("opening", path, e)),
+        }
+    }
+    Ok(())
+}
+
+fn checkpoint(store: &Path, db: &sled::Db, retired: &mpsc::Receiver<PathBuf>, tx: &watch::Sender<Progress>) {
+    let mut done = 0;
+    while let Ok(first) = retired.recv() {
+        let paths: Vec<PathBuf> = std::iter::once(first).chain(retired.try_iter()).collect();
+        // Every group of these segments is applied: one flush puts them in
+        // sled's files, and the segments are no longer needed.
+        let result = db
+            .flush()
+            .map_err(StoreError::from)
+            .and_then(|_| sync_sled_files(store))
+            .and_then(|()| {
+                paths
+                    .iter()
+                    .try_for_each(|p| fs::remove_file(p).map_err(|e| io("removing", p, e)))
+            });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "a journal checkpoint failed; refusing all further work");
+            tx.send_replace(Progress::Failed(format!("a journal checkpoint failed: {e}")));
+            return;
+        }
+        done += paths.len() as u64;
+        tx.send_replace(Progress::UpTo(done));
+    }
+}
