@@ -31,13 +31,21 @@ pub struct Federation {
 /// A loopback port free now, chosen below Linux's ephemeral range
 /// (32768 and up): the kernel never hands such a port to a `bind(0)` or an
 /// outgoing connection, so nothing else in the test (a link proxy, a client)
-/// can take it before its node binds it.
+/// can take it before its node binds it. Never the same port twice in one
+/// test process, so federations of tests running side by side cannot pick
+/// the same one either.
 fn free_addr() -> SocketAddr {
     use rand::Rng;
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
     let mut rng = rand::rng();
     for _ in 0..1000 {
         let port = rng.random_range(20_000..32_000);
+        if handed_out.contains(&port) {
+            continue;
+        }
         if let Ok(l) = StdListener::bind(("127.0.0.1", port)) {
+            handed_out.push(port);
             return l.local_addr().unwrap();
         }
     }

@@ -30,6 +30,7 @@ pub(crate) enum Progress {
 }
 
 /// The reading side of a background thread's [`Progress`].
+#[derive(Clone)]
 pub(crate) struct Watermark(watch::Receiver<Progress>);
 
 impl Watermark {

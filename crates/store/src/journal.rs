@@ -64,24 +64,31 @@ pub(crate) struct Journal {
     segment: u64,
     /// Bytes in it.
     written: u64,
-    retire: mpsc::Sender<PathBuf>,
+    /// Full segments go to the checkpointer thread through this; dropping
+    /// it ends the thread, which is then joined.
+    retire: Option<mpsc::Sender<PathBuf>>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
+    checkpoints: Watermark,
 }
 
-/// Flushes sled and deletes retired segments, on its own thread.
+/// How the checkpointer thread is doing, for the store's fail-stop check.
 pub(crate) struct Checkpointer {
     progress: Watermark,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Checkpointer {
-    /// Fails once a checkpoint's flush failed (fail-stop).
+    /// Fails once a checkpoint failed (fail-stop).
     pub(crate) fn check(&self) -> Result<(), StoreError> {
         self.progress.check()
     }
+}
 
-    /// Waits until the retired segments are gone (the applier has stopped).
-    pub(crate) fn join(&mut self) {
-        if let Some(t) = self.thread.take() {
+impl Drop for Journal {
+    /// Ends the checkpointer after the segments already handed to it, so
+    /// it holds the database no longer than the journal does.
+    fn drop(&mut self) {
+        drop(self.retire.take());
+        if let Some(t) = self.checkpointer.take() {
             let _ = t.join();
         }
     }
@@ -105,23 +112,11 @@ impl Journal {
         trees: &[sled::Tree],
     ) -> Result<(Self, Checkpointer, usize), StoreError> {
         let dir = dir(store);
-        fs::create_dir_all(&dir).map_err(|e| io("creating", &dir, e))?;
-        let mut segments = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| io("listing", &dir, e))? {
-            let path = entry.map_err(|e| io("listing", &dir, e))?.path();
-            let n = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| n.parse::<u64>().ok());
-            match n {
-                Some(n) => segments.push((n, path)),
-                None => {
-                    tracing::warn!(path = %path.display(), "ignoring a file that is not a journal segment")
-                }
-            }
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(|e| io("creating", &dir, e))?;
+            sync_dir(store)?;
         }
-        segments.sort();
+        let segments = segments(&dir)?;
         let mut replayed = 0;
         for (i, (_, path)) in segments.iter().enumerate() {
             let bytes = fs::read(path).map_err(|e| io("reading", path, e))?;
@@ -136,25 +131,33 @@ impl Journal {
         if !segments.is_empty() {
             db.flush()?;
             sync_sled_files(store)?;
-            for (_, path) in &segments {
-                fs::remove_file(path).map_err(|e| io("removing", path, e))?;
-            }
+            remove_in_order(&dir, segments.iter().map(|(_, p)| p))?;
         }
         let segment = segments.last().map_or(0, |(n, _)| n + 1);
         let (retire, retired) = mpsc::channel();
-        let checkpointer = Checkpointer::start(store.to_path_buf(), db.clone(), retired);
+        let store = store.to_path_buf();
+        let (checkpoints, thread) = {
+            let (store, db) = (store.clone(), db.clone());
+            spawn_worker("antar-checkpoint", move |tx| {
+                checkpoint(&store, &db, &retired, &tx)
+            })
+        };
         let file = create(&segment_path(&dir, segment))?;
         sync_dir(&dir)?;
         Ok((
             Self {
-                store: store.to_path_buf(),
+                store,
                 dir,
                 file,
                 segment,
                 written: 0,
-                retire,
+                retire: Some(retire),
+                checkpointer: thread,
+                checkpoints: checkpoints.clone(),
             },
-            checkpointer,
+            Checkpointer {
+                progress: checkpoints,
+            },
             replayed,
         ))
     }
@@ -189,19 +192,57 @@ impl Journal {
         self.segment += 1;
         self.written = 0;
         self.retire
-            .send(old)
-            .map_err(|_| StoreError::Journal("the checkpointer has stopped".into()))
+            .as_ref()
+            .and_then(|tx| tx.send(old).ok())
+            .ok_or_else(|| StoreError::Journal("the checkpointer has stopped".into()))
     }
 
-    /// At a clean stop, with every group in sled: flushes sled and empties
-    /// the journal, so the next open has nothing to replay.
-    pub(crate) fn close(self, db: &sled::Db) -> Result<(), StoreError> {
+    /// At a clean stop, with every group in sled: waits for the checkpointer
+    /// to finish, flushes sled and empties the journal, oldest segment
+    /// first, so the next open has nothing to replay. The segments on disk
+    /// must always be the newest ones, in an unbroken run: replaying an
+    /// older segment without the newer ones would roll the store back. So
+    /// after a failed checkpoint nothing is deleted (the next open replays
+    /// them all, in order).
+    pub(crate) fn close(&mut self, db: &sled::Db) -> Result<(), StoreError> {
+        drop(self.retire.take());
+        if let Some(t) = self.checkpointer.take() {
+            let _ = t.join();
+        }
+        self.checkpoints.check()?;
         db.flush()?;
         sync_sled_files(&self.store)?;
-        let path = segment_path(&self.dir, self.segment);
-        drop(self.file);
-        fs::remove_file(&path).map_err(|e| io("removing", &path, e))
+        let left = segments(&self.dir)?;
+        remove_in_order(&self.dir, left.iter().map(|(_, p)| p))
     }
+}
+
+/// The segments in `dir`, oldest first.
+fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
+        let path = entry.map_err(|e| io("listing", dir, e))?.path();
+        let n = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok());
+        match n {
+            Some(n) => segments.push((n, path)),
+            None => tracing::warn!(path = %path.display(), "ignoring a file that is not a journal segment"),
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Deletes segments oldest first, then makes the deletions durable, so no
+/// crash or power cut leaves an older segment without the newer ones.
+fn remove_in_order<'a>(dir: &Path, paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<(), StoreError> {
+    for path in paths {
+        fs::remove_file(path).map_err(|e| io("removing", path, e))?;
+    }
+    sync_dir(dir)
 }
 
 fn create(path: &Path) -> Result<File, StoreError> {
@@ -228,6 +269,9 @@ fn records(path: &Path, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWri
         let group = bytes.split_at_checked(8).and_then(|(head, rest)| {
             let len = u32::from_be_bytes(head[..4].try_into().ok()?) as usize;
             let crc = u32::from_be_bytes(head[4..].try_into().ok()?);
+            // A record holds at least the layout version; zeros (a tail the
+            // file system extended but never wrote) are not a record.
+            (len > 0).then_some(())?;
             let body = rest.get(..len)?;
             (crc32fast::hash(body) == crc).then_some(())?;
             Some((group::decode(body), 8 + len))
@@ -265,15 +309,6 @@ fn records(path: &Path, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWri
     Ok(groups)
 }
 
-impl Checkpointer {
-    fn start(store: PathBuf, db: sled::Db, retired: mpsc::Receiver<PathBuf>) -> Self {
-        let (progress, thread) = spawn_worker("antar-checkpoint", move |tx| {
-            checkpoint(&store, &db, &retired, &tx)
-        });
-        Self { progress, thread }
-    }
-}
-
 /// `fsync`s sled's log and blob files. sled's flush ends in
 /// `sync_file_range`, which leaves the file's size and the disk's cache
 /// unsynced; before a journal segment is deleted, its groups must be on
@@ -291,7 +326,11 @@ fn sync_sled_files(store: &Path) -> Result<(), StoreError> {
             Err(e) => return Err(io("opening", path, e)),
         }
     }
-    Ok(())
+    // And the names of new files (blobs) in their directories.
+    if store.join("blobs").is_dir() {
+        sync_dir(&store.join("blobs"))?;
+    }
+    sync_dir(store)
 }
 
 fn checkpoint(store: &Path, db: &sled::Db, retired: &mpsc::Receiver<PathBuf>, tx: &watch::Sender<Progress>) {
@@ -304,11 +343,7 @@ fn checkpoint(store: &Path, db: &sled::Db, retired: &mpsc::Receiver<PathBuf>, tx
             .flush()
             .map_err(StoreError::from)
             .and_then(|_| sync_sled_files(store))
-            .and_then(|()| {
-                paths
-                    .iter()
-                    .try_for_each(|p| fs::remove_file(p).map_err(|e| io("removing", p, e)))
-            });
+            .and_then(|()| remove_in_order(&dir(store), &paths));
         if let Err(e) = result {
             tracing::error!(error = %e, "a journal checkpoint failed; refusing all further work");
             tx.send_replace(Progress::Failed(format!("a journal checkpoint failed: {e}")));

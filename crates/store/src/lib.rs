@@ -3,9 +3,11 @@
 //!
 //! Every state change is one atomic transaction over all trees
 //! ([`Store::transact`]); concurrent transactions reach sled together as one
-//! group, applied through a redo journal (`group.rs`, ADR 0004). Nothing is
-//! acknowledged before [`Store::durable`] returns, and one flush serves every
-//! caller waiting at that moment (group commit). Only this crate names sled.
+//! group, synced to a write-ahead redo journal before sled sees any of it
+//! (`group.rs`, `journal.rs`, ADRs 0004 and 0005), so a transaction is
+//! durable when it returns. [`Store::durable`] covers the few writes outside
+//! transactions, one flush serving every caller waiting at that moment
+//! (group commit). Only this crate names sled.
 
 #![warn(missing_docs)]
 
@@ -124,13 +126,14 @@ impl Store {
                 "replayed the journal: finished transactions a crash interrupted"
             );
         }
-        // Numbers handed out by sled's generator (before the journal moved
-        // out of sled) or recorded with the last durable group, whichever is
-        // further.
-        let recorded = trees[keys::META]
-            .get(keys::NEXT_ID)?
-            .map_or(0, |v| keys::u64_of(&v));
-        let next_id = recorded.max(db.generate_id()? + 1);
+        // Numbers are recorded with every group that hands one out; a store
+        // from before that handed them out from sled's generator.
+        let next_id = match trees[keys::META].get(keys::NEXT_ID)? {
+            Some(v) => keys::u64_of(&v),
+            // Not asked when recorded: each call at open moves sled's
+            // generator by millions, for nothing.
+            None => db.generate_id()? + 1,
+        };
         let mut queued = 0u64;
         for t in [keys::OUTBOX, keys::INBOX] {
             for kv in trees[t].iter() {
@@ -164,8 +167,8 @@ impl Store {
     }
 
     /// Runs `f` as one atomic transaction over every tree: alone, seeing
-    /// every transaction before it; its writes are in sled (visible to every
-    /// reader) when this returns, and durable after [`Store::durable`].
+    /// every transaction before it; when this returns its writes are synced
+    /// to the journal (durable) and in sled (visible to every reader).
     /// Concurrent transactions reach sled together (`group.rs`).
     ///
     /// # Errors
@@ -443,10 +446,7 @@ impl Store {
         let mut n = filled;
         for kv in self.inner.trees[keys::AUDIT].range(filled.to_be_bytes()..size.to_be_bytes()) {
             let (k, v) = kv?;
-            if keys::u64_of(&k) != n {
-                return Err(corrupt_log(n));
-            }
-            let mut hash = antar_core::merkle::leaf_hash(&v);
+            let mut hash = leaf(n, &k, &v)?;
             n += 1;
             let mut level = 0;
             while let Some(&(l, left)) = frontier.last() {
@@ -504,11 +504,7 @@ impl Store {
         let mut leaves = Vec::with_capacity(count as usize);
         for kv in self.inner.trees[keys::AUDIT].range(first.to_be_bytes()..(first + count).to_be_bytes()) {
             let (k, v) = kv?;
-            let i = first + leaves.len() as u64;
-            if keys::u64_of(&k) != i {
-                return Err(corrupt_log(i));
-            }
-            leaves.push(antar_core::merkle::leaf_hash(&v));
+            leaves.push(leaf(first + leaves.len() as u64, &k, &v)?);
         }
         if leaves.len() as u64 != count {
             return Err(corrupt_log(first + leaves.len() as u64));
@@ -678,10 +674,20 @@ mod tests;
 
 type Hash = antar_core::merkle::Hash;
 
+/// The leaf hash of log entry `index`, stored under `key` as `entry`: the
+/// entry must be there, at its place, and say so itself.
+fn leaf(index: u64, key: &[u8], entry: &[u8]) -> Result<Hash, StoreError> {
+    let named = antar_core::wire::LogEntry::decode(entry).map_or(u64::MAX, |e| e.index);
+    if keys::u64_of(key) != index || named != index {
+        return Err(corrupt_log(index));
+    }
+    Ok(antar_core::merkle::leaf_hash(entry))
+}
+
 fn corrupt_log(index: u64) -> StoreError {
     StoreError::Corrupt {
         tree: keys::TREES[keys::AUDIT],
-        detail: format!("log entry {index} is missing"),
+        detail: format!("log entry {index} is missing or malformed"),
     }
 }
 
