@@ -44,7 +44,7 @@ use sled::IVec;
 use tokio::sync::watch;
 
 use crate::commit::{spawn_worker, Progress, Watermark};
-use crate::journal::{Checkpointer, Journal};
+use crate::journal::Journal;
 use crate::keys::{self, JOURNAL};
 use crate::tx::{Effects, Signals, Writes};
 use crate::StoreError;
@@ -101,7 +101,8 @@ pub(crate) struct Groups {
     shared: Arc<Shared>,
     applied: Watermark,
     thread: Option<std::thread::JoinHandle<()>>,
-    checkpointer: Checkpointer,
+    /// The journal checkpointer's progress.
+    checkpoints: Watermark,
 }
 
 impl Drop for Groups {
@@ -122,7 +123,7 @@ impl Groups {
     pub(crate) fn start(
         db: sled::Db,
         trees: Vec<sled::Tree>,
-        (journal, checkpointer): (Journal, Checkpointer),
+        (journal, checkpoints): (Journal, Watermark),
         signals: Arc<Signals>,
         next_id: u64,
     ) -> Self {
@@ -142,7 +143,7 @@ impl Groups {
             shared,
             applied,
             thread,
-            checkpointer,
+            checkpoints,
         }
     }
 
@@ -169,7 +170,7 @@ impl Groups {
     /// written or acknowledged after it.
     pub(crate) fn check(&self) -> Result<(), StoreError> {
         self.applied.check()?;
-        self.checkpointer.check()
+        self.checkpoints.check()
     }
 
     /// Waits until group `id` is synced to the journal and in sled.
@@ -235,7 +236,14 @@ fn apply(journal: &mut Journal, trees: &[sled::Tree], group: &Writes) -> Result<
     journal.applied()
 }
 
-pub(crate) fn write(tree: &sled::Tree, key: &[u8], value: Option<IVec>) -> Result<(), sled::Error> {
+/// Writes a decoded group into `trees`, in its order (replay on open).
+pub(crate) fn write_all(trees: &[sled::Tree], writes: Vec<Write>) -> Result<(), sled::Error> {
+    writes
+        .into_iter()
+        .try_for_each(|(tree, key, value)| write(&trees[tree], &key, value))
+}
+
+fn write(tree: &sled::Tree, key: &[u8], value: Option<IVec>) -> Result<(), sled::Error> {
     match value {
         Some(v) => tree.insert(key, v)?,
         None => tree.remove(key)?,
@@ -258,9 +266,7 @@ pub(crate) fn replay(trees: &[sled::Tree]) -> Result<usize, StoreError> {
                 keys::u64_of(&key)
             ),
         })?;
-        for (tree, k, value) in group {
-            write(&trees[tree], &k, value)?;
-        }
+        write_all(trees, group)?;
         journal.remove(key)?;
         n += 1;
     }
@@ -271,15 +277,23 @@ pub(crate) fn replay(trees: &[sled::Tree]) -> Result<usize, StoreError> {
 /// refused, never guessed at.
 const JOURNAL_VERSION: u8 = 1;
 
-/// A group as bytes: the version, then per write: tree index (1 byte, as in
-/// `keys.rs`), key length (u32 BE), key, then 0 (remove) or 1, value length
-/// (u32 BE), value.
+/// A group as bytes, for tests that write a journal record themselves.
+#[cfg(test)]
 pub(crate) fn encode(group: &Writes) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(&mut out, group);
+    out
+}
+
+/// Appends `group` as bytes to `out`: the version, then per write: tree
+/// index (1 byte, as in `keys.rs`), key length (u32 BE), key, then 0
+/// (remove) or 1, value length (u32 BE), value.
+pub(crate) fn encode_into(out: &mut Vec<u8>, group: &Writes) {
     let size: usize = group
         .iter()
         .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, |v| v.len()))
         .sum();
-    let mut out = Vec::with_capacity(1 + size);
+    out.reserve(1 + size);
     out.push(JOURNAL_VERSION);
     for (tree, key, value) in group.iter() {
         out.push(tree as u8);
@@ -294,7 +308,6 @@ pub(crate) fn encode(group: &Writes) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// One write of a decoded group: tree index, key, value (`None`: remove).

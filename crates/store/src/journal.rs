@@ -16,7 +16,7 @@
 //! journal holds at most about two segments.
 //!
 //! Record layout: length of the group bytes (u32 BE), CRC-32 of them (u32
-//! BE), the group bytes (`group::encode`). A record is only written after
+//! BE), the group bytes (`group::encode_into`). A record is only written after
 //! the one before it was synced, so only the last record of the last
 //! segment can be torn by a crash; replay stops there (that group was never
 //! acknowledged). A bad record anywhere else is corruption and stops the
@@ -71,18 +71,6 @@ pub(crate) struct Journal {
     checkpoints: Watermark,
 }
 
-/// How the checkpointer thread is doing, for the store's fail-stop check.
-pub(crate) struct Checkpointer {
-    progress: Watermark,
-}
-
-impl Checkpointer {
-    /// Fails once a checkpoint failed (fail-stop).
-    pub(crate) fn check(&self) -> Result<(), StoreError> {
-        self.progress.check()
-    }
-}
-
 impl Drop for Journal {
     /// Ends the checkpointer after the segments already handed to it, so
     /// it holds the database no longer than the journal does.
@@ -103,14 +91,15 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 impl Journal {
-    /// Replays every group the journal holds into `trees`, flushes sled,
-    /// deletes the old segments and starts an empty journal with its
-    /// checkpointer. Returns how many groups were replayed.
+    /// Replays every group the journal holds into `trees`, checkpoints the
+    /// old segments and starts an empty journal with its checkpointer.
+    /// Returns the journal, the checkpointer's progress (for the store's
+    /// fail-stop check) and how many groups were replayed.
     pub(crate) fn open(
         store: &Path,
         db: &sled::Db,
         trees: &[sled::Tree],
-    ) -> Result<(Self, Checkpointer, usize), StoreError> {
+    ) -> Result<(Self, Watermark, usize), StoreError> {
         let dir = dir(store);
         if !dir.exists() {
             fs::create_dir_all(&dir).map_err(|e| io("creating", &dir, e))?;
@@ -121,17 +110,13 @@ impl Journal {
         for (i, (_, path)) in segments.iter().enumerate() {
             let bytes = fs::read(path).map_err(|e| io("reading", path, e))?;
             let last = i + 1 == segments.len();
-            for group in records(path, &bytes, last)? {
-                for (tree, key, value) in group {
-                    group::write(&trees[tree], &key, value)?;
-                }
+            for writes in records(path, &bytes, last)? {
+                group::write_all(trees, writes)?;
                 replayed += 1;
             }
         }
         if !segments.is_empty() {
-            db.flush()?;
-            sync_sled_files(store)?;
-            remove_in_order(&dir, segments.iter().map(|(_, p)| p))?;
+            checkpoint_segments(db, store, segments.iter().map(|(_, p)| p))?;
         }
         let segment = segments.last().map_or(0, |(n, _)| n + 1);
         let (retire, retired) = mpsc::channel();
@@ -155,25 +140,26 @@ impl Journal {
                 checkpointer: thread,
                 checkpoints: checkpoints.clone(),
             },
-            Checkpointer {
-                progress: checkpoints,
-            },
+            checkpoints,
             replayed,
         ))
     }
 
     /// Appends `group` and syncs it: from here on it survives a crash.
     pub(crate) fn append(&mut self, group: &Writes) -> Result<(), StoreError> {
-        let body = group::encode(group);
-        let mut record = Vec::with_capacity(8 + body.len());
-        record.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        record.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-        record.extend_from_slice(&body);
-        let path = segment_path(&self.dir, self.segment);
+        // The header is filled in once the body is encoded after it.
+        let mut record = vec![0; 8];
+        group::encode_into(&mut record, group);
+        let body = &record[8..];
+        let header = [
+            (body.len() as u32).to_be_bytes(),
+            crc32fast::hash(body).to_be_bytes(),
+        ];
+        record[..8].copy_from_slice(&header.concat());
         self.file
             .write_all(&record)
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| io("writing", &path, e))?;
+            .map_err(|e| io("writing", &segment_path(&self.dir, self.segment), e))?;
         self.written += record.len() as u64;
         Ok(())
     }
@@ -210,10 +196,8 @@ impl Journal {
             let _ = t.join();
         }
         self.checkpoints.check()?;
-        db.flush()?;
-        sync_sled_files(&self.store)?;
         let left = segments(&self.dir)?;
-        remove_in_order(&self.dir, left.iter().map(|(_, p)| p))
+        checkpoint_segments(db, &self.store, left.iter().map(|(_, p)| p))
     }
 }
 
@@ -236,13 +220,21 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     Ok(segments)
 }
 
-/// Deletes segments oldest first, then makes the deletions durable, so no
-/// crash or power cut leaves an older segment without the newer ones.
-fn remove_in_order<'a>(dir: &Path, paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<(), StoreError> {
+/// Checkpoints segments whose groups are all in sled: flushes sled,
+/// `fsync`s its files, then deletes the segments oldest first and makes the
+/// deletions durable, so no crash or power cut leaves an older segment
+/// without the newer ones.
+fn checkpoint_segments<'a>(
+    db: &sled::Db,
+    store: &Path,
+    paths: impl IntoIterator<Item = &'a PathBuf>,
+) -> Result<(), StoreError> {
+    db.flush()?;
+    sync_sled_files(store)?;
     for path in paths {
         fs::remove_file(path).map_err(|e| io("removing", path, e))?;
     }
-    sync_dir(dir)
+    sync_dir(&dir(store))
 }
 
 fn create(path: &Path) -> Result<File, StoreError> {
@@ -339,12 +331,7 @@ fn checkpoint(store: &Path, db: &sled::Db, retired: &mpsc::Receiver<PathBuf>, tx
         let paths: Vec<PathBuf> = std::iter::once(first).chain(retired.try_iter()).collect();
         // Every group of these segments is applied: one flush puts them in
         // sled's files, and the segments are no longer needed.
-        let result = db
-            .flush()
-            .map_err(StoreError::from)
-            .and_then(|_| sync_sled_files(store))
-            .and_then(|()| remove_in_order(&dir(store), &paths));
-        if let Err(e) = result {
+        if let Err(e) = checkpoint_segments(db, store, &paths) {
             tracing::error!(error = %e, "a journal checkpoint failed; refusing all further work");
             tx.send_replace(Progress::Failed(format!("a journal checkpoint failed: {e}")));
             return;

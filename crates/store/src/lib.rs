@@ -118,7 +118,7 @@ impl Store {
         if replayed > 0 {
             db.flush()?;
         }
-        let (journal, checkpointer, n) = journal::Journal::open(&config.path, &db, &trees)?;
+        let (journal, checkpoints, n) = journal::Journal::open(&config.path, &db, &trees)?;
         replayed += n;
         if replayed > 0 {
             tracing::info!(
@@ -151,7 +151,7 @@ impl Store {
                 groups: group::Groups::start(
                     db.clone(),
                     trees.clone(),
-                    (journal, checkpointer),
+                    (journal, checkpoints),
                     signals.clone(),
                     next_id,
                 ),
