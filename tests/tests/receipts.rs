@@ -40,14 +40,7 @@ async fn receipts_come_back_signed_across_a_hub_restart() {
 
     for id in [&first, &second] {
         let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
-        assert_eq!(
-            verified_statuses(&fed, &t),
-            vec![
-                (wire::ReceiptStatus::Accepted as i32, "finance".to_owned()),
-                (wire::ReceiptStatus::Delivered as i32, "registry".to_owned()),
-                (wire::ReceiptStatus::Processed as i32, "registry".to_owned()),
-            ]
-        );
+        assert_eq!(verified_statuses(&fed, &t), finance_to_registry_chain());
     }
 
     // WatchReceipts resumes from a cursor: what comes after the first three
@@ -88,6 +81,15 @@ async fn receipts_come_back_signed_across_a_hub_restart() {
 }
 
 /// Registry's responder: replies to `n` REQUESTs with their payload reversed.
+/// The receipts of a message from finance to registry, processed.
+fn finance_to_registry_chain() -> Vec<(i32, String)> {
+    vec![
+        (wire::ReceiptStatus::Accepted as i32, "finance".to_owned()),
+        (wire::ReceiptStatus::Delivered as i32, "registry".to_owned()),
+        (wire::ReceiptStatus::Processed as i32, "registry".to_owned()),
+    ]
+}
+
 async fn respond(registry: Client, n: usize) {
     use tokio_stream::StreamExt as _;
     let mut agency = registry.agency();
@@ -367,4 +369,81 @@ async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each
     for n in nodes {
         n.stop().await.unwrap();
     }
+}
+
+/// `receipts.batch_signatures`: the DELIVERED receipts of one transfer batch
+/// share one signature; each still verifies alone (at the hub that relays
+/// it, at the sender, for an auditor), and the issuer's export verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_signed_receipts_verify_alone_end_to_end_and_in_the_export() {
+    use prost::Message as _;
+    let fed = Federation::standard();
+    let _finance_node = fed.start("finance").await;
+    let _hub = fed.start("hub").await;
+    let finance = fed.app("finance").await;
+
+    // Queued at the hub while registry is down, so they reach it in one batch.
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(
+            send(
+                &finance,
+                notice("registry", "birth.lookup", format!("{i}").as_bytes()),
+            )
+            .await,
+        );
+    }
+    let hub_admin = fed.admin("hub").await;
+    eventually(10, "8 queued at the hub for registry", || async {
+        (backlog(&hub_admin, "registry").await == 8).then_some(())
+    })
+    .await;
+    let mut config = fed.config("registry");
+    config.receipts.batch_signatures = true;
+    let _registry_node = fed.start_with(config).await;
+    let registry = fed.app("registry").await;
+    // Acked all at once: their PROCESSED receipts may share signatures too.
+    let deliveries = receive(&registry, 8, 10, false).await;
+    assert_eq!(deliveries.len(), 8);
+    let acks: Vec<_> = deliveries
+        .iter()
+        .map(|d| {
+            let mut agency = registry.agency();
+            let message_id = envelope_of(d).id;
+            tokio::spawn(async move {
+                agency
+                    .ack(wire::AckRequest {
+                        message_id,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for a in acks {
+        a.await.unwrap();
+    }
+
+    let mut batched = 0;
+    for id in &ids {
+        let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
+        assert_eq!(verified_statuses(&fed, &t), finance_to_registry_chain());
+        let delivered = &t.receipts[1];
+        if let Some(batch) = &delivered.batch {
+            let header = wire::ReceiptBatch::decode(batch.header.as_slice()).unwrap();
+            assert!(header.size >= 2 && batch.index < header.size, "{header:?}");
+            assert_eq!(header.issuer, "registry");
+            batched += 1;
+        }
+    }
+    // The forwarder may split the queue, but not into batches of one each.
+    assert!(
+        batched >= 2,
+        "{batched} of 8 DELIVERED receipts were batch-signed"
+    );
+
+    let auditor = fed.client("registry", antar_client::ClientRole::Auditor).await;
+    let v = antar_core::audit::verify_bundle(&export(&auditor).await, &fed.verifier()).unwrap();
+    assert!(v.receipts >= 16, "{v:?}");
 }

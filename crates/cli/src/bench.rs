@@ -23,7 +23,7 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// then starts; reports the process's peak RSS and the drain rate.
     #[arg(long)]
     peer_down: bool,
+    /// Both nodes sign the receipts of each transfer batch with one
+    /// signature (`receipts.batch_signatures = true`, see
+    /// docs/configuration.md); default: one signature per receipt.
+    #[arg(long)]
+    batch_signatures: bool,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -98,6 +103,7 @@ async fn start_nodes(
     dir: &std::path::Path,
     via_hub: bool,
     hold_back_recipient: bool,
+    batch_signatures: bool,
 ) -> anyhow::Result<(
     Vec<Node>,
     Option<HeldBack>,
@@ -146,6 +152,7 @@ async fn start_nodes(
         // A queue test holds far more than the default quota; sends must not be refused.
         config.limits.max_queued_bytes = u64::MAX;
         config.limits.app_sends_per_sec = 0;
+        config.receipts.batch_signatures = batch_signatures;
         let listeners = Listeners {
             api,
             peer,
@@ -310,7 +317,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let fed_path = dir.join("federation.json");
-    let (mut nodes, held, fed) = start_nodes(&dir, args.via_hub, args.peer_down)
+    let (mut nodes, held, fed) = start_nodes(&dir, args.via_hub, args.peer_down, args.batch_signatures)
         .await
         .context("cannot start the bench nodes")?;
     fed.save(&fed_path)?;
@@ -519,19 +526,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     if args.peer_down {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0}",
             args.kind,
             args.size,
             args.receipts,
+            args.batch_signatures,
             total as f64 / sent_secs,
             total as f64 / drain_secs,
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0}",
             args.kind,
             args.size,
             args.receipts,
+            args.batch_signatures,
             total as f64 / sent_secs,
             total as f64 / all_secs,
             pct(0.50),
@@ -542,7 +551,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let report = serde_json::json!({
             "mode": if args.peer_down { "queue" } else if args.rate.is_some() { "open" } else { "closed" },
             "offered_per_s": args.rate, "senders": args.senders, "hops": hops, "kind": args.kind,
-            "receipts": args.receipts, "messages": total, "size": args.size,
+            "receipts": args.receipts, "batch_signatures": args.batch_signatures,
+            "messages": total, "size": args.size,
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
             "cpu_us_per_msg": cpu_us_per_msg,
             "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),

@@ -104,6 +104,42 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The root of the tree of `leaves` and the inclusion proof of every leaf,
+/// in O(n) hashing: what one signature over a batch needs.
+///
+/// Built level by level, pairing nodes left to right and carrying an odd
+/// last node up unchanged: for RFC 9162 trees this gives the same root and
+/// the same PATH of every leaf as [`root`] and [`inclusion_proof`], which
+/// cost O(n) each.
+pub fn root_and_proofs(leaves: &[Hash]) -> (Hash, Vec<Vec<Hash>>) {
+    if leaves.is_empty() {
+        return (root(leaves), Vec::new());
+    }
+    let mut proofs = vec![Vec::new(); leaves.len()];
+    let mut level = leaves.to_vec();
+    // Each node of the current level covers `width` leaves.
+    let mut width = 1usize;
+    while level.len() > 1 {
+        for (leaf, proof) in proofs.iter_mut().enumerate() {
+            let i = leaf / width;
+            let sibling = i ^ 1;
+            if sibling < level.len() {
+                proof.push(level[sibling]);
+            }
+        }
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [l, r] => node_hash(l, r),
+                [only] => *only,
+                _ => unreachable!("chunks(2) yields one or two"),
+            })
+            .collect();
+        width *= 2;
+    }
+    (level[0], proofs)
+}
+
 /// The root of the tree of the first `size` leaves of `t`.
 ///
 /// # Errors
@@ -340,6 +376,20 @@ mod tests {
         (0..n)
             .map(|i| leaf_hash(format!("entry {i}").as_bytes()))
             .collect()
+    }
+
+    #[test]
+    fn all_proofs_at_once_match_the_rfc_proofs() {
+        for n in 0..=70 {
+            let l = leaves(n);
+            let (r, proofs) = root_and_proofs(&l);
+            assert_eq!(r, root(&l), "root of {n}");
+            assert_eq!(proofs.len(), n);
+            for (i, p) in proofs.iter().enumerate() {
+                assert_eq!(p, &inclusion_proof(i, &l).unwrap(), "leaf {i} of {n}");
+                verify_inclusion(&l[i], i as u64, n as u64, p, &r).unwrap();
+            }
+        }
     }
 
     #[test]

@@ -4,12 +4,15 @@ use prost::Message;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::envelope::sha256;
-use crate::wire::{Receipt, SignedEnvelope, SignedReceipt};
+use crate::merkle::{leaf_hash, root_and_proofs, Hash};
+use crate::wire::{Receipt, ReceiptBatch, ReceiptBatchProof, SignedEnvelope, SignedReceipt};
 
 /// Prefix of the bytes an envelope signature covers: `domain || envelope`.
 pub const ENVELOPE_DOMAIN: &[u8] = b"antar/envelope/v1\0";
 /// Prefix of the bytes a receipt signature covers: `domain || receipt`.
 pub const RECEIPT_DOMAIN: &[u8] = b"antar/receipt/v1\0";
+/// Prefix of the bytes a receipt batch signature covers: `domain || ReceiptBatch`.
+pub const RECEIPT_BATCH_DOMAIN: &[u8] = b"antar/receipt-batch/v1\0";
 
 /// Why a signing key could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +105,53 @@ impl Signer {
             receipt,
             signature,
             signer_cert: self.cert_der.clone(),
+            batch: None,
         }
+    }
+
+    /// Serializes `receipts` and signs them all with one signature: a
+    /// [`ReceiptBatch`] over the Merkle root of their bytes, each receipt
+    /// carrying the batch and its inclusion proof. One receipt alone is
+    /// signed as by [`Signer::sign_receipt`]. The batch's `issuer` and `at`
+    /// are the first receipt's issuer and the latest receipt time.
+    pub fn sign_receipts(&self, receipts: &[Receipt]) -> Vec<SignedReceipt> {
+        if let [one] = receipts {
+            return vec![self.sign_receipt(one)];
+        }
+        let Some(first) = receipts.first() else {
+            return Vec::new();
+        };
+        let bytes: Vec<Vec<u8>> = receipts.iter().map(Message::encode_to_vec).collect();
+        let leaves: Vec<Hash> = bytes.iter().map(|b| leaf_hash(b)).collect();
+        let (root, proofs) = root_and_proofs(&leaves);
+        let at = receipts
+            .iter()
+            .filter_map(|r| r.at)
+            .max_by_key(|t| (t.seconds, t.nanos));
+        let header = ReceiptBatch {
+            root: root.to_vec(),
+            size: receipts.len() as u64,
+            issuer: first.issuer.clone(),
+            at,
+        }
+        .encode_to_vec();
+        let signature = self.sign(RECEIPT_BATCH_DOMAIN, &header);
+        bytes
+            .into_iter()
+            .zip(proofs)
+            .enumerate()
+            .map(|(index, (receipt, path))| SignedReceipt {
+                receipt_sha256: sha256(&receipt).to_vec(),
+                receipt,
+                signature: signature.clone(),
+                signer_cert: self.cert_der.clone(),
+                batch: Some(ReceiptBatchProof {
+                    header: header.clone(),
+                    index: index as u64,
+                    path: path.iter().map(|h| h.to_vec()).collect(),
+                }),
+            })
+            .collect()
     }
 
     fn sign(&self, domain: &[u8], bytes: &[u8]) -> Vec<u8> {

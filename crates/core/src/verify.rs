@@ -17,9 +17,12 @@ use x509_parser::revocation_list::CertificateRevocationList;
 
 use crate::envelope::{payload_digest, sha256};
 use crate::id::{AgencyId, Identity, MessageId, Role};
-use crate::sign::{ENVELOPE_DOMAIN, RECEIPT_DOMAIN};
+use crate::merkle::{self, leaf_hash, Hash};
+use crate::sign::{ENVELOPE_DOMAIN, RECEIPT_BATCH_DOMAIN, RECEIPT_DOMAIN};
 use crate::time::from_timestamp;
-use crate::wire::{Envelope, Payload, Receipt, SignedEnvelope, SignedReceipt};
+use crate::wire::{
+    Envelope, Payload, Receipt, ReceiptBatch, ReceiptBatchProof, SignedEnvelope, SignedReceipt,
+};
 
 /// OID of Ed25519 keys (RFC 8410).
 const OID_ED25519: &str = "1.3.101.112";
@@ -301,6 +304,10 @@ pub struct Verifier {
     /// Certificates that already chained to the root, by SHA-256 of their DER:
     /// a node signs thousands of envelopes with one certificate.
     cache: Arc<Mutex<HashMap<[u8; 32], SignerCert>>>,
+    /// Receipt batch signatures already checked, by SHA-256 of (public key,
+    /// signature, header): the receipts of one batch arrive together and
+    /// cost one signature check between them.
+    batches: Arc<Mutex<HashSet<[u8; 32]>>>,
 }
 
 impl Verifier {
@@ -310,6 +317,7 @@ impl Verifier {
             anchor,
             revoked: Arc::new(RwLock::new(revoked)),
             cache: Arc::default(),
+            batches: Arc::default(),
         }
     }
 
@@ -375,13 +383,16 @@ impl Verifier {
     /// One [`VerifyError`] variant per way it can fail.
     pub fn verify_receipt(&self, signed: &SignedReceipt) -> Result<VerifiedReceipt, VerifyError> {
         let cert = self.signer_cert(&signed.signer_cert)?;
-        verify_signed(
-            &cert.public_key,
-            RECEIPT_DOMAIN,
-            &signed.receipt,
-            &signed.signature,
-            &signed.receipt_sha256,
-        )?;
+        match &signed.batch {
+            None => verify_signed(
+                &cert.public_key,
+                RECEIPT_DOMAIN,
+                &signed.receipt,
+                &signed.signature,
+                &signed.receipt_sha256,
+            )?,
+            Some(proof) => self.verify_in_batch(&cert, signed, proof)?,
+        }
         let receipt =
             Receipt::decode(signed.receipt.as_slice()).map_err(|_| VerifyError::Malformed("Receipt"))?;
         let at = receipt.at.as_ref().ok_or_else(|| field("at", "missing"))?;
@@ -398,6 +409,81 @@ impl Verifier {
             receipt,
             message_id,
             signer: cert.identity,
+        })
+    }
+
+    /// Checks that a receipt is in a batch its signer signed: the batch
+    /// signature over `RECEIPT_BATCH_DOMAIN || header` (checked once per
+    /// batch, then remembered), the batch's issuer, and the receipt's
+    /// inclusion proof up to the signed root.
+    fn verify_in_batch(
+        &self,
+        cert: &SignerCert,
+        signed: &SignedReceipt,
+        proof: &ReceiptBatchProof,
+    ) -> Result<(), VerifyError> {
+        let key = {
+            let mut k =
+                Vec::with_capacity(cert.public_key.len() + signed.signature.len() + proof.header.len());
+            k.extend_from_slice(&cert.public_key);
+            k.extend_from_slice(&signed.signature);
+            k.extend_from_slice(&proof.header);
+            sha256(&k)
+        };
+        let known = self
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        if !known {
+            verify_sig(
+                &cert.public_key,
+                RECEIPT_BATCH_DOMAIN,
+                &proof.header,
+                &signed.signature,
+            )?;
+        }
+        let header = ReceiptBatch::decode(proof.header.as_slice())
+            .map_err(|_| VerifyError::Malformed("ReceiptBatch"))?;
+        let root: Hash = header
+            .root
+            .as_slice()
+            .try_into()
+            .map_err(|_| field("batch.root", "must be 32 bytes"))?;
+        let at = header.at.as_ref().ok_or_else(|| field("batch.at", "missing"))?;
+        self.check_cert_at(cert, from_timestamp(at))?;
+        if header.issuer != cert.identity.agency.as_str() {
+            return Err(VerifyError::SignerMismatch {
+                signer: cert.identity.agency.to_string(),
+                claimed: header.issuer,
+            });
+        }
+        if !known {
+            let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
+            if batches.len() > 4096 {
+                batches.clear();
+            }
+            batches.insert(key);
+        }
+        let path = proof
+            .path
+            .iter()
+            .map(|h| h.as_slice().try_into())
+            .collect::<Result<Vec<Hash>, _>>()
+            .map_err(|_| field("batch.path", "every hash must be 32 bytes"))?;
+        merkle::verify_inclusion(
+            &leaf_hash(&signed.receipt),
+            proof.index,
+            header.size,
+            &path,
+            &root,
+        )
+        .map_err(|_| {
+            if !signed.receipt_sha256.is_empty() && sha256(&signed.receipt)[..] != signed.receipt_sha256[..] {
+                VerifyError::BytesAltered
+            } else {
+                VerifyError::BadSignature
+            }
         })
     }
 

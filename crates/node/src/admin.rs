@@ -102,14 +102,14 @@ pub(crate) fn bury(
             peer: peer.to_owned(),
         },
     )?;
-    let receipt = shared.receipt(
+    let receipt = shared.sign_receipt(shared.draft_receipt(
         &env,
         &signed.envelope,
         status,
         reason,
         Outcome::Unspecified,
         Vec::new(),
-    );
+    ));
     shared.route_issued(tx, &receipt)
 }
 

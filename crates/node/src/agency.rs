@@ -199,12 +199,12 @@ fn validate_send(
 async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
     let sender = shared.agency.to_string();
     let key = v.idempotency_key.as_deref();
-    // Receipts are signed here, outside the transaction (see `Shared::receipt`).
-    let mut receipts = Vec::with_capacity(sealed.len());
+    // Receipts are signed here, outside the transaction (see `Shared::draft_receipt`).
+    let mut drafts = Vec::with_capacity(sealed.len());
     for s in &sealed {
         let env = Envelope::decode(s.envelope.envelope.as_slice())
             .map_err(|e| NodeError::FailedPrecondition(format!("own envelope does not decode: {e}")))?;
-        let accepted = shared.receipt(
+        let accepted = shared.draft_receipt(
             &env,
             &s.envelope.envelope,
             ReceiptStatus::Accepted,
@@ -213,8 +213,18 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
             Vec::new(),
         );
         let delivered = (env.recipient == sender).then(|| shared.delivered(&env, &s.envelope.envelope));
-        receipts.push((env, accepted, delivered));
+        drafts.push((env, accepted, delivered));
     }
+    let all = drafts
+        .iter()
+        .flat_map(|(_, a, d)| std::iter::once(a).chain(d))
+        .cloned()
+        .collect();
+    let mut signed = shared.sign_together(all).await;
+    let receipts: Vec<_> = drafts
+        .into_iter()
+        .map(|(env, a, d)| (env, signed.take(a), d.map(|d| signed.take(d))))
+        .collect();
     let ids = shared
         .store
         .transact(|tx| {
@@ -355,9 +365,9 @@ async fn ack(
     } else {
         sha256(result).to_vec()
     };
-    // Signed outside the transaction (see `Shared::receipt`); wasted only
+    // Signed outside the transaction (see `Shared::draft_receipt`); wasted only
     // when the message was acked already.
-    let processed = shared.receipt(
+    let draft = shared.draft_receipt(
         &env,
         &signed.envelope,
         ReceiptStatus::Processed,
@@ -365,6 +375,7 @@ async fn ack(
         outcome,
         result_digest,
     );
+    let processed = shared.sign_together(vec![draft.clone()]).await.take(draft);
     shared
         .store
         .transact(|tx| {

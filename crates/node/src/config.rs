@@ -60,6 +60,9 @@ pub struct NodeConfig {
     /// Limits and timings.
     #[serde(default)]
     pub limits: Limits,
+    /// How receipts are signed.
+    #[serde(default)]
+    pub receipts: Receipts,
     /// Logging.
     #[serde(default)]
     pub log: Log,
@@ -225,6 +228,22 @@ impl Default for Limits {
             payload_retention_secs: 0,
         }
     }
+}
+
+/// How this node signs the receipts it issues.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Receipts {
+    /// Sign the receipts issued together — the DELIVERED and REJECTED
+    /// receipts of one incoming transfer batch, the ACCEPTED and PROCESSED
+    /// receipts of the `Send`s and `Ack`s being served at the same moment —
+    /// with one Ed25519 signature over the Merkle root of their bytes; each receipt then carries the
+    /// signed batch header and its inclusion proof (`SignedReceipt.batch`).
+    /// Saves a signature per receipt here and a verification per receipt
+    /// at the sender. Every Antar node verifies both forms; an auditor's own
+    /// tools must handle batches (docs/auditing.md). Default false: each
+    /// receipt carries its own signature.
+    pub batch_signatures: bool,
 }
 
 /// Logging.

@@ -14,7 +14,7 @@ use antar_pki::federation_file::{AgencyEntry, FederationFile};
 use antar_pki::layout::{self, FederationDir, NodeDir};
 use antar_pki::PkiError;
 
-use crate::config::{Access, App, Limits, Listen, Log, NodeConfig, Peer, Tls};
+use crate::config::{Access, App, Limits, Listen, Log, NodeConfig, Peer, Receipts, Tls};
 
 /// The federation name of `antar dev`.
 pub const DEV_FEDERATION: &str = "gov.example";
@@ -211,6 +211,7 @@ impl DevLayout {
                 allow: vec!["*".to_owned()],
             }],
             limits: Limits::default(),
+            receipts: Receipts::default(),
             log: Log::default(),
         }
     }

@@ -250,6 +250,7 @@ impl Node {
             peer_tls: RwLock::new(peer_tls),
             config,
             shutdown: CancellationToken::new(),
+            receipt_queue: Default::default(),
         });
         let token = shared.shutdown.clone();
         let reload = {

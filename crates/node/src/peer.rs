@@ -33,17 +33,57 @@ pub(crate) struct PeerService {
     pub(crate) calls: Arc<CallWaiters>,
 }
 
-/// What to do with one item, decided before the transaction.
-enum Plan {
+/// What to do with one item, decided before the transaction. `R` is the
+/// receipt it issues: a draft [`Receipt`] while the batch is planned, then
+/// [`Issued`] once the drafts of the whole batch are signed together.
+enum Plan<R = Issued> {
     Reject {
         reason: String,
-        receipt: Option<Issued>,
+        receipt: Option<R>,
     },
     /// Delivered here: the envelope, the transfer, the sending node's
-    /// identity and the DELIVERED receipt, signed before the transaction.
-    Deliver(Box<VerifiedEnvelope>, EnvelopeTransfer, String, Box<Issued>),
+    /// identity and the DELIVERED receipt.
+    Deliver(Box<VerifiedEnvelope>, EnvelopeTransfer, String, Box<R>),
     Relay(Box<VerifiedEnvelope>, EnvelopeTransfer, String),
     Receipt(SignedReceipt, Receipt, Vec<String>),
+}
+
+impl Plan<Receipt> {
+    /// The receipt this item would issue.
+    fn draft(&self) -> Option<&Receipt> {
+        match self {
+            Self::Reject { receipt, .. } => receipt.as_ref(),
+            Self::Deliver(.., r) => Some(r),
+            Self::Relay(..) | Self::Receipt(..) => None,
+        }
+    }
+
+    fn sign_with(self, mut sign: impl FnMut(Receipt) -> Issued) -> Plan {
+        match self {
+            Self::Reject { reason, receipt } => Plan::Reject {
+                reason,
+                receipt: receipt.map(sign),
+            },
+            Self::Deliver(v, et, identity, r) => Plan::Deliver(v, et, identity, Box::new(sign(*r))),
+            Self::Relay(v, et, next) => Plan::Relay(v, et, next),
+            Self::Receipt(signed, r, hops) => Plan::Receipt(signed, r, hops),
+        }
+    }
+}
+
+/// Plans every item of a batch, then signs the receipts they issue in one
+/// go: one signature for all of them with `receipts.batch_signatures`.
+fn plan_batch(shared: &Shared, from: &Identity, items: Vec<TransferItem>) -> Vec<(u64, Plan)> {
+    let plans: Vec<(u64, Plan<Receipt>)> = items
+        .into_iter()
+        .map(|item| (item.seq, plan(shared, from, item)))
+        .collect();
+    let drafts: Vec<Receipt> = plans.iter().filter_map(|(_, p)| p.draft().cloned()).collect();
+    let mut signed = shared.sign_receipts(drafts);
+    plans
+        .into_iter()
+        .map(|(seq, p)| (seq, p.sign_with(|draft| signed.take(draft))))
+        .collect()
 }
 
 /// How the transaction settled one item.
@@ -122,11 +162,7 @@ async fn handle_batch(
     from: &Identity,
     batch: TransferBatch,
 ) -> Result<TransferAck, NodeError> {
-    let plans: Vec<(u64, Plan)> = batch
-        .items
-        .into_iter()
-        .map(|item| (item.seq, plan(shared, from, item)))
-        .collect();
+    let plans = plan_batch(shared, from, batch.items);
     let settled = shared
         .store
         .transact(|tx| {
@@ -188,9 +224,9 @@ async fn handle_batch(
     Ok(TransferAck { acks })
 }
 
-fn reject(shared: &Shared, reason: &str, env: Option<(&Envelope, &[u8])>) -> Plan {
+fn reject(shared: &Shared, reason: &str, env: Option<(&Envelope, &[u8])>) -> Plan<Receipt> {
     let receipt = env.map(|(e, bytes)| {
-        shared.receipt(
+        shared.draft_receipt(
             e,
             bytes,
             ReceiptStatus::Rejected,
@@ -206,7 +242,7 @@ fn reject(shared: &Shared, reason: &str, env: Option<(&Envelope, &[u8])>) -> Pla
 }
 
 /// Verifies one item and decides its fate; no store access.
-fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan {
+fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
     let limits = shared.limits();
     match item.item {
         None => reject(shared, "malformed", None),

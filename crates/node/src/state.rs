@@ -159,6 +159,8 @@ pub(crate) struct Shared {
     pub(crate) peer_rate: crate::rate::RateLimiter,
     /// Cancelled at shutdown: ends streams so connections can close.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
+    /// Receipts of concurrent requests waiting to share a signature.
+    pub(crate) receipt_queue: ReceiptQueue,
 }
 
 impl Shared {
@@ -174,12 +176,73 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Signs a receipt about `envelope` (whose signed bytes are `envelope_bytes`).
+    /// Signs one receipt, alone.
+    pub(crate) fn sign_receipt(&self, receipt: Receipt) -> Issued {
+        Issued {
+            signed: self.signer.sign_receipt(&receipt),
+            receipt,
+        }
+    }
+
+    /// Signs receipts issued together: with one signature over the lot
+    /// when `receipts.batch_signatures` is on, else one each.
+    pub(crate) fn sign_receipts(&self, drafts: Vec<Receipt>) -> SignedReceipts<'_> {
+        let signed = if self.config.receipts.batch_signatures {
+            self.signer.sign_receipts(&drafts)
+        } else {
+            drafts.iter().map(|r| self.signer.sign_receipt(r)).collect()
+        };
+        SignedReceipts {
+            shared: self,
+            issued: signed
+                .into_iter()
+                .zip(drafts)
+                .map(|(signed, receipt)| Issued { signed, receipt })
+                .collect::<Vec<_>>()
+                .into_iter(),
+        }
+    }
+
+    /// Signs the receipts of one request together with those of other
+    /// requests ready at the same moment (`Send`s, `Ack`s), with
+    /// `receipts.batch_signatures`: each request queues its drafts and
+    /// yields once, so the requests that are ready run and queue theirs;
+    /// then whichever comes back first signs everything queued, with one
+    /// signature, for all of them. No timer: a request alone is signed at
+    /// once. A request cancelled meanwhile only leaves drafts that the next
+    /// signer signs for nobody.
+    pub(crate) async fn sign_together(&self, drafts: Vec<Receipt>) -> SignedReceipts<'_> {
+        if !self.config.receipts.batch_signatures || drafts.is_empty() {
+            return self.sign_receipts(drafts);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.receipt_queue).push((drafts.clone(), tx));
+        tokio::task::yield_now().await;
+        let queued = std::mem::take(&mut *lock(&self.receipt_queue));
+        if !queued.is_empty() {
+            let all = queued.iter().flat_map(|(d, _)| d.iter().cloned()).collect();
+            let mut signed = self.sign_receipts(all).issued;
+            for (d, tx) in queued {
+                let _ = tx.send(signed.by_ref().take(d.len()).collect());
+            }
+        }
+        match rx.await {
+            Ok(issued) => SignedReceipts {
+                shared: self,
+                issued: issued.into_iter(),
+            },
+            // The signer of this batch panicked: sign alone.
+            Err(_) => self.sign_receipts(drafts),
+        }
+    }
+
+    /// The receipt about `envelope` (whose signed bytes are
+    /// `envelope_bytes`) that this node issues, unsigned.
     ///
-    /// Call it before the transaction that records the receipt: signing is
-    /// the costly part, and inside a transaction it would run under the
+    /// Sign it before the transaction that records it: signing is the
+    /// costly part, and inside a transaction it would run under the
     /// store's writer lock, one at a time for the whole node.
-    pub(crate) fn receipt(
+    pub(crate) fn draft_receipt(
         &self,
         envelope: &Envelope,
         envelope_bytes: &[u8],
@@ -187,8 +250,8 @@ impl Shared {
         reason: &str,
         outcome: Outcome,
         result_digest: Vec<u8>,
-    ) -> Issued {
-        let receipt = Receipt {
+    ) -> Receipt {
+        Receipt {
             message_id: envelope.id.clone(),
             envelope_sha256: sha256(envelope_bytes).to_vec(),
             sender: envelope.sender.clone(),
@@ -199,10 +262,6 @@ impl Shared {
             issuer: self.agency.to_string(),
             outcome: outcome as i32,
             result_digest,
-        };
-        Issued {
-            signed: self.signer.sign_receipt(&receipt),
-            receipt,
         }
     }
 
@@ -302,8 +361,8 @@ impl Shared {
     }
 
     /// The DELIVERED receipt for an envelope about to be delivered here.
-    pub(crate) fn delivered(&self, envelope: &Envelope, envelope_bytes: &[u8]) -> Issued {
-        self.receipt(
+    pub(crate) fn delivered(&self, envelope: &Envelope, envelope_bytes: &[u8]) -> Receipt {
+        self.draft_receipt(
             envelope,
             envelope_bytes,
             ReceiptStatus::Delivered,
@@ -318,6 +377,32 @@ impl Shared {
 pub(crate) struct Issued {
     pub(crate) signed: SignedReceipt,
     pub(crate) receipt: Receipt,
+}
+
+/// Receipts drafted together and signed, handed back in draft order.
+pub(crate) struct SignedReceipts<'a> {
+    shared: &'a Shared,
+    issued: std::vec::IntoIter<Issued>,
+}
+
+/// Drafts queued by requests whose receipts may share a signature, each
+/// with where its signed receipts go.
+pub(crate) type ReceiptQueue = Mutex<Vec<(Vec<Receipt>, tokio::sync::oneshot::Sender<Vec<Issued>>)>>;
+
+impl SignedReceipts<'_> {
+    /// The signed form of `draft`, the next one drafted. Drafts are taken
+    /// in the order they were given; should one not match, it is signed
+    /// alone rather than paired with another's signature.
+    pub(crate) fn take(&mut self, draft: Receipt) -> Issued {
+        match self.issued.next() {
+            Some(i) if i.receipt == draft => i,
+            _ => self.shared.sign_receipt(draft),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The state a message moves to when a receipt with `status` arrives.

@@ -325,3 +325,128 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
         );
     }
 }
+
+/// One signature over a batch of receipts: every receipt verifies alone,
+/// with its inclusion proof, and no altered receipt, proof, header or
+/// signature passes — whether or not the batch was seen before.
+#[test]
+fn batch_signed_receipts_verify_one_by_one_and_resist_tampering() {
+    use antar_core::wire::{Receipt, ReceiptBatch, ReceiptStatus};
+    use prost::Message;
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let health = root.issue_node_signing(FED, &agency("health"), 365).unwrap();
+    let tax = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
+    let receipt = |i: usize| Receipt {
+        message_id: antar_core::MessageId::new().to_string(),
+        envelope_sha256: antar_core::envelope::sha256(&i.to_be_bytes()).to_vec(),
+        sender: "tax".into(),
+        recipient: "health".into(),
+        status: ReceiptStatus::Delivered as i32,
+        at: Some(antar_core::time::to_timestamp(SystemTime::now())),
+        issuer: "health".into(),
+        ..Default::default()
+    };
+    let flips = |len: usize| (0..len * 8).map(|i| (i / 8, 1u8 << (i % 8)));
+    let receipts: Vec<Receipt> = (0..7).map(receipt).collect();
+    let signed = signer(&health).sign_receipts(&receipts);
+    assert_eq!(signed.len(), 7);
+    let header = ReceiptBatch::decode(signed[0].batch.as_ref().unwrap().header.as_slice()).unwrap();
+    assert_eq!(header.size, 7);
+    assert_eq!(header.issuer, "health");
+    assert!(signed.iter().all(|s| s.signature == signed[0].signature));
+
+    // A fresh verifier each time, so the batch signature is checked, not remembered.
+    for (s, r) in signed.iter().zip(&receipts) {
+        assert_eq!(
+            verifier(&root, Revocations::none())
+                .verify_receipt(s)
+                .unwrap()
+                .receipt,
+            *r
+        );
+    }
+    // One receipt alone is signed as before, with no batch.
+    let single = signer(&health).sign_receipts(&receipts[..1]);
+    assert!(single[0].batch.is_none());
+    verifier(&root, Revocations::none())
+        .verify_receipt(&single[0])
+        .unwrap();
+
+    let v = verifier(&root, Revocations::none());
+    v.verify_receipt(&signed[3]).unwrap(); // the batch is now known to `v`
+    for verifier in [verifier(&root, Revocations::none()), v] {
+        let s = &signed[3];
+        for (byte, bit) in flips(s.receipt.len()) {
+            let mut r = s.clone();
+            r.receipt[byte] ^= bit;
+            assert_eq!(
+                verifier.verify_receipt(&r).unwrap_err(),
+                VerifyError::BytesAltered
+            );
+        }
+        for (byte, bit) in flips(s.signature.len()) {
+            let mut r = s.clone();
+            r.signature[byte] ^= bit;
+            assert_eq!(
+                verifier.verify_receipt(&r).unwrap_err(),
+                VerifyError::BadSignature
+            );
+        }
+        for (byte, bit) in flips(s.batch.as_ref().unwrap().header.len()) {
+            let mut r = s.clone();
+            r.batch.as_mut().unwrap().header[byte] ^= bit;
+            assert_eq!(
+                verifier.verify_receipt(&r).unwrap_err(),
+                VerifyError::BadSignature,
+                "header byte {byte} bit {bit:#04x}"
+            );
+        }
+        for hash in 0..s.batch.as_ref().unwrap().path.len() {
+            let mut r = s.clone();
+            r.batch.as_mut().unwrap().path[hash][7] ^= 1;
+            assert_eq!(
+                verifier.verify_receipt(&r).unwrap_err(),
+                VerifyError::BadSignature
+            );
+        }
+        // Another leaf's proof, or the proof cut short, does not fit.
+        let mut r = s.clone();
+        r.batch.as_mut().unwrap().index = 4;
+        assert_eq!(
+            verifier.verify_receipt(&r).unwrap_err(),
+            VerifyError::BadSignature
+        );
+        let mut r = s.clone();
+        r.batch.as_mut().unwrap().path.pop();
+        assert_eq!(
+            verifier.verify_receipt(&r).unwrap_err(),
+            VerifyError::BadSignature
+        );
+        // Another receipt of the batch with this receipt's proof.
+        let mut r = signed[4].clone();
+        r.batch = s.batch.clone();
+        assert_eq!(
+            verifier.verify_receipt(&r).unwrap_err(),
+            VerifyError::BadSignature
+        );
+        // The batch under another node's certificate.
+        let mut r = s.clone();
+        r.signer_cert = tax.cert_der();
+        assert_eq!(
+            verifier.verify_receipt(&r).unwrap_err(),
+            VerifyError::BadSignature
+        );
+    }
+    // A batch whose header names another issuer than its signer.
+    let mut forged = receipts.clone();
+    for r in &mut forged {
+        r.issuer = "tax".into();
+    }
+    let by_health = signer(&health).sign_receipts(&forged);
+    assert!(matches!(
+        verifier(&root, Revocations::none())
+            .verify_receipt(&by_health[0])
+            .unwrap_err(),
+        VerifyError::SignerMismatch { .. }
+    ));
+}

@@ -69,7 +69,12 @@ pub(crate) struct Journal {
     retire: Option<mpsc::Sender<PathBuf>>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
     checkpoints: Watermark,
+    /// The record being written, reused from group to group.
+    record: Vec<u8>,
 }
+
+/// Largest record buffer kept between groups; a bigger group's is freed.
+const RECORD_KEPT: usize = 4 << 20;
 
 impl Drop for Journal {
     /// Ends the checkpointer after the segments already handed to it, so
@@ -139,6 +144,7 @@ impl Journal {
                 retire: Some(retire),
                 checkpointer: thread,
                 checkpoints: checkpoints.clone(),
+                record: Vec::new(),
             },
             checkpoints,
             replayed,
@@ -147,9 +153,13 @@ impl Journal {
 
     /// Appends `group` and syncs it: from here on it survives a crash.
     pub(crate) fn append(&mut self, group: &Writes) -> Result<(), StoreError> {
-        // The header is filled in once the body is encoded after it.
-        let mut record = vec![0; 8];
-        group::encode_into(&mut record, group);
+        // The header is filled in once the body is encoded after it. The
+        // buffer is kept: a fresh one per group had the kernel zero new
+        // pages for it on every sync.
+        let record = &mut self.record;
+        record.clear();
+        record.extend_from_slice(&[0; 8]);
+        group::encode_into(record, group);
         let body = &record[8..];
         let header = [
             (body.len() as u32).to_be_bytes(),
@@ -157,10 +167,13 @@ impl Journal {
         ];
         record[..8].copy_from_slice(&header.concat());
         self.file
-            .write_all(&record)
+            .write_all(record)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io("writing", &segment_path(&self.dir, self.segment), e))?;
         self.written += record.len() as u64;
+        if record.capacity() > RECORD_KEPT {
+            *record = Vec::new();
+        }
         Ok(())
     }
 
