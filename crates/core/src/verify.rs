@@ -422,6 +422,12 @@ impl Verifier {
         signed: &SignedReceipt,
         proof: &ReceiptBatchProof,
     ) -> Result<(), VerifyError> {
+        // An Ed25519 signature is 64 bytes; checked first, so that no split
+        // of other bytes between `signature` and `header` can match the
+        // cache key of a batch already verified.
+        if signed.signature.len() != 64 {
+            return Err(VerifyError::BadSignature);
+        }
         let key = {
             let mut k =
                 Vec::with_capacity(cert.public_key.len() + signed.signature.len() + proof.header.len());

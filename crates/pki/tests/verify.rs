@@ -422,6 +422,15 @@ fn batch_signed_receipts_verify_one_by_one_and_resist_tampering() {
             verifier.verify_receipt(&r).unwrap_err(),
             VerifyError::BadSignature
         );
+        // Bytes moved between the signature and the header, which would
+        // hash to the cached batch's key were lengths not checked.
+        let mut r = s.clone();
+        let header = &mut r.batch.as_mut().unwrap().header;
+        r.signature.push(header.remove(0));
+        assert_eq!(
+            verifier.verify_receipt(&r).unwrap_err(),
+            VerifyError::BadSignature
+        );
         // Another receipt of the batch with this receipt's proof.
         let mut r = signed[4].clone();
         r.batch = s.batch.clone();

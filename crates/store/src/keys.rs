@@ -16,7 +16,7 @@
 //! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit` / how many entries they cover (u64 BE), written in the same batch |
 //! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
 //! | `journal` | id (u64 BE) | in stores from before ADR 0005: a group of writes being applied (`group.rs`); empty between groups |
-//! | `meta` | `next_id` | the next sequence number or receipt cursor (u64 BE) |
+//! | `meta` | `next_id` / `cert\0` ‖ SHA-256 | the next sequence number or receipt cursor (u64 BE) / a signer certificate (DER) that message records refer to by its SHA-256 (`certs.rs`) |
 //!
 //! Sequence numbers come from the store's own counter (`meta`), monotonic
 //! across crashes, so queues are FIFO.

@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+mod certs;
 mod commit;
 mod group;
 mod journal;
@@ -88,6 +89,8 @@ struct Inner {
     signals: Arc<tx::Signals>,
     /// One thread at a time extends `audit_node`.
     node_filler: Mutex<()>,
+    /// Signer certificates of message records, as read from sled.
+    certs: certs::Cache,
 }
 
 impl std::fmt::Debug for Store {
@@ -162,6 +165,7 @@ impl Store {
                 max_queued_bytes: config.max_queued_bytes,
                 signals,
                 node_filler: Mutex::default(),
+                certs: certs::Cache::default(),
             }),
         })
     }
@@ -180,7 +184,7 @@ impl Store {
     ) -> Result<T, Result<Abort, StoreError>> {
         self.check().map_err(Err)?;
         let (out, group) = self.inner.groups.run(|layers, next_id| {
-            let tx = Tx::new(&self.inner.trees, layers, next_id);
+            let tx = Tx::new(&self.inner.trees, layers, next_id, &self.inner.certs);
             match f(&tx) {
                 Ok(out) => (Ok(out), Some(tx.into_parts())),
                 Err(e) => (Err(e), None),
@@ -235,8 +239,19 @@ impl Store {
     pub fn message(&self, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
         self.inner.trees[keys::MESSAGES]
             .get(id.as_bytes())?
-            .map(|v| decode(keys::MESSAGES, &v))
+            .map(|v| self.record(&v))
             .transpose()
+    }
+
+    /// A stored message record, with its signer certificates put back.
+    fn record(&self, bytes: &[u8]) -> Result<MessageRecord, StoreError> {
+        let mut record = decode(keys::MESSAGES, bytes)?;
+        certs::attach(
+            &mut record,
+            |digest| Ok(self.inner.certs.lookup(&self.inner.trees[keys::META], digest)?),
+            |detail| corrupt(keys::MESSAGES, detail),
+        )?;
+        Ok(record)
     }
 
     /// Drops the payload of every message for which `purge` says so (it sees
@@ -253,7 +268,7 @@ impl Store {
         loop {
             let next = records.next().transpose()?;
             if let Some((k, v)) = &next {
-                let record: MessageRecord = decode(keys::MESSAGES, v)?;
+                let record = self.record(v)?;
                 if let (Some(_), true, Ok(bytes)) =
                     (&record.payload, purge(&record), <[u8; 16]>::try_from(k.as_ref()))
                 {
@@ -663,10 +678,15 @@ fn prefix_counts(tree: &sled::Tree) -> Vec<(String, u64)> {
 }
 
 pub(crate) fn decode<M: Message + Default>(tree: usize, bytes: &[u8]) -> Result<M, StoreError> {
-    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+    M::decode(bytes).map_err(|e| corrupt(tree, e.to_string()))
+}
+
+/// A record of `tree` that is not what was written.
+pub(crate) fn corrupt(tree: usize, detail: String) -> StoreError {
+    StoreError::Corrupt {
         tree: keys::TREES[tree],
-        detail: e.to_string(),
-    })
+        detail,
+    }
 }
 
 #[cfg(test)]

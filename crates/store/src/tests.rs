@@ -314,7 +314,7 @@ async fn open_finishes_a_group_a_crash_interrupted() {
         let s = open(dir.path(), 1 << 20);
         let inner = &s.inner;
         // The writes of a transaction that stores a message and queues it.
-        let tx = Tx::new(&inner.trees, [None, None], 1);
+        let tx = Tx::new(&inner.trees, [None, None], 1, &inner.certs);
         tx.put_message(&id, &MessageRecord::default()).unwrap();
         tx.push_inbox("birth.lookup", &id, 10).unwrap();
         let (writes, _, _) = tx.into_parts();
@@ -614,4 +614,79 @@ async fn a_clean_stop_empties_the_journal_oldest_first() {
     assert!(segments(dir.path()).is_empty(), "{:?}", segments(dir.path()));
     let r = open(dir.path(), 1 << 30);
     assert_eq!(r.queued_bytes(), n * 1000);
+}
+
+/// A record with its envelope's and receipts' signer certificates.
+fn record_with_certs(cert: &[u8]) -> MessageRecord {
+    use antar_core::wire::{SignedEnvelope, SignedReceipt};
+    MessageRecord {
+        envelope: Some(SignedEnvelope {
+            envelope: vec![7; 50],
+            signature: vec![8; 64],
+            signer_cert: cert.to_vec(),
+            ..Default::default()
+        }),
+        receipts: (0..2)
+            .map(|i| SignedReceipt {
+                receipt: vec![i; 40],
+                signature: vec![9; 64],
+                signer_cert: cert.to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+        state: 2,
+        ..Default::default()
+    }
+}
+
+/// A record's signer certificates are stored once, outside it, and put
+/// back on every read — through the transaction, the store, a crash — while
+/// a record stored with them inline (before) reads as it was.
+#[tokio::test]
+async fn signer_certificates_are_stored_once_and_put_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 20);
+    let cert: Vec<u8> = (0..400u32).map(|i| (i * 7 % 251) as u8).collect();
+    let record = record_with_certs(&cert);
+    let (id, old) = (MessageId::new(), MessageId::new());
+    let seen = s
+        .transact(|tx| {
+            tx.put_message(&id, &record)?;
+            tx.message(&id)
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen.as_ref(), Some(&record));
+    assert_eq!(s.message(&id).unwrap().as_ref(), Some(&record));
+    let raw = s.inner.trees[keys::MESSAGES].get(id.as_bytes()).unwrap().unwrap();
+    assert!(
+        !raw.windows(cert.len()).any(|w| w == cert.as_slice()),
+        "the record still holds the certificate"
+    );
+    let key = certs::key(&antar_core::envelope::sha256(&cert));
+    assert_eq!(
+        s.inner.trees[keys::META].get(&key).unwrap().unwrap(),
+        cert.as_slice()
+    );
+
+    // Written inline by an earlier version: read as it is.
+    s.inner.trees[keys::MESSAGES]
+        .insert(old.as_bytes(), prost::Message::encode_to_vec(&record))
+        .unwrap();
+    assert_eq!(s.message(&old).unwrap().as_ref(), Some(&record));
+
+    let lost = dir.path().join("lost");
+    crash_copy(&live, &copy);
+    crash_copy(&live, &lost);
+    let r = open(&copy, 1 << 20);
+    assert_eq!(r.message(&id).unwrap().as_ref(), Some(&record));
+    // Read again, now from the cache of certificates.
+    assert_eq!(r.message(&id).unwrap().as_ref(), Some(&record));
+
+    // A digest with no certificate behind it is corruption, not a guess.
+    let l = open(&lost, 1 << 20);
+    l.inner.trees[keys::META].remove(&key).unwrap();
+    let err = l.message(&id).unwrap_err().to_string();
+    assert!(err.contains("no signer certificate"), "{err}");
 }

@@ -22,7 +22,7 @@ use crate::keys::{
     SEEN, TX_KEYS,
 };
 use crate::records::{DeadLetter, InboxEntry, MessageRecord};
-use crate::StoreError;
+use crate::{certs, StoreError};
 
 /// Why a transaction closure gave up; nothing it wrote is kept.
 #[derive(Debug)]
@@ -162,6 +162,7 @@ pub struct Tx<'a> {
     /// The next sequence number or cursor to hand out, and whether one was.
     next_id: Cell<u64>,
     ids_used: Cell<bool>,
+    certs: &'a certs::Cache,
 }
 
 type R<T> = Result<T, TxError>;
@@ -169,7 +170,12 @@ type R<T> = Result<T, TxError>;
 impl<'a> Tx<'a> {
     /// A transaction over `trees` reading through `below`, handing out
     /// sequence numbers from `next_id`.
-    pub(crate) fn new(trees: &'a [sled::Tree], below: [Option<&'a Writes>; 2], next_id: u64) -> Self {
+    pub(crate) fn new(
+        trees: &'a [sled::Tree],
+        below: [Option<&'a Writes>; 2],
+        next_id: u64,
+        certs: &'a certs::Cache,
+    ) -> Self {
         Self {
             trees,
             below,
@@ -177,6 +183,7 @@ impl<'a> Tx<'a> {
             effects: RefCell::default(),
             next_id: Cell::new(next_id),
             ids_used: Cell::new(false),
+            certs,
         }
     }
 
@@ -202,15 +209,30 @@ impl<'a> Tx<'a> {
 
     /// The value of `key` in `tree` as this transaction sees it.
     fn get(&self, tree: usize, key: &[u8]) -> R<Option<IVec>> {
+        match self.pending(tree, key) {
+            Some(v) => Ok(v),
+            None => Ok(self.trees[tree].get(key)?),
+        }
+    }
+
+    /// What this transaction or a group not yet in sled wrote at `key`, if
+    /// any did (`Some(None)`: removed).
+    fn pending(&self, tree: usize, key: &[u8]) -> Option<Option<IVec>> {
         if let Some(v) = self.own.borrow().get(tree, key) {
-            return Ok(v.clone());
+            return Some(v.clone());
         }
-        for layer in self.below.iter().flatten() {
-            if let Some(v) = layer.get(tree, key) {
-                return Ok(v.clone());
-            }
+        self.below
+            .iter()
+            .flatten()
+            .find_map(|layer| layer.get(tree, key).cloned())
+    }
+
+    /// The signer certificate with SHA-256 `digest`, as this transaction sees it.
+    fn cert(&self, digest: &[u8]) -> R<Option<IVec>> {
+        match self.pending(META, &certs::key(digest)) {
+            Some(v) => Ok(v),
+            None => Ok(self.certs.lookup(&self.trees[META], digest)?),
         }
-        Ok(self.trees[tree].get(key)?)
     }
 
     /// Sets `key` without reading what was there.
@@ -241,10 +263,16 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn message(&self, id: &MessageId) -> R<Option<MessageRecord>> {
-        match self.get(MESSAGES, id.as_bytes())? {
-            Some(v) => Ok(Some(decode(MESSAGES, &v)?)),
-            None => Ok(None),
-        }
+        let Some(v) = self.get(MESSAGES, id.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut record: MessageRecord = decode(MESSAGES, &v)?;
+        certs::attach(
+            &mut record,
+            |digest| self.cert(digest),
+            |detail| Abort::Corrupt(crate::corrupt(MESSAGES, detail)).into(),
+        )?;
+        Ok(Some(record))
     }
 
     /// Writes the record of message `id`.
@@ -252,6 +280,12 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure.
     pub fn put_message(&self, id: &MessageId, record: &MessageRecord) -> R<()> {
+        let mut record = record.clone();
+        for (digest, der) in certs::detach(&mut record) {
+            if self.cert(&digest)?.is_none() {
+                self.put(META, certs::key(&digest), der);
+            }
+        }
         self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
         Ok(())
     }
