@@ -2,7 +2,8 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `messages` | message id (16 bytes) | `MessageRecord` |
+//! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`); records from before hold them inline |
+//! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change |
 //! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem` |
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |
 //! | `inbox_index` | message id | inbox key |
@@ -37,8 +38,10 @@ pub(crate) const AUDIT_NODE: usize = 12;
 pub(crate) const JOURNAL: usize = 13;
 /// The store's own counters: `next_id`.
 pub(crate) const META: usize = 14;
+/// The envelope and payload of a message, apart from its record.
+pub(crate) const BODIES: usize = 15;
 
-pub(crate) const TREES: [&str; 15] = [
+pub(crate) const TREES: [&str; 16] = [
     "messages",
     "outbox",
     "inbox",
@@ -54,6 +57,7 @@ pub(crate) const TREES: [&str; 15] = [
     "audit_node",
     "journal",
     "meta",
+    "bodies",
 ];
 
 /// In `meta`: the next sequence number or cursor to hand out (u64 BE),

@@ -239,13 +239,21 @@ impl Store {
     pub fn message(&self, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
         self.inner.trees[keys::MESSAGES]
             .get(id.as_bytes())?
-            .map(|v| self.record(&v))
+            .map(|v| self.record(id.as_bytes(), &v))
             .transpose()
     }
 
-    /// A stored message record, with its signer certificates put back.
-    fn record(&self, bytes: &[u8]) -> Result<MessageRecord, StoreError> {
-        let mut record = decode(keys::MESSAGES, bytes)?;
+    /// A stored message record, with its body and signer certificates put back.
+    fn record(&self, id: &[u8], bytes: &[u8]) -> Result<MessageRecord, StoreError> {
+        let mut record: MessageRecord = decode(keys::MESSAGES, bytes)?;
+        if record.envelope.is_none() && record.payload.is_none() {
+            if let Some(body) = self.inner.trees[keys::BODIES].get(id)? {
+                let MessageRecord {
+                    envelope, payload, ..
+                } = decode(keys::BODIES, &body)?;
+                (record.envelope, record.payload) = (envelope, payload);
+            }
+        }
         certs::attach(
             &mut record,
             |digest| Ok(self.inner.certs.lookup(&self.inner.trees[keys::META], digest)?),
@@ -268,7 +276,7 @@ impl Store {
         loop {
             let next = records.next().transpose()?;
             if let Some((k, v)) = &next {
-                let record = self.record(v)?;
+                let record = self.record(k, v)?;
                 if let (Some(_), true, Ok(bytes)) =
                     (&record.payload, purge(&record), <[u8; 16]>::try_from(k.as_ref()))
                 {

@@ -318,8 +318,9 @@ async fn open_finishes_a_group_a_crash_interrupted() {
         tx.put_message(&id, &MessageRecord::default()).unwrap();
         tx.push_inbox("birth.lookup", &id, 10).unwrap();
         let (writes, _, _) = tx.into_parts();
-        // The record, the inbox entry and its index, and the next sequence number.
-        assert_eq!(writes.iter().count(), 4);
+        // The record, its body, the inbox entry and its index, and the next
+        // sequence number.
+        assert_eq!(writes.iter().count(), 5);
         // Its journal record, and only the first of its writes, reach disk.
         inner.trees[keys::JOURNAL]
             .insert(7u64.to_be_bytes(), group::encode(&writes))
@@ -689,4 +690,59 @@ async fn signer_certificates_are_stored_once_and_put_back() {
     l.inner.trees[keys::META].remove(&key).unwrap();
     let err = l.message(&id).unwrap_err().to_string();
     assert!(err.contains("no signer certificate"), "{err}");
+}
+
+/// A record's envelope and payload live apart from it and are written only
+/// when they change: a state change rewrites the small record alone, a
+/// purged payload rewrites the body; reads see the whole record throughout.
+#[tokio::test]
+async fn a_record_body_is_written_only_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 20);
+    let id = MessageId::new();
+    let mut record = record_with_certs(&[3; 300]);
+    record.payload = Some(antar_core::wire::Payload {
+        salt: vec![1; 32],
+        data: vec![2; 1000],
+    });
+    s.transact(|tx| tx.put_message(&id, &record)).await.unwrap();
+    let stored = s.inner.trees[keys::MESSAGES].get(id.as_bytes()).unwrap().unwrap();
+    assert!(
+        stored.len() < 400,
+        "the record still holds its body: {} bytes",
+        stored.len()
+    );
+
+    // Read, change the state, write back: the body is not written again.
+    let writes = |change: &dyn Fn(&mut MessageRecord)| {
+        let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+        let mut r = tx.message(&id).unwrap().unwrap();
+        change(&mut r);
+        tx.put_message(&id, &r).unwrap();
+        let (writes, _, _) = tx.into_parts();
+        writes.get(keys::BODIES, id.as_bytes()).is_some()
+    };
+    assert!(!writes(&|r| r.state = 3));
+    assert!(writes(&|r| r.payload = None));
+
+    // A reader outside a transaction sees a group being applied: the body
+    // goes in first, so no record shows without its envelope.
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    tx.push_inbox("birth.lookup", &id, 10).unwrap();
+    tx.put_message(&MessageId::new(), &record).unwrap();
+    let (group, _, _) = tx.into_parts();
+    assert_eq!(group.iter().next().unwrap().0, keys::BODIES);
+
+    s.transact(|tx| {
+        let mut r = tx.message(&id)?.unwrap();
+        r.state = 4;
+        tx.put_message(&id, &r)
+    })
+    .await
+    .unwrap();
+    record.state = 4;
+    assert_eq!(s.message(&id).unwrap().as_ref(), Some(&record));
+    crash_copy(&live, &copy);
+    assert_eq!(open(&copy, 1 << 20).message(&id).unwrap().as_ref(), Some(&record));
 }

@@ -18,8 +18,8 @@ use tokio::sync::Notify;
 use antar_core::MessageId;
 
 use crate::keys::{
-    self, AUDIT, AUDIT_META, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, META, NEXT_ID, OUTBOX, RECEIPT_LOG,
-    SEEN, TX_KEYS,
+    self, AUDIT, AUDIT_META, BODIES, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, META, NEXT_ID, OUTBOX,
+    RECEIPT_LOG, SEEN, TX_KEYS,
 };
 use crate::records::{DeadLetter, InboxEntry, MessageRecord};
 use crate::{certs, StoreError};
@@ -57,7 +57,8 @@ impl From<sled::Error> for TxError {
 }
 
 /// Writes not yet in sled, by tree then key; `None` removes the key. Kept in
-/// (tree, key) order: the order they are applied in (`group.rs`).
+/// (tree, key) order: the order they are applied in (`group.rs`), but for
+/// `bodies`, applied first (see [`Writes::iter`]).
 #[derive(Debug, Default)]
 pub(crate) struct Writes(BTreeMap<usize, BTreeMap<Vec<u8>, Option<IVec>>>);
 
@@ -82,10 +83,17 @@ impl Writes {
         self.0.values().all(BTreeMap::is_empty)
     }
 
-    /// Every write in (tree, key) order.
+    /// Every write, tree by tree in key order.
+    ///
+    /// `bodies` comes first: a reader outside a transaction sees sled
+    /// while a group is being applied, and must never find a new record
+    /// in `messages` whose envelope and payload are not in `bodies` yet.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &[u8], &Option<IVec>)> {
-        self.0
-            .iter()
+        let bodies = self.0.get_key_value(&BODIES);
+        let rest = self.0.iter().filter(|(tree, _)| **tree != BODIES);
+        bodies
+            .into_iter()
+            .chain(rest)
             .flat_map(|(tree, keys)| keys.iter().map(|(k, v)| (*tree, k.as_slice(), v)))
     }
 }
@@ -163,6 +171,9 @@ pub struct Tx<'a> {
     next_id: Cell<u64>,
     ids_used: Cell<bool>,
     certs: &'a certs::Cache,
+    /// The stored bodies of the records this transaction read, so that
+    /// writing a record back rewrites its body only if it changed.
+    bodies: RefCell<HashMap<MessageId, IVec>>,
 }
 
 type R<T> = Result<T, TxError>;
@@ -184,6 +195,7 @@ impl<'a> Tx<'a> {
             next_id: Cell::new(next_id),
             ids_used: Cell::new(false),
             certs,
+            bodies: RefCell::default(),
         }
     }
 
@@ -267,6 +279,15 @@ impl<'a> Tx<'a> {
             return Ok(None);
         };
         let mut record: MessageRecord = decode(MESSAGES, &v)?;
+        if record.envelope.is_none() && record.payload.is_none() {
+            if let Some(body) = self.get(BODIES, id.as_bytes())? {
+                let MessageRecord {
+                    envelope, payload, ..
+                } = decode(BODIES, &body)?;
+                (record.envelope, record.payload) = (envelope, payload);
+                self.bodies.borrow_mut().insert(*id, body);
+            }
+        }
         certs::attach(
             &mut record,
             |digest| self.cert(digest),
@@ -285,6 +306,18 @@ impl<'a> Tx<'a> {
             if self.cert(&digest)?.is_none() {
                 self.put(META, certs::key(&digest), der);
             }
+        }
+        // The envelope and payload go apart, written only when they
+        // differ from what this transaction read: a record is rewritten
+        // with every state change and receipt, its body almost never.
+        let body = MessageRecord {
+            envelope: record.envelope.take(),
+            payload: record.payload.take(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        if self.bodies.borrow().get(id).map(|b| b.as_ref()) != Some(body.as_slice()) {
+            self.put(BODIES, id.as_bytes().as_slice(), body);
         }
         self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
         Ok(())
