@@ -390,15 +390,31 @@ impl Node {
     /// # Errors
     /// [`RunError::Store`] when the final flush fails.
     pub async fn stop(self) -> Result<(), RunError> {
-        self.token.cancel();
-        for t in self.servers {
+        let Self {
+            shared,
+            token,
+            tasks,
+            servers,
+            reload,
+        } = self;
+        token.cancel();
+        for t in servers {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
-        for t in self.tasks {
+        for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
-        self.shared.store.close().await?;
-        tracing::info!(agency = %self.shared.agency, "node stopped");
+        shared.store.close().await?;
+        // Tasks spawned per stream hold the shared state, and with it the
+        // store's files (sled's lock), until they see the cancellation: a
+        // stopped node has let go of them, so the next open of its data
+        // directory (a restart in the same process) is not refused.
+        drop(reload);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&shared) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(agency = %shared.agency, "node stopped");
         Ok(())
     }
 }

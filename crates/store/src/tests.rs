@@ -725,6 +725,15 @@ async fn a_record_body_is_written_only_when_it_changes() {
     };
     assert!(!writes(&|r| r.state = 3));
     assert!(writes(&|r| r.payload = None));
+    // Written twice in one transaction, the second time with the body it
+    // read: the second write must undo the first's body, not skip it.
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    let read = tx.message(&id).unwrap().unwrap();
+    let mut purged = read.clone();
+    purged.payload = None;
+    tx.put_message(&id, &purged).unwrap();
+    tx.put_message(&id, &read).unwrap();
+    assert_eq!(tx.message(&id).unwrap().as_ref(), Some(&read));
 
     // A reader outside a transaction sees a group being applied: the body
     // goes in first, so no record shows without its envelope.

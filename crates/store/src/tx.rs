@@ -171,8 +171,8 @@ pub struct Tx<'a> {
     next_id: Cell<u64>,
     ids_used: Cell<bool>,
     certs: &'a certs::Cache,
-    /// The stored bodies of the records this transaction read, so that
-    /// writing a record back rewrites its body only if it changed.
+    /// The bodies of the records this transaction read or wrote, as
+    /// stored, so that writing a record rewrites its body only if it changed.
     bodies: RefCell<HashMap<MessageId, IVec>>,
 }
 
@@ -316,7 +316,10 @@ impl<'a> Tx<'a> {
             ..Default::default()
         }
         .encode_to_vec();
-        if self.bodies.borrow().get(id).map(|b| b.as_ref()) != Some(body.as_slice()) {
+        let mut bodies = self.bodies.borrow_mut();
+        if bodies.get(id).map(|b| b.as_ref()) != Some(body.as_slice()) {
+            let body = IVec::from(body);
+            bodies.insert(*id, body.clone());
             self.put(BODIES, id.as_bytes().as_slice(), body);
         }
         self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
