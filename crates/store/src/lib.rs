@@ -245,19 +245,11 @@ impl Store {
 
     /// A stored message record, with its body and signer certificates put back.
     fn record(&self, id: &[u8], bytes: &[u8]) -> Result<MessageRecord, StoreError> {
-        let mut record: MessageRecord = decode(keys::MESSAGES, bytes)?;
-        if record.envelope.is_none() && record.payload.is_none() {
-            if let Some(body) = self.inner.trees[keys::BODIES].get(id)? {
-                let MessageRecord {
-                    envelope, payload, ..
-                } = decode(keys::BODIES, &body)?;
-                (record.envelope, record.payload) = (envelope, payload);
-            }
-        }
-        certs::attach(
-            &mut record,
+        let (record, _) = records::restore(
+            bytes,
+            || Ok(self.inner.trees[keys::BODIES].get(id)?),
             |digest| Ok(self.inner.certs.lookup(&self.inner.trees[keys::META], digest)?),
-            |detail| corrupt(keys::MESSAGES, detail),
+            |e| e,
         )?;
         Ok(record)
     }

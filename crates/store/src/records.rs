@@ -68,3 +68,31 @@ pub struct DeadLetter {
     #[prost(string, tag = "5")]
     pub peer: String,
 }
+
+/// A stored message record made whole: its body (envelope and payload)
+/// from `bodies` when it is not inline, its signer certificates put back.
+/// Returns the record and the stored body bytes it was given, if any.
+/// `body` reads the record's entry in `bodies`, `cert` a certificate by
+/// its digest; `fail` turns a record that is not what was written into
+/// the caller's error.
+pub(crate) fn restore<E>(
+    bytes: &[u8],
+    body: impl FnOnce() -> Result<Option<sled::IVec>, E>,
+    cert: impl FnMut(&[u8]) -> Result<Option<sled::IVec>, E>,
+    fail: impl Fn(crate::StoreError) -> E,
+) -> Result<(MessageRecord, Option<sled::IVec>), E> {
+    use crate::keys::{BODIES, MESSAGES};
+    let mut record: MessageRecord = crate::decode(MESSAGES, bytes).map_err(&fail)?;
+    let mut stored = None;
+    if record.envelope.is_none() && record.payload.is_none() {
+        if let Some(b) = body()? {
+            let MessageRecord {
+                envelope, payload, ..
+            } = crate::decode(BODIES, &b).map_err(&fail)?;
+            (record.envelope, record.payload) = (envelope, payload);
+            stored = Some(b);
+        }
+    }
+    crate::certs::attach(&mut record, cert, |detail| fail(crate::corrupt(MESSAGES, detail)))?;
+    Ok((record, stored))
+}

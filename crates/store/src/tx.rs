@@ -278,21 +278,15 @@ impl<'a> Tx<'a> {
         let Some(v) = self.get(MESSAGES, id.as_bytes())? else {
             return Ok(None);
         };
-        let mut record: MessageRecord = decode(MESSAGES, &v)?;
-        if record.envelope.is_none() && record.payload.is_none() {
-            if let Some(body) = self.get(BODIES, id.as_bytes())? {
-                let MessageRecord {
-                    envelope, payload, ..
-                } = decode(BODIES, &body)?;
-                (record.envelope, record.payload) = (envelope, payload);
-                self.bodies.borrow_mut().insert(*id, body);
-            }
-        }
-        certs::attach(
-            &mut record,
+        let (record, body) = crate::records::restore(
+            &v,
+            || self.get(BODIES, id.as_bytes()),
             |digest| self.cert(digest),
-            |detail| Abort::Corrupt(crate::corrupt(MESSAGES, detail)).into(),
+            |e| Abort::Corrupt(e).into(),
         )?;
+        if let Some(body) = body {
+            self.bodies.borrow_mut().insert(*id, body);
+        }
         Ok(Some(record))
     }
 
