@@ -113,15 +113,36 @@ impl Store {
             // Durability comes from our own group-commit flushes, not a timer.
             .flush_every_ms(None)
             .open()?;
+        Self::recover(config, &db).inspect_err(|e| {
+            if matches!(e, StoreError::Sled(_)) {
+                // After a failed write sled's flush never returns, and the
+                // last handle's drop flushes: keep a handle, so the error
+                // reaches the operator instead of a hang at start.
+                std::mem::forget(db.clone());
+            }
+        })
+    }
+
+    fn recover(config: &StoreConfig, db: &sled::Db) -> Result<Self, StoreError> {
         let trees = keys::TREES
             .iter()
             .map(|name| db.open_tree(name))
             .collect::<Result<Vec<_>, _>>()?;
+        if !db.was_recovered() {
+            // A new store: put sled's first log segment on disk before any
+            // value is written. sled keeps a large value in a blob file,
+            // written when the value is, before the log that points to it;
+            // its recovery deletes blob files past the last stable log
+            // position, but a store killed before sled ever wrote its log
+            // has no such position, and replaying the journal into it then
+            // collides with the orphan blob file (`File exists`).
+            db.flush()?;
+        }
         let mut replayed = group::replay(&trees)?;
         if replayed > 0 {
             db.flush()?;
         }
-        let (journal, checkpoints, n) = journal::Journal::open(&config.path, &db, &trees)?;
+        let (journal, checkpoints, n) = journal::Journal::open(&config.path, db, &trees)?;
         replayed += n;
         if replayed > 0 {
             tracing::info!(
@@ -160,7 +181,7 @@ impl Store {
                 ),
                 commit,
                 path: config.path.clone(),
-                db,
+                db: db.clone(),
                 trees,
                 max_queued_bytes: config.max_queued_bytes,
                 signals,
