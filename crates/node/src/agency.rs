@@ -382,11 +382,11 @@ async fn ack(
             if !tx.remove_inbox(&id)? {
                 return Ok(());
             }
-            let mut record = tx.message(&id)?.unwrap_or_default();
-            if !record.outgoing {
-                record.state = MessageState::Processed as i32;
-            }
-            tx.put_message(&id, &record)?;
+            tx.update_message(&id, |record| {
+                if !record.outgoing {
+                    record.state = MessageState::Processed as i32;
+                }
+            })?;
             shared.route_issued(tx, &processed)
         })
         .await

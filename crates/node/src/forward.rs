@@ -241,11 +241,10 @@ async fn settle(
                     .unwrap_or_default();
                 let id = MessageId::parse(&env.id).unwrap_or_default();
                 if env.sender == sender {
-                    if let Some(mut record) = tx.message(&id)? {
+                    tx.update_message(&id, |record| {
                         record.state = MessageState::Rejected as i32;
                         record.reason = a.reason.clone();
-                        tx.put_message(&id, &record)?;
-                    }
+                    })?;
                 }
                 tx.put_dead(
                     &id,

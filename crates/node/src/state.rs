@@ -322,15 +322,14 @@ impl Shared {
         let Ok(id) = MessageId::parse(&receipt.message_id) else {
             return Ok(());
         };
-        if let Some(mut record) = tx.message(&id)? {
-            let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
+        let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
+        tx.update_message(&id, |record| {
             record.state = next_state(record.state, status);
             if matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired) {
                 record.reason = receipt.reason.clone();
             }
             record.receipts.push(signed.clone());
-            tx.put_message(&id, &record)?;
-        }
+        })?;
         Ok(())
     }
 

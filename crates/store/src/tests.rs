@@ -640,6 +640,18 @@ fn record_with_certs(cert: &[u8]) -> MessageRecord {
     }
 }
 
+/// A record with certificates and a 1 KB payload, stored in `s`.
+async fn stored_with_body(s: &Store) -> (MessageId, MessageRecord) {
+    let id = MessageId::new();
+    let mut record = record_with_certs(&[3; 300]);
+    record.payload = Some(antar_core::wire::Payload {
+        salt: vec![1; 32],
+        data: vec![2; 1000],
+    });
+    s.transact(|tx| tx.put_message(&id, &record)).await.unwrap();
+    (id, record)
+}
+
 /// A record's signer certificates are stored once, outside it, and put
 /// back on every read — through the transaction, the store, a crash — while
 /// a record stored with them inline (before) reads as it was.
@@ -700,13 +712,7 @@ async fn a_record_body_is_written_only_when_it_changes() {
     let dir = tempfile::tempdir().unwrap();
     let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
     let s = open(&live, 1 << 20);
-    let id = MessageId::new();
-    let mut record = record_with_certs(&[3; 300]);
-    record.payload = Some(antar_core::wire::Payload {
-        salt: vec![1; 32],
-        data: vec![2; 1000],
-    });
-    s.transact(|tx| tx.put_message(&id, &record)).await.unwrap();
+    let (id, mut record) = stored_with_body(&s).await;
     let stored = s.inner.trees[keys::MESSAGES].get(id.as_bytes()).unwrap().unwrap();
     assert!(
         stored.len() < 400,
@@ -754,4 +760,70 @@ async fn a_record_body_is_written_only_when_it_changes() {
     assert_eq!(s.message(&id).unwrap().as_ref(), Some(&record));
     crash_copy(&live, &copy);
     assert_eq!(open(&copy, 1 << 20).message(&id).unwrap().as_ref(), Some(&record));
+}
+
+/// `update_message` changes a record's state and receipts without reading
+/// or writing its body, and the record reads back whole; a record with
+/// its body inline (an older store) is written whole; no record, no write.
+#[tokio::test]
+async fn update_message_leaves_the_body_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let (id, mut record) = stored_with_body(&s).await;
+    let new_receipt = antar_core::wire::SignedReceipt {
+        receipt: vec![5; 40],
+        signature: vec![6; 64],
+        signer_cert: vec![4; 300],
+        ..Default::default()
+    };
+
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    let mut seen = None;
+    let found = tx
+        .update_message(&id, |r| {
+            seen = Some(r.clone());
+            r.state = 5;
+            r.receipts.push(new_receipt.clone());
+        })
+        .unwrap();
+    assert!(found);
+    let seen = seen.unwrap();
+    assert_eq!((seen.envelope, seen.payload), (None, None), "the body was read");
+    assert_eq!(seen.receipts, record.receipts, "certificates put back");
+    let (writes, _, _) = tx.into_parts();
+    assert!(
+        writes.get(keys::BODIES, id.as_bytes()).is_none(),
+        "the body was written"
+    );
+
+    s.transact(|tx| {
+        tx.update_message(&id, |r| {
+            r.state = 5;
+            r.receipts.push(new_receipt.clone());
+        })
+    })
+    .await
+    .unwrap();
+    record.state = 5;
+    record.receipts.push(new_receipt);
+    assert_eq!(s.message(&id).unwrap().as_ref(), Some(&record));
+
+    // An older record, body inline: written whole, the body moved out.
+    let old = MessageId::new();
+    s.inner.trees[keys::MESSAGES]
+        .insert(old.as_bytes(), record.encode_to_vec())
+        .unwrap();
+    s.transact(|tx| tx.update_message(&old, |r| r.state = 6))
+        .await
+        .unwrap();
+    record.state = 6;
+    assert_eq!(s.message(&old).unwrap().as_ref(), Some(&record));
+    assert!(s.inner.trees[keys::BODIES].get(old.as_bytes()).unwrap().is_some());
+
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    assert!(!tx
+        .update_message(&MessageId::new(), |_| panic!("no record"))
+        .unwrap());
+    let (writes, _, _) = tx.into_parts();
+    assert!(writes.iter().next().is_none());
 }

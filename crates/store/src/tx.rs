@@ -296,11 +296,7 @@ impl<'a> Tx<'a> {
     /// A storage failure.
     pub fn put_message(&self, id: &MessageId, record: &MessageRecord) -> R<()> {
         let mut record = record.clone();
-        for (digest, der) in certs::detach(&mut record) {
-            if self.cert(&digest)?.is_none() {
-                self.put(META, certs::key(&digest), der);
-            }
-        }
+        self.detach_certs(&mut record)?;
         // The envelope and payload go apart, written only when they
         // differ from what this transaction read: a record is rewritten
         // with every state change and receipt, its body almost never.
@@ -317,6 +313,48 @@ impl<'a> Tx<'a> {
             self.put(BODIES, id.as_bytes().as_slice(), body);
         }
         self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
+        Ok(())
+    }
+
+    /// Changes the record of message `id` with `f`, neither reading nor
+    /// writing its envelope and payload: for state changes and receipts,
+    /// which are most of a record's rewrites and need no body. `f` sees the
+    /// record without them, unless `f` sets one or the record keeps them
+    /// inline (written by an older version): then it is written whole, as
+    /// [`Tx::put_message`] writes. Returns false, calling nothing, when
+    /// there is no record.
+    ///
+    /// # Errors
+    /// A storage failure, or [`Abort::Corrupt`].
+    pub fn update_message(&self, id: &MessageId, f: impl FnOnce(&mut MessageRecord)) -> R<bool> {
+        let Some(v) = self.get(MESSAGES, id.as_bytes())? else {
+            return Ok(false);
+        };
+        let (mut record, _) = crate::records::restore(
+            &v,
+            || Ok(None),
+            |digest| self.cert(digest),
+            |e| Abort::Corrupt(e).into(),
+        )?;
+        let inline = record.envelope.is_some() || record.payload.is_some();
+        f(&mut record);
+        if inline || record.envelope.is_some() || record.payload.is_some() {
+            self.put_message(id, &record)?;
+        } else {
+            self.detach_certs(&mut record)?;
+            self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
+        }
+        Ok(true)
+    }
+
+    /// Replaces `record`'s signer certificates by their digests, storing
+    /// each certificate this store does not hold yet.
+    fn detach_certs(&self, record: &mut MessageRecord) -> R<()> {
+        for (digest, der) in certs::detach(record) {
+            if self.cert(&digest)?.is_none() {
+                self.put(META, certs::key(&digest), der);
+            }
+        }
         Ok(())
     }
 
