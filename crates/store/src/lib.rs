@@ -93,6 +93,21 @@ struct Inner {
     certs: certs::Cache,
 }
 
+/// Removes the files in sled's `blobs` directory of a store sled
+/// recovered nothing from: no log points to them.
+fn remove_orphan_blobs(path: &std::path::Path) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Sled(sled::Error::Io(e));
+    let Ok(entries) = std::fs::read_dir(path.join("blobs")) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.map_err(io)?.path();
+        tracing::warn!(path = %path.display(), "removing a blob file no log points to (left by a crash before the store's first write)");
+        std::fs::remove_file(&path).map_err(io)?;
+    }
+    Ok(())
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").finish_non_exhaustive()
@@ -113,13 +128,13 @@ impl Store {
             // Durability comes from our own group-commit flushes, not a timer.
             .flush_every_ms(None)
             .open()?;
-        Self::recover(config, &db).inspect_err(|e| {
-            if matches!(e, StoreError::Sled(_)) {
-                // After a failed write sled's flush never returns, and the
-                // last handle's drop flushes: keep a handle, so the error
-                // reaches the operator instead of a hang at start.
-                std::mem::forget(db.clone());
-            }
+        Self::recover(config, &db).inspect_err(|_| {
+            // The last handle's drop flushes, and after a failed write
+            // sled's flush never returns: drop it on a thread of its own, so
+            // the error reaches the operator instead of a hang at start.
+            let _ = std::thread::Builder::new()
+                .name("antar-sled-drop".into())
+                .spawn(move || drop(db));
         })
     }
 
@@ -135,7 +150,10 @@ impl Store {
             // its recovery deletes blob files past the last stable log
             // position, but a store killed before sled ever wrote its log
             // has no such position, and replaying the journal into it then
-            // collides with the orphan blob file (`File exists`).
+            // collides with the orphan blob file (`File exists`). A store
+            // killed that way before this flush existed still holds such
+            // files: nothing recovered, so nothing points to them.
+            remove_orphan_blobs(&config.path)?;
             db.flush()?;
         }
         let mut replayed = group::replay(&trees)?;

@@ -319,10 +319,11 @@ impl<'a> Tx<'a> {
     /// Changes the record of message `id` with `f`, neither reading nor
     /// writing its envelope and payload: for state changes and receipts,
     /// which are most of a record's rewrites and need no body. `f` sees the
-    /// record without them, unless `f` sets one or the record keeps them
-    /// inline (written by an older version): then it is written whole, as
-    /// [`Tx::put_message`] writes. Returns false, calling nothing, when
-    /// there is no record.
+    /// record without them (unless it keeps them inline, written by an
+    /// older version). An envelope or payload `f` sets replaces the stored
+    /// one, the other kept; `f` cannot remove either (a purge reads with
+    /// [`Tx::message`] and writes with [`Tx::put_message`]). Returns false,
+    /// calling nothing, when there is no record.
     ///
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
@@ -338,7 +339,15 @@ impl<'a> Tx<'a> {
         )?;
         let inline = record.envelope.is_some() || record.payload.is_some();
         f(&mut record);
-        if inline || record.envelope.is_some() || record.payload.is_some() {
+        let given = record.envelope.is_some() || record.payload.is_some();
+        if given && !inline {
+            // Part of a body given: the rest as stored.
+            if let Some(stored) = self.message(id)? {
+                record.envelope = record.envelope.or(stored.envelope);
+                record.payload = record.payload.or(stored.payload);
+            }
+        }
+        if given || inline {
             self.put_message(id, &record)?;
         } else {
             self.detach_certs(&mut record)?;

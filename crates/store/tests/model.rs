@@ -6,25 +6,21 @@
 //! test binary again, running the ignored test `model_child`), which at
 //! a crash step reports where it is and waits to be killed; the parent
 //! sends SIGKILL and starts a new child on the same directory as the
-//! restarted node. The recovered store must equal the model as it was
-//! after some prefix of the operations since the last flush: every
-//! transaction acknowledged durable is there, and each transaction is
-//! there entirely or not at all. Queue order, the queued-bytes count,
-//! the dedup set, the log entries and the log's Merkle root and proofs
-//! (read through the stored subtree cache) are all compared, and so is
-//! the expiry index. The child hands over the states since the last
-//! flush as digests; the recovered store, once it matches one, is the
-//! model the new child goes on with.
+//! restarted node. `Store::transact` returns only once its group is
+//! synced to the journal, so the recovered store must equal the model
+//! after the last operation: every finished transaction is there, whole.
+//! Queue order, the queued-bytes count, the dedup set, the log entries
+//! and the log's Merkle root and proofs (read through the stored subtree
+//! cache) are all compared, and so is the expiry index. The child hands
+//! over the states since the last `Durable` as digests, so that a store
+//! that came back as an earlier one says how many transactions it lost.
 //!
-//! What this checks is sled 0.34.7's recovery as this store uses it: sled
-//! documents only that a finished flush survives; "a prefix, each
-//! transaction whole" is how its log replay works. It is a `kill -9` model
-//! (the page cache survives), not a power cut. sled writes each full
-//! 512 KiB buffer from a background thread, which races with the kill:
-//! realistic, but a failure found that way may not replay exactly from
-//! its proptest seed. `unflushed_writes_come_back_as_a_prefix` makes sure
-//! crashes bring back part of the unflushed work (k > 0), so "prefix,
-//! each transaction whole" is exercised, not only "the last flush".
+//! It is a `kill -9` model (the page cache survives), not a power cut.
+//! sled writes each full 512 KiB buffer from a background thread, which
+//! races with the kill: realistic, but a failure found that way may not
+//! replay exactly from its proptest seed.
+//! `writes_past_sleds_buffers_all_come_back` crashes with megabytes in
+//! sled's buffers and journal, past the last `Durable`.
 //!
 //! (An earlier version copied the live directory file by file instead of
 //! killing a process, and hung rarely. The process kill showed the hang
@@ -337,9 +333,9 @@ struct Job {
     ops: Vec<Op>,
     /// The first op to run.
     step: usize,
-    /// After a crash: digests of the model after each transaction since
-    /// the last flush ([0] is durable), one of which the store must be.
-    /// Empty for a new store.
+    /// After a crash: digests of the model at the last `Durable` and after
+    /// each transaction since; the store must be the last. Empty for a new
+    /// store.
     candidates: Vec<u64>,
     next_id: u64,
     /// Where the child writes its [`Report`].
@@ -372,7 +368,8 @@ fn digest(state: &State) -> u64 {
 }
 
 /// Runs `ops`, one child process per crash; returns, for each crash, how
-/// many transactions since the last flush came back.
+/// many transactions since the last `Durable` came back (all, or a child
+/// fails).
 fn run(ops: &[Op]) -> Vec<usize> {
     let tmp = tempfile::tempdir().unwrap();
     let mut job = Job {
@@ -462,16 +459,20 @@ fn child(job: &Job, job_file: &Path) -> Report {
 #[test]
 #[ignore = "the model test's child process, started and killed by `run`"]
 fn model_child() {
-    let job: Job =
-        serde_json::from_slice(&std::fs::read(std::env::var_os(JOB_ENV).unwrap()).unwrap()).unwrap();
+    let Some(job) = std::env::var_os(JOB_ENV) else {
+        eprintln!("model_child runs only as the model test's child process ({JOB_ENV} unset)");
+        return;
+    };
+    let job: Job = serde_json::from_slice(&std::fs::read(job).unwrap()).unwrap();
     let store = open(&job.dir);
     let mut model = State::default();
     let mut recovered = None;
     if !job.candidates.is_empty() {
         let got = observe(&store);
-        let Some(k) = job.candidates.iter().position(|d| *d == digest(&got)) else {
+        let last = job.candidates.len() - 1;
+        let Some(k) = job.candidates.iter().rposition(|d| *d == digest(&got)) else {
             panic!(
-                "step {}: after the crash the store matches no state since the last flush \
+                "step {}: after the crash the store matches no state since the last Durable \
                  (digest {:x}, candidates {:x?})\ngot {got:?}\n{}",
                 job.step - 1,
                 digest(&got),
@@ -479,12 +480,19 @@ fn model_child() {
                 std::fs::read_to_string(&job.expected).unwrap_or_default()
             );
         };
+        assert_eq!(
+            k,
+            last,
+            "step {}: finished transactions lost: the store came back as it was {} transaction(s) before the crash",
+            job.step - 1,
+            last - k
+        );
         check_log(&store, None);
         model = got;
         recovered = Some(k);
     }
     let mut durable = model.clone();
-    // Digests of the model after each transaction since the last flush.
+    // Digests of the model after each transaction since the last Durable.
     let mut since_flush = vec![digest(&model)];
     let mut next_id = job.next_id;
     for (step, op) in job.ops.iter().enumerate().skip(job.step) {
@@ -525,9 +533,12 @@ fn report(job: &Job, recovered: Option<usize>, next: Option<Next>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
-    ))]
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        // A hung child costs CHILD_TIMEOUT a try: shrink for minutes, not hours.
+        max_shrink_time: 300_000,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn store_matches_the_model_across_flushes_and_crashes(ops in prop::collection::vec(op(), 1..60)) {
@@ -535,11 +546,11 @@ proptest! {
     }
 }
 
-/// Past a full write buffer, sled writes unflushed transactions to its
-/// file on its own: a crash then brings back some of them, in order, each
-/// whole. Makes sure the crash model sees more than "the last flush".
+/// 2.4 MB past the last `Durable`, more than sled's write buffer holds
+/// (sled writes full buffers on its own), then a crash: every finished
+/// transaction comes back, from sled's file and the journal.
 #[test]
-fn unflushed_writes_come_back_as_a_prefix() {
+fn writes_past_sleds_buffers_all_come_back() {
     let mut ops = vec![Op::Append { n: 10 }, Op::Durable];
     for i in 0..40 {
         ops.push(Op::PushOutbox {
@@ -551,12 +562,7 @@ fn unflushed_writes_come_back_as_a_prefix() {
     }
     ops.push(Op::Sleep);
     ops.push(Op::Crash);
-    let recovered = run(&ops);
-    assert_eq!(recovered.len(), 1);
-    assert!(
-        recovered[0] > 0,
-        "2.4 MB past the last flush and not one transaction on disk: the crash model only ever sees flushed states"
-    );
+    assert_eq!(run(&ops), [80], "all 80 transactions since the Durable");
 }
 
 /// A fixed sequence that crosses the log's stored-subtree levels (256
@@ -614,6 +620,6 @@ fn a_crash_before_sleds_first_write_leaves_no_blob_in_the_way() {
     assert_eq!(
         recovered,
         [0, 0],
-        "every flushed transaction back, nothing else to come back"
+        "two crashes, right after a Durable, each with everything back"
     );
 }
