@@ -112,3 +112,71 @@ async fn recipient_down_queue_grows_then_drains() {
 async fn relay_down_queue_grows_then_drains() {
     outage("hub", "registry", "birth.lookup").await;
 }
+
+/// An app that takes one delivery at a time (`max_in_flight` 1) drains a
+/// backlog at the pace of its acks: an ack frees its slot at once, not at
+/// the receive loop's next timer tick (once a second) or next arrival.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_at_a_time_app_gets_the_next_delivery_when_it_acks() {
+    use tokio_stream::StreamExt as _;
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "health"] {
+        nodes.push(fed.start(a).await);
+    }
+    let finance = fed.app("finance").await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            send(
+                &finance,
+                notice("health", "tax.notice", format!("backlog {i}").as_bytes()),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        until_state(&finance, id, wire::MessageState::Delivered, 10).await;
+    }
+
+    let app = fed.app("health").await;
+    let mut agency = app.agency();
+    let mut stream = agency
+        .receive(wire::ReceiveRequest {
+            services: vec![],
+            max_in_flight: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    while got.len() < ids.len() {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .expect("no delivery in 10 s")
+            .unwrap()
+            .unwrap();
+        let id = envelope_of(&d).id;
+        agency
+            .ack(wire::AckRequest {
+                message_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        got.push(id);
+    }
+    let took = started.elapsed();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids);
+    // Six deliveries one after another: a timer tick each would be ≥ 5 s.
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "six one-at-a-time deliveries took {took:?}"
+    );
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}

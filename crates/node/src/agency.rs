@@ -397,6 +397,9 @@ async fn ack(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
+    // The ack freed a slot of its stream's `max_in_flight`: wake the
+    // receive loops now, not at their next tick or arrival.
+    shared.store.inbox_notify().notify_waiters();
     shared.metrics.processed.inc();
     Ok(())
 }

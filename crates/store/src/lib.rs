@@ -685,7 +685,8 @@ impl Store {
         self.inner.signals.outbox(peer)
     }
 
-    /// Woken whenever something enters an inbox.
+    /// Woken whenever something enters an inbox (and, by the node, when an
+    /// ack frees a delivery slot).
     pub fn inbox_notify(&self) -> Arc<Notify> {
         self.inner.signals.inbox.clone()
     }
