@@ -295,12 +295,23 @@ where
 
 /// Receives up to `n` deliveries within `secs` seconds, acking each if `ack`.
 pub async fn receive(client: &Client, n: usize, secs: u64, ack: bool) -> Vec<wire::Delivery> {
+    receive_at_most(client, n, secs, ack, 256).await
+}
+
+/// [`receive`] on a stream that holds at most `max_in_flight` unacked.
+pub async fn receive_at_most(
+    client: &Client,
+    n: usize,
+    secs: u64,
+    ack: bool,
+    max_in_flight: u32,
+) -> Vec<wire::Delivery> {
     use tokio_stream::StreamExt as _;
     let mut agency = client.agency();
     let mut stream = agency
         .receive(wire::ReceiveRequest {
             services: vec![],
-            max_in_flight: 256,
+            max_in_flight,
         })
         .await
         .unwrap()

@@ -118,7 +118,6 @@ async fn relay_down_queue_grows_then_drains() {
 /// the receive loop's next timer tick (once a second) or next arrival.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_at_a_time_app_gets_the_next_delivery_when_it_acks() {
-    use tokio_stream::StreamExt as _;
     let fed = Federation::standard();
     let mut nodes = Vec::new();
     for a in ["finance", "health"] {
@@ -140,33 +139,12 @@ async fn a_one_at_a_time_app_gets_the_next_delivery_when_it_acks() {
     }
 
     let app = fed.app("health").await;
-    let mut agency = app.agency();
-    let mut stream = agency
-        .receive(wire::ReceiveRequest {
-            services: vec![],
-            max_in_flight: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let started = std::time::Instant::now();
-    let mut got = Vec::new();
-    while got.len() < ids.len() {
-        let d = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
-            .await
-            .expect("no delivery in 10 s")
-            .unwrap()
-            .unwrap();
-        let id = envelope_of(&d).id;
-        agency
-            .ack(wire::AckRequest {
-                message_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        got.push(id);
-    }
+    let mut got: Vec<String> = receive_at_most(&app, ids.len(), 10, true, 1)
+        .await
+        .iter()
+        .map(|d| envelope_of(d).id)
+        .collect();
     let took = started.elapsed();
     got.sort();
     ids.sort();
