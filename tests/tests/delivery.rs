@@ -123,20 +123,7 @@ async fn a_one_at_a_time_app_gets_the_next_delivery_when_it_acks() {
     for a in ["finance", "health"] {
         nodes.push(fed.start(a).await);
     }
-    let finance = fed.app("finance").await;
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        ids.push(
-            send(
-                &finance,
-                notice("health", "tax.notice", format!("backlog {i}").as_bytes()),
-            )
-            .await,
-        );
-    }
-    for id in &ids {
-        until_state(&finance, id, wire::MessageState::Delivered, 10).await;
-    }
+    let mut ids = backlog_at_health(&fed, 6).await;
 
     let app = fed.app("health").await;
     let started = std::time::Instant::now();
@@ -155,6 +142,131 @@ async fn a_one_at_a_time_app_gets_the_next_delivery_when_it_acks() {
         "six one-at-a-time deliveries took {took:?}"
     );
     for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+/// Sends `n` notices finance → health and waits until health holds them all.
+async fn backlog_at_health(fed: &Federation, n: usize) -> Vec<String> {
+    let finance = fed.app("finance").await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            send(
+                &finance,
+                notice("health", "tax.notice", format!("backlog {i}").as_bytes()),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        until_state(&finance, id, wire::MessageState::Delivered, 10).await;
+    }
+    ids
+}
+
+/// A `Receive` stream of health's app holding at most `max_in_flight` unacked.
+async fn open_receive(app: &antar_client::Client, max_in_flight: u32) -> tonic::Streaming<wire::Delivery> {
+    app.agency()
+        .receive(wire::ReceiveRequest {
+            services: vec![],
+            max_in_flight,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next `n` deliveries of `stream` (id, attempt), each within `secs` seconds.
+async fn next_deliveries(
+    stream: &mut tonic::Streaming<wire::Delivery>,
+    n: usize,
+    secs: u64,
+) -> Vec<(String, u32)> {
+    use tokio_stream::StreamExt as _;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(secs), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no delivery within {secs} s after {out:?}"))
+            .expect("stream ended")
+            .unwrap();
+        out.push((envelope_of(&d).id, d.attempt));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_streams_deliveries_go_at_once_to_a_stream_that_had_passed_them() {
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "health"] {
+        nodes.push(fed.start(a).await);
+    }
+    let ids = backlog_at_health(&fed, 4).await;
+    let app = fed.app("health").await;
+    // B leases two and holds them; A gets the other two, passing B's.
+    let mut b = open_receive(&app, 2).await;
+    let held_by_b = next_deliveries(&mut b, 2, 10).await;
+    let mut a = open_receive(&app, 10).await;
+    let got_by_a = next_deliveries(&mut a, 2, 10).await;
+    let mut all: Vec<String> = held_by_b
+        .iter()
+        .chain(&got_by_a)
+        .map(|(id, _)| id.clone())
+        .collect();
+    all.sort();
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    assert_eq!(all, sorted_ids);
+    assert!(held_by_b
+        .iter()
+        .chain(&got_by_a)
+        .all(|(_, attempt)| *attempt == 1));
+
+    // B goes away unacked: its two come to A as second attempts — at once,
+    // not when their 30 s visibility timeout runs out.
+    drop(b);
+    let again = next_deliveries(&mut a, 2, 10).await;
+    let expected: Vec<(String, u32)> = held_by_b.iter().map(|(id, _)| (id.clone(), 2)).collect();
+    assert_eq!(again, expected);
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacked_delivery_comes_again_on_the_same_stream_after_the_visibility_timeout() {
+    let fed = Federation::standard();
+    let mut health = fed.config("health");
+    health.limits.visibility_timeout_ms = 2_000;
+    let mut nodes = vec![fed.start("finance").await, fed.start_with(health).await];
+    let ids = backlog_at_health(&fed, 3).await;
+    let app = fed.app("health").await;
+    let mut stream = open_receive(&app, 10).await;
+    let first = next_deliveries(&mut stream, 3, 10).await;
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    assert_eq!(
+        first,
+        sorted_ids.iter().map(|id| (id.clone(), 1)).collect::<Vec<_>>()
+    );
+
+    // Nothing acked: after two seconds the same three come again on the
+    // same stream, and one sent meanwhile comes once, as a first attempt.
+    let later = send(
+        &fed.app("finance").await,
+        notice("health", "tax.notice", b"later"),
+    )
+    .await;
+    let got = next_deliveries(&mut stream, 4, 10).await;
+    let mut expected: Vec<(String, u32)> = sorted_ids.iter().map(|id| (id.clone(), 2)).collect();
+    expected.push((later, 1));
+    expected.sort();
+    assert_eq!(got, expected);
+    drop(stream);
+    while let Some(n) = nodes.pop() {
         n.stop().await.unwrap();
     }
 }

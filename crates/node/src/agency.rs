@@ -23,7 +23,7 @@ use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
 use antar_store::{Abort, MessageRecord};
 
 use crate::error::NodeError;
-use crate::state::{expires_ms, Lease, Services, Shared};
+use crate::state::{expires_ms, Lease, Leases, Services, Shared};
 use crate::{auth, trace};
 
 /// Callers of `Call` waiting for the RESPONSE to their request id.
@@ -396,6 +396,7 @@ async fn ack(
         .leases
         .lock()
         .unwrap_or_else(|p| p.into_inner())
+        .held
         .remove(&id);
     // The ack freed a slot of its stream's `max_in_flight`: wake the
     // receive loops now, not at their next tick or arrival.
@@ -688,51 +689,80 @@ async fn receive_loop(
 ) {
     let notify = shared.store.inbox_notify();
     let visibility = shared.config.visibility_timeout();
+    // Services named: scanned in name order; all: as the inbox holds them.
+    let listed: Option<Vec<String>> = match &scope {
+        Services::All => None,
+        Services::Some(set) => {
+            let mut names: Vec<String> = set.iter().cloned().collect();
+            names.sort();
+            Some(names)
+        }
+    };
+    let mut resume = Resume::default();
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         let now = Instant::now();
-        let mut next_expiry = now + Duration::from_secs(1);
         let mut to_send = Vec::new();
+        let wake_by;
         {
             let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-            let mut in_flight = leases
-                .values()
-                .filter(|l| l.stream == stream && l.until > now)
-                .count() as u32;
-            let iter: Box<dyn Iterator<Item = _>> = match &scope {
-                Services::All => Box::new(shared.store.inbox_scan(None)),
-                Services::Some(set) => Box::new(set.iter().flat_map(|s| shared.store.inbox_scan(Some(s)))),
-            };
-            for entry in iter {
-                if in_flight >= max {
-                    break;
-                }
-                let Ok(entry) = entry else { continue };
-                let Ok(bytes) = <[u8; 16]>::try_from(entry.message_id.as_slice()) else {
-                    continue;
-                };
-                let id = MessageId::from_bytes(bytes);
-                let attempt = match leases.get(&id) {
-                    Some(l) if l.until > now => {
-                        next_expiry = next_expiry.min(l.until);
-                        continue;
-                    }
-                    Some(l) => l.attempt + 1,
-                    None => 1,
-                };
-                leases.insert(
-                    id,
-                    Lease {
-                        until: now + visibility,
-                        attempt,
-                        stream,
-                    },
-                );
-                in_flight += 1;
-                to_send.push((id, attempt));
+            resume.check(&leases, now);
+            // Deliveries in flight on this stream, and the earliest any
+            // lease runs out.
+            let mut in_flight = 0u32;
+            let mut earliest: Option<Instant> = None;
+            for l in leases.held.values().filter(|l| l.until > now) {
+                in_flight += u32::from(l.stream == stream);
+                earliest = Some(earliest.map_or(l.until, |e| e.min(l.until)));
             }
+            let mut service: Option<String> = None;
+            let mut listed_at = 0;
+            while in_flight < max {
+                let next = match &listed {
+                    Some(names) => names.get(listed_at).cloned(),
+                    None => shared.store.next_inbox_service(service.as_deref()).ok().flatten(),
+                };
+                let Some(name) = next else { break };
+                listed_at += 1;
+                let mut mark = resume.after.get(&name).copied();
+                for entry in shared.store.inbox_after(&name, mark) {
+                    if in_flight >= max {
+                        break;
+                    }
+                    let Ok((seq, entry)) = entry else { continue };
+                    let Ok(bytes) = <[u8; 16]>::try_from(entry.message_id.as_slice()) else {
+                        continue;
+                    };
+                    let id = MessageId::from_bytes(bytes);
+                    // Leased now, to this stream or another, or leased
+                    // here: either way the next scan starts after it.
+                    mark = Some(seq);
+                    let attempt = match leases.held.get(&id) {
+                        Some(l) if l.until > now => continue,
+                        Some(l) => l.attempt + 1,
+                        None => 1,
+                    };
+                    leases.held.insert(
+                        id,
+                        Lease {
+                            until: now + visibility,
+                            attempt,
+                            stream,
+                        },
+                    );
+                    earliest = Some(earliest.map_or(now + visibility, |e| e.min(now + visibility)));
+                    in_flight += 1;
+                    to_send.push((id, attempt));
+                }
+                if let Some(seq) = mark {
+                    resume.after.insert(name.clone(), seq);
+                }
+                service = Some(name);
+            }
+            resume.valid_until = earliest;
+            wake_by = earliest.map_or(now + TICK, |e| e.min(now + TICK));
         }
         for (id, attempt) in to_send {
             let record = match shared.store.message(&id) {
@@ -750,7 +780,7 @@ async fn receive_loop(
                 release(&shared, stream);
                 return;
             }
-            _ = tokio::time::sleep_until(next_expiry.into()) => {}
+            _ = tokio::time::sleep_until(wake_by.into()) => {}
             _ = shared.shutdown.cancelled() => {
                 release(&shared, stream);
                 return;
@@ -759,13 +789,40 @@ async fn receive_loop(
     }
 }
 
+/// The longest a `Receive` stream waits between scans with nothing to wake it.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Where a `Receive` stream's next scan of the inbox starts: per service,
+/// after the last entry it found leased (to itself or to another stream).
+/// Every entry up to there is leased or gone, so a wake-up (an arrival, an
+/// ack) reads only what came after, not every delivery in flight again.
+/// The marks are dropped once a lease may have gone back: a stream closed
+/// ([`Leases::returned`] moved on) or a lease ran out (`valid_until`).
+#[derive(Default)]
+struct Resume {
+    after: HashMap<String, u64>,
+    returned: u64,
+    /// The earliest a lease held at the last scan runs out.
+    valid_until: Option<Instant>,
+}
+
+impl Resume {
+    fn check(&mut self, leases: &Leases, now: Instant) {
+        if leases.returned != self.returned || self.valid_until.is_some_and(|t| now >= t) {
+            self.after.clear();
+            self.returned = leases.returned;
+        }
+    }
+}
+
 /// A closed stream gives its leases back, so its deliveries go to the next receiver at once.
 fn release(shared: &Shared, stream: u64) {
     let now = Instant::now();
     let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-    for lease in leases.values_mut().filter(|l| l.stream == stream) {
+    for lease in leases.held.values_mut().filter(|l| l.stream == stream) {
         lease.until = now;
     }
+    leases.returned += 1;
     drop(leases);
     shared.store.inbox_notify().notify_waiters();
 }

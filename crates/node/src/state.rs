@@ -125,6 +125,15 @@ pub(crate) struct Lease {
     pub(crate) stream: u64,
 }
 
+/// The deliveries leased to `Receive` streams.
+#[derive(Debug, Default)]
+pub(crate) struct Leases {
+    pub(crate) held: HashMap<MessageId, Lease>,
+    /// How many times a closed stream gave its leases back early: a
+    /// stream's scan marks (`agency::Resume`) are stale once it moves.
+    pub(crate) returned: u64,
+}
+
 /// Per-peer health, for Admin.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerHealth {
@@ -142,7 +151,7 @@ pub(crate) struct Shared {
     pub(crate) verifier: Verifier,
     pub(crate) store: Store,
     pub(crate) policy: RwLock<Arc<Policy>>,
-    pub(crate) leases: Mutex<HashMap<MessageId, Lease>>,
+    pub(crate) leases: Mutex<Leases>,
     pub(crate) peer_health: Mutex<HashMap<String, PeerHealth>>,
     pub(crate) draining: AtomicBool,
     pub(crate) started: Instant,

@@ -76,6 +76,13 @@ pub(crate) fn prefixed(name: &str) -> Vec<u8> {
     k
 }
 
+/// The first key past every `prefixed(name)` key: names hold no `\0`.
+pub(crate) fn prefix_end(name: &str) -> Vec<u8> {
+    let mut k = prefixed(name);
+    k[name.len()] = 1;
+    k
+}
+
 pub(crate) fn seq_key(name: &str, seq: u64) -> Vec<u8> {
     let mut k = prefixed(name);
     k.extend_from_slice(&seq.to_be_bytes());

@@ -424,6 +424,43 @@ impl Store {
         })
     }
 
+    /// Inbox entries of `service` with a sequence number after `after`
+    /// (all of them with `None`), in arrival order, with their sequence
+    /// numbers. A number is never handed out twice and entries reach sled
+    /// in order, so a reader that keeps the last number it saw finds
+    /// every later arrival past it.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure or a corrupt entry.
+    pub fn inbox_after(
+        &self,
+        service: &str,
+        after: Option<u64>,
+    ) -> impl Iterator<Item = Result<(u64, InboxEntry), StoreError>> + '_ {
+        let start = match after {
+            Some(seq) => keys::seq_key(service, seq.saturating_add(1)),
+            None => keys::prefixed(service),
+        };
+        let end = keys::prefix_end(service);
+        self.inner.trees[keys::INBOX].range(start..end).map(|kv| {
+            let (k, v) = kv?;
+            Ok((keys::seq_of(&k), decode(keys::INBOX, &v)?))
+        })
+    }
+
+    /// The first service, in name order, after `service` (from the first
+    /// with `None`) that has an entry in the inbox.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn next_inbox_service(&self, service: Option<&str>) -> Result<Option<String>, StoreError> {
+        let start = service.map(keys::prefix_end).unwrap_or_default();
+        match self.inner.trees[keys::INBOX].range(start..).next() {
+            Some(kv) => Ok(Some(keys::name_of(&kv?.0))),
+            None => Ok(None),
+        }
+    }
+
     /// Receipts logged after `cursor`, up to `max`, with their cursors.
     ///
     /// # Errors

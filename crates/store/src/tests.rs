@@ -860,3 +860,45 @@ fn orphan_blob_files_of_a_store_never_written_are_removed() {
     let _s = open(dir.path(), 1 << 20);
     assert!(below.exists());
 }
+
+#[tokio::test]
+async fn inbox_after_resumes_past_a_sequence_number_within_one_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    // Names where one is a prefix of another must not leak into each other.
+    let services = ["ab", "a", "a.b", "a", "ab", "a"];
+    let mut ids = Vec::new();
+    for service in services {
+        let id = MessageId::new();
+        s.transact(|tx| tx.push_inbox(service, &id, 1)).await.unwrap();
+        ids.push((service, id));
+    }
+    let of = |service: &str, after: Option<u64>| -> Vec<(u64, Vec<u8>)> {
+        s.inbox_after(service, after)
+            .map(|e| e.map(|(seq, entry)| (seq, entry.message_id)).unwrap())
+            .collect()
+    };
+    let a = of("a", None);
+    let expected: Vec<Vec<u8>> = ids
+        .iter()
+        .filter(|(s, _)| *s == "a")
+        .map(|(_, id)| id.as_bytes().to_vec())
+        .collect();
+    assert_eq!(a.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>(), expected);
+    assert!(a.windows(2).all(|w| w[0].0 < w[1].0), "in arrival order: {a:?}");
+    // After the first: the other two; after the last: nothing.
+    assert_eq!(of("a", Some(a[0].0)), a[1..].to_vec());
+    assert_eq!(of("a", Some(a[2].0)), Vec::new());
+    assert_eq!(of("a.b", None).len(), 1);
+    assert_eq!(of("ab", None).len(), 2);
+    assert_eq!(of("b", None), Vec::new());
+
+    // Services with entries, in name order, one at a time.
+    let mut listed = Vec::new();
+    let mut at = None;
+    while let Some(next) = s.next_inbox_service(at.as_deref()).unwrap() {
+        listed.push(next.clone());
+        at = Some(next);
+    }
+    assert_eq!(listed, ["a", "a.b", "ab"]);
+}
