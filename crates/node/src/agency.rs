@@ -235,20 +235,20 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
             }
             let mut ids = Vec::with_capacity(sealed.len());
             for (s, (env, accepted, delivered)) in sealed.iter().zip(&receipts) {
+                let id = s.id.to_string();
+                crate::state::audit_envelope(tx, &s.envelope, &id)?;
+                let accepted = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
                 let record = MessageRecord {
                     envelope: Some(s.envelope.clone()),
                     payload: Some(s.payload.clone()),
                     state: MessageState::Accepted as i32,
-                    receipts: vec![accepted.signed.clone()],
+                    receipt_cursors: vec![accepted],
                     sender_identity: shared.identity.to_string(),
                     outgoing: true,
                     service: env.service.clone(),
                     expires_at_ms: expires_ms(env),
                     ..Default::default()
                 };
-                let id = s.id.to_string();
-                crate::state::audit_envelope(tx, &s.envelope, &id)?;
-                crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
                 if let Some(delivered) = delivered {
                     shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
                 } else {

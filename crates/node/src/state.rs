@@ -327,7 +327,7 @@ impl Shared {
         if tx.mark_seen("receipt", &digest)? {
             return Ok(());
         }
-        log_own_receipt(tx, signed, &receipt.message_id)?;
+        let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;
         let Ok(id) = MessageId::parse(&receipt.message_id) else {
             return Ok(());
         };
@@ -337,7 +337,7 @@ impl Shared {
             if matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired) {
                 record.reason = receipt.reason.clone();
             }
-            record.receipts.push(signed.clone());
+            record.receipt_cursors.push(cursor);
         })?;
         Ok(())
     }
@@ -456,10 +456,13 @@ pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &
 
 /// A receipt about one of this node's own messages, encoded once: into the
 /// `WatchReceipts` feed and the Merkle log, in the caller's transaction.
-pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<(), TxError> {
+/// Returns its cursor in the receipt log, which the message's record keeps
+/// (`MessageRecord::receipt_cursors`) instead of a second copy.
+pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<u64, TxError> {
     let bytes = signed.encode_to_vec();
-    tx.log_receipt(&bytes)?;
-    tx.audit_append(EntryKind::Receipt, &bytes, message_id).map(drop)
+    let cursor = tx.log_receipt(&bytes)?;
+    tx.audit_append(EntryKind::Receipt, &bytes, message_id)?;
+    Ok(cursor)
 }
 
 /// Logs a signed receipt in the node's Merkle log, in the caller's transaction.

@@ -2,7 +2,7 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`); records from before hold them inline |
+//! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`), receipts of its own messages as `receipt_log` cursors; records from before hold them inline |
 //! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change |
 //! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem` |
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |

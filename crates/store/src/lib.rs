@@ -271,15 +271,19 @@ impl Store {
         self.inner.db.size_on_disk().unwrap_or(0) + journal::bytes(&self.inner.path)
     }
 
-    /// The message record of `id`, if this node holds one.
+    /// The message record of `id`, if this node holds one, whole: with its
+    /// body, signer certificates and every receipt (those it keeps in the
+    /// receipt log put into `receipts`).
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure or a corrupt record.
     pub fn message(&self, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
-        self.inner.trees[keys::MESSAGES]
-            .get(id.as_bytes())?
-            .map(|v| self.record(id.as_bytes(), &v))
-            .transpose()
+        let Some(v) = self.inner.trees[keys::MESSAGES].get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut record = self.record(id.as_bytes(), &v)?;
+        self.put_receipts_back(&mut record)?;
+        Ok(Some(record))
     }
 
     /// A stored message record, with its body and signer certificates put back.
@@ -291,6 +295,21 @@ impl Store {
             |e| e,
         )?;
         Ok(record)
+    }
+
+    /// Moves the receipts `record` keeps in the receipt log into its
+    /// `receipts`, after those it holds itself.
+    fn put_receipts_back(&self, record: &mut MessageRecord) -> Result<(), StoreError> {
+        for cursor in std::mem::take(&mut record.receipt_cursors) {
+            let Some(bytes) = self.inner.trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())? else {
+                return Err(corrupt(
+                    keys::MESSAGES,
+                    format!("a record refers to receipt log cursor {cursor}, which holds nothing"),
+                ));
+            };
+            record.receipts.push(decode(keys::RECEIPT_LOG, &bytes)?);
+        }
+        Ok(())
     }
 
     /// Drops the payload of every message for which `purge` says so (it sees

@@ -33,6 +33,14 @@ pub struct MessageRecord {
     /// When the sender said it expires, ms since the epoch.
     #[prost(uint64, tag = "9")]
     pub expires_at_ms: u64,
+    /// Receipts about it kept in the receipt log (a message this node
+    /// sent), by cursor, in arrival order after those in `receipts`: each
+    /// receipt is stored once, not again with every rewrite of the record.
+    /// [`crate::Store::message`] puts them into `receipts` (and leaves this
+    /// empty); `Tx::message` leaves them here, so a record read and written
+    /// back in a transaction keeps them.
+    #[prost(uint64, repeated, tag = "10")]
+    pub receipt_cursors: Vec<u64>,
 }
 
 /// One message waiting in a service's inbox.

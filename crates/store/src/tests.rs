@@ -902,3 +902,53 @@ async fn inbox_after_resumes_past_a_sequence_number_within_one_service() {
     }
     assert_eq!(listed, ["a", "a.b", "ab"]);
 }
+
+/// A record keeps the receipts of the receipt log by cursor: a read
+/// outside a transaction puts them in after those the record holds itself,
+/// a transaction's read leaves the cursors for its write; a cursor with
+/// nothing under it is named as corruption.
+#[tokio::test]
+async fn a_records_receipts_in_the_receipt_log_come_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let (id, mut record) = stored_with_body(&s).await;
+    let receipt = |n: u8| antar_core::wire::SignedReceipt {
+        receipt: vec![n; 40],
+        signature: vec![n; 64],
+        signer_cert: vec![4; 300],
+        ..Default::default()
+    };
+    let (second, third) = (receipt(8), receipt(9));
+    s.transact(|tx| {
+        for r in [&second, &third] {
+            let cursor = tx.log_receipt(&r.encode_to_vec())?;
+            tx.update_message(&id, |rec| rec.receipt_cursors.push(cursor))?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let inline = record.receipts.len();
+    assert!(inline > 0, "stored_with_body holds a receipt inline");
+    record.receipts.extend([second.clone(), third.clone()]);
+    assert_eq!(s.message(&id).unwrap().as_ref(), Some(&record));
+
+    // Read and written back in a transaction: still cursors, not copies.
+    let kept = s
+        .transact(|tx| {
+            let r = tx.message(&id)?.unwrap();
+            tx.put_message(&id, &r)?;
+            Ok(r)
+        })
+        .await
+        .unwrap();
+    assert_eq!((kept.receipts.len(), kept.receipt_cursors.len()), (inline, 2));
+    assert_eq!(s.message(&id).unwrap().as_ref(), Some(&record));
+
+    // A record pointing at an empty cursor is corrupt, and says which.
+    s.transact(|tx| tx.update_message(&id, |rec| rec.receipt_cursors.push(1 << 40)))
+        .await
+        .unwrap();
+    let err = s.message(&id).unwrap_err().to_string();
+    assert!(err.contains("receipt log cursor 1099511627776"), "{err}");
+}

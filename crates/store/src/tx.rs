@@ -270,7 +270,9 @@ impl<'a> Tx<'a> {
         Ok(old)
     }
 
-    /// The record of message `id`.
+    /// The record of message `id`, to change and put back: receipts it
+    /// keeps in the receipt log stay cursors (`receipt_cursors`), unlike
+    /// [`crate::Store::message`].
     ///
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
