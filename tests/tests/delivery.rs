@@ -270,3 +270,52 @@ async fn an_unacked_delivery_comes_again_on_the_same_stream_after_the_visibility
         n.stop().await.unwrap();
     }
 }
+
+/// One app with a `Receive` stream on the API listener and one on the
+/// admin listener (both serve `Agency`): each stream counts only its own
+/// deliveries in flight, and closing one gives back only its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_the_api_and_the_admin_listener_keep_their_deliveries_apart() {
+    let fed = Federation::standard();
+    let mut nodes = Vec::new();
+    for a in ["finance", "health"] {
+        nodes.push(fed.start(a).await);
+    }
+    let ids = backlog_at_health(&fed, 4).await;
+    let app = fed.app("health").await;
+    let (_, creds) =
+        antar_client::federation_credentials(&fed.file, "health", antar_client::ClientRole::App).unwrap();
+    let via_admin = antar_client::Client::connect(&fed.addrs["health"].admin.to_string(), &creds)
+        .await
+        .unwrap();
+
+    let mut on_api = open_receive(&app, 2).await;
+    let first = next_deliveries(&mut on_api, 2, 10).await;
+    let mut on_admin = open_receive(&via_admin, 2).await;
+    let second = next_deliveries(&mut on_admin, 2, 10).await;
+    let mut all: Vec<String> = first.iter().chain(&second).map(|(id, _)| id.clone()).collect();
+    all.sort();
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    assert_eq!(all, sorted_ids);
+
+    // The admin listener's stream closes: its two go to a new stream, the
+    // API stream's two stay leased to it.
+    drop(on_admin);
+    let mut next = open_receive(&app, 10).await;
+    let again = next_deliveries(&mut next, 2, 10).await;
+    assert_eq!(
+        again,
+        second.iter().map(|(id, _)| (id.clone(), 2)).collect::<Vec<_>>()
+    );
+    use tokio_stream::StreamExt as _;
+    let extra = tokio::time::timeout(std::time::Duration::from_millis(1500), next.next()).await;
+    assert!(
+        extra.is_err(),
+        "a delivery leased to the open API stream came again: {extra:?}"
+    );
+    drop(on_api);
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}

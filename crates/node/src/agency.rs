@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,16 +32,11 @@ pub(crate) type CallWaiters = Mutex<HashMap<String, oneshot::Sender<MessageId>>>
 pub(crate) struct AgencyService {
     pub(crate) shared: Arc<Shared>,
     pub(crate) calls: Arc<CallWaiters>,
-    streams: AtomicU64,
 }
 
 impl AgencyService {
     pub(crate) fn new(shared: Arc<Shared>, calls: Arc<CallWaiters>) -> Self {
-        Self {
-            shared,
-            calls,
-            streams: AtomicU64::new(0),
-        }
+        Self { shared, calls }
     }
 }
 
@@ -510,7 +504,12 @@ impl Agency for AgencyService {
         } else {
             r.max_in_flight.min(10_000)
         };
-        let stream = self.streams.fetch_add(1, Ordering::Relaxed) + 1;
+        let stream = self
+            .shared
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open_stream();
         let (tx, rx) = mpsc::channel(max as usize);
         tokio::spawn(receive_loop(self.shared.clone(), scope, max, stream, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -767,7 +766,20 @@ async fn receive_loop(
         for (id, attempt) in to_send {
             let record = match shared.store.message(&id) {
                 Ok(Some(r)) => r,
-                _ => continue,
+                failed => {
+                    // Not leased for the visibility timeout on nothing:
+                    // the next scan tries it again, and the operator
+                    // learns which message cannot be read.
+                    let error = match failed {
+                        Err(e) => e.to_string(),
+                        _ => "no message record".to_owned(),
+                    };
+                    tracing::warn!(%id, %error, "an inbox entry's message cannot be read; not delivered, tried again at the next scan");
+                    let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    leases.held.remove(&id);
+                    leases.returned += 1;
+                    continue;
+                }
             };
             if tx.send(Ok(delivery(&record, attempt))).await.is_err() {
                 release(&shared, stream);
@@ -796,8 +808,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// after the last entry it found leased (to itself or to another stream).
 /// Every entry up to there is leased or gone, so a wake-up (an arrival, an
 /// ack) reads only what came after, not every delivery in flight again.
-/// The marks are dropped once a lease may have gone back: a stream closed
-/// ([`Leases::returned`] moved on) or a lease ran out (`valid_until`).
+/// The marks are dropped once a lease may have gone back: given back early
+/// ([`Leases::returned`] moved on) or run out (`valid_until`).
 #[derive(Default)]
 struct Resume {
     after: HashMap<String, u64>,

@@ -129,9 +129,21 @@ pub(crate) struct Lease {
 #[derive(Debug, Default)]
 pub(crate) struct Leases {
     pub(crate) held: HashMap<MessageId, Lease>,
-    /// How many times a closed stream gave its leases back early: a
-    /// stream's scan marks (`agency::Resume`) are stale once it moves.
+    /// How many times leases were given back early (a stream closed, a
+    /// leased delivery could not be read): a stream's scan marks
+    /// (`agency::Resume`) are stale once it moves.
     pub(crate) returned: u64,
+    /// The last stream id handed out: one count per node, whichever
+    /// listener (API or admin) the stream came in on.
+    pub(crate) last_stream: u64,
+}
+
+impl Leases {
+    /// A new `Receive` stream's id, unique in this node's life.
+    pub(crate) fn open_stream(&mut self) -> u64 {
+        self.last_stream += 1;
+        self.last_stream
+    }
 }
 
 /// Per-peer health, for Admin.

@@ -26,9 +26,11 @@
 //! - `transact` returns only after its group is synced and in sled: it is
 //!   durable, and a reader outside a transaction sees its writes.
 //! - A reader outside a transaction may see a group half applied. Writes go
-//!   in (tree, key) order, `bodies` first, chosen so that what such a
-//!   reader follows is there first: a message's envelope and payload
-//!   before its record, a message record before its inbox entry, an outbox item
+//!   in (tree, key) order, `meta`, `bodies` and `receipt_log` first, chosen
+//!   so that what such a reader follows is there first: a message's signer
+//!   certificates, envelope, payload and receipts before its record
+//!   (`Store::message` follows certificate digests and `receipt_cursors`),
+//!   a message record before its inbox entry, an outbox item
 //!   before its expiry entry, log entries before the log
 //!   size, receipt-log cursors in ascending order.
 //! - A failed append or apply fails the store for good (fail-stop), like a

@@ -85,14 +85,17 @@ impl Writes {
 
     /// Every write, tree by tree in key order.
     ///
-    /// `bodies` comes first: a reader outside a transaction sees sled
-    /// while a group is being applied, and must never find a new record
-    /// in `messages` whose envelope and payload are not in `bodies` yet.
+    /// The trees a record points into come first — `meta` (its signer
+    /// certificates), `bodies`, `receipt_log` —: a reader outside a
+    /// transaction sees sled while a group is being applied, and must never
+    /// find a new record in `messages` (or its inbox entry) whose
+    /// certificates, envelope and payload or receipts (`receipt_cursors`)
+    /// are not in sled yet.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &[u8], &Option<IVec>)> {
-        let bodies = self.0.get_key_value(&BODIES);
-        let rest = self.0.iter().filter(|(tree, _)| **tree != BODIES);
-        bodies
-            .into_iter()
+        const FIRST: [usize; 3] = [META, BODIES, RECEIPT_LOG];
+        let first = FIRST.into_iter().filter_map(|t| self.0.get_key_value(&t));
+        let rest = self.0.iter().filter(|(tree, _)| !FIRST.contains(tree));
+        first
             .chain(rest)
             .flat_map(|(tree, keys)| keys.iter().map(|(k, v)| (*tree, k.as_slice(), v)))
     }
