@@ -119,10 +119,7 @@ async fn relay_down_queue_grows_then_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_at_a_time_app_gets_the_next_delivery_when_it_acks() {
     let fed = Federation::standard();
-    let mut nodes = Vec::new();
-    for a in ["finance", "health"] {
-        nodes.push(fed.start(a).await);
-    }
+    let nodes = finance_and_health(&fed).await;
     let mut ids = backlog_at_health(&fed, 6).await;
 
     let app = fed.app("health").await;
@@ -144,6 +141,20 @@ async fn a_one_at_a_time_app_gets_the_next_delivery_when_it_acks() {
     for n in nodes {
         n.stop().await.unwrap();
     }
+}
+
+/// finance and health, started in this process.
+async fn finance_and_health(fed: &Federation) -> Vec<antar_node::Node> {
+    vec![fed.start("finance").await, fed.start("health").await]
+}
+
+/// Two streams' deliveries are `ids`, each once, first attempts all.
+fn assert_split_between(first: &[(String, u32)], second: &[(String, u32)], ids: &[String]) {
+    let mut got: Vec<(String, u32)> = first.iter().chain(second).cloned().collect();
+    got.sort();
+    let mut expected: Vec<(String, u32)> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    expected.sort();
+    assert_eq!(got, expected);
 }
 
 /// Sends `n` notices finance → health and waits until health holds them all.
@@ -200,10 +211,7 @@ async fn next_deliveries(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_streams_deliveries_go_at_once_to_a_stream_that_had_passed_them() {
     let fed = Federation::standard();
-    let mut nodes = Vec::new();
-    for a in ["finance", "health"] {
-        nodes.push(fed.start(a).await);
-    }
+    let nodes = finance_and_health(&fed).await;
     let ids = backlog_at_health(&fed, 4).await;
     let app = fed.app("health").await;
     // B leases two and holds them; A gets the other two, passing B's.
@@ -211,19 +219,7 @@ async fn a_closed_streams_deliveries_go_at_once_to_a_stream_that_had_passed_them
     let held_by_b = next_deliveries(&mut b, 2, 10).await;
     let mut a = open_receive(&app, 10).await;
     let got_by_a = next_deliveries(&mut a, 2, 10).await;
-    let mut all: Vec<String> = held_by_b
-        .iter()
-        .chain(&got_by_a)
-        .map(|(id, _)| id.clone())
-        .collect();
-    all.sort();
-    let mut sorted_ids = ids.clone();
-    sorted_ids.sort();
-    assert_eq!(all, sorted_ids);
-    assert!(held_by_b
-        .iter()
-        .chain(&got_by_a)
-        .all(|(_, attempt)| *attempt == 1));
+    assert_split_between(&held_by_b, &got_by_a, &ids);
 
     // B goes away unacked: its two come to A as second attempts — at once,
     // not when their 30 s visibility timeout runs out.
@@ -277,10 +273,7 @@ async fn an_unacked_delivery_comes_again_on_the_same_stream_after_the_visibility
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_on_the_api_and_the_admin_listener_keep_their_deliveries_apart() {
     let fed = Federation::standard();
-    let mut nodes = Vec::new();
-    for a in ["finance", "health"] {
-        nodes.push(fed.start(a).await);
-    }
+    let nodes = finance_and_health(&fed).await;
     let ids = backlog_at_health(&fed, 4).await;
     let app = fed.app("health").await;
     let (_, creds) =
@@ -293,11 +286,7 @@ async fn streams_on_the_api_and_the_admin_listener_keep_their_deliveries_apart()
     let first = next_deliveries(&mut on_api, 2, 10).await;
     let mut on_admin = open_receive(&via_admin, 2).await;
     let second = next_deliveries(&mut on_admin, 2, 10).await;
-    let mut all: Vec<String> = first.iter().chain(&second).map(|(id, _)| id.clone()).collect();
-    all.sort();
-    let mut sorted_ids = ids.clone();
-    sorted_ids.sort();
-    assert_eq!(all, sorted_ids);
+    assert_split_between(&first, &second, &ids);
 
     // The admin listener's stream closes: its two go to a new stream, the
     // API stream's two stay leased to it.
