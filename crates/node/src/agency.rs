@@ -767,17 +767,24 @@ async fn receive_loop(
             let record = match shared.store.message(&id) {
                 Ok(Some(r)) => r,
                 failed => {
-                    // Not leased for the visibility timeout on nothing:
-                    // the next scan tries it again, and the operator
-                    // learns which message cannot be read.
+                    // Not delivered: set aside on no stream for a few
+                    // seconds — taking none of this stream's slots, not
+                    // tried on every wake-up — then tried again, with the
+                    // operator told which message cannot be read.
                     let error = match failed {
                         Err(e) => e.to_string(),
                         _ => "no message record".to_owned(),
                     };
-                    tracing::warn!(%id, %error, "an inbox entry's message cannot be read; not delivered, tried again at the next scan");
+                    tracing::warn!(%id, %error, retry_in_s = UNREADABLE_RETRY.as_secs(),
+                        "an inbox entry's message cannot be read; not delivered");
+                    let until = Instant::now() + UNREADABLE_RETRY;
                     let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-                    leases.held.remove(&id);
-                    leases.returned += 1;
+                    if let Some(l) = leases.held.get_mut(&id).filter(|l| l.stream == stream) {
+                        l.stream = NO_STREAM;
+                        l.until = until;
+                        l.attempt = l.attempt.saturating_sub(1);
+                    }
+                    resume.valid_until = Some(resume.valid_until.map_or(until, |t| t.min(until)));
                     continue;
                 }
             };
@@ -804,12 +811,19 @@ async fn receive_loop(
 /// The longest a `Receive` stream waits between scans with nothing to wake it.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How long a leased delivery whose message cannot be read is set aside
+/// before a stream tries it again.
+const UNREADABLE_RETRY: Duration = Duration::from_secs(5);
+
+/// The stream of a lease that belongs to none (stream ids start at 1).
+const NO_STREAM: u64 = 0;
+
 /// Where a `Receive` stream's next scan of the inbox starts: per service,
 /// after the last entry it found leased (to itself or to another stream).
 /// Every entry up to there is leased or gone, so a wake-up (an arrival, an
 /// ack) reads only what came after, not every delivery in flight again.
-/// The marks are dropped once a lease may have gone back: given back early
-/// ([`Leases::returned`] moved on) or run out (`valid_until`).
+/// The marks are dropped once a lease may have gone back: a stream closed
+/// ([`Leases::returned`] moved on) or a lease ran out (`valid_until`).
 #[derive(Default)]
 struct Resume {
     after: HashMap<String, u64>,

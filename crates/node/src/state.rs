@@ -129,9 +129,8 @@ pub(crate) struct Lease {
 #[derive(Debug, Default)]
 pub(crate) struct Leases {
     pub(crate) held: HashMap<MessageId, Lease>,
-    /// How many times leases were given back early (a stream closed, a
-    /// leased delivery could not be read): a stream's scan marks
-    /// (`agency::Resume`) are stale once it moves.
+    /// How many times a closed stream gave its leases back early: a
+    /// stream's scan marks (`agency::Resume`) are stale once it moves.
     pub(crate) returned: u64,
     /// The last stream id handed out: one count per node, whichever
     /// listener (API or admin) the stream came in on.

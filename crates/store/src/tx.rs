@@ -58,7 +58,7 @@ impl From<sled::Error> for TxError {
 
 /// Writes not yet in sled, by tree then key; `None` removes the key. Kept in
 /// (tree, key) order: the order they are applied in (`group.rs`), but for
-/// `bodies`, applied first (see [`Writes::iter`]).
+/// `meta`, `bodies` and `receipt_log`, applied first (see [`Writes::iter`]).
 #[derive(Debug, Default)]
 pub(crate) struct Writes(BTreeMap<usize, BTreeMap<Vec<u8>, Option<IVec>>>);
 
