@@ -148,13 +148,19 @@ async fn finance_and_health(fed: &Federation) -> Vec<antar_node::Node> {
     vec![fed.start("finance").await, fed.start("health").await]
 }
 
+/// Each of `ids` as delivered for the `attempt`th time, sorted as
+/// [`next_deliveries`] gives them.
+fn each_at<'a>(ids: impl IntoIterator<Item = &'a String>, attempt: u32) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = ids.into_iter().map(|id| (id.clone(), attempt)).collect();
+    out.sort();
+    out
+}
+
 /// Two streams' deliveries are `ids`, each once, first attempts all.
 fn assert_split_between(first: &[(String, u32)], second: &[(String, u32)], ids: &[String]) {
     let mut got: Vec<(String, u32)> = first.iter().chain(second).cloned().collect();
     got.sort();
-    let mut expected: Vec<(String, u32)> = ids.iter().map(|id| (id.clone(), 1)).collect();
-    expected.sort();
-    assert_eq!(got, expected);
+    assert_eq!(got, each_at(ids, 1));
 }
 
 /// Sends `n` notices finance → health and waits until health holds them all.
@@ -225,8 +231,7 @@ async fn a_closed_streams_deliveries_go_at_once_to_a_stream_that_had_passed_them
     // not when their 30 s visibility timeout runs out.
     drop(b);
     let again = next_deliveries(&mut a, 2, 10).await;
-    let expected: Vec<(String, u32)> = held_by_b.iter().map(|(id, _)| (id.clone(), 2)).collect();
-    assert_eq!(again, expected);
+    assert_eq!(again, each_at(held_by_b.iter().map(|(id, _)| id), 2));
     for n in nodes {
         n.stop().await.unwrap();
     }
@@ -242,12 +247,7 @@ async fn an_unacked_delivery_comes_again_on_the_same_stream_after_the_visibility
     let app = fed.app("health").await;
     let mut stream = open_receive(&app, 10).await;
     let first = next_deliveries(&mut stream, 3, 10).await;
-    let mut sorted_ids = ids.clone();
-    sorted_ids.sort();
-    assert_eq!(
-        first,
-        sorted_ids.iter().map(|id| (id.clone(), 1)).collect::<Vec<_>>()
-    );
+    assert_eq!(first, each_at(&ids, 1));
 
     // Nothing acked: after two seconds the same three come again on the
     // same stream, and one sent meanwhile comes once, as a first attempt.
@@ -257,7 +257,7 @@ async fn an_unacked_delivery_comes_again_on_the_same_stream_after_the_visibility
     )
     .await;
     let got = next_deliveries(&mut stream, 4, 10).await;
-    let mut expected: Vec<(String, u32)> = sorted_ids.iter().map(|id| (id.clone(), 2)).collect();
+    let mut expected = each_at(&ids, 2);
     expected.push((later, 1));
     expected.sort();
     assert_eq!(got, expected);
@@ -293,10 +293,7 @@ async fn streams_on_the_api_and_the_admin_listener_keep_their_deliveries_apart()
     drop(on_admin);
     let mut next = open_receive(&app, 10).await;
     let again = next_deliveries(&mut next, 2, 10).await;
-    assert_eq!(
-        again,
-        second.iter().map(|(id, _)| (id.clone(), 2)).collect::<Vec<_>>()
-    );
+    assert_eq!(again, each_at(second.iter().map(|(id, _)| id), 2));
     use tokio_stream::StreamExt as _;
     let extra = tokio::time::timeout(std::time::Duration::from_millis(1500), next.next()).await;
     assert!(

@@ -714,7 +714,7 @@ async fn receive_loop(
             let mut earliest: Option<Instant> = None;
             for l in leases.held.values().filter(|l| l.until > now) {
                 in_flight += u32::from(l.stream == stream);
-                earliest = Some(earliest.map_or(l.until, |e| e.min(l.until)));
+                earliest = sooner(earliest, l.until);
             }
             let mut service: Option<String> = None;
             let mut listed_at = 0;
@@ -751,7 +751,7 @@ async fn receive_loop(
                             stream,
                         },
                     );
-                    earliest = Some(earliest.map_or(now + visibility, |e| e.min(now + visibility)));
+                    earliest = sooner(earliest, now + visibility);
                     in_flight += 1;
                     to_send.push((id, attempt));
                 }
@@ -784,7 +784,7 @@ async fn receive_loop(
                         l.until = until;
                         l.attempt = l.attempt.saturating_sub(1);
                     }
-                    resume.valid_until = Some(resume.valid_until.map_or(until, |t| t.min(until)));
+                    resume.valid_until = sooner(resume.valid_until, until);
                     continue;
                 }
             };
@@ -806,6 +806,11 @@ async fn receive_loop(
             }
         }
     }
+}
+
+/// The earlier of `at` and `then`, if there is an `at`.
+fn sooner(at: Option<Instant>, then: Instant) -> Option<Instant> {
+    Some(at.map_or(then, |at| at.min(then)))
 }
 
 /// The longest a `Receive` stream waits between scans with nothing to wake it.
@@ -845,10 +850,18 @@ impl Resume {
 fn release(shared: &Shared, stream: u64) {
     let now = Instant::now();
     let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-    for lease in leases.held.values_mut().filter(|l| l.stream == stream) {
+    let mut gave_back = false;
+    for lease in leases
+        .held
+        .values_mut()
+        .filter(|l| l.stream == stream && l.until > now)
+    {
         lease.until = now;
+        gave_back = true;
     }
-    leases.returned += 1;
+    // Other streams' scan marks may have passed these: they start over.
+    // A stream that held nothing leaves them be.
+    leases.returned += u64::from(gave_back);
     drop(leases);
     shared.store.inbox_notify().notify_waiters();
 }
