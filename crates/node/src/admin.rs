@@ -235,7 +235,7 @@ impl Admin for AdminService {
                     };
                     let peer = shared.policy().next_hop(&recipient).unwrap_or(dead.peer.clone());
                     // Retried by an administrator: no longer subject to its TTL here.
-                    tx.push_outbox(&peer, &dead.item, 0)?;
+                    tx.push_outbox(&peer, &dead.item, antar_store::Held::Nothing, 0)?;
                     retried.push(id.to_string());
                 }
                 Ok(retried)

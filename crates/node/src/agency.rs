@@ -260,7 +260,8 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                             traceparent: v.traceparent.clone(),
                         })),
                     };
-                    tx.push_outbox(&peer, &item.encode_to_vec(), expires_ms(env))?;
+                    let cert = antar_store::Held::Cert(&s.envelope.signer_cert);
+                    tx.push_outbox(&peer, &item.encode_to_vec(), cert, expires_ms(env))?;
                 }
                 ids.push(s.id);
             }

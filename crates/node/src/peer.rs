@@ -363,11 +363,21 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             }
             et.hops.push(shared.agency.to_string());
             et.traceparent = crate::trace::child(&et.traceparent);
+            let cert = et
+                .envelope
+                .as_ref()
+                .map(|s| s.signer_cert.clone())
+                .unwrap_or_default();
             let item = TransferItem {
                 seq: 0,
                 item: Some(transfer_item::Item::Envelope(et)),
             };
-            tx.push_outbox(next, &item.encode_to_vec(), expires_ms(&v.envelope))?;
+            tx.push_outbox(
+                next,
+                &item.encode_to_vec(),
+                antar_store::Held::Cert(&cert),
+                expires_ms(&v.envelope),
+            )?;
             Ok(Settled::Stored)
         }
         Plan::Receipt(signed, receipt, hops) => {

@@ -315,7 +315,8 @@ impl Shared {
                         hops,
                     })),
                 };
-                tx.push_outbox(&peer, &item.encode_to_vec(), 0)?;
+                let cert = antar_store::Held::Cert(&signed.signer_cert);
+                tx.push_outbox(&peer, &item.encode_to_vec(), cert, 0)?;
             }
             None => tracing::warn!(
                 message_id = %receipt.message_id,
@@ -461,7 +462,8 @@ pub(crate) fn expires_ms(envelope: &Envelope) -> u64 {
 /// Logs a signed envelope (header and signature; never the payload) in the
 /// node's Merkle log, in the caller's transaction.
 pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &str) -> Result<(), TxError> {
-    tx.audit_append(EntryKind::Envelope, &signed.encode_to_vec(), message_id)
+    let cert = antar_store::Held::Cert(&signed.signer_cert);
+    tx.audit_append(EntryKind::Envelope, &signed.encode_to_vec(), cert, message_id)
         .map(drop)
 }
 
@@ -471,13 +473,19 @@ pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &
 /// (`MessageRecord::receipt_cursors`) instead of a second copy.
 pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<u64, TxError> {
     let bytes = signed.encode_to_vec();
-    let cursor = tx.log_receipt(&bytes)?;
-    tx.audit_append(EntryKind::Receipt, &bytes, message_id)?;
+    let cursor = tx.log_receipt(&bytes, &signed.signer_cert)?;
+    tx.audit_append(
+        EntryKind::Receipt,
+        &bytes,
+        antar_store::Held::Logged(cursor),
+        message_id,
+    )?;
     Ok(cursor)
 }
 
 /// Logs a signed receipt in the node's Merkle log, in the caller's transaction.
 pub(crate) fn audit_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<(), TxError> {
-    tx.audit_append(EntryKind::Receipt, &signed.encode_to_vec(), message_id)
+    let cert = antar_store::Held::Cert(&signed.signer_cert);
+    tx.audit_append(EntryKind::Receipt, &signed.encode_to_vec(), cert, message_id)
         .map(drop)
 }

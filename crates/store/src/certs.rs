@@ -47,7 +47,7 @@ impl Cache {
 }
 
 /// Length of a certificate's stand-in: its SHA-256.
-const DIGEST: usize = 32;
+pub(crate) const DIGEST: usize = 32;
 
 /// The key in `meta` of the certificate with SHA-256 `digest`.
 pub(crate) fn key(digest: &[u8]) -> Vec<u8> {
@@ -103,6 +103,6 @@ pub(crate) fn attach<E>(
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

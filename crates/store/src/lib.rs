@@ -13,12 +13,14 @@
 
 mod certs;
 mod commit;
+mod cuts;
 mod group;
 mod journal;
 mod keys;
 mod records;
 mod tx;
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +29,7 @@ use prost::Message;
 use tokio::sync::Notify;
 
 pub use records::{DeadLetter, InboxEntry, MessageRecord};
-pub use tx::{Abort, Tx, TxError};
+pub use tx::{Abort, Held, Tx, TxError};
 
 /// A raw key and value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
@@ -176,12 +178,22 @@ impl Store {
             // generator by millions, for nothing.
             None => db.generate_id()? + 1,
         };
+        let certs = certs::Cache::default();
         let mut queued = 0u64;
-        for t in [keys::OUTBOX, keys::INBOX] {
-            for kv in trees[t].iter() {
-                let (_, v) = kv?;
-                queued += tx::queued_size(t, &v)?;
-            }
+        for kv in trees[keys::OUTBOX].iter() {
+            let (_, v) = kv?;
+            // An item counts whole, as it was queued (`Tx::push_outbox`).
+            let item = cuts::restore(
+                v.get(8..).unwrap_or_default(),
+                &|digest| Ok(certs.lookup(&trees[keys::META], digest)?),
+                &|cursor| Ok(trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?),
+                &|e| corrupt(keys::OUTBOX, e),
+            )?;
+            queued += item.len() as u64;
+        }
+        for kv in trees[keys::INBOX].iter() {
+            let (_, v) = kv?;
+            queued += decode::<InboxEntry>(keys::INBOX, &v)?.size;
         }
         let commit = GroupCommit::start(db.clone());
         let signals = Arc::new(tx::Signals {
@@ -204,7 +216,7 @@ impl Store {
                 max_queued_bytes: config.max_queued_bytes,
                 signals,
                 node_filler: Mutex::default(),
-                certs: certs::Cache::default(),
+                certs,
             }),
         })
     }
@@ -307,9 +319,24 @@ impl Store {
                     format!("a record refers to receipt log cursor {cursor}, which holds nothing"),
                 ));
             };
-            record.receipts.push(decode(keys::RECEIPT_LOG, &bytes)?);
+            record.receipts.push(decode(
+                keys::RECEIPT_LOG,
+                &self.whole(keys::RECEIPT_LOG, &bytes)?,
+            )?);
         }
         Ok(())
+    }
+
+    /// The value a value of `tree` (`receipt_log`, `audit`, `outbox` items)
+    /// stored as `stored` stands for, byte for byte: whole, or a cut with
+    /// its part put back (`cuts.rs`).
+    fn whole<'s>(&self, tree: usize, stored: &'s [u8]) -> Result<Cow<'s, [u8]>, StoreError> {
+        cuts::restore(
+            stored,
+            &|digest| Ok(self.inner.certs.lookup(&self.inner.trees[keys::META], digest)?),
+            &|cursor| Ok(self.inner.trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?),
+            &|e| corrupt(tree, e),
+        )
     }
 
     /// Drops the payload of every message for which `purge` says so (it sees
@@ -392,8 +419,9 @@ impl Store {
             if !k.starts_with(&prefix) || out.len() >= max {
                 break;
             }
-            // The value is expires_ms (8 bytes) followed by the item.
-            out.push((keys::seq_of(&k), v.get(8..).unwrap_or_default().to_vec()));
+            // The value is expires_ms (8 bytes) followed by the item as stored.
+            let item = self.whole(keys::OUTBOX, v.get(8..).unwrap_or_default())?;
+            out.push((keys::seq_of(&k), item.into_owned()));
         }
         Ok(out)
     }
@@ -489,7 +517,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.trees[keys::RECEIPT_LOG].range(start..).take(max) {
             let (k, v) = kv?;
-            out.push((keys::u64_of(&k), v.to_vec()));
+            out.push((keys::u64_of(&k), self.whole(keys::RECEIPT_LOG, &v)?.into_owned()));
         }
         Ok(out)
     }
@@ -515,7 +543,7 @@ impl Store {
             .take(max)
         {
             let (k, v) = kv?;
-            out.push((keys::u64_of(&k), v.to_vec()));
+            out.push((keys::u64_of(&k), self.whole(keys::AUDIT, &v)?.into_owned()));
         }
         Ok(out)
     }
@@ -556,7 +584,7 @@ impl Store {
         let mut n = filled;
         for kv in self.inner.trees[keys::AUDIT].range(filled.to_be_bytes()..size.to_be_bytes()) {
             let (k, v) = kv?;
-            let mut hash = leaf(n, &k, &v)?;
+            let mut hash = leaf(n, &k, &self.whole(keys::AUDIT, &v)?)?;
             n += 1;
             let mut level = 0;
             while let Some(&(l, left)) = frontier.last() {
@@ -614,7 +642,11 @@ impl Store {
         let mut leaves = Vec::with_capacity(count as usize);
         for kv in self.inner.trees[keys::AUDIT].range(first.to_be_bytes()..(first + count).to_be_bytes()) {
             let (k, v) = kv?;
-            leaves.push(leaf(first + leaves.len() as u64, &k, &v)?);
+            leaves.push(leaf(
+                first + leaves.len() as u64,
+                &k,
+                &self.whole(keys::AUDIT, &v)?,
+            )?);
         }
         if leaves.len() as u64 != count {
             return Err(corrupt_log(first + leaves.len() as u64));

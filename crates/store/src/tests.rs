@@ -19,7 +19,7 @@ async fn outbox_survives_reopen_in_order_and_counts_quota() {
     {
         let s = open(dir.path(), 1 << 20);
         for i in 0..10u8 {
-            s.transact(|tx| tx.push_outbox("health", &[i; 100], 0))
+            s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
                 .await
                 .unwrap();
         }
@@ -117,7 +117,7 @@ async fn group_commit_serves_many_waiters() {
     for i in 0..200u32 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.transact(|tx| tx.push_outbox("hub", &i.to_be_bytes(), 0))
+            s.transact(|tx| tx.push_outbox("hub", &i.to_be_bytes(), Held::Nothing, 0))
                 .await
                 .unwrap();
             s.durable().await.unwrap();
@@ -133,8 +133,14 @@ async fn group_commit_serves_many_waiters() {
 async fn expiry_index_follows_the_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);
-    let a = s.transact(|tx| tx.push_outbox("hub", b"a", 1_000)).await.unwrap();
-    let _b = s.transact(|tx| tx.push_outbox("hub", b"b", 5_000)).await.unwrap();
+    let a = s
+        .transact(|tx| tx.push_outbox("hub", b"a", Held::Nothing, 1_000))
+        .await
+        .unwrap();
+    let _b = s
+        .transact(|tx| tx.push_outbox("hub", b"b", Held::Nothing, 5_000))
+        .await
+        .unwrap();
     assert_eq!(s.expired(2_000, 10).unwrap(), vec![("hub".to_owned(), a)]);
     s.transact(|tx| tx.remove_outbox("hub", a)).await.unwrap();
     assert!(s.expired(2_000, 10).unwrap().is_empty());
@@ -145,8 +151,8 @@ async fn expiry_index_follows_the_outbox() {
 async fn receipt_log_resumes_from_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);
-    let c1 = s.transact(|tx| tx.log_receipt(b"one")).await.unwrap();
-    let c2 = s.transact(|tx| tx.log_receipt(b"two")).await.unwrap();
+    let c1 = s.transact(|tx| tx.log_receipt(b"one", b"")).await.unwrap();
+    let c2 = s.transact(|tx| tx.log_receipt(b"two", b"")).await.unwrap();
     assert!(c2 > c1 && c1 > 0);
     let all = s.receipts_after(0, 10).unwrap();
     assert_eq!(
@@ -188,9 +194,12 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     };
     async fn append(s: &Store, n: usize) {
         for i in 0..n {
-            s.transact(|tx| tx.audit_append(EntryKind::Envelope, &[i as u8; 7], "m").map(drop))
-                .await
-                .unwrap();
+            s.transact(|tx| {
+                tx.audit_append(EntryKind::Envelope, &[i as u8; 7], Held::Nothing, "m")
+                    .map(drop)
+            })
+            .await
+            .unwrap();
         }
     }
     {
@@ -264,7 +273,7 @@ async fn concurrent_transactions_are_serial_and_none_is_lost() {
                     let mut ids = tx.tx_key("bench", "list")?.unwrap_or_default();
                     ids.push(id);
                     tx.put_tx_key("bench", "list", &ids)?;
-                    tx.push_outbox("health", id.as_bytes(), 0)?;
+                    tx.push_outbox("health", id.as_bytes(), Held::Nothing, 0)?;
                     Ok(())
                 })
                 .await
@@ -273,7 +282,7 @@ async fn concurrent_transactions_are_serial_and_none_is_lost() {
                     let aborted: Result<(), _> = s
                         .transact(|tx| {
                             tx.put_tx_key("bench", "list", &[])?;
-                            tx.push_outbox("health", b"never", 0)?;
+                            tx.push_outbox("health", b"never", Held::Nothing, 0)?;
                             Err(Abort::Refused("test".into()).into())
                         })
                         .await;
@@ -365,7 +374,7 @@ async fn a_cancelled_transaction_still_counts_and_wakes() {
     let woken = notify.notified();
     tokio::pin!(woken);
     woken.as_mut().enable();
-    let mut fut = Box::pin(s.transact(|tx| tx.push_outbox("health", &[7; 100], 0)));
+    let mut fut = Box::pin(s.transact(|tx| tx.push_outbox("health", &[7; 100], Held::Nothing, 0)));
     // One poll runs the closure and joins the open group; then it is dropped.
     let first = tokio::time::timeout(std::time::Duration::ZERO, &mut fut).await;
     drop(fut);
@@ -457,7 +466,7 @@ async fn a_torn_journal_tail_is_dropped_and_the_rest_replayed() {
     let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
     let s = open(&live, 1 << 20);
     for i in 0..3u8 {
-        s.transact(|tx| tx.push_outbox("health", &[i; 100], 0))
+        s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
             .await
             .unwrap();
     }
@@ -485,7 +494,7 @@ async fn a_bad_record_before_the_last_segment_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path(), 1 << 20);
-            s.transact(|tx| tx.push_outbox("health", &[1; 100], 0))
+            s.transact(|tx| tx.push_outbox("health", &[1; 100], Held::Nothing, 0))
                 .await
                 .unwrap();
         }
@@ -511,7 +520,7 @@ async fn full_segments_are_checkpointed_and_deleted() {
     let s = open(&live, 1 << 30);
     let n = 4 * journal::SEGMENT_BYTES / 1000;
     for i in 0..n {
-        s.transact(|tx| tx.push_outbox("health", &[(i % 251) as u8; 1000], 0))
+        s.transact(|tx| tx.push_outbox("health", &[(i % 251) as u8; 1000], Held::Nothing, 0))
             .await
             .unwrap();
     }
@@ -545,8 +554,8 @@ async fn numbers_handed_out_before_a_crash_are_not_reused() {
     for i in 0..2u8 {
         let c = s
             .transact(|tx| {
-                tx.push_outbox("health", &[i; 10], 0)?;
-                tx.log_receipt(&[i])
+                tx.push_outbox("health", &[i; 10], Held::Nothing, 0)?;
+                tx.log_receipt(&[i], b"")
             })
             .await
             .unwrap();
@@ -556,8 +565,8 @@ async fn numbers_handed_out_before_a_crash_are_not_reused() {
     let r = open(&copy, 1 << 20);
     let c = r
         .transact(|tx| {
-            tx.push_outbox("health", &[2; 10], 0)?;
-            tx.log_receipt(&[2])
+            tx.push_outbox("health", &[2; 10], Held::Nothing, 0)?;
+            tx.log_receipt(&[2], b"")
         })
         .await
         .unwrap();
@@ -584,7 +593,7 @@ async fn a_zero_filled_journal_tail_is_not_a_record() {
     let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
     let s = open(&live, 1 << 20);
     for i in 0..2u8 {
-        s.transact(|tx| tx.push_outbox("health", &[i; 100], 0))
+        s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
             .await
             .unwrap();
     }
@@ -607,7 +616,7 @@ async fn a_clean_stop_empties_the_journal_oldest_first() {
     {
         let s = open(dir.path(), 1 << 30);
         for i in 0..n {
-            s.transact(|tx| tx.push_outbox("health", &[(i % 251) as u8; 1000], 0))
+            s.transact(|tx| tx.push_outbox("health", &[(i % 251) as u8; 1000], Held::Nothing, 0))
                 .await
                 .unwrap();
         }
@@ -923,7 +932,7 @@ async fn a_records_receipts_in_the_receipt_log_come_back_in_order() {
     let (second, third) = (receipt(8), receipt(9));
     s.transact(|tx| {
         for r in [&second, &third] {
-            let cursor = tx.log_receipt(&r.encode_to_vec())?;
+            let cursor = tx.log_receipt(&r.encode_to_vec(), &r.signer_cert)?;
             tx.update_message(&id, |rec| rec.receipt_cursors.push(cursor))?;
         }
         Ok(())
@@ -950,7 +959,9 @@ async fn a_records_receipts_in_the_receipt_log_come_back_in_order() {
     // A reader outside a transaction may see a group half applied: a
     // receipt goes into the log before the record that points at it.
     let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
-    let cursor = tx.log_receipt(&second.encode_to_vec()).unwrap();
+    let cursor = tx
+        .log_receipt(&second.encode_to_vec(), &second.signer_cert)
+        .unwrap();
     tx.update_message(&id, |rec| rec.receipt_cursors.push(cursor))
         .unwrap();
     let (group, _, _) = tx.into_parts();
@@ -975,4 +986,108 @@ async fn a_records_receipts_in_the_receipt_log_come_back_in_order() {
         .unwrap();
     let err = s.message(&id).unwrap_err().to_string();
     assert!(err.contains("receipt log cursor 1099511627776"), "{err}");
+}
+
+/// Log values are stored without what the store holds already — a signer
+/// certificate, a receipt the same transaction logged — and read back byte
+/// for byte: by cursor, as log entries, in the log's Merkle tree, and after
+/// a reopen with nothing cached. A certificate gone from `meta` is named
+/// as corruption of the tree that needed it.
+#[tokio::test]
+async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte() {
+    use antar_core::merkle;
+    use antar_core::wire::{EntryKind, LogEntry, SignedEnvelope, SignedReceipt};
+    let dir = tempfile::tempdir().unwrap();
+    let (node_cert, other_cert) = (vec![5u8; 436], vec![6u8; 420]);
+    let receipt = SignedReceipt {
+        receipt: vec![1; 120],
+        signature: vec![2; 64],
+        signer_cert: node_cert.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let envelope = SignedEnvelope {
+        envelope: vec![3; 300],
+        signature: vec![4; 64],
+        signer_cert: other_cert.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let check = |s: &Store, cursor: u64| {
+        assert_eq!(s.receipts_after(0, 10).unwrap(), vec![(cursor, receipt.clone())]);
+        let entries = s.audit_entries(0, 10).unwrap();
+        let data: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|(_, raw)| LogEntry::decode(raw.as_slice()).unwrap().data)
+            .collect();
+        assert_eq!(data, [receipt.clone(), envelope.clone(), envelope.clone()]);
+        let leaves: Vec<merkle::Hash> = entries.iter().map(|(_, raw)| merkle::leaf_hash(raw)).collect();
+        let mut tree = s.audit_tree(3).unwrap();
+        assert_eq!(merkle::root_of(&mut tree, 3).unwrap(), merkle::root(&leaves));
+    };
+    let s = open(dir.path(), 1 << 20);
+    let cursor = s
+        .transact(|tx| {
+            let cursor = tx.log_receipt(&receipt, &node_cert)?;
+            tx.audit_append(EntryKind::Receipt, &receipt, Held::Logged(cursor), "m1")?;
+            tx.audit_append(EntryKind::Envelope, &envelope, Held::Cert(&other_cert), "m2")?;
+            tx.audit_append(EntryKind::Envelope, &envelope, Held::Cert(&other_cert), "m3")?;
+            Ok(cursor)
+        })
+        .await
+        .unwrap();
+    check(&s, cursor);
+    // What sled holds: each certificate once in `meta`, the log values
+    // without them, the receipt's log entry without the receipt.
+    let stored = |tree: usize, key: u64| s.inner.trees[tree].get(key.to_be_bytes()).unwrap().unwrap().len();
+    // A cut's head: mark, kind, offset (6 bytes), then a digest or a cursor.
+    assert_eq!(
+        stored(keys::RECEIPT_LOG, cursor),
+        receipt.len() - node_cert.len() + 6 + 32
+    );
+    let whole = s.audit_entries(0, 10).unwrap();
+    assert_eq!(stored(keys::AUDIT, 0), whole[0].1.len() - receipt.len() + 6 + 8);
+    for i in [1, 2] {
+        assert_eq!(
+            stored(keys::AUDIT, i),
+            whole[i as usize].1.len() - other_cert.len() + 6 + 32
+        );
+    }
+    let certs = s.inner.trees[keys::META].scan_prefix(b"cert\0").count();
+    assert_eq!(certs, 2);
+    // An outbox item too: counted and returned whole, stored without the
+    // certificate, and counted whole again after a reopen.
+    s.transact(|tx| tx.push_outbox("health", &envelope, Held::Cert(&other_cert), 0))
+        .await
+        .unwrap();
+    assert_eq!(s.queued_bytes(), envelope.len() as u64);
+    let value = s.inner.trees[keys::OUTBOX].iter().next().unwrap().unwrap().1;
+    assert_eq!(value.len(), 8 + envelope.len() - other_cert.len() + 6 + 32);
+    assert_eq!(s.outbox_batch("health", None, 10).unwrap()[0].1, envelope);
+    drop(s);
+    let s = open(dir.path(), 1 << 20);
+    assert_eq!(s.queued_bytes(), envelope.len() as u64);
+    let seq = s.outbox_batch("health", None, 10).unwrap()[0].0;
+    let taken = s.transact(|tx| tx.remove_outbox("health", seq)).await.unwrap();
+    assert_eq!(taken, Some(envelope.clone()));
+    assert_eq!(s.queued_bytes(), 0);
+    drop(s);
+
+    let s = open(dir.path(), 1 << 20);
+    check(&s, cursor);
+    // The envelopes' signer certificate is lost: reads that need it fail, naming it.
+    let digest = antar_core::envelope::sha256(&other_cert);
+    s.inner.trees[keys::META].remove(certs::key(&digest)).unwrap();
+    drop(s);
+    let s = open(dir.path(), 1 << 20);
+    let err = s.audit_entries(0, 10).unwrap_err().to_string();
+    assert!(err.contains("corrupt record in tree audit"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "no signer certificate with SHA-256 {}",
+            certs::hex(&digest)
+        )),
+        "{err}"
+    );
+    assert_eq!(s.receipts_after(0, 10).unwrap(), vec![(cursor, receipt)]);
 }

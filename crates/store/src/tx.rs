@@ -15,6 +15,7 @@ use prost::Message;
 use sled::IVec;
 use tokio::sync::Notify;
 
+use antar_core::envelope::sha256;
 use antar_core::MessageId;
 
 use crate::keys::{
@@ -22,7 +23,7 @@ use crate::keys::{
     RECEIPT_LOG, SEEN, TX_KEYS,
 };
 use crate::records::{DeadLetter, InboxEntry, MessageRecord};
-use crate::{certs, StoreError};
+use crate::{certs, cuts, StoreError};
 
 /// Why a transaction closure gave up; nothing it wrote is kept.
 #[derive(Debug)]
@@ -180,6 +181,19 @@ pub struct Tx<'a> {
 }
 
 type R<T> = Result<T, TxError>;
+
+/// What of a value written to a log the store holds already, so it is
+/// stored without it and put back when read (`cuts.rs`).
+#[derive(Debug, Clone, Copy)]
+pub enum Held<'a> {
+    /// Nothing: the value is stored whole.
+    Nothing,
+    /// The value holds this signer certificate (DER), stored once apart.
+    Cert(&'a [u8]),
+    /// The value holds the receipt this transaction logged at this cursor
+    /// ([`Tx::log_receipt`]).
+    Logged(u64),
+}
 
 impl<'a> Tx<'a> {
     /// A transaction over `trees` reading through `below`, handing out
@@ -365,23 +379,76 @@ impl<'a> Tx<'a> {
     /// each certificate this store does not hold yet.
     fn detach_certs(&self, record: &mut MessageRecord) -> R<()> {
         for (digest, der) in certs::detach(record) {
-            if self.cert(&digest)?.is_none() {
-                self.put(META, certs::key(&digest), der);
-            }
+            self.keep_cert(&digest, der)?;
         }
         Ok(())
     }
 
-    /// Queues a serialized `TransferItem` for `peer`; returns its sequence number.
+    /// Stores certificate `der` (SHA-256 `digest`) unless this store holds it.
+    fn keep_cert(&self, digest: &[u8], der: impl Into<IVec>) -> R<()> {
+        if self.cert(digest)?.is_none() {
+            self.put(META, certs::key(digest), der);
+        }
+        Ok(())
+    }
+
+    /// `value`, which holds `data`, as stored: without the part of `data`
+    /// that `held` says the store holds already (`cuts.rs`), else whole.
+    fn cut(&self, value: &[u8], data: &[u8], held: Held<'_>) -> R<Vec<u8>> {
+        let stored = match held {
+            Held::Nothing => None,
+            Held::Cert(der) => {
+                let digest = sha256(der);
+                let stored = cuts::cut(value, der, cuts::Part::Cert(&digest));
+                if stored.is_some() {
+                    self.keep_cert(&digest, der)?;
+                }
+                stored
+            }
+            Held::Logged(cursor) => {
+                debug_assert_eq!(
+                    self.logged(cursor)?.as_deref(),
+                    Some(data),
+                    "Held::Logged({cursor}) must name the receipt this transaction logged"
+                );
+                cuts::cut(value, data, cuts::Part::Receipt(cursor))
+            }
+        };
+        Ok(stored.unwrap_or_else(|| cuts::whole(value)))
+    }
+
+    /// The receipt logged at `cursor`, whole, as this transaction sees it.
+    fn logged(&self, cursor: u64) -> R<Option<Vec<u8>>> {
+        match self.get(RECEIPT_LOG, &cursor.to_be_bytes())? {
+            Some(stored) => Ok(Some(self.whole(RECEIPT_LOG, &stored)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The value `stored` in `tree` stands for, with the parts it was cut
+    /// of (`cuts.rs`) as this transaction sees them.
+    fn whole(&self, tree: usize, stored: &[u8]) -> R<Vec<u8>> {
+        let whole = cuts::restore(
+            stored,
+            &|digest| self.cert(digest),
+            &|cursor| self.get(RECEIPT_LOG, &cursor.to_be_bytes()),
+            &|e| Abort::Corrupt(crate::corrupt(tree, e)).into(),
+        )?;
+        Ok(whole.into_owned())
+    }
+
+    /// Queues a serialized `TransferItem` for `peer`, stored without what
+    /// `held` says the store holds already; returns its sequence number.
     /// `expires_ms` (0: never) indexes it for the expiry sweeper.
     ///
     /// # Errors
     /// A storage failure.
-    pub fn push_outbox(&self, peer: &str, item: &[u8], expires_ms: u64) -> R<u64> {
+    pub fn push_outbox(&self, peer: &str, item: &[u8], held: Held<'_>, expires_ms: u64) -> R<u64> {
         let seq = self.generate_id();
-        let mut value = Vec::with_capacity(8 + item.len());
+        let stored = self.cut(item, item, held)?;
+        let mut value = Vec::with_capacity(8 + stored.len());
         value.extend_from_slice(&expires_ms.to_be_bytes());
-        value.extend_from_slice(item);
+        value.extend_from_slice(&stored);
         self.put(OUTBOX, keys::seq_key(peer, seq), value);
         if expires_ms != 0 {
             self.put(EXPIRY, keys::expiry_key(expires_ms, peer, seq), &[][..]);
@@ -393,10 +460,10 @@ impl<'a> Tx<'a> {
     }
 
     /// Removes item `seq` from `peer`'s outbox; returns the `TransferItem`
-    /// bytes if it was there.
+    /// bytes, whole, if it was there.
     ///
     /// # Errors
-    /// A storage failure.
+    /// A storage failure, or [`Abort::Corrupt`].
     pub fn remove_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
         let Some(value) = self.remove(OUTBOX, keys::seq_key(peer, seq))? else {
             return Ok(None);
@@ -405,7 +472,7 @@ impl<'a> Tx<'a> {
         if expires_ms != 0 {
             self.remove(EXPIRY, keys::expiry_key(expires_ms, peer, seq))?;
         }
-        let item = value.get(8..).unwrap_or_default().to_vec();
+        let item = self.whole(OUTBOX, value.get(8..).unwrap_or_default())?;
         self.effects.borrow_mut().queued_delta -= item.len() as i64;
         Ok(Some(item))
     }
@@ -490,24 +557,33 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    /// Appends a serialized `SignedReceipt` to the receipt log; returns its cursor.
+    /// Appends a serialized `SignedReceipt` to the receipt log; returns its
+    /// cursor. `signer_cert` (the receipt's) is stored once, apart.
     ///
     /// # Errors
     /// A storage failure.
-    pub fn log_receipt(&self, signed_receipt: &[u8]) -> R<u64> {
+    pub fn log_receipt(&self, signed_receipt: &[u8], signer_cert: &[u8]) -> R<u64> {
         let cursor = self.generate_id() + 1;
-        self.put(RECEIPT_LOG, cursor.to_be_bytes(), signed_receipt);
+        let stored = self.cut(signed_receipt, signed_receipt, Held::Cert(signer_cert))?;
+        self.put(RECEIPT_LOG, cursor.to_be_bytes(), stored);
         self.effects.borrow_mut().receipts = true;
         Ok(cursor)
     }
 
     /// Appends an entry to the Merkle log in this transaction: the signed
-    /// envelope or receipt bytes (never a payload), at the next dense index.
+    /// envelope or receipt bytes (never a payload), at the next dense index,
+    /// stored without the bytes `held` says the store holds already.
     /// Returns the index.
     ///
     /// # Errors
     /// A storage failure.
-    pub fn audit_append(&self, kind: antar_core::wire::EntryKind, data: &[u8], message_id: &str) -> R<u64> {
+    pub fn audit_append(
+        &self,
+        kind: antar_core::wire::EntryKind,
+        data: &[u8],
+        held: Held<'_>,
+        message_id: &str,
+    ) -> R<u64> {
         let index = self
             .get(AUDIT_META, keys::AUDIT_SIZE)?
             .map_or(0, |v| keys::u64_of(&v));
@@ -519,7 +595,8 @@ impl<'a> Tx<'a> {
             logged_at: Some(antar_core::time::to_timestamp(std::time::SystemTime::now())),
         }
         .encode_to_vec();
-        self.put(AUDIT, index.to_be_bytes(), entry);
+        let stored = self.cut(&entry, data, held)?;
+        self.put(AUDIT, index.to_be_bytes(), stored);
         self.put(AUDIT_META, keys::AUDIT_SIZE, &(index + 1).to_be_bytes());
         Ok(index)
     }
@@ -557,12 +634,4 @@ fn ids_of(v: &[u8]) -> Vec<MessageId> {
 
 fn decode<M: Message + Default>(tree: usize, bytes: &[u8]) -> Result<M, Abort> {
     crate::decode(tree, bytes).map_err(Abort::Corrupt)
-}
-
-/// Bytes a queue value counts against the quota (used when rebuilding the count on open).
-pub(crate) fn queued_size(tree: usize, value: &[u8]) -> Result<u64, StoreError> {
-    match tree {
-        OUTBOX => Ok(value.len().saturating_sub(8) as u64),
-        _ => Ok(crate::decode::<InboxEntry>(tree, value)?.size),
-    }
 }

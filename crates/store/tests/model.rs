@@ -45,7 +45,7 @@ use std::time::Duration;
 use antar_core::merkle::{self, Hash};
 use antar_core::wire::{EntryKind, LogEntry};
 use antar_core::MessageId;
-use antar_store::{Abort, Store, StoreConfig, StoreError, Tx, TxError};
+use antar_store::{Abort, Held, Store, StoreConfig, StoreError, Tx, TxError};
 use proptest::prelude::*;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,11 @@ use serde::{Deserialize, Serialize};
 const PEERS: [&str; 2] = ["health", "hub"];
 const SERVICES: [&str; 2] = ["birth.notify", "tax.lookup"];
 const NAMESPACES: [&str; 2] = ["finance", "registry"];
+/// Stand-ins for signer certificates inside log entries.
+const SIGNERS: [&[u8]; 2] = [
+    b"certificate of finance's node",
+    b"certificate of registry's node",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Op {
@@ -223,18 +228,27 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             len,
             expires_ms,
         } => {
-            let item: Vec<u8> = (0..len).map(|i| (i as u64 + *next_id) as u8).collect();
+            // Signed by one of two nodes: the store keeps the certificate
+            // apart and must still count and return the item whole.
+            let signer = SIGNERS[peer % SIGNERS.len()];
+            let item: Vec<u8> = (0..len)
+                .map(|i| (i as u64 + *next_id) as u8)
+                .chain(signer.iter().copied())
+                .collect();
             *next_id += 1;
-            let seq = transact(store, |tx| tx.push_outbox(PEERS[peer], &item, expires_ms)).unwrap();
+            let seq = transact(store, |tx| {
+                tx.push_outbox(PEERS[peer], &item, Held::Cert(signer), expires_ms)
+            })
+            .unwrap();
             if expires_ms != 0 {
                 model.expiring.insert((PEERS[peer].into(), seq));
             }
+            model.queued_bytes += item.len() as u64;
             model
                 .outbox
                 .entry(PEERS[peer].into())
                 .or_default()
                 .push((seq, item));
-            model.queued_bytes += len as u64;
         }
         Op::RemoveOutbox { peer, pick } => {
             let Some(queue) = model.outbox.get_mut(PEERS[peer]) else {
@@ -285,12 +299,16 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
         }
         Op::Append { n } => {
             let first = model.log.len();
+            // Each entry holds a signer certificate, which the store keeps
+            // apart (once) and puts back when read.
+            let signer = |i: usize| SIGNERS[i % SIGNERS.len()];
             let data: Vec<Vec<u8>> = (first..first + n)
-                .map(|i| format!("entry {i}").into_bytes())
+                .map(|i| [format!("entry {i} by ").as_bytes(), signer(i)].concat())
                 .collect();
             let indexes = transact(store, |tx| {
-                data.iter()
-                    .map(|d| tx.audit_append(EntryKind::Envelope, d, "m"))
+                (first..)
+                    .zip(&data)
+                    .map(|(i, d)| tx.audit_append(EntryKind::Envelope, d, Held::Cert(signer(i)), "m"))
                     .collect::<Result<Vec<_>, _>>()
             })
             .unwrap();
@@ -300,10 +318,10 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
         Op::Aborted { peer } => {
             let id = MessageId::new();
             let r: Result<(), _> = transact(store, |tx| {
-                tx.push_outbox(PEERS[peer], b"never", 5)?;
+                tx.push_outbox(PEERS[peer], b"never", Held::Nothing, 5)?;
                 tx.push_inbox(SERVICES[0], &id, 5)?;
                 tx.mark_seen(NAMESPACES[0], &[5])?;
-                tx.audit_append(EntryKind::Receipt, b"never", "m")?;
+                tx.audit_append(EntryKind::Receipt, b"never", Held::Nothing, "m")?;
                 Err(Abort::Refused("test".into()).into())
             });
             assert!(matches!(r, Err(Ok(Abort::Refused(_)))));
