@@ -225,17 +225,17 @@ impl Admin for AdminService {
                 for id in &wanted {
                     let Some(dead) = tx.take_dead(id)? else { continue };
                     let item = TransferItem::decode(dead.item.as_slice()).unwrap_or_default();
-                    let recipient = match &item.item {
-                        Some(transfer_item::Item::Envelope(et)) => {
-                            Envelope::decode(et.envelope.clone().unwrap_or_default().envelope.as_slice())
-                                .unwrap_or_default()
-                                .recipient
-                        }
-                        _ => continue,
+                    let Some(transfer_item::Item::Envelope(et)) = &item.item else {
+                        continue;
                     };
+                    let signed = et.envelope.clone().unwrap_or_default();
+                    let recipient = Envelope::decode(signed.envelope.as_slice())
+                        .unwrap_or_default()
+                        .recipient;
                     let peer = shared.policy().next_hop(&recipient).unwrap_or(dead.peer.clone());
                     // Retried by an administrator: no longer subject to its TTL here.
-                    tx.push_outbox(&peer, &dead.item, antar_store::Held::Nothing, 0)?;
+                    let cert = antar_store::Held::Cert(&signed.signer_cert);
+                    tx.push_outbox(&peer, &dead.item, cert, 0)?;
                     retried.push(id.to_string());
                 }
                 Ok(retried)

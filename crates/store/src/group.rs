@@ -32,7 +32,8 @@
 //!   (`Store::message` follows certificate digests and `receipt_cursors`),
 //!   a message record before its inbox entry, an outbox item
 //!   before its expiry entry, log entries before the log
-//!   size, receipt-log cursors in ascending order.
+//!   size, receipt-log cursors in ascending order, and the certificate or
+//!   receipt a cut value refers to (`cuts.rs`) before the value.
 //! - A failed append or apply fails the store for good (fail-stop), like a
 //!   failed flush: every later `transact` and `durable` fails. Its outcome is
 //!   unknown (the record may be on disk and replayed at restart), so callers

@@ -4,20 +4,20 @@
 //! |---|---|---|
 //! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`), receipts of its own messages as `receipt_log` cursors; records from before hold them inline |
 //! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change |
-//! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem` |
+//! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signer certificate cut out (`cuts.rs`) |
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |
 //! | `inbox_index` | message id | inbox key |
 //! | `seen` | sender `\0` message id | empty: dedup of received envelopes and receipts |
 //! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |
-//! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent |
+//! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent, its signer certificate cut out (`cuts.rs`) |
 //! | `dead` | message id | `DeadLetter` |
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
-//! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log |
+//! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log, its signer certificate — or the receipt it logs, when in `receipt_log` — cut out (`cuts.rs`); restored byte for byte before it is hashed |
 //! | `audit_hash` | index (u64 BE) | no longer written: leaf hashes, in stores from before they were derived from `audit` |
 //! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit` / how many entries they cover (u64 BE), written in the same batch |
 //! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |
 //! | `journal` | id (u64 BE) | in stores from before ADR 0005: a group of writes being applied (`group.rs`); empty between groups |
-//! | `meta` | `next_id` / `cert\0` ‖ SHA-256 | the next sequence number or receipt cursor (u64 BE) / a signer certificate (DER) that message records refer to by its SHA-256 (`certs.rs`) |
+//! | `meta` | `next_id` / `cert\0` ‖ SHA-256 | the next sequence number or receipt cursor (u64 BE) / a signer certificate (DER) that message records and cut values refer to by its SHA-256 (`certs.rs`, `cuts.rs`); never removed |
 //!
 //! Sequence numbers come from the store's own counter (`meta`), monotonic
 //! across crashes, so queues are FIFO.
@@ -104,6 +104,16 @@ pub(crate) fn u64_of(bytes: &[u8]) -> u64 {
 
 pub(crate) fn seq_of(key: &[u8]) -> u64 {
     u64_of(&key[key.len().saturating_sub(8)..])
+}
+
+/// Key `key` of `tree` as an operator reads it, for error messages.
+pub(crate) fn describe(tree: usize, key: &[u8]) -> String {
+    match tree {
+        AUDIT => format!("log entry {}", u64_of(key)),
+        RECEIPT_LOG => format!("receipt log cursor {}", u64_of(key)),
+        OUTBOX | INBOX => format!("{} seq {}", name_of(key), seq_of(key)),
+        _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+    }
 }
 
 pub(crate) fn name_of(key: &[u8]) -> String {

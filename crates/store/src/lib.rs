@@ -91,7 +91,7 @@ struct Inner {
     signals: Arc<tx::Signals>,
     /// One thread at a time extends `audit_node`.
     node_filler: Mutex<()>,
-    /// Signer certificates of message records, as read from sled.
+    /// Signer certificates of message records and cut values, as read from sled.
     certs: certs::Cache,
 }
 
@@ -181,15 +181,24 @@ impl Store {
         let certs = certs::Cache::default();
         let mut queued = 0u64;
         for kv in trees[keys::OUTBOX].iter() {
-            let (_, v) = kv?;
+            let (k, v) = kv?;
             // An item counts whole, as it was queued (`Tx::push_outbox`).
+            let stored = v.get(8..).unwrap_or_default();
             let item = cuts::restore(
-                v.get(8..).unwrap_or_default(),
+                stored,
                 &|digest| Ok(certs.lookup(&trees[keys::META], digest)?),
                 &|cursor| Ok(trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?),
-                &|e| corrupt(keys::OUTBOX, e),
-            )?;
-            queued += item.len() as u64;
+                &|e| corrupt_at(keys::OUTBOX, &k, e),
+            );
+            queued += match item {
+                Ok(item) => item.len() as u64,
+                // Named here, and again when the item is read for sending;
+                // not a reason to keep every other queue from starting.
+                Err(e) => {
+                    tracing::error!(error = %e, "an outbox item cannot be restored");
+                    stored.len() as u64
+                }
+            };
         }
         for kv in trees[keys::INBOX].iter() {
             let (_, v) = kv?;
@@ -321,7 +330,7 @@ impl Store {
             };
             record.receipts.push(decode(
                 keys::RECEIPT_LOG,
-                &self.whole(keys::RECEIPT_LOG, &bytes)?,
+                &self.whole(keys::RECEIPT_LOG, &cursor.to_be_bytes(), &bytes)?,
             )?);
         }
         Ok(())
@@ -330,12 +339,12 @@ impl Store {
     /// The value a value of `tree` (`receipt_log`, `audit`, `outbox` items)
     /// stored as `stored` stands for, byte for byte: whole, or a cut with
     /// its part put back (`cuts.rs`).
-    fn whole<'s>(&self, tree: usize, stored: &'s [u8]) -> Result<Cow<'s, [u8]>, StoreError> {
+    fn whole<'s>(&self, tree: usize, key: &[u8], stored: &'s [u8]) -> Result<Cow<'s, [u8]>, StoreError> {
         cuts::restore(
             stored,
             &|digest| Ok(self.inner.certs.lookup(&self.inner.trees[keys::META], digest)?),
             &|cursor| Ok(self.inner.trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?),
-            &|e| corrupt(tree, e),
+            &|e| corrupt_at(tree, key, e),
         )
     }
 
@@ -420,7 +429,7 @@ impl Store {
                 break;
             }
             // The value is expires_ms (8 bytes) followed by the item as stored.
-            let item = self.whole(keys::OUTBOX, v.get(8..).unwrap_or_default())?;
+            let item = self.whole(keys::OUTBOX, &k, v.get(8..).unwrap_or_default())?;
             out.push((keys::seq_of(&k), item.into_owned()));
         }
         Ok(out)
@@ -517,7 +526,10 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.trees[keys::RECEIPT_LOG].range(start..).take(max) {
             let (k, v) = kv?;
-            out.push((keys::u64_of(&k), self.whole(keys::RECEIPT_LOG, &v)?.into_owned()));
+            out.push((
+                keys::u64_of(&k),
+                self.whole(keys::RECEIPT_LOG, &k, &v)?.into_owned(),
+            ));
         }
         Ok(out)
     }
@@ -532,7 +544,8 @@ impl Store {
             .map_or(0, |v| keys::u64_of(&v)))
     }
 
-    /// Log entries (index, exact stored `LogEntry` bytes) from `from`, up to `max`.
+    /// Log entries (index, exact `LogEntry` bytes as appended, restored from
+    /// their cut) from `from`, up to `max`.
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure.
@@ -543,7 +556,7 @@ impl Store {
             .take(max)
         {
             let (k, v) = kv?;
-            out.push((keys::u64_of(&k), self.whole(keys::AUDIT, &v)?.into_owned()));
+            out.push((keys::u64_of(&k), self.whole(keys::AUDIT, &k, &v)?.into_owned()));
         }
         Ok(out)
     }
@@ -584,7 +597,7 @@ impl Store {
         let mut n = filled;
         for kv in self.inner.trees[keys::AUDIT].range(filled.to_be_bytes()..size.to_be_bytes()) {
             let (k, v) = kv?;
-            let mut hash = leaf(n, &k, &self.whole(keys::AUDIT, &v)?)?;
+            let mut hash = leaf(n, &k, &self.whole(keys::AUDIT, &k, &v)?)?;
             n += 1;
             let mut level = 0;
             while let Some(&(l, left)) = frontier.last() {
@@ -645,7 +658,7 @@ impl Store {
             leaves.push(leaf(
                 first + leaves.len() as u64,
                 &k,
-                &self.whole(keys::AUDIT, &v)?,
+                &self.whole(keys::AUDIT, &k, &v)?,
             )?);
         }
         if leaves.len() as u64 != count {
@@ -815,6 +828,11 @@ pub(crate) fn corrupt(tree: usize, detail: String) -> StoreError {
         tree: keys::TREES[tree],
         detail,
     }
+}
+
+/// The value at `key` of `tree` is not what was written.
+pub(crate) fn corrupt_at(tree: usize, key: &[u8], detail: String) -> StoreError {
+    corrupt(tree, format!("{detail}, at {}", keys::describe(tree, key)))
 }
 
 #[cfg(test)]

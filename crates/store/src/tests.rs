@@ -187,9 +187,10 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     use antar_core::wire::EntryKind;
     let dir = tempfile::tempdir().unwrap();
     let leaves = |s: &Store, n: u64| -> Vec<merkle::Hash> {
-        s.inner.trees[keys::AUDIT]
-            .range(..n.to_be_bytes())
-            .map(|kv| merkle::leaf_hash(&kv.unwrap().1))
+        s.audit_entries(0, n as usize)
+            .unwrap()
+            .iter()
+            .map(|(_, entry)| merkle::leaf_hash(entry))
             .collect()
     };
     async fn append(s: &Store, n: usize) {
@@ -1089,5 +1090,6 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
         )),
         "{err}"
     );
+    assert!(err.contains("at log entry 1"), "{err}");
     assert_eq!(s.receipts_after(0, 10).unwrap(), vec![(cursor, receipt)]);
 }
