@@ -230,7 +230,7 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
             let mut ids = Vec::with_capacity(sealed.len());
             for (s, (env, accepted, delivered)) in sealed.iter().zip(&receipts) {
                 let id = s.id.to_string();
-                crate::state::audit_envelope(tx, &s.envelope, &id)?;
+                let logged = crate::state::audit_envelope(tx, &s.envelope, &id)?;
                 let accepted = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
                 let record = MessageRecord {
                     envelope: Some(s.envelope.clone()),
@@ -260,8 +260,8 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                             traceparent: v.traceparent.clone(),
                         })),
                     };
-                    let cert = antar_store::Held::Cert(&s.envelope.signer_cert);
-                    tx.push_outbox(&peer, &item.encode_to_vec(), cert, expires_ms(env))?;
+                    let held = antar_store::Held::Audited(logged);
+                    tx.push_outbox(&peer, &item.encode_to_vec(), held, expires_ms(env))?;
                 }
                 ids.push(s.id);
             }

@@ -226,12 +226,13 @@ async fn settle(
         .store
         .transact(|tx| {
             for a in &ack.acks {
+                if a.status != CustodyStatus::Rejected as i32 {
+                    tx.drop_outbox(peer, a.seq)?;
+                    continue;
+                }
                 let Some(item) = tx.remove_outbox(peer, a.seq)? else {
                     continue;
                 };
-                if a.status != CustodyStatus::Rejected as i32 {
-                    continue;
-                }
                 // Refused for good: keep it as a dead letter with the reason.
                 let item_decoded = TransferItem::decode(item.as_slice()).unwrap_or_default();
                 let Some(transfer_item::Item::Envelope(et)) = &item_decoded.item else {

@@ -21,7 +21,7 @@ use antar_core::wire::{
     ReceiptStatus, SignedReceipt, TransferAck, TransferBatch, TransferItem,
 };
 use antar_core::{Identity, MessageId, VerifiedEnvelope};
-use antar_store::{MessageRecord, Tx, TxError};
+use antar_store::{Held, MessageRecord, Tx, TxError};
 
 use crate::agency::CallWaiters;
 use crate::auth;
@@ -358,26 +358,17 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 return Ok(Settled::Duplicate);
             }
             let mut et = et.clone();
-            if let Some(signed) = &et.envelope {
-                crate::state::audit_envelope(tx, signed, &v.id.to_string())?;
-            }
+            let held = match &et.envelope {
+                Some(signed) => Held::Audited(crate::state::audit_envelope(tx, signed, &v.id.to_string())?),
+                None => Held::Nothing,
+            };
             et.hops.push(shared.agency.to_string());
             et.traceparent = crate::trace::child(&et.traceparent);
-            let cert = et
-                .envelope
-                .as_ref()
-                .map(|s| s.signer_cert.clone())
-                .unwrap_or_default();
             let item = TransferItem {
                 seq: 0,
                 item: Some(transfer_item::Item::Envelope(et)),
             };
-            tx.push_outbox(
-                next,
-                &item.encode_to_vec(),
-                antar_store::Held::Cert(&cert),
-                expires_ms(&v.envelope),
-            )?;
+            tx.push_outbox(next, &item.encode_to_vec(), held, expires_ms(&v.envelope))?;
             Ok(Settled::Stored)
         }
         Plan::Receipt(signed, receipt, hops) => {

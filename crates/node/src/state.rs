@@ -303,7 +303,7 @@ impl Shared {
             return self.apply_receipt(tx, signed, receipt);
         }
         // Issued here for another agency's message, or relayed through here.
-        audit_receipt(tx, signed, &receipt.message_id)?;
+        let logged = audit_receipt(tx, signed, &receipt.message_id)?;
         match self.policy().next_hop(&receipt.sender) {
             Some(peer) => {
                 let mut hops = hops;
@@ -315,8 +315,8 @@ impl Shared {
                         hops,
                     })),
                 };
-                let cert = antar_store::Held::Cert(&signed.signer_cert);
-                tx.push_outbox(&peer, &item.encode_to_vec(), cert, 0)?;
+                let held = antar_store::Held::Audited(logged);
+                tx.push_outbox(&peer, &item.encode_to_vec(), held, 0)?;
             }
             None => tracing::warn!(
                 message_id = %receipt.message_id,
@@ -460,11 +460,11 @@ pub(crate) fn expires_ms(envelope: &Envelope) -> u64 {
 }
 
 /// Logs a signed envelope (header and signature; never the payload) in the
-/// node's Merkle log, in the caller's transaction.
-pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &str) -> Result<(), TxError> {
+/// node's Merkle log, in the caller's transaction. Returns its index, by
+/// which an outbox item can hold it (`Held::Audited`).
+pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &str) -> Result<u64, TxError> {
     let cert = antar_store::Held::Cert(&signed.signer_cert);
     tx.audit_append(EntryKind::Envelope, &signed.encode_to_vec(), cert, message_id)
-        .map(drop)
 }
 
 /// A receipt about one of this node's own messages, encoded once: into the
@@ -483,9 +483,9 @@ pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &
     Ok(cursor)
 }
 
-/// Logs a signed receipt in the node's Merkle log, in the caller's transaction.
-pub(crate) fn audit_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<(), TxError> {
+/// Logs a signed receipt in the node's Merkle log, in the caller's
+/// transaction. Returns its index, as `audit_envelope`.
+pub(crate) fn audit_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<u64, TxError> {
     let cert = antar_store::Held::Cert(&signed.signer_cert);
     tx.audit_append(EntryKind::Receipt, &signed.encode_to_vec(), cert, message_id)
-        .map(drop)
 }

@@ -1,28 +1,33 @@
-//! Log values stored with a part kept elsewhere cut out.
+//! Values stored with a part kept elsewhere cut out.
 //!
-//! A receipt in the receipt log and an entry of the Merkle log carry bytes
-//! the store holds already: the signer's certificate (436 of a receipt's
-//! ~900 bytes), kept once in `meta` (`certs.rs`), and, in the log entry of
-//! a receipt about one of this node's own messages, the whole receipt,
-//! logged in `receipt_log` by the same transaction. Written whole, they
-//! were most of the bytes a message cost the journal and sled (measured:
-//! ~6.4 of ~10 KB per message at a sending node). So such a value is
+//! Log values and outbox items carry bytes the store holds already: the
+//! signer's certificate (436 of a receipt's ~900 bytes), kept once in
+//! `meta` (`certs.rs`); in the log entry of a receipt about one of this
+//! node's own messages, the whole receipt, logged in `receipt_log` by the
+//! same transaction; in an outbox item, the signed envelope or receipt
+//! that the same transaction appended to the Merkle log. Written whole,
+//! they were most of the bytes a message cost the journal and sled
+//! (measured: 16.8 KB per message for both nodes). So such a value is
 //! stored as a *cut*: the value without the part, and where the part was
 //! and what it was. Reading puts the part back byte for byte — the Merkle
 //! log's leaf hashes are over the exact bytes, and nothing outside this
 //! crate ever sees a cut.
 //!
 //! Layout of a cut: `0x00`, the part's kind (1: a certificate, by its
-//! SHA-256; 2: a receipt, by its receipt-log cursor, u64 BE), the part's
-//! offset in the value (u32 BE), the reference, then the value without the
-//! part. No protobuf message begins with a zero byte (there is no field
-//! number 0), so a value stored whole — everything written before cuts
-//! existed, and any value the part was not found in — is told apart by its
-//! first byte and read as it is (one that does begin with it is stored
-//! behind `0x00 0x00`).
+//! SHA-256; 2: a receipt, by its receipt-log cursor, u64 BE; 3: the data
+//! of a log entry, by its index, u64 BE, and its length, u32 BE, so that
+//! an outbox item's length is known without reading the entry), the part's offset in the value
+//! (u32 BE), the reference, then the value without the part. A part read
+//! from another value is restored first (at most [`DEPTH`] such steps). No
+//! protobuf message begins with a zero byte (there is no field number 0),
+//! so a value stored whole — everything written before cuts existed, and
+//! any value the part was not found in — is told apart by its first byte
+//! and read as it is (one that does begin with it is stored behind
+//! `0x00 0x00`).
 
 use std::borrow::Cow;
 
+use prost::Message;
 use sled::IVec;
 
 use crate::certs::DIGEST;
@@ -33,6 +38,10 @@ const MARK: u8 = 0;
 const WHOLE: u8 = 0;
 const CERT: u8 = 1;
 const RECEIPT: u8 = 2;
+const ENTRY: u8 = 3;
+/// Parts read from other values, one inside the other, at most: an outbox
+/// item's log entry's receipt.
+const DEPTH: usize = 2;
 /// Mark, kind, offset.
 const HEAD: usize = 6;
 
@@ -44,6 +53,9 @@ pub(crate) enum Part<'a> {
     /// The receipt at this receipt-log cursor, as read from there (itself
     /// possibly a cut of its certificate).
     Receipt(u64),
+    /// The data (signed envelope or receipt) of the Merkle-log entry at
+    /// this index, as read from there (itself possibly a cut).
+    Entry(u64),
 }
 
 /// `value` with the first occurrence of `part` cut out and `reference`
@@ -54,6 +66,14 @@ pub(crate) fn cut(value: &[u8], part: &[u8], reference: Part<'_>) -> Option<Vec<
     let (kind, reference): (u8, Cow<'_, [u8]>) = match reference {
         Part::Cert(digest) => (CERT, Cow::Borrowed(digest)),
         Part::Receipt(cursor) => (RECEIPT, Cow::Owned(cursor.to_be_bytes().to_vec())),
+        // With the part's length, so a queue's bytes are counted without reading it.
+        Part::Entry(index) => {
+            let len = u32::try_from(part.len()).ok()?;
+            (
+                ENTRY,
+                Cow::Owned([&index.to_be_bytes()[..], &len.to_be_bytes()].concat()),
+            )
+        }
     };
     let mut out = Vec::with_capacity(HEAD + reference.len() + value.len() - part.len());
     out.extend_from_slice(&[MARK, kind]);
@@ -85,37 +105,130 @@ fn find(value: &[u8], part: &[u8]) -> Option<usize> {
 /// A part looked up by its reference: absent, or a storage failure.
 pub(crate) type Lookup<E> = Result<Option<IVec>, E>;
 
+/// Where the parts of cuts are read from: values as stored.
+pub(crate) trait Parts {
+    type Error;
+    /// The certificate with SHA-256 `digest`.
+    fn cert(&self, digest: &[u8]) -> Lookup<Self::Error>;
+    /// The stored value of `receipt_log` at `cursor`.
+    fn receipt(&self, cursor: u64) -> Lookup<Self::Error>;
+    /// The stored value of `audit` at `index`.
+    fn entry(&self, index: u64) -> Lookup<Self::Error>;
+}
+
 /// The value `stored` stands for, byte for byte: itself when stored
-/// whole, else the cut with its part put back — a certificate read
-/// through `cert` (by SHA-256), a receipt through `receipt` (the stored
-/// receipt-log value at a cursor, itself restored with `cert`). A cut that
-/// does not parse, or whose part is not found, is named through `corrupt`.
+/// whole, else the cut with its part, read through `parts`, put back. A
+/// cut that does not parse, or whose part is not found, is named through
+/// `corrupt`.
 pub(crate) fn restore<'s, E>(
     stored: &'s [u8],
-    cert: &dyn Fn(&[u8]) -> Lookup<E>,
-    receipt: &dyn Fn(u64) -> Lookup<E>,
+    parts: &dyn Parts<Error = E>,
     corrupt: &dyn Fn(String) -> E,
 ) -> Result<Cow<'s, [u8]>, E> {
+    restore_within(stored, parts, corrupt, DEPTH)
+}
+
+fn restore_within<'s, E>(
+    stored: &'s [u8],
+    parts: &dyn Parts<Error = E>,
+    corrupt: &dyn Fn(String) -> E,
+    depth: usize,
+) -> Result<Cow<'s, [u8]>, E> {
+    let inner = |value: Option<IVec>| -> Result<Option<Cow<'static, [u8]>>, E> {
+        let Some(value) = value else { return Ok(None) };
+        let Some(depth) = depth.checked_sub(1) else {
+            return Err(corrupt("a stored value refers to parts nested too deep".into()));
+        };
+        Ok(Some(Cow::Owned(
+            restore_within(&value, parts, corrupt, depth)?.into_owned(),
+        )))
+    };
     fill(
         stored,
         |part| match part {
-            Part::Cert(digest) => cert(digest),
-            Part::Receipt(cursor) => match receipt(cursor)? {
-                // A receipt's own value refers to its certificate only.
-                Some(r) => fill(
-                    &r,
-                    |part| match part {
-                        Part::Cert(digest) => cert(digest),
-                        Part::Receipt(_) => Ok(None),
-                    },
-                    corrupt,
-                )
-                .map(|whole| Some(IVec::from(whole.as_ref()))),
+            Part::Cert(digest) => Ok(parts.cert(digest)?.map(|c| Cow::Owned(c.to_vec()))),
+            Part::Receipt(cursor) => inner(parts.receipt(cursor)?),
+            Part::Entry(index) => match inner(parts.entry(index)?)? {
+                Some(entry) => entry_data(&entry)
+                    .map(|data| Some(Cow::Owned(data)))
+                    .map_err(|e| corrupt(format!("log entry {index}, which a value refers to, {e}"))),
                 None => Ok(None),
             },
         },
         corrupt,
     )
+}
+
+/// The data (signed envelope or receipt bytes) of a whole log entry.
+pub(crate) fn entry_data(entry: &[u8]) -> Result<Vec<u8>, String> {
+    antar_core::wire::LogEntry::decode(entry)
+        .map(|e| e.data)
+        .map_err(|e| format!("does not decode: {e}"))
+}
+
+/// A stored value, parsed.
+enum Stored<'s> {
+    Whole(&'s [u8]),
+    Cut {
+        part: Part<'s>,
+        /// The part's length, when the cut records it (`ENTRY`).
+        len: Option<usize>,
+        offset: usize,
+        rest: &'s [u8],
+    },
+}
+
+fn parse(stored: &[u8]) -> Result<Stored<'_>, String> {
+    if stored.first() != Some(&MARK) {
+        return Ok(Stored::Whole(stored));
+    }
+    if stored.get(1) == Some(&WHOLE) {
+        return Ok(Stored::Whole(&stored[2..]));
+    }
+    let bad = |what: &str| format!("a stored value cut for a shared part {what}");
+    let (kind, offset, rest) = match stored {
+        [_, kind, a, b, c, d, rest @ ..] => (*kind, u32::from_be_bytes([*a, *b, *c, *d]) as usize, rest),
+        _ => return Err(bad("is shorter than its header")),
+    };
+    let number = |rest: &[u8]| {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&rest[..8]);
+        u64::from_be_bytes(n)
+    };
+    let (part, len, rest) = match kind {
+        CERT if rest.len() >= DIGEST => (Part::Cert(&rest[..DIGEST]), None, &rest[DIGEST..]),
+        RECEIPT if rest.len() >= 8 => (Part::Receipt(number(rest)), None, &rest[8..]),
+        ENTRY if rest.len() >= 12 => {
+            let len = u32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]) as usize;
+            (Part::Entry(number(rest)), Some(len), &rest[12..])
+        }
+        _ => return Err(bad(&format!("has an unknown kind {kind} or a short reference"))),
+    };
+    if offset > rest.len() {
+        return Err(bad(&format!("puts it at {offset}, past the value's end")));
+    }
+    Ok(Stored::Cut {
+        part,
+        len,
+        offset,
+        rest,
+    })
+}
+
+/// The length of the value `stored` stands for, without reading a part
+/// whose length the cut records.
+pub(crate) fn whole_len<E>(
+    stored: &[u8],
+    parts: &dyn Parts<Error = E>,
+    corrupt: &dyn Fn(String) -> E,
+) -> Result<usize, E> {
+    match parse(stored).map_err(corrupt)? {
+        Stored::Whole(value) => Ok(value.len()),
+        Stored::Cut {
+            len: Some(len), rest, ..
+        } => Ok(rest.len() + len),
+        Stored::Cut { .. } => Ok(restore(stored, parts, corrupt)?.len()),
+    }
 }
 
 /// `stored` made whole with the part `lookup` returns (see `restore`).
@@ -124,38 +237,31 @@ fn fill<'s, P: AsRef<[u8]>, E>(
     lookup: impl FnOnce(Part<'_>) -> Result<Option<P>, E>,
     corrupt: &dyn Fn(String) -> E,
 ) -> Result<Cow<'s, [u8]>, E> {
-    if stored.first() != Some(&MARK) {
-        return Ok(Cow::Borrowed(stored));
-    }
-    if stored.get(1) == Some(&WHOLE) {
-        return Ok(Cow::Borrowed(&stored[2..]));
-    }
-    let bad = |what: &str| corrupt(format!("a stored value cut for a shared part {what}"));
-    let (kind, offset, rest) = match stored {
-        [_, kind, a, b, c, d, rest @ ..] => (*kind, u32::from_be_bytes([*a, *b, *c, *d]) as usize, rest),
-        _ => return Err(bad("is shorter than its header")),
+    let (part, len, offset, rest) = match parse(stored).map_err(corrupt)? {
+        Stored::Whole(value) => return Ok(Cow::Borrowed(value)),
+        Stored::Cut {
+            part,
+            len,
+            offset,
+            rest,
+        } => (part, len, offset, rest),
     };
-    let (part, rest) = match kind {
-        CERT if rest.len() >= DIGEST => (Part::Cert(&rest[..DIGEST]), &rest[DIGEST..]),
-        RECEIPT if rest.len() >= 8 => {
-            let mut cursor = [0u8; 8];
-            cursor.copy_from_slice(&rest[..8]);
-            (Part::Receipt(u64::from_be_bytes(cursor)), &rest[8..])
-        }
-        _ => return Err(bad(&format!("has an unknown kind {kind} or a short reference"))),
-    };
-    if offset > rest.len() {
-        return Err(bad(&format!("puts it at {offset}, past the value's end")));
-    }
     let Some(bytes) = lookup(part)? else {
         return Err(corrupt(match part {
             Part::Cert(digest) => format!("no signer certificate with SHA-256 {}", crate::certs::hex(digest)),
             Part::Receipt(cursor) => {
-                format!("a log value refers to receipt log cursor {cursor}, which holds nothing")
+                format!("a value refers to receipt log cursor {cursor}, which holds nothing")
             }
+            Part::Entry(index) => format!("a value refers to log entry {index}, which holds nothing"),
         }));
     };
     let bytes = bytes.as_ref();
+    if len.is_some_and(|len| len != bytes.len()) {
+        return Err(corrupt(format!(
+            "a value's part is {} bytes, not the {len:?} it was cut as",
+            bytes.len()
+        )));
+    }
     let mut out = Vec::with_capacity(rest.len() + bytes.len());
     out.extend_from_slice(&rest[..offset]);
     out.extend_from_slice(bytes);
@@ -237,5 +343,92 @@ mod tests {
         let missing = cut(b"\x0ax", b"x", Part::Receipt(3)).unwrap();
         let err = fill_with(&missing, b"", b"").unwrap_err();
         assert!(err.contains("receipt log cursor 3, which holds nothing"), "{err}");
+    }
+
+    /// Values as a store would hold them, by reference.
+    #[derive(Default)]
+    struct Held {
+        certs: Vec<([u8; 32], Vec<u8>)>,
+        /// By cursor and index, big-endian, as the store keys them.
+        receipts: Vec<([u8; 8], Vec<u8>)>,
+        entries: Vec<([u8; 8], Vec<u8>)>,
+    }
+
+    fn lookup<K: PartialEq + ?Sized>(list: &[(impl AsRef<K>, Vec<u8>)], key: &K) -> Lookup<String> {
+        Ok(list
+            .iter()
+            .find(|(k, _)| k.as_ref() == key)
+            .map(|(_, v)| v.as_slice().into()))
+    }
+
+    impl Parts for Held {
+        type Error = String;
+        fn cert(&self, digest: &[u8]) -> Lookup<String> {
+            lookup(&self.certs, digest)
+        }
+        fn receipt(&self, cursor: u64) -> Lookup<String> {
+            lookup(&self.receipts, &cursor.to_be_bytes()[..])
+        }
+        fn entry(&self, index: u64) -> Lookup<String> {
+            lookup(&self.entries, &index.to_be_bytes()[..])
+        }
+    }
+
+    #[test]
+    fn parts_read_from_other_values_are_restored_first_and_not_without_end() {
+        use antar_core::wire::LogEntry;
+        let cert = b"CERTIFICATE".as_slice();
+        let receipt = b"\x0asigned receipt by CERTIFICATE".to_vec();
+        let entry = |data: &[u8]| {
+            LogEntry {
+                index: 4,
+                data: data.to_vec(),
+                message_id: "m".into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let mut held = Held::default();
+        held.certs.push(([7; 32], cert.to_vec()));
+        held.receipts.push((
+            9u64.to_be_bytes(),
+            cut(&receipt, cert, Part::Cert(&[7; 32])).unwrap(),
+        ));
+        // A log entry holding the receipt by cursor, and an outbox item
+        // holding that entry's data: two steps from the item to the
+        // receipt, one more to its certificate.
+        held.entries.push((
+            4u64.to_be_bytes(),
+            cut(&entry(&receipt), &receipt, Part::Receipt(9)).unwrap(),
+        ));
+        let item = [b"\x12\x05hops!".as_slice(), &receipt].concat();
+        let stored = cut(&item, &receipt, Part::Entry(4)).unwrap();
+        assert_eq!(stored.len(), item.len() - receipt.len() + HEAD + 12);
+        assert_eq!(restore(&stored, &held, &|e| e).unwrap(), item.as_slice());
+        // Its length is known without reading the entry.
+        assert_eq!(whole_len(&stored, &Held::default(), &|e| e).unwrap(), item.len());
+        // An entry that refers to itself ends, named.
+        held.entries[0] = (
+            4u64.to_be_bytes(),
+            cut(&entry(&receipt), &receipt, Part::Entry(4)).unwrap(),
+        );
+        let err = restore(&stored, &held, &|e| e).unwrap_err();
+        assert!(err.contains("nested too deep"), "{err}");
+        // An entry that does not decode is named with its index.
+        held.entries[0] = (
+            4u64.to_be_bytes(),
+            cut(b"\x0a\x05shortCERTIFICATE", cert, Part::Cert(&[7; 32])).unwrap(),
+        );
+        let err = restore(&stored, &held, &|e| e).unwrap_err();
+        assert!(
+            err.contains("log entry 4, which a value refers to, does not decode"),
+            "{err}"
+        );
+        held.entries.clear();
+        let err = restore(&stored, &held, &|e| e).unwrap_err();
+        assert!(
+            err.contains("refers to log entry 4, which holds nothing"),
+            "{err}"
+        );
     }
 }

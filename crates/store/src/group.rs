@@ -26,7 +26,7 @@
 //! - `transact` returns only after its group is synced and in sled: it is
 //!   durable, and a reader outside a transaction sees its writes.
 //! - A reader outside a transaction may see a group half applied. Writes go
-//!   in (tree, key) order, `meta`, `bodies` and `receipt_log` first, chosen
+//!   in (tree, key) order, `meta`, `bodies`, `receipt_log` and `audit` first, chosen
 //!   so that what such a reader follows is there first: a message's signer
 //!   certificates, envelope, payload and receipts before its record
 //!   (`Store::message` follows certificate digests and `receipt_cursors`),

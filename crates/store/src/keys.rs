@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`), receipts of its own messages as `receipt_log` cursors; records from before hold them inline |
 //! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change |
-//! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signer certificate cut out (`cuts.rs`) |
+//! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signed envelope or receipt cut out (held by its `audit` entry) or else its signer certificate (`cuts.rs`) |
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |
 //! | `inbox_index` | message id | inbox key |
 //! | `seen` | sender `\0` message id | empty: dedup of received envelopes and receipts |

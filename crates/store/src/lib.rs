@@ -184,14 +184,13 @@ impl Store {
             let (k, v) = kv?;
             // An item counts whole, as it was queued (`Tx::push_outbox`).
             let stored = v.get(8..).unwrap_or_default();
-            let item = cuts::restore(
-                stored,
-                &|digest| Ok(certs.lookup(&trees[keys::META], digest)?),
-                &|cursor| Ok(trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?),
-                &|e| corrupt_at(keys::OUTBOX, &k, e),
-            );
-            queued += match item {
-                Ok(item) => item.len() as u64,
+            let parts = InSled {
+                trees: &trees,
+                certs: &certs,
+            };
+            let len = cuts::whole_len(stored, &parts, &|e| corrupt_at(keys::OUTBOX, &k, e));
+            queued += match len {
+                Ok(len) => len as u64,
                 // Named here, and again when the item is read for sending;
                 // not a reason to keep every other queue from starting.
                 Err(e) => {
@@ -340,12 +339,11 @@ impl Store {
     /// stored as `stored` stands for, byte for byte: whole, or a cut with
     /// its part put back (`cuts.rs`).
     fn whole<'s>(&self, tree: usize, key: &[u8], stored: &'s [u8]) -> Result<Cow<'s, [u8]>, StoreError> {
-        cuts::restore(
-            stored,
-            &|digest| Ok(self.inner.certs.lookup(&self.inner.trees[keys::META], digest)?),
-            &|cursor| Ok(self.inner.trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?),
-            &|e| corrupt_at(tree, key, e),
-        )
+        let parts = InSled {
+            trees: &self.inner.trees,
+            certs: &self.inner.certs,
+        };
+        cuts::restore(stored, &parts, &|e| corrupt_at(tree, key, e))
     }
 
     /// Drops the payload of every message for which `purge` says so (it sees
@@ -827,6 +825,28 @@ pub(crate) fn corrupt(tree: usize, detail: String) -> StoreError {
     StoreError::Corrupt {
         tree: keys::TREES[tree],
         detail,
+    }
+}
+
+/// The parts of cut values, read from sled (certificates through the cache).
+struct InSled<'a> {
+    trees: &'a [sled::Tree],
+    certs: &'a certs::Cache,
+}
+
+impl cuts::Parts for InSled<'_> {
+    type Error = StoreError;
+
+    fn cert(&self, digest: &[u8]) -> cuts::Lookup<StoreError> {
+        Ok(self.certs.lookup(&self.trees[keys::META], digest)?)
+    }
+
+    fn receipt(&self, cursor: u64) -> cuts::Lookup<StoreError> {
+        Ok(self.trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?)
+    }
+
+    fn entry(&self, index: u64) -> cuts::Lookup<StoreError> {
+        Ok(self.trees[keys::AUDIT].get(index.to_be_bytes())?)
     }
 }
 

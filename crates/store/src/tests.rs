@@ -1093,3 +1093,78 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
     assert!(err.contains("at log entry 1"), "{err}");
     assert_eq!(s.receipts_after(0, 10).unwrap(), vec![(cursor, receipt)]);
 }
+
+/// An outbox item holds the signed envelope its transaction appended to
+/// the Merkle log by the entry's index: stored without it, counted and
+/// returned whole, before and after a reopen. The log entry reaches sled
+/// before the item that refers to it; an item without the entry's data is
+/// stored whole.
+#[tokio::test]
+async fn an_outbox_item_holds_its_log_entry_by_index() {
+    use antar_core::wire::{
+        transfer_item, EntryKind, EnvelopeTransfer, Payload, SignedEnvelope, TransferItem,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cert = vec![6u8; 420];
+    let signed = SignedEnvelope {
+        envelope: vec![3; 300],
+        signature: vec![4; 64],
+        signer_cert: cert.clone(),
+        ..Default::default()
+    };
+    let item = TransferItem {
+        seq: 0,
+        item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
+            envelope: Some(signed.clone()),
+            payload: Some(Payload {
+                salt: vec![1; 32],
+                data: vec![2; 1000],
+            }),
+            hops: vec!["finance".into()],
+            traceparent: String::new(),
+        })),
+    }
+    .encode_to_vec();
+    let signed = signed.encode_to_vec();
+    let s = open(dir.path(), 1 << 20);
+    s.transact(|tx| {
+        let index = tx.audit_append(EntryKind::Envelope, &signed, Held::Cert(&cert), "m")?;
+        tx.push_outbox("health", &item, Held::Audited(index), 0)?;
+        // Not holding the entry's data: whole.
+        tx.push_outbox("hub", b"\x0aunrelated", Held::Audited(index), 0)
+    })
+    .await
+    .unwrap();
+    let stored = |s: &Store, peer: &str| {
+        let (_, v) = s.inner.trees[keys::OUTBOX]
+            .scan_prefix(keys::prefixed(peer))
+            .next()
+            .unwrap()
+            .unwrap();
+        v.len() - 8
+    };
+    assert_eq!(stored(&s, "health"), item.len() - signed.len() + 6 + 12);
+    assert_eq!(stored(&s, "hub"), 10);
+    assert_eq!(s.queued_bytes(), (item.len() + 10) as u64);
+    assert_eq!(s.outbox_batch("health", None, 10).unwrap()[0].1, item);
+    drop(s);
+
+    let s = open(dir.path(), 1 << 20);
+    assert_eq!(s.queued_bytes(), (item.len() + 10) as u64);
+    let seq = s.outbox_batch("health", None, 10).unwrap()[0].0;
+    let taken = s.transact(|tx| tx.remove_outbox("health", seq)).await.unwrap();
+    assert_eq!(taken.as_deref(), Some(item.as_slice()));
+    assert_eq!(s.queued_bytes(), 10);
+
+    // A group applies log entries before the outbox items that hold them.
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    let index = tx
+        .audit_append(EntryKind::Envelope, &signed, Held::Cert(&cert), "m")
+        .unwrap();
+    tx.push_outbox("health", &item, Held::Audited(index), 0).unwrap();
+    let (group, _, _) = tx.into_parts();
+    let order: Vec<usize> = group.iter().map(|(tree, ..)| tree).collect();
+    let at = |tree| order.iter().position(|t| *t == tree).unwrap();
+    assert!(at(keys::AUDIT) < at(keys::OUTBOX), "{order:?}");
+    assert!(at(keys::AUDIT) < at(keys::AUDIT_META), "{order:?}");
+}

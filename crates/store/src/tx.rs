@@ -86,14 +86,16 @@ impl Writes {
 
     /// Every write, tree by tree in key order.
     ///
-    /// The trees a record points into come first — `meta` (its signer
-    /// certificates), `bodies`, `receipt_log` —: a reader outside a
+    /// The trees other values point into come first — `meta` (signer
+    /// certificates), `bodies`, `receipt_log`, `audit` (in that order: a
+    /// log entry may point into `receipt_log`) —: a reader outside a
     /// transaction sees sled while a group is being applied, and must never
     /// find a new record in `messages` (or its inbox entry) whose
     /// certificates, envelope and payload or receipts (`receipt_cursors`)
-    /// are not in sled yet.
+    /// are not in sled yet, nor an outbox item whose log entry is not.
+    /// The log's size (`audit_meta`) still comes after its entries.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &[u8], &Option<IVec>)> {
-        const FIRST: [usize; 3] = [META, BODIES, RECEIPT_LOG];
+        const FIRST: [usize; 4] = [META, BODIES, RECEIPT_LOG, AUDIT];
         let first = FIRST.into_iter().filter_map(|t| self.0.get_key_value(&t));
         let rest = self.0.iter().filter(|(tree, _)| !FIRST.contains(tree));
         first
@@ -182,8 +184,25 @@ pub struct Tx<'a> {
 
 type R<T> = Result<T, TxError>;
 
-/// What of a value written to a log the store holds already, so it is
-/// stored without it and put back when read (`cuts.rs`).
+/// A transaction reads the parts of cut values as it sees them.
+impl cuts::Parts for Tx<'_> {
+    type Error = TxError;
+
+    fn cert(&self, digest: &[u8]) -> cuts::Lookup<TxError> {
+        Tx::cert(self, digest)
+    }
+
+    fn receipt(&self, cursor: u64) -> cuts::Lookup<TxError> {
+        self.get(RECEIPT_LOG, &cursor.to_be_bytes())
+    }
+
+    fn entry(&self, index: u64) -> cuts::Lookup<TxError> {
+        self.get(AUDIT, &index.to_be_bytes())
+    }
+}
+
+/// What of a value written to a log or an outbox the store holds already,
+/// so it is stored without it and put back when read (`cuts.rs`).
 #[derive(Debug, Clone, Copy)]
 pub enum Held<'a> {
     /// Nothing: the value is stored whole.
@@ -193,6 +212,10 @@ pub enum Held<'a> {
     /// The value holds the receipt this transaction logged at this cursor
     /// ([`Tx::log_receipt`]).
     Logged(u64),
+    /// The value holds the data (signed envelope or receipt) of the
+    /// Merkle-log entry this transaction appended at this index
+    /// ([`Tx::audit_append`]).
+    Audited(u64),
 }
 
 impl<'a> Tx<'a> {
@@ -417,6 +440,14 @@ impl<'a> Tx<'a> {
                 );
                 None
             }
+            // The entry's data is found in the value, or the value is stored whole.
+            Held::Audited(index) => match self.audited(index)? {
+                Some(data) => cuts::cut(value, &data, cuts::Part::Entry(index)),
+                None => {
+                    debug_assert!(false, "Held::Audited({index}) must name an entry of the log");
+                    None
+                }
+            },
         };
         Ok(stored.unwrap_or_else(|| cuts::whole(value)))
     }
@@ -432,13 +463,22 @@ impl<'a> Tx<'a> {
     /// The value `stored` in `tree` stands for, with the parts it was cut
     /// of (`cuts.rs`) as this transaction sees them.
     fn whole(&self, tree: usize, key: &[u8], stored: &[u8]) -> R<Vec<u8>> {
-        let whole = cuts::restore(
-            stored,
-            &|digest| self.cert(digest),
-            &|cursor| self.get(RECEIPT_LOG, &cursor.to_be_bytes()),
-            &|e| Abort::Corrupt(crate::corrupt_at(tree, key, e)).into(),
-        )?;
+        let whole = cuts::restore(stored, self, &|e| {
+            Abort::Corrupt(crate::corrupt_at(tree, key, e)).into()
+        })?;
         Ok(whole.into_owned())
+    }
+
+    /// The data of the log entry at `index` (signed envelope or receipt
+    /// bytes), as this transaction sees it.
+    fn audited(&self, index: u64) -> R<Option<Vec<u8>>> {
+        let key = index.to_be_bytes();
+        let Some(stored) = self.get(AUDIT, &key)? else {
+            return Ok(None);
+        };
+        let entry = self.whole(AUDIT, &key, &stored)?;
+        let data = cuts::entry_data(&entry).map_err(|e| Abort::Corrupt(crate::corrupt_at(AUDIT, &key, e)))?;
+        Ok(Some(data))
     }
 
     /// Queues a serialized `TransferItem` for `peer`, stored without what
@@ -469,20 +509,37 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn remove_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
-        let Some(value) = self.remove(OUTBOX, keys::seq_key(peer, seq))? else {
+        match self.take_outbox(peer, seq)? {
+            Some(stored) => Ok(Some(self.whole(OUTBOX, &keys::seq_key(peer, seq), &stored)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes item `seq` from `peer`'s outbox without reading what it
+    /// holds (a peer took custody of it); returns whether it was there.
+    ///
+    /// # Errors
+    /// A storage failure, or [`Abort::Corrupt`].
+    pub fn drop_outbox(&self, peer: &str, seq: u64) -> R<bool> {
+        Ok(self.take_outbox(peer, seq)?.is_some())
+    }
+
+    /// Removes item `seq` from `peer`'s outbox and its expiry entry, and
+    /// counts its whole length off the quota; returns the item as stored.
+    fn take_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
+        let key = keys::seq_key(peer, seq);
+        let Some(value) = self.remove(OUTBOX, key.clone())? else {
             return Ok(None);
         };
         let expires_ms = keys::u64_of(&value);
         if expires_ms != 0 {
             self.remove(EXPIRY, keys::expiry_key(expires_ms, peer, seq))?;
         }
-        let item = self.whole(
-            OUTBOX,
-            &keys::seq_key(peer, seq),
-            value.get(8..).unwrap_or_default(),
-        )?;
-        self.effects.borrow_mut().queued_delta -= item.len() as i64;
-        Ok(Some(item))
+        let stored = value.get(8..).unwrap_or_default().to_vec();
+        let corrupt = |e| Abort::Corrupt(crate::corrupt_at(OUTBOX, &key, e)).into();
+        let len = cuts::whole_len(&stored, self, &corrupt)?;
+        self.effects.borrow_mut().queued_delta -= len as i64;
+        Ok(Some(stored))
     }
 
     /// Puts message `id` in `service`'s inbox, counting `size` bytes against the quota.
