@@ -256,9 +256,9 @@ fn fill<'s, P: AsRef<[u8]>, E>(
         }));
     };
     let bytes = bytes.as_ref();
-    if len.is_some_and(|len| len != bytes.len()) {
+    if let Some(len) = len.filter(|len| *len != bytes.len()) {
         return Err(corrupt(format!(
-            "a value's part is {} bytes, not the {len:?} it was cut as",
+            "a value's part is {} bytes, not the {len} it was cut as",
             bytes.len()
         )));
     }

@@ -32,8 +32,10 @@
 //!   (`Store::message` follows certificate digests and `receipt_cursors`),
 //!   a message record before its inbox entry, an outbox item
 //!   before its expiry entry, log entries before the log
-//!   size, receipt-log cursors in ascending order, and the certificate or
-//!   receipt a cut value refers to (`cuts.rs`) before the value.
+//!   size, receipt-log cursors in ascending order, and the certificate,
+//!   receipt or log entry a cut value refers to (`cuts.rs`) before the
+//!   value. (So a log entry may be in sled before the record of its
+//!   message: nothing reads the two together.)
 //! - A failed append or apply fails the store for good (fail-stop), like a
 //!   failed flush: every later `transact` and `durable` fails. Its outcome is
 //!   unknown (the record may be on disk and replayed at restart), so callers

@@ -1096,7 +1096,8 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
 
 /// An outbox item holds the signed envelope its transaction appended to
 /// the Merkle log by the entry's index: stored without it, counted and
-/// returned whole, before and after a reopen. The log entry reaches sled
+/// returned whole, before and after a reopen, and counted off whole when
+/// dropped unread. The log entry reaches sled
 /// before the item that refers to it; an item without the entry's data is
 /// stored whole.
 #[tokio::test]
@@ -1155,6 +1156,11 @@ async fn an_outbox_item_holds_its_log_entry_by_index() {
     let taken = s.transact(|tx| tx.remove_outbox("health", seq)).await.unwrap();
     assert_eq!(taken.as_deref(), Some(item.as_slice()));
     assert_eq!(s.queued_bytes(), 10);
+    // Dropped unread, once.
+    let seq = s.outbox_batch("hub", None, 10).unwrap()[0].0;
+    assert!(s.transact(|tx| tx.drop_outbox("hub", seq)).await.unwrap());
+    assert!(!s.transact(|tx| tx.drop_outbox("hub", seq)).await.unwrap());
+    assert_eq!(s.queued_bytes(), 0);
 
     // A group applies log entries before the outbox items that hold them.
     let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);

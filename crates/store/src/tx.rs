@@ -59,7 +59,8 @@ impl From<sled::Error> for TxError {
 
 /// Writes not yet in sled, by tree then key; `None` removes the key. Kept in
 /// (tree, key) order: the order they are applied in (`group.rs`), but for
-/// `meta`, `bodies` and `receipt_log`, applied first (see [`Writes::iter`]).
+/// `meta`, `bodies`, `receipt_log` and `audit`, applied first (see
+/// [`Writes::iter`]).
 #[derive(Debug, Default)]
 pub(crate) struct Writes(BTreeMap<usize, BTreeMap<Vec<u8>, Option<IVec>>>);
 
@@ -509,10 +510,12 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn remove_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
-        match self.take_outbox(peer, seq)? {
-            Some(stored) => Ok(Some(self.whole(OUTBOX, &keys::seq_key(peer, seq), &stored)?)),
-            None => Ok(None),
-        }
+        let Some(stored) = self.take_outbox(peer, seq)? else {
+            return Ok(None);
+        };
+        let item = self.whole(OUTBOX, &keys::seq_key(peer, seq), &stored)?;
+        self.effects.borrow_mut().queued_delta -= item.len() as i64;
+        Ok(Some(item))
     }
 
     /// Removes item `seq` from `peer`'s outbox without reading what it
@@ -521,25 +524,28 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn drop_outbox(&self, peer: &str, seq: u64) -> R<bool> {
-        Ok(self.take_outbox(peer, seq)?.is_some())
+        let Some(stored) = self.take_outbox(peer, seq)? else {
+            return Ok(false);
+        };
+        let key = keys::seq_key(peer, seq);
+        let len = cuts::whole_len(&stored, self, &|e| {
+            Abort::Corrupt(crate::corrupt_at(OUTBOX, &key, e)).into()
+        })?;
+        self.effects.borrow_mut().queued_delta -= len as i64;
+        Ok(true)
     }
 
-    /// Removes item `seq` from `peer`'s outbox and its expiry entry, and
-    /// counts its whole length off the quota; returns the item as stored.
+    /// Removes item `seq` from `peer`'s outbox and its expiry entry;
+    /// returns the item as stored. The caller counts it off the quota.
     fn take_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
-        let key = keys::seq_key(peer, seq);
-        let Some(value) = self.remove(OUTBOX, key.clone())? else {
+        let Some(value) = self.remove(OUTBOX, keys::seq_key(peer, seq))? else {
             return Ok(None);
         };
         let expires_ms = keys::u64_of(&value);
         if expires_ms != 0 {
             self.remove(EXPIRY, keys::expiry_key(expires_ms, peer, seq))?;
         }
-        let stored = value.get(8..).unwrap_or_default().to_vec();
-        let corrupt = |e| Abort::Corrupt(crate::corrupt_at(OUTBOX, &key, e)).into();
-        let len = cuts::whole_len(&stored, self, &corrupt)?;
-        self.effects.borrow_mut().queued_delta -= len as i64;
-        Ok(Some(stored))
+        Ok(Some(value.get(8..).unwrap_or_default().to_vec()))
     }
 
     /// Puts message `id` in `service`'s inbox, counting `size` bytes against the quota.

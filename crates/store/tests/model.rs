@@ -228,18 +228,32 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             len,
             expires_ms,
         } => {
-            // Signed by one of two nodes: the store keeps the certificate
-            // apart and must still count and return the item whole.
+            // Signed by one of two nodes. For the first peer the signed
+            // part is also appended to the log in the same transaction and
+            // the item holds it by the entry's index; for the other, the
+            // item holds the certificate, kept apart. Either way the store
+            // must count and return the item whole.
             let signer = SIGNERS[peer % SIGNERS.len()];
+            let signed = [b"signed by ".as_slice(), signer].concat();
             let item: Vec<u8> = (0..len)
                 .map(|i| (i as u64 + *next_id) as u8)
-                .chain(signer.iter().copied())
+                .chain(signed.iter().copied())
                 .collect();
             *next_id += 1;
+            let by_entry = peer == 0;
             let seq = transact(store, |tx| {
-                tx.push_outbox(PEERS[peer], &item, Held::Cert(signer), expires_ms)
+                let held = if by_entry {
+                    let index = tx.audit_append(EntryKind::Envelope, &signed, Held::Cert(signer), "m")?;
+                    Held::Audited(index)
+                } else {
+                    Held::Cert(signer)
+                };
+                tx.push_outbox(PEERS[peer], &item, held, expires_ms)
             })
             .unwrap();
+            if by_entry {
+                model.log.push(signed);
+            }
             if expires_ms != 0 {
                 model.expiring.insert((PEERS[peer].into(), seq));
             }
@@ -258,8 +272,14 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             if queue.is_empty() {
                 model.outbox.remove(PEERS[peer]);
             }
-            let got = transact(store, |tx| tx.remove_outbox(PEERS[peer], seq)).unwrap();
-            assert_eq!(got.as_ref(), Some(&item), "removed outbox item {seq}");
+            // Taken (its bytes read back) or dropped (counted off unread).
+            if pick % 2 == 0 {
+                let got = transact(store, |tx| tx.remove_outbox(PEERS[peer], seq)).unwrap();
+                assert_eq!(got.as_ref(), Some(&item), "removed outbox item {seq}");
+            } else {
+                let dropped = transact(store, |tx| tx.drop_outbox(PEERS[peer], seq)).unwrap();
+                assert!(dropped, "dropped outbox item {seq}");
+            }
             model.expiring.remove(&(PEERS[peer].to_string(), seq));
             model.queued_bytes -= item.len() as u64;
         }
