@@ -134,23 +134,23 @@ fn restore_within<'s, E>(
     corrupt: &dyn Fn(String) -> E,
     depth: usize,
 ) -> Result<Cow<'s, [u8]>, E> {
-    let inner = |value: Option<IVec>| -> Result<Option<Cow<'static, [u8]>>, E> {
+    let inner = |value: Option<IVec>| -> Lookup<E> {
         let Some(value) = value else { return Ok(None) };
         let Some(depth) = depth.checked_sub(1) else {
             return Err(corrupt("a stored value refers to parts nested too deep".into()));
         };
-        Ok(Some(Cow::Owned(
-            restore_within(&value, parts, corrupt, depth)?.into_owned(),
+        Ok(Some(IVec::from(
+            restore_within(&value, parts, corrupt, depth)?.as_ref(),
         )))
     };
     fill(
         stored,
         |part| match part {
-            Part::Cert(digest) => Ok(parts.cert(digest)?.map(|c| Cow::Owned(c.to_vec()))),
+            Part::Cert(digest) => parts.cert(digest),
             Part::Receipt(cursor) => inner(parts.receipt(cursor)?),
             Part::Entry(index) => match inner(parts.entry(index)?)? {
                 Some(entry) => entry_data(&entry)
-                    .map(|data| Some(Cow::Owned(data)))
+                    .map(|data| Some(IVec::from(data)))
                     .map_err(|e| corrupt(format!("log entry {index}, which a value refers to, {e}"))),
                 None => Ok(None),
             },
@@ -160,7 +160,7 @@ fn restore_within<'s, E>(
 }
 
 /// The data (signed envelope or receipt bytes) of a whole log entry.
-pub(crate) fn entry_data(entry: &[u8]) -> Result<Vec<u8>, String> {
+fn entry_data(entry: &[u8]) -> Result<Vec<u8>, String> {
     antar_core::wire::LogEntry::decode(entry)
         .map(|e| e.data)
         .map_err(|e| format!("does not decode: {e}"))

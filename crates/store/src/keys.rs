@@ -112,7 +112,7 @@ pub(crate) fn describe(tree: usize, key: &[u8]) -> String {
         AUDIT => format!("log entry {}", u64_of(key)),
         RECEIPT_LOG => format!("receipt log cursor {}", u64_of(key)),
         OUTBOX | INBOX => format!("{} seq {}", name_of(key), seq_of(key)),
-        _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+        _ => crate::certs::hex(key),
     }
 }
 

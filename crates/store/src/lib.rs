@@ -179,15 +179,15 @@ impl Store {
             None => db.generate_id()? + 1,
         };
         let certs = certs::Cache::default();
+        let parts = InSled {
+            trees: &trees,
+            certs: &certs,
+        };
         let mut queued = 0u64;
         for kv in trees[keys::OUTBOX].iter() {
             let (k, v) = kv?;
             // An item counts whole, as it was queued (`Tx::push_outbox`).
             let stored = v.get(8..).unwrap_or_default();
-            let parts = InSled {
-                trees: &trees,
-                certs: &certs,
-            };
             let len = cuts::whole_len(stored, &parts, &|e| corrupt_at(keys::OUTBOX, &k, e));
             queued += match len {
                 Ok(len) => len as u64,

@@ -6,7 +6,7 @@
 //! until it returns `Ok`; then they join the open group, which the applier
 //! writes to sled through the redo journal (see `group.rs`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -181,6 +181,10 @@ pub struct Tx<'a> {
     /// The bodies of the records this transaction read or wrote, as
     /// stored, so that writing a record rewrites its body only if it changed.
     bodies: RefCell<HashMap<MessageId, IVec>>,
+    /// The whole data of the log values this transaction appended, by
+    /// tree and cursor or index: what `Held::Logged` and `Held::Audited`
+    /// name, found here without reading back what was just cut.
+    appended: RefCell<HashMap<(usize, u64), Vec<u8>>>,
 }
 
 type R<T> = Result<T, TxError>;
@@ -237,6 +241,7 @@ impl<'a> Tx<'a> {
             ids_used: Cell::new(false),
             certs,
             bodies: RefCell::default(),
+            appended: RefCell::default(),
         }
     }
 
@@ -431,34 +436,33 @@ impl<'a> Tx<'a> {
             }
             // Checked, not trusted: a wrong cursor would change bytes the
             // Merkle log hashes. A mismatch is a caller's bug: stored whole.
-            Held::Logged(cursor) if self.logged(cursor)?.as_deref() == Some(data) => {
-                cuts::cut(value, data, cuts::Part::Receipt(cursor))
-            }
             Held::Logged(cursor) => {
+                let logged = self.appended(RECEIPT_LOG, cursor);
+                let same = logged.is_some_and(|logged| logged.as_slice() == data);
                 debug_assert!(
-                    false,
+                    same,
                     "Held::Logged({cursor}) must name the receipt this transaction logged"
                 );
-                None
+                same.then(|| cuts::cut(value, data, cuts::Part::Receipt(cursor)))
+                    .flatten()
             }
             // The entry's data is found in the value, or the value is stored whole.
-            Held::Audited(index) => match self.audited(index)? {
-                Some(data) => cuts::cut(value, &data, cuts::Part::Entry(index)),
-                None => {
-                    debug_assert!(false, "Held::Audited({index}) must name an entry of the log");
-                    None
-                }
-            },
+            Held::Audited(index) => {
+                let entry = self.appended(AUDIT, index);
+                debug_assert!(
+                    entry.is_some(),
+                    "Held::Audited({index}) must name an entry this transaction appended"
+                );
+                entry.and_then(|entry| cuts::cut(value, &entry, cuts::Part::Entry(index)))
+            }
         };
         Ok(stored.unwrap_or_else(|| cuts::whole(value)))
     }
 
-    /// The receipt logged at `cursor`, whole, as this transaction sees it.
-    fn logged(&self, cursor: u64) -> R<Option<Vec<u8>>> {
-        match self.get(RECEIPT_LOG, &cursor.to_be_bytes())? {
-            Some(stored) => Ok(Some(self.whole(RECEIPT_LOG, &cursor.to_be_bytes(), &stored)?)),
-            None => Ok(None),
-        }
+    /// The data this transaction appended to `tree` at `n` (`log_receipt`,
+    /// `audit_append`), if it appended any there.
+    fn appended(&self, tree: usize, n: u64) -> Option<Ref<'_, Vec<u8>>> {
+        Ref::filter_map(self.appended.borrow(), |a| a.get(&(tree, n))).ok()
     }
 
     /// The value `stored` in `tree` stands for, with the parts it was cut
@@ -468,18 +472,6 @@ impl<'a> Tx<'a> {
             Abort::Corrupt(crate::corrupt_at(tree, key, e)).into()
         })?;
         Ok(whole.into_owned())
-    }
-
-    /// The data of the log entry at `index` (signed envelope or receipt
-    /// bytes), as this transaction sees it.
-    fn audited(&self, index: u64) -> R<Option<Vec<u8>>> {
-        let key = index.to_be_bytes();
-        let Some(stored) = self.get(AUDIT, &key)? else {
-            return Ok(None);
-        };
-        let entry = self.whole(AUDIT, &key, &stored)?;
-        let data = cuts::entry_data(&entry).map_err(|e| Abort::Corrupt(crate::corrupt_at(AUDIT, &key, e)))?;
-        Ok(Some(data))
     }
 
     /// Queues a serialized `TransferItem` for `peer`, stored without what
@@ -637,6 +629,9 @@ impl<'a> Tx<'a> {
         let cursor = self.generate_id() + 1;
         let stored = self.cut(signed_receipt, signed_receipt, Held::Cert(signer_cert))?;
         self.put(RECEIPT_LOG, cursor.to_be_bytes(), stored);
+        self.appended
+            .borrow_mut()
+            .insert((RECEIPT_LOG, cursor), signed_receipt.to_vec());
         self.effects.borrow_mut().receipts = true;
         Ok(cursor)
     }
@@ -668,6 +663,7 @@ impl<'a> Tx<'a> {
         .encode_to_vec();
         let stored = self.cut(&entry, data, held)?;
         self.put(AUDIT, index.to_be_bytes(), stored);
+        self.appended.borrow_mut().insert((AUDIT, index), data.to_vec());
         self.put(AUDIT_META, keys::AUDIT_SIZE, &(index + 1).to_be_bytes());
         Ok(index)
     }
