@@ -52,6 +52,7 @@ use tokio::sync::watch;
 use crate::commit::{spawn_worker, Progress, Watermark};
 use crate::journal::Journal;
 use crate::keys::{self, JOURNAL};
+use crate::runs;
 use crate::tx::{Effects, Signals, Writes};
 use crate::StoreError;
 
@@ -236,25 +237,50 @@ fn apply(journal: &mut Journal, trees: &[sled::Tree], group: &Writes) -> Result<
         return Ok(());
     }
     journal.append(group)?;
-    for (tree, k, value) in group.iter() {
-        write(&trees[tree], k, value.clone())?;
-    }
+    write_all(trees, group.iter().map(|(tree, k, v)| (tree, k, v.clone())))?;
     journal.applied()
 }
 
-/// Writes a decoded group into `trees`, in its order (replay on open).
-pub(crate) fn write_all(trees: &[sled::Tree], writes: Vec<Write>) -> Result<(), sled::Error> {
-    writes
-        .into_iter()
-        .try_for_each(|(tree, key, value)| write(&trees[tree], &key, value))
-}
-
-fn write(tree: &sled::Tree, key: &[u8], value: Option<IVec>) -> Result<(), sled::Error> {
-    match value {
-        Some(v) => tree.insert(key, v)?,
-        None => tree.remove(key)?,
+/// Writes a group into `trees`, in its order — when first applied, and
+/// replayed on open. Consecutive puts to a log tree go in as runs
+/// (`runs.rs`), packed the same way each time, so a replay writes the
+/// same values.
+pub(crate) fn write_all<K: AsRef<[u8]>>(
+    trees: &[sled::Tree],
+    writes: impl IntoIterator<Item = (usize, K, Option<IVec>)>,
+) -> Result<(), sled::Error> {
+    // Puts to the log tree `log`, not written yet.
+    let mut appends: Vec<(u64, IVec)> = Vec::new();
+    let mut log = 0;
+    let flush = |log: usize, appends: &mut Vec<(u64, IVec)>| -> Result<(), sled::Error> {
+        for (key, value) in runs::pack(appends) {
+            trees[log].insert(key.to_be_bytes(), value)?;
+        }
+        appends.clear();
+        Ok(())
     };
-    Ok(())
+    for (tree, key, value) in writes {
+        let key = key.as_ref();
+        let appendable = runs::packs(tree) && key.len() == 8 && value.is_some();
+        // A run's keys ascend; a log's appends always do.
+        let follows = appends.last().is_none_or(|(last, _)| keys::u64_of(key) > *last);
+        if tree != log || !appendable || !follows {
+            flush(log, &mut appends)?;
+        }
+        match value {
+            Some(v) if appendable => {
+                log = tree;
+                appends.push((keys::u64_of(key), v));
+            }
+            Some(v) => {
+                trees[tree].insert(key, v)?;
+            }
+            None => {
+                trees[tree].remove(key)?;
+            }
+        }
+    }
+    flush(log, &mut appends)
 }
 
 /// Finishes every group a crash interrupted in a store written by Antar

@@ -9,10 +9,10 @@
 //! | `inbox_index` | message id | inbox key |
 //! | `seen` | sender `\0` message id | empty: dedup of received envelopes and receipts |
 //! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |
-//! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent, its signer certificate cut out (`cuts.rs`) |
+//! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent, its signer certificate cut out (`cuts.rs`); a group's receipts as one run under the first cursor (`runs.rs`) |
 //! | `dead` | message id | `DeadLetter` |
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
-//! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log, its signer certificate — or the receipt it logs, when in `receipt_log` — cut out (`cuts.rs`); restored byte for byte before it is hashed |
+//! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log, its signer certificate — or the receipt it logs, when in `receipt_log` — cut out (`cuts.rs`); restored byte for byte before it is hashed; a group's entries as one run under the first index (`runs.rs`) |
 //! | `audit_hash` | index (u64 BE) | no longer written: leaf hashes, in stores from before they were derived from `audit` |
 //! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit` / how many entries they cover (u64 BE), written in the same batch |
 //! | `audit_meta` | `size` / `cp` ‖ size (u64 BE) / `seen\0` agency / `wit\0` peer / `split\0` agency | log size / a signed `Checkpoint` with its cosignatures / newest checkpoint witnessed of that agency / size last cosigned by that peer / what a split view of that agency's log showed |

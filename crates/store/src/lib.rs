@@ -18,6 +18,7 @@ mod group;
 mod journal;
 mod keys;
 mod records;
+mod runs;
 mod tx;
 
 use std::borrow::Cow;
@@ -321,7 +322,8 @@ impl Store {
     /// `receipts`, after those it holds itself.
     fn put_receipts_back(&self, record: &mut MessageRecord) -> Result<(), StoreError> {
         for cursor in std::mem::take(&mut record.receipt_cursors) {
-            let Some(bytes) = self.inner.trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())? else {
+            let Some(bytes) = runs::get(&self.inner.trees[keys::RECEIPT_LOG], keys::RECEIPT_LOG, cursor)?
+            else {
                 return Err(corrupt(
                     keys::MESSAGES,
                     format!("a record refers to receipt log cursor {cursor}, which holds nothing"),
@@ -520,16 +522,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub fn receipts_after(&self, cursor: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let start = cursor.saturating_add(1).to_be_bytes();
-        let mut out = Vec::new();
-        for kv in self.inner.trees[keys::RECEIPT_LOG].range(start..).take(max) {
-            let (k, v) = kv?;
-            out.push((
-                keys::u64_of(&k),
-                self.whole(keys::RECEIPT_LOG, &k, &v)?.into_owned(),
-            ));
-        }
-        Ok(out)
+        self.log_values(keys::RECEIPT_LOG, cursor.saturating_add(1), max)
     }
 
     /// Number of entries in the Merkle log.
@@ -548,13 +541,15 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub fn audit_entries(&self, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.log_values(keys::AUDIT, from, max)
+    }
+
+    /// Up to `max` values of log tree `tree` from key `from`, restored.
+    fn log_values(&self, tree: usize, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.inner.trees[keys::AUDIT]
-            .range(from.to_be_bytes()..)
-            .take(max)
-        {
+        for kv in runs::range(&self.inner.trees[tree], tree, from, None)?.take(max) {
             let (k, v) = kv?;
-            out.push((keys::u64_of(&k), self.whole(keys::AUDIT, &k, &v)?.into_owned()));
+            out.push((k, self.whole(tree, &k.to_be_bytes(), &v)?.into_owned()));
         }
         Ok(out)
     }
@@ -593,9 +588,9 @@ impl Store {
         }
         let mut nodes: Vec<([u8; 9], Hash)> = Vec::new();
         let mut n = filled;
-        for kv in self.inner.trees[keys::AUDIT].range(filled.to_be_bytes()..size.to_be_bytes()) {
+        for kv in runs::range(&self.inner.trees[keys::AUDIT], keys::AUDIT, filled, Some(size))? {
             let (k, v) = kv?;
-            let mut hash = leaf(n, &k, &self.whole(keys::AUDIT, &k, &v)?)?;
+            let mut hash = leaf(n, k, &self.whole(keys::AUDIT, &k.to_be_bytes(), &v)?)?;
             n += 1;
             let mut level = 0;
             while let Some(&(l, left)) = frontier.last() {
@@ -651,12 +646,17 @@ impl Store {
         }
         let (first, count) = (index << level, 1u64 << level);
         let mut leaves = Vec::with_capacity(count as usize);
-        for kv in self.inner.trees[keys::AUDIT].range(first.to_be_bytes()..(first + count).to_be_bytes()) {
+        for kv in runs::range(
+            &self.inner.trees[keys::AUDIT],
+            keys::AUDIT,
+            first,
+            Some(first + count),
+        )? {
             let (k, v) = kv?;
             leaves.push(leaf(
                 first + leaves.len() as u64,
-                &k,
-                &self.whole(keys::AUDIT, &k, &v)?,
+                k,
+                &self.whole(keys::AUDIT, &k.to_be_bytes(), &v)?,
             )?);
         }
         if leaves.len() as u64 != count {
@@ -842,11 +842,11 @@ impl cuts::Parts for InSled<'_> {
     }
 
     fn receipt(&self, cursor: u64) -> cuts::Lookup<StoreError> {
-        Ok(self.trees[keys::RECEIPT_LOG].get(cursor.to_be_bytes())?)
+        runs::get(&self.trees[keys::RECEIPT_LOG], keys::RECEIPT_LOG, cursor)
     }
 
     fn entry(&self, index: u64) -> cuts::Lookup<StoreError> {
-        Ok(self.trees[keys::AUDIT].get(index.to_be_bytes())?)
+        runs::get(&self.trees[keys::AUDIT], keys::AUDIT, index)
     }
 }
 
@@ -862,9 +862,9 @@ type Hash = antar_core::merkle::Hash;
 
 /// The leaf hash of log entry `index`, stored under `key` as `entry`: the
 /// entry must be there, at its place, and say so itself.
-fn leaf(index: u64, key: &[u8], entry: &[u8]) -> Result<Hash, StoreError> {
+fn leaf(index: u64, key: u64, entry: &[u8]) -> Result<Hash, StoreError> {
     let named = antar_core::wire::LogEntry::decode(entry).map_or(u64::MAX, |e| e.index);
-    if keys::u64_of(key) != index || named != index {
+    if key != index || named != index {
         return Err(corrupt_log(index));
     }
     Ok(antar_core::merkle::leaf_hash(entry))

@@ -1040,7 +1040,7 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
     check(&s, cursor);
     // What sled holds: each certificate once in `meta`, the log values
     // without them, the receipt's log entry without the receipt.
-    let stored = |tree: usize, key: u64| s.inner.trees[tree].get(key.to_be_bytes()).unwrap().unwrap().len();
+    let stored = |tree: usize, key: u64| runs::get(&s.inner.trees[tree], tree, key).unwrap().unwrap().len();
     // A cut's head: mark, kind, offset (6 bytes), then a digest or a cursor.
     assert_eq!(
         stored(keys::RECEIPT_LOG, cursor),
@@ -1173,4 +1173,110 @@ async fn an_outbox_item_holds_its_log_entry_by_index() {
     let at = |tree| order.iter().position(|t| *t == tree).unwrap();
     assert!(at(keys::AUDIT) < at(keys::OUTBOX), "{order:?}");
     assert!(at(keys::AUDIT) < at(keys::AUDIT_META), "{order:?}");
+}
+
+/// A group's appends to `receipt_log` and `audit` are stored as runs, one
+/// sled value each (`runs.rs`), and read like values stored alone: by key,
+/// in ranges from any point (a cursor between two receipts included), as
+/// the parts of cuts — an outbox item holding a log entry that holds a
+/// receipt, both inside runs —, in the Merkle tree, after a reopen. Writing
+/// the group again, as a replay does, writes the same values.
+#[tokio::test]
+async fn a_groups_log_appends_are_stored_as_runs() {
+    use antar_core::merkle;
+    use antar_core::wire::{EntryKind, LogEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let cert = [7u8; 40];
+    let receipts: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| [&[i + 1; 20][..], &cert, &vec![i + 1; 30 + usize::from(i)]].concat())
+        .collect();
+    let cursors = {
+        let s = open(dir.path(), 1 << 20);
+        // One entry alone, as every value of a store from before runs.
+        s.transact(|tx| {
+            tx.audit_append(EntryKind::Envelope, b"alone", Held::Nothing, "m0")
+                .map(drop)
+        })
+        .await
+        .unwrap();
+        let inner = &s.inner;
+        let tx = Tx::new(&inner.trees, [None, None], 100, &inner.certs);
+        let mut cursors = Vec::new();
+        for (i, receipt) in receipts.iter().enumerate() {
+            let cursor = tx.log_receipt(receipt, &cert).unwrap();
+            let index = tx
+                .audit_append(
+                    EntryKind::Receipt,
+                    receipt,
+                    Held::Logged(cursor),
+                    &format!("m{i}"),
+                )
+                .unwrap();
+            // Takes a sequence number: the receipts' cursors have gaps.
+            tx.push_outbox("health", receipt, Held::Audited(index), 0)
+                .unwrap();
+            cursors.push(cursor);
+        }
+        let (writes, _, _) = tx.into_parts();
+        let logs = |inner: &Inner| -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+            [keys::AUDIT, keys::RECEIPT_LOG]
+                .map(|t| {
+                    inner.trees[t]
+                        .iter()
+                        .map(|kv| kv.unwrap())
+                        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .collect()
+                })
+                .to_vec()
+        };
+        group::write_all(&inner.trees, writes.iter().map(|(t, k, v)| (t, k, v.clone()))).unwrap();
+        let once = logs(inner);
+        group::write_all(&inner.trees, writes.iter().map(|(t, k, v)| (t, k, v.clone()))).unwrap();
+        assert_eq!(logs(inner), once, "a replay writes the same values");
+        // The lone entry and one run; one run of receipts.
+        assert_eq!(once[0].len(), 2);
+        assert_eq!(once[1].len(), 1);
+        inner.db.flush().unwrap();
+        cursors
+    };
+    let s = open(dir.path(), 1 << 20);
+    assert!(cursors.windows(2).all(|w| w[1] > w[0] + 1), "{cursors:?}");
+
+    let entries = s.audit_entries(0, 10).unwrap();
+    assert_eq!(
+        entries.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    let data: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|(_, raw)| LogEntry::decode(raw.as_slice()).unwrap().data)
+        .collect();
+    assert_eq!(data, [&[b"alone".to_vec()][..], &receipts].concat());
+    assert_eq!(s.audit_entries(2, 2).unwrap(), entries[2..4]);
+    assert_eq!(s.audit_entries(5, 2).unwrap(), []);
+
+    let logged: Vec<_> = cursors.iter().copied().zip(receipts.iter().cloned()).collect();
+    assert_eq!(s.receipts_after(0, 10).unwrap(), logged);
+    assert_eq!(s.receipts_after(cursors[1], 10).unwrap(), logged[2..]);
+    assert_eq!(s.receipts_after(cursors[1] + 1, 1).unwrap(), logged[2..3]);
+
+    let leaves: Vec<merkle::Hash> = entries.iter().map(|(_, raw)| merkle::leaf_hash(raw)).collect();
+    let mut tree = s.audit_tree(5).unwrap();
+    assert_eq!(merkle::root_of(&mut tree, 5).unwrap(), merkle::root(&leaves));
+    assert_eq!(
+        merkle::inclusion_proof_of(&mut tree, 3, 5).unwrap(),
+        merkle::inclusion_proof(3, &leaves).unwrap()
+    );
+
+    let items: Vec<Vec<u8>> = s
+        .outbox_batch("health", None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(items, receipts);
+    assert_eq!(
+        s.queued_bytes(),
+        receipts.iter().map(|r| r.len() as u64).sum::<u64>()
+    );
 }

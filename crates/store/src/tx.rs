@@ -23,7 +23,7 @@ use crate::keys::{
     RECEIPT_LOG, SEEN, TX_KEYS,
 };
 use crate::records::{DeadLetter, InboxEntry, MessageRecord};
-use crate::{certs, cuts, StoreError};
+use crate::{certs, cuts, runs, StoreError};
 
 /// Why a transaction closure gave up; nothing it wrote is kept.
 #[derive(Debug)]
@@ -269,6 +269,11 @@ impl<'a> Tx<'a> {
     fn get(&self, tree: usize, key: &[u8]) -> R<Option<IVec>> {
         match self.pending(tree, key) {
             Some(v) => Ok(v),
+            None if runs::packs(tree) => match runs::get(&self.trees[tree], tree, keys::u64_of(key)) {
+                Ok(v) => Ok(v),
+                Err(StoreError::Sled(e)) => Err(e.into()),
+                Err(e) => Err(Abort::Corrupt(e).into()),
+            },
             None => Ok(self.trees[tree].get(key)?),
         }
     }
