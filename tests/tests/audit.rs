@@ -316,10 +316,39 @@ fn rewrite_history(data_dir: &std::path::Path, n: u64) {
     let meta = db.open_tree("audit_meta").unwrap();
     let size = u64::from_be_bytes(meta.get("size").unwrap().unwrap().as_ref().try_into().unwrap());
     assert!(size > n, "log of {size} entries is too short to rewrite");
-    for t in ["audit", "audit_hash"] {
-        let tree = db.open_tree(t).unwrap();
-        for i in size - n..size {
-            tree.remove(i.to_be_bytes()).unwrap();
+    // Entries are stored alone, or a group's together as a run: `0x00
+    // 0x04`, then per entry its index (u64), length (u32) and stored value
+    // (crates/store/src/runs.rs). Runs that reach past the new end are cut.
+    let audit = db.open_tree("audit").unwrap();
+    let end = size - n;
+    let index = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().unwrap());
+    let start = audit
+        .range(..=end.to_be_bytes())
+        .next_back()
+        .map_or(end.to_be_bytes().to_vec(), |kv| kv.unwrap().0.to_vec());
+    for kv in audit.range(start..) {
+        let (k, v) = kv.unwrap();
+        if !v.starts_with(&[0, 4]) {
+            if index(&k) >= end {
+                audit.remove(k).unwrap();
+            }
+            continue;
+        }
+        let (mut kept, mut at) = (Vec::new(), 2);
+        while at < v.len() {
+            let len = u32::from_be_bytes(v[at + 8..at + 12].try_into().unwrap()) as usize;
+            if index(&v[at..]) < end {
+                kept.push(&v[at..at + 12 + len]);
+            }
+            at += 12 + len;
+        }
+        match kept.as_slice() {
+            [] => audit.remove(k).map(drop).unwrap(),
+            [alone] => audit.insert(k, &alone[12..]).map(drop).unwrap(),
+            items => audit
+                .insert(k, [&[0u8, 4][..], &items.concat()].concat())
+                .map(drop)
+                .unwrap(),
         }
     }
     meta.insert("size", &(size - n).to_be_bytes()).unwrap();

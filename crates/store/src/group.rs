@@ -237,24 +237,43 @@ fn apply(journal: &mut Journal, trees: &[sled::Tree], group: &Writes) -> Result<
         return Ok(());
     }
     journal.append(group)?;
-    write_all(trees, group.iter().map(|(tree, k, v)| (tree, k, v.clone())))?;
+    let writes = group.iter().map(|(tree, k, v)| (tree, k, v.clone()));
+    write_all(trees, writes, Pass::First)?;
     journal.applied()
 }
 
-/// Writes a group into `trees`, in its order — when first applied, and
-/// replayed on open. Consecutive puts to a log tree go in as runs
-/// (`runs.rs`), packed the same way each time, so a replay writes the
-/// same values.
+/// Whether a group is written for the first time, or replayed on open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    First,
+    /// Some of the group may be in sled already — written alone, by a
+    /// build from before runs, or packed otherwise — so each value that
+    /// goes into a run is removed from where it could stand alone.
+    Replay,
+}
+
+/// Writes a group into `trees`, in its order. Consecutive puts to a log
+/// tree go in as runs (`runs.rs`); on a replay, the keys of a run past its
+/// first are removed, so no value of the group is left standing alone
+/// beside the run that holds it.
 pub(crate) fn write_all<K: AsRef<[u8]>>(
     trees: &[sled::Tree],
     writes: impl IntoIterator<Item = (usize, K, Option<IVec>)>,
+    pass: Pass,
 ) -> Result<(), sled::Error> {
     // Puts to the log tree `log`, not written yet.
     let mut appends: Vec<(u64, IVec)> = Vec::new();
     let mut log = 0;
     let flush = |log: usize, appends: &mut Vec<(u64, IVec)>| -> Result<(), sled::Error> {
-        for (key, value) in runs::pack(appends) {
-            trees[log].insert(key.to_be_bytes(), value)?;
+        let packed = runs::pack(appends);
+        for (key, value) in &packed {
+            trees[log].insert(key.to_be_bytes(), value.clone())?;
+        }
+        if pass == Pass::Replay {
+            let firsts: std::collections::HashSet<u64> = packed.iter().map(|(k, _)| *k).collect();
+            for (key, _) in appends.iter().filter(|(k, _)| !firsts.contains(k)) {
+                trees[log].remove(key.to_be_bytes())?;
+            }
         }
         appends.clear();
         Ok(())
@@ -298,7 +317,7 @@ pub(crate) fn replay(trees: &[sled::Tree]) -> Result<usize, StoreError> {
                 keys::u64_of(&key)
             ),
         })?;
-        write_all(trees, group)?;
+        write_all(trees, group, Pass::Replay)?;
         journal.remove(key)?;
         n += 1;
     }

@@ -116,7 +116,7 @@ impl Journal {
             let bytes = fs::read(path).map_err(|e| io("reading", path, e))?;
             let last = i + 1 == segments.len();
             for writes in records(path, &bytes, last)? {
-                group::write_all(trees, writes)?;
+                group::write_all(trees, writes, group::Pass::Replay)?;
                 replayed += 1;
             }
         }

@@ -20,8 +20,11 @@
 //!
 //! Reading: the value at key `k` is in the last sled value at or before
 //! `k`: stored alone under `k`, or in a run that holds it. A range starts
-//! there. The journal keeps each value apart; a replayed group is packed
-//! the same way as when it was first applied, so replay stays idempotent.
+//! there. The journal keeps each value apart. A replayed group is packed
+//! again, and the keys of each run past its first are removed: a build
+//! from before runs (or one that packed otherwise) may have written them
+//! alone before the crash, and a value must not stand both alone and in a
+//! run. Replaying a group twice writes the same values.
 
 use std::ops::Bound;
 
@@ -100,6 +103,12 @@ pub(crate) fn get(tree: &sled::Tree, index: usize, key: u64) -> Result<Option<IV
 /// The values stored in `tree` (index `index`) with keys in `[from, to)`
 /// (`to`: `None` for no end), in key order, each alone or out of its run.
 ///
+/// sled's iterators are not snapshots, so the order of the two reads
+/// matters: first the first value at or after `from`, then the last value
+/// before it. A run that holds keys from `from` on and is written between
+/// the two is then found by the second (a log's values are written in key
+/// order: a run cannot appear below a value already seen).
+///
 /// # Errors
 /// A storage failure reading where the range starts; later ones, and runs
 /// that do not parse, are the iterator's items.
@@ -109,24 +118,20 @@ pub(crate) fn range(
     from: u64,
     to: Option<u64>,
 ) -> Result<Range, StoreError> {
-    let start = match tree.range(..=from.to_be_bytes()).next_back() {
-        Some(found) => {
-            let (k, v) = found?;
-            if is_run(&v) {
-                k.to_vec()
-            } else {
-                from.to_be_bytes().to_vec()
-            }
-        }
-        None => from.to_be_bytes().to_vec(),
-    };
     let end = to.map_or(Bound::Unbounded, |to| Bound::Excluded(to.to_be_bytes().to_vec()));
+    let mut sled = tree.range((Bound::Included(from.to_be_bytes().to_vec()), end));
+    let first = sled.next().transpose()?;
+    let run = match tree.range(..from.to_be_bytes()).next_back().transpose()? {
+        Some((k, v)) if is_run(&v) => Some((k, v, HEAD)),
+        _ => None,
+    };
     Ok(Range {
         index,
-        sled: tree.range((Bound::Included(start), end)),
+        first,
+        sled,
         from,
         to: to.unwrap_or(u64::MAX),
-        run: None,
+        run,
         ended: false,
     })
 }
@@ -134,7 +139,10 @@ pub(crate) fn range(
 /// See [`range`].
 pub(crate) struct Range {
     index: usize,
+    /// The first sled value at or after `from`, read before `run` was.
+    first: Option<(IVec, IVec)>,
     sled: sled::Iter,
+    /// Keys returned are at least this: `from`, then past the last one.
     from: u64,
     /// Exclusive; `u64::MAX` when the range has no end.
     to: u64,
@@ -162,11 +170,16 @@ impl Iterator for Range {
                         self.ended = true;
                         return None;
                     }
+                    self.from = key.saturating_add(1);
                     return Some(Ok((key, run.subslice(start, len))));
                 }
                 self.run = None;
             }
-            let (k, v) = match self.sled.next()? {
+            let next = match self.first.take() {
+                Some(kv) => Some(Ok(kv)),
+                None => self.sled.next(),
+            };
+            let (k, v) = match next? {
                 Ok(kv) => kv,
                 Err(e) => {
                     self.ended = true;
@@ -177,7 +190,14 @@ impl Iterator for Range {
                 self.run = Some((k, v, HEAD));
                 continue;
             }
-            return Some(Ok((keys::u64_of(&k), v)));
+            let key = keys::u64_of(&k);
+            if key < self.from {
+                // Already returned from a run before it (a value written
+                // alone and in a run by different builds): once is enough.
+                continue;
+            }
+            self.from = key.saturating_add(1);
+            return Some(Ok((key, v)));
         }
         None
     }
@@ -302,5 +322,19 @@ mod tests {
         assert_eq!(r.next().unwrap().unwrap().0, 5, "the items before the break");
         assert!(r.next().unwrap().is_err());
         assert!(r.next().is_none());
+    }
+
+    /// A value found both in a run and alone after it (as a replay by a
+    /// build from before runs could have left it) is read once.
+    #[test]
+    fn a_value_in_a_run_and_alone_is_read_once() {
+        let (_dir, tree) = tree();
+        store(&tree, &[(5, value(5, 4)), (6, value(6, 4))]);
+        store(&tree, &[(6, value(6, 4))]);
+        store(&tree, &[(8, value(8, 4))]);
+        let keys: Vec<u64> = read(&tree, 0, None).iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, [5, 6, 8]);
+        let keys: Vec<u64> = read(&tree, 6, None).iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, [6, 8]);
     }
 }
