@@ -1296,3 +1296,41 @@ async fn a_groups_log_appends_are_stored_as_runs() {
         receipts.iter().map(|r| r.len() as u64).sum::<u64>()
     );
 }
+
+/// Joining a transaction's writes to a group keeps the later write where
+/// both wrote a key — a removal too —, whichever of the two is larger.
+#[test]
+fn joined_writes_keep_the_later_one() {
+    use crate::tx::Writes;
+    use sled::IVec;
+    let writes = |pairs: &[(u8, Option<u8>)]| {
+        let mut w = Writes::default();
+        for (k, v) in pairs {
+            w.set(keys::OUTBOX, vec![*k], v.map(|v| IVec::from(&[v][..])));
+        }
+        w
+    };
+    let joined = |early: Writes, later: Writes| {
+        let mut w = early;
+        w.append(later);
+        w.iter()
+            .map(|(_, k, v)| (k[0], v.as_ref().map(|v| v[0])))
+            .collect::<Vec<_>>()
+    };
+    // The later writes fewer than the group...
+    assert_eq!(
+        joined(
+            writes(&[(1, Some(1)), (2, Some(1)), (3, Some(1))]),
+            writes(&[(2, None)])
+        ),
+        [(1, Some(1)), (2, None), (3, Some(1))]
+    );
+    // ...and more.
+    assert_eq!(
+        joined(
+            writes(&[(2, None), (4, Some(1))]),
+            writes(&[(1, Some(2)), (2, Some(2)), (3, Some(2))])
+        ),
+        [(1, Some(2)), (2, Some(2)), (3, Some(2)), (4, Some(1))]
+    );
+}
