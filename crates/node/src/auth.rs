@@ -10,17 +10,19 @@ use crate::error::NodeError;
 use crate::state::Shared;
 
 /// The verified identity of the caller.
-pub(crate) fn caller<T>(req: &Request<T>) -> Result<Identity, NodeError> {
+pub(crate) fn caller<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, NodeError> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| NodeError::Unauthenticated("no client certificate".into()))?;
-    antar_pki::tls::peer_identity(&certs)
+    shared
+        .identities
+        .identity(&certs)
         .ok_or_else(|| NodeError::Unauthenticated("client certificate carries no Antar identity".into()))
 }
 
 /// The app name of a caller that must be an app of this node's agency.
 pub(crate) fn app<T>(shared: &Shared, req: &Request<T>) -> Result<String, NodeError> {
-    let id = caller(req)?;
+    let id = caller(shared, req)?;
     check_agency(shared, &id)?;
     match id.role {
         Role::App(name) => Ok(name),
@@ -32,7 +34,7 @@ pub(crate) fn app<T>(shared: &Shared, req: &Request<T>) -> Result<String, NodeEr
 
 /// Checks that the caller is an admin of this node's agency.
 pub(crate) fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, NodeError> {
-    let id = caller(req)?;
+    let id = caller(shared, req)?;
     check_agency(shared, &id)?;
     match id.role {
         Role::Admin(_) => Ok(id),
@@ -44,7 +46,7 @@ pub(crate) fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, No
 
 /// Checks that the caller is an auditor of this node's agency.
 pub(crate) fn auditor<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, NodeError> {
-    let id = caller(req)?;
+    let id = caller(shared, req)?;
     check_agency(shared, &id)?;
     match id.role {
         Role::Auditor(_) => Ok(id),
@@ -56,7 +58,7 @@ pub(crate) fn auditor<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, 
 
 /// The peer agency of a caller on the peer listener; it must be a configured peer.
 pub(crate) fn peer<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, NodeError> {
-    let id = caller(req)?;
+    let id = caller(shared, req)?;
     if id.role != Role::Node || id.federation != shared.config.federation {
         return Err(NodeError::PermissionDenied(format!(
             "{id} is not a node of this federation"

@@ -251,6 +251,7 @@ impl Node {
             config,
             shutdown: CancellationToken::new(),
             receipt_queue: Default::default(),
+            identities: Default::default(),
         });
         let token = shared.shutdown.clone();
         let reload = {

@@ -373,11 +373,8 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
         }
         Plan::Receipt(signed, receipt, hops) => {
             if receipt.sender == shared.agency.as_str() {
-                if tx.seen("receipt", &antar_core::envelope::sha256(&signed.receipt))? {
-                    return Ok(Settled::Duplicate);
-                }
-                shared.apply_receipt(tx, signed, receipt)?;
-                return Ok(Settled::Stored);
+                let new = shared.apply_receipt(tx, signed, receipt)?;
+                return Ok(if new { Settled::Stored } else { Settled::Duplicate });
             }
             if tx.mark_seen("relayed-receipt", &antar_core::envelope::sha256(&signed.receipt))? {
                 return Ok(Settled::Duplicate);

@@ -181,6 +181,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
     /// Receipts of concurrent requests waiting to share a signature.
     pub(crate) receipt_queue: ReceiptQueue,
+    /// Callers' identities by their certificate (`auth.rs`).
+    pub(crate) identities: antar_pki::tls::IdentityCache,
 }
 
 impl Shared {
@@ -300,7 +302,7 @@ impl Shared {
         hops: Vec<String>,
     ) -> Result<(), TxError> {
         if receipt.sender == self.agency.as_str() {
-            return self.apply_receipt(tx, signed, receipt);
+            return self.apply_receipt(tx, signed, receipt).map(drop);
         }
         // Issued here for another agency's message, or relayed through here.
         let logged = audit_receipt(tx, signed, &receipt.message_id)?;
@@ -328,20 +330,21 @@ impl Shared {
     }
 
     /// Records a receipt about a message this node sent: on its record, in
-    /// the receipt log. A receipt seen before is ignored.
+    /// the receipt log. A receipt seen before is ignored; returns whether
+    /// this one was new.
     pub(crate) fn apply_receipt(
         &self,
         tx: &Tx<'_>,
         signed: &SignedReceipt,
         receipt: &Receipt,
-    ) -> Result<(), TxError> {
+    ) -> Result<bool, TxError> {
         let digest = sha256(&signed.receipt);
         if tx.mark_seen("receipt", &digest)? {
-            return Ok(());
+            return Ok(false);
         }
         let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;
         let Ok(id) = MessageId::parse(&receipt.message_id) else {
-            return Ok(());
+            return Ok(true);
         };
         let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
         tx.update_message(&id, |record| {
@@ -351,7 +354,7 @@ impl Shared {
             }
             record.receipt_cursors.push(cursor);
         })?;
-        Ok(())
+        Ok(true)
     }
 
     /// Puts a verified envelope addressed to this node into its service's

@@ -287,6 +287,41 @@ fn identity_needs_exactly_one_antar_uri() {
     assert_eq!(tls::peer_identity(&[root.cert_der().into()]), None);
 }
 
+/// The cache gives what parsing gives, for each certificate apart, also
+/// when asked again and after it filled up; certificates without an
+/// identity are never taken for one.
+#[test]
+fn cached_identities_are_the_parsed_ones() {
+    let root = Ca::new_federation_root(FED, 3650).unwrap();
+    let tax = root
+        .issue_node_tls(FED, &agency("tax"), &[], &[], 365)
+        .unwrap()
+        .cert_der();
+    let health = root
+        .issue_node_tls(FED, &agency("health"), &[], &[], 365)
+        .unwrap()
+        .cert_der();
+    let cache = tls::IdentityCache::default();
+    for _ in 0..2 {
+        for der in [&tax, &health] {
+            let certs = [der.clone().into()];
+            let id = cache.identity(&certs);
+            assert!(id.is_some());
+            assert_eq!(id, tls::peer_identity(&certs));
+        }
+        assert_eq!(cache.identity(&[root.cert_der().into()]), None);
+        assert_eq!(cache.identity(&[]), None);
+    }
+    assert_eq!(
+        cache.identity(&[tax.clone().into()]).unwrap().agency.as_str(),
+        "tax"
+    );
+    assert_eq!(
+        cache.identity(&[health.clone().into()]).unwrap().agency.as_str(),
+        "health"
+    );
+}
+
 #[test]
 fn revocation_list_lists_the_serials() {
     let root = Ca::new_federation_root(FED, 3650).unwrap();
