@@ -93,3 +93,63 @@ async fn services_reach_only_their_owner_and_senders_with_the_right() {
         n.stop().await.unwrap();
     }
 }
+
+/// A revocation list installed by a reload takes effect for new peer
+/// connections without a restart: once finance's list revokes health's node
+/// TLS certificate, health — restarted, so it must connect anew — cannot
+/// deliver to finance, while finance still delivers through the hub; when a
+/// reload removes the list, what health queued arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_revocation_list_refuses_a_revoked_peers_new_connections() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let hub_node = fed.start("hub").await;
+    let health_node = fed.start("health").await;
+    let (finance, health, hub) = (
+        fed.app("finance").await,
+        fed.app("health").await,
+        fed.app("hub").await,
+    );
+    send(&health, notice("finance", "tax.notice", b"before")).await;
+    assert_eq!(
+        receive(&finance, 1, 10, true).await.len(),
+        1,
+        "delivered before the revocation"
+    );
+
+    let tls_cert = antar_pki::read_cert_der(&fed.layout.node_dir("health").tls_cert()).unwrap();
+    let serial = antar_pki::serial_of(&tls_cert).unwrap();
+    let revoked = antar_pki::layout::revoke(&fed.layout.federation_dir(), &[serial], 30).unwrap();
+    let mut config = fed.config("finance");
+    config.tls.revocation_list = Some(revoked.crl.clone());
+    std::fs::write(fed.layout.config_path("finance"), config.to_toml()).unwrap();
+    assert_eq!(finance_node.reload().unwrap(), 1, "one serial revoked");
+
+    health_node.stop().await.unwrap();
+    let health_node = fed.start("health").await;
+    let health = fed.app("health").await;
+    let id = send(&health, notice("finance", "tax.notice", b"after")).await;
+    assert!(
+        receive(&finance, 1, 3, true).await.is_empty(),
+        "a revoked peer delivered over a new connection"
+    );
+    let health_admin = fed.admin("health").await;
+    assert_eq!(
+        backlog(&health_admin, "finance").await,
+        1,
+        "still queued at health"
+    );
+    // Everyone else is still served: finance to the hub.
+    send(&finance, notice("hub", "tax.notice", b"to the hub")).await;
+    assert_eq!(receive(&hub, 1, 10, true).await.len(), 1);
+
+    // Without the list, health's next attempt gets through.
+    std::fs::write(fed.layout.config_path("finance"), fed.config("finance").to_toml()).unwrap();
+    assert_eq!(finance_node.reload().unwrap(), 0);
+    let got = receive(&finance, 1, 15, true).await;
+    assert_eq!(got.len(), 1, "queued delivery after the list was removed");
+    assert_eq!(envelope_of(&got[0]).id, id);
+    for n in [finance_node, hub_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}

@@ -188,8 +188,8 @@ pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Option<Identity> {
 /// [`peer_identity`] for a server that asks it on every call: the
 /// identities of end-entity certificates seen before, by their exact DER
 /// bytes. An identity depends on nothing but those bytes (the TLS layer
-/// verified chain and revocation before), so a remembered one is what
-/// parsing would give; parsing a certificate on each call cost about 2 %
+/// verified the chain before, and on the peer listener revocation), so a
+/// remembered one is what parsing would give; parsing a certificate on each call cost about 2 %
 /// of a message's CPU. At most [`IdentityCache::KEPT`] are remembered; past
 /// that the cache starts again empty.
 #[derive(Debug, Default)]
