@@ -322,8 +322,7 @@ impl Store {
     /// `receipts`, after those it holds itself.
     fn put_receipts_back(&self, record: &mut MessageRecord) -> Result<(), StoreError> {
         for cursor in std::mem::take(&mut record.receipt_cursors) {
-            let Some(bytes) = runs::get(&self.inner.trees[keys::RECEIPT_LOG], keys::RECEIPT_LOG, cursor)?
-            else {
+            let Some(bytes) = runs::get(&self.inner.trees, keys::RECEIPT_LOG, cursor)? else {
                 return Err(corrupt(
                     keys::MESSAGES,
                     format!("a record refers to receipt log cursor {cursor}, which holds nothing"),
@@ -544,10 +543,21 @@ impl Store {
         self.log_values(keys::AUDIT, from, max)
     }
 
+    /// The leaf hash of log entry `index`, read as `(key, stored value)`:
+    /// the entry must be there, at its place, and say so itself.
+    fn leaf(&self, index: u64, (key, stored): (u64, sled::IVec)) -> Result<Hash, StoreError> {
+        let entry = self.whole(keys::AUDIT, &key.to_be_bytes(), &stored)?;
+        let named = antar_core::wire::LogEntry::decode(entry.as_ref()).map_or(u64::MAX, |e| e.index);
+        if key != index || named != index {
+            return Err(corrupt_log(index));
+        }
+        Ok(antar_core::merkle::leaf_hash(&entry))
+    }
+
     /// Up to `max` values of log tree `tree` from key `from`, restored.
     fn log_values(&self, tree: usize, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
-        for kv in runs::range(&self.inner.trees[tree], tree, from, None)?.take(max) {
+        for kv in runs::range(&self.inner.trees, tree, from, None)?.take(max) {
             let (k, v) = kv?;
             out.push((k, self.whole(tree, &k.to_be_bytes(), &v)?.into_owned()));
         }
@@ -588,9 +598,8 @@ impl Store {
         }
         let mut nodes: Vec<([u8; 9], Hash)> = Vec::new();
         let mut n = filled;
-        for kv in runs::range(&self.inner.trees[keys::AUDIT], keys::AUDIT, filled, Some(size))? {
-            let (k, v) = kv?;
-            let mut hash = leaf(n, k, &self.whole(keys::AUDIT, &k.to_be_bytes(), &v)?)?;
+        for kv in runs::range(&self.inner.trees, keys::AUDIT, filled, Some(size))? {
+            let mut hash = self.leaf(n, kv?)?;
             n += 1;
             let mut level = 0;
             while let Some(&(l, left)) = frontier.last() {
@@ -646,18 +655,8 @@ impl Store {
         }
         let (first, count) = (index << level, 1u64 << level);
         let mut leaves = Vec::with_capacity(count as usize);
-        for kv in runs::range(
-            &self.inner.trees[keys::AUDIT],
-            keys::AUDIT,
-            first,
-            Some(first + count),
-        )? {
-            let (k, v) = kv?;
-            leaves.push(leaf(
-                first + leaves.len() as u64,
-                k,
-                &self.whole(keys::AUDIT, &k.to_be_bytes(), &v)?,
-            )?);
+        for kv in runs::range(&self.inner.trees, keys::AUDIT, first, Some(first + count))? {
+            leaves.push(self.leaf(first + leaves.len() as u64, kv?)?);
         }
         if leaves.len() as u64 != count {
             return Err(corrupt_log(first + leaves.len() as u64));
@@ -842,11 +841,11 @@ impl cuts::Parts for InSled<'_> {
     }
 
     fn receipt(&self, cursor: u64) -> cuts::Lookup<StoreError> {
-        runs::get(&self.trees[keys::RECEIPT_LOG], keys::RECEIPT_LOG, cursor)
+        runs::get(self.trees, keys::RECEIPT_LOG, cursor)
     }
 
     fn entry(&self, index: u64) -> cuts::Lookup<StoreError> {
-        runs::get(&self.trees[keys::AUDIT], keys::AUDIT, index)
+        runs::get(self.trees, keys::AUDIT, index)
     }
 }
 
@@ -859,16 +858,6 @@ pub(crate) fn corrupt_at(tree: usize, key: &[u8], detail: String) -> StoreError 
 mod tests;
 
 type Hash = antar_core::merkle::Hash;
-
-/// The leaf hash of log entry `index`, stored under `key` as `entry`: the
-/// entry must be there, at its place, and say so itself.
-fn leaf(index: u64, key: u64, entry: &[u8]) -> Result<Hash, StoreError> {
-    let named = antar_core::wire::LogEntry::decode(entry).map_or(u64::MAX, |e| e.index);
-    if key != index || named != index {
-        return Err(corrupt_log(index));
-    }
-    Ok(antar_core::merkle::leaf_hash(entry))
-}
 
 fn corrupt_log(index: u64) -> StoreError {
     StoreError::Corrupt {

@@ -88,22 +88,23 @@ pub(crate) fn pack(values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
     out
 }
 
-/// The value stored for `key` in `tree` (index `index`), alone or in a run.
+/// The value stored for `key` in log tree `tree` of `trees`, alone or in
+/// a run.
 ///
 /// # Errors
 /// A storage failure, or a run that does not parse (named with its key).
-pub(crate) fn get(tree: &sled::Tree, index: usize, key: u64) -> Result<Option<IVec>, StoreError> {
-    let Some(found) = tree.range(..=key.to_be_bytes()).next_back() else {
+pub(crate) fn get(trees: &[sled::Tree], tree: usize, key: u64) -> Result<Option<IVec>, StoreError> {
+    let Some(found) = trees[tree].range(..=key.to_be_bytes()).next_back() else {
         return Ok(None);
     };
     let (k, v) = found?;
     if is_run(&v) {
-        return find(index, &k, v, key);
+        return find(tree, &k, v, key);
     }
     Ok((keys::u64_of(&k) == key).then_some(v))
 }
 
-/// The values stored in `tree` (index `index`) with keys in `[from, to)`
+/// The values stored in log tree `tree` of `trees` with keys in `[from, to)`
 /// (`to`: `None` for no end), in key order, each alone or out of its run.
 ///
 /// sled's iterators are not snapshots, so the order of the two reads
@@ -116,20 +117,20 @@ pub(crate) fn get(tree: &sled::Tree, index: usize, key: u64) -> Result<Option<IV
 /// A storage failure reading where the range starts; later ones, and runs
 /// that do not parse, are the iterator's items.
 pub(crate) fn range(
-    tree: &sled::Tree,
-    index: usize,
+    trees: &[sled::Tree],
+    tree: usize,
     from: u64,
     to: Option<u64>,
 ) -> Result<Range, StoreError> {
     let end = to.map_or(Bound::Unbounded, |to| Bound::Excluded(to.to_be_bytes().to_vec()));
-    let mut sled = tree.range((Bound::Included(from.to_be_bytes().to_vec()), end));
+    let mut sled = trees[tree].range((Bound::Included(from.to_be_bytes().to_vec()), end));
     let first = sled.next().transpose()?;
-    let run = match tree.range(..from.to_be_bytes()).next_back().transpose()? {
+    let run = match trees[tree].range(..from.to_be_bytes()).next_back().transpose()? {
         Some((k, v)) if is_run(&v) => Some((k, v, HEAD)),
         _ => None,
     };
     Ok(Range {
-        index,
+        tree,
         first,
         sled,
         from,
@@ -141,7 +142,8 @@ pub(crate) fn range(
 
 /// See [`range`].
 pub(crate) struct Range {
-    index: usize,
+    /// The tree's index, to name it in errors.
+    tree: usize,
     /// The first sled value at or after `from`, read before `run` was.
     first: Option<(IVec, IVec)>,
     sled: sled::Iter,
@@ -163,7 +165,7 @@ impl Iterator for Range {
                 if *at < run.len() {
                     let Some((key, start, len)) = item(run, *at) else {
                         self.ended = true;
-                        return Some(Err(malformed(self.index, k)));
+                        return Some(Err(malformed(self.tree, k)));
                     };
                     *at = start + len;
                     if key < self.from {
@@ -207,10 +209,10 @@ impl Iterator for Range {
 }
 
 /// The value for `key` in the run `run` stored under `k`.
-fn find(index: usize, k: &[u8], run: IVec, key: u64) -> Result<Option<IVec>, StoreError> {
+fn find(tree: usize, k: &[u8], run: IVec, key: u64) -> Result<Option<IVec>, StoreError> {
     let mut at = HEAD;
     while at < run.len() {
-        let (found, start, len) = item(&run, at).ok_or_else(|| malformed(index, k))?;
+        let (found, start, len) = item(&run, at).ok_or_else(|| malformed(tree, k))?;
         if found == key {
             return Ok(Some(run.subslice(start, len)));
         }
@@ -233,35 +235,39 @@ fn item(run: &[u8], at: usize) -> Option<(u64, usize, usize)> {
     Some((key, start, len))
 }
 
-fn malformed(index: usize, key: &[u8]) -> StoreError {
-    corrupt_at(index, key, "a run of values does not parse".into())
+fn malformed(tree: usize, key: &[u8]) -> StoreError {
+    corrupt_at(tree, key, "a run of values does not parse".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tree() -> (tempfile::TempDir, sled::Tree) {
+    /// Every tree of a store, by index: the values here go to `audit`.
+    fn trees() -> (tempfile::TempDir, Vec<sled::Tree>) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let tree = db.open_tree("audit").unwrap();
-        (dir, tree)
+        let trees = keys::TREES
+            .iter()
+            .map(|name| db.open_tree(name).unwrap())
+            .collect();
+        (dir, trees)
     }
 
     fn value(key: u64, len: usize) -> IVec {
         IVec::from(vec![key as u8; len])
     }
 
-    fn store(tree: &sled::Tree, values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
+    fn store(trees: &[sled::Tree], values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
         let packed = pack(values);
         for (k, v) in &packed {
-            tree.insert(k.to_be_bytes(), v.clone()).unwrap();
+            trees[AUDIT].insert(k.to_be_bytes(), v.clone()).unwrap();
         }
         packed
     }
 
-    fn read(tree: &sled::Tree, from: u64, to: Option<u64>) -> Vec<(u64, IVec)> {
-        range(tree, AUDIT, from, to)
+    fn read(trees: &[sled::Tree], from: u64, to: Option<u64>) -> Vec<(u64, IVec)> {
+        range(trees, AUDIT, from, to)
             .unwrap()
             .map(Result::unwrap)
             .collect()
@@ -271,15 +277,15 @@ mod tests {
     /// lone values and runs alike, across runs with gaps between keys.
     #[test]
     fn values_are_read_back_alone_and_from_runs() {
-        let (_dir, tree) = tree();
+        let (_dir, trees) = trees();
         // A lone value (stored as before runs), a group of three with a gap
         // in its keys, one of 20 that splits into two runs.
         let lone = vec![(1, value(1, 10))];
         let three = vec![(2, value(2, 5)), (3, value(3, 0)), (7, value(7, 9))];
         let big: Vec<_> = (10..30).map(|k| (k, value(k, 700))).collect();
-        assert_eq!(store(&tree, &lone), lone, "alone as it is");
-        assert_eq!(store(&tree, &three).len(), 1);
-        let packed = store(&tree, &big);
+        assert_eq!(store(&trees, &lone), lone, "alone as it is");
+        assert_eq!(store(&trees, &three).len(), 1);
+        let packed = store(&trees, &big);
         assert_eq!(
             packed.len(),
             2,
@@ -287,16 +293,16 @@ mod tests {
             packed.iter().map(|(k, v)| (k, v.len())).collect::<Vec<_>>()
         );
         assert!(packed.iter().all(|(_, v)| v.len() <= HEAD + RUN_BYTES));
-        assert_eq!(tree.len(), 4);
+        assert_eq!(trees[AUDIT].len(), 4);
 
         let all: Vec<_> = [lone, three, big].concat();
         for (k, v) in &all {
-            assert_eq!(get(&tree, AUDIT, *k).unwrap().as_ref(), Some(v), "key {k}");
+            assert_eq!(get(&trees, AUDIT, *k).unwrap().as_ref(), Some(v), "key {k}");
         }
         for absent in [0, 4, 5, 6, 8, 9, 30, 1000] {
-            assert_eq!(get(&tree, AUDIT, absent).unwrap(), None, "key {absent}");
+            assert_eq!(get(&trees, AUDIT, absent).unwrap(), None, "key {absent}");
         }
-        assert_eq!(read(&tree, 0, None), all);
+        assert_eq!(read(&trees, 0, None), all);
         for from in 0..32 {
             for to in from..32 {
                 let want: Vec<_> = all
@@ -304,7 +310,7 @@ mod tests {
                     .filter(|(k, _)| (from..to).contains(k))
                     .cloned()
                     .collect();
-                assert_eq!(read(&tree, from, Some(to)), want, "[{from}, {to})");
+                assert_eq!(read(&trees, from, Some(to)), want, "[{from}, {to})");
             }
         }
     }
@@ -313,14 +319,16 @@ mod tests {
     /// lookup and by a range; what comes before it is still read.
     #[test]
     fn a_broken_run_is_named() {
-        let (_dir, tree) = tree();
-        store(&tree, &[(1, value(1, 4))]);
-        let packed = store(&tree, &[(5, value(5, 4)), (6, value(6, 4))]);
+        let (_dir, trees) = trees();
+        store(&trees, &[(1, value(1, 4))]);
+        let packed = store(&trees, &[(5, value(5, 4)), (6, value(6, 4))]);
         let run = &packed[0].1;
-        tree.insert(5u64.to_be_bytes(), &run[..run.len() - 1]).unwrap();
-        let err = get(&tree, AUDIT, 6).unwrap_err().to_string();
+        trees[AUDIT]
+            .insert(5u64.to_be_bytes(), &run[..run.len() - 1])
+            .unwrap();
+        let err = get(&trees, AUDIT, 6).unwrap_err().to_string();
         assert!(err.contains("tree audit") && err.contains("log entry 5"), "{err}");
-        let mut r = range(&tree, AUDIT, 0, None).unwrap();
+        let mut r = range(&trees, AUDIT, 0, None).unwrap();
         assert_eq!(r.next().unwrap().unwrap().0, 1);
         assert_eq!(r.next().unwrap().unwrap().0, 5, "the items before the break");
         assert!(r.next().unwrap().is_err());
@@ -331,13 +339,13 @@ mod tests {
     /// build from before runs could have left it) is read once.
     #[test]
     fn a_value_in_a_run_and_alone_is_read_once() {
-        let (_dir, tree) = tree();
-        store(&tree, &[(5, value(5, 4)), (6, value(6, 4))]);
-        store(&tree, &[(6, value(6, 4))]);
-        store(&tree, &[(8, value(8, 4))]);
-        let keys: Vec<u64> = read(&tree, 0, None).iter().map(|(k, _)| *k).collect();
+        let (_dir, trees) = trees();
+        store(&trees, &[(5, value(5, 4)), (6, value(6, 4))]);
+        store(&trees, &[(6, value(6, 4))]);
+        store(&trees, &[(8, value(8, 4))]);
+        let keys: Vec<u64> = read(&trees, 0, None).iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, [5, 6, 8]);
-        let keys: Vec<u64> = read(&tree, 6, None).iter().map(|(k, _)| *k).collect();
+        let keys: Vec<u64> = read(&trees, 6, None).iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, [6, 8]);
     }
 }

@@ -1040,7 +1040,7 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
     check(&s, cursor);
     // What sled holds: each certificate once in `meta`, the log values
     // without them, the receipt's log entry without the receipt.
-    let stored = |tree: usize, key: u64| runs::get(&s.inner.trees[tree], tree, key).unwrap().unwrap().len();
+    let stored = |tree: usize, key: u64| runs::get(&s.inner.trees, tree, key).unwrap().unwrap().len();
     // A cut's head: mark, kind, offset (6 bytes), then a digest or a cursor.
     assert_eq!(
         stored(keys::RECEIPT_LOG, cursor),

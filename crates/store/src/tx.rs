@@ -282,7 +282,7 @@ impl<'a> Tx<'a> {
     fn get(&self, tree: usize, key: &[u8]) -> R<Option<IVec>> {
         match self.pending(tree, key) {
             Some(v) => Ok(v),
-            None if runs::packs(tree) => match runs::get(&self.trees[tree], tree, keys::u64_of(key)) {
+            None if runs::packs(tree) => match runs::get(self.trees, tree, keys::u64_of(key)) {
                 Ok(v) => Ok(v),
                 Err(StoreError::Sled(e)) => Err(e.into()),
                 Err(e) => Err(Abort::Corrupt(e).into()),
@@ -547,7 +547,7 @@ impl<'a> Tx<'a> {
 
     /// Removes item `seq` from `peer`'s outbox and its expiry entry;
     /// returns the item as stored. The caller counts it off the quota.
-    fn take_outbox(&self, peer: &str, seq: u64) -> R<Option<Vec<u8>>> {
+    fn take_outbox(&self, peer: &str, seq: u64) -> R<Option<IVec>> {
         let Some(value) = self.remove(OUTBOX, keys::seq_key(peer, seq))? else {
             return Ok(None);
         };
@@ -555,7 +555,8 @@ impl<'a> Tx<'a> {
         if expires_ms != 0 {
             self.remove(EXPIRY, keys::expiry_key(expires_ms, peer, seq))?;
         }
-        Ok(Some(value.get(8..).unwrap_or_default().to_vec()))
+        let stored = value.len().saturating_sub(8);
+        Ok(Some(value.subslice(value.len() - stored, stored)))
     }
 
     /// Puts message `id` in `service`'s inbox, counting `size` bytes against the quota.
