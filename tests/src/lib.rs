@@ -193,6 +193,36 @@ impl Federation {
         self.layout.node_dir(agency)
     }
 
+    /// A client of `to`'s peer port holding `from`'s node certificate: a
+    /// peer, or one that turned hostile.
+    pub async fn peer_as(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> wire::peer_client::PeerClient<tonic::transport::Channel> {
+        let certs = self.certs(from);
+        let creds = Credentials::from_der(
+            antar_pki::read_cert_der(&certs.federation_root()).unwrap(),
+            antar_pki::read_certs_der(&certs.tls_cert()).unwrap(),
+            antar_pki::read_key_der(&certs.tls_key()).unwrap(),
+        );
+        let client = Client::connect(&self.addrs[to].peer.to_string(), &creds)
+            .await
+            .unwrap();
+        wire::peer_client::PeerClient::new(client.channel())
+    }
+
+    /// `agency`'s store, opened directly as an operator with disk access
+    /// would; its node must be stopped.
+    pub fn open_store(&self, agency: &str) -> antar_store::Store {
+        antar_store::Store::open(&antar_store::StoreConfig {
+            path: self.layout.data_dir(agency),
+            max_queued_bytes: 1 << 30,
+            cache_capacity: 1 << 20,
+        })
+        .unwrap()
+    }
+
     /// The log of a child node.
     pub fn log(&self, agency: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{agency}.log"))).unwrap_or_default()
@@ -339,6 +369,24 @@ pub async fn receive_at_most(
 }
 
 /// The decoded header of a delivery.
+/// Sends `items` in one `Transfer` batch; the peer's first ack.
+pub async fn transfer(
+    peer: &mut wire::peer_client::PeerClient<tonic::transport::Channel>,
+    items: Vec<wire::TransferItem>,
+) -> wire::TransferAck {
+    use tokio_stream::StreamExt as _;
+    let mut acks = peer
+        .transfer(tokio_stream::iter([wire::TransferBatch { items }]))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(10), acks.next())
+        .await
+        .expect("the peer never acknowledged the batch")
+        .unwrap()
+        .unwrap()
+}
+
 pub fn envelope_of(d: &wire::Delivery) -> wire::Envelope {
     use prost::Message as _;
     wire::Envelope::decode(d.envelope.as_ref().unwrap().envelope.as_slice()).unwrap()

@@ -511,12 +511,7 @@ async fn after_a_payload_purge_every_proof_still_verifies() {
     health_node.stop().await.unwrap();
 
     // On disk: the payload is gone, the signed envelope and receipts are not.
-    let store = antar_store::Store::open(&antar_store::StoreConfig {
-        path: fed.layout.data_dir("finance"),
-        max_queued_bytes: 1 << 30,
-        cache_capacity: 1 << 20,
-    })
-    .unwrap();
+    let store = fed.open_store("finance");
     let record = store
         .message(&antar_core::MessageId::parse(&ids[0]).unwrap())
         .unwrap()

@@ -8,8 +8,6 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use antar_client::{Client, Credentials};
-use antar_tests::wire::peer_client::PeerClient;
 use antar_tests::wire::peer_server::{Peer, PeerServer};
 use antar_tests::wire::{
     transfer_item, CustodyStatus, EnvelopeTransfer, ItemAck, TransferAck, TransferBatch, TransferItem,
@@ -160,15 +158,6 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
         .envelope
         .extend_from_slice(&[0x98, 0x06, 0x01]);
 
-    let creds = Credentials::from_der(
-        antar_pki::read_cert_der(&hub_certs.federation_root()).unwrap(),
-        antar_pki::read_certs_der(&hub_certs.tls_cert()).unwrap(),
-        antar_pki::read_key_der(&hub_certs.tls_key()).unwrap(),
-    );
-    let channel = Client::connect(&fed.addrs["registry"].peer.to_string(), &creds)
-        .await
-        .unwrap()
-        .channel();
     let items = [
         payload_altered,
         salt_altered,
@@ -186,16 +175,7 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
         }
     })
     .collect();
-    let mut acks = PeerClient::new(channel)
-        .transfer(tokio_stream::iter([TransferBatch { items }]))
-        .await
-        .unwrap()
-        .into_inner();
-    let ack = tokio::time::timeout(Duration::from_secs(10), acks.next())
-        .await
-        .expect("registry never acknowledged the batch")
-        .unwrap()
-        .unwrap();
+    let ack = transfer(&mut fed.peer_as("hub", "registry").await, items).await;
     let expected = [
         "payload_digest",
         "salt_digest",

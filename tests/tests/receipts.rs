@@ -447,3 +447,98 @@ async fn batch_signed_receipts_verify_alone_end_to_end_and_in_the_export() {
     let v = antar_core::audit::verify_bundle(&export(&auditor).await, &fed.verifier()).unwrap();
     assert!(v.receipts >= 16, "{v:?}");
 }
+
+/// A receipt handed over again is `DUPLICATE` and recorded once — also one
+/// that a build from before receipts were keyed by message id marked seen
+/// (under its digest alone) — while a new receipt about the same message is
+/// `STORED`; a relaying hub deduplicates the receipts it carries too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw() {
+    use antar_tests::wire::CustodyStatus::{Duplicate, Stored};
+    use prost::Message as _;
+
+    let fed = Federation::standard();
+    let mut finance_node = fed.start("finance").await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let id = send(&finance, notice("health", "lab.results", b"result 7")).await;
+    assert_eq!(receive(&fed.app("health").await, 1, 10, true).await.len(), 1);
+    let t = until_state(&finance, &id, wire::MessageState::Processed, 15).await;
+    assert_eq!(t.receipts.len(), 3);
+    let delivered = t.receipts[1].clone();
+
+    // The same signed receipt again, from health's node certificate.
+    assert_eq!(hand_over(&fed, "health", "finance", &delivered).await, Duplicate);
+
+    // Receipts health's node signs anew: other bytes, so other digests.
+    let health_signer = signer(&fed, "health");
+    let variant = |n: i64| {
+        let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
+        r.at.as_mut().unwrap().nanos = 0;
+        r.at.as_mut().unwrap().seconds += n;
+        health_signer.sign_receipt(&r)
+    };
+    let (old_seen, fresh) = (variant(1), variant(2));
+
+    // An older build marked `old_seen` seen by its digest alone.
+    finance_node.stop().await.unwrap();
+    let store = fed.open_store("finance");
+    let digest = antar_core::envelope::sha256(&old_seen.receipt);
+    store
+        .transact(|tx| tx.mark_seen("receipt", &digest))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    finance_node = fed.start("finance").await;
+
+    assert_eq!(hand_over(&fed, "health", "finance", &old_seen).await, Duplicate);
+    assert_eq!(track(&finance, &id).await.receipts.len(), 3);
+    assert_eq!(hand_over(&fed, "health", "finance", &fresh).await, Stored);
+    assert_eq!(hand_over(&fed, "health", "finance", &fresh).await, Duplicate);
+    assert_eq!(track(&finance, &id).await.receipts.len(), 4);
+
+    // A receipt for finance that registry hands the hub to relay.
+    let hub_node = fed.start("hub").await;
+    let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
+    r.issuer = "registry".into();
+    r.recipient = "registry".into();
+    let relayed = signer(&fed, "registry").sign_receipt(&r);
+    assert_eq!(hand_over(&fed, "registry", "hub", &relayed).await, Stored);
+    assert_eq!(hand_over(&fed, "registry", "hub", &relayed).await, Duplicate);
+
+    for n in [finance_node, health_node, hub_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+fn signer(fed: &Federation, agency: &str) -> antar_core::Signer {
+    let certs = fed.certs(agency);
+    antar_core::Signer::from_pkcs8(
+        &antar_pki::read_key_der(&certs.signing_key()).unwrap(),
+        antar_pki::read_cert_der(&certs.signing_cert()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Hands `receipt` to `to`'s peer port as `from`'s node; the custody status.
+async fn hand_over(
+    fed: &Federation,
+    from: &str,
+    to: &str,
+    receipt: &wire::SignedReceipt,
+) -> wire::CustodyStatus {
+    use antar_tests::wire::{transfer_item, ReceiptTransfer, TransferItem};
+
+    let item = TransferItem {
+        seq: 7,
+        item: Some(transfer_item::Item::Receipt(ReceiptTransfer {
+            receipt: Some(receipt.clone()),
+            hops: vec![from.into()],
+        })),
+    };
+    let ack = transfer(&mut fed.peer_as(from, to).await, vec![item]).await;
+    assert_eq!(ack.acks.len(), 1);
+    assert_eq!(ack.acks[0].seq, 7);
+    ack.acks[0].status()
+}

@@ -26,7 +26,7 @@ use antar_store::{Held, MessageRecord, Tx, TxError};
 use crate::agency::CallWaiters;
 use crate::auth;
 use crate::error::NodeError;
-use crate::state::{expires_ms, Issued, Shared};
+use crate::state::{expires_ms, Issued, SeenReceipts, Shared};
 
 pub(crate) struct PeerService {
     pub(crate) shared: Arc<Shared>,
@@ -376,7 +376,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 let new = shared.apply_receipt(tx, signed, receipt)?;
                 return Ok(if new { Settled::Stored } else { Settled::Duplicate });
             }
-            if tx.mark_seen("relayed-receipt", &antar_core::envelope::sha256(&signed.receipt))? {
+            if shared.receipt_seen(tx, SeenReceipts::Relayed, signed, receipt)? {
                 return Ok(Settled::Duplicate);
             }
             shared.route_receipt(tx, signed, receipt, hops.clone())?;

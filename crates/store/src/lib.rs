@@ -678,6 +678,19 @@ impl Store {
         self.durable().await
     }
 
+    /// Whether anything was ever marked seen in `namespace`
+    /// ([`Tx::mark_seen`]): lets a caller that moved to another namespace
+    /// know whether the old one still needs checking.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn seen_any(&self, namespace: &str) -> Result<bool, StoreError> {
+        let first = self.inner.trees[keys::SEEN]
+            .scan_prefix(keys::prefixed(namespace))
+            .next();
+        Ok(first.transpose()?.is_some())
+    }
+
     /// A value of the log's metadata (witness state), by key.
     ///
     /// # Errors
