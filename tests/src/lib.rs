@@ -368,7 +368,6 @@ pub async fn receive_at_most(
     out
 }
 
-/// The decoded header of a delivery.
 /// Sends `items` in one `Transfer` batch; the peer's first ack.
 pub async fn transfer(
     peer: &mut wire::peer_client::PeerClient<tonic::transport::Channel>,
@@ -387,6 +386,7 @@ pub async fn transfer(
         .unwrap()
 }
 
+/// The decoded header of a delivery.
 pub fn envelope_of(d: &wire::Delivery) -> wire::Envelope {
     use prost::Message as _;
     wire::Envelope::decode(d.envelope.as_ref().unwrap().envelope.as_slice()).unwrap()

@@ -305,3 +305,143 @@ async fn streams_on_the_api_and_the_admin_listener_keep_their_deliveries_apart()
         n.stop().await.unwrap();
     }
 }
+
+/// `SendBatch` and `AckBatch` answer each item exactly as its own `Send` or
+/// `Ack` would — the same code and message for a refused one — in order;
+/// a refused item stores nothing and stops none of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
+    use wire::{ack_result, send_result};
+
+    let fed = Federation::standard();
+    let nodes = finance_and_health(&fed).await;
+    let finance = fed.app("finance").await;
+    let transaction = |key: &str| wire::SendRequest {
+        kind: wire::Kind::Transaction as i32,
+        idempotency_key: key.into(),
+        ..notice("health", "tax.payment", b"pay 10")
+    };
+    let refused = [
+        notice("nosuch", "tax.notice", b"to nobody"),
+        notice("health", "Bad Service", b"bad name"),
+        notice("health", "tax.notice", &vec![7; (4 << 20) + 1]),
+    ];
+    let requests = vec![
+        notice("health", "tax.notice", b"first"),
+        refused[0].clone(),
+        transaction("k-1"),
+        refused[1].clone(),
+        transaction("k-1"),
+        refused[2].clone(),
+        notice("health", "tax.notice", b"last"),
+    ];
+    let results = finance
+        .agency()
+        .send_batch(wire::SendBatchRequest { requests })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 7);
+    let sent = |i: usize| match &results[i].result {
+        Some(send_result::Result::Sent(r)) => r.message_ids.clone(),
+        other => panic!("request {i}: {other:?}"),
+    };
+    let (first, tx, last) = (sent(0), sent(2), sent(6));
+    assert_eq!(
+        sent(4),
+        tx,
+        "the repeated transaction key answers the original id"
+    );
+    for (i, req) in [1, 3, 5].into_iter().zip(refused) {
+        let unary = finance.agency().send(req).await.unwrap_err();
+        assert_ne!(unary.code(), tonic::Code::Ok);
+        match &results[i].result {
+            Some(send_result::Result::Error(e)) => {
+                assert_eq!(
+                    (e.code, e.message.as_str()),
+                    (unary.code() as i32, unary.message()),
+                    "request {i}"
+                )
+            }
+            other => panic!("request {i} was not refused: {other:?}"),
+        }
+    }
+
+    let health = fed.app("health").await;
+    let got = receive(&health, 3, 10, false).await;
+    let mut ids: Vec<String> = got.iter().map(|d| envelope_of(d).id).collect();
+    ids.sort();
+    let mut want = [first.clone(), tx.clone(), last.clone()].concat();
+    want.sort();
+    assert_eq!(ids, want, "each accepted request delivered once, no refused one");
+
+    let ack = |id: &String, outcome: wire::Outcome| wire::AckRequest {
+        message_id: id.clone(),
+        outcome: outcome as i32,
+        result: Vec::new(),
+    };
+    let unknown = antar_core::MessageId::new().to_string();
+    let acks = vec![
+        ack(&first[0], wire::Outcome::Unspecified),
+        ack(&tx[0], wire::Outcome::Unspecified),
+        ack(&"not-an-id".to_owned(), wire::Outcome::Unspecified),
+        ack(&tx[0], wire::Outcome::Committed),
+        ack(&unknown, wire::Outcome::Unspecified),
+        ack(&last[0], wire::Outcome::Unspecified),
+        ack(&last[0], wire::Outcome::Unspecified),
+    ];
+    let results = health
+        .agency()
+        .ack_batch(wire::AckBatchRequest { acks: acks.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 7);
+    for (i, r) in results.iter().enumerate() {
+        match (&r.result, [1, 2, 4].contains(&i)) {
+            (Some(ack_result::Result::Acked(_)), false) => {}
+            (Some(ack_result::Result::Error(e)), true) => {
+                let unary = health.agency().ack(acks[i].clone()).await.unwrap_err();
+                assert_eq!(
+                    (e.code, e.message.as_str()),
+                    (unary.code() as i32, unary.message()),
+                    "ack {i}"
+                );
+            }
+            other => panic!("ack {i}: {other:?}"),
+        }
+    }
+    for id in [&first[0], &tx[0], &last[0]] {
+        until_state(&finance, id, wire::MessageState::Processed, 15).await;
+    }
+
+    // Too many at once is refused whole, naming the field; none is a no-op.
+    let over = finance
+        .agency()
+        .send_batch(wire::SendBatchRequest {
+            requests: vec![notice("health", "tax.notice", b"x"); 1001],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), tonic::Code::InvalidArgument);
+    assert!(
+        over.message().contains("requests") && over.message().contains("1000"),
+        "{}",
+        over.message()
+    );
+    let none = finance
+        .agency()
+        .send_batch(wire::SendBatchRequest::default())
+        .await
+        .unwrap();
+    assert!(none.into_inner().results.is_empty());
+    assert!(
+        receive(&health, 1, 1, true).await.is_empty(),
+        "nothing more was sent"
+    );
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}

@@ -23,7 +23,7 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// Concurrent senders (each waits for its Send to be durable before the next).
     #[arg(long, default_value_t = 64)]
     senders: u64,
+    /// Requests per call: above 1, each sender sends with `SendBatch` and
+    /// the receiver acks with `AckBatch`, this many at most per call
+    /// (closed loop only); 1: unary `Send` and `Ack`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    batch: u64,
     /// Deliveries the receiver may hold unacked.
     #[arg(long, default_value_t = 512)]
     in_flight: u32,
@@ -217,11 +222,42 @@ impl Progress {
     }
 }
 
-/// Receives at health and acks everything; with `hist`, a delivery completes
-/// its message and its latency is recorded from the `bench-ts` header.
+/// A delivery's envelope; with `hist`, the delivery completes its message
+/// and its latency is recorded from the `bench-ts` header.
+fn delivered(
+    d: wire::Delivery,
+    progress: &Progress,
+    hist: Option<&Mutex<Latencies>>,
+) -> anyhow::Result<wire::Envelope> {
+    let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope.as_slice())?;
+    if let Some(hist) = hist {
+        if let Some(ts) = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok()) {
+            lock(hist).saturating_record(now_ns().saturating_sub(ts) / 1_000);
+        }
+        progress.done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(env)
+}
+
+fn ack_of(env: &wire::Envelope) -> wire::AckRequest {
+    let outcome = if env.kind == Kind::Transaction as i32 {
+        wire::Outcome::Committed as i32
+    } else {
+        0
+    };
+    wire::AckRequest {
+        message_id: env.id.clone(),
+        outcome,
+        result: Vec::new(),
+    }
+}
+
+/// Receives at health and acks everything, up to `max_batch` per call;
+/// with `hist`, see [`delivered`].
 async fn receive_and_ack(
     receiver: Client,
     in_flight: u32,
+    max_batch: usize,
     progress: Arc<Progress>,
     hist: Option<Arc<Mutex<Latencies>>>,
 ) -> anyhow::Result<()> {
@@ -240,26 +276,35 @@ async fn receive_and_ack(
             Ok(None) => anyhow::bail!("the receive stream ended"),
             Ok(Some(d)) => d?,
         };
-        let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope.as_slice())?;
-        if let Some(hist) = &hist {
-            if let Some(ts) = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok()) {
-                lock(hist).saturating_record(now_ns().saturating_sub(ts) / 1_000);
+        let env = delivered(d, &progress, hist.as_deref())?;
+        let mut batch = vec![ack_of(&env)];
+        // With --batch: the deliveries already here join this one's call.
+        while batch.len() < max_batch {
+            match tokio::time::timeout(Duration::ZERO, stream.next()).await {
+                Ok(Some(d)) => batch.push(ack_of(&delivered(d?, &progress, hist.as_deref())?)),
+                _ => break,
             }
-            progress.done.fetch_add(1, Ordering::Relaxed);
         }
         let mut a = agency.clone();
         acks.spawn(async move {
-            let outcome = if env.kind == Kind::Transaction as i32 {
-                wire::Outcome::Committed as i32
-            } else {
-                0
-            };
-            a.ack(wire::AckRequest {
-                message_id: env.id,
-                outcome,
-                result: Vec::new(),
-            })
-            .await
+            if max_batch == 1 {
+                return a
+                    .ack(batch.remove(0))
+                    .await
+                    .map(drop)
+                    .map_err(anyhow::Error::from);
+            }
+            let results = a
+                .ack_batch(wire::AckBatchRequest { acks: batch })
+                .await?
+                .into_inner()
+                .results;
+            for r in results {
+                if let Some(wire::ack_result::Result::Error(e)) = r.result {
+                    anyhow::bail!("AckBatch refused an ack: code {}: {}", e.code, e.message);
+                }
+            }
+            Ok(())
         });
         while acks.len() > 256 {
             if let Some(r) = acks.join_next().await {
@@ -308,6 +353,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.batch == 1 || args.rate.is_none(),
+        "--batch is for the closed loop: with --rate each request is sent at its own scheduled instant"
+    );
     let tmp;
     let dir = match &args.dir {
         Some(d) => d.clone(),
@@ -343,10 +392,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         receipt_status.map(|status| tokio::spawn(watch_receipts(sender.clone(), status, progress.clone())));
     let spawn_receiver = |progress: Arc<Progress>| {
         let hist = receipt_status.is_none().then(|| hist.clone());
-        let (fed, in_flight) = (fed.clone(), args.in_flight);
+        let (fed, in_flight, batch) = (fed.clone(), args.in_flight, args.batch as usize);
         tokio::spawn(async move {
             let receiver = Client::from_federation(&fed, "health", ClientRole::App).await?;
-            receive_and_ack(receiver, in_flight, progress, hist).await
+            receive_and_ack(receiver, in_flight, batch, progress, hist).await
         })
     };
     let mut receiver = held.is_none().then(|| spawn_receiver(progress.clone()));
@@ -443,15 +492,40 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             for _ in 0..args.senders.max(1) {
                 let (mut agency, next, payload, sent) =
                     (sender.agency(), next.clone(), payload.clone(), sent.clone());
+                let batch = args.batch;
                 senders.spawn(async move {
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let i = next.fetch_add(batch, Ordering::Relaxed);
                         if i >= limit || sending_for.is_some_and(|d| start.elapsed() >= d) {
                             break;
                         }
                         let ts = now_ns();
-                        let resp = agency.send(request(i, ts, payload.clone())).await?;
-                        sent(resp.into_inner(), ts);
+                        if batch == 1 {
+                            let resp = agency.send(request(i, ts, payload.clone())).await?;
+                            sent(resp.into_inner(), ts);
+                            continue;
+                        }
+                        let requests = (i..limit.min(i + batch))
+                            .map(|i| request(i, ts, payload.clone()))
+                            .collect();
+                        let results = agency
+                            .send_batch(wire::SendBatchRequest { requests })
+                            .await?
+                            .into_inner()
+                            .results;
+                        for r in results {
+                            match r.result {
+                                Some(wire::send_result::Result::Sent(resp)) => sent(resp, ts),
+                                Some(wire::send_result::Result::Error(e)) => {
+                                    anyhow::bail!(
+                                        "SendBatch refused a request: code {}: {}",
+                                        e.code,
+                                        e.message
+                                    )
+                                }
+                                None => anyhow::bail!("SendBatch answered an empty result"),
+                            }
+                        }
                     }
                     anyhow::Ok(())
                 });
@@ -522,6 +596,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mode = match (args.peer_down, args.rate) {
         (true, _) => "queue".to_owned(),
         (false, Some(r)) => format!("open rate={r}"),
+        (false, None) if args.batch > 1 => format!("closed senders={} batch={}", args.senders, args.batch),
         (false, None) => format!("closed senders={}", args.senders),
     };
     if args.peer_down {
@@ -550,7 +625,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "mode": if args.peer_down { "queue" } else if args.rate.is_some() { "open" } else { "closed" },
-            "offered_per_s": args.rate, "senders": args.senders, "hops": hops, "kind": args.kind,
+            "offered_per_s": args.rate, "senders": args.senders, "batch": args.batch, "hops": hops, "kind": args.kind,
             "receipts": args.receipts, "batch_signatures": args.batch_signatures,
             "messages": total, "size": args.size,
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,

@@ -14,9 +14,10 @@ use tonic::{Request, Response, Status};
 use antar_core::envelope::sha256;
 use antar_core::wire::agency_server::Agency;
 use antar_core::wire::{
-    transfer_item, AckRequest, AckResponse, Delivery, Envelope, EnvelopeTransfer, Kind, MessageState,
-    Outcome, ReceiptEvent, ReceiptStatus, ReceiveRequest, ReplyRequest, SendRequest, SendResponse,
-    SignedReceipt, TrackRequest, TrackResponse, TransferItem, WatchReceiptsRequest,
+    ack_result, send_result, transfer_item, AckBatchRequest, AckBatchResponse, AckRequest, AckResponse,
+    AckResult, Delivery, Envelope, EnvelopeTransfer, ItemError, Kind, MessageState, Outcome, ReceiptEvent,
+    ReceiptStatus, ReceiveRequest, ReplyRequest, SendBatchRequest, SendBatchResponse, SendRequest,
+    SendResponse, SendResult, SignedReceipt, TrackRequest, TrackResponse, TransferItem, WatchReceiptsRequest,
 };
 use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
 use antar_store::{Abort, MessageRecord};
@@ -323,6 +324,58 @@ fn parse_id(field: &'static str, s: &str) -> Result<MessageId, NodeError> {
     MessageId::parse(s).map_err(|e| NodeError::invalid(field, e))
 }
 
+/// Most items one `SendBatch` or `AckBatch` call may carry.
+pub(crate) const MAX_BATCH: usize = 1_000;
+
+fn check_batch(field: &'static str, n: usize) -> Result<(), NodeError> {
+    if n > MAX_BATCH {
+        return Err(NodeError::invalid(
+            field,
+            format!("{n} items; at most {MAX_BATCH} per call"),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `each` on every item of a batch as a task of its own — so the
+/// items share group commits and both cores, as concurrent unary calls
+/// would — and returns the results in the items' order. A task is never
+/// cancelled: an item the caller stops waiting for still finishes, as a
+/// cancelled unary call does.
+async fn each_apart<I, T, F, Fut>(items: Vec<I>, each: F) -> Vec<Result<T, NodeError>>
+where
+    F: Fn(I) -> Fut,
+    Fut: std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
+    T: Send + 'static,
+{
+    let tasks: Vec<_> = items.into_iter().map(|i| tokio::spawn(each(i))).collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(match task.await {
+            Ok(result) => result,
+            // Only a panic: the task is never aborted.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        });
+    }
+    out
+}
+
+/// What a batch answers for an item its unary call would have failed.
+fn item_error(e: NodeError) -> ItemError {
+    let status = Status::from(e);
+    ItemError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
+
+/// One `AckRequest`, checked and applied.
+async fn ack_request(shared: &Shared, services: &Services, r: AckRequest) -> Result<(), NodeError> {
+    let id = parse_id("message_id", &r.message_id)?;
+    let outcome = Outcome::try_from(r.outcome).map_err(|_| NodeError::invalid("outcome", "unknown value"))?;
+    ack(shared, services, id, outcome, &r.result).await
+}
+
 /// Takes `id` out of the inbox for good and routes a PROCESSED receipt.
 /// Acking again is a no-op.
 async fn ack(
@@ -519,12 +572,62 @@ impl Agency for AgencyService {
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let app = auth::app(&self.shared, &req)?;
         let services = self.services_of(&app)?;
-        let r = req.into_inner();
-        let id = parse_id("message_id", &r.message_id)?;
-        let outcome =
-            Outcome::try_from(r.outcome).map_err(|_| NodeError::invalid("outcome", "unknown value"))?;
-        ack(&self.shared, &services, id, outcome, &r.result).await?;
+        ack_request(&self.shared, &services, req.into_inner()).await?;
         Ok(Response::new(AckResponse {}))
+    }
+
+    async fn send_batch(
+        &self,
+        req: Request<SendBatchRequest>,
+    ) -> Result<Response<SendBatchResponse>, Status> {
+        let app: Arc<str> = auth::app(&self.shared, &req)?.into();
+        let started = Instant::now();
+        let traceparent = trace::from_metadata(req.metadata());
+        let requests = req.into_inner().requests;
+        check_batch("requests", requests.len())?;
+        let results = each_apart(requests, |r| {
+            let (shared, app, traceparent) = (self.shared.clone(), app.clone(), traceparent.clone());
+            async move { send(&shared, &app, r, traceparent).await }
+        })
+        .await;
+        let elapsed = started.elapsed();
+        let results = results
+            .into_iter()
+            .map(|r| SendResult {
+                result: Some(match r {
+                    Ok(ids) => {
+                        self.shared.metrics.send_seconds.observe(elapsed);
+                        send_result::Result::Sent(SendResponse {
+                            message_ids: ids.iter().map(ToString::to_string).collect(),
+                        })
+                    }
+                    Err(e) => send_result::Result::Error(item_error(e)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(SendBatchResponse { results }))
+    }
+
+    async fn ack_batch(&self, req: Request<AckBatchRequest>) -> Result<Response<AckBatchResponse>, Status> {
+        let app = auth::app(&self.shared, &req)?;
+        let services = Arc::new(self.services_of(&app)?);
+        let acks = req.into_inner().acks;
+        check_batch("acks", acks.len())?;
+        let results = each_apart(acks, |r| {
+            let (shared, services) = (self.shared.clone(), services.clone());
+            async move { ack_request(&shared, &services, r).await }
+        })
+        .await;
+        let results = results
+            .into_iter()
+            .map(|r| AckResult {
+                result: Some(match r {
+                    Ok(()) => ack_result::Result::Acked(AckResponse {}),
+                    Err(e) => ack_result::Result::Error(item_error(e)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(AckBatchResponse { results }))
     }
 
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<SendResponse>, Status> {
