@@ -355,7 +355,6 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
     );
     for (i, req) in [1, 3, 5].into_iter().zip(refused) {
         let unary = finance.agency().send(req).await.unwrap_err();
-        assert_ne!(unary.code(), tonic::Code::Ok);
         match &results[i].result {
             Some(send_result::Result::Error(e)) => {
                 assert_eq!(
@@ -431,6 +430,15 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
         "{}",
         over.message()
     );
+    let over = health
+        .agency()
+        .ack_batch(wire::AckBatchRequest {
+            acks: vec![ack(&first[0], wire::Outcome::Unspecified); 1001],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), tonic::Code::InvalidArgument);
+    assert!(over.message().contains("acks"), "{}", over.message());
     let none = finance
         .agency()
         .send_batch(wire::SendBatchRequest::default())

@@ -479,15 +479,27 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
         health_signer.sign_receipt(&r)
     };
     let (old_seen, fresh) = (variant(1), variant(2));
+    // About a message minted two days after the upgrade (by its UUIDv7
+    // time): the old keys cannot hold its receipts, so they are not read.
+    let later = {
+        let mut bytes = *antar_core::MessageId::new().as_bytes();
+        let ms = antar_core::time::unix_millis(std::time::SystemTime::now()) + 2 * 86_400_000;
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
+        r.message_id = antar_core::MessageId::from_bytes(bytes).to_string();
+        health_signer.sign_receipt(&r)
+    };
 
-    // An older build marked `old_seen` seen by its digest alone.
+    // An older build marked `old_seen` and `later` seen by their digests alone.
     finance_node.stop().await.unwrap();
     let store = fed.open_store("finance");
-    let digest = antar_core::envelope::sha256(&old_seen.receipt);
-    store
-        .transact(|tx| tx.mark_seen("receipt", &digest))
-        .await
-        .unwrap();
+    for r in [&old_seen, &later] {
+        let digest = antar_core::envelope::sha256(&r.receipt);
+        store
+            .transact(|tx| tx.mark_seen("receipt", &digest))
+            .await
+            .unwrap();
+    }
     store.close().await.unwrap();
     drop(store);
     finance_node = fed.start("finance").await;
@@ -497,6 +509,7 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
     assert_eq!(hand_over(&fed, "health", "finance", &fresh).await, Stored);
     assert_eq!(hand_over(&fed, "health", "finance", &fresh).await, Duplicate);
     assert_eq!(track(&finance, &id).await.receipts.len(), 4);
+    assert_eq!(hand_over(&fed, "health", "finance", &later).await, Stored);
 
     // A receipt for finance that registry hands the hub to relay.
     let hub_node = fed.start("hub").await;

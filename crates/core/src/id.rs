@@ -111,6 +111,13 @@ impl MessageId {
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(uuid::Uuid::from_bytes(bytes))
     }
+
+    /// When a UUIDv7 id was made, in ms since the Unix epoch, by the clock
+    /// of the node that made it; `None` for other versions.
+    pub fn minted_ms(&self) -> Option<u64> {
+        let b = self.as_bytes();
+        (b[6] >> 4 == 7).then(|| b[..6].iter().fold(0, |ms, &byte| ms << 8 | u64::from(byte)))
+    }
 }
 
 impl Default for MessageId {
@@ -240,6 +247,23 @@ impl FromStr for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v7_ids_tell_when_they_were_minted() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let minted = MessageId::new().minted_ms().unwrap();
+        assert!(
+            minted >= before && minted < before + 60_000,
+            "{minted} vs {before}"
+        );
+        let example = MessageId::parse("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b").unwrap();
+        assert_eq!(example.minted_ms(), Some(0x0190_a1b2_c3d4));
+        let v4 = MessageId::parse("0190a1b2-c3d4-4e5f-8a9b-0c1d2e3f4a5b").unwrap();
+        assert_eq!(v4.minted_ms(), None);
+    }
 
     #[test]
     fn agency_ids() {

@@ -339,25 +339,31 @@ fn check_batch(field: &'static str, n: usize) -> Result<(), NodeError> {
 
 /// Runs `each` on every item of a batch as a task of its own — so the
 /// items share group commits and both cores, as concurrent unary calls
-/// would — and returns the results in the items' order. A task is never
-/// cancelled: an item the caller stops waiting for still finishes, as a
-/// cancelled unary call does.
+/// would — and returns the results in the items' order. When the call is
+/// dropped (the client cancelled it, or its deadline passed), every task
+/// is dropped at its next await, as each of those unary calls would be: an
+/// item that had already joined a group is still stored, the others are not.
 async fn each_apart<I, T, F, Fut>(items: Vec<I>, each: F) -> Vec<Result<T, NodeError>>
 where
     F: Fn(I) -> Fut,
     Fut: std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
     T: Send + 'static,
 {
-    let tasks: Vec<_> = items.into_iter().map(|i| tokio::spawn(each(i))).collect();
-    let mut out = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        out.push(match task.await {
-            Ok(result) => result,
-            // Only a panic: the task is never aborted.
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        });
+    let mut out: Vec<Option<Result<T, NodeError>>> = Vec::with_capacity(items.len());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let item = each(item);
+        tasks.spawn(async move { (i, item.await) });
+        out.push(None);
     }
-    out
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((i, result)) => out[i] = Some(result),
+            // Only a panic: no task is aborted while the set is held.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// What a batch answers for an item its unary call would have failed.
@@ -581,26 +587,26 @@ impl Agency for AgencyService {
         req: Request<SendBatchRequest>,
     ) -> Result<Response<SendBatchResponse>, Status> {
         let app: Arc<str> = auth::app(&self.shared, &req)?.into();
-        let started = Instant::now();
         let traceparent = trace::from_metadata(req.metadata());
         let requests = req.into_inner().requests;
         check_batch("requests", requests.len())?;
         let results = each_apart(requests, |r| {
             let (shared, app, traceparent) = (self.shared.clone(), app.clone(), traceparent.clone());
-            async move { send(&shared, &app, r, traceparent).await }
+            async move {
+                let started = Instant::now();
+                let ids = send(&shared, &app, r, traceparent).await?;
+                shared.metrics.send_seconds.observe(started.elapsed());
+                Ok(ids)
+            }
         })
         .await;
-        let elapsed = started.elapsed();
         let results = results
             .into_iter()
             .map(|r| SendResult {
                 result: Some(match r {
-                    Ok(ids) => {
-                        self.shared.metrics.send_seconds.observe(elapsed);
-                        send_result::Result::Sent(SendResponse {
-                            message_ids: ids.iter().map(ToString::to_string).collect(),
-                        })
-                    }
+                    Ok(ids) => send_result::Result::Sent(SendResponse {
+                        message_ids: ids.iter().map(ToString::to_string).collect(),
+                    }),
                     Err(e) => send_result::Result::Error(item_error(e)),
                 }),
             })

@@ -230,7 +230,7 @@ impl Node {
             max_queued_bytes: config.limits.max_queued_bytes,
             cache_capacity: config.limits.cache_bytes,
         })?;
-        let legacy_seen = state::SeenReceipts::legacy(&store)?;
+        let legacy_seen = state::SeenReceipts::legacy(&store).await?;
         let shared = Arc::new(state::Shared {
             policy: RwLock::new(Arc::new(state::Policy::from_config(&config))),
             agency,

@@ -161,7 +161,7 @@ impl Metrics {
         self.send_seconds.render(
             &mut out,
             "antar_send_duration_seconds",
-            "Send and Reply calls, from request to durable acceptance.",
+            "Send and Reply calls and SendBatch items, from request to durable acceptance.",
         );
         self.transfer_seconds.render(
             &mut out,

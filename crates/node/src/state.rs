@@ -153,7 +153,6 @@ pub(crate) struct PeerHealth {
     pub(crate) last_error: String,
 }
 
-/// Everything the services share.
 /// The receipts `seen` remembers, each kind in its own namespace.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum SeenReceipts {
@@ -173,15 +172,51 @@ impl SeenReceipts {
         }
     }
 
-    /// For each kind, whether `store` holds receipts seen by an older build.
+    /// For each kind, when `store` holds receipts an older build marked
+    /// seen by their digest alone: the time (ms) before which a message id
+    /// must have been minted for a receipt about it to be among them — the
+    /// first start of a build that keys receipts by message id (kept in
+    /// `seen` under [`SINCE`]) plus [`SKEW_MS`]. Receipts about messages
+    /// minted later are never looked up under the old keys, so that cost
+    /// ends with the messages from before the upgrade.
     ///
     /// # Errors
     /// A storage failure.
-    pub(crate) fn legacy(store: &Store) -> Result<[bool; 2], antar_store::StoreError> {
-        let old = |kind: Self| store.seen_any(kind.namespaces().1);
-        Ok([old(Self::Own)?, old(Self::Relayed)?])
+    pub(crate) async fn legacy(store: &Store) -> Result<[Option<u64>; 2], antar_store::StoreError> {
+        let old = |kind: Self| store.seen_first(kind.namespaces().1).map(|k| k.is_some());
+        let [own, relayed] = [old(Self::Own)?, old(Self::Relayed)?];
+        if !own && !relayed {
+            return Ok([None; 2]);
+        }
+        let since = match store.seen_first(SINCE)? {
+            // Unreadable: check every receipt, as before.
+            Some(key) => <[u8; 8]>::try_from(key.as_slice()).map_or(u64::MAX, u64::from_be_bytes),
+            None => {
+                let now = unix_millis(SystemTime::now());
+                let key = now.to_be_bytes();
+                store
+                    .transact(|tx| tx.mark_seen(SINCE, &key))
+                    .await
+                    .map_err(|e| match e {
+                        Err(e) | Ok(antar_store::Abort::Corrupt(e)) => e,
+                        // `mark_seen` refuses nothing.
+                        Ok(other) => antar_store::StoreError::Poisoned(format!("{other:?}")),
+                    })?;
+                now
+            }
+        };
+        let until = since.saturating_add(SKEW_MS);
+        Ok([own.then_some(until), relayed.then_some(until)])
     }
 }
+
+/// The `seen` namespace whose one key is when this node first ran a build
+/// that keys receipts by message id (ms, u64 BE).
+const SINCE: &str = "receipts-by-id-since";
+
+/// How far ahead of this node's clock the clock that minted a message id
+/// may have been.
+const SKEW_MS: u64 = 24 * 3600 * 1000;
 
 pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
@@ -212,9 +247,10 @@ pub(crate) struct Shared {
     pub(crate) receipt_queue: ReceiptQueue,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
-    /// Per [`SeenReceipts`] kind: the store holds receipts an older build
-    /// marked seen by their digest alone, so those are checked too.
-    pub(crate) legacy_seen: [bool; 2],
+    /// Per [`SeenReceipts`] kind, when the store holds receipts an older
+    /// build marked seen by their digest alone: receipts about messages
+    /// minted before this time (ms) are checked under those keys too.
+    pub(crate) legacy_seen: [Option<u64>; 2],
 }
 
 impl Shared {
@@ -367,7 +403,8 @@ impl Shared {
     /// sled. (Keyed by the digest alone, each check read and rewrote a page
     /// anywhere in the tree: 4.7 % of the CPU of a closed-loop benchmark.)
     /// A store an older build wrote such digests into is checked under the
-    /// old key as well.
+    /// old key as well, for messages from before the upgrade
+    /// ([`SeenReceipts::legacy`]).
     pub(crate) fn receipt_seen(
         &self,
         tx: &Tx<'_>,
@@ -382,7 +419,16 @@ impl Shared {
         if tx.mark_seen(namespace, &key)? {
             return Ok(true);
         }
-        Ok(self.legacy_seen[kind as usize] && tx.seen(old, &digest)?)
+        let Some(until) = self.legacy_seen[kind as usize] else {
+            return Ok(false);
+        };
+        let minted = MessageId::parse(&receipt.message_id)
+            .ok()
+            .and_then(|id| id.minted_ms());
+        if minted.is_some_and(|ms| ms >= until) {
+            return Ok(false);
+        }
+        tx.seen(old, &digest)
     }
 
     /// Records a receipt about a message this node sent: on its record, in

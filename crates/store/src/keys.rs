@@ -7,7 +7,7 @@
 //! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signed envelope or receipt cut out (held by its `audit` entry) or else its signer certificate (`cuts.rs`) |
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |
 //! | `inbox_index` | message id | inbox key |
-//! | `seen` | namespace `\0` key: `envelope` or `rejected` ‖ sender `\0` message id; `receipt-of` / `relayed-receipt-of` ‖ message id (text) ‖ SHA-256 of the receipt, so that one period's keys sit together; stores from before hold `receipt` / `relayed-receipt` ‖ SHA-256 alone | empty: dedup of received envelopes and receipts |
+//! | `seen` | namespace `\0` key: `envelope` or `rejected` ‖ sender `\0` message id; `receipt-of` / `relayed-receipt-of` ‖ message id (text) ‖ SHA-256 of the receipt, so that one period's keys sit together; stores from before hold `receipt` / `relayed-receipt` ‖ SHA-256 alone, and then `receipts-by-id-since` ‖ ms (u64 BE) when a newer build first ran on them | empty: dedup of received envelopes and receipts |
 //! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |
 //! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent, its signer certificate cut out (`cuts.rs`); a group's receipts as one run under the first cursor (`runs.rs`) |
 //! | `dead` | message id | `DeadLetter` |

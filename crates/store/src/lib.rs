@@ -678,17 +678,19 @@ impl Store {
         self.durable().await
     }
 
-    /// Whether anything was ever marked seen in `namespace`
-    /// ([`Tx::mark_seen`]): lets a caller that moved to another namespace
-    /// know whether the old one still needs checking.
+    /// The first key marked seen in `namespace` ([`Tx::mark_seen`]), if
+    /// any: lets a caller that moved to another namespace know whether the
+    /// old one still needs checking.
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure.
-    pub fn seen_any(&self, namespace: &str) -> Result<bool, StoreError> {
+    pub fn seen_first(&self, namespace: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let prefix = keys::prefixed(namespace);
         let first = self.inner.trees[keys::SEEN]
-            .scan_prefix(keys::prefixed(namespace))
-            .next();
-        Ok(first.transpose()?.is_some())
+            .scan_prefix(&prefix)
+            .next()
+            .transpose()?;
+        Ok(first.map(|(k, _)| k[prefix.len()..].to_vec()))
     }
 
     /// A value of the log's metadata (witness state), by key.
