@@ -84,7 +84,7 @@ async fn session(
     let mut acks = tokio::time::timeout(ack_timeout, client.transfer(ReceiverStream::new(rx)))
         .await
         .map_err(|_| stall_error(ack_timeout))?
-        .map_err(|s| SessionError(format!("{}: {}", s.code(), s.message())))?
+        .map_err(|s| SessionError(crate::status_chain(&s)))?
         .into_inner();
     {
         let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
@@ -212,7 +212,7 @@ async fn settle(
     let ack = match ack {
         Ok(Some(a)) => a,
         Ok(None) => return Err(SessionError("peer closed the stream".into())),
-        Err(s) => return Err(SessionError(format!("{}: {}", s.code(), s.message()))),
+        Err(s) => return Err(SessionError(crate::status_chain(&s))),
     };
     let Some((started, sent)) = in_flight.pop_front() else {
         return Err(SessionError("ack for a batch never sent".into()));

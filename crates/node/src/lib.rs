@@ -113,12 +113,29 @@ fn pki_err(e: impl std::fmt::Display) -> RunError {
 }
 
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// A gRPC status as an operator reads it: its code and message, then the
+/// causes under it — for a failed dial, the TCP or TLS error that tonic's
+/// "transport error" alone does not name.
+pub(crate) fn status_chain(s: &tonic::Status) -> String {
+    with_causes(
+        format!("{}: {}", s.code(), s.message()),
+        std::error::Error::source(s),
+    )
+}
+
+/// `s`, then each cause's text — but one that only repeats the text
+/// before it (tonic's "transport error" under a status saying the same).
+fn with_causes(mut s: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
     }
     s
 }
@@ -505,4 +522,23 @@ fn conn_limit(shared: &state::Shared, name: &'static str) -> Arc<net::ConnLimit>
         .unwrap_or_else(|p| p.into_inner())
         .push(limit.clone());
     limit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_chain;
+
+    #[test]
+    fn a_status_names_each_cause_once() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let mut dial = tonic::Status::unavailable("dial failed");
+        dial.set_source(std::sync::Arc::new(refused()));
+        assert_eq!(
+            status_chain(&dial),
+            "The service is currently unavailable: dial failed: connection refused"
+        );
+        // tonic repeats its error's text as the status message.
+        let repeated = tonic::Status::from_error(Box::new(refused()));
+        assert_eq!(status_chain(&repeated), "Unknown error: connection refused");
+    }
 }

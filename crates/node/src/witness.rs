@@ -197,7 +197,7 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
                 proof,
             })
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .map_err(|s| crate::status_chain(&s))?
             .into_inner();
         if resp.cosignature.is_empty() {
             old = resp.known_size;
