@@ -357,13 +357,17 @@ where
         out.push(None);
     }
     while let Some(done) = tasks.join_next().await {
-        match done {
+        match done.map_err(tokio::task::JoinError::try_into_panic) {
             Ok((i, result)) => out[i] = Some(result),
-            // Only a panic: no task is aborted while the set is held.
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(Ok(panic)) => std::panic::resume_unwind(panic),
+            // Cancelled: only by the runtime shutting down; its slot below.
+            Err(Err(_)) => {}
         }
     }
-    out.into_iter().flatten().collect()
+    // One answer per item, in order, whatever happened.
+    out.into_iter()
+        .map(|r| r.unwrap_or(Err(NodeError::Draining)))
+        .collect()
 }
 
 /// What a batch answers for an item its unary call would have failed.

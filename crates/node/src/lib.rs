@@ -126,12 +126,12 @@ pub(crate) fn status_chain(s: &tonic::Status) -> String {
     )
 }
 
-/// `s`, then each cause's text — but one that only repeats the text
+/// `s`, then each cause's text — but one that only repeats the part
 /// before it (tonic's "transport error" under a status saying the same).
 fn with_causes(mut s: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(c) = cause {
         let text = c.to_string();
-        if !s.ends_with(&text) {
+        if s != text && !s.ends_with(&format!(": {text}")) {
             s.push_str(": ");
             s.push_str(&text);
         }
@@ -540,5 +540,12 @@ mod tests {
         // tonic repeats its error's text as the status message.
         let repeated = tonic::Status::from_error(Box::new(refused()));
         assert_eq!(status_chain(&repeated), "Unknown error: connection refused");
+        // Only a whole repeat is dropped, not a cause that ends the same way.
+        let mut missing = tonic::Status::not_found("no such file");
+        missing.set_source(std::sync::Arc::new(std::io::Error::other("file")));
+        assert_eq!(
+            status_chain(&missing),
+            "Some requested entity was not found: no such file: file"
+        );
     }
 }

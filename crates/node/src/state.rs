@@ -175,8 +175,9 @@ impl SeenReceipts {
     /// For each kind, when `store` holds receipts an older build marked
     /// seen by their digest alone: the time (ms) before which a message id
     /// must have been minted for a receipt about it to be among them — the
-    /// first start of a build that keys receipts by message id (kept in
-    /// `seen` under [`SINCE`]) plus [`SKEW_MS`]. Receipts about messages
+    /// first start of a build that keys receipts by message id, or the
+    /// newest message held then if later (kept in `seen` under [`SINCE`]),
+    /// plus [`SKEW_MS`]. Receipts about messages
     /// minted later are never looked up under the old keys, so that cost
     /// ends with the messages from before the upgrade.
     ///
@@ -192,7 +193,10 @@ impl SeenReceipts {
             // Unreadable: check every receipt, as before.
             Some(key) => <[u8; 8]>::try_from(key.as_slice()).map_or(u64::MAX, u64::from_be_bytes),
             None => {
-                let now = unix_millis(SystemTime::now());
+                // Not before the newest message the store holds: a clock
+                // that is behind at this first start must not hide them.
+                let newest = store.newest_message_id()?.and_then(|id| id.minted_ms());
+                let now = unix_millis(SystemTime::now()).max(newest.unwrap_or(0));
                 let key = now.to_be_bytes();
                 store
                     .transact(|tx| tx.mark_seen(SINCE, &key))

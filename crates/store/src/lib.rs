@@ -678,6 +678,16 @@ impl Store {
         self.durable().await
     }
 
+    /// The greatest message id the store holds a record of (ids sort by
+    /// the time they were minted), if any.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn newest_message_id(&self) -> Result<Option<MessageId>, StoreError> {
+        let last = self.inner.trees[keys::MESSAGES].last()?;
+        Ok(last.and_then(|(k, _)| <[u8; 16]>::try_from(k.as_ref()).ok().map(MessageId::from_bytes)))
+    }
+
     /// The first key marked seen in `namespace` ([`Tx::mark_seen`]), if
     /// any: lets a caller that moved to another namespace know whether the
     /// old one still needs checking.
