@@ -247,7 +247,7 @@ impl Node {
             max_queued_bytes: config.limits.max_queued_bytes,
             cache_capacity: config.limits.cache_bytes,
         })?;
-        let legacy_seen = state::SeenReceipts::legacy(&store).await?;
+        let legacy_seen_until = state::SeenReceipts::legacy(&store).await?;
         let shared = Arc::new(state::Shared {
             policy: RwLock::new(Arc::new(state::Policy::from_config(&config))),
             agency,
@@ -270,7 +270,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             receipt_queue: Default::default(),
             identities: Default::default(),
-            legacy_seen,
+            legacy_seen_until,
         });
         let token = shared.shutdown.clone();
         let reload = {

@@ -157,9 +157,9 @@ pub(crate) struct PeerHealth {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum SeenReceipts {
     /// Receipts about this node's own messages.
-    Own = 0,
+    Own,
     /// Receipts this node relayed toward another agency.
-    Relayed = 1,
+    Relayed,
 }
 
 impl SeenReceipts {
@@ -172,22 +172,21 @@ impl SeenReceipts {
         }
     }
 
-    /// For each kind, when `store` holds receipts an older build marked
-    /// seen by their digest alone: the time (ms) before which a message id
-    /// must have been minted for a receipt about it to be among them — the
-    /// first start of a build that keys receipts by message id, or the
-    /// newest message held then if later (kept in `seen` under [`SINCE`]),
-    /// plus [`SKEW_MS`]. Receipts about messages
-    /// minted later are never looked up under the old keys, so that cost
-    /// ends with the messages from before the upgrade.
+    /// When `store` holds receipts an older build marked seen by their
+    /// digest alone: the time (ms) before which a message id must have been
+    /// minted for a receipt about it to be among them — the first start of
+    /// a build that keys receipts by message id, or the newest message held
+    /// then if later (kept in `seen` under [`SINCE`]), plus [`SKEW_MS`].
+    /// Receipts about messages minted later are never looked up under the
+    /// old keys, so that cost ends with the messages from before the
+    /// upgrade.
     ///
     /// # Errors
     /// A storage failure.
-    pub(crate) async fn legacy(store: &Store) -> Result<[Option<u64>; 2], antar_store::StoreError> {
+    pub(crate) async fn legacy(store: &Store) -> Result<Option<u64>, antar_store::StoreError> {
         let old = |kind: Self| store.seen_first(kind.namespaces().1).map(|k| k.is_some());
-        let [own, relayed] = [old(Self::Own)?, old(Self::Relayed)?];
-        if !own && !relayed {
-            return Ok([None; 2]);
+        if !old(Self::Own)? && !old(Self::Relayed)? {
+            return Ok(None);
         }
         let since = match store.seen_first(SINCE)? {
             // Unreadable: check every receipt, as before.
@@ -209,8 +208,7 @@ impl SeenReceipts {
                 now
             }
         };
-        let until = since.saturating_add(SKEW_MS);
-        Ok([own.then_some(until), relayed.then_some(until)])
+        Ok(Some(since.saturating_add(SKEW_MS)))
     }
 }
 
@@ -251,10 +249,10 @@ pub(crate) struct Shared {
     pub(crate) receipt_queue: ReceiptQueue,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
-    /// Per [`SeenReceipts`] kind, when the store holds receipts an older
-    /// build marked seen by their digest alone: receipts about messages
-    /// minted before this time (ms) are checked under those keys too.
-    pub(crate) legacy_seen: [Option<u64>; 2],
+    /// When the store holds receipts an older build marked seen by their
+    /// digest alone: receipts about messages minted before this time (ms)
+    /// are checked under those keys too ([`SeenReceipts::legacy`]).
+    pub(crate) legacy_seen_until: Option<u64>,
 }
 
 impl Shared {
@@ -423,7 +421,7 @@ impl Shared {
         if tx.mark_seen(namespace, &key)? {
             return Ok(true);
         }
-        let Some(until) = self.legacy_seen[kind as usize] else {
+        let Some(until) = self.legacy_seen_until else {
             return Ok(false);
         };
         let minted = MessageId::parse(&receipt.message_id)
