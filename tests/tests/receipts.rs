@@ -448,10 +448,12 @@ async fn batch_signed_receipts_verify_alone_end_to_end_and_in_the_export() {
     assert!(v.receipts >= 16, "{v:?}");
 }
 
-/// A receipt handed over again is `DUPLICATE` and recorded once — also one
-/// that a build from before receipts were keyed by message id marked seen
-/// (under its digest alone) — while a new receipt about the same message is
-/// `STORED`; a relaying hub deduplicates the receipts it carries too.
+/// A receipt handed over again is `DUPLICATE` and recorded once — known by
+/// its message's record, also one an older build recorded there without
+/// digests, and, for a receipt about no message the node holds, by its
+/// key in `seen`, also one an older build marked under its digest alone —
+/// while a new receipt about the same message is `STORED`; a relaying hub
+/// deduplicates the receipts it carries too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw() {
     use antar_tests::wire::CustodyStatus::{Duplicate, Stored};
@@ -479,37 +481,55 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
         health_signer.sign_receipt(&r)
     };
     let (old_seen, fresh) = (variant(1), variant(2));
-    // About a message minted two days after the upgrade (by its UUIDv7
-    // time): the old keys cannot hold its receipts, so they are not read.
-    let later = {
+    // About messages finance holds no record of: one minted before the
+    // upgrade, and one two days after it (by its UUIDv7 time), whose
+    // receipts the old keys cannot hold, so they are not read.
+    let about = |id: antar_core::MessageId| {
+        let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
+        r.message_id = id.to_string();
+        health_signer.sign_receipt(&r)
+    };
+    let orphan = about(antar_core::MessageId::new());
+    let later = about({
         let mut bytes = *antar_core::MessageId::new().as_bytes();
         let ms = antar_core::time::unix_millis(std::time::SystemTime::now()) + 2 * 86_400_000;
         bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-        let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
-        r.message_id = antar_core::MessageId::from_bytes(bytes).to_string();
-        health_signer.sign_receipt(&r)
-    };
+        antar_core::MessageId::from_bytes(bytes)
+    });
 
-    // An older build marked `old_seen` and `later` seen by their digests alone.
+    // What an older build left: `old_seen` recorded on the message's
+    // record, which keeps no digests, and all three marked seen by their
+    // digests alone.
     finance_node.stop().await.unwrap();
     let store = fed.open_store("finance");
-    for r in [&old_seen, &later] {
-        let digest = antar_core::envelope::sha256(&r.receipt);
-        store
-            .transact(|tx| tx.mark_seen("receipt", &digest))
-            .await
-            .unwrap();
-    }
+    let message = antar_core::MessageId::parse(&id).unwrap();
+    store
+        .transact(|tx| {
+            let cursor = tx.log_receipt(&old_seen.encode_to_vec(), &old_seen.signer_cert)?;
+            tx.update_message(&message, |record| {
+                record.receipt_cursors.push(cursor);
+                record.receipt_digests.clear();
+            })?;
+            for r in [&old_seen, &orphan, &later] {
+                tx.mark_seen("receipt", &antar_core::envelope::sha256(&r.receipt))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
     store.close().await.unwrap();
     drop(store);
     finance_node = fed.start("finance").await;
 
+    assert_eq!(track(&finance, &id).await.receipts.len(), 4);
     assert_eq!(hand_over(&fed, "health", "finance", &old_seen).await, Duplicate);
-    assert_eq!(track(&finance, &id).await.receipts.len(), 3);
+    assert_eq!(hand_over(&fed, "health", "finance", &delivered).await, Duplicate);
     assert_eq!(hand_over(&fed, "health", "finance", &fresh).await, Stored);
     assert_eq!(hand_over(&fed, "health", "finance", &fresh).await, Duplicate);
-    assert_eq!(track(&finance, &id).await.receipts.len(), 4);
+    assert_eq!(track(&finance, &id).await.receipts.len(), 5);
+    assert_eq!(hand_over(&fed, "health", "finance", &orphan).await, Duplicate);
     assert_eq!(hand_over(&fed, "health", "finance", &later).await, Stored);
+    assert_eq!(hand_over(&fed, "health", "finance", &later).await, Duplicate);
 
     // A receipt for finance that registry hands the hub to relay.
     let hub_node = fed.start("hub").await;

@@ -232,18 +232,18 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
             for (s, (env, accepted, delivered)) in sealed.iter().zip(&receipts) {
                 let id = s.id.to_string();
                 let logged = crate::state::audit_envelope(tx, &s.envelope, &id)?;
-                let accepted = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
-                let record = MessageRecord {
+                let cursor = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
+                let mut record = MessageRecord {
                     envelope: Some(s.envelope.clone()),
                     payload: Some(s.payload.clone()),
                     state: MessageState::Accepted as i32,
-                    receipt_cursors: vec![accepted],
                     sender_identity: shared.identity.to_string(),
                     outgoing: true,
                     service: env.service.clone(),
                     expires_at_ms: expires_ms(env),
                     ..Default::default()
                 };
+                record.push_logged_receipt(cursor, &accepted.signed.receipt);
                 if let Some(delivered) = delivered {
                     shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
                 } else {

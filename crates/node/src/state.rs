@@ -435,28 +435,38 @@ impl Shared {
 
     /// Records a receipt about a message this node sent: on its record, in
     /// the receipt log. A receipt seen before is ignored; returns whether
-    /// this one was new.
+    /// this one was new. Its record knows the receipts it holds
+    /// (`Tx::holds_receipt`); one about a message without a record here is
+    /// known by its key in `seen` ([`Shared::receipt_seen`]).
     pub(crate) fn apply_receipt(
         &self,
         tx: &Tx<'_>,
         signed: &SignedReceipt,
         receipt: &Receipt,
     ) -> Result<bool, TxError> {
+        if let Ok(id) = MessageId::parse(&receipt.message_id) {
+            let digest = sha256(&signed.receipt);
+            let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
+            let applied = tx.update_message_if(&id, |record| {
+                if tx.holds_receipt(record, &digest)? {
+                    return Ok(false);
+                }
+                let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;
+                record.state = next_state(record.state, status);
+                if matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired) {
+                    record.reason = receipt.reason.clone();
+                }
+                record.push_logged_receipt(cursor, &signed.receipt);
+                Ok(true)
+            })?;
+            if let Some(applied) = applied {
+                return Ok(applied);
+            }
+        }
         if self.receipt_seen(tx, SeenReceipts::Own, signed, receipt)? {
             return Ok(false);
         }
-        let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;
-        let Ok(id) = MessageId::parse(&receipt.message_id) else {
-            return Ok(true);
-        };
-        let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
-        tx.update_message(&id, |record| {
-            record.state = next_state(record.state, status);
-            if matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired) {
-                record.reason = receipt.reason.clone();
-            }
-            record.receipt_cursors.push(cursor);
-        })?;
+        log_own_receipt(tx, signed, &receipt.message_id)?;
         Ok(true)
     }
 

@@ -2,12 +2,12 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`), receipts of its own messages as `receipt_log` cursors; records from before hold them inline |
+//! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`), receipts of its own messages as `receipt_log` cursors, the SHA-256 of each receipt it holds (`receipt_digests`), and its `inbox` key once queued there (`inbox_key`); records from before hold them inline, and no digests or inbox key |
 //! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change |
 //! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signed envelope or receipt cut out (held by its `audit` entry) or else its signer certificate (`cuts.rs`) |
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |
-//! | `inbox_index` | message id | inbox key |
-//! | `seen` | namespace `\0` key: `envelope` or `rejected` ‖ sender `\0` message id; `receipt-of` / `relayed-receipt-of` ‖ message id (text) ‖ SHA-256 of the receipt, so that one period's keys sit together; stores from before hold `receipt` / `relayed-receipt` ‖ SHA-256 alone, and then `receipts-by-id-since` ‖ ms (u64 BE) when a newer build first ran on them | empty: dedup of received envelopes and receipts |
+//! | `inbox_index` | message id | inbox key, of a message without a record, or queued by a build from before `inbox_key` |
+//! | `seen` | namespace `\0` key: `envelope` or `rejected` ‖ sender `\0` message id; `receipt-of` / `relayed-receipt-of` ‖ message id (text) ‖ SHA-256 of the receipt, so that one period's keys sit together (`receipt-of`: only receipts about no message this node holds a record of, since records know their receipts; builds from before marked every one); stores from before hold `receipt` / `relayed-receipt` ‖ SHA-256 alone, and then `receipts-by-id-since` ‖ ms (u64 BE) when a newer build first ran on them | empty: dedup of received envelopes and receipts |
 //! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |
 //! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent, its signer certificate cut out (`cuts.rs`); a group's receipts as one run under the first cursor (`runs.rs`) |
 //! | `dead` | message id | `DeadLetter` |

@@ -41,6 +41,30 @@ pub struct MessageRecord {
     /// back in a transaction keeps them.
     #[prost(uint64, repeated, tag = "10")]
     pub receipt_cursors: Vec<u64>,
+    /// Where [`crate::Tx::push_inbox`] queued it: its key in `inbox`, kept
+    /// after the entry is taken out, so an ack finds the entry without an
+    /// index. Empty in records written before (their entries are found
+    /// through `inbox_index`) and for messages never put in an inbox.
+    #[prost(bytes = "vec", tag = "11")]
+    pub inbox_key: Vec<u8>,
+    /// SHA-256 of each receipt it holds (of `SignedReceipt::receipt`, the
+    /// signed bytes), 32 bytes each, in the order of `receipts` then
+    /// `receipt_cursors`: how a receipt handed over again is known without
+    /// reading the others. Added with each receipt
+    /// ([`MessageRecord::push_logged_receipt`]); records written before
+    /// hold fewer, and [`crate::Tx::holds_receipt`] hashes their receipts.
+    #[prost(bytes = "vec", tag = "12")]
+    pub receipt_digests: Vec<u8>,
+}
+
+impl MessageRecord {
+    /// Adds the receipt logged at `cursor` in the receipt log, whose signed
+    /// bytes (`SignedReceipt::receipt`) are `receipt`.
+    pub fn push_logged_receipt(&mut self, cursor: u64, receipt: &[u8]) {
+        self.receipt_cursors.push(cursor);
+        self.receipt_digests
+            .extend_from_slice(&antar_core::envelope::sha256(receipt));
+    }
 }
 
 /// One message waiting in a service's inbox.

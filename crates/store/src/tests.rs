@@ -328,9 +328,9 @@ async fn open_finishes_a_group_a_crash_interrupted() {
         tx.put_message(&id, &MessageRecord::default()).unwrap();
         tx.push_inbox("birth.lookup", &id, 10).unwrap();
         let (writes, _, _) = tx.into_parts();
-        // The record, its body, the inbox entry and its index, and the next
-        // sequence number.
-        assert_eq!(writes.iter().count(), 5);
+        // The record (which keeps the inbox key: no index), its body, the
+        // inbox entry, and the next sequence number.
+        assert_eq!(writes.iter().count(), 4);
         // Its journal record, and only the first of its writes, reach disk.
         inner.trees[keys::JOURNAL]
             .insert(7u64.to_be_bytes(), group::encode(&writes))
@@ -987,6 +987,128 @@ async fn a_records_receipts_in_the_receipt_log_come_back_in_order() {
         .unwrap();
     let err = s.message(&id).unwrap_err().to_string();
     assert!(err.contains("receipt log cursor 1099511627776"), "{err}");
+}
+
+/// A record knows the receipts it holds by their digests. One written
+/// before digests existed — its receipts inline or in the receipt log —
+/// has them hashed when asked, and the digests kept once it is written
+/// back. An update its closure declines writes nothing.
+#[tokio::test]
+async fn a_record_knows_its_receipts_by_digest_even_one_from_before_digests() {
+    use antar_core::wire::SignedReceipt;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let (id, record) = stored_with_body(&s).await;
+    let inline = record.receipts;
+    assert_eq!(inline.len(), 2, "record_with_certs holds two receipts inline");
+    let receipt = |n: u8| SignedReceipt {
+        receipt: vec![n; 40],
+        signature: vec![n; 64],
+        signer_cert: vec![4; 300],
+        ..Default::default()
+    };
+    let (old, new) = (receipt(8), receipt(9));
+    let digest = |r: &SignedReceipt| antar_core::envelope::sha256(&r.receipt);
+    // As a build from before digests wrote it: a cursor, and no digest.
+    s.transact(|tx| {
+        let cursor = tx.log_receipt(&old.encode_to_vec(), &old.signer_cert)?;
+        tx.update_message(&id, |rec| rec.receipt_cursors.push(cursor))?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    drop(s);
+    let s = open(dir.path(), 1 << 20);
+
+    // The receipt handed over is taken when the record does not hold it.
+    let apply = |r: SignedReceipt| {
+        let s = s.clone();
+        async move {
+            s.transact(move |tx| {
+                tx.update_message_if(&id, |rec| {
+                    if tx.holds_receipt(rec, &digest(&r))? {
+                        return Ok(false);
+                    }
+                    let cursor = tx.log_receipt(&r.encode_to_vec(), &r.signer_cert)?;
+                    rec.push_logged_receipt(cursor, &r.receipt);
+                    Ok(true)
+                })
+            })
+            .await
+            .unwrap()
+        }
+    };
+    for r in [&inline[0], &inline[1], &old] {
+        assert_eq!(apply(r.clone()).await, Some(false));
+    }
+    assert_eq!(apply(new.clone()).await, Some(true));
+    assert_eq!(apply(new.clone()).await, Some(false));
+    let stored = s.message(&id).unwrap().unwrap();
+    let all = [&inline[0], &inline[1], &old, &new];
+    assert!(stored.receipts.iter().eq(all), "receipts in order, none twice");
+    assert_eq!(
+        stored.receipt_digests,
+        all.map(digest).concat(),
+        "the digests of the older receipts were filled in"
+    );
+
+    // Declined: not one write.
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    assert_eq!(tx.update_message_if(&id, |_| Ok(false)).unwrap(), Some(false));
+    assert_eq!(
+        tx.update_message_if(&MessageId::new(), |_| Ok(true)).unwrap(),
+        None
+    );
+    let (group, _, _) = tx.into_parts();
+    assert_eq!(group.iter().count(), 0);
+}
+
+/// An inbox entry is found through its message's record, which keeps its
+/// key; without a record — or queued by a build from before, whose record
+/// keeps none — through `inbox_index`.
+#[tokio::test]
+async fn an_inbox_entry_is_found_through_its_record_or_the_old_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recorded, older, bare) = (MessageId::new(), MessageId::new(), MessageId::new());
+    {
+        let s = open(dir.path(), 1 << 20);
+        s.transact(|tx| {
+            tx.put_message(&recorded, &MessageRecord::default())?;
+            tx.push_inbox("birth.lookup", &recorded, 10)?;
+            tx.push_inbox("birth.lookup", &bare, 20)
+        })
+        .await
+        .unwrap();
+        let index = &s.inner.trees[keys::INBOX_INDEX];
+        assert!(index.get(recorded.as_bytes()).unwrap().is_none());
+        assert!(index.get(bare.as_bytes()).unwrap().is_some());
+        // As a build from before wrote one: a record without the key, an index entry.
+        s.transact(|tx| tx.put_message(&older, &MessageRecord::default()))
+            .await
+            .unwrap();
+        let key = keys::seq_key("birth.lookup", 1 << 30);
+        let entry = InboxEntry {
+            message_id: older.as_bytes().to_vec(),
+            size: 40,
+            service: "birth.lookup".into(),
+        };
+        s.inner.trees[keys::INBOX]
+            .insert(&key, entry.encode_to_vec())
+            .unwrap();
+        index.insert(older.as_bytes(), key).unwrap();
+        s.close().await.unwrap();
+    }
+    let s = open(dir.path(), 1 << 20);
+    assert_eq!(s.queued_bytes(), 70);
+    for (id, left) in [(&recorded, 60), (&older, 20), (&bare, 0)] {
+        assert!(s.transact(|tx| tx.in_inbox(id)).await.unwrap());
+        assert!(s.transact(|tx| tx.remove_inbox(id)).await.unwrap());
+        assert!(!s.transact(|tx| tx.in_inbox(id)).await.unwrap());
+        assert!(!s.transact(|tx| tx.remove_inbox(id)).await.unwrap());
+        assert_eq!(s.queued_bytes(), left);
+    }
+    assert_eq!(s.inbox_scan(None).count(), 0);
+    assert_eq!(s.inner.trees[keys::INBOX_INDEX].len(), 0);
 }
 
 /// Log values are stored without what the store holds already — a signer

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use antar_core::envelope::sha256;
 use antar_core::MessageId;
+use antar_proto::v1::SignedReceipt;
 
 use crate::keys::{
     self, AUDIT, AUDIT_META, BODIES, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, META, NEXT_ID, OUTBOX,
@@ -394,8 +395,26 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn update_message(&self, id: &MessageId, f: impl FnOnce(&mut MessageRecord)) -> R<bool> {
+        let updated = self.update_message_if(id, |record| {
+            f(record);
+            Ok(true)
+        })?;
+        Ok(updated.is_some())
+    }
+
+    /// As [`Tx::update_message`], but `f` may fail, or leave the record as
+    /// it was by returning false: then nothing is written. Returns what
+    /// `f` returned, or `None`, calling nothing, when there is no record.
+    ///
+    /// # Errors
+    /// A storage failure, [`Abort::Corrupt`], or what `f` returned.
+    pub fn update_message_if(
+        &self,
+        id: &MessageId,
+        f: impl FnOnce(&mut MessageRecord) -> R<bool>,
+    ) -> R<Option<bool>> {
         let Some(v) = self.get(MESSAGES, id.as_bytes())? else {
-            return Ok(false);
+            return Ok(None);
         };
         let (mut record, _) = crate::records::restore(
             &v,
@@ -404,7 +423,9 @@ impl<'a> Tx<'a> {
             |e| Abort::Corrupt(e).into(),
         )?;
         let inline = record.envelope.is_some() || record.payload.is_some();
-        f(&mut record);
+        if !f(&mut record)? {
+            return Ok(Some(false));
+        }
         let given = record.envelope.is_some() || record.payload.is_some();
         if given && !inline {
             // Part of a body given: the rest as stored.
@@ -419,7 +440,39 @@ impl<'a> Tx<'a> {
             self.detach_certs(&mut record)?;
             self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
         }
-        Ok(true)
+        Ok(Some(true))
+    }
+
+    /// Whether `record` (as this transaction read it) holds a receipt
+    /// whose signed bytes have SHA-256 `digest`. A record written before
+    /// `receipt_digests` existed has its receipts read and hashed, and the
+    /// digests filled in, kept if the record is written back.
+    ///
+    /// # Errors
+    /// A storage failure, or [`Abort::Corrupt`] when a receipt it refers
+    /// to is not in the receipt log.
+    pub fn holds_receipt(&self, record: &mut MessageRecord, digest: &[u8; 32]) -> R<bool> {
+        let held = record.receipts.len() + record.receipt_cursors.len();
+        if record.receipt_digests.len() != held * digest.len() {
+            let mut digests = Vec::with_capacity(held * digest.len());
+            for receipt in &record.receipts {
+                digests.extend_from_slice(&sha256(&receipt.receipt));
+            }
+            for cursor in &record.receipt_cursors {
+                let key = cursor.to_be_bytes();
+                let Some(stored) = self.get(RECEIPT_LOG, &key)? else {
+                    let e = format!("a record refers to receipt log cursor {cursor}, which holds nothing");
+                    return Err(Abort::Corrupt(crate::corrupt(MESSAGES, e)).into());
+                };
+                let receipt: SignedReceipt = decode(RECEIPT_LOG, &self.whole(RECEIPT_LOG, &key, &stored)?)?;
+                digests.extend_from_slice(&sha256(&receipt.receipt));
+            }
+            record.receipt_digests = digests;
+        }
+        Ok(record
+            .receipt_digests
+            .chunks_exact(digest.len())
+            .any(|d| d == digest))
     }
 
     /// Replaces `record`'s signer certificates by their digests, storing
@@ -559,10 +612,12 @@ impl<'a> Tx<'a> {
         Ok(Some(value.subslice(value.len() - stored, stored)))
     }
 
-    /// Puts message `id` in `service`'s inbox, counting `size` bytes against the quota.
+    /// Puts message `id` in `service`'s inbox, counting `size` bytes against
+    /// the quota. The entry's key is kept in `id`'s record when there is
+    /// one (written by this transaction or before), else in `inbox_index`.
     ///
     /// # Errors
-    /// A storage failure.
+    /// A storage failure, or [`Abort::Corrupt`].
     pub fn push_inbox(&self, service: &str, id: &MessageId, size: u64) -> R<()> {
         let seq = self.generate_id();
         let key = keys::seq_key(service, seq);
@@ -572,7 +627,14 @@ impl<'a> Tx<'a> {
             service: service.to_owned(),
         };
         self.put(INBOX, key.clone(), entry.encode_to_vec());
-        self.put(INBOX_INDEX, id.as_bytes().as_slice(), key);
+        match self.stored_record(id)? {
+            // Rewritten as stored: its certificates and body stay where they are.
+            Some(mut record) => {
+                record.inbox_key = key;
+                self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
+            }
+            None => self.put(INBOX_INDEX, id.as_bytes().as_slice(), key),
+        }
         let mut fx = self.effects.borrow_mut();
         fx.inbox = true;
         fx.queued_delta += size as i64;
@@ -584,10 +646,18 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn remove_inbox(&self, id: &MessageId) -> R<bool> {
-        let Some(key) = self.remove(INBOX_INDEX, id.as_bytes().as_slice())? else {
+        let removed = match self.recorded_inbox_key(id)? {
+            Some(key) => self.remove(INBOX, key)?,
+            // Queued by a build from before `inbox_key`, or without a record.
+            None => match self.remove(INBOX_INDEX, id.as_bytes().as_slice())? {
+                Some(key) => Some(self.remove(INBOX, key.to_vec())?.unwrap_or_default()),
+                None => None,
+            },
+        };
+        let Some(v) = removed else {
             return Ok(false);
         };
-        if let Some(v) = self.remove(INBOX, key.to_vec())? {
+        if !v.is_empty() {
             let entry: InboxEntry = decode(INBOX, &v)?;
             self.effects.borrow_mut().queued_delta -= entry.size as i64;
         }
@@ -597,9 +667,29 @@ impl<'a> Tx<'a> {
     /// True when `id` is in an inbox.
     ///
     /// # Errors
-    /// A storage failure.
+    /// A storage failure, or [`Abort::Corrupt`].
     pub fn in_inbox(&self, id: &MessageId) -> R<bool> {
-        Ok(self.get(INBOX_INDEX, id.as_bytes().as_slice())?.is_some())
+        Ok(match self.recorded_inbox_key(id)? {
+            Some(key) => self.get(INBOX, &key)?.is_some(),
+            None => self.get(INBOX_INDEX, id.as_bytes().as_slice())?.is_some(),
+        })
+    }
+
+    /// The `inbox` key `id`'s record keeps, if it keeps one.
+    fn recorded_inbox_key(&self, id: &MessageId) -> R<Option<Vec<u8>>> {
+        Ok(self
+            .stored_record(id)?
+            .map(|r| r.inbox_key)
+            .filter(|key| !key.is_empty()))
+    }
+
+    /// The record of `id` as stored: without its body, its certificates
+    /// as digests and its receipts as cursors.
+    fn stored_record(&self, id: &MessageId) -> R<Option<MessageRecord>> {
+        match self.get(MESSAGES, id.as_bytes())? {
+            Some(v) => Ok(Some(decode(MESSAGES, &v)?)),
+            None => Ok(None),
+        }
     }
 
     /// Marks (`namespace`, `key`) as seen; returns true if it was seen before.

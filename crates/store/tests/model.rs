@@ -45,7 +45,7 @@ use std::time::Duration;
 use antar_core::merkle::{self, Hash};
 use antar_core::wire::{EntryKind, LogEntry};
 use antar_core::MessageId;
-use antar_store::{Abort, Held, Store, StoreConfig, StoreError, Tx, TxError};
+use antar_store::{Abort, Held, MessageRecord, Store, StoreConfig, StoreError, Tx, TxError};
 use proptest::prelude::*;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -285,7 +285,15 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
         }
         Op::PushInbox { service, size } => {
             let id = MessageId::new();
-            transact(store, |tx| tx.push_inbox(SERVICES[service], &id, size)).unwrap();
+            // With a record to keep the entry's key (as a node's message
+            // has), or without one (found through `inbox_index`).
+            transact(store, |tx| {
+                if size % 2 == 0 {
+                    tx.put_message(&id, &MessageRecord::default())?;
+                }
+                tx.push_inbox(SERVICES[service], &id, size)
+            })
+            .unwrap();
             let queue = model.inbox.entry(SERVICES[service].into()).or_default();
             queue.push((id.as_bytes().to_vec(), size));
             model.queued_bytes += size;
