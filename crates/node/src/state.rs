@@ -448,7 +448,7 @@ impl Shared {
             let digest = sha256(&signed.receipt);
             let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
             let applied = tx.update_message_if(&id, |record| {
-                if tx.holds_receipt(record, &digest)? {
+                if tx.holds_receipt(&id, record, &digest)? {
                     return Ok(false);
                 }
                 let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;

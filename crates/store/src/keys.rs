@@ -11,7 +11,7 @@
 //! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |
 //! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent, its signer certificate cut out (`cuts.rs`); a group's receipts as one run under the first cursor (`runs.rs`) |
 //! | `dead` | message id | `DeadLetter` |
-//! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | empty: index of the outbox by expiry |
+//! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | no longer written; cleared on open: the index of the outbox by expiry of builds from before, now kept in memory (`tx::Expiry`) |
 //! | `audit` | index (u64 BE, dense from 0) | `LogEntry`: one entry of the Merkle log, its signer certificate — or the receipt it logs, when in `receipt_log` — cut out (`cuts.rs`); restored byte for byte before it is hashed; a group's entries as one run under the first index (`runs.rs`) |
 //! | `audit_hash` | index (u64 BE) | no longer written: leaf hashes, in stores from before they were derived from `audit` |
 //! | `audit_node` | level (1 byte, ≥ 8) ‖ index (u64 BE) / `nodes` | MTH of the perfect subtree of entries `[index·2^level, (index+1)·2^level)`, derived from `audit` / how many entries they cover (u64 BE), written in the same batch |
@@ -119,20 +119,6 @@ pub(crate) fn describe(tree: usize, key: &[u8]) -> String {
 pub(crate) fn name_of(key: &[u8]) -> String {
     let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
     String::from_utf8_lossy(&key[..end]).into_owned()
-}
-
-pub(crate) fn expiry_key(expires_ms: u64, peer: &str, seq: u64) -> Vec<u8> {
-    let mut k = expires_ms.to_be_bytes().to_vec();
-    k.extend_from_slice(&seq_key(peer, seq));
-    k
-}
-
-pub(crate) fn expiry_target(key: &[u8]) -> Option<(String, u64)> {
-    let rest = key.get(8..)?;
-    if rest.len() < 9 {
-        return None;
-    }
-    Some((name_of(rest), seq_of(rest)))
 }
 
 /// Perfect subtrees of fewer than 2^8 entries are not stored but folded from

@@ -185,8 +185,13 @@ impl Store {
             certs: &certs,
         };
         let mut queued = 0u64;
+        let mut expiry = tx::Expiry::default();
         for kv in trees[keys::OUTBOX].iter() {
             let (k, v) = kv?;
+            let expires_ms = keys::u64_of(&v);
+            if expires_ms != 0 {
+                expiry.insert((expires_ms, keys::name_of(&k).into(), keys::seq_of(&k)));
+            }
             // An item counts whole, as it was queued (`Tx::push_outbox`).
             let stored = v.get(8..).unwrap_or_default();
             let len = cuts::whole_len(stored, &parts, &|e| corrupt_at(keys::OUTBOX, &k, e));
@@ -205,8 +210,14 @@ impl Store {
             queued += decode::<InboxEntry>(keys::INBOX, &v)?.size;
         }
         let commit = GroupCommit::start(db.clone());
+        // Builds from before kept the expiry index in sled; it is derived
+        // from the outbox, as above, and no longer written.
+        if !trees[keys::EXPIRY].is_empty() {
+            trees[keys::EXPIRY].clear()?;
+        }
         let signals = Arc::new(tx::Signals {
             queued_bytes: AtomicU64::new(queued),
+            expiry: Mutex::new(expiry),
             ..tx::Signals::default()
         });
         Ok(Self {
@@ -792,15 +803,13 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub fn expired(&self, now_ms: u64, max: usize) -> Result<Vec<(String, u64)>, StoreError> {
-        let end = (now_ms.saturating_add(1)).to_be_bytes();
-        let mut out = Vec::new();
-        for kv in self.inner.trees[keys::EXPIRY].range(..end.to_vec()).take(max) {
-            let (k, _) = kv?;
-            if let Some(pair) = keys::expiry_target(&k) {
-                out.push(pair);
-            }
-        }
-        Ok(out)
+        let expiry = self
+            .inner
+            .signals
+            .expiry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(expiry.due(now_ms, max))
     }
 
     /// Woken whenever an item is queued for `peer`.

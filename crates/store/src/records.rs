@@ -1,7 +1,8 @@
 //! Records kept in the store, encoded with prost (forward compatible: new
 //! fields get new tags).
 
-use antar_proto::v1::{Payload, SignedEnvelope, SignedReceipt};
+use antar_core::envelope::sha256;
+use antar_core::wire::{Payload, SignedEnvelope, SignedReceipt};
 
 /// What a node knows about one message it sent or holds for one of its services.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -41,10 +42,11 @@ pub struct MessageRecord {
     /// back in a transaction keeps them.
     #[prost(uint64, repeated, tag = "10")]
     pub receipt_cursors: Vec<u64>,
-    /// Where [`crate::Tx::push_inbox`] queued it: its key in `inbox`, kept
-    /// after the entry is taken out, so an ack finds the entry without an
-    /// index. Empty in records written before (their entries are found
-    /// through `inbox_index`) and for messages never put in an inbox.
+    /// Where [`crate::Tx::push_inbox`] queued it: its key in `inbox`, by
+    /// which an ack finds the entry without an index (left as it is once
+    /// the entry is taken out). Empty in records written before (their
+    /// entries are found through `inbox_index`) and for messages never put
+    /// in an inbox.
     #[prost(bytes = "vec", tag = "11")]
     pub inbox_key: Vec<u8>,
     /// SHA-256 of each receipt it holds (of `SignedReceipt::receipt`, the
@@ -62,8 +64,7 @@ impl MessageRecord {
     /// bytes (`SignedReceipt::receipt`) are `receipt`.
     pub fn push_logged_receipt(&mut self, cursor: u64, receipt: &[u8]) {
         self.receipt_cursors.push(cursor);
-        self.receipt_digests
-            .extend_from_slice(&antar_core::envelope::sha256(receipt));
+        self.receipt_digests.extend_from_slice(&sha256(receipt));
     }
 }
 

@@ -129,6 +129,10 @@ async fn group_commit_serves_many_waiters() {
     assert_eq!(s.outbox_depth("hub"), 200);
 }
 
+/// The expiry index follows the outbox: an item is due once its expiry
+/// passes, until it is taken; one an aborted transaction queued never is.
+/// On open it is derived from the outbox again, and the index an older
+/// build kept in sled is cleared.
 #[tokio::test]
 async fn expiry_index_follows_the_outbox() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,14 +141,42 @@ async fn expiry_index_follows_the_outbox() {
         .transact(|tx| tx.push_outbox("hub", b"a", Held::Nothing, 1_000))
         .await
         .unwrap();
-    let _b = s
+    let b = s
         .transact(|tx| tx.push_outbox("hub", b"b", Held::Nothing, 5_000))
         .await
         .unwrap();
+    let c = s
+        .transact(|tx| tx.push_outbox("health", b"c", Held::Nothing, 3_000))
+        .await
+        .unwrap();
+    s.transact(|tx| tx.push_outbox("hub", b"never", Held::Nothing, 0))
+        .await
+        .unwrap();
+    let aborted: Result<(), _> = s
+        .transact(|tx| {
+            tx.push_outbox("hub", b"aborted", Held::Nothing, 2_000)?;
+            Err(Abort::Refused("test".into()).into())
+        })
+        .await;
+    assert!(aborted.is_err());
     assert_eq!(s.expired(2_000, 10).unwrap(), vec![("hub".to_owned(), a)]);
     s.transact(|tx| tx.remove_outbox("hub", a)).await.unwrap();
     assert!(s.expired(2_000, 10).unwrap().is_empty());
-    assert_eq!(s.expired(9_000, 10).unwrap().len(), 1);
+    let due = vec![("health".to_owned(), c), ("hub".to_owned(), b)];
+    assert_eq!(s.expired(9_000, 10).unwrap(), due);
+    assert_eq!(s.expired(9_000, 1).unwrap(), due[..1]);
+
+    // An index entry as a build from before kept them, in sled.
+    let mut legacy = 1_500u64.to_be_bytes().to_vec();
+    legacy.extend_from_slice(&keys::seq_key("hub", a));
+    s.inner.trees[keys::EXPIRY].insert(legacy, &[][..]).unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = open(dir.path(), 1 << 20);
+    assert_eq!(s.expired(9_000, 10).unwrap(), due);
+    assert_eq!(s.inner.trees[keys::EXPIRY].len(), 0);
+    s.transact(|tx| tx.drop_outbox("health", c)).await.unwrap();
+    assert_eq!(s.expired(u64::MAX, 10).unwrap(), due[1..]);
 }
 
 #[tokio::test]
@@ -1026,7 +1058,7 @@ async fn a_record_knows_its_receipts_by_digest_even_one_from_before_digests() {
         async move {
             s.transact(move |tx| {
                 tx.update_message_if(&id, |rec| {
-                    if tx.holds_receipt(rec, &digest(&r))? {
+                    if tx.holds_receipt(&id, rec, &digest(&r))? {
                         return Ok(false);
                     }
                     let cursor = tx.log_receipt(&r.encode_to_vec(), &r.signer_cert)?;
@@ -1065,11 +1097,12 @@ async fn a_record_knows_its_receipts_by_digest_even_one_from_before_digests() {
 
 /// An inbox entry is found through its message's record, which keeps its
 /// key; without a record — or queued by a build from before, whose record
-/// keeps none — through `inbox_index`.
+/// keeps none — through `inbox_index`, and an indexed message whose entry
+/// is gone is taken out all the same, as before.
 #[tokio::test]
 async fn an_inbox_entry_is_found_through_its_record_or_the_old_index() {
     let dir = tempfile::tempdir().unwrap();
-    let (recorded, older, bare) = (MessageId::new(), MessageId::new(), MessageId::new());
+    let [recorded, older, gone, bare] = [(); 4].map(|()| MessageId::new());
     {
         let s = open(dir.path(), 1 << 20);
         s.transact(|tx| {
@@ -1096,11 +1129,15 @@ async fn an_inbox_entry_is_found_through_its_record_or_the_old_index() {
             .insert(&key, entry.encode_to_vec())
             .unwrap();
         index.insert(older.as_bytes(), key).unwrap();
+        // And an index entry whose inbox entry is gone.
+        index
+            .insert(gone.as_bytes(), keys::seq_key("birth.lookup", 1 << 31))
+            .unwrap();
         s.close().await.unwrap();
     }
     let s = open(dir.path(), 1 << 20);
     assert_eq!(s.queued_bytes(), 70);
-    for (id, left) in [(&recorded, 60), (&older, 20), (&bare, 0)] {
+    for (id, left) in [(&recorded, 60), (&older, 20), (&gone, 20), (&bare, 0)] {
         assert!(s.transact(|tx| tx.in_inbox(id)).await.unwrap());
         assert!(s.transact(|tx| tx.remove_inbox(id)).await.unwrap());
         assert!(!s.transact(|tx| tx.in_inbox(id)).await.unwrap());

@@ -16,12 +16,12 @@ use sled::IVec;
 use tokio::sync::Notify;
 
 use antar_core::envelope::sha256;
+use antar_core::wire::SignedReceipt;
 use antar_core::MessageId;
-use antar_proto::v1::SignedReceipt;
 
 use crate::keys::{
-    self, AUDIT, AUDIT_META, BODIES, DEAD, EXPIRY, INBOX, INBOX_INDEX, MESSAGES, META, NEXT_ID, OUTBOX,
-    RECEIPT_LOG, SEEN, TX_KEYS,
+    self, AUDIT, AUDIT_META, BODIES, DEAD, INBOX, INBOX_INDEX, MESSAGES, META, NEXT_ID, OUTBOX, RECEIPT_LOG,
+    SEEN, TX_KEYS,
 };
 use crate::records::{DeadLetter, InboxEntry, MessageRecord};
 use crate::{certs, cuts, runs, StoreError};
@@ -126,6 +126,8 @@ pub(crate) struct Effects {
     pub(crate) inbox: bool,
     pub(crate) receipts: bool,
     pub(crate) queued_delta: i64,
+    /// Outbox items with an expiry queued (true) and taken (false), in order.
+    pub(crate) expiring: Vec<(bool, Due)>,
 }
 
 impl Effects {
@@ -135,6 +137,58 @@ impl Effects {
         self.inbox |= later.inbox;
         self.receipts |= later.receipts;
         self.queued_delta += later.queued_delta;
+        self.expiring.extend(later.expiring);
+    }
+}
+
+/// An outbox item with an expiry: when, ms since the epoch; the peer; its
+/// sequence number.
+pub(crate) type Due = (u64, Arc<str>, u64);
+
+/// The outbox items that expire, by when: an index kept in memory, not in
+/// sled. It is derived whole from `outbox` when the store opens (each
+/// item's value begins with its expiry), then follows what each group
+/// queued and took as the applier publishes it — so it never disagrees
+/// with what sled holds, also after a crash, and costs no write.
+#[derive(Debug, Default)]
+pub(crate) struct Expiry {
+    /// (expires_ms, seq, peer): sequence numbers are unique store-wide.
+    due: BTreeSet<(u64, u64, u32)>,
+    /// Peer names by their number in `due`.
+    names: Vec<Arc<str>>,
+    numbers: HashMap<Arc<str>, u32>,
+}
+
+impl Expiry {
+    pub(crate) fn insert(&mut self, (at, peer, seq): Due) {
+        let n = self.number(peer);
+        self.due.insert((at, seq, n));
+    }
+
+    fn remove(&mut self, (at, peer, seq): &Due) {
+        if let Some(n) = self.numbers.get(peer) {
+            self.due.remove(&(*at, *seq, *n));
+        }
+    }
+
+    fn number(&mut self, peer: Arc<str>) -> u32 {
+        if let Some(n) = self.numbers.get(&peer) {
+            return *n;
+        }
+        let n = self.names.len() as u32;
+        self.names.push(peer.clone());
+        self.numbers.insert(peer, n);
+        n
+    }
+
+    /// Up to `max` items that expire at or before `now_ms`, soonest first,
+    /// as (peer, seq).
+    pub(crate) fn due(&self, now_ms: u64, max: usize) -> Vec<(String, u64)> {
+        self.due
+            .range(..(now_ms.saturating_add(1), 0, 0))
+            .take(max)
+            .map(|(_, seq, n)| (self.names[*n as usize].to_string(), *seq))
+            .collect()
     }
 }
 
@@ -146,6 +200,7 @@ pub(crate) struct Signals {
     pub(crate) outbox: Mutex<HashMap<String, Arc<Notify>>>,
     pub(crate) inbox: Arc<Notify>,
     pub(crate) receipts: Arc<Notify>,
+    pub(crate) expiry: Mutex<Expiry>,
 }
 
 impl Signals {
@@ -168,6 +223,16 @@ impl Signals {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
                     Some(q.saturating_sub(down))
                 });
+        }
+        if !effects.expiring.is_empty() {
+            let mut expiry = self.expiry.lock().unwrap_or_else(|p| p.into_inner());
+            for (queued, due) in &effects.expiring {
+                if *queued {
+                    expiry.insert(due.clone());
+                } else {
+                    expiry.remove(due);
+                }
+            }
         }
         for peer in &effects.outboxes {
             self.outbox(peer).notify_one();
@@ -357,7 +422,10 @@ impl<'a> Tx<'a> {
         Ok(Some(record))
     }
 
-    /// Writes the record of message `id`.
+    /// Writes the record of message `id`, replacing the stored one whole:
+    /// to change a stored record, start from what [`Tx::message`] gives
+    /// (or use [`Tx::update_message`]), which keeps what the store put in
+    /// it — its inbox key and receipt digests.
     ///
     /// # Errors
     /// A storage failure.
@@ -443,15 +511,15 @@ impl<'a> Tx<'a> {
         Ok(Some(true))
     }
 
-    /// Whether `record` (as this transaction read it) holds a receipt
-    /// whose signed bytes have SHA-256 `digest`. A record written before
-    /// `receipt_digests` existed has its receipts read and hashed, and the
+    /// Whether `id`'s `record` (as this transaction read it) holds a
+    /// receipt whose signed bytes have SHA-256 `digest`. A record from
+    /// before `receipt_digests` has its receipts read and hashed, and the
     /// digests filled in, kept if the record is written back.
     ///
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`] when a receipt it refers
     /// to is not in the receipt log.
-    pub fn holds_receipt(&self, record: &mut MessageRecord, digest: &[u8; 32]) -> R<bool> {
+    pub fn holds_receipt(&self, id: &MessageId, record: &mut MessageRecord, digest: &[u8; 32]) -> R<bool> {
         let held = record.receipts.len() + record.receipt_cursors.len();
         if record.receipt_digests.len() != held * digest.len() {
             let mut digests = Vec::with_capacity(held * digest.len());
@@ -461,8 +529,8 @@ impl<'a> Tx<'a> {
             for cursor in &record.receipt_cursors {
                 let key = cursor.to_be_bytes();
                 let Some(stored) = self.get(RECEIPT_LOG, &key)? else {
-                    let e = format!("a record refers to receipt log cursor {cursor}, which holds nothing");
-                    return Err(Abort::Corrupt(crate::corrupt(MESSAGES, e)).into());
+                    let e = format!("it refers to receipt log cursor {cursor}, which holds nothing");
+                    return Err(Abort::Corrupt(crate::corrupt_at(MESSAGES, id.as_bytes(), e)).into());
                 };
                 let receipt: SignedReceipt = decode(RECEIPT_LOG, &self.whole(RECEIPT_LOG, &key, &stored)?)?;
                 digests.extend_from_slice(&sha256(&receipt.receipt));
@@ -547,7 +615,8 @@ impl<'a> Tx<'a> {
 
     /// Queues a serialized `TransferItem` for `peer`, stored without what
     /// `held` says the store holds already; returns its sequence number.
-    /// `expires_ms` (0: never) indexes it for the expiry sweeper.
+    /// `expires_ms` (0: never) is when the expiry sweeper takes it
+    /// ([`crate::Store::expired`]).
     ///
     /// # Errors
     /// A storage failure.
@@ -558,10 +627,10 @@ impl<'a> Tx<'a> {
         value.extend_from_slice(&expires_ms.to_be_bytes());
         value.extend_from_slice(&stored);
         self.put(OUTBOX, keys::seq_key(peer, seq), value);
-        if expires_ms != 0 {
-            self.put(EXPIRY, keys::expiry_key(expires_ms, peer, seq), &[][..]);
-        }
         let mut fx = self.effects.borrow_mut();
+        if expires_ms != 0 {
+            fx.expiring.push((true, (expires_ms, peer.into(), seq)));
+        }
         fx.outboxes.insert(peer.to_owned());
         fx.queued_delta += item.len() as i64;
         Ok(seq)
@@ -598,15 +667,17 @@ impl<'a> Tx<'a> {
         Ok(true)
     }
 
-    /// Removes item `seq` from `peer`'s outbox and its expiry entry;
-    /// returns the item as stored. The caller counts it off the quota.
+    /// Removes item `seq` from `peer`'s outbox (and from the expiry index,
+    /// once applied); returns the item as stored. The caller counts it off
+    /// the quota.
     fn take_outbox(&self, peer: &str, seq: u64) -> R<Option<IVec>> {
         let Some(value) = self.remove(OUTBOX, keys::seq_key(peer, seq))? else {
             return Ok(None);
         };
         let expires_ms = keys::u64_of(&value);
         if expires_ms != 0 {
-            self.remove(EXPIRY, keys::expiry_key(expires_ms, peer, seq))?;
+            let due = (expires_ms, peer.into(), seq);
+            self.effects.borrow_mut().expiring.push((false, due));
         }
         let stored = value.len().saturating_sub(8);
         Ok(Some(value.subslice(value.len() - stored, stored)))
@@ -646,21 +717,23 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn remove_inbox(&self, id: &MessageId) -> R<bool> {
-        let removed = match self.recorded_inbox_key(id)? {
-            Some(key) => self.remove(INBOX, key)?,
+        let entry = match self.recorded_inbox_key(id)? {
+            Some(key) => match self.remove(INBOX, key)? {
+                Some(entry) => entry,
+                None => return Ok(false),
+            },
             // Queued by a build from before `inbox_key`, or without a record.
             None => match self.remove(INBOX_INDEX, id.as_bytes().as_slice())? {
-                Some(key) => Some(self.remove(INBOX, key.to_vec())?.unwrap_or_default()),
-                None => None,
+                Some(key) => match self.remove(INBOX, key.to_vec())? {
+                    Some(entry) => entry,
+                    // Indexed, its entry gone: taken out all the same.
+                    None => return Ok(true),
+                },
+                None => return Ok(false),
             },
         };
-        let Some(v) = removed else {
-            return Ok(false);
-        };
-        if !v.is_empty() {
-            let entry: InboxEntry = decode(INBOX, &v)?;
-            self.effects.borrow_mut().queued_delta -= entry.size as i64;
-        }
+        let entry: InboxEntry = decode(INBOX, &entry)?;
+        self.effects.borrow_mut().queued_delta -= entry.size as i64;
         Ok(true)
     }
 
