@@ -30,8 +30,7 @@
 //!   so that what such a reader follows is there first: a message's signer
 //!   certificates, envelope, payload and receipts before its record
 //!   (`Store::message` follows certificate digests and `receipt_cursors`),
-//!   a message record before its inbox entry, an outbox item
-//!   before its expiry entry, log entries before the log
+//!   a message record before its inbox entry, log entries before the log
 //!   size, receipt-log cursors in ascending order, and the certificate,
 //!   receipt or log entry a cut value refers to (`cuts.rs`) before the
 //!   value. (So a log entry may be in sled before the record of its
@@ -40,7 +39,7 @@
 //!   failed flush: every later `transact` and `durable` fails. Its outcome is
 //!   unknown (the record may be on disk and replayed at restart), so callers
 //!   answer `INTERNAL` and senders retry with an idempotency key.
-//! - Effects (queued-bytes count, wake-ups) are published by the applier
+//! - Effects (queued-bytes count, expiry index, wake-ups) are published by the applier
 //!   once the group is in sled, so a caller that stops waiting (a cancelled
 //!   request) loses none of them.
 

@@ -120,7 +120,8 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) the store and recovers from any crash: sled replays
     /// its log, groups of transactions a crash interrupted are finished from
-    /// the journal, and the queued-bytes count is rebuilt from the queues.
+    /// the journal, and the queued-bytes count is rebuilt from the queues,
+    /// the expiry index from the outbox.
     ///
     /// # Errors
     /// [`StoreError::Sled`] when the directory cannot be opened.
@@ -190,7 +191,12 @@ impl Store {
             let (k, v) = kv?;
             let expires_ms = keys::u64_of(&v);
             if expires_ms != 0 {
-                expiry.insert((expires_ms, keys::name_of(&k).into(), keys::seq_of(&k)));
+                let (peer, seq) = (keys::name_of(&k).into(), keys::seq_of(&k));
+                expiry.insert(tx::Due {
+                    at_ms: expires_ms,
+                    peer,
+                    seq,
+                });
             }
             // An item counts whole, as it was queued (`Tx::push_outbox`).
             let stored = v.get(8..).unwrap_or_default();
@@ -209,12 +215,12 @@ impl Store {
             let (_, v) = kv?;
             queued += decode::<InboxEntry>(keys::INBOX, &v)?.size;
         }
-        let commit = GroupCommit::start(db.clone());
         // Builds from before kept the expiry index in sled; it is derived
         // from the outbox, as above, and no longer written.
         if !trees[keys::EXPIRY].is_empty() {
             trees[keys::EXPIRY].clear()?;
         }
+        let commit = GroupCommit::start(db.clone());
         let signals = Arc::new(tx::Signals {
             queued_bytes: AtomicU64::new(queued),
             expiry: Mutex::new(expiry),
@@ -803,6 +809,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub fn expired(&self, now_ms: u64, max: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        self.check()?;
         let expiry = self
             .inner
             .signals

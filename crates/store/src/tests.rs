@@ -177,6 +177,30 @@ async fn expiry_index_follows_the_outbox() {
     assert_eq!(s.inner.trees[keys::EXPIRY].len(), 0);
     s.transact(|tx| tx.drop_outbox("health", c)).await.unwrap();
     assert_eq!(s.expired(u64::MAX, 10).unwrap(), due[1..]);
+
+    // Queued and taken in one transaction, or by concurrent ones (which
+    // share groups): never left due.
+    s.transact(|tx| {
+        let seq = tx.push_outbox("hub", b"d", Held::Nothing, 1_000)?;
+        tx.drop_outbox("hub", seq)
+    })
+    .await
+    .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..32u64 {
+        let s = s.clone();
+        tasks.spawn(async move {
+            let seq = s
+                .transact(|tx| tx.push_outbox("hub", b"e", Held::Nothing, 1_000 + n))
+                .await
+                .unwrap();
+            s.transact(|tx| tx.remove_outbox("hub", seq)).await.unwrap()
+        });
+    }
+    while let Some(taken) = tasks.join_next().await {
+        assert!(taken.unwrap().is_some());
+    }
+    assert_eq!(s.expired(u64::MAX, 100).unwrap(), due[1..]);
 }
 
 #[tokio::test]
