@@ -212,6 +212,16 @@ impl Federation {
         wire::peer_client::PeerClient::new(client.channel())
     }
 
+    /// `agency`'s node signing key, to sign as that node would.
+    pub fn signer(&self, agency: &str) -> antar_core::Signer {
+        let certs = self.certs(agency);
+        antar_core::Signer::from_pkcs8(
+            &antar_pki::read_key_der(&certs.signing_key()).unwrap(),
+            antar_pki::read_cert_der(&certs.signing_cert()).unwrap(),
+        )
+        .unwrap()
+    }
+
     /// `agency`'s store, opened directly as an operator with disk access
     /// would; its node must be stopped.
     pub fn open_store(&self, agency: &str) -> antar_store::Store {

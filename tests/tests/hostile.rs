@@ -220,3 +220,100 @@ fn envelope_id(e: &EnvelopeTransfer) -> String {
         .unwrap()
         .id
 }
+
+/// A peer with a valid node certificate cannot take over a message id. At
+/// health, an envelope signed by registry's node whose id a message from
+/// finance already holds — or a message health sent — is refused
+/// `id_conflict`, and the message holding the id stays as it was; the
+/// holder's own envelope offered again is `DUPLICATE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
+    use antar_core::envelope::Draft;
+    use antar_core::{AgencyId, MessageId, ServiceName};
+
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let health_node = fed.start("health").await;
+    let (finance, health) = (fed.app("finance").await, fed.app("health").await);
+    let genuine = send(&finance, notice("health", "lab.results", b"genuine")).await;
+    until_state(&finance, &genuine, wire::MessageState::Delivered, 15).await;
+    // Health's own message; finance receives it.
+    let own = send(&health, notice("finance", "tax.filing", b"health's own")).await;
+    until_state(&health, &own, wire::MessageState::Delivered, 15).await;
+
+    // Registry's node signs envelopes to health with those ids; the hub hands them over.
+    let forged = |id: &str| {
+        let draft = Draft {
+            kind: wire::Kind::Notice,
+            sender: AgencyId::parse("registry").unwrap(),
+            recipient: AgencyId::parse("health").unwrap(),
+            service: ServiceName::parse("lab.results").unwrap(),
+            correlation_id: String::new(),
+            created_at: std::time::SystemTime::now(),
+            ttl: Duration::from_secs(600),
+            headers: Default::default(),
+            content_type: String::new(),
+        };
+        let id = MessageId::parse(id).unwrap();
+        let sealed = draft.seal_with(id, vec![9; 32], b"forged".to_vec(), &fed.signer("registry"));
+        EnvelopeTransfer {
+            envelope: Some(sealed.envelope),
+            payload: Some(sealed.payload),
+            hops: vec!["registry".into(), "hub".into()],
+            traceparent: String::new(),
+        }
+    };
+    let items = [&genuine, &own]
+        .into_iter()
+        .enumerate()
+        .map(|(seq, id)| TransferItem {
+            seq: seq as u64,
+            item: Some(transfer_item::Item::Envelope(forged(id))),
+        })
+        .collect();
+    let ack = transfer(&mut fed.peer_as("hub", "health").await, items).await;
+    for (seq, a) in ack.acks.iter().enumerate() {
+        assert_eq!(
+            (a.seq, a.status(), a.reason.as_str()),
+            (seq as u64, CustodyStatus::Rejected, "id_conflict")
+        );
+    }
+
+    // Health's app gets finance's message, once, as finance sent it.
+    let got = receive(&health, 2, 3, true).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (envelope, payload) = (envelope_of(&got[0]), got[0].payload.clone().unwrap());
+    assert_eq!(
+        (
+            envelope.id.as_str(),
+            envelope.sender.as_str(),
+            payload.data.as_slice()
+        ),
+        (genuine.as_str(), "finance", b"genuine".as_slice())
+    );
+    // Finance's envelope again, from finance: a duplicate, not a second delivery.
+    let again = TransferItem {
+        seq: 9,
+        item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
+            envelope: got[0].envelope.clone(),
+            payload: got[0].payload.clone(),
+            hops: vec!["finance".into()],
+            traceparent: String::new(),
+        })),
+    };
+    let ack = transfer(&mut fed.peer_as("finance", "health").await, vec![again]).await;
+    assert_eq!(ack.acks[0].status(), CustodyStatus::Duplicate);
+    assert!(receive(&health, 1, 1, false).await.is_empty());
+    // Health's own message is still its own.
+    let t = track(&health, &own).await;
+    let envelope: wire::Envelope = prost::Message::decode(t.envelope.unwrap().envelope.as_slice()).unwrap();
+    assert_eq!(
+        (envelope.sender.as_str(), envelope.recipient.as_str()),
+        ("health", "finance")
+    );
+    assert!(t.state != wire::MessageState::Inbox as i32, "{:?}", t.state);
+
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}

@@ -473,7 +473,7 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
     assert_eq!(hand_over(&fed, "health", "finance", &delivered).await, Duplicate);
 
     // Receipts health's node signs anew: other bytes, so other digests.
-    let health_signer = signer(&fed, "health");
+    let health_signer = fed.signer("health");
     let variant = |n: i64| {
         let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
         r.at.as_mut().unwrap().nanos = 0;
@@ -536,22 +536,13 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
     let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
     r.issuer = "registry".into();
     r.recipient = "registry".into();
-    let relayed = signer(&fed, "registry").sign_receipt(&r);
+    let relayed = fed.signer("registry").sign_receipt(&r);
     assert_eq!(hand_over(&fed, "registry", "hub", &relayed).await, Stored);
     assert_eq!(hand_over(&fed, "registry", "hub", &relayed).await, Duplicate);
 
     for n in [finance_node, health_node, hub_node] {
         n.stop().await.unwrap();
     }
-}
-
-fn signer(fed: &Federation, agency: &str) -> antar_core::Signer {
-    let certs = fed.certs(agency);
-    antar_core::Signer::from_pkcs8(
-        &antar_pki::read_key_der(&certs.signing_key()).unwrap(),
-        antar_pki::read_cert_der(&certs.signing_cert()).unwrap(),
-    )
-    .unwrap()
 }
 
 /// Hands `receipt` to `to`'s peer port as `from`'s node; the custody status.

@@ -316,30 +316,42 @@ fn seen_key(sender: &str, id: &MessageId) -> Vec<u8> {
     k
 }
 
+/// Refuses an item for `reason`, routing its REJECTED receipt, if it has
+/// one, to the sender: once per message, however often it is offered.
+fn refuse(shared: &Shared, tx: &Tx<'_>, reason: &str, receipt: Option<&Issued>) -> Result<Settled, TxError> {
+    if let Some(issued) = receipt {
+        let id = MessageId::parse(&issued.receipt.message_id).unwrap_or_default();
+        if !tx.mark_seen("rejected", &seen_key(&issued.receipt.sender, &id))? {
+            shared.route_issued(tx, issued)?;
+        }
+    }
+    Ok(Settled::Rejected(reason.to_owned()))
+}
+
 /// Applies one plan inside the batch's transaction.
 fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError> {
     match plan {
-        Plan::Reject { reason, receipt } => {
-            if let Some(issued) = receipt {
-                // One REJECTED receipt per message, however often it is offered.
-                let first = !tx.mark_seen(
-                    "rejected",
-                    &seen_key(
-                        &issued.receipt.sender,
-                        &MessageId::parse(&issued.receipt.message_id).unwrap_or_default(),
-                    ),
-                )?;
-                if first {
-                    shared.route_issued(tx, issued)?;
-                }
-            }
-            Ok(Settled::Rejected(reason.clone()))
-        }
+        Plan::Reject { reason, receipt } => refuse(shared, tx, reason, receipt.as_ref()),
         Plan::Deliver(v, et, identity, delivered) => {
-            if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {
-                return Ok(Settled::Duplicate);
-            }
             let signed = et.envelope.clone().unwrap_or_default();
+            // An id names one message here: its record is the dedup key.
+            if let Some(held) = tx.peek_message(&v.id)? {
+                if !held.outgoing && held.sender_identity == *identity {
+                    return Ok(Settled::Duplicate);
+                }
+                // Another agency's message holds the id, or one this node
+                // sent: never overwritten. Rare, so signed here, alone.
+                let reason = "id_conflict";
+                let draft = shared.draft_receipt(
+                    &v.envelope,
+                    &signed.envelope,
+                    ReceiptStatus::Rejected,
+                    reason,
+                    Outcome::Unspecified,
+                    Vec::new(),
+                );
+                return refuse(shared, tx, reason, Some(&shared.sign_receipt(draft)));
+            }
             let record = MessageRecord {
                 envelope: Some(signed.clone()),
                 payload: et.payload.clone(),

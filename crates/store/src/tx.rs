@@ -781,6 +781,17 @@ impl<'a> Tx<'a> {
             .filter(|key| !key.is_empty()))
     }
 
+    /// The record of `id` as stored, to look at, not to write back: without
+    /// its envelope and payload (unless an older build stored them inline),
+    /// its signer certificates as their digests, its receipts as cursors.
+    /// Cheaper than [`Tx::message`], which reads and restores all of them.
+    ///
+    /// # Errors
+    /// A storage failure, or [`Abort::Corrupt`].
+    pub fn peek_message(&self, id: &MessageId) -> R<Option<MessageRecord>> {
+        self.stored_record(id)
+    }
+
     /// The record of `id` as stored: without its body, its certificates
     /// as digests and its receipts as cursors.
     fn stored_record(&self, id: &MessageId) -> R<Option<MessageRecord>> {
