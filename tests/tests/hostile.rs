@@ -263,20 +263,26 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
             traceparent: String::new(),
         }
     };
-    let items = [&genuine, &own]
-        .into_iter()
-        .enumerate()
-        .map(|(seq, id)| TransferItem {
-            seq: seq as u64,
-            item: Some(transfer_item::Item::Envelope(forged(id))),
-        })
-        .collect();
-    let ack = transfer(&mut fed.peer_as("hub", "health").await, items).await;
-    for (seq, a) in ack.acks.iter().enumerate() {
-        assert_eq!(
-            (a.seq, a.status(), a.reason.as_str()),
-            (seq as u64, CustodyStatus::Rejected, "id_conflict")
-        );
+    let forged: Vec<EnvelopeTransfer> = [&genuine, &own].map(|id| forged(id)).into();
+    let items = |round: u64| {
+        (0..)
+            .zip(&forged)
+            .map(|(seq, e)| TransferItem {
+                seq: round * 10 + seq,
+                item: Some(transfer_item::Item::Envelope(e.clone())),
+            })
+            .collect()
+    };
+    // Offered twice: refused each time.
+    for round in 0..2 {
+        let ack = transfer(&mut fed.peer_as("hub", "health").await, items(round)).await;
+        assert_eq!(ack.acks.len(), 2);
+        for (seq, a) in (round * 10..).zip(&ack.acks) {
+            assert_eq!(
+                (a.seq, a.status(), a.reason.as_str()),
+                (seq, CustodyStatus::Rejected, "id_conflict")
+            );
+        }
     }
 
     // Health's app gets finance's message, once, as finance sent it.
@@ -306,14 +312,52 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
     assert!(receive(&health, 1, 1, false).await.is_empty());
     // Health's own message is still its own.
     let t = track(&health, &own).await;
-    let envelope: wire::Envelope = prost::Message::decode(t.envelope.unwrap().envelope.as_slice()).unwrap();
+    let envelope: wire::Envelope =
+        prost::Message::decode(t.envelope.as_ref().unwrap().envelope.as_slice()).unwrap();
     assert_eq!(
         (envelope.sender.as_str(), envelope.recipient.as_str()),
         ("health", "finance")
     );
-    assert!(t.state != wire::MessageState::Inbox as i32, "{:?}", t.state);
+    assert_eq!(t.state(), wire::MessageState::Delivered);
 
-    for n in [finance_node, health_node] {
-        n.stop().await.unwrap();
+    // One signed REJECTED receipt for each forged envelope, not one per
+    // offer, queued for registry (through the hub, which is down).
+    health_node.stop().await.unwrap();
+    let queued = fed.open_store("health").outbox_batch("hub", None, 100).unwrap();
+    let refusals: Vec<_> = queued
+        .iter()
+        .map(|(_, item)| {
+            use prost::Message as _;
+            let Some(transfer_item::Item::Receipt(r)) = TransferItem::decode(item.as_slice()).unwrap().item
+            else {
+                panic!("not a receipt");
+            };
+            fed.verifier()
+                .verify_receipt(r.receipt.as_ref().unwrap())
+                .unwrap()
+                .receipt
+        })
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    for (r, (f, id)) in refusals.iter().zip(forged.iter().zip([&genuine, &own])) {
+        let bytes = &f.envelope.as_ref().unwrap().envelope;
+        assert_eq!(
+            (
+                r.status(),
+                r.reason.as_str(),
+                r.sender.as_str(),
+                r.issuer.as_str(),
+                r.message_id.as_str()
+            ),
+            (
+                wire::ReceiptStatus::Rejected,
+                "id_conflict",
+                "registry",
+                "health",
+                id.as_str()
+            )
+        );
+        assert_eq!(r.envelope_sha256, antar_core::envelope::sha256(bytes));
     }
+    finance_node.stop().await.unwrap();
 }

@@ -333,18 +333,25 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
     match plan {
         Plan::Reject { reason, receipt } => refuse(shared, tx, reason, receipt.as_ref()),
         Plan::Deliver(v, et, identity, delivered) => {
-            let signed = et.envelope.clone().unwrap_or_default();
             // An id names one message here: its record is the dedup key.
             if let Some(held) = tx.peek_message(&v.id)? {
-                if !held.outgoing && held.sender_identity == *identity {
+                // The same agency's: its node, whatever certificate it used.
+                let same = Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency == v.sender);
+                if !held.outgoing && same {
                     return Ok(Settled::Duplicate);
                 }
                 // Another agency's message holds the id, or one this node
-                // sent: never overwritten. Rare, so signed here, alone.
+                // sent: never overwritten. The receipt is signed here,
+                // under the writer lock, as planning does not read the
+                // store; once per envelope, however often it is offered.
                 let reason = "id_conflict";
+                if tx.seen("rejected", &seen_key(v.sender.as_str(), &v.id))? {
+                    return Ok(Settled::Rejected(reason.to_owned()));
+                }
+                let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
                 let draft = shared.draft_receipt(
                     &v.envelope,
-                    &signed.envelope,
+                    bytes,
                     ReceiptStatus::Rejected,
                     reason,
                     Outcome::Unspecified,
@@ -352,6 +359,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 );
                 return refuse(shared, tx, reason, Some(&shared.sign_receipt(draft)));
             }
+            let signed = et.envelope.clone().unwrap_or_default();
             let record = MessageRecord {
                 envelope: Some(signed.clone()),
                 payload: et.payload.clone(),
