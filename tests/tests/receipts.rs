@@ -469,8 +469,13 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
     assert_eq!(t.receipts.len(), 3);
     let delivered = t.receipts[1].clone();
 
-    // The same signed receipt again, from health's node certificate.
+    // The same signed receipt again, from health's node certificate; and
+    // finance's own ACCEPTED receipt, which its record holds too.
     assert_eq!(hand_over(&fed, "health", "finance", &delivered).await, Duplicate);
+    assert_eq!(
+        hand_over(&fed, "health", "finance", &t.receipts[0]).await,
+        Duplicate
+    );
 
     // Receipts health's node signs anew: other bytes, so other digests.
     let health_signer = fed.signer("health");
