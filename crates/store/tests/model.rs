@@ -3,7 +3,7 @@
 //! reference model kept in plain collections.
 //!
 //! A crash is a real `kill -9`: the store runs in a child process (this
-//! test binary again, running the ignored test `model_child`), which at
+//! test binary again, running only the test `model_child`), which at
 //! a crash step reports where it is and waits to be killed; the parent
 //! sends SIGKILL and starts a new child on the same directory as the
 //! restarted node. `Store::transact` returns only once its group is
@@ -443,13 +443,7 @@ fn child(job: &Job, job_file: &Path) -> Report {
     std::fs::write(job_file, serde_json::to_vec(job).unwrap()).unwrap();
     let _ = std::fs::remove_file(&job.report);
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "model_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["model_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(JOB_ENV, job_file)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -499,17 +493,56 @@ fn child(job: &Job, job_file: &Path) -> Report {
     serde_json::from_slice(&std::fs::read(&job.report).unwrap()).unwrap()
 }
 
-/// The child: opens the store (checking it against the candidates after a
-/// crash), runs the ops from `step`, and at the next crash reports and
-/// waits to be killed.
+/// The child process of `run`, on the job named by `JOB_ENV`. Run as any
+/// other test (no job given), it takes the same steps in this process on
+/// a new store: one operation of each kind, no crash.
 #[test]
-#[ignore = "the model test's child process, started and killed by `run`"]
 fn model_child() {
-    let Some(job) = std::env::var_os(JOB_ENV) else {
-        eprintln!("model_child runs only as the model test's child process ({JOB_ENV} unset)");
-        return;
+    if let Some(file) = std::env::var_os(JOB_ENV) {
+        return child_steps(&serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap());
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ops = vec![
+        Op::PushOutbox {
+            peer: 0,
+            len: 100,
+            expires_ms: 500,
+        },
+        Op::PushOutbox {
+            peer: 1,
+            len: 30_000,
+            expires_ms: 0,
+        },
+        Op::PushInbox { service: 0, size: 40 },
+        Op::PushInbox { service: 1, size: 41 },
+        Op::MarkSeen { ns: 0, key: 3 },
+        Op::MarkSeen { ns: 0, key: 3 },
+        Op::Append { n: 20 },
+        Op::Aborted { peer: 1 },
+        Op::Durable,
+        Op::RemoveOutbox { peer: 0, pick: 0 },
+        Op::RemoveInbox { pick: 1 },
+        Op::CheckLog { pick: Some(7) },
+        Op::CheckLog { pick: None },
+    ];
+    let job = Job {
+        dir: tmp.path().join("node"),
+        ops,
+        step: 0,
+        candidates: Vec::new(),
+        next_id: 0,
+        report: tmp.path().join("report.json"),
+        expected: tmp.path().join("expected.txt"),
     };
-    let job: Job = serde_json::from_slice(&std::fs::read(job).unwrap()).unwrap();
+    child_steps(&job);
+    let report: Report = serde_json::from_slice(&std::fs::read(&job.report).unwrap()).unwrap();
+    assert!(report.next.is_none() && report.recovered.is_none());
+}
+
+/// The child's steps: opens the store (checking it against the candidates
+/// after a crash), runs the ops from `step`, each checked against the
+/// model, and at the next crash reports and waits to be killed.
+fn child_steps(job: &Job) {
     let store = open(&job.dir);
     let mut model = State::default();
     let mut recovered = None;
@@ -556,7 +589,7 @@ fn model_child() {
                     candidates: since_flush,
                     next_id,
                 };
-                report(&job, recovered, Some(next));
+                report(job, recovered, Some(next));
                 println!("{READY}");
                 // The parent kills this process now; `store` is never dropped.
                 std::thread::sleep(CHILD_TIMEOUT);
@@ -569,7 +602,7 @@ fn model_child() {
             }
         }
     }
-    report(&job, recovered, None);
+    report(job, recovered, None);
 }
 
 fn report(job: &Job, recovered: Option<usize>, next: Option<Next>) {
