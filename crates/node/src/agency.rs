@@ -243,7 +243,7 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
                     expires_at_ms: expires_ms(env),
                     ..Default::default()
                 };
-                record.push_logged_receipt(cursor, &accepted.signed.receipt);
+                record.push_logged_receipt(cursor, &sha256(&accepted.signed.receipt));
                 if let Some(delivered) = delivered {
                     shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
                 } else {

@@ -316,22 +316,25 @@ fn seen_key(sender: &str, id: &MessageId) -> Vec<u8> {
     k
 }
 
-/// Refuses an item for `reason`, routing its REJECTED receipt, if it has
-/// one, to the sender: once per message, however often it is offered.
-fn refuse(shared: &Shared, tx: &Tx<'_>, reason: &str, receipt: Option<&Issued>) -> Result<Settled, TxError> {
-    if let Some(issued) = receipt {
-        let id = MessageId::parse(&issued.receipt.message_id).unwrap_or_default();
-        if !tx.mark_seen("rejected", &seen_key(&issued.receipt.sender, &id))? {
-            shared.route_issued(tx, issued)?;
-        }
-    }
-    Ok(Settled::Rejected(reason.to_owned()))
+/// True the first time the envelope (`sender`, `id`) is refused: its
+/// REJECTED receipt goes to the sender once per message, however often
+/// it is offered.
+fn first_refusal(tx: &Tx<'_>, sender: &str, id: &MessageId) -> Result<bool, TxError> {
+    Ok(!tx.mark_seen("rejected", &seen_key(sender, id))?)
 }
 
 /// Applies one plan inside the batch's transaction.
 fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError> {
     match plan {
-        Plan::Reject { reason, receipt } => refuse(shared, tx, reason, receipt.as_ref()),
+        Plan::Reject { reason, receipt } => {
+            if let Some(issued) = receipt {
+                let id = MessageId::parse(&issued.receipt.message_id).unwrap_or_default();
+                if first_refusal(tx, &issued.receipt.sender, &id)? {
+                    shared.route_issued(tx, issued)?;
+                }
+            }
+            Ok(Settled::Rejected(reason.clone()))
+        }
         Plan::Deliver(v, et, identity, delivered) => {
             // An id names one message here: its record is the dedup key.
             if let Some(held) = tx.peek_message(&v.id)? {
@@ -345,19 +348,19 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 // under the writer lock, as planning does not read the
                 // store; once per envelope, however often it is offered.
                 let reason = "id_conflict";
-                if tx.seen("rejected", &seen_key(v.sender.as_str(), &v.id))? {
-                    return Ok(Settled::Rejected(reason.to_owned()));
+                if first_refusal(tx, v.sender.as_str(), &v.id)? {
+                    let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
+                    let draft = shared.draft_receipt(
+                        &v.envelope,
+                        bytes,
+                        ReceiptStatus::Rejected,
+                        reason,
+                        Outcome::Unspecified,
+                        Vec::new(),
+                    );
+                    shared.route_issued(tx, &shared.sign_receipt(draft))?;
                 }
-                let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
-                let draft = shared.draft_receipt(
-                    &v.envelope,
-                    bytes,
-                    ReceiptStatus::Rejected,
-                    reason,
-                    Outcome::Unspecified,
-                    Vec::new(),
-                );
-                return refuse(shared, tx, reason, Some(&shared.sign_receipt(draft)));
+                return Ok(Settled::Rejected(reason.to_owned()));
             }
             let signed = et.envelope.clone().unwrap_or_default();
             let record = MessageRecord {

@@ -456,7 +456,7 @@ impl Shared {
                 if matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired) {
                     record.reason = receipt.reason.clone();
                 }
-                record.push_logged_receipt(cursor, &signed.receipt);
+                record.push_logged_receipt(cursor, &digest);
                 Ok(true)
             })?;
             if let Some(applied) = applied {

@@ -1,7 +1,6 @@
 //! Records kept in the store, encoded with prost (forward compatible: new
 //! fields get new tags).
 
-use antar_core::envelope::sha256;
 use antar_core::wire::{Payload, SignedEnvelope, SignedReceipt};
 
 /// What a node knows about one message it sent or holds for one of its services.
@@ -61,10 +60,10 @@ pub struct MessageRecord {
 
 impl MessageRecord {
     /// Adds the receipt logged at `cursor` in the receipt log, whose signed
-    /// bytes (`SignedReceipt::receipt`) are `receipt`.
-    pub fn push_logged_receipt(&mut self, cursor: u64, receipt: &[u8]) {
+    /// bytes (`SignedReceipt::receipt`) have SHA-256 `digest`.
+    pub fn push_logged_receipt(&mut self, cursor: u64, digest: &[u8; 32]) {
         self.receipt_cursors.push(cursor);
-        self.receipt_digests.extend_from_slice(&sha256(receipt));
+        self.receipt_digests.extend_from_slice(digest);
     }
 }
 

@@ -1086,7 +1086,7 @@ async fn a_record_knows_its_receipts_by_digest_even_one_from_before_digests() {
                         return Ok(false);
                     }
                     let cursor = tx.log_receipt(&r.encode_to_vec(), &r.signer_cert)?;
-                    rec.push_logged_receipt(cursor, &r.receipt);
+                    rec.push_logged_receipt(cursor, &digest(&r));
                     Ok(true)
                 })
             })

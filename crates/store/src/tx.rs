@@ -723,7 +723,7 @@ impl<'a> Tx<'a> {
             service: service.to_owned(),
         };
         self.put(INBOX, key.clone(), entry.encode_to_vec());
-        match self.stored_record(id)? {
+        match self.peek_message(id)? {
             // Rewritten as stored: its certificates and body stay where they are.
             Some(mut record) => {
                 record.inbox_key = key;
@@ -776,7 +776,7 @@ impl<'a> Tx<'a> {
     /// The `inbox` key `id`'s record keeps, if it keeps one.
     fn recorded_inbox_key(&self, id: &MessageId) -> R<Option<Vec<u8>>> {
         Ok(self
-            .stored_record(id)?
+            .peek_message(id)?
             .map(|r| r.inbox_key)
             .filter(|key| !key.is_empty()))
     }
@@ -789,12 +789,6 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// A storage failure, or [`Abort::Corrupt`].
     pub fn peek_message(&self, id: &MessageId) -> R<Option<MessageRecord>> {
-        self.stored_record(id)
-    }
-
-    /// The record of `id` as stored: without its body, its certificates
-    /// as digests and its receipts as cursors.
-    fn stored_record(&self, id: &MessageId) -> R<Option<MessageRecord>> {
         match self.get(MESSAGES, id.as_bytes())? {
             Some(v) => Ok(Some(decode(MESSAGES, &v)?)),
             None => Ok(None),
