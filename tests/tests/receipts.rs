@@ -371,28 +371,39 @@ async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each
     }
 }
 
-/// `receipts.batch_signatures`: the DELIVERED receipts of one transfer batch
-/// share one signature; each still verifies alone (at the hub that relays
-/// it, at the sender, for an auditor), and the issuer's export verifies.
+/// `receipts.batch_signatures` and `envelopes.batch_signatures`: the
+/// envelopes of one `SendBatch` share one signature, and so do the
+/// DELIVERED receipts of one transfer batch; each envelope and receipt
+/// still verifies alone (at the hub that relays it, at the recipient, at
+/// the sender, for an app and an auditor), and both exports verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_signed_receipts_verify_alone_end_to_end_and_in_the_export() {
+async fn batch_signed_envelopes_and_receipts_verify_alone_end_to_end_and_in_the_export() {
     use prost::Message as _;
     let fed = Federation::standard();
-    let _finance_node = fed.start("finance").await;
+    let mut config = fed.config("finance");
+    config.envelopes.batch_signatures = true;
+    let _finance_node = fed.start_with(config).await;
     let _hub = fed.start("hub").await;
     let finance = fed.app("finance").await;
 
-    // Queued at the hub while registry is down, so they reach it in one batch.
-    let mut ids = Vec::new();
-    for i in 0..8 {
-        ids.push(
-            send(
-                &finance,
-                notice("registry", "birth.lookup", format!("{i}").as_bytes()),
-            )
-            .await,
-        );
-    }
+    // Queued at the hub while registry is down, so they reach it in one
+    // batch; sent in one call, so their envelopes are signed together.
+    let requests = (0..8)
+        .map(|i| notice("registry", "birth.lookup", format!("{i}").as_bytes()))
+        .collect();
+    let ids: Vec<String> = finance
+        .agency()
+        .send_batch(wire::SendBatchRequest { requests })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(wire::send_result::Result::Sent(s)) => s.message_ids[0].clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
     let hub_admin = fed.admin("hub").await;
     eventually(10, "8 queued at the hub for registry", || async {
         (backlog(&hub_admin, "registry").await == 8).then_some(())
@@ -405,6 +416,23 @@ async fn batch_signed_receipts_verify_alone_end_to_end_and_in_the_export() {
     // Acked all at once: their PROCESSED receipts may share signatures too.
     let deliveries = receive(&registry, 8, 10, false).await;
     assert_eq!(deliveries.len(), 8);
+    // What the app is handed verifies as it stands, batch and all.
+    let mut batched_envelopes = 0;
+    for d in &deliveries {
+        let signed = d.envelope.as_ref().unwrap();
+        let verified = fed.verifier().verify_envelope(signed).unwrap();
+        verified.check_payload(d.payload.as_ref().unwrap()).unwrap();
+        if let Some(batch) = &signed.batch {
+            let header = wire::EnvelopeBatch::decode(batch.header.as_slice()).unwrap();
+            assert!(header.size >= 2 && batch.index < header.size, "{header:?}");
+            assert_eq!(header.sender, "finance");
+            batched_envelopes += 1;
+        }
+    }
+    assert!(
+        batched_envelopes >= 2,
+        "{batched_envelopes} of 8 envelopes were batch-signed"
+    );
     let acks: Vec<_> = deliveries
         .iter()
         .map(|d| {
@@ -443,9 +471,11 @@ async fn batch_signed_receipts_verify_alone_end_to_end_and_in_the_export() {
         "{batched} of 8 DELIVERED receipts were batch-signed"
     );
 
-    let auditor = fed.client("registry", antar_client::ClientRole::Auditor).await;
-    let v = antar_core::audit::verify_bundle(&export(&auditor).await, &fed.verifier()).unwrap();
-    assert!(v.receipts >= 16, "{v:?}");
+    for agency in ["registry", "finance"] {
+        let auditor = fed.client(agency, antar_client::ClientRole::Auditor).await;
+        let v = antar_core::audit::verify_bundle(&export(&auditor).await, &fed.verifier()).unwrap();
+        assert!(v.receipts >= 16 && v.envelopes >= 8, "{agency}: {v:?}");
+    }
 }
 
 /// A receipt handed over again is `DUPLICATE` and recorded once — known by

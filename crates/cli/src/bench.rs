@@ -72,6 +72,11 @@ pub struct BenchArgs {
     /// docs/configuration.md); default: one signature per receipt.
     #[arg(long)]
     batch_signatures: bool,
+    /// The sending node signs the envelopes of the sends it serves at the
+    /// same moment with one signature (`envelopes.batch_signatures = true`,
+    /// see docs/configuration.md); default: one signature per envelope.
+    #[arg(long)]
+    batch_envelopes: bool,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -109,6 +114,7 @@ async fn start_nodes(
     via_hub: bool,
     hold_back_recipient: bool,
     batch_signatures: bool,
+    batch_envelopes: bool,
 ) -> anyhow::Result<(
     Vec<Node>,
     Option<HeldBack>,
@@ -158,6 +164,7 @@ async fn start_nodes(
         config.limits.max_queued_bytes = u64::MAX;
         config.limits.app_sends_per_sec = 0;
         config.receipts.batch_signatures = batch_signatures;
+        config.envelopes.batch_signatures = batch_envelopes;
         let listeners = Listeners {
             api,
             peer,
@@ -366,9 +373,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let fed_path = dir.join("federation.json");
-    let (mut nodes, held, fed) = start_nodes(&dir, args.via_hub, args.peer_down, args.batch_signatures)
-        .await
-        .context("cannot start the bench nodes")?;
+    let (mut nodes, held, fed) = start_nodes(
+        &dir,
+        args.via_hub,
+        args.peer_down,
+        args.batch_signatures,
+        args.batch_envelopes,
+    )
+    .await
+    .context("cannot start the bench nodes")?;
     fed.save(&fed_path)?;
     let fed = antar_pki::federation_file::FederationFile::load(&fed_path)?;
     let sender = Client::from_federation(&fed, "finance", ClientRole::App).await?;
@@ -601,21 +614,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     if args.peer_down {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0}",
             args.kind,
             args.size,
             args.receipts,
             args.batch_signatures,
+            args.batch_envelopes,
             total as f64 / sent_secs,
             total as f64 / drain_secs,
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0}",
             args.kind,
             args.size,
             args.receipts,
             args.batch_signatures,
+            args.batch_envelopes,
             total as f64 / sent_secs,
             total as f64 / all_secs,
             pct(0.50),
@@ -627,6 +642,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "mode": if args.peer_down { "queue" } else if args.rate.is_some() { "open" } else { "closed" },
             "offered_per_s": args.rate, "senders": args.senders, "batch": args.batch, "hops": hops, "kind": args.kind,
             "receipts": args.receipts, "batch_signatures": args.batch_signatures,
+            "batch_envelopes": args.batch_envelopes,
             "messages": total, "size": args.size,
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
             "cpu_us_per_msg": cpu_us_per_msg,

@@ -59,16 +59,50 @@ pub struct Sealed {
     pub payload: Payload,
 }
 
+/// An envelope built and serialized but not yet signed: what
+/// [`Signer::sign_envelopes`] signs several of at once.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The id the sender node gave the message.
+    pub id: MessageId,
+    /// The serialized `Envelope`: the bytes to sign.
+    pub envelope: Vec<u8>,
+    /// The envelope's `created_at`.
+    pub created_at: SystemTime,
+    /// The salted payload, carried beside the header.
+    pub payload: Payload,
+}
+
+impl Prepared {
+    /// Signs this envelope alone.
+    pub fn sign(self, signer: &Signer) -> Sealed {
+        Sealed {
+            id: self.id,
+            envelope: signer.sign_envelope_bytes(self.envelope),
+            payload: self.payload,
+        }
+    }
+}
+
 impl Draft {
     /// Builds the envelope with a fresh id and a fresh 32-byte salt, and signs it.
     pub fn seal(self, data: Vec<u8>, signer: &Signer) -> Sealed {
+        self.prepare(data).sign(signer)
+    }
+
+    /// Builds the envelope with a fresh id and a fresh 32-byte salt, unsigned.
+    pub fn prepare(self, data: Vec<u8>) -> Prepared {
         let mut salt = vec![0u8; 32];
         rand::rng().fill_bytes(&mut salt);
-        self.seal_with(MessageId::new(), salt, data, signer)
+        self.prepare_with(MessageId::new(), salt, data)
     }
 
     /// Like [`Draft::seal`], with the id and salt given (test vectors, replays).
     pub fn seal_with(self, id: MessageId, salt: Vec<u8>, data: Vec<u8>, signer: &Signer) -> Sealed {
+        self.prepare_with(id, salt, data).sign(signer)
+    }
+
+    fn prepare_with(self, id: MessageId, salt: Vec<u8>, data: Vec<u8>) -> Prepared {
         let envelope = Envelope {
             id: id.to_string(),
             kind: self.kind as i32,
@@ -84,10 +118,10 @@ impl Draft {
             payload_size: data.len() as u64,
             salt_sha256: sha256(&salt).to_vec(),
         };
-        let envelope = signer.sign_envelope_bytes(envelope.encode_to_vec());
-        Sealed {
+        Prepared {
             id,
-            envelope,
+            envelope: envelope.encode_to_vec(),
+            created_at: self.created_at,
             payload: Payload { salt, data },
         }
     }

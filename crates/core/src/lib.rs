@@ -16,9 +16,11 @@ pub mod sign;
 pub mod time;
 pub mod verify;
 
-pub use envelope::{payload_digest, Draft, Sealed};
+pub use envelope::{payload_digest, Draft, Prepared, Sealed};
 pub use id::{AgencyId, IdError, Identity, MessageId, Role, ServiceName};
-pub use sign::{SignError, Signer, ENVELOPE_DOMAIN, RECEIPT_BATCH_DOMAIN, RECEIPT_DOMAIN};
+pub use sign::{
+    SignError, Signer, ENVELOPE_BATCH_DOMAIN, ENVELOPE_DOMAIN, RECEIPT_BATCH_DOMAIN, RECEIPT_DOMAIN,
+};
 pub use verify::{Revocations, TrustAnchor, VerifiedEnvelope, VerifiedReceipt, Verifier, VerifyError};
 
 /// Re-export of the wire types, so users of the core need not name the proto crate.

@@ -1,11 +1,15 @@
 //! Ed25519 signing with domain separation.
 
 use prost::Message;
+use prost_types::Timestamp;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::envelope::sha256;
 use crate::merkle::{leaf_hash, root_and_proofs, Hash};
-use crate::wire::{Receipt, ReceiptBatch, ReceiptBatchProof, SignedEnvelope, SignedReceipt};
+use crate::wire::{
+    EnvelopeBatch, EnvelopeBatchProof, Receipt, ReceiptBatch, ReceiptBatchProof, SignedEnvelope,
+    SignedReceipt,
+};
 
 /// Prefix of the bytes an envelope signature covers: `domain || envelope`.
 pub const ENVELOPE_DOMAIN: &[u8] = b"antar/envelope/v1\0";
@@ -13,6 +17,8 @@ pub const ENVELOPE_DOMAIN: &[u8] = b"antar/envelope/v1\0";
 pub const RECEIPT_DOMAIN: &[u8] = b"antar/receipt/v1\0";
 /// Prefix of the bytes a receipt batch signature covers: `domain || ReceiptBatch`.
 pub const RECEIPT_BATCH_DOMAIN: &[u8] = b"antar/receipt-batch/v1\0";
+/// Prefix of the bytes an envelope batch signature covers: `domain || EnvelopeBatch`.
+pub const ENVELOPE_BATCH_DOMAIN: &[u8] = b"antar/envelope-batch/v1\0";
 
 /// Why a signing key could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +99,48 @@ impl Signer {
             envelope,
             signature,
             signer_cert: self.cert_der.clone(),
+            batch: None,
         }
+    }
+
+    /// Signs serialized `Envelope`s, all sent by `sender`, with one
+    /// signature: an [`EnvelopeBatch`] over the Merkle root of their bytes,
+    /// each envelope carrying the batch and its inclusion proof. One
+    /// envelope alone is signed as by [`Signer::sign_envelope_bytes`]. `at`
+    /// is the latest `created_at` of the envelopes.
+    pub fn sign_envelopes(
+        &self,
+        envelopes: Vec<Vec<u8>>,
+        sender: &str,
+        at: Timestamp,
+    ) -> Vec<SignedEnvelope> {
+        if envelopes.len() < 2 {
+            return envelopes
+                .into_iter()
+                .map(|e| self.sign_envelope_bytes(e))
+                .collect();
+        }
+        let batch = self.sign_batch(ENVELOPE_BATCH_DOMAIN, &envelopes, |root, size| EnvelopeBatch {
+            root,
+            size,
+            sender: sender.to_owned(),
+            at: Some(at),
+        });
+        envelopes
+            .into_iter()
+            .zip(batch.proofs)
+            .map(|(envelope, (index, path))| SignedEnvelope {
+                envelope_sha256: sha256(&envelope).to_vec(),
+                envelope,
+                signature: batch.signature.clone(),
+                signer_cert: self.cert_der.clone(),
+                batch: Some(EnvelopeBatchProof {
+                    header: batch.header.clone(),
+                    index,
+                    path,
+                }),
+            })
+            .collect()
     }
 
     /// Serializes and signs a receipt.
@@ -122,36 +169,54 @@ impl Signer {
             return Vec::new();
         };
         let bytes: Vec<Vec<u8>> = receipts.iter().map(Message::encode_to_vec).collect();
-        let leaves: Vec<Hash> = bytes.iter().map(|b| leaf_hash(b)).collect();
-        let (root, proofs) = root_and_proofs(&leaves);
         let at = receipts
             .iter()
             .filter_map(|r| r.at)
             .max_by_key(|t| (t.seconds, t.nanos));
-        let header = ReceiptBatch {
-            root: root.to_vec(),
-            size: receipts.len() as u64,
+        let batch = self.sign_batch(RECEIPT_BATCH_DOMAIN, &bytes, |root, size| ReceiptBatch {
+            root,
+            size,
             issuer: first.issuer.clone(),
             at,
-        }
-        .encode_to_vec();
-        let signature = self.sign(RECEIPT_BATCH_DOMAIN, &header);
+        });
         bytes
             .into_iter()
-            .zip(proofs)
-            .enumerate()
-            .map(|(index, (receipt, path))| SignedReceipt {
+            .zip(batch.proofs)
+            .map(|(receipt, (index, path))| SignedReceipt {
                 receipt_sha256: sha256(&receipt).to_vec(),
                 receipt,
-                signature: signature.clone(),
+                signature: batch.signature.clone(),
                 signer_cert: self.cert_der.clone(),
                 batch: Some(ReceiptBatchProof {
-                    header: header.clone(),
-                    index: index as u64,
-                    path: path.iter().map(|h| h.to_vec()).collect(),
+                    header: batch.header.clone(),
+                    index,
+                    path,
                 }),
             })
             .collect()
+    }
+
+    /// Signs `domain || header` once for all of `leaves`, the header
+    /// (built by `header` from the RFC 9162 Merkle root of their leaf
+    /// hashes and their count) committing to every one of them.
+    fn sign_batch<H: Message>(
+        &self,
+        domain: &[u8],
+        leaves: &[Vec<u8>],
+        header: impl FnOnce(Vec<u8>, u64) -> H,
+    ) -> SignedBatch {
+        let hashes: Vec<Hash> = leaves.iter().map(|b| leaf_hash(b)).collect();
+        let (root, proofs) = root_and_proofs(&hashes);
+        let header = header(root.to_vec(), leaves.len() as u64).encode_to_vec();
+        SignedBatch {
+            signature: self.sign(domain, &header),
+            header,
+            proofs: proofs
+                .into_iter()
+                .enumerate()
+                .map(|(index, path)| (index as u64, path.iter().map(|h| h.to_vec()).collect()))
+                .collect(),
+        }
     }
 
     fn sign(&self, domain: &[u8], bytes: &[u8]) -> Vec<u8> {
@@ -160,4 +225,11 @@ impl Signer {
         msg.extend_from_slice(bytes);
         self.key.sign(&msg).as_ref().to_vec()
     }
+}
+
+/// One signature over a batch header, and each leaf's (index, inclusion proof).
+struct SignedBatch {
+    signature: Vec<u8>,
+    header: Vec<u8>,
+    proofs: Vec<(u64, Vec<Vec<u8>>)>,
 }

@@ -18,11 +18,9 @@ use x509_parser::revocation_list::CertificateRevocationList;
 use crate::envelope::{payload_digest, sha256};
 use crate::id::{AgencyId, Identity, MessageId, Role};
 use crate::merkle::{self, leaf_hash, Hash};
-use crate::sign::{ENVELOPE_DOMAIN, RECEIPT_BATCH_DOMAIN, RECEIPT_DOMAIN};
+use crate::sign::{ENVELOPE_BATCH_DOMAIN, ENVELOPE_DOMAIN, RECEIPT_BATCH_DOMAIN, RECEIPT_DOMAIN};
 use crate::time::from_timestamp;
-use crate::wire::{
-    Envelope, Payload, Receipt, ReceiptBatch, ReceiptBatchProof, SignedEnvelope, SignedReceipt,
-};
+use crate::wire::{Envelope, EnvelopeBatch, Payload, Receipt, ReceiptBatch, SignedEnvelope, SignedReceipt};
 
 /// OID of Ed25519 keys (RFC 8410).
 const OID_ED25519: &str = "1.3.101.112";
@@ -304,9 +302,9 @@ pub struct Verifier {
     /// Certificates that already chained to the root, by SHA-256 of their DER:
     /// a node signs thousands of envelopes with one certificate.
     cache: Arc<Mutex<HashMap<[u8; 32], SignerCert>>>,
-    /// Receipt batch signatures already checked, by SHA-256 of (public key,
-    /// signature, header): the receipts of one batch arrive together and
-    /// cost one signature check between them.
+    /// Batch signatures already checked, by SHA-256 of (domain, public key,
+    /// signature, header): the envelopes or receipts of one batch arrive
+    /// together and cost one signature check between them.
     batches: Arc<Mutex<HashSet<[u8; 32]>>>,
 }
 
@@ -339,13 +337,31 @@ impl Verifier {
     /// One [`VerifyError`] variant per way it can fail.
     pub fn verify_envelope(&self, signed: &SignedEnvelope) -> Result<VerifiedEnvelope, VerifyError> {
         let cert = self.signer_cert(&signed.signer_cert)?;
-        verify_signed(
-            &cert.public_key,
-            ENVELOPE_DOMAIN,
-            &signed.envelope,
-            &signed.signature,
-            &signed.envelope_sha256,
-        )?;
+        match &signed.batch {
+            None => verify_signed(
+                &cert.public_key,
+                ENVELOPE_DOMAIN,
+                &signed.envelope,
+                &signed.signature,
+                &signed.envelope_sha256,
+            )?,
+            Some(proof) => self.verify_in_batch(
+                &cert,
+                &InBatch {
+                    domain: ENVELOPE_BATCH_DOMAIN,
+                    bytes: &signed.envelope,
+                    bytes_sha256: &signed.envelope_sha256,
+                    signature: &signed.signature,
+                    header: &proof.header,
+                    index: proof.index,
+                    path: &proof.path,
+                },
+                |b| {
+                    let h = EnvelopeBatch::decode(b).map_err(|_| VerifyError::Malformed("EnvelopeBatch"))?;
+                    Ok((h.root, h.size, h.sender, h.at))
+                },
+            )?,
+        }
         let envelope =
             Envelope::decode(signed.envelope.as_slice()).map_err(|_| VerifyError::Malformed("Envelope"))?;
         let created_at = envelope
@@ -391,7 +407,22 @@ impl Verifier {
                 &signed.signature,
                 &signed.receipt_sha256,
             )?,
-            Some(proof) => self.verify_in_batch(&cert, signed, proof)?,
+            Some(proof) => self.verify_in_batch(
+                &cert,
+                &InBatch {
+                    domain: RECEIPT_BATCH_DOMAIN,
+                    bytes: &signed.receipt,
+                    bytes_sha256: &signed.receipt_sha256,
+                    signature: &signed.signature,
+                    header: &proof.header,
+                    index: proof.index,
+                    path: &proof.path,
+                },
+                |b| {
+                    let h = ReceiptBatch::decode(b).map_err(|_| VerifyError::Malformed("ReceiptBatch"))?;
+                    Ok((h.root, h.size, h.issuer, h.at))
+                },
+            )?,
         }
         let receipt =
             Receipt::decode(signed.receipt.as_slice()).map_err(|_| VerifyError::Malformed("Receipt"))?;
@@ -412,28 +443,32 @@ impl Verifier {
         })
     }
 
-    /// Checks that a receipt is in a batch its signer signed: the batch
-    /// signature over `RECEIPT_BATCH_DOMAIN || header` (checked once per
-    /// batch, then remembered), the batch's issuer, and the receipt's
+    /// Checks that an envelope or receipt is in a batch its signer signed:
+    /// the batch signature over `domain || header` (checked once per batch,
+    /// then remembered), the batch's signer agency (`decode` reads the
+    /// header's root, size, signer agency and time), and the item's
     /// inclusion proof up to the signed root.
     fn verify_in_batch(
         &self,
         cert: &SignerCert,
-        signed: &SignedReceipt,
-        proof: &ReceiptBatchProof,
+        item: &InBatch<'_>,
+        decode: impl FnOnce(&[u8]) -> Result<BatchHeader, VerifyError>,
     ) -> Result<(), VerifyError> {
         // An Ed25519 signature is 64 bytes; checked first, so that no split
         // of other bytes between `signature` and `header` can match the
-        // cache key of a batch already verified.
-        if signed.signature.len() != 64 {
+        // cache key of a batch already verified. The domain (ending in its
+        // only NUL) keeps a receipt batch from passing for an envelope batch.
+        if item.signature.len() != 64 {
             return Err(VerifyError::BadSignature);
         }
         let key = {
-            let mut k =
-                Vec::with_capacity(cert.public_key.len() + signed.signature.len() + proof.header.len());
+            let mut k = Vec::with_capacity(
+                item.domain.len() + cert.public_key.len() + item.signature.len() + item.header.len(),
+            );
+            k.extend_from_slice(item.domain);
             k.extend_from_slice(&cert.public_key);
-            k.extend_from_slice(&signed.signature);
-            k.extend_from_slice(&proof.header);
+            k.extend_from_slice(item.signature);
+            k.extend_from_slice(item.header);
             sha256(&k)
         };
         let known = self
@@ -442,26 +477,19 @@ impl Verifier {
             .unwrap_or_else(|p| p.into_inner())
             .contains(&key);
         if !known {
-            verify_sig(
-                &cert.public_key,
-                RECEIPT_BATCH_DOMAIN,
-                &proof.header,
-                &signed.signature,
-            )?;
+            verify_sig(&cert.public_key, item.domain, item.header, item.signature)?;
         }
-        let header = ReceiptBatch::decode(proof.header.as_slice())
-            .map_err(|_| VerifyError::Malformed("ReceiptBatch"))?;
-        let root: Hash = header
-            .root
+        let (root, size, signer, at) = decode(item.header)?;
+        let root: Hash = root
             .as_slice()
             .try_into()
             .map_err(|_| field("batch.root", "must be 32 bytes"))?;
-        let at = header.at.as_ref().ok_or_else(|| field("batch.at", "missing"))?;
+        let at = at.as_ref().ok_or_else(|| field("batch.at", "missing"))?;
         self.check_cert_at(cert, from_timestamp(at))?;
-        if header.issuer != cert.identity.agency.as_str() {
+        if signer != cert.identity.agency.as_str() {
             return Err(VerifyError::SignerMismatch {
                 signer: cert.identity.agency.to_string(),
-                claimed: header.issuer,
+                claimed: signer,
             });
         }
         if !known {
@@ -471,21 +499,14 @@ impl Verifier {
             }
             batches.insert(key);
         }
-        let path = proof
+        let path = item
             .path
             .iter()
             .map(|h| h.as_slice().try_into())
             .collect::<Result<Vec<Hash>, _>>()
             .map_err(|_| field("batch.path", "every hash must be 32 bytes"))?;
-        merkle::verify_inclusion(
-            &leaf_hash(&signed.receipt),
-            proof.index,
-            header.size,
-            &path,
-            &root,
-        )
-        .map_err(|_| {
-            if !signed.receipt_sha256.is_empty() && sha256(&signed.receipt)[..] != signed.receipt_sha256[..] {
+        merkle::verify_inclusion(&leaf_hash(item.bytes), item.index, size, &path, &root).map_err(|_| {
+            if !item.bytes_sha256.is_empty() && sha256(item.bytes)[..] != item.bytes_sha256[..] {
                 VerifyError::BytesAltered
             } else {
                 VerifyError::BadSignature
@@ -605,6 +626,24 @@ impl Verifier {
         })
     }
 }
+
+/// A signed envelope or receipt that claims a place in a signed batch.
+struct InBatch<'a> {
+    /// The batch signature's domain.
+    domain: &'static [u8],
+    /// The item's signed bytes: its leaf.
+    bytes: &'a [u8],
+    /// SHA-256 of `bytes` as the signer sent it (unsigned, optional).
+    bytes_sha256: &'a [u8],
+    signature: &'a [u8],
+    /// The serialized batch header the signature covers.
+    header: &'a [u8],
+    index: u64,
+    path: &'a [Vec<u8>],
+}
+
+/// A batch header's root, size, signer agency and time.
+type BatchHeader = (Vec<u8>, u64, String, Option<prost_types::Timestamp>);
 
 fn field(field: &'static str, detail: impl ToString) -> VerifyError {
     VerifyError::InvalidField {

@@ -282,11 +282,13 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
     Ok(ids)
 }
 
-fn seal_all(shared: &Shared, v: &Validated) -> Vec<Sealed> {
-    v.drafts
+async fn seal_all(shared: &Shared, v: &Validated) -> Vec<Sealed> {
+    let prepared = v
+        .drafts
         .iter()
-        .map(|d| d.clone().seal(v.payload.clone(), &shared.signer))
-        .collect()
+        .map(|d| d.clone().prepare(v.payload.clone()))
+        .collect();
+    shared.seal_together(prepared).await
 }
 
 async fn send(
@@ -307,7 +309,7 @@ async fn send(
             return Ok(ids);
         }
     }
-    let sealed = seal_all(shared, &v);
+    let sealed = seal_all(shared, &v).await;
     accept(shared, v, sealed).await
 }
 
@@ -504,7 +506,7 @@ impl Agency for AgencyService {
         if v.drafts.len() != 1 {
             return Err(NodeError::invalid("recipients", "Call takes exactly one recipient").into());
         }
-        let sealed = seal_all(&self.shared, &v);
+        let sealed = seal_all(&self.shared, &v).await;
         let request_id = sealed[0].id.to_string();
         let (tx, rx) = oneshot::channel();
         self.calls
@@ -685,7 +687,7 @@ impl Agency for AgencyService {
             Some(request_id.to_string()),
             traceparent,
         )?;
-        let sealed = seal_all(&self.shared, &v);
+        let sealed = seal_all(&self.shared, &v).await;
         let ids = accept(&self.shared, v, sealed).await?;
         self.shared.metrics.send_seconds.observe(started.elapsed());
         Ok(Response::new(SendResponse {

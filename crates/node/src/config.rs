@@ -60,6 +60,9 @@ pub struct NodeConfig {
     /// Limits and timings.
     #[serde(default)]
     pub limits: Limits,
+    /// How envelopes are signed.
+    #[serde(default)]
+    pub envelopes: Envelopes,
     /// How receipts are signed.
     #[serde(default)]
     pub receipts: Receipts,
@@ -228,6 +231,22 @@ impl Default for Limits {
             payload_retention_secs: 0,
         }
     }
+}
+
+/// How this node signs the envelopes it sends.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Envelopes {
+    /// Sign the envelopes of the `Send`s, `Call`s and `Reply`s being served
+    /// at the same moment (a `SendBatch`, concurrent unary calls) with one
+    /// Ed25519 signature over the Merkle root of their bytes; each envelope
+    /// then carries the signed batch header and its inclusion proof
+    /// (`SignedEnvelope.batch`). Saves a signature per envelope here and a
+    /// verification per envelope at every node it passes. Every Antar node
+    /// verifies both forms; apps and auditors that check envelope
+    /// signatures themselves must handle batches (docs/auditing.md).
+    /// Default false: each envelope carries its own signature.
+    pub batch_signatures: bool,
 }
 
 /// How this node signs the receipts it issues.

@@ -211,6 +211,7 @@ impl DevLayout {
                 allow: vec!["*".to_owned()],
             }],
             limits: Limits::default(),
+            envelopes: Default::default(),
             receipts: Receipts::default(),
             log: Log::default(),
         }

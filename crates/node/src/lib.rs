@@ -269,6 +269,7 @@ impl Node {
             config,
             shutdown: CancellationToken::new(),
             receipt_queue: Default::default(),
+            envelope_queue: Default::default(),
             identities: Default::default(),
             legacy_seen_until,
         });

@@ -14,7 +14,7 @@ use antar_core::wire::{
     transfer_item, EntryKind, Envelope, MessageState, Outcome, Receipt, ReceiptStatus, ReceiptTransfer,
     SignedEnvelope, SignedReceipt, TransferItem,
 };
-use antar_core::{AgencyId, Identity, MessageId, Signer, Verifier};
+use antar_core::{AgencyId, Identity, MessageId, Prepared, Sealed, Signer, Verifier};
 use antar_store::{MessageRecord, Store, Tx, TxError};
 
 use crate::config::{Limits, NodeConfig};
@@ -246,7 +246,10 @@ pub(crate) struct Shared {
     /// Cancelled at shutdown: ends streams so connections can close.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
     /// Receipts of concurrent requests waiting to share a signature.
-    pub(crate) receipt_queue: ReceiptQueue,
+    pub(crate) receipt_queue: Together<Receipt, Issued>,
+    /// Envelopes of concurrent requests waiting to share a signature:
+    /// their bytes and `created_at`.
+    pub(crate) envelope_queue: Together<(Vec<u8>, SystemTime), SignedEnvelope>,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
     /// When the store holds receipts an older build marked seen by their
@@ -297,34 +300,56 @@ impl Shared {
 
     /// Signs the receipts of one request together with those of other
     /// requests ready at the same moment (`Send`s, `Ack`s), with
-    /// `receipts.batch_signatures`: each request queues its drafts and
-    /// yields once, so the requests that are ready run and queue theirs;
-    /// then whichever comes back first signs everything queued, with one
-    /// signature, for all of them. No timer: a request alone is signed at
-    /// once. A request cancelled meanwhile only leaves drafts that the next
-    /// signer signs for nobody.
+    /// `receipts.batch_signatures` (see [`Together::sign`]); else one each.
     pub(crate) async fn sign_together(&self, drafts: Vec<Receipt>) -> SignedReceipts<'_> {
         if !self.config.receipts.batch_signatures || drafts.is_empty() {
             return self.sign_receipts(drafts);
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&self.receipt_queue).push((drafts.clone(), tx));
-        tokio::task::yield_now().await;
-        let queued = std::mem::take(&mut *lock(&self.receipt_queue));
-        if !queued.is_empty() {
-            let all = queued.iter().flat_map(|(d, _)| d.iter().cloned()).collect();
-            let mut signed = self.sign_receipts(all).issued;
-            for (d, tx) in queued {
-                let _ = tx.send(signed.by_ref().take(d.len()).collect());
-            }
-        }
-        match rx.await {
-            Ok(issued) => SignedReceipts {
+        let signed = self
+            .receipt_queue
+            .sign(drafts.clone(), |all| self.sign_receipts(all).issued.collect())
+            .await;
+        match signed {
+            Some(issued) => SignedReceipts {
                 shared: self,
                 issued: issued.into_iter(),
             },
-            // The signer of this batch panicked: sign alone.
-            Err(_) => self.sign_receipts(drafts),
+            None => self.sign_receipts(drafts),
+        }
+    }
+
+    /// Signs the envelopes of one request (`Send`, `Call`, `Reply`, an item
+    /// of a `SendBatch`): with `envelopes.batch_signatures`, together with
+    /// those of other requests ready at the same moment, one signature over
+    /// the lot (see [`Together::sign`]); else one each.
+    pub(crate) async fn seal_together(&self, prepared: Vec<Prepared>) -> Vec<Sealed> {
+        if !self.config.envelopes.batch_signatures || prepared.is_empty() {
+            return prepared.into_iter().map(|p| p.sign(&self.signer)).collect();
+        }
+        let unsigned = prepared
+            .iter()
+            .map(|p| (p.envelope.clone(), p.created_at))
+            .collect();
+        let signed = self
+            .envelope_queue
+            .sign(unsigned, |all: Vec<(Vec<u8>, SystemTime)>| {
+                let at = all.iter().map(|(_, t)| *t).max().unwrap_or_else(SystemTime::now);
+                let bytes = all.into_iter().map(|(b, _)| b).collect();
+                self.signer
+                    .sign_envelopes(bytes, self.agency.as_str(), to_timestamp(at))
+            })
+            .await;
+        match signed {
+            Some(signed) => prepared
+                .into_iter()
+                .zip(signed)
+                .map(|(p, envelope)| Sealed {
+                    id: p.id,
+                    envelope,
+                    payload: p.payload,
+                })
+                .collect(),
+            None => prepared.into_iter().map(|p| p.sign(&self.signer)).collect(),
         }
     }
 
@@ -521,9 +546,51 @@ pub(crate) struct SignedReceipts<'a> {
     issued: std::vec::IntoIter<Issued>,
 }
 
-/// Drafts queued by requests whose receipts may share a signature, each
-/// with where its signed receipts go.
-pub(crate) type ReceiptQueue = Mutex<Vec<(Vec<Receipt>, tokio::sync::oneshot::Sender<Vec<Issued>>)>>;
+/// What requests being served at the same moment queue to share one
+/// signature (receipt drafts, envelope bytes), each request's items with
+/// where its signed items go.
+pub(crate) struct Together<T, U>(Mutex<Vec<Waiting<T, U>>>);
+
+type Waiting<T, U> = (Vec<T>, tokio::sync::oneshot::Sender<Vec<U>>);
+
+impl<T, U> Default for Together<T, U> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<T, U> Together<T, U> {
+    /// Queues `items` and yields once, so that the requests that are ready
+    /// run and queue theirs; then whichever comes back first signs
+    /// everything queued with one call of `sign_all` and hands each request
+    /// its share, in order. No timer: a request alone is signed at once. A
+    /// request cancelled meanwhile only leaves items signed for nobody.
+    /// `None` when the request that took this one's items panicked signing
+    /// them: the caller signs alone.
+    pub(crate) async fn sign(
+        &self,
+        items: Vec<T>,
+        sign_all: impl FnOnce(Vec<T>) -> Vec<U>,
+    ) -> Option<Vec<U>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.0).push((items, tx));
+        tokio::task::yield_now().await;
+        let queued = std::mem::take(&mut *lock(&self.0));
+        if !queued.is_empty() {
+            let mut all = Vec::new();
+            let mut shares = Vec::with_capacity(queued.len());
+            for (items, tx) in queued {
+                shares.push((items.len(), tx));
+                all.extend(items);
+            }
+            let mut signed = sign_all(all).into_iter();
+            for (n, tx) in shares {
+                let _ = tx.send(signed.by_ref().take(n).collect());
+            }
+        }
+        rx.await.ok()
+    }
+}
 
 impl SignedReceipts<'_> {
     /// The signed form of `draft`, the next one drafted. Drafts are taken
