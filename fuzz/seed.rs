@@ -85,6 +85,20 @@ fn main() {
         );
     }
 
+    // The same envelopes signed as one batch (ADR 0008).
+    let batched = finance.sign_envelopes(
+        sealed.iter().map(|s| s.envelope.envelope.clone()).collect(),
+        "finance",
+        to_timestamp(SystemTime::now()),
+    );
+    for (i, e) in batched.iter().enumerate() {
+        write(
+            &dir.join("envelope"),
+            &format!("seed-batch-{i}"),
+            &e.encode_to_vec(),
+        );
+    }
+
     // Receipts of every status for those envelopes.
     let receipts: Vec<SignedReceipt> = sealed
         .iter()
@@ -98,6 +112,18 @@ fn main() {
         .collect();
     for (i, r) in receipts.iter().enumerate() {
         write(&dir.join("receipt"), &format!("seed-{i}"), &r.encode_to_vec());
+    }
+    // And the DELIVERED receipts of all of them as one batch (ADR 0006).
+    let drafts: Vec<Receipt> = sealed
+        .iter()
+        .map(|s| receipt_draft(s, ReceiptStatus::Delivered))
+        .collect();
+    for (i, r) in health.sign_receipts(&drafts).iter().enumerate() {
+        write(
+            &dir.join("receipt"),
+            &format!("seed-batch-{i}"),
+            &r.encode_to_vec(),
+        );
     }
 
     // Transfer batches: envelopes only, receipts only, both.
@@ -241,7 +267,12 @@ fn agency(s: &str) -> AgencyId {
 }
 
 fn receipt(s: &Sealed, status: ReceiptStatus, issuer: &Signer) -> SignedReceipt {
-    issuer.sign_receipt(&Receipt {
+    issuer.sign_receipt(&receipt_draft(s, status))
+}
+
+/// health's receipt about `s`, unsigned.
+fn receipt_draft(s: &Sealed, status: ReceiptStatus) -> Receipt {
+    Receipt {
         message_id: s.id.to_string(),
         envelope_sha256: antar_core::envelope::sha256(&s.envelope.envelope).to_vec(),
         sender: "finance".into(),
@@ -260,7 +291,7 @@ fn receipt(s: &Sealed, status: ReceiptStatus, issuer: &Signer) -> SignedReceipt 
             Outcome::Unspecified as i32
         },
         result_digest: Vec::new(),
-    })
+    }
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {

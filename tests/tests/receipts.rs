@@ -136,12 +136,16 @@ fn request(payload: &[u8]) -> wire::SendRequest {
     }
 }
 
+/// Run with `envelopes.batch_signatures` on at both ends, so the `Call`
+/// and the `Reply` go through the batching path (each alone here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_answers_within_its_deadline_or_fails_and_the_late_response_still_arrives() {
     let fed = Federation::standard();
     let mut nodes = Vec::new();
     for a in ["finance", "registry", "hub"] {
-        nodes.push(fed.start(a).await);
+        let mut config = fed.config(a);
+        config.envelopes.batch_signatures = true;
+        nodes.push(fed.start_with(config).await);
     }
     let finance = fed.app("finance").await;
 
@@ -322,12 +326,17 @@ fn prost_types_duration(secs: i64) -> antar_proto::prost_types::Duration {
     }
 }
 
+/// With `envelopes.batch_signatures` on at the sender, the envelopes of
+/// one NOTICE share one signature, and each recipient verifies its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each() {
+    use prost::Message as _;
     let fed = Federation::standard();
     let mut nodes = Vec::new();
     for a in ["finance", "health", "registry", "hub"] {
-        nodes.push(fed.start(a).await);
+        let mut config = fed.config(a);
+        config.envelopes.batch_signatures = a == "finance";
+        nodes.push(fed.start_with(config).await);
     }
     let finance = fed.app("finance").await;
     let ids = finance
@@ -342,6 +351,7 @@ async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each
         .message_ids;
     assert_eq!(ids.len(), 2);
     assert_ne!(ids[0], ids[1]);
+    let mut signatures = Vec::new();
     for (agency, id) in [("registry", &ids[0]), ("health", &ids[1])] {
         let app = fed.app(agency).await;
         let got = receive(&app, 1, 10, true).await;
@@ -356,6 +366,12 @@ async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each
             (id, agency),
             "ids come back in recipient order"
         );
+        let signed = got[0].envelope.as_ref().unwrap();
+        fed.verifier().verify_envelope(signed).unwrap();
+        let batch = signed.batch.as_ref().expect("one batch for both envelopes");
+        let header = wire::EnvelopeBatch::decode(batch.header.as_slice()).unwrap();
+        assert_eq!((header.size, header.sender.as_str()), (2, "finance"));
+        signatures.push(signed.signature.clone());
         let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
         let chain = verified_statuses(&fed, &t);
         assert_eq!(
@@ -366,6 +382,7 @@ async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each
             ["finance", agency, agency]
         );
     }
+    assert_eq!(signatures[0], signatures[1], "one signature for both");
     for n in nodes {
         n.stop().await.unwrap();
     }
@@ -417,6 +434,8 @@ async fn batch_signed_envelopes_and_receipts_verify_alone_end_to_end_and_in_the_
     let deliveries = receive(&registry, 8, 10, false).await;
     assert_eq!(deliveries.len(), 8);
     // What the app is handed verifies as it stands, batch and all.
+    // Every batch's envelopes are all among these 8, one per leaf.
+    let mut batches = std::collections::HashMap::<Vec<u8>, Vec<u64>>::new();
     let mut batched_envelopes = 0;
     for d in &deliveries {
         let signed = d.envelope.as_ref().unwrap();
@@ -426,8 +445,14 @@ async fn batch_signed_envelopes_and_receipts_verify_alone_end_to_end_and_in_the_
             let header = wire::EnvelopeBatch::decode(batch.header.as_slice()).unwrap();
             assert!(header.size >= 2 && batch.index < header.size, "{header:?}");
             assert_eq!(header.sender, "finance");
+            batches.entry(batch.header.clone()).or_default().push(batch.index);
             batched_envelopes += 1;
         }
+    }
+    for (header, mut leaves) in batches {
+        let size = wire::EnvelopeBatch::decode(header.as_slice()).unwrap().size;
+        leaves.sort_unstable();
+        assert_eq!(leaves, (0..size).collect::<Vec<_>>(), "a batch of {size}");
     }
     assert!(
         batched_envelopes >= 2,

@@ -243,9 +243,10 @@ pub struct Envelopes {
     /// then carries the signed batch header and its inclusion proof
     /// (`SignedEnvelope.batch`). Saves a signature per envelope here and a
     /// verification per envelope at every node it passes. Every Antar node
-    /// verifies both forms; apps and auditors that check envelope
-    /// signatures themselves must handle batches (docs/auditing.md).
-    /// Default false: each envelope carries its own signature.
+    /// since the version that introduced it verifies both forms; apps and
+    /// auditors that check envelope signatures themselves must handle
+    /// batches (docs/auditing.md). Default false: each envelope carries its
+    /// own signature.
     pub batch_signatures: bool,
 }
 

@@ -339,18 +339,21 @@ impl Shared {
                     .sign_envelopes(bytes, self.agency.as_str(), to_timestamp(at))
             })
             .await;
-        match signed {
-            Some(signed) => prepared
-                .into_iter()
-                .zip(signed)
-                .map(|(p, envelope)| Sealed {
+        let mut signed = signed.unwrap_or_default().into_iter();
+        prepared
+            .into_iter()
+            .map(|p| match signed.next() {
+                // Shares come back in the order queued; should one not be
+                // this envelope's bytes (or the signer panicked: none), it
+                // is signed alone rather than paired with another's.
+                Some(envelope) if envelope.envelope == p.envelope => Sealed {
                     id: p.id,
                     envelope,
                     payload: p.payload,
-                })
-                .collect(),
-            None => prepared.into_iter().map(|p| p.sign(&self.signer)).collect(),
-        }
+                },
+                _ => p.sign(&self.signer),
+            })
+            .collect()
     }
 
     /// The receipt about `envelope` (whose signed bytes are
@@ -671,4 +674,70 @@ pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &
 pub(crate) fn audit_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<u64, TxError> {
     let cert = antar_store::Held::Cert(&signed.signer_cert);
     tx.audit_append(EntryKind::Receipt, &signed.encode_to_vec(), cert, message_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::Together;
+
+    /// What the tests sign: each item tagged with the size of the call that signed it.
+    fn tag(all: Vec<u32>) -> Vec<(u32, usize)> {
+        let n = all.len();
+        all.into_iter().map(|i| (i, n)).collect()
+    }
+
+    /// Requests ready at the same moment are signed by one call, and each
+    /// gets back its own items, in its order; a request alone is signed alone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_requests_share_one_call_and_get_their_own_items_back() {
+        let together = Arc::new(Together::<u32, (u32, usize)>::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..4u32)
+            .map(|r| {
+                let (together, calls) = (together.clone(), calls.clone());
+                tokio::spawn(async move {
+                    let items: Vec<u32> = (0..=r).map(|i| r * 10 + i).collect();
+                    together
+                        .sign(items, |all| {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tag(all)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for (r, task) in (0..4u32).zip(tasks) {
+            let got = task.await.unwrap().unwrap();
+            let want: Vec<(u32, usize)> = (0..=r).map(|i| (r * 10 + i, 10)).collect();
+            assert_eq!(got, want, "request {r}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one call signed all four");
+
+        let alone = together.sign(vec![7, 8], tag).await.unwrap();
+        assert_eq!(alone, [(7, 2), (8, 2)]);
+    }
+
+    /// A request dropped while queued leaves its items to be signed for
+    /// nobody; the other still gets its own. Polled by hand, so that the
+    /// first request is dropped exactly while it waits in the queue.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_cancelled_while_queued_does_not_hold_up_the_others() {
+        use std::future::Future as _;
+        use std::task::{Context, Poll, Waker};
+        let together = Together::<u32, (u32, usize)>::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut cancelled = Box::pin(together.sign(vec![1], tag));
+        let mut kept = Box::pin(together.sign(vec![2, 3], tag));
+        assert!(cancelled.as_mut().poll(&mut cx).is_pending(), "queued, yielding");
+        assert!(kept.as_mut().poll(&mut cx).is_pending(), "queued, yielding");
+        drop(cancelled);
+        match kept.as_mut().poll(&mut cx) {
+            // Signed in one call with the cancelled request's item.
+            Poll::Ready(got) => assert_eq!(got, Some(vec![(2, 3), (3, 3)])),
+            Poll::Pending => panic!("the last one back signs at once"),
+        }
+    }
 }

@@ -528,6 +528,32 @@ fn batch_signed_envelopes_verify_one_by_one_and_resist_tampering() {
 
     batch_resists_tampering(&root, &health, &signed);
 
+    // A batch already checked is refused once its certificate is revoked.
+    let v = verifier(&root, Revocations::none());
+    v.verify_envelope(&signed[1]).unwrap();
+    let anchor = TrustAnchor::new(FED, root.cert_der()).unwrap();
+    let crl_pem = root
+        .revocation_list(&[serial_of(&tax.cert_der()).unwrap()], 7, 30)
+        .unwrap();
+    let crl = pem::parse(&crl_pem).unwrap().into_contents();
+    v.set_revocations(Revocations::from_crl_der(&anchor, &crl).unwrap());
+    for s in &signed[1..3] {
+        assert!(
+            matches!(v.verify_envelope(s).unwrap_err(), VerifyError::Revoked { .. }),
+            "a revoked signer's batch"
+        );
+    }
+    // A batch header dated outside the certificate's validity, though
+    // every envelope's own `created_at` is inside it.
+    let late = antar_core::time::to_timestamp(now + Duration::from_secs(2 * 365 * 86_400));
+    let dated_late = signer(&tax).sign_envelopes(bytes.clone(), "tax", late);
+    assert!(matches!(
+        verifier(&root, Revocations::none())
+            .verify_envelope(&dated_late[0])
+            .unwrap_err(),
+        VerifyError::CertificateNotValidAt { .. }
+    ));
+
     // A batch whose header names another sender than its signer, and one
     // whose envelopes claim another sender than the signer's agency.
     let by_tax = signer(&tax).sign_envelopes(bytes.clone(), "health", at);
