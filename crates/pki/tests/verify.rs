@@ -528,6 +528,18 @@ fn batch_signed_envelopes_verify_one_by_one_and_resist_tampering() {
 
     batch_resists_tampering(&root, &health, &signed);
 
+    // What a node of an earlier version sees: the unknown `batch` dropped,
+    // the batch signature checked as the envelope's own — refused
+    // (`bad_signature`), never taken.
+    let mut older = signed[0].clone();
+    older.batch = None;
+    assert_eq!(
+        verifier(&root, Revocations::none())
+            .verify_envelope(&older)
+            .unwrap_err(),
+        VerifyError::BadSignature
+    );
+
     // A batch already checked is refused once its certificate is revoked.
     let v = verifier(&root, Revocations::none());
     v.verify_envelope(&signed[1]).unwrap();
