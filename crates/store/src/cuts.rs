@@ -23,8 +23,8 @@
 //! so a value stored whole — everything written before cuts existed, and
 //! any value the part was not found in — is told apart by its first byte
 //! and read as it is (one that does begin with it is stored behind
-//! `0x00 0x00`). Kind 4 is not a cut: it marks a run of log values
-//! (`runs.rs`), taken apart before any of its values is restored.
+//! `0x00 0x00`). Kind 4 is not a cut: it marks a run of log values or
+//! queue items (`runs.rs`), taken apart before any of its values is restored.
 
 use std::borrow::Cow;
 
@@ -40,7 +40,7 @@ const WHOLE: u8 = 0;
 const CERT: u8 = 1;
 const RECEIPT: u8 = 2;
 const ENTRY: u8 = 3;
-/// Kind of a run of log values (`runs.rs`): never a cut, read before any.
+/// Kind of a run of log values or queue items (`runs.rs`): never a cut, read before any.
 pub(crate) const RUN: u8 = 4;
 /// Parts read from other values, one inside the other, at most: an outbox
 /// item's log entry's receipt.

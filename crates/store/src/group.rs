@@ -252,53 +252,73 @@ pub(crate) enum Pass {
 }
 
 /// Writes a group into `trees`, in its order. Consecutive puts to a log
-/// tree go in as runs (`runs.rs`); on a replay, the keys of a run past its
-/// first are removed, so no value of the group is left standing alone
+/// tree, or to one queue, go in as runs, and items taken out of a queue
+/// come out of their runs (`runs.rs`); on a replay, the keys of a run past
+/// its first are removed, so no value of the group is left standing alone
 /// beside the run that holds it.
 pub(crate) fn write_all<K: AsRef<[u8]>>(
     trees: &[sled::Tree],
     writes: impl IntoIterator<Item = (usize, K, Option<IVec>)>,
     pass: Pass,
 ) -> Result<(), sled::Error> {
-    // Puts to the log tree `log`, not written yet.
+    // Puts not written yet: to this tree, under this key prefix (a queue's
+    // name; empty in a log), by number.
     let mut appends: Vec<(u64, IVec)> = Vec::new();
-    let mut log = 0;
-    let flush = |log: usize, appends: &mut Vec<(u64, IVec)>| -> Result<(), sled::Error> {
-        let packed = runs::pack(appends);
-        for (key, value) in &packed {
-            trees[log].insert(key.to_be_bytes(), value.clone())?;
-        }
-        if pass == Pass::Replay {
-            let firsts: std::collections::HashSet<u64> = packed.iter().map(|(k, _)| *k).collect();
-            for (key, _) in appends.iter().filter(|(k, _)| !firsts.contains(k)) {
-                trees[log].remove(key.to_be_bytes())?;
+    let mut at: (usize, Vec<u8>) = (0, Vec::new());
+    let mut taking = runs::Taking::default();
+    let flush =
+        |(tree, prefix): &(usize, Vec<u8>), appends: &mut Vec<(u64, IVec)>| -> Result<(), sled::Error> {
+            let key = |n: u64| [prefix.as_slice(), &n.to_be_bytes()].concat();
+            let packed = runs::pack(*tree, appends);
+            for (n, value) in &packed {
+                trees[*tree].insert(key(*n), value.clone())?;
             }
-        }
-        appends.clear();
-        Ok(())
-    };
+            if pass == Pass::Replay {
+                let firsts: std::collections::HashSet<u64> = packed.iter().map(|(k, _)| *k).collect();
+                for (n, _) in appends.iter().filter(|(k, _)| !firsts.contains(k)) {
+                    trees[*tree].remove(key(*n))?;
+                }
+            }
+            appends.clear();
+            Ok(())
+        };
     for (tree, key, value) in writes {
         let key = key.as_ref();
-        let appendable = runs::packs(tree) && key.len() == 8 && value.is_some();
-        // A run's keys ascend; a log's appends always do.
-        let follows = appends.last().is_none_or(|(last, _)| keys::u64_of(key) > *last);
-        if tree != log || !appendable || !follows {
-            flush(log, &mut appends)?;
+        let (prefix, n) = runs::split(key);
+        // A log's keys are numbers; a queue's, a name, `\0` and a number.
+        let keyed = if runs::queue(tree) {
+            prefix.last() == Some(&0)
+        } else {
+            prefix.is_empty()
+        };
+        let appendable = runs::packs(tree) && keyed && key.len() >= 8 && value.is_some();
+        // A run's keys ascend; a log's appends always do, as a queue's.
+        let follows = at.0 == tree && at.1 == prefix && appends.last().is_none_or(|(last, _)| n > *last);
+        if !appendable || !follows {
+            flush(&at, &mut appends)?;
+        }
+        let takes = runs::queue(tree) && keyed && key.len() >= 8 && value.is_none();
+        if !takes {
+            taking.finish(trees)?;
         }
         match value {
             Some(v) if appendable => {
-                log = tree;
-                appends.push((keys::u64_of(key), v));
+                if !follows {
+                    at = (tree, prefix.to_vec());
+                }
+                appends.push((n, v));
             }
             Some(v) => {
                 trees[tree].insert(key, v)?;
             }
+            None if takes => taking.take(trees, tree, key)?,
             None => {
                 trees[tree].remove(key)?;
             }
         }
     }
-    flush(log, &mut appends)
+    flush(&at, &mut appends)?;
+    taking.finish(trees)
 }
 
 /// Finishes every group a crash interrupted in a store written by Antar

@@ -4,8 +4,8 @@
 //! |---|---|---|
 //! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`), receipts of its own messages as `receipt_log` cursors, the SHA-256 of each receipt it holds (`receipt_digests`), and its `inbox` key once queued there (`inbox_key`); records from before hold them inline, and no digests or inbox key |
 //! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change |
-//! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signed envelope or receipt cut out (held by its `audit` entry) or else its signer certificate (`cuts.rs`) |
-//! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry` |
+//! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signed envelope or receipt cut out (held by its `audit` entry) or else its signer certificate (`cuts.rs`); a group's items for one peer as one run under the first seq (`runs.rs`), taken out of it one by one |
+//! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry`; a group's entries for one service as one run under the first seq (`runs.rs`) |
 //! | `inbox_index` | message id | inbox key, of a message without a record, or queued by a build from before `inbox_key` |
 //! | `seen` | namespace `\0` key: `envelope` (written by relays; recipients dedup by the record) or `rejected` ‖ sender `\0` message id; `receipt-of` / `relayed-receipt-of` ‖ message id (text) ‖ SHA-256 of the receipt, so that one period's keys sit together (`receipt-of`: only receipts about no message this node holds a record of, since records know their receipts; builds from before marked every one); stores from before hold `receipt` / `relayed-receipt` ‖ SHA-256 alone, and then `receipts-by-id-since` ‖ ms (u64 BE) when a newer build first ran on them | empty: dedup of received envelopes and receipts |
 //! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |

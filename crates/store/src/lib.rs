@@ -189,31 +189,43 @@ impl Store {
         let mut expiry = tx::Expiry::default();
         for kv in trees[keys::OUTBOX].iter() {
             let (k, v) = kv?;
-            let expires_ms = keys::u64_of(&v);
-            if expires_ms != 0 {
-                let (peer, seq) = (keys::name_of(&k).into(), keys::seq_of(&k));
-                expiry.insert(tx::Due {
-                    at_ms: expires_ms,
-                    peer,
-                    seq,
-                });
-            }
-            // An item counts whole, as it was queued (`Tx::push_outbox`).
-            let stored = v.get(8..).unwrap_or_default();
-            let len = cuts::whole_len(stored, &parts, &|e| corrupt_at(keys::OUTBOX, &k, e));
-            queued += match len {
-                Ok(len) => len as u64,
-                // Named here, and again when the item is read for sending;
-                // not a reason to keep every other queue from starting.
-                Err(e) => {
-                    tracing::error!(error = %e, "an outbox item cannot be restored");
-                    stored.len() as u64
+            let peer: Arc<str> = keys::name_of(&k).into();
+            // Items alone or in a run (`runs.rs`); a run that does not parse
+            // is named here, and again when read for sending.
+            let items = runs::values(keys::OUTBOX, &k, v).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "an outbox run cannot be read");
+                Vec::new()
+            });
+            for (seq, v) in items {
+                let expires_ms = keys::u64_of(&v);
+                if expires_ms != 0 {
+                    let peer = peer.clone();
+                    expiry.insert(tx::Due {
+                        at_ms: expires_ms,
+                        peer,
+                        seq,
+                    });
                 }
-            };
+                // An item counts whole, as it was queued (`Tx::push_outbox`).
+                let stored = v.get(8..).unwrap_or_default();
+                let key = keys::seq_key(&peer, seq);
+                let len = cuts::whole_len(stored, &parts, &|e| corrupt_at(keys::OUTBOX, &key, e));
+                queued += match len {
+                    Ok(len) => len as u64,
+                    // Named here, and again when the item is read for sending;
+                    // not a reason to keep every other queue from starting.
+                    Err(e) => {
+                        tracing::error!(error = %e, "an outbox item cannot be restored");
+                        stored.len() as u64
+                    }
+                };
+            }
         }
         for kv in trees[keys::INBOX].iter() {
-            let (_, v) = kv?;
-            queued += decode::<InboxEntry>(keys::INBOX, &v)?.size;
+            let (k, v) = kv?;
+            for (_, v) in runs::values(keys::INBOX, &k, v)? {
+                queued += decode::<InboxEntry>(keys::INBOX, &v)?.size;
+            }
         }
         // Builds from before kept the expiry index in sled; it is derived
         // from the outbox, as above, and no longer written.
@@ -433,20 +445,15 @@ impl Store {
         after: Option<u64>,
         max: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let prefix = keys::prefixed(peer);
-        let start = match after {
-            Some(seq) => keys::seq_key(peer, seq.saturating_add(1)),
-            None => prefix.clone(),
-        };
+        let from = after.map_or(0, |seq| seq.saturating_add(1));
+        let items = runs::range_in(&self.inner.trees, keys::OUTBOX, &keys::prefixed(peer), from, None)?;
         let mut out = Vec::new();
-        for kv in self.inner.trees[keys::OUTBOX].range(start..) {
-            let (k, v) = kv?;
-            if !k.starts_with(&prefix) || out.len() >= max {
-                break;
-            }
+        for kv in items.take(max) {
+            let (seq, v) = kv?;
             // The value is expires_ms (8 bytes) followed by the item as stored.
-            let item = self.whole(keys::OUTBOX, &k, v.get(8..).unwrap_or_default())?;
-            out.push((keys::seq_of(&k), item.into_owned()));
+            let key = keys::seq_key(peer, seq);
+            let item = self.whole(keys::OUTBOX, &key, v.get(8..).unwrap_or_default())?;
+            out.push((seq, item.into_owned()));
         }
         Ok(out)
     }
@@ -455,11 +462,14 @@ impl Store {
     pub fn outbox_depth(&self, peer: &str) -> u64 {
         self.inner.trees[keys::OUTBOX]
             .scan_prefix(keys::prefixed(peer))
-            .count() as u64
+            .flatten()
+            .map(|(_, v)| runs::count(keys::OUTBOX, &v))
+            .sum()
     }
 
     /// True when `peer`'s outbox is empty.
     pub fn outbox_depth_is_zero(&self, peer: &str) -> bool {
+        // A run is removed with its last item.
         self.inner.trees[keys::OUTBOX]
             .scan_prefix(keys::prefixed(peer))
             .next()
@@ -468,12 +478,12 @@ impl Store {
 
     /// The peers that have an outbox, with their depth.
     pub fn outbox_depths(&self) -> Vec<(String, u64)> {
-        prefix_counts(&self.inner.trees[keys::OUTBOX])
+        prefix_counts(&self.inner.trees, keys::OUTBOX)
     }
 
     /// The services that have an inbox, with their depth.
     pub fn inbox_depths(&self) -> Vec<(String, u64)> {
-        prefix_counts(&self.inner.trees[keys::INBOX])
+        prefix_counts(&self.inner.trees, keys::INBOX)
     }
 
     /// Inbox entries in arrival order, of `service` or of every service.
@@ -490,9 +500,15 @@ impl Store {
             Some(s) => tree.scan_prefix(keys::prefixed(s)),
             None => tree.iter(),
         };
-        iter.map(|kv| {
-            let (_, v) = kv?;
-            decode(keys::INBOX, &v)
+        // Entries alone or in runs (`runs.rs`).
+        iter.flat_map(|kv| {
+            let values = kv
+                .map_err(StoreError::from)
+                .and_then(|(k, v)| runs::values(keys::INBOX, &k, v));
+            match values {
+                Ok(values) => values.into_iter().map(|(_, v)| decode(keys::INBOX, &v)).collect(),
+                Err(e) => vec![Err(e)],
+            }
         })
     }
 
@@ -509,15 +525,22 @@ impl Store {
         service: &str,
         after: Option<u64>,
     ) -> impl Iterator<Item = Result<(u64, InboxEntry), StoreError>> + '_ {
-        let start = match after {
-            Some(seq) => keys::seq_key(service, seq.saturating_add(1)),
-            None => keys::prefixed(service),
+        let from = after.map_or(0, |seq| seq.saturating_add(1));
+        let entries = runs::range_in(
+            &self.inner.trees,
+            keys::INBOX,
+            &keys::prefixed(service),
+            from,
+            None,
+        );
+        let (entries, failed) = match entries {
+            Ok(entries) => (Some(entries), None),
+            Err(e) => (None, Some(Err(e))),
         };
-        let end = keys::prefix_end(service);
-        self.inner.trees[keys::INBOX].range(start..end).map(|kv| {
-            let (k, v) = kv?;
-            Ok((keys::seq_of(&k), decode(keys::INBOX, &v)?))
-        })
+        failed.into_iter().chain(entries.into_iter().flatten().map(|kv| {
+            let (seq, v) = kv?;
+            Ok((seq, decode(keys::INBOX, &v)?))
+        }))
     }
 
     /// The first service, in name order, after `service` (from the first
@@ -844,13 +867,15 @@ impl Store {
     }
 }
 
-fn prefix_counts(tree: &sled::Tree) -> Vec<(String, u64)> {
+/// The names in queue `tree` (of `trees`) with how many items each holds.
+fn prefix_counts(trees: &[sled::Tree], tree: usize) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::new();
-    for (k, _) in tree.iter().flatten() {
+    for (k, v) in trees[tree].iter().flatten() {
         let name = keys::name_of(&k);
+        let n = runs::count(tree, &v);
         match out.last_mut() {
-            Some((n, c)) if *n == name => *c += 1,
-            _ => out.push((name, 1)),
+            Some((last, c)) if *last == name => *c += n,
+            _ => out.push((name, n)),
         }
     }
     out

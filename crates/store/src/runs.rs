@@ -1,4 +1,4 @@
-//! Runs: the values a group appends to a log tree, stored as one sled value.
+//! Runs: the values a group puts to a log or a queue, stored as one sled value.
 //!
 //! `receipt_log` and `audit` only grow: each value is written once, at a
 //! u64 key (cursor, index) above every key before it, and never rewritten.
@@ -11,26 +11,47 @@
 //! as a *run*: one value under the first key, holding each key and value
 //! in order.
 //!
-//! Layout of a run: `0x00`, [`cuts::RUN`], then per value its key (u64 BE),
-//! its length (u32 BE) and the value as it would be stored alone (possibly
-//! a cut, `cuts.rs`). A run holds at least two values and at most
-//! [`RUN_BYTES`] of items; a value that would be alone in its run is
-//! stored alone, as before runs existed. No value stored alone begins like a run: a value that begins
-//! with `0x00` is a cut of another kind, or stored behind `0x00 0x00`.
+//! The queues — `outbox` and `inbox`, keyed by name `\0` seq — are runs
+//! too: a message put an item in an outbox on each node (its envelope at
+//! the sender, each receipt back at the recipient) and an entry in an
+//! inbox, and took each out again when the peer took custody or the app
+//! acked: six inserts and removes of the ~15 a message cost sled, and a
+//! queue's append-at-the-tail, take-at-the-head order also made sled split
+//! and merge its nodes all the time. A group's consecutive puts to one
+//! queue (one peer's or one service's) are stored as one run under the
+//! first key, and taking items out rewrites the run without them, or
+//! removes it once it is empty ([`Taking`]): a group that takes a whole
+//! run (a peer's ack of the batch that was stored together, as usual)
+//! removes one sled value. Sequence numbers only grow, so runs never
+//! overlap.
+//!
+//! Layout of a run: `0x00`, [`cuts::RUN`], then per value its key (u64 BE;
+//! in a queue the sequence number) and its length (u32 BE) and the value
+//! as it would be stored alone (possibly a cut, `cuts.rs`; in the outbox
+//! with its expiry before it). In the outbox the run itself comes after
+//! eight zero bytes (an expiry of never, [`lead`]): there a value stored
+//! alone begins with its expiry, which may hold any bytes, and then the
+//! item as stored, which never begins like a run. A run holds at least two values when
+//! written and at most [`RUN_BYTES`] of items; a value that would be alone
+//! in its run is stored alone, as before runs existed. No value stored
+//! alone begins like a run: a value that begins with `0x00` is a cut of
+//! another kind, or stored behind `0x00 0x00`, and no queue entry or
+//! `InboxEntry` begins with it (no protobuf field has number 0).
 //!
 //! Reading: the value at key `k` is in the last sled value at or before
-//! `k`: stored alone under `k`, or in a run that holds it. A range starts
-//! there. The journal keeps each value apart. A replayed group is packed
-//! again, and the keys of each run past its first are removed: a build
-//! from before runs (or one that packed otherwise) may have written them
-//! alone before the crash, and a value must not stand both alone and in a
-//! run. Replaying a group twice writes the same values.
+//! `k` (under the same queue name): stored alone under `k`, or in a run
+//! that holds it. A range starts there. The journal keeps each value
+//! apart. A replayed group is packed again, and the keys of each run past
+//! its first are removed: a build from before runs (or one that packed
+//! otherwise) may have written them alone before the crash, and a value
+//! must not stand both alone and in a run. Replaying a group twice writes
+//! the same values; taking items out of a run again finds them gone.
 
 use std::ops::Bound;
 
 use sled::IVec;
 
-use crate::keys::{self, AUDIT, RECEIPT_LOG};
+use crate::keys::{self, AUDIT, INBOX, OUTBOX, RECEIPT_LOG};
 use crate::{corrupt_at, cuts, StoreError};
 
 /// Bytes past which a run is closed and the next value starts another.
@@ -46,16 +67,45 @@ const ITEM_HEAD: usize = 12;
 
 /// Whether consecutive puts to `tree` are stored as runs.
 pub(crate) fn packs(tree: usize) -> bool {
-    tree == RECEIPT_LOG || tree == AUDIT
+    tree == RECEIPT_LOG || tree == AUDIT || queue(tree)
 }
 
-fn is_run(stored: &[u8]) -> bool {
-    stored.starts_with(&[cuts::MARK, cuts::RUN])
+/// Whether `tree` is a queue: keyed by name `\0` seq, its items taken out.
+pub(crate) fn queue(tree: usize) -> bool {
+    tree == OUTBOX || tree == INBOX
 }
 
-/// The sled values that store `values` (keys ascending): runs of items
-/// up to [`RUN_BYTES`], a value alone where it would be alone in its run.
-pub(crate) fn pack(values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
+/// Bytes before a run's mark in `tree`: in the outbox, an expiry of 0.
+fn lead(tree: usize) -> usize {
+    if tree == OUTBOX {
+        8
+    } else {
+        0
+    }
+}
+
+fn is_run(tree: usize, stored: &[u8]) -> bool {
+    let lead = lead(tree);
+    stored.len() >= lead + HEAD
+        && stored[..lead].iter().all(|b| *b == 0)
+        && stored[lead..].starts_with(&[cuts::MARK, cuts::RUN])
+}
+
+/// Key `key` of `tree` as its prefix (a queue's name and `\0`; empty in a
+/// log) and its number (the last eight bytes).
+pub(crate) fn split(key: &[u8]) -> (&[u8], u64) {
+    let at = key.len().saturating_sub(8);
+    (&key[..at], keys::u64_of(&key[at..]))
+}
+
+fn join(prefix: &[u8], n: u64) -> Vec<u8> {
+    [prefix, &n.to_be_bytes()].concat()
+}
+
+/// The sled values that store `values` of `tree` (keys ascending): runs of
+/// items up to [`RUN_BYTES`], a value alone where it would be alone in its
+/// run.
+pub(crate) fn pack(tree: usize, values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
     let mut out = Vec::new();
     let mut rest = values;
     while let Some((first, _)) = rest.first() {
@@ -74,18 +124,26 @@ pub(crate) fn pack(values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
         if let [(key, value)] = run {
             out.push((*key, value.clone()));
         } else {
-            let mut v = Vec::with_capacity(HEAD + bytes);
-            v.extend_from_slice(&[cuts::MARK, cuts::RUN]);
-            for (key, value) in run {
-                v.extend_from_slice(&key.to_be_bytes());
-                v.extend_from_slice(&(value.len() as u32).to_be_bytes());
-                v.extend_from_slice(value);
-            }
-            out.push((*first, IVec::from(v)));
+            let items = run.iter().map(|(k, v)| (*k, v.as_ref()));
+            out.push((*first, IVec::from(encode(tree, items, bytes))));
         }
         rest = after;
     }
     out
+}
+
+/// A run of `tree` holding `items`, which take `bytes` with their heads.
+fn encode<'v>(tree: usize, items: impl Iterator<Item = (u64, &'v [u8])>, bytes: usize) -> Vec<u8> {
+    let lead = lead(tree);
+    let mut v = Vec::with_capacity(lead + HEAD + bytes);
+    v.resize(lead, 0);
+    v.extend_from_slice(&[cuts::MARK, cuts::RUN]);
+    for (key, value) in items {
+        v.extend_from_slice(&key.to_be_bytes());
+        v.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        v.extend_from_slice(value);
+    }
+    v
 }
 
 /// The value stored for `key` in log tree `tree` of `trees`, alone or in
@@ -94,24 +152,75 @@ pub(crate) fn pack(values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
 /// # Errors
 /// A storage failure, or a run that does not parse (named with its key).
 pub(crate) fn get(trees: &[sled::Tree], tree: usize, key: u64) -> Result<Option<IVec>, StoreError> {
-    let Some(found) = trees[tree].range(..=key.to_be_bytes()).next_back() else {
+    get_at(trees, tree, &key.to_be_bytes())
+}
+
+/// The value stored at `key` (its bytes) in `tree`, a log or a queue,
+/// alone or in a run.
+///
+/// # Errors
+/// A storage failure, or a run that does not parse (named with its key).
+pub(crate) fn get_at(trees: &[sled::Tree], tree: usize, key: &[u8]) -> Result<Option<IVec>, StoreError> {
+    get_kept(trees, tree, key, &mut None)
+}
+
+/// A run a transaction read from sled, kept to answer for its other items
+/// ([`get_kept`]): a transaction that takes a batch of items out of a
+/// queue reads their run once, not once per item (a reverse range in
+/// sled, which copies the node it lands in).
+///
+/// Answers stay right while the run changes in sled under the
+/// transaction: what the applier writes there is the group it is
+/// applying, which the transaction reads first, as a layer (`tx.rs`).
+pub(crate) struct Kept {
+    tree: usize,
+    key: IVec,
+    value: IVec,
+    /// The number of its last item.
+    last: u64,
+}
+
+/// The value stored at `key` (its bytes) in `tree`, as [`get_at`]:
+/// answered from `kept` when that is the run holding it; else read, and a
+/// run it is found in kept.
+///
+/// # Errors
+/// A storage failure, or a run that does not parse (named with its key).
+pub(crate) fn get_kept(
+    trees: &[sled::Tree],
+    tree: usize,
+    key: &[u8],
+    kept: &mut Option<Kept>,
+) -> Result<Option<IVec>, StoreError> {
+    let (prefix, n) = split(key);
+    if let Some(run) = kept {
+        let (run_prefix, first) = split(&run.key);
+        // Runs never overlap: nothing else of the queue lies within one.
+        if run.tree == tree && run_prefix == prefix && (first..=run.last).contains(&n) {
+            return find(tree, &run.key, run.value.clone(), n);
+        }
+    }
+    let Some(found) = trees[tree].range(prefix.to_vec()..=key.to_vec()).next_back() else {
         return Ok(None);
     };
     let (k, v) = found?;
-    if is_run(&v) {
-        return find(tree, &k, v, key);
+    if !is_run(tree, &v) {
+        return Ok((k == key).then_some(v));
     }
-    Ok((keys::u64_of(&k) == key).then_some(v))
+    let items = items(tree, &v).ok_or_else(|| malformed(tree, &k))?;
+    let last = items.last().map_or(0, |(last, ..)| *last);
+    let value = find(tree, &k, v.clone(), n)?;
+    *kept = Some(Kept {
+        tree,
+        key: k,
+        value: v,
+        last,
+    });
+    Ok(value)
 }
 
 /// The values stored in log tree `tree` of `trees` with keys in `[from, to)`
 /// (`to`: `None` for no end), in key order, each alone or out of its run.
-///
-/// sled's iterators are not snapshots, so the order of the two reads
-/// matters: first the first value at or after `from`, then the last value
-/// before it. A run that holds keys from `from` on and is written between
-/// the two is then found by the second (a log's values are written in key
-/// order: a run cannot appear below a value already seen).
 ///
 /// # Errors
 /// A storage failure reading where the range starts; later ones, and runs
@@ -122,11 +231,46 @@ pub(crate) fn range(
     from: u64,
     to: Option<u64>,
 ) -> Result<Range, StoreError> {
-    let end = to.map_or(Bound::Unbounded, |to| Bound::Excluded(to.to_be_bytes().to_vec()));
-    let mut sled = trees[tree].range((Bound::Included(from.to_be_bytes().to_vec()), end));
+    range_in(trees, tree, &[], from, to)
+}
+
+/// The values stored under `prefix` (a queue's name and `\0`; empty for a
+/// log) of `tree` with numbers in `[from, to)` (`to`: `None` for no end),
+/// in key order, each alone or out of its run.
+///
+/// sled's iterators are not snapshots, so the order of the two reads
+/// matters: first the first value at or after `from`, then the last value
+/// before it. A run that holds keys from `from` on and is written between
+/// the two is then found by the second (values are written in key order:
+/// a run cannot appear below a value already seen).
+///
+/// # Errors
+/// A storage failure reading where the range starts; later ones, and runs
+/// that do not parse, are the iterator's items.
+pub(crate) fn range_in(
+    trees: &[sled::Tree],
+    tree: usize,
+    prefix: &[u8],
+    from: u64,
+    to: Option<u64>,
+) -> Result<Range, StoreError> {
+    let end = match to {
+        Some(to) => Bound::Excluded(join(prefix, to)),
+        None => match prefix.split_last() {
+            // Past every key under the prefix: names hold no `\0`.
+            Some((_, name)) => Bound::Excluded([name, &[1]].concat()),
+            None => Bound::Unbounded,
+        },
+    };
+    let start = join(prefix, from);
+    let mut sled = trees[tree].range((Bound::Included(start.clone()), end));
     let first = sled.next().transpose()?;
-    let run = match trees[tree].range(..from.to_be_bytes()).next_back().transpose()? {
-        Some((k, v)) if is_run(&v) => Some((k, v, HEAD)),
+    let run = match trees[tree]
+        .range(prefix.to_vec()..start)
+        .next_back()
+        .transpose()?
+    {
+        Some((k, v)) if is_run(tree, &v) => Some((k, v, lead(tree) + HEAD)),
         _ => None,
     };
     Ok(Range {
@@ -191,11 +335,11 @@ impl Iterator for Range {
                     return Some(Err(e.into()));
                 }
             };
-            if is_run(&v) {
-                self.run = Some((k, v, HEAD));
+            if is_run(self.tree, &v) {
+                self.run = Some((k, v, lead(self.tree) + HEAD));
                 continue;
             }
-            let key = keys::u64_of(&k);
+            let key = split(&k).1;
             if key < self.from {
                 // Already returned from a run before it (a value written
                 // alone and in a run by different builds): once is enough.
@@ -208,9 +352,44 @@ impl Iterator for Range {
     }
 }
 
-/// The value for `key` in the run `run` stored under `k`.
+/// Each value one sled value of `tree` stored under `k` stands for, with
+/// its number: itself, or the items of its run. For reading a whole queue.
+pub(crate) fn values(tree: usize, k: &[u8], v: IVec) -> Result<Vec<(u64, IVec)>, StoreError> {
+    if !is_run(tree, &v) {
+        return Ok(vec![(split(k).1, v)]);
+    }
+    let items = items(tree, &v).ok_or_else(|| malformed(tree, k))?;
+    Ok(items
+        .into_iter()
+        .map(|(n, start, len)| (n, v.subslice(start, len)))
+        .collect())
+}
+
+/// How many values one sled value of `tree` stands for (a run that does
+/// not parse counts as one: it is named when read).
+pub(crate) fn count(tree: usize, v: &[u8]) -> u64 {
+    if !is_run(tree, v) {
+        return 1;
+    }
+    items(tree, v).map_or(1, |items| items.len() as u64)
+}
+
+/// The items of run `run` of `tree`: number, where the value starts, its
+/// length; `None` when the run does not parse.
+fn items(tree: usize, run: &[u8]) -> Option<Vec<(u64, usize, usize)>> {
+    let mut out = Vec::new();
+    let mut at = lead(tree) + HEAD;
+    while at < run.len() {
+        let (n, start, len) = item(run, at)?;
+        out.push((n, start, len));
+        at = start + len;
+    }
+    Some(out)
+}
+
+/// The value for `key` in the run `run` of `tree` stored under `k`.
 fn find(tree: usize, k: &[u8], run: IVec, key: u64) -> Result<Option<IVec>, StoreError> {
-    let mut at = HEAD;
+    let mut at = lead(tree) + HEAD;
     while at < run.len() {
         let (found, start, len) = item(&run, at).ok_or_else(|| malformed(tree, k))?;
         if found == key {
@@ -239,6 +418,106 @@ fn malformed(tree: usize, key: &[u8]) -> StoreError {
     corrupt_at(tree, key, "a run of values does not parse".into())
 }
 
+/// Queue items a group takes out, applied run by run: consecutive removes
+/// of items of one run rewrite it once, without them, or remove it when
+/// nothing is left. A key that is in no run is removed as it is.
+#[derive(Default)]
+pub(crate) struct Taking {
+    run: Option<Taken>,
+}
+
+/// A run items are being taken from.
+struct Taken {
+    tree: usize,
+    /// Its sled key and value.
+    key: IVec,
+    value: IVec,
+    /// Its items (number, start, length), and which are taken.
+    items: Vec<(u64, usize, usize)>,
+    taken: Vec<bool>,
+}
+
+impl Taken {
+    /// Marks number `n` taken; false when the run does not hold it.
+    fn take(&mut self, n: u64) -> bool {
+        match self.items.binary_search_by_key(&n, |(found, ..)| *found) {
+            Ok(i) => {
+                self.taken[i] = true;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl Taking {
+    /// Takes the item at `key` of queue `tree` out, now or with the rest
+    /// of its run ([`Taking::finish`]).
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub(crate) fn take(&mut self, trees: &[sled::Tree], tree: usize, key: &[u8]) -> Result<(), sled::Error> {
+        let (prefix, n) = split(key);
+        if let Some(run) = &mut self.run {
+            if run.tree == tree && run.key.len() == key.len() && run.key.starts_with(prefix) && run.take(n) {
+                return Ok(());
+            }
+        }
+        self.finish(trees)?;
+        let Some((k, v)) = trees[tree]
+            .range(prefix.to_vec()..=key.to_vec())
+            .next_back()
+            .transpose()?
+        else {
+            return Ok(());
+        };
+        if is_run(tree, &v) {
+            // A run that does not parse is left as it is, named when read.
+            let Some(items) = items(tree, &v) else {
+                return Ok(());
+            };
+            let taken = vec![false; items.len()];
+            let mut run = Taken {
+                tree,
+                key: k,
+                value: v,
+                items,
+                taken,
+            };
+            if run.take(n) {
+                self.run = Some(run);
+            }
+        } else if k == key {
+            trees[tree].remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the run being taken from without the items taken.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub(crate) fn finish(&mut self, trees: &[sled::Tree]) -> Result<(), sled::Error> {
+        let Some(run) = self.run.take() else {
+            return Ok(());
+        };
+        let kept: Vec<(u64, &[u8])> = run
+            .items
+            .iter()
+            .zip(&run.taken)
+            .filter(|(_, taken)| !**taken)
+            .map(|(&(n, start, len), _)| (n, &run.value[start..start + len]))
+            .collect();
+        if kept.is_empty() {
+            trees[run.tree].remove(&run.key)?;
+        } else {
+            let bytes = kept.iter().map(|(_, v)| ITEM_HEAD + v.len()).sum();
+            trees[run.tree].insert(&run.key, encode(run.tree, kept.into_iter(), bytes))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,7 +538,7 @@ mod tests {
     }
 
     fn store(trees: &[sled::Tree], values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
-        let packed = pack(values);
+        let packed = pack(AUDIT, values);
         for (k, v) in &packed {
             trees[AUDIT].insert(k.to_be_bytes(), v.clone()).unwrap();
         }
@@ -347,5 +626,78 @@ mod tests {
         assert_eq!(keys, [5, 6, 8]);
         let keys: Vec<u64> = read(&trees, 6, None).iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, [6, 8]);
+    }
+
+    /// Queue runs sit under their queue's name: read by key and by range
+    /// within it, never across into a neighbour's; items taken come out of
+    /// their run, which goes with its last; a replayed group leaves no
+    /// item both alone and in a run.
+    #[test]
+    fn queue_runs_stay_within_their_name_and_are_taken_apart() {
+        use crate::group::{write_all, Pass};
+        let (_dir, trees) = trees();
+        let key = |name: &str, n: u64| keys::seq_key(name, n);
+        // "a" and "ab" sort next to each other; the outbox's values begin
+        // with an expiry (0 here).
+        let item = |n: u64| IVec::from([&[0u8; 8][..], &[0x0a, n as u8]].concat());
+        let group: Vec<(usize, Vec<u8>, Option<IVec>)> = [("a", 1..6), ("ab", 3..5)]
+            .into_iter()
+            .flat_map(|(name, ns)| ns.map(move |n| (OUTBOX, key(name, n), Some(item(n)))))
+            .collect();
+        // As a build from before queue runs left it at a crash: some alone.
+        trees[OUTBOX].insert(key("a", 2), item(2)).unwrap();
+        write_all(&trees, group.clone(), Pass::Replay).unwrap();
+        assert_eq!(trees[OUTBOX].len(), 2, "one run per name, nothing alone");
+        write_all(&trees, group, Pass::Replay).unwrap();
+        assert_eq!(trees[OUTBOX].len(), 2, "the same again");
+
+        let read = |name: &str, from: u64| -> Vec<u64> {
+            range_in(&trees, OUTBOX, &keys::prefixed(name), from, None)
+                .unwrap()
+                .map(|kv| kv.unwrap().0)
+                .collect()
+        };
+        assert_eq!(read("a", 0), [1, 2, 3, 4, 5]);
+        assert_eq!(read("a", 3), [3, 4, 5]);
+        assert_eq!(read("ab", 0), [3, 4]);
+        assert_eq!(read("ab", 4), [4]);
+        assert_eq!(read("b", 0), Vec::<u64>::new());
+        for n in 1..6 {
+            assert_eq!(
+                get_at(&trees, OUTBOX, &key("a", n)).unwrap(),
+                Some(item(n)),
+                "a {n}"
+            );
+        }
+        assert_eq!(get_at(&trees, OUTBOX, &key("ab", 2)).unwrap(), None);
+        assert_eq!(get_at(&trees, OUTBOX, &key("ab", 6)).unwrap(), None);
+
+        // Taken: two of one run, one not there; then the rest of it.
+        let take = |ns: &[(&str, u64)]| {
+            let writes = ns.iter().map(|(name, n)| (OUTBOX, key(name, *n), None));
+            write_all(&trees, writes, Pass::First).unwrap();
+        };
+        take(&[("a", 2), ("a", 4), ("a", 9), ("ab", 3)]);
+        assert_eq!(read("a", 0), [1, 3, 5]);
+        assert_eq!(read("a", 2), [3, 5], "from a number taken");
+        assert_eq!(read("ab", 0), [4]);
+        assert_eq!(get_at(&trees, OUTBOX, &key("a", 2)).unwrap(), None);
+        assert_eq!(trees[OUTBOX].len(), 2);
+        take(&[("a", 1), ("a", 3), ("a", 5)]);
+        assert_eq!(trees[OUTBOX].len(), 1, "an empty run goes");
+        assert_eq!(read("a", 0), Vec::<u64>::new());
+        assert_eq!(read("ab", 0), [4]);
+
+        // A run that does not parse is left as it is, and named when read.
+        let broken = [&[0u8; 8][..], &[cuts::MARK, cuts::RUN, 0, 0]].concat();
+        trees[OUTBOX].insert(key("c", 1), broken.as_slice()).unwrap();
+        take(&[("c", 1)]);
+        assert_eq!(
+            trees[OUTBOX].get(key("c", 1)).unwrap().as_deref(),
+            Some(broken.as_slice())
+        );
+        assert!(range_in(&trees, OUTBOX, &keys::prefixed("c"), 0, None)
+            .unwrap()
+            .any(|kv| kv.is_err()));
     }
 }

@@ -1517,3 +1517,124 @@ fn joined_writes_keep_the_later_one() {
         [(1, Some(2)), (2, Some(2)), (3, Some(2)), (4, Some(1))]
     );
 }
+
+/// What a group queues for one peer (or one service) is one sled value;
+/// items taken out of it come out of that value, which goes once empty.
+/// An item alone whose expiry begins like a run is read as itself.
+#[tokio::test]
+async fn a_groups_queue_items_are_stored_as_runs_and_taken_out_run_by_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let items: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x0a, i, i]).collect();
+    // In the outbox a value alone begins with its expiry: here, like a run.
+    let odd = u64::from_be_bytes([0, cuts::MARK, cuts::RUN, 0, 0, 0, 0, 9]);
+    let ids: Vec<MessageId> = (0..5).map(|_| MessageId::new()).collect();
+    let (seqs, hub, want) = {
+        let s = open(dir.path(), 1 << 20);
+        let values = |tree: usize| s.inner.trees[tree].len();
+        let (seqs, hub) = s
+            .transact(|tx| {
+                let mut seqs = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let expires_ms = if i == 3 || i == 6 { 77 } else { 0 };
+                    seqs.push(tx.push_outbox("health", item, Held::Nothing, expires_ms)?);
+                }
+                let hub = tx.push_outbox("hub", b"\x0aalone", Held::Nothing, odd)?;
+                for id in &ids {
+                    tx.push_inbox("birth.notify", id, 10)?;
+                }
+                Ok((seqs, hub))
+            })
+            .await
+            .unwrap();
+        assert_eq!(values(keys::OUTBOX), 2, "a run for health, the hub's item alone");
+        assert_eq!(values(keys::INBOX), 1, "a run");
+        assert_eq!(s.outbox_depths(), [("health".into(), 10), ("hub".into(), 1)]);
+        assert_eq!(s.outbox_depth("health"), 10);
+        assert_eq!(s.inbox_depths(), [("birth.notify".into(), 5)]);
+        assert_eq!(
+            s.outbox_batch("hub", None, 5).unwrap(),
+            [(hub, b"\x0aalone".to_vec())]
+        );
+        let due = [("health".into(), seqs[3]), ("health".into(), seqs[6])];
+        assert_eq!(s.expired(100, 10).unwrap(), due);
+
+        // Three from the middle of the run, and two inbox entries.
+        s.transact(|tx| {
+            for seq in &seqs[2..5] {
+                assert!(tx.drop_outbox("health", *seq)?);
+            }
+            for id in &ids[..2] {
+                assert!(tx.remove_inbox(id)?);
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(values(keys::OUTBOX), 2, "the run, rewritten");
+        assert_eq!(values(keys::INBOX), 1);
+        let want: Vec<(u64, Vec<u8>)> = seqs
+            .iter()
+            .copied()
+            .zip(items.iter().cloned())
+            .enumerate()
+            .filter(|(i, _)| !(2..5).contains(i))
+            .map(|(_, item)| item)
+            .collect();
+        assert_eq!(s.outbox_batch("health", None, 20).unwrap(), want);
+        assert_eq!(s.outbox_batch("health", Some(seqs[1]), 2).unwrap(), want[2..4]);
+        assert_eq!(
+            s.outbox_batch("health", Some(seqs[3]), 1).unwrap(),
+            want[2..3],
+            "after one taken"
+        );
+        assert_eq!(s.expired(100, 10).unwrap(), due[1..]);
+        let inbox: Vec<Vec<u8>> = s
+            .inbox_after("birth.notify", None)
+            .map(|e| e.unwrap().1.message_id)
+            .collect();
+        assert_eq!(
+            inbox,
+            ids[2..]
+                .iter()
+                .map(|id| id.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        );
+        s.durable().await.unwrap();
+        (seqs, hub, want)
+    };
+
+    // Counted, indexed and read back from the runs after a restart.
+    let s = open(dir.path(), 1 << 20);
+    let values = |tree: usize| s.inner.trees[tree].len();
+    assert_eq!(s.queued_bytes(), 7 * 3 + 6 + 3 * 10);
+    assert_eq!(s.expired(100, 10).unwrap(), [("health".into(), seqs[6])]);
+    assert_eq!(
+        s.expired(u64::MAX - 1, 10).unwrap().len(),
+        2,
+        "and the hub's item"
+    );
+    assert_eq!(s.outbox_batch("health", None, 20).unwrap(), want);
+    assert_eq!(s.inbox_scan(None).count(), 3);
+
+    // Taking the rest takes the runs away.
+    s.transact(|tx| {
+        for (seq, item) in &want {
+            assert_eq!(tx.remove_outbox("health", *seq)?.as_ref(), Some(item));
+        }
+        for id in &ids[2..] {
+            assert!(tx.remove_inbox(id)?);
+        }
+        assert!(!tx.drop_outbox("health", seqs[2])?, "taken before");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(values(keys::OUTBOX), 1, "only the hub's item");
+    assert_eq!(values(keys::INBOX), 0);
+    assert!(s.outbox_depth_is_zero("health"));
+    assert_eq!(s.queued_bytes(), 6);
+    assert_eq!(
+        s.outbox_batch("hub", None, 5).unwrap(),
+        [(hub, b"\x0aalone".to_vec())]
+    );
+}

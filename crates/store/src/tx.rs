@@ -283,6 +283,8 @@ pub struct Tx<'a> {
     /// tree and cursor or index: what `Held::Logged` and `Held::Audited`
     /// name, found here without reading back what was just cut.
     appended: RefCell<HashMap<(usize, u64), Vec<u8>>>,
+    /// The last run this transaction read from sled (`runs::get_kept`).
+    kept: RefCell<Option<runs::Kept>>,
 }
 
 type R<T> = Result<T, TxError>;
@@ -340,6 +342,7 @@ impl<'a> Tx<'a> {
             certs,
             bodies: RefCell::default(),
             appended: RefCell::default(),
+            kept: RefCell::default(),
         }
     }
 
@@ -367,11 +370,13 @@ impl<'a> Tx<'a> {
     fn get(&self, tree: usize, key: &[u8]) -> R<Option<IVec>> {
         match self.pending(tree, key) {
             Some(v) => Ok(v),
-            None if runs::packs(tree) => match runs::get(self.trees, tree, keys::u64_of(key)) {
-                Ok(v) => Ok(v),
-                Err(StoreError::Sled(e)) => Err(e.into()),
-                Err(e) => Err(Abort::Corrupt(e).into()),
-            },
+            None if runs::packs(tree) => {
+                match runs::get_kept(self.trees, tree, key, &mut self.kept.borrow_mut()) {
+                    Ok(v) => Ok(v),
+                    Err(StoreError::Sled(e)) => Err(e.into()),
+                    Err(e) => Err(Abort::Corrupt(e).into()),
+                }
+            }
             None => Ok(self.trees[tree].get(key)?),
         }
     }

@@ -71,6 +71,28 @@ enum Op {
         peer: usize,
         pick: usize,
     },
+    /// Items (length, expiry) queued for one peer in one transaction: the
+    /// store keeps them as runs.
+    PushOutboxMany {
+        peer: usize,
+        items: Vec<(usize, u64)>,
+    },
+    /// The first `n` items of one peer's outbox taken in one transaction,
+    /// as a peer's ack of a batch takes them: whole runs, and parts.
+    TakeOutboxFront {
+        peer: usize,
+        n: usize,
+    },
+    /// Inbox entries (by size) for one service in one transaction.
+    PushInboxMany {
+        service: usize,
+        sizes: Vec<u64>,
+    },
+    /// Up to `n` inbox entries, from the `pick`th on, taken in one transaction.
+    RemoveInboxMany {
+        pick: usize,
+        n: usize,
+    },
     PushInbox {
         service: usize,
         size: u64,
@@ -109,6 +131,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..PEERS.len(), 20_000..100_000usize)
             .prop_map(|(peer, len)| Op::PushOutbox { peer, len, expires_ms: 0 }),
         3 => (0..PEERS.len(), any::<usize>()).prop_map(|(peer, pick)| Op::RemoveOutbox { peer, pick }),
+        2 => (
+            0..PEERS.len(),
+            prop::collection::vec((1..400usize, prop_oneof![Just(0u64), 1..1000u64]), 2..40)
+        )
+            .prop_map(|(peer, items)| Op::PushOutboxMany { peer, items }),
+        2 => (0..PEERS.len(), 1..50usize).prop_map(|(peer, n)| Op::TakeOutboxFront { peer, n }),
+        1 => (0..SERVICES.len(), prop::collection::vec(1..5000u64, 2..30))
+            .prop_map(|(service, sizes)| Op::PushInboxMany { service, sizes }),
+        1 => (any::<usize>(), 1..30usize).prop_map(|(pick, n)| Op::RemoveInboxMany { pick, n }),
         3 => (0..SERVICES.len(), 1..5000u64).prop_map(|(service, size)| Op::PushInbox { service, size }),
         2 => any::<usize>().prop_map(|pick| Op::RemoveInbox { pick }),
         2 => (0..NAMESPACES.len(), 0..6u8).prop_map(|(ns, key)| Op::MarkSeen { ns, key }),
@@ -144,11 +175,59 @@ fn observe(store: &Store) -> State {
             s.outbox.insert(peer.into(), items);
         }
     }
+    // Read from anywhere, also from inside runs: after each item, the next two.
+    for (peer, items) in &s.outbox {
+        assert_eq!(
+            store.outbox_depth(peer),
+            items.len() as u64,
+            "outbox depth of {peer}"
+        );
+        for (i, (seq, _)) in items.iter().enumerate() {
+            let next = store.outbox_batch(peer, Some(*seq), 2).unwrap();
+            assert_eq!(
+                next,
+                items[i + 1..(i + 3).min(items.len())],
+                "outbox of {peer} after {seq}"
+            );
+        }
+    }
+    let depths: Vec<(String, u64)> = s
+        .outbox
+        .iter()
+        .map(|(p, q)| (p.clone(), q.len() as u64))
+        .collect();
+    assert_eq!(store.outbox_depths(), depths, "outbox depths");
     s.expiring = store.expired(u64::MAX, usize::MAX).unwrap().into_iter().collect();
     for entry in store.inbox_scan(None) {
         let e = entry.unwrap();
         s.inbox.entry(e.service).or_default().push((e.message_id, e.size));
     }
+    for (service, entries) in &s.inbox {
+        let all: Vec<(u64, Vec<u8>)> = store
+            .inbox_after(service, None)
+            .map(|e| e.map(|(seq, e)| (seq, e.message_id)).unwrap())
+            .collect();
+        let ids: Vec<&Vec<u8>> = all.iter().map(|(_, id)| id).collect();
+        assert_eq!(
+            ids,
+            entries.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            "inbox_after({service}, None)"
+        );
+        for (i, (seq, _)) in all.iter().enumerate() {
+            let next: Vec<(u64, Vec<u8>)> = store
+                .inbox_after(service, Some(*seq))
+                .take(2)
+                .map(|e| e.map(|(seq, e)| (seq, e.message_id)).unwrap())
+                .collect();
+            assert_eq!(
+                next,
+                all[i + 1..(i + 3).min(all.len())],
+                "inbox of {service} after {seq}"
+            );
+        }
+    }
+    let depths: Vec<(String, u64)> = s.inbox.iter().map(|(n, q)| (n.clone(), q.len() as u64)).collect();
+    assert_eq!(store.inbox_depths(), depths, "inbox depths");
     for ns in NAMESPACES {
         for key in 0..6u8 {
             if transact(store, |tx| tx.seen(ns, &[key])).unwrap() {
@@ -221,48 +300,107 @@ fn open(path: &Path) -> Store {
     .unwrap()
 }
 
+/// Queues `items` (length, expiry; 0: never) for `peer` in one transaction.
+fn push_outbox(store: &Store, model: &mut State, peer: usize, items: &[(usize, u64)], next_id: &mut u64) {
+    // Signed by one of two nodes. For the first peer the signed part is
+    // also appended to the log in the same transaction and the item holds
+    // it by the entry's index; for the other, the item holds the
+    // certificate, kept apart. Either way the store must count and return
+    // the item whole.
+    let signer = SIGNERS[peer % SIGNERS.len()];
+    let signed = [b"signed by ".as_slice(), signer].concat();
+    let bytes: Vec<Vec<u8>> = items
+        .iter()
+        .map(|(len, _)| {
+            let item = (0..*len)
+                .map(|i| (i as u64 + *next_id) as u8)
+                .chain(signed.iter().copied())
+                .collect();
+            *next_id += 1;
+            item
+        })
+        .collect();
+    let by_entry = peer == 0;
+    let seqs = transact(store, |tx| {
+        let mut seqs = Vec::new();
+        for (item, (_, expires_ms)) in bytes.iter().zip(items) {
+            let held = if by_entry {
+                let index = tx.audit_append(EntryKind::Envelope, &signed, Held::Cert(signer), "m")?;
+                Held::Audited(index)
+            } else {
+                Held::Cert(signer)
+            };
+            seqs.push(tx.push_outbox(PEERS[peer], item, held, *expires_ms)?);
+        }
+        Ok(seqs)
+    })
+    .unwrap();
+    for ((seq, item), (_, expires_ms)) in seqs.into_iter().zip(bytes).zip(items) {
+        if by_entry {
+            model.log.push(signed.clone());
+        }
+        if *expires_ms != 0 {
+            model.expiring.insert((PEERS[peer].into(), seq));
+        }
+        model.queued_bytes += item.len() as u64;
+        model
+            .outbox
+            .entry(PEERS[peer].into())
+            .or_default()
+            .push((seq, item));
+    }
+}
+
+/// Puts entries of `sizes` in `service`'s inbox in one transaction.
+fn push_inbox(store: &Store, model: &mut State, service: usize, sizes: &[u64]) {
+    let ids: Vec<MessageId> = sizes.iter().map(|_| MessageId::new()).collect();
+    // With a record to keep the entry's key (as a node's message has), or
+    // without one (found through `inbox_index`).
+    transact(store, |tx| {
+        for (id, size) in ids.iter().zip(sizes) {
+            if size % 2 == 0 {
+                tx.put_message(id, &MessageRecord::default())?;
+            }
+            tx.push_inbox(SERVICES[service], id, *size)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let queue = model.inbox.entry(SERVICES[service].into()).or_default();
+    for (id, size) in ids.iter().zip(sizes) {
+        queue.push((id.as_bytes().to_vec(), *size));
+        model.queued_bytes += size;
+    }
+}
+
 fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
     match *op {
         Op::PushOutbox {
             peer,
             len,
             expires_ms,
-        } => {
-            // Signed by one of two nodes. For the first peer the signed
-            // part is also appended to the log in the same transaction and
-            // the item holds it by the entry's index; for the other, the
-            // item holds the certificate, kept apart. Either way the store
-            // must count and return the item whole.
-            let signer = SIGNERS[peer % SIGNERS.len()];
-            let signed = [b"signed by ".as_slice(), signer].concat();
-            let item: Vec<u8> = (0..len)
-                .map(|i| (i as u64 + *next_id) as u8)
-                .chain(signed.iter().copied())
-                .collect();
-            *next_id += 1;
-            let by_entry = peer == 0;
-            let seq = transact(store, |tx| {
-                let held = if by_entry {
-                    let index = tx.audit_append(EntryKind::Envelope, &signed, Held::Cert(signer), "m")?;
-                    Held::Audited(index)
-                } else {
-                    Held::Cert(signer)
-                };
-                tx.push_outbox(PEERS[peer], &item, held, expires_ms)
+        } => push_outbox(store, model, peer, &[(len, expires_ms)], next_id),
+        Op::PushOutboxMany { peer, ref items } => push_outbox(store, model, peer, items, next_id),
+        Op::TakeOutboxFront { peer, n } => {
+            let Some(queue) = model.outbox.get_mut(PEERS[peer]) else {
+                return;
+            };
+            let taken: Vec<(u64, Vec<u8>)> = queue.drain(..n.min(queue.len())).collect();
+            if queue.is_empty() {
+                model.outbox.remove(PEERS[peer]);
+            }
+            let got = transact(store, |tx| {
+                taken
+                    .iter()
+                    .map(|(seq, _)| tx.drop_outbox(PEERS[peer], *seq))
+                    .collect::<Result<Vec<_>, _>>()
             })
             .unwrap();
-            if by_entry {
-                model.log.push(signed);
+            assert!(got.iter().all(|dropped| *dropped), "dropped {got:?}");
+            for (seq, item) in taken {
+                model.expiring.remove(&(PEERS[peer].to_string(), seq));
+                model.queued_bytes -= item.len() as u64;
             }
-            if expires_ms != 0 {
-                model.expiring.insert((PEERS[peer].into(), seq));
-            }
-            model.queued_bytes += item.len() as u64;
-            model
-                .outbox
-                .entry(PEERS[peer].into())
-                .or_default()
-                .push((seq, item));
         }
         Op::RemoveOutbox { peer, pick } => {
             let Some(queue) = model.outbox.get_mut(PEERS[peer]) else {
@@ -283,20 +421,38 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             model.expiring.remove(&(PEERS[peer].to_string(), seq));
             model.queued_bytes -= item.len() as u64;
         }
-        Op::PushInbox { service, size } => {
-            let id = MessageId::new();
-            // With a record to keep the entry's key (as a node's message
-            // has), or without one (found through `inbox_index`).
-            transact(store, |tx| {
-                if size % 2 == 0 {
-                    tx.put_message(&id, &MessageRecord::default())?;
-                }
-                tx.push_inbox(SERVICES[service], &id, size)
+        Op::PushInbox { service, size } => push_inbox(store, model, service, &[size]),
+        Op::PushInboxMany { service, ref sizes } => push_inbox(store, model, service, sizes),
+        Op::RemoveInboxMany { pick, n } => {
+            let all: Vec<(String, Vec<u8>, u64)> = model
+                .inbox
+                .iter()
+                .flat_map(|(s, q)| q.iter().map(move |(id, size)| (s.clone(), id.clone(), *size)))
+                .collect();
+            if all.is_empty() {
+                return;
+            }
+            let from = pick % all.len();
+            let taken = &all[from..(from + n).min(all.len())];
+            let ids: Vec<MessageId> = taken
+                .iter()
+                .map(|(_, raw, _)| MessageId::from_bytes(raw.as_slice().try_into().unwrap()))
+                .collect();
+            let got = transact(store, |tx| {
+                ids.iter()
+                    .map(|id| tx.remove_inbox(id))
+                    .collect::<Result<Vec<_>, _>>()
             })
             .unwrap();
-            let queue = model.inbox.entry(SERVICES[service].into()).or_default();
-            queue.push((id.as_bytes().to_vec(), size));
-            model.queued_bytes += size;
+            assert!(got.iter().all(|removed| *removed), "removed {got:?}");
+            for (service, raw, size) in taken {
+                let queue = model.inbox.get_mut(service).unwrap();
+                queue.retain(|(id, _)| id != raw);
+                if queue.is_empty() {
+                    model.inbox.remove(service);
+                }
+                model.queued_bytes -= size;
+            }
         }
         Op::RemoveInbox { pick } => {
             let all: Vec<(String, usize)> = model
