@@ -192,10 +192,16 @@ impl Store {
             let peer: Arc<str> = keys::name_of(&k).into();
             // Items alone or in a run (`runs.rs`); a run that does not parse
             // is named here, and again when read for sending.
-            let items = runs::values(keys::OUTBOX, &k, v).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "an outbox run cannot be read");
-                Vec::new()
-            });
+            let stored_len = v.len() as u64;
+            let items = match runs::values(keys::OUTBOX, &k, v) {
+                Ok(items) => items,
+                Err(e) => {
+                    // Counted as stored, as an item that cannot be restored.
+                    tracing::error!(error = %e, "an outbox run cannot be read");
+                    queued += stored_len;
+                    continue;
+                }
+            };
             for (seq, v) in items {
                 let expires_ms = keys::u64_of(&v);
                 if expires_ms != 0 {

@@ -32,7 +32,8 @@
 //! eight zero bytes (an expiry of never, [`lead`]): there a value stored
 //! alone begins with its expiry, which may hold any bytes, and then the
 //! item as stored, which never begins like a run. A run holds at least two values when
-//! written and at most [`RUN_BYTES`] of items; a value that would be alone
+//! written and at most [`RUN_BYTES`] of items (an inbox's, less: see
+//! [`INBOX_RUN_BYTES`]); a value that would be alone
 //! in its run is stored alone, as before runs existed. No value stored
 //! alone begins like a run: a value that begins with `0x00` is a cut of
 //! another kind, or stored behind `0x00 0x00`, and no queue entry or
@@ -59,6 +60,23 @@ use crate::{corrupt_at, cuts, StoreError};
 /// larger sled nodes also raised the process's peak RSS while draining a
 /// queue by ~100 MiB); see docs/benchmarks.md.
 pub(crate) const RUN_BYTES: usize = 8 << 10;
+
+/// Bytes past which an inbox run is closed. An app may ack one entry at a
+/// time, each ack its own group, and each rewrites what is left of the
+/// entry's run: with runs this small (~20 entries of ~50 bytes) that is
+/// ~0.5 KiB an ack on average, where 8 KiB runs would rewrite ~4 KiB. A
+/// peer takes outbox items by the batch it was sent (`limits.batch_size`,
+/// 256 by default), whole runs as a rule.
+const INBOX_RUN_BYTES: usize = 1 << 10;
+
+/// Bytes past which a run of `tree` is closed.
+fn run_bytes(tree: usize) -> usize {
+    if tree == INBOX {
+        INBOX_RUN_BYTES
+    } else {
+        RUN_BYTES
+    }
+}
 
 /// Mark and kind.
 const HEAD: usize = 2;
@@ -103,17 +121,18 @@ fn join(prefix: &[u8], n: u64) -> Vec<u8> {
 }
 
 /// The sled values that store `values` of `tree` (keys ascending): runs of
-/// items up to [`RUN_BYTES`], a value alone where it would be alone in its
-/// run.
+/// items up to [`RUN_BYTES`] (an inbox's: [`INBOX_RUN_BYTES`]), a value
+/// alone where it would be alone in its run.
 pub(crate) fn pack(tree: usize, values: &[(u64, IVec)]) -> Vec<(u64, IVec)> {
     let mut out = Vec::new();
     let mut rest = values;
+    let most = run_bytes(tree);
     while let Some((first, _)) = rest.first() {
         let mut bytes = 0;
         let n = rest
             .iter()
             .take_while(|(_, v)| {
-                let fits = bytes == 0 || bytes + ITEM_HEAD + v.len() <= RUN_BYTES;
+                let fits = bytes == 0 || bytes + ITEM_HEAD + v.len() <= most;
                 if fits {
                     bytes += ITEM_HEAD + v.len();
                 }
@@ -170,19 +189,39 @@ pub(crate) fn get_at(trees: &[sled::Tree], tree: usize, key: &[u8]) -> Result<Op
 /// sled, which copies the node it lands in).
 ///
 /// Answers stay right while the run changes in sled under the
-/// transaction: what the applier writes there is the group it is
-/// applying, which the transaction reads first, as a layer (`tx.rs`).
+/// transaction: a transaction runs under the store's writer lock, so the
+/// applier can neither finish the group it is applying nor start the next
+/// one; what it writes meanwhile is that group, which the transaction
+/// reads first, as a layer (`tx.rs`), and a run it rewrites loses only
+/// items that layer names as taken.
 pub(crate) struct Kept {
-    tree: usize,
     key: IVec,
     value: IVec,
-    /// The number of its last item.
-    last: u64,
+    /// Its items: number, start, length (by number, ascending).
+    items: Vec<(u64, usize, usize)>,
+}
+
+impl Kept {
+    /// The value for number `n` if this run is the one that would hold
+    /// it (`None` when it is not).
+    fn answer(&self, prefix: &[u8], n: u64) -> Option<Option<IVec>> {
+        let (run_prefix, first) = split(&self.key);
+        let last = self.items.last().map_or(first, |(last, ..)| *last);
+        // Runs never overlap: nothing else of the queue lies within one.
+        if run_prefix != prefix || !(first..=last).contains(&n) {
+            return None;
+        }
+        let found = self.items.binary_search_by_key(&n, |(found, ..)| *found).ok();
+        Some(found.map(|i| {
+            let (_, start, len) = self.items[i];
+            self.value.subslice(start, len)
+        }))
+    }
 }
 
 /// The value stored at `key` (its bytes) in `tree`, as [`get_at`]:
-/// answered from `kept` when that is the run holding it; else read, and a
-/// run it is found in kept.
+/// answered from `kept` (the last run read from this tree) when that is
+/// the run holding it; else read, and a run it is found in kept.
 ///
 /// # Errors
 /// A storage failure, or a run that does not parse (named with its key).
@@ -193,12 +232,8 @@ pub(crate) fn get_kept(
     kept: &mut Option<Kept>,
 ) -> Result<Option<IVec>, StoreError> {
     let (prefix, n) = split(key);
-    if let Some(run) = kept {
-        let (run_prefix, first) = split(&run.key);
-        // Runs never overlap: nothing else of the queue lies within one.
-        if run.tree == tree && run_prefix == prefix && (first..=run.last).contains(&n) {
-            return find(tree, &run.key, run.value.clone(), n);
-        }
+    if let Some(answer) = kept.as_ref().and_then(|run| run.answer(prefix, n)) {
+        return Ok(answer);
     }
     let Some(found) = trees[tree].range(prefix.to_vec()..=key.to_vec()).next_back() else {
         return Ok(None);
@@ -208,15 +243,14 @@ pub(crate) fn get_kept(
         return Ok((k == key).then_some(v));
     }
     let items = items(tree, &v).ok_or_else(|| malformed(tree, &k))?;
-    let last = items.last().map_or(0, |(last, ..)| *last);
-    let value = find(tree, &k, v.clone(), n)?;
-    *kept = Some(Kept {
-        tree,
+    let run = Kept {
         key: k,
         value: v,
-        last,
-    });
-    Ok(value)
+        items,
+    };
+    let answer = run.answer(prefix, n).flatten();
+    *kept = Some(run);
+    Ok(answer)
 }
 
 /// The values stored in log tree `tree` of `trees` with keys in `[from, to)`
@@ -385,22 +419,6 @@ fn items(tree: usize, run: &[u8]) -> Option<Vec<(u64, usize, usize)>> {
         at = start + len;
     }
     Some(out)
-}
-
-/// The value for `key` in the run `run` of `tree` stored under `k`.
-fn find(tree: usize, k: &[u8], run: IVec, key: u64) -> Result<Option<IVec>, StoreError> {
-    let mut at = lead(tree) + HEAD;
-    while at < run.len() {
-        let (found, start, len) = item(&run, at).ok_or_else(|| malformed(tree, k))?;
-        if found == key {
-            return Ok(Some(run.subslice(start, len)));
-        }
-        if found > key {
-            break;
-        }
-        at = start + len;
-    }
-    Ok(None)
 }
 
 /// The item of `run` at `at`: its key, and where its value starts and its
@@ -683,10 +701,26 @@ mod tests {
         assert_eq!(read("ab", 0), [4]);
         assert_eq!(get_at(&trees, OUTBOX, &key("a", 2)).unwrap(), None);
         assert_eq!(trees[OUTBOX].len(), 2);
-        take(&[("a", 1), ("a", 3), ("a", 5)]);
+        // One taken before, between two of the same run.
+        take(&[("a", 1), ("a", 2), ("a", 3), ("a", 5)]);
         assert_eq!(trees[OUTBOX].len(), 1, "an empty run goes");
         assert_eq!(read("a", 0), Vec::<u64>::new());
         assert_eq!(read("ab", 0), [4]);
+
+        // A group's puts and a later group's takes, replayed (twice) over
+        // the store they left: the same store.
+        let puts: Vec<_> = (10..15).map(|n| (OUTBOX, key("r", n), Some(item(n)))).collect();
+        let takes: Vec<_> = [11, 12, 14].map(|n| (OUTBOX, key("r", n), None)).to_vec();
+        write_all(&trees, puts.clone(), Pass::First).unwrap();
+        write_all(&trees, takes.clone(), Pass::First).unwrap();
+        let all = || -> Vec<(IVec, IVec)> { trees[OUTBOX].iter().map(Result::unwrap).collect() };
+        let once = all();
+        for _ in 0..2 {
+            write_all(&trees, puts.clone(), Pass::Replay).unwrap();
+            write_all(&trees, takes.clone(), Pass::Replay).unwrap();
+            assert_eq!(all(), once);
+        }
+        assert_eq!(read("r", 0), [10, 13]);
 
         // A run that does not parse is left as it is, and named when read.
         let broken = [&[0u8; 8][..], &[cuts::MARK, cuts::RUN, 0, 0]].concat();

@@ -1526,7 +1526,7 @@ async fn a_groups_queue_items_are_stored_as_runs_and_taken_out_run_by_run() {
     let dir = tempfile::tempdir().unwrap();
     let items: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x0a, i, i]).collect();
     // In the outbox a value alone begins with its expiry: here, like a run.
-    let odd = u64::from_be_bytes([0, cuts::MARK, cuts::RUN, 0, 0, 0, 0, 9]);
+    let odd = u64::from_be_bytes([cuts::MARK, cuts::RUN, 0, 0, 0, 0, 0, 9]);
     let ids: Vec<MessageId> = (0..5).map(|_| MessageId::new()).collect();
     let (seqs, hub, want) = {
         let s = open(dir.path(), 1 << 20);
@@ -1637,4 +1637,50 @@ async fn a_groups_queue_items_are_stored_as_runs_and_taken_out_run_by_run() {
         s.outbox_batch("hub", None, 5).unwrap(),
         [(hub, b"\x0aalone".to_vec())]
     );
+}
+
+/// A transaction answers for the items of a run from the run it read,
+/// also while the applier rewrites that run under it: what it takes out
+/// is the group the transaction reads first.
+#[tokio::test]
+async fn a_transaction_keeps_the_run_it_read_and_stays_right_while_it_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let seqs = s
+        .transact(|tx| {
+            (0..6u8)
+                .map(|i| tx.push_outbox("health", &[0x0a, i], Held::Nothing, 0))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .unwrap();
+    let inner = &s.inner;
+    assert_eq!(inner.trees[keys::OUTBOX].len(), 1, "one run");
+    let apply = |writes: &tx::Writes| {
+        let writes = writes.iter().map(|(t, k, v)| (t, k, v.clone()));
+        group::write_all(&inner.trees, writes, group::Pass::First).unwrap();
+    };
+    // The group being applied takes items 1 and 2.
+    let mut applying = tx::Writes::default();
+    for seq in &seqs[1..3] {
+        applying.set(keys::OUTBOX, keys::seq_key("health", *seq), None);
+    }
+    let tx = Tx::new(&inner.trees, [None, Some(&applying)], 1000, &inner.certs);
+    assert_eq!(tx.remove_outbox("health", seqs[0]).unwrap(), Some(vec![0x0a, 0]));
+    // The applier writes that group now: the run in sled loses 1 and 2.
+    apply(&applying);
+    assert!(
+        !tx.drop_outbox("health", seqs[1]).unwrap(),
+        "taken by the group below"
+    );
+    assert!(!tx.drop_outbox("health", seqs[2]).unwrap());
+    assert_eq!(tx.remove_outbox("health", seqs[3]).unwrap(), Some(vec![0x0a, 3]));
+    assert!(tx.drop_outbox("health", seqs[5]).unwrap());
+    let (writes, _, _) = tx.into_parts();
+    apply(&writes);
+    assert_eq!(
+        s.outbox_batch("health", None, 10).unwrap(),
+        [(seqs[4], vec![0x0a, 4])]
+    );
+    assert_eq!(inner.trees[keys::OUTBOX].len(), 1);
 }

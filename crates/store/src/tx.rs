@@ -283,8 +283,8 @@ pub struct Tx<'a> {
     /// tree and cursor or index: what `Held::Logged` and `Held::Audited`
     /// name, found here without reading back what was just cut.
     appended: RefCell<HashMap<(usize, u64), Vec<u8>>>,
-    /// The last run this transaction read from sled (`runs::get_kept`).
-    kept: RefCell<Option<runs::Kept>>,
+    /// The last run this transaction read from sled, by tree (`runs::get_kept`).
+    kept: RefCell<HashMap<usize, Option<runs::Kept>>>,
 }
 
 type R<T> = Result<T, TxError>;
@@ -371,7 +371,12 @@ impl<'a> Tx<'a> {
         match self.pending(tree, key) {
             Some(v) => Ok(v),
             None if runs::packs(tree) => {
-                match runs::get_kept(self.trees, tree, key, &mut self.kept.borrow_mut()) {
+                match runs::get_kept(
+                    self.trees,
+                    tree,
+                    key,
+                    self.kept.borrow_mut().entry(tree).or_default(),
+                ) {
                     Ok(v) => Ok(v),
                     Err(StoreError::Sled(e)) => Err(e.into()),
                     Err(e) => Err(Abort::Corrupt(e).into()),
