@@ -12,12 +12,12 @@
 //! in order.
 //!
 //! The queues — `outbox` and `inbox`, keyed by name `\0` seq — are runs
-//! too: a message put an item in an outbox on each node (its envelope at
-//! the sender, each receipt back at the recipient) and an entry in an
-//! inbox, and took each out again when the peer took custody or the app
-//! acked: six inserts and removes of the ~15 a message cost sled, and a
-//! queue's append-at-the-tail, take-at-the-head order also made sled split
-//! and merge its nodes all the time. A group's consecutive puts to one
+//! too: a message put three items in outboxes (its envelope at the
+//! sender, its DELIVERED and PROCESSED receipts at the recipient) and an
+//! entry in an inbox, and took each out again when the peer took custody
+//! or the app acked: eight inserts and removes of the ~15 a message cost
+//! sled, and a queue's append-at-the-tail, take-at-the-head order also
+//! made sled split and merge its nodes all the time. A group's consecutive puts to one
 //! queue (one peer's or one service's) are stored as one run under the
 //! first key, and taking items out rewrites the run without them, or
 //! removes it once it is empty ([`Taking`]): a group that takes a whole
@@ -31,9 +31,9 @@
 //! with its expiry before it). In the outbox the run itself comes after
 //! eight zero bytes (an expiry of never, [`lead`]): there a value stored
 //! alone begins with its expiry, which may hold any bytes, and then the
-//! item as stored, which never begins like a run. A run holds at least two values when
-//! written and at most [`RUN_BYTES`] of items (an inbox's, less: see
-//! [`INBOX_RUN_BYTES`]); a value that would be alone
+//! item as stored, which never begins like a run. A run holds at least
+//! two values when written and at most [`RUN_BYTES`] of items (an
+//! inbox's, less: see [`INBOX_RUN_BYTES`]); a value that would be alone
 //! in its run is stored alone, as before runs existed. No value stored
 //! alone begins like a run: a value that begins with `0x00` is a cut of
 //! another kind, or stored behind `0x00 0x00`, and no queue entry or
