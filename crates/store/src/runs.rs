@@ -202,6 +202,19 @@ pub(crate) struct Kept {
 }
 
 impl Kept {
+    /// Run `value` of `tree` stored under `key`; `None` when it does not parse.
+    fn parse(tree: usize, key: IVec, value: IVec) -> Option<Self> {
+        let items = items(tree, &value)?;
+        Some(Self { key, value, items })
+    }
+
+    /// Where number `n` of the queue (or log) under `prefix` is among its items.
+    fn index(&self, prefix: &[u8], n: u64) -> Option<usize> {
+        let same = split(&self.key).0 == prefix;
+        same.then(|| self.items.binary_search_by_key(&n, |(found, ..)| *found).ok())
+            .flatten()
+    }
+
     /// The value for number `n` if this run is the one that would hold
     /// it (`None` when it is not).
     fn answer(&self, prefix: &[u8], n: u64) -> Option<Option<IVec>> {
@@ -211,12 +224,21 @@ impl Kept {
         if run_prefix != prefix || !(first..=last).contains(&n) {
             return None;
         }
-        let found = self.items.binary_search_by_key(&n, |(found, ..)| *found).ok();
-        Some(found.map(|i| {
+        Some(self.index(prefix, n).map(|i| {
             let (_, start, len) = self.items[i];
             self.value.subslice(start, len)
         }))
     }
+}
+
+/// The last sled value of `tree` at or before `key`, under the same
+/// queue name (in a log, any): where the value at `key` is, if anywhere.
+fn at_or_before(trees: &[sled::Tree], tree: usize, key: &[u8]) -> Result<Option<(IVec, IVec)>, sled::Error> {
+    let prefix = split(key).0;
+    trees[tree]
+        .range(prefix.to_vec()..=key.to_vec())
+        .next_back()
+        .transpose()
 }
 
 /// The value stored at `key` (its bytes) in `tree`, as [`get_at`]:
@@ -235,19 +257,13 @@ pub(crate) fn get_kept(
     if let Some(answer) = kept.as_ref().and_then(|run| run.answer(prefix, n)) {
         return Ok(answer);
     }
-    let Some(found) = trees[tree].range(prefix.to_vec()..=key.to_vec()).next_back() else {
+    let Some((k, v)) = at_or_before(trees, tree, key)? else {
         return Ok(None);
     };
-    let (k, v) = found?;
     if !is_run(tree, &v) {
         return Ok((k == key).then_some(v));
     }
-    let items = items(tree, &v).ok_or_else(|| malformed(tree, &k))?;
-    let run = Kept {
-        key: k,
-        value: v,
-        items,
-    };
+    let run = Kept::parse(tree, k.clone(), v).ok_or_else(|| malformed(tree, &k))?;
     let answer = run.answer(prefix, n).flatten();
     *kept = Some(run);
     Ok(answer)
@@ -444,27 +460,22 @@ pub(crate) struct Taking {
     run: Option<Taken>,
 }
 
-/// A run items are being taken from.
+/// A run items are being taken from, and which of its items are taken.
 struct Taken {
     tree: usize,
-    /// Its sled key and value.
-    key: IVec,
-    value: IVec,
-    /// Its items (number, start, length), and which are taken.
-    items: Vec<(u64, usize, usize)>,
+    run: Kept,
     taken: Vec<bool>,
 }
 
 impl Taken {
-    /// Marks number `n` taken; false when the run does not hold it.
-    fn take(&mut self, n: u64) -> bool {
-        match self.items.binary_search_by_key(&n, |(found, ..)| *found) {
-            Ok(i) => {
-                self.taken[i] = true;
-                true
-            }
-            Err(_) => false,
+    /// Marks number `n` of the queue under `prefix` taken; false when the
+    /// run does not hold it.
+    fn take(&mut self, prefix: &[u8], n: u64) -> bool {
+        let i = self.run.index(prefix, n);
+        if let Some(i) = i {
+            self.taken[i] = true;
         }
+        i.is_some()
     }
 }
 
@@ -477,36 +488,27 @@ impl Taking {
     pub(crate) fn take(&mut self, trees: &[sled::Tree], tree: usize, key: &[u8]) -> Result<(), sled::Error> {
         let (prefix, n) = split(key);
         if let Some(run) = &mut self.run {
-            if run.tree == tree && run.key.len() == key.len() && run.key.starts_with(prefix) && run.take(n) {
+            if run.tree == tree && run.take(prefix, n) {
                 return Ok(());
             }
         }
         self.finish(trees)?;
-        let Some((k, v)) = trees[tree]
-            .range(prefix.to_vec()..=key.to_vec())
-            .next_back()
-            .transpose()?
-        else {
+        let Some((k, v)) = at_or_before(trees, tree, key)? else {
             return Ok(());
         };
-        if is_run(tree, &v) {
-            // A run that does not parse is left as it is, named when read.
-            let Some(items) = items(tree, &v) else {
-                return Ok(());
-            };
-            let taken = vec![false; items.len()];
-            let mut run = Taken {
-                tree,
-                key: k,
-                value: v,
-                items,
-                taken,
-            };
-            if run.take(n) {
+        if !is_run(tree, &v) {
+            if k == key {
+                trees[tree].remove(key)?;
+            }
+            return Ok(());
+        }
+        // A run that does not parse is left as it is, named when read.
+        if let Some(run) = Kept::parse(tree, k, v) {
+            let taken = vec![false; run.items.len()];
+            let mut run = Taken { tree, run, taken };
+            if run.take(prefix, n) {
                 self.run = Some(run);
             }
-        } else if k == key {
-            trees[tree].remove(key)?;
         }
         Ok(())
     }
@@ -519,18 +521,19 @@ impl Taking {
         let Some(run) = self.run.take() else {
             return Ok(());
         };
+        let Taken { tree, run, taken } = run;
         let kept: Vec<(u64, &[u8])> = run
             .items
             .iter()
-            .zip(&run.taken)
+            .zip(&taken)
             .filter(|(_, taken)| !**taken)
             .map(|(&(n, start, len), _)| (n, &run.value[start..start + len]))
             .collect();
         if kept.is_empty() {
-            trees[run.tree].remove(&run.key)?;
+            trees[tree].remove(&run.key)?;
         } else {
             let bytes = kept.iter().map(|(_, v)| ITEM_HEAD + v.len()).sum();
-            trees[run.tree].insert(&run.key, encode(run.tree, kept.into_iter(), bytes))?;
+            trees[tree].insert(&run.key, encode(tree, kept.into_iter(), bytes))?;
         }
         Ok(())
     }
