@@ -22,6 +22,7 @@ mod runs;
 mod tx;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -181,10 +182,7 @@ impl Store {
             None => db.generate_id()? + 1,
         };
         let certs = certs::Cache::default();
-        let parts = InSled {
-            trees: &trees,
-            certs: &certs,
-        };
+        let parts = InSled::new(&trees, &certs);
         let mut queued = 0u64;
         let mut expiry = tx::Expiry::default();
         for kv in trees[keys::OUTBOX].iter() {
@@ -356,6 +354,7 @@ impl Store {
     /// Moves the receipts `record` keeps in the receipt log into its
     /// `receipts`, after those it holds itself.
     fn put_receipts_back(&self, record: &mut MessageRecord) -> Result<(), StoreError> {
+        let parts = self.parts();
         for cursor in std::mem::take(&mut record.receipt_cursors) {
             let Some(bytes) = runs::get(&self.inner.trees, keys::RECEIPT_LOG, cursor)? else {
                 return Err(corrupt(
@@ -365,7 +364,7 @@ impl Store {
             };
             record.receipts.push(decode(
                 keys::RECEIPT_LOG,
-                &self.whole(keys::RECEIPT_LOG, &cursor.to_be_bytes(), &bytes)?,
+                &parts.whole(keys::RECEIPT_LOG, &cursor.to_be_bytes(), &bytes)?,
             )?);
         }
         Ok(())
@@ -375,11 +374,13 @@ impl Store {
     /// stored as `stored` stands for, byte for byte: whole, or a cut with
     /// its part put back (`cuts.rs`).
     fn whole<'s>(&self, tree: usize, key: &[u8], stored: &'s [u8]) -> Result<Cow<'s, [u8]>, StoreError> {
-        let parts = InSled {
-            trees: &self.inner.trees,
-            certs: &self.inner.certs,
-        };
-        cuts::restore(stored, &parts, &|e| corrupt_at(tree, key, e))
+        self.parts().whole(tree, key, stored)
+    }
+
+    /// Where a cut's parts are read from (`cuts.rs`): one for all the
+    /// values of a read, so that those logged together are read once.
+    fn parts(&self) -> InSled<'_> {
+        InSled::new(&self.inner.trees, &self.inner.certs)
     }
 
     /// Drops the payload of every message for which `purge` says so (it sees
@@ -454,11 +455,12 @@ impl Store {
         let from = after.map_or(0, |seq| seq.saturating_add(1));
         let items = runs::range_in(&self.inner.trees, keys::OUTBOX, &keys::prefixed(peer), from, None)?;
         let mut out = Vec::new();
+        let parts = self.parts();
         for kv in items.take(max) {
             let (seq, v) = kv?;
             // The value is expires_ms (8 bytes) followed by the item as stored.
             let key = keys::seq_key(peer, seq);
-            let item = self.whole(keys::OUTBOX, &key, v.get(8..).unwrap_or_default())?;
+            let item = parts.whole(keys::OUTBOX, &key, v.get(8..).unwrap_or_default())?;
             out.push((seq, item.into_owned()));
         }
         Ok(out)
@@ -603,9 +605,10 @@ impl Store {
     /// Up to `max` values of log tree `tree` from key `from`, restored.
     fn log_values(&self, tree: usize, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
+        let parts = self.parts();
         for kv in runs::range(&self.inner.trees, tree, from, None)?.take(max) {
             let (k, v) = kv?;
-            out.push((k, self.whole(tree, &k.to_be_bytes(), &v)?.into_owned()));
+            out.push((k, parts.whole(tree, &k.to_be_bytes(), &v)?.into_owned()));
         }
         Ok(out)
     }
@@ -903,6 +906,30 @@ pub(crate) fn corrupt(tree: usize, detail: String) -> StoreError {
 struct InSled<'a> {
     trees: &'a [sled::Tree],
     certs: &'a certs::Cache,
+    /// The last run read from the receipt log and from the audit log
+    /// (`runs::get_kept`): the items of an outbox batch were mostly logged
+    /// together, so their parts come out of a few runs, each read once
+    /// rather than by a sled range per item. Logs are only appended to, so
+    /// a kept run stays right.
+    receipts: RefCell<Option<runs::Kept>>,
+    entries: RefCell<Option<runs::Kept>>,
+}
+
+impl<'a> InSled<'a> {
+    fn new(trees: &'a [sled::Tree], certs: &'a certs::Cache) -> Self {
+        Self {
+            trees,
+            certs,
+            receipts: RefCell::default(),
+            entries: RefCell::default(),
+        }
+    }
+
+    /// The bytes that the value of `key` in `tree`, stored as `stored`,
+    /// stands for: whole, or a cut with its part put back (`cuts.rs`).
+    fn whole<'s>(&self, tree: usize, key: &[u8], stored: &'s [u8]) -> Result<Cow<'s, [u8]>, StoreError> {
+        cuts::restore(stored, self, &|e| corrupt_at(tree, key, e))
+    }
 }
 
 impl cuts::Parts for InSled<'_> {
@@ -913,11 +940,18 @@ impl cuts::Parts for InSled<'_> {
     }
 
     fn receipt(&self, cursor: u64) -> cuts::Lookup<StoreError> {
-        runs::get(self.trees, keys::RECEIPT_LOG, cursor)
+        let key = cursor.to_be_bytes();
+        runs::get_kept(
+            self.trees,
+            keys::RECEIPT_LOG,
+            &key,
+            &mut self.receipts.borrow_mut(),
+        )
     }
 
     fn entry(&self, index: u64) -> cuts::Lookup<StoreError> {
-        runs::get(self.trees, keys::AUDIT, index)
+        let key = index.to_be_bytes();
+        runs::get_kept(self.trees, keys::AUDIT, &key, &mut self.entries.borrow_mut())
     }
 }
 
