@@ -110,8 +110,8 @@ async fn session(
                 // crash (a DELIVERED receipt issued twice, an envelope whose
                 // Send the app saw fail delivered anyway).
                 shared.store.durable().await?;
-                // Items go as stored, after their `seq`: not decoded here
-                // and encoded again (`antar_proto::transfer`).
+                // Items go as stored, after their `seq`, not encoded again
+                // from a decoded copy (`antar_proto::transfer::item_bytes`).
                 let mut batch = TransferBatchBytes::default();
                 let mut seqs = Vec::with_capacity(items.len());
                 let mut bytes = 0;

@@ -356,7 +356,7 @@ impl Store {
     fn put_receipts_back(&self, record: &mut MessageRecord) -> Result<(), StoreError> {
         let parts = self.parts();
         for cursor in std::mem::take(&mut record.receipt_cursors) {
-            let Some(bytes) = runs::get(&self.inner.trees, keys::RECEIPT_LOG, cursor)? else {
+            let Some(bytes) = cuts::Parts::receipt(&parts, cursor)? else {
                 return Err(corrupt(
                     keys::MESSAGES,
                     format!("a record refers to receipt log cursor {cursor}, which holds nothing"),

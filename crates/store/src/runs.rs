@@ -166,34 +166,39 @@ fn encode<'v>(tree: usize, items: impl Iterator<Item = (u64, &'v [u8])>, bytes: 
 }
 
 /// The value stored for `key` in log tree `tree` of `trees`, alone or in
-/// a run.
+/// a run, read with nothing kept (the store reads through [`get_kept`]).
 ///
 /// # Errors
 /// A storage failure, or a run that does not parse (named with its key).
+#[cfg(test)]
 pub(crate) fn get(trees: &[sled::Tree], tree: usize, key: u64) -> Result<Option<IVec>, StoreError> {
     get_at(trees, tree, &key.to_be_bytes())
 }
 
 /// The value stored at `key` (its bytes) in `tree`, a log or a queue,
-/// alone or in a run.
+/// alone or in a run, read with nothing kept.
 ///
 /// # Errors
 /// A storage failure, or a run that does not parse (named with its key).
+#[cfg(test)]
 pub(crate) fn get_at(trees: &[sled::Tree], tree: usize, key: &[u8]) -> Result<Option<IVec>, StoreError> {
     get_kept(trees, tree, key, &mut None)
 }
 
-/// A run a transaction read from sled, kept to answer for its other items
+/// A run read from sled, kept to answer for its other items
 /// ([`get_kept`]): a transaction that takes a batch of items out of a
 /// queue reads their run once, not once per item (a reverse range in
-/// sled, which copies the node it lands in).
+/// sled, which copies the node it lands in); so does a store-level read
+/// of many values whose parts are in the logs (`InSled` in `lib.rs`).
 ///
 /// Answers stay right while the run changes in sled under the
 /// transaction: a transaction runs under the store's writer lock, so the
 /// applier can neither finish the group it is applying nor start the next
 /// one; what it writes meanwhile is that group, which the transaction
 /// reads first, as a layer (`tx.rs`), and a run it rewrites loses only
-/// items that layer names as taken.
+/// items that layer names as taken. A reader outside any transaction
+/// keeps runs of the logs only, which are written once and never changed
+/// (numbers only grow, and groups are applied in order).
 pub(crate) struct Kept {
     key: IVec,
     value: IVec,
