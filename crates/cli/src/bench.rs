@@ -23,7 +23,7 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -43,6 +43,12 @@ pub struct BenchArgs {
     /// (closed loop only); 1: unary `Send` and `Ack`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch: u64,
+    /// Acks per call of the receiving app, in either loop: above 1, it acks
+    /// with `AckBatch` the deliveries it holds (those already arrived, up to
+    /// this many; it never waits for more); 1: unary `Ack` each. Default:
+    /// --batch.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    ack_batch: Option<u64>,
     /// Deliveries the receiver may hold unacked.
     #[arg(long, default_value_t = 512)]
     in_flight: u32,
@@ -285,7 +291,8 @@ async fn receive_and_ack(
         };
         let env = delivered(d, &progress, hist.as_deref())?;
         let mut batch = vec![ack_of(&env)];
-        // With --batch: the deliveries already here join this one's call.
+        // With --ack-batch (or --batch) above 1: the deliveries already
+        // here join this one's call.
         while batch.len() < max_batch {
             match tokio::time::timeout(Duration::ZERO, stream.next()).await {
                 Ok(Some(d)) => batch.push(ack_of(&delivered(d?, &progress, hist.as_deref())?)),
@@ -362,8 +369,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         args.batch == 1 || args.rate.is_none(),
-        "--batch is for the closed loop: with --rate each request is sent at its own scheduled instant"
+        "--batch is for the closed loop: with --rate each request is sent at its own scheduled instant \
+         (--ack-batch batches the receiving app's acks in either loop)"
     );
+    let ack_batch = args.ack_batch.unwrap_or(args.batch);
     let tmp;
     let dir = match &args.dir {
         Some(d) => d.clone(),
@@ -405,7 +414,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         receipt_status.map(|status| tokio::spawn(watch_receipts(sender.clone(), status, progress.clone())));
     let spawn_receiver = |progress: Arc<Progress>| {
         let hist = receipt_status.is_none().then(|| hist.clone());
-        let (fed, in_flight, batch) = (fed.clone(), args.in_flight, args.batch as usize);
+        let (fed, in_flight, batch) = (fed.clone(), args.in_flight, ack_batch as usize);
         tokio::spawn(async move {
             let receiver = Client::from_federation(&fed, "health", ClientRole::App).await?;
             receive_and_ack(receiver, in_flight, batch, progress, hist).await
@@ -606,12 +615,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let (rss_now, rss_peak) = queued_rss.unwrap_or((0.0, 0.0));
     // The high-water mark at the end covers the drain as well.
     let rss_drain_peak = rss_mib().map_or(0.0, |(_, peak)| peak);
-    let mode = match (args.peer_down, args.rate) {
+    let mut mode = match (args.peer_down, args.rate) {
         (true, _) => "queue".to_owned(),
         (false, Some(r)) => format!("open rate={r}"),
         (false, None) if args.batch > 1 => format!("closed senders={} batch={}", args.senders, args.batch),
         (false, None) => format!("closed senders={}", args.senders),
     };
+    if ack_batch != args.batch {
+        mode.push_str(&format!(" ack_batch={ack_batch}"));
+    }
     if args.peer_down {
         println!(
             "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0}",
@@ -640,7 +652,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "mode": if args.peer_down { "queue" } else if args.rate.is_some() { "open" } else { "closed" },
-            "offered_per_s": args.rate, "senders": args.senders, "batch": args.batch, "hops": hops, "kind": args.kind,
+            "offered_per_s": args.rate, "senders": args.senders, "batch": args.batch, "ack_batch": ack_batch, "hops": hops, "kind": args.kind,
             "receipts": args.receipts, "batch_signatures": args.batch_signatures,
             "batch_envelopes": args.batch_envelopes,
             "messages": total, "size": args.size,

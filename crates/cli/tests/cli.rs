@@ -132,6 +132,18 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     assert!(report["cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{report}");
     assert!(result.contains(" cpu_us_per_msg="), "{result}");
 
+    // Open loop, the receiving app acking with AckBatch.
+    let (result, report) = bench(&["--rate", "200", "--duration", "1", "--ack-batch", "8"]);
+    assert!(
+        result.starts_with("RESULT mode=open rate=200 ack_batch=8 hops=1"),
+        "{result}"
+    );
+    assert_eq!(report["ack_batch"], 8, "{report}");
+    assert_eq!(report["offered_per_s"], 200, "{report}");
+    // Due at i / 200 s for every i with i / 200 < 1: exactly 200.
+    assert_eq!(report["messages"], 200, "{report}");
+    assert_eq!(report["latency_ms"]["samples"], 200, "{report}");
+
     // The recipient down while 60 are sent, then up: they all drain.
     let (result, report) = bench(&["--peer-down", "--messages", "60", "--senders", "4"]);
     assert!(result.starts_with("RESULT mode=queue hops=1"), "{result}");
