@@ -14,9 +14,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use antar_core::wire::{transfer_item, CustodyStatus, Envelope, MessageState, TransferAck, TransferItem};
+use antar_core::wire::peer_client::PeerClient;
+use antar_core::wire::{
+    transfer_item, CustodyStatus, Envelope, MessageState, TransferAck, TransferBatch, TransferItem,
+};
 use antar_core::MessageId;
-use antar_proto::transfer::{item_bytes, TransferBatchBytes};
 
 use crate::error::NodeError;
 use crate::state::Shared;
@@ -73,20 +75,17 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let channel = crate::net::peer_channel(shared, peer, addr).map_err(SessionError)?;
-    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = PeerClient::new(channel).max_decoding_message_size(64 << 20);
     let limits = shared.limits();
     let ack_timeout = Duration::from_millis(limits.transfer_ack_timeout_ms);
-    let (tx, rx) = mpsc::channel::<TransferBatchBytes>(limits.transfer_window);
+    let (tx, rx) = mpsc::channel::<TransferBatch>(limits.transfer_window);
     // Opening the stream (dial, TLS, HTTP/2, response headers) on a stalled
     // link must not hang the forwarder either.
-    let mut acks = tokio::time::timeout(
-        ack_timeout,
-        antar_proto::transfer::transfer(&mut client, ReceiverStream::new(rx)),
-    )
-    .await
-    .map_err(|_| stall_error(ack_timeout))?
-    .map_err(|s| SessionError(crate::status_chain(&s)))?
-    .into_inner();
+    let mut acks = tokio::time::timeout(ack_timeout, client.transfer(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| stall_error(ack_timeout))?
+        .map_err(|s| SessionError(crate::status_chain(&s)))?
+        .into_inner();
     {
         let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
         let h = health.entry(peer.to_owned()).or_default();
@@ -110,9 +109,7 @@ async fn session(
                 // crash (a DELIVERED receipt issued twice, an envelope whose
                 // Send the app saw fail delivered anyway).
                 shared.store.durable().await?;
-                // Items go as stored, after their `seq`, not encoded again
-                // from a decoded copy (`antar_proto::transfer::item_bytes`).
-                let mut batch = TransferBatchBytes::default();
+                let mut batch = TransferBatch::default();
                 let mut seqs = Vec::with_capacity(items.len());
                 let mut bytes = 0;
                 for (seq, value) in items {
@@ -120,7 +117,9 @@ async fn session(
                         break;
                     }
                     bytes += value.len();
-                    batch.items.push(item_bytes(seq, &value));
+                    let mut item = TransferItem::decode(value.as_slice()).unwrap_or_default();
+                    item.seq = seq;
+                    batch.items.push(item);
                     seqs.push(seq);
                     cursor = Some(seq);
                 }

@@ -4,7 +4,6 @@
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 pub mod codec;
-pub mod transfer;
 
 /// Package `antar.v1`.
 pub mod v1 {
