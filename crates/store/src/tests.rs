@@ -1277,6 +1277,47 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
     assert_eq!(s.receipts_after(0, 10).unwrap(), vec![(cursor, receipt)]);
 }
 
+/// One outbox batch restores items whose log entries lie in several runs
+/// of the audit log, each from its own: the reader keeps the last run it
+/// read and answers from it only for the numbers it holds.
+#[tokio::test]
+async fn an_outbox_batch_restores_items_from_several_log_runs() {
+    use antar_core::wire::EntryKind;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    let data = |g: u8, i: u8| vec![10 * g + i; 200];
+    // Three transactions one after another: three groups, three runs.
+    for g in 0..3 {
+        s.transact(|tx| {
+            for i in 0..3 {
+                let index = tx.audit_append(EntryKind::Envelope, &data(g, i), Held::Nothing, "m")?;
+                tx.push_outbox("health", &data(g, i), Held::Audited(index), 0)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(s.inner.trees[keys::AUDIT].len(), 3, "one run a group");
+    let stored: usize = s.inner.trees[keys::OUTBOX]
+        .iter()
+        .map(|kv| kv.unwrap().1.len())
+        .sum();
+    assert!(
+        stored < 9 * 100,
+        "the items are stored without their entries' data: {stored}"
+    );
+    let all: Vec<Vec<u8>> = (0..3).flat_map(|g| (0..3).map(move |i| data(g, i))).collect();
+    let batch = s.outbox_batch("health", None, 100).unwrap();
+    assert_eq!(batch.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), all);
+    // From inside the second run on, and a batch that ends inside it.
+    let after = Some(batch[3].0);
+    let rest = s.outbox_batch("health", after, 100).unwrap();
+    assert_eq!(rest.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), all[4..]);
+    let two = s.outbox_batch("health", after, 2).unwrap();
+    assert_eq!(two.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), all[4..6]);
+}
+
 /// An outbox item holds the signed envelope its transaction appended to
 /// the Merkle log by the entry's index: stored without it, counted and
 /// returned whole, before and after a reopen, and counted off whole when
