@@ -39,8 +39,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     senders: u64,
     /// Requests per call: above 1, each sender sends with `SendBatch` and
-    /// the receiver acks with `AckBatch`, this many at most per call
-    /// (closed loop only); 1: unary `Send` and `Ack`.
+    /// the receiver acks with `AckBatch` (unless --ack-batch says
+    /// otherwise), this many at most per call (closed loop only); 1: unary
+    /// `Send` and `Ack`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch: u64,
     /// Acks per call of the receiving app, in either loop: above 1, it acks

@@ -1278,8 +1278,8 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
 }
 
 /// One outbox batch restores items whose log entries lie in several runs
-/// of the audit log, each from its own: the reader keeps the last run it
-/// read and answers from it only for the numbers it holds.
+/// of the audit log, every item whole: the reader keeps the last run it
+/// read, and must answer from it only for the numbers it holds.
 #[tokio::test]
 async fn an_outbox_batch_restores_items_from_several_log_runs() {
     use antar_core::wire::EntryKind;
@@ -1310,10 +1310,13 @@ async fn an_outbox_batch_restores_items_from_several_log_runs() {
     let all: Vec<Vec<u8>> = (0..3).flat_map(|g| (0..3).map(move |i| data(g, i))).collect();
     let batch = s.outbox_batch("health", None, 100).unwrap();
     assert_eq!(batch.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), all);
-    // From inside the second run on, and a batch that ends inside it.
+    // From inside the second run on; a batch that ends inside it; one
+    // that ends on its last item.
     let after = Some(batch[3].0);
     let rest = s.outbox_batch("health", after, 100).unwrap();
     assert_eq!(rest.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), all[4..]);
+    let one = s.outbox_batch("health", after, 1).unwrap();
+    assert_eq!(one.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), all[4..5]);
     let two = s.outbox_batch("health", after, 2).unwrap();
     assert_eq!(two.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), all[4..6]);
 }
