@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with `env!`: a build script compiled
+    // for a checkout elsewhere (a shared target directory) still finds this
+    // checkout's protos.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = ["agency", "envelope", "peer", "admin", "audit"]
         .map(|name| root.join(format!("antar/v1/{name}.proto")));
     for file in &files {

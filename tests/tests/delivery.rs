@@ -412,8 +412,19 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
             other => panic!("ack {i}: {other:?}"),
         }
     }
+    // One PROCESSED receipt each, signed by health: `last`, acked twice in
+    // the batch, is processed once.
     for id in [&first[0], &tx[0], &last[0]] {
-        until_state(&finance, id, wire::MessageState::Processed, 15).await;
+        let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
+        let processed: Vec<_> = verified_statuses(&fed, &t)
+            .into_iter()
+            .filter(|(status, _)| *status == wire::ReceiptStatus::Processed as i32)
+            .collect();
+        assert_eq!(
+            processed,
+            [(wire::ReceiptStatus::Processed as i32, "health".to_owned())],
+            "{id}"
+        );
     }
 
     // Too many at once is refused whole, naming the field; none is a no-op.

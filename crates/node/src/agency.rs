@@ -15,15 +15,16 @@ use antar_core::envelope::sha256;
 use antar_core::wire::agency_server::Agency;
 use antar_core::wire::{
     ack_result, send_result, transfer_item, AckBatchRequest, AckBatchResponse, AckRequest, AckResponse,
-    AckResult, Delivery, Envelope, EnvelopeTransfer, ItemError, Kind, MessageState, Outcome, ReceiptEvent,
-    ReceiptStatus, ReceiveRequest, ReplyRequest, SendBatchRequest, SendBatchResponse, SendRequest,
-    SendResponse, SendResult, SignedReceipt, TrackRequest, TrackResponse, TransferItem, WatchReceiptsRequest,
+    AckResult, Delivery, Envelope, EnvelopeTransfer, ItemError, Kind, MessageState, Outcome, Receipt,
+    ReceiptEvent, ReceiptStatus, ReceiveRequest, ReplyRequest, SendBatchRequest, SendBatchResponse,
+    SendRequest, SendResponse, SendResult, SignedReceipt, TrackRequest, TrackResponse, TransferItem,
+    WatchReceiptsRequest,
 };
 use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
-use antar_store::{Abort, MessageRecord};
+use antar_store::{Abort, MessageRecord, Tx, TxError};
 
 use crate::error::NodeError;
-use crate::state::{expires_ms, Lease, Leases, Services, Shared};
+use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared};
 use crate::{auth, trace};
 
 /// Callers of `Call` waiting for the RESPONSE to their request id.
@@ -397,9 +398,30 @@ async fn ack(
     outcome: Outcome,
     result: &[u8],
 ) -> Result<(), NodeError> {
+    let draft = check_ack(shared, services, &id, outcome, result)?;
+    let processed = shared.sign_together(vec![draft.clone()]).await.take(draft);
+    shared
+        .store
+        .transact(|tx| apply_ack(shared, tx, &id, &processed))
+        .await
+        .map_err(NodeError::from)?;
+    shared.store.durable().await?;
+    acked(shared, std::slice::from_ref(&id));
+    Ok(())
+}
+
+/// Checks an ack of `id` by an app owning `services` and drafts its
+/// PROCESSED receipt (unsigned): everything before the transaction.
+fn check_ack(
+    shared: &Shared,
+    services: &Services,
+    id: &MessageId,
+    outcome: Outcome,
+    result: &[u8],
+) -> Result<Receipt, NodeError> {
     let record = shared
         .store
-        .message(&id)?
+        .message(id)?
         .ok_or_else(|| NodeError::NotFound(format!("message {id} is not held by this node")))?;
     if !services.contains(&record.service) {
         return Err(NodeError::PermissionDenied(format!(
@@ -407,7 +429,7 @@ async fn ack(
             record.service
         )));
     }
-    let signed = record.envelope.clone().unwrap_or_default();
+    let signed = record.envelope.unwrap_or_default();
     let env = Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
     let outcome = match (Kind::try_from(env.kind), outcome) {
         (Ok(Kind::Transaction), Outcome::Unspecified) => {
@@ -427,42 +449,97 @@ async fn ack(
     };
     // Signed outside the transaction (see `Shared::draft_receipt`); wasted only
     // when the message was acked already.
-    let draft = shared.draft_receipt(
+    Ok(shared.draft_receipt(
         &env,
         &signed.envelope,
         ReceiptStatus::Processed,
         "",
         outcome,
         result_digest,
-    );
-    let processed = shared.sign_together(vec![draft.clone()]).await.take(draft);
-    shared
+    ))
+}
+
+/// The writes of one ack: `id` out of its inbox, its record PROCESSED, the
+/// signed receipt on its way. Nothing when `id` was acked already.
+fn apply_ack(shared: &Shared, tx: &Tx<'_>, id: &MessageId, processed: &Issued) -> Result<(), TxError> {
+    if !tx.remove_inbox(id)? {
+        return Ok(());
+    }
+    tx.update_message(id, |record| {
+        if !record.outgoing {
+            record.state = MessageState::Processed as i32;
+        }
+    })?;
+    shared.route_issued(tx, processed)
+}
+
+/// After acks of `ids` are durable: their leases end, and the receive loops
+/// wake now (an ack frees a slot of its stream's `max_in_flight`), not at
+/// their next tick or arrival.
+fn acked(shared: &Shared, ids: &[MessageId]) {
+    let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+    for id in ids {
+        leases.held.remove(id);
+    }
+    drop(leases);
+    shared.store.inbox_notify().notify_waiters();
+    shared.metrics.processed.inc_by(ids.len() as u64);
+}
+
+/// The acks of one `AckBatch`: each checked apart (an item refused is
+/// refused alone, as its unary `Ack` would be), their receipts signed
+/// together, and the writes of all the others in one transaction and one
+/// flush. The check reads each record whole, so what is left to fail in the
+/// transaction is the store itself, which fails every item alike.
+async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) -> Vec<Result<(), ItemError>> {
+    let mut results = Vec::with_capacity(acks.len());
+    let mut ready = Vec::new();
+    for (i, r) in acks.into_iter().enumerate() {
+        let checked = parse_id("message_id", &r.message_id).and_then(|id| {
+            let outcome =
+                Outcome::try_from(r.outcome).map_err(|_| NodeError::invalid("outcome", "unknown value"))?;
+            let draft = check_ack(shared, services, &id, outcome, &r.result)?;
+            Ok((i, id, draft))
+        });
+        match checked {
+            Ok(item) => {
+                ready.push(item);
+                results.push(Ok(()));
+            }
+            Err(e) => results.push(Err(item_error(e))),
+        }
+    }
+    if ready.is_empty() {
+        return results;
+    }
+    let drafts = ready.iter().map(|(_, _, draft)| draft.clone()).collect();
+    let mut signed = shared.sign_together(drafts).await;
+    let ready: Vec<(usize, MessageId, Issued)> = ready
+        .into_iter()
+        .map(|(i, id, draft)| (i, id, signed.take(draft)))
+        .collect();
+    let written = shared
         .store
         .transact(|tx| {
-            if !tx.remove_inbox(&id)? {
-                return Ok(());
-            }
-            tx.update_message(&id, |record| {
-                if !record.outgoing {
-                    record.state = MessageState::Processed as i32;
-                }
-            })?;
-            shared.route_issued(tx, &processed)
+            ready
+                .iter()
+                .try_for_each(|(_, id, processed)| apply_ack(shared, tx, id, processed))
         })
         .await
-        .map_err(NodeError::from)?;
-    shared.store.durable().await?;
-    shared
-        .leases
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .held
-        .remove(&id);
-    // The ack freed a slot of its stream's `max_in_flight`: wake the
-    // receive loops now, not at their next tick or arrival.
-    shared.store.inbox_notify().notify_waiters();
-    shared.metrics.processed.inc();
-    Ok(())
+        .map_err(NodeError::from);
+    match written.and(shared.store.durable().await.map_err(NodeError::from)) {
+        Ok(()) => {
+            let ids: Vec<MessageId> = ready.into_iter().map(|(_, id, _)| id).collect();
+            acked(shared, &ids);
+        }
+        Err(e) => {
+            let e = item_error(e);
+            for (i, _, _) in ready {
+                results[i] = Err(e.clone());
+            }
+        }
+    }
+    results
 }
 
 impl AgencyService {
@@ -622,20 +699,16 @@ impl Agency for AgencyService {
 
     async fn ack_batch(&self, req: Request<AckBatchRequest>) -> Result<Response<AckBatchResponse>, Status> {
         let app = auth::app(&self.shared, &req)?;
-        let services = Arc::new(self.services_of(&app)?);
+        let services = self.services_of(&app)?;
         let acks = req.into_inner().acks;
         check_batch("acks", acks.len())?;
-        let results = each_apart(acks, |r| {
-            let (shared, services) = (self.shared.clone(), services.clone());
-            async move { ack_request(&shared, &services, r).await }
-        })
-        .await;
+        let results = ack_all(&self.shared, &services, acks).await;
         let results = results
             .into_iter()
             .map(|r| AckResult {
                 result: Some(match r {
                     Ok(()) => ack_result::Result::Acked(AckResponse {}),
-                    Err(e) => ack_result::Result::Error(item_error(e)),
+                    Err(e) => ack_result::Result::Error(e),
                 }),
             })
             .collect();
