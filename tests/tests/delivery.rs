@@ -353,6 +353,21 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
         tx,
         "the repeated transaction key answers the original id"
     );
+    // A later batch repeating the key gets the original ids, and sends
+    // nothing (checked below: only three deliveries).
+    let again = finance
+        .agency()
+        .send_batch(wire::SendBatchRequest {
+            requests: vec![transaction("k-1")],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(
+        matches!(&again[..], [wire::SendResult { result: Some(send_result::Result::Sent(r)) }] if r.message_ids == tx),
+        "{again:?}"
+    );
     for (i, req) in [1, 3, 5].into_iter().zip(refused) {
         let unary = finance.agency().send(req).await.unwrap_err();
         match &results[i].result {

@@ -24,7 +24,7 @@ use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
 use antar_store::{Abort, MessageRecord, Tx, TxError};
 
 use crate::error::NodeError;
-use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared};
+use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared, SignedReceipts};
 use crate::{auth, trace};
 
 /// Callers of `Call` waiting for the RESPONSE to their request id.
@@ -189,98 +189,268 @@ fn validate_send(
     })
 }
 
-/// Seals, stores in one transaction (records, outbox or inbox, ACCEPTED
-/// receipts, the idempotency key) and waits for the flush. For a
-/// TRANSACTION whose key was seen, returns the original ids and stores nothing.
-async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
-    let sender = shared.agency.to_string();
-    let key = v.idempotency_key.as_deref();
-    // Receipts are signed here, outside the transaction (see `Shared::draft_receipt`).
-    let mut drafts = Vec::with_capacity(sealed.len());
-    for s in &sealed {
-        let env = Envelope::decode(s.envelope.envelope.as_slice())
-            .map_err(|e| NodeError::FailedPrecondition(format!("own envelope does not decode: {e}")))?;
-        let accepted = shared.draft_receipt(
-            &env,
-            &s.envelope.envelope,
-            ReceiptStatus::Accepted,
-            "",
-            Outcome::Unspecified,
-            Vec::new(),
-        );
-        let delivered = (env.recipient == sender).then(|| shared.delivered(&env, &s.envelope.envelope));
-        drafts.push((env, accepted, delivered));
-    }
-    let all = drafts
+/// The receipts one send's transaction records, signed: per envelope, the
+/// envelope decoded, its ACCEPTED receipt and, sent to this node's own
+/// agency, its DELIVERED receipt.
+type SendReceipts = Vec<(Envelope, Issued, Option<Issued>)>;
+
+/// Drafts the receipts of `sealed` (unsigned; see `Shared::draft_receipt`).
+fn draft_send_receipts(
+    shared: &Shared,
+    sealed: &[Sealed],
+) -> Result<Vec<(Envelope, Receipt, Option<Receipt>)>, NodeError> {
+    let sender = shared.agency.as_str();
+    sealed
         .iter()
+        .map(|s| {
+            let env = Envelope::decode(s.envelope.envelope.as_slice())
+                .map_err(|e| NodeError::FailedPrecondition(format!("own envelope does not decode: {e}")))?;
+            let accepted = shared.draft_receipt(
+                &env,
+                &s.envelope.envelope,
+                ReceiptStatus::Accepted,
+                "",
+                Outcome::Unspecified,
+                Vec::new(),
+            );
+            let delivered = (env.recipient == sender).then(|| shared.delivered(&env, &s.envelope.envelope));
+            Ok((env, accepted, delivered))
+        })
+        .collect()
+}
+
+/// Every receipt in `drafts`, in order: what is signed together.
+fn send_receipt_drafts<'a>(
+    drafts: impl IntoIterator<Item = &'a (Envelope, Receipt, Option<Receipt>)>,
+) -> Vec<Receipt> {
+    drafts
+        .into_iter()
         .flat_map(|(_, a, d)| std::iter::once(a).chain(d))
         .cloned()
-        .collect();
-    let mut signed = shared.sign_together(all).await;
-    let receipts: Vec<_> = drafts
+        .collect()
+}
+
+/// `drafts` with their receipts taken, in order, from `signed`.
+fn take_send_receipts(
+    signed: &mut SignedReceipts<'_>,
+    drafts: Vec<(Envelope, Receipt, Option<Receipt>)>,
+) -> SendReceipts {
+    drafts
         .into_iter()
         .map(|(env, a, d)| (env, signed.take(a), d.map(|d| signed.take(d))))
-        .collect();
-    let ids = shared
-        .store
-        .transact(|tx| {
-            if let Some(key) = key {
-                if let Some(ids) = tx.tx_key(&sender, key)? {
-                    return Ok(ids);
-                }
-            }
-            let mut ids = Vec::with_capacity(sealed.len());
-            for (s, (env, accepted, delivered)) in sealed.iter().zip(&receipts) {
-                let id = s.id.to_string();
-                let logged = crate::state::audit_envelope(tx, &s.envelope, &id)?;
-                let cursor = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
-                let mut record = MessageRecord {
+        .collect()
+}
+
+/// The writes of one send (records, outbox or inbox, ACCEPTED receipts,
+/// the idempotency key). For a TRANSACTION whose key was seen — also by an
+/// earlier send of the same transaction — returns the original ids and
+/// writes nothing.
+fn store_send(
+    shared: &Shared,
+    tx: &Tx<'_>,
+    v: &Validated,
+    sealed: &[Sealed],
+    receipts: &SendReceipts,
+) -> Result<Vec<MessageId>, TxError> {
+    let sender = shared.agency.to_string();
+    let key = v.idempotency_key.as_deref();
+    if let Some(key) = key {
+        if let Some(ids) = tx.tx_key(&sender, key)? {
+            return Ok(ids);
+        }
+    }
+    let mut ids = Vec::with_capacity(sealed.len());
+    for (s, (env, accepted, delivered)) in sealed.iter().zip(receipts) {
+        let id = s.id.to_string();
+        let logged = crate::state::audit_envelope(tx, &s.envelope, &id)?;
+        let cursor = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
+        let mut record = MessageRecord {
+            envelope: Some(s.envelope.clone()),
+            payload: Some(s.payload.clone()),
+            state: MessageState::Accepted as i32,
+            sender_identity: shared.identity.to_string(),
+            outgoing: true,
+            service: env.service.clone(),
+            expires_at_ms: expires_ms(env),
+            ..Default::default()
+        };
+        record.push_logged_receipt(cursor, &sha256(&accepted.signed.receipt));
+        if let Some(delivered) = delivered {
+            shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
+        } else {
+            tx.put_message(&s.id, &record)?;
+            let peer = shared
+                .policy()
+                .next_hop(&env.recipient)
+                .ok_or_else(|| Abort::Refused(format!("no route to {}", env.recipient)))?;
+            let item = TransferItem {
+                seq: 0,
+                item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
                     envelope: Some(s.envelope.clone()),
                     payload: Some(s.payload.clone()),
-                    state: MessageState::Accepted as i32,
-                    sender_identity: shared.identity.to_string(),
-                    outgoing: true,
-                    service: env.service.clone(),
-                    expires_at_ms: expires_ms(env),
-                    ..Default::default()
-                };
-                record.push_logged_receipt(cursor, &sha256(&accepted.signed.receipt));
-                if let Some(delivered) = delivered {
-                    shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
-                } else {
-                    tx.put_message(&s.id, &record)?;
-                    let peer = shared
-                        .policy()
-                        .next_hop(&env.recipient)
-                        .ok_or_else(|| Abort::Refused(format!("no route to {}", env.recipient)))?;
-                    let item = TransferItem {
-                        seq: 0,
-                        item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
-                            envelope: Some(s.envelope.clone()),
-                            payload: Some(s.payload.clone()),
-                            hops: vec![sender.clone()],
-                            traceparent: v.traceparent.clone(),
-                        })),
-                    };
-                    let held = antar_store::Held::Audited(logged);
-                    tx.push_outbox(&peer, &item.encode_to_vec(), held, expires_ms(env))?;
-                }
-                ids.push(s.id);
-            }
-            if let Some(key) = key {
-                tx.put_tx_key(&sender, key, &ids)?;
-            }
-            Ok(ids)
-        })
+                    hops: vec![sender.clone()],
+                    traceparent: v.traceparent.clone(),
+                })),
+            };
+            let held = antar_store::Held::Audited(logged);
+            tx.push_outbox(&peer, &item.encode_to_vec(), held, expires_ms(env))?;
+        }
+        ids.push(s.id);
+    }
+    if let Some(key) = key {
+        tx.put_tx_key(&sender, key, &ids)?;
+    }
+    Ok(ids)
+}
+
+/// After sends are durable: counted, and logged with their trace.
+fn sent(shared: &Shared, v: &Validated, ids: &[MessageId]) {
+    shared.metrics.sent.inc_by(ids.len() as u64);
+    let trace_id = trace::trace_id(&v.traceparent);
+    for id in ids {
+        tracing::debug!(%id, trace_id, "accepted");
+    }
+}
+
+/// Seals, stores in one transaction (`store_send`) and waits for the flush.
+/// For a TRANSACTION whose key was seen, returns the original ids and
+/// stores nothing.
+async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
+    // Receipts are signed here, outside the transaction (see `Shared::draft_receipt`).
+    let drafts = draft_send_receipts(shared, &sealed)?;
+    let mut signed = shared.sign_together(send_receipt_drafts(&drafts)).await;
+    let receipts = take_send_receipts(&mut signed, drafts);
+    let ids = shared
+        .store
+        .transact(|tx| store_send(shared, tx, &v, &sealed, &receipts))
         .await
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
-    shared.metrics.sent.inc_by(ids.len() as u64);
-    let trace_id = trace::trace_id(&v.traceparent);
-    for id in &ids {
-        tracing::debug!(%id, trace_id, "accepted");
-    }
+    sent(shared, &v, &ids);
     Ok(ids)
+}
+
+/// The sends of one `SendBatch`: each validated apart (a refused one is
+/// refused alone, as its unary `Send` would be), a TRANSACTION already
+/// seen answered from its key, the rest sealed together, their receipts
+/// signed together, and all of them stored in one transaction and one
+/// flush. Should that transaction abort (a route removed by a reload since
+/// the check), each is stored in its own instead, so only the send at
+/// fault fails.
+async fn send_all(
+    shared: &Shared,
+    app: &str,
+    requests: Vec<SendRequest>,
+    traceparent: &str,
+) -> Vec<Result<Vec<MessageId>, ItemError>> {
+    let mut results: Vec<Result<Vec<MessageId>, ItemError>> = Vec::with_capacity(requests.len());
+    let mut valid = Vec::new();
+    for (i, r) in requests.into_iter().enumerate() {
+        match validate_send(shared, app, r, None, traceparent.to_owned()) {
+            Ok(v) => {
+                valid.push((i, v));
+                results.push(Ok(Vec::new()));
+            }
+            Err(e) => results.push(Err(item_error(e))),
+        }
+    }
+    // TRANSACTIONs already seen: their original ids, nothing sealed.
+    let sender = shared.agency.to_string();
+    let seen = if valid.iter().any(|(_, v)| v.idempotency_key.is_some()) {
+        shared
+            .store
+            .transact(|tx| {
+                valid
+                    .iter()
+                    .map(|(_, v)| match &v.idempotency_key {
+                        Some(key) => tx.tx_key(&sender, key),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(NodeError::from)
+    } else {
+        Ok(vec![None; valid.len()])
+    };
+    let seen = match seen {
+        Ok(seen) => seen,
+        Err(e) => {
+            let e = item_error(e);
+            for (i, _) in valid {
+                results[i] = Err(e.clone());
+            }
+            return results;
+        }
+    };
+    let mut fresh = Vec::with_capacity(valid.len());
+    for ((i, v), ids) in valid.into_iter().zip(seen) {
+        match ids {
+            Some(ids) => results[i] = Ok(ids),
+            None => fresh.push((i, v)),
+        }
+    }
+    if fresh.is_empty() {
+        return results;
+    }
+    // One call to seal them all: split back by each send's number of envelopes.
+    let prepared = fresh
+        .iter()
+        .flat_map(|(_, v)| v.drafts.iter().map(|d| d.clone().prepare(v.payload.clone())))
+        .collect();
+    let mut sealed = shared.seal_together(prepared).await.into_iter();
+    let mut ready = Vec::with_capacity(fresh.len());
+    for (i, v) in fresh {
+        let own: Vec<Sealed> = sealed.by_ref().take(v.drafts.len()).collect();
+        match draft_send_receipts(shared, &own) {
+            Ok(drafts) => ready.push((i, v, own, drafts)),
+            Err(e) => results[i] = Err(item_error(e)),
+        }
+    }
+    let mut signed = shared
+        .sign_together(send_receipt_drafts(ready.iter().flat_map(|(_, _, _, d)| d)))
+        .await;
+    let ready: Vec<(usize, Validated, Vec<Sealed>, SendReceipts)> = ready
+        .into_iter()
+        .map(|(i, v, own, drafts)| (i, v, own, take_send_receipts(&mut signed, drafts)))
+        .collect();
+    let together = shared
+        .store
+        .transact(|tx| {
+            ready
+                .iter()
+                .map(|(_, v, own, receipts)| store_send(shared, tx, v, own, receipts))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+    let stored: Vec<Result<Vec<MessageId>, NodeError>> = match together {
+        Ok(ids) => ids.into_iter().map(Ok).collect(),
+        Err(_) if ready.len() > 1 => {
+            let mut apart = Vec::with_capacity(ready.len());
+            for (_, v, own, receipts) in &ready {
+                let one = shared
+                    .store
+                    .transact(|tx| store_send(shared, tx, v, own, receipts))
+                    .await
+                    .map_err(NodeError::from);
+                apart.push(one);
+            }
+            apart
+        }
+        Err(e) => vec![Err(NodeError::from(e))],
+    };
+    let durable = shared.store.durable().await.map_err(|e| item_error(e.into()));
+    for ((i, v, _, _), ids) in ready.iter().zip(stored) {
+        results[*i] = match (ids, &durable) {
+            (Ok(ids), Ok(())) => {
+                sent(shared, v, &ids);
+                Ok(ids)
+            }
+            (Ok(_), Err(e)) => Err(e.clone()),
+            (Err(e), _) => Err(item_error(e)),
+        };
+    }
+    results
 }
 
 async fn seal_all(shared: &Shared, v: &Validated) -> Vec<Sealed> {
@@ -338,39 +508,6 @@ fn check_batch(field: &'static str, n: usize) -> Result<(), NodeError> {
         ));
     }
     Ok(())
-}
-
-/// Runs `each` on every item of a batch as a task of its own — so the
-/// items share group commits and both cores, as concurrent unary calls
-/// would — and returns the results in the items' order. When the call is
-/// dropped (the client cancelled it, or its deadline passed), every task
-/// is dropped at its next await, as each of those unary calls would be: an
-/// item that had already joined a group is still stored, the others are not.
-async fn each_apart<I, T, F, Fut>(items: Vec<I>, each: F) -> Vec<Result<T, NodeError>>
-where
-    F: Fn(I) -> Fut,
-    Fut: std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
-    T: Send + 'static,
-{
-    let mut out: Vec<Option<Result<T, NodeError>>> = Vec::with_capacity(items.len());
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let item = each(item);
-        tasks.spawn(async move { (i, item.await) });
-        out.push(None);
-    }
-    while let Some(done) = tasks.join_next().await {
-        match done.map_err(tokio::task::JoinError::try_into_panic) {
-            Ok((i, result)) => out[i] = Some(result),
-            Err(Ok(panic)) => std::panic::resume_unwind(panic),
-            // Cancelled: only by the runtime shutting down; its slot below.
-            Err(Err(_)) => {}
-        }
-    }
-    // One answer per item, in order, whatever happened.
-    out.into_iter()
-        .map(|r| r.unwrap_or(Err(NodeError::Draining)))
-        .collect()
 }
 
 /// What a batch answers for an item its unary call would have failed.
@@ -669,20 +806,15 @@ impl Agency for AgencyService {
         &self,
         req: Request<SendBatchRequest>,
     ) -> Result<Response<SendBatchResponse>, Status> {
-        let app: Arc<str> = auth::app(&self.shared, &req)?.into();
+        let app = auth::app(&self.shared, &req)?;
         let traceparent = trace::from_metadata(req.metadata());
         let requests = req.into_inner().requests;
         check_batch("requests", requests.len())?;
-        let results = each_apart(requests, |r| {
-            let (shared, app, traceparent) = (self.shared.clone(), app.clone(), traceparent.clone());
-            async move {
-                let started = Instant::now();
-                let ids = send(&shared, &app, r, traceparent).await?;
-                shared.metrics.send_seconds.observe(started.elapsed());
-                Ok(ids)
-            }
-        })
-        .await;
+        let started = Instant::now();
+        let results = send_all(&self.shared, &app, requests, &traceparent).await;
+        for _ in results.iter().filter(|r| r.is_ok()) {
+            self.shared.metrics.send_seconds.observe(started.elapsed());
+        }
         let results = results
             .into_iter()
             .map(|r| SendResult {
@@ -690,7 +822,7 @@ impl Agency for AgencyService {
                     Ok(ids) => send_result::Result::Sent(SendResponse {
                         message_ids: ids.iter().map(ToString::to_string).collect(),
                     }),
-                    Err(e) => send_result::Result::Error(item_error(e)),
+                    Err(e) => send_result::Result::Error(e),
                 }),
             })
             .collect();
