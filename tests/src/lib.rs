@@ -110,6 +110,17 @@ impl Federation {
     }
 
     /// Starts a node in this process with a given config.
+    /// Starts the nodes of `agencies`, each with its config changed by `tune`.
+    pub async fn start_all_with(&self, agencies: &[&str], tune: impl Fn(&str, &mut NodeConfig)) -> Vec<Node> {
+        let mut nodes = Vec::with_capacity(agencies.len());
+        for agency in agencies {
+            let mut config = self.config(agency);
+            tune(agency, &mut config);
+            nodes.push(self.start_with(config).await);
+        }
+        nodes
+    }
+
     pub async fn start_with(&self, config: NodeConfig) -> Node {
         let path = self.layout.config_path(&config.agency);
         std::fs::write(&path, config.to_toml()).unwrap();

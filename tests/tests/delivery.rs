@@ -475,6 +475,8 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
         receive(&health, 1, 1, true).await.is_empty(),
         "nothing more was sent"
     );
+    // Counted once each: not the repeated key, in the batch or after it.
+    assert_eq!(get(&scrape(&fed, "finance").await, "antar_sent_total"), 3.0);
     for n in nodes {
         n.stop().await.unwrap();
     }

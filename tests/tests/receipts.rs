@@ -326,18 +326,100 @@ fn prost_types_duration(secs: i64) -> antar_proto::prost_types::Duration {
     }
 }
 
+/// With both batch switches on, one `SendBatch` holding a NOTICE to two
+/// agencies and a NOTICE to one is sealed with one signature over its three
+/// envelopes; each reaches its own recipient, verifies alone, and its
+/// receipt chain comes back complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_batch_is_sealed_together_and_each_envelope_reaches_its_own_recipient() {
+    use prost::Message as _;
+    use wire::send_result;
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "health", "registry", "hub"], |_, config| {
+            config.envelopes.batch_signatures = true;
+            config.receipts.batch_signatures = true;
+        })
+        .await;
+    let finance = fed.app("finance").await;
+    let results = finance
+        .agency()
+        .send_batch(wire::SendBatchRequest {
+            requests: vec![
+                wire::SendRequest {
+                    recipients: vec!["registry".into(), "health".into()],
+                    ..notice("registry", "address.changed", b"citizen 3171 moved")
+                },
+                notice("health", "address.changed", b"citizen 3172 moved"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let ids: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| match &r.result {
+            Some(send_result::Result::Sent(s)) => s.message_ids.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!((ids[0].len(), ids[1].len()), (2, 1));
+    let mut got: Vec<String> = Vec::new();
+    for (agency, n) in [("registry", 1), ("health", 2)] {
+        let app = fed.app(agency).await;
+        let d = receive(&app, n, 10, true).await;
+        assert_eq!(d.len(), n, "{agency}");
+        got.extend(d.iter().map(|d| envelope_of(d).id));
+    }
+    got.sort();
+    let mut all: Vec<String> = ids.concat();
+    all.sort();
+    assert_eq!(got, all, "each envelope delivered once");
+    let want = [
+        ("registry", &ids[0][0]),
+        ("health", &ids[0][1]),
+        ("health", &ids[1][0]),
+    ];
+    let mut signatures = Vec::new();
+    for (agency, id) in want {
+        let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
+        let signed = t.envelope.as_ref().unwrap();
+        fed.verifier().verify_envelope(signed).unwrap();
+        let e = wire::Envelope::decode(signed.envelope.as_slice()).unwrap();
+        assert_eq!((&e.id, e.recipient.as_str()), (id, agency));
+        let batch = signed.batch.as_ref().expect("batch-signed");
+        let header = wire::EnvelopeBatch::decode(batch.header.as_slice()).unwrap();
+        assert_eq!((header.size, header.sender.as_str()), (3, "finance"));
+        signatures.push(signed.signature.clone());
+        let statuses = [
+            (wire::ReceiptStatus::Accepted, "finance"),
+            (wire::ReceiptStatus::Delivered, agency),
+            (wire::ReceiptStatus::Processed, agency),
+        ]
+        .map(|(status, issuer)| (status as i32, issuer.to_owned()));
+        assert_eq!(verified_statuses(&fed, &t), statuses, "{id}");
+    }
+    assert!(
+        signatures.windows(2).all(|w| w[0] == w[1]),
+        "one signature for all three"
+    );
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
 /// With `envelopes.batch_signatures` on at the sender, the envelopes of
 /// one NOTICE share one signature, and each recipient verifies its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each() {
     use prost::Message as _;
     let fed = Federation::standard();
-    let mut nodes = Vec::new();
-    for a in ["finance", "health", "registry", "hub"] {
-        let mut config = fed.config(a);
-        config.envelopes.batch_signatures = a == "finance";
-        nodes.push(fed.start_with(config).await);
-    }
+    let nodes = fed
+        .start_all_with(&["finance", "health", "registry", "hub"], |a, config| {
+            config.envelopes.batch_signatures = a == "finance";
+        })
+        .await;
     let finance = fed.app("finance").await;
     let ids = finance
         .agency()

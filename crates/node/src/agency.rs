@@ -21,7 +21,7 @@ use antar_core::wire::{
     WatchReceiptsRequest,
 };
 use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
-use antar_store::{Abort, MessageRecord, Tx, TxError};
+use antar_store::{MessageRecord, Tx, TxError};
 
 use crate::error::NodeError;
 use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared, SignedReceipts};
@@ -241,26 +241,55 @@ fn take_send_receipts(
         .collect()
 }
 
+/// What `store_send` did with one send.
+enum Stored {
+    /// Wrote it: its new ids.
+    New(Vec<MessageId>),
+    /// A TRANSACTION whose key was seen: the original ids, nothing written.
+    Seen(Vec<MessageId>),
+    /// A recipient no route reaches any more (a reload since the check):
+    /// the refusal, nothing written.
+    NoRoute(String),
+}
+
+/// Where `store_send` puts one envelope.
+enum Dest<'a> {
+    /// Delivered to this node's own agency, with its DELIVERED receipt.
+    Here(&'a Issued),
+    /// Queued for the peer on its route.
+    Peer(String),
+}
+
 /// The writes of one send (records, outbox or inbox, ACCEPTED receipts,
 /// the idempotency key). For a TRANSACTION whose key was seen — also by an
-/// earlier send of the same transaction — returns the original ids and
-/// writes nothing.
+/// earlier send in the same transaction — or a recipient no route reaches,
+/// writes nothing; so a batch's other sends go on in the same transaction.
 fn store_send(
     shared: &Shared,
     tx: &Tx<'_>,
     v: &Validated,
     sealed: &[Sealed],
     receipts: &SendReceipts,
-) -> Result<Vec<MessageId>, TxError> {
+) -> Result<Stored, TxError> {
     let sender = shared.agency.to_string();
     let key = v.idempotency_key.as_deref();
     if let Some(key) = key {
         if let Some(ids) = tx.tx_key(&sender, key)? {
-            return Ok(ids);
+            return Ok(Stored::Seen(ids));
         }
     }
+    // Where each goes, first, so a send refused for one writes nothing.
+    let policy = shared.policy();
+    let mut dests = Vec::with_capacity(sealed.len());
+    for (env, _, delivered) in receipts {
+        dests.push(match (delivered, policy.next_hop(&env.recipient)) {
+            (Some(delivered), _) => Dest::Here(delivered),
+            (None, Some(peer)) => Dest::Peer(peer),
+            (None, None) => return Ok(Stored::NoRoute(format!("no route to {}", env.recipient))),
+        });
+    }
     let mut ids = Vec::with_capacity(sealed.len());
-    for (s, (env, accepted, delivered)) in sealed.iter().zip(receipts) {
+    for ((s, (env, accepted, _)), dest) in sealed.iter().zip(receipts).zip(dests) {
         let id = s.id.to_string();
         let logged = crate::state::audit_envelope(tx, &s.envelope, &id)?;
         let cursor = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
@@ -275,32 +304,31 @@ fn store_send(
             ..Default::default()
         };
         record.push_logged_receipt(cursor, &sha256(&accepted.signed.receipt));
-        if let Some(delivered) = delivered {
-            shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
-        } else {
-            tx.put_message(&s.id, &record)?;
-            let peer = shared
-                .policy()
-                .next_hop(&env.recipient)
-                .ok_or_else(|| Abort::Refused(format!("no route to {}", env.recipient)))?;
-            let item = TransferItem {
-                seq: 0,
-                item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
-                    envelope: Some(s.envelope.clone()),
-                    payload: Some(s.payload.clone()),
-                    hops: vec![sender.clone()],
-                    traceparent: v.traceparent.clone(),
-                })),
-            };
-            let held = antar_store::Held::Audited(logged);
-            tx.push_outbox(&peer, &item.encode_to_vec(), held, expires_ms(env))?;
+        match dest {
+            Dest::Here(delivered) => {
+                shared.deliver_local(tx, &s.id, record, env, &s.envelope.envelope, delivered)?;
+            }
+            Dest::Peer(peer) => {
+                tx.put_message(&s.id, &record)?;
+                let item = TransferItem {
+                    seq: 0,
+                    item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
+                        envelope: Some(s.envelope.clone()),
+                        payload: Some(s.payload.clone()),
+                        hops: vec![sender.clone()],
+                        traceparent: v.traceparent.clone(),
+                    })),
+                };
+                let held = antar_store::Held::Audited(logged);
+                tx.push_outbox(&peer, &item.encode_to_vec(), held, expires_ms(env))?;
+            }
         }
         ids.push(s.id);
     }
     if let Some(key) = key {
         tx.put_tx_key(&sender, key, &ids)?;
     }
-    Ok(ids)
+    Ok(Stored::New(ids))
 }
 
 /// After sends are durable: counted, and logged with their trace.
@@ -320,23 +348,26 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
     let drafts = draft_send_receipts(shared, &sealed)?;
     let mut signed = shared.sign_together(send_receipt_drafts(&drafts)).await;
     let receipts = take_send_receipts(&mut signed, drafts);
-    let ids = shared
+    let stored = shared
         .store
         .transact(|tx| store_send(shared, tx, &v, &sealed, &receipts))
         .await
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
-    sent(shared, &v, &ids);
-    Ok(ids)
+    match stored {
+        Stored::New(ids) => {
+            sent(shared, &v, &ids);
+            Ok(ids)
+        }
+        Stored::Seen(ids) => Ok(ids),
+        Stored::NoRoute(refusal) => Err(NodeError::FailedPrecondition(refusal)),
+    }
 }
 
 /// The sends of one `SendBatch`: each validated apart (a refused one is
 /// refused alone, as its unary `Send` would be), a TRANSACTION already
 /// seen answered from its key, the rest sealed together, their receipts
-/// signed together, and all of them stored in one transaction and one
-/// flush. Should that transaction abort (a route removed by a reload since
-/// the check), each is stored in its own instead, so only the send at
-/// fault fails.
+/// signed together, and all of them stored by `write_all`.
 async fn send_all(
     shared: &Shared,
     app: &str,
@@ -414,40 +445,19 @@ async fn send_all(
         .into_iter()
         .map(|(i, v, own, drafts)| (i, v, own, take_send_receipts(&mut signed, drafts)))
         .collect();
-    let together = shared
-        .store
-        .transact(|tx| {
-            ready
-                .iter()
-                .map(|(_, v, own, receipts)| store_send(shared, tx, v, own, receipts))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await;
-    let stored: Vec<Result<Vec<MessageId>, NodeError>> = match together {
-        Ok(ids) => ids.into_iter().map(Ok).collect(),
-        Err(_) if ready.len() > 1 => {
-            let mut apart = Vec::with_capacity(ready.len());
-            for (_, v, own, receipts) in &ready {
-                let one = shared
-                    .store
-                    .transact(|tx| store_send(shared, tx, v, own, receipts))
-                    .await
-                    .map_err(NodeError::from);
-                apart.push(one);
-            }
-            apart
-        }
-        Err(e) => vec![Err(NodeError::from(e))],
-    };
-    let durable = shared.store.durable().await.map_err(|e| item_error(e.into()));
-    for ((i, v, _, _), ids) in ready.iter().zip(stored) {
-        results[*i] = match (ids, &durable) {
-            (Ok(ids), Ok(())) => {
+    let stored = write_all(shared, &ready, |tx, (_, v, own, receipts)| {
+        store_send(shared, tx, v, own, receipts)
+    })
+    .await;
+    for ((i, v, _, _), stored) in ready.iter().zip(stored) {
+        results[*i] = match stored {
+            Ok(Stored::New(ids)) => {
                 sent(shared, v, &ids);
                 Ok(ids)
             }
-            (Ok(_), Err(e)) => Err(e.clone()),
-            (Err(e), _) => Err(item_error(e)),
+            Ok(Stored::Seen(ids)) => Ok(ids),
+            Ok(Stored::NoRoute(refusal)) => Err(item_error(NodeError::FailedPrecondition(refusal))),
+            Err(e) => Err(e),
         };
     }
     results
@@ -508,6 +518,49 @@ fn check_batch(field: &'static str, n: usize) -> Result<(), NodeError> {
         ));
     }
     Ok(())
+}
+
+/// Writes the items of a batch call with `write`, all in one transaction,
+/// then waits for the flush. Should that transaction abort (a record that
+/// does not decode), each is written in a transaction of its own instead,
+/// so only the item at fault fails, as its unary call would; a store
+/// failure fails every item.
+async fn write_all<I, T>(
+    shared: &Shared,
+    items: &[I],
+    write: impl Fn(&Tx<'_>, &I) -> Result<T, TxError>,
+) -> Vec<Result<T, ItemError>> {
+    let together = shared
+        .store
+        .transact(|tx| {
+            items
+                .iter()
+                .map(|item| write(tx, item))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+    let written: Vec<Result<T, ItemError>> = match together {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        Err(Ok(_abort)) if items.len() > 1 => {
+            let mut apart = Vec::with_capacity(items.len());
+            for item in items {
+                let one = shared.store.transact(|tx| write(tx, item)).await;
+                apart.push(one.map_err(|e| item_error(e.into())));
+            }
+            apart
+        }
+        Err(e) => {
+            let e = item_error(e.into());
+            return items.iter().map(|_| Err(e.clone())).collect();
+        }
+    };
+    match shared.store.durable().await {
+        Ok(()) => written,
+        Err(e) => {
+            let e = item_error(e.into());
+            written.into_iter().map(|w| w.and(Err(e.clone()))).collect()
+        }
+    }
 }
 
 /// What a batch answers for an item its unary call would have failed.
@@ -625,9 +678,7 @@ fn acked(shared: &Shared, ids: &[MessageId]) {
 
 /// The acks of one `AckBatch`: each checked apart (an item refused is
 /// refused alone, as its unary `Ack` would be), their receipts signed
-/// together, and the writes of all the others in one transaction and one
-/// flush. The check reads each record whole, so what is left to fail in the
-/// transaction is the store itself, which fails every item alike.
+/// together, and all the others written by `write_all`.
 async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) -> Vec<Result<(), ItemError>> {
     let mut results = Vec::with_capacity(acks.len());
     let mut ready = Vec::new();
@@ -655,27 +706,18 @@ async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) ->
         .into_iter()
         .map(|(i, id, draft)| (i, id, signed.take(draft)))
         .collect();
-    let written = shared
-        .store
-        .transact(|tx| {
-            ready
-                .iter()
-                .try_for_each(|(_, id, processed)| apply_ack(shared, tx, id, processed))
-        })
-        .await
-        .map_err(NodeError::from);
-    match written.and(shared.store.durable().await.map_err(NodeError::from)) {
-        Ok(()) => {
-            let ids: Vec<MessageId> = ready.into_iter().map(|(_, id, _)| id).collect();
-            acked(shared, &ids);
-        }
-        Err(e) => {
-            let e = item_error(e);
-            for (i, _, _) in ready {
-                results[i] = Err(e.clone());
-            }
+    let written = write_all(shared, &ready, |tx, (_, id, processed)| {
+        apply_ack(shared, tx, id, processed)
+    })
+    .await;
+    let mut done = Vec::with_capacity(ready.len());
+    for ((i, id, _), written) in ready.into_iter().zip(written) {
+        match written {
+            Ok(()) => done.push(id),
+            Err(e) => results[i] = Err(e),
         }
     }
+    acked(shared, &done);
     results
 }
 
