@@ -1,6 +1,8 @@
 //! Chaos, short variant (issue 7): finance -> hub -> registry as three
 //! `antar node run` processes, each link through a loopback proxy; while an
-//! app sends and another receives and acks, a seeded random schedule
+//! app sends (`Send`, and every third call a `SendBatch`) and another
+//! receives and acks (`AckBatch` for what has arrived together, else
+//! `Ack`), a seeded random schedule
 //! SIGKILLs and restarts any node, or cuts or stalls a link for a while. The
 //! checker then proves: every send the node acknowledged reached the app
 //! and was acked; nothing was delivered again after its ack succeeded; every
@@ -43,6 +45,8 @@ struct Seen {
     /// Delivered again after an acknowledged ack: must stay empty.
     violations: Vec<String>,
     deliveries: u64,
+    /// Acks that went in an `AckBatch` of several.
+    batch_acks: u64,
 }
 
 async fn receiver(fed: Arc<Federation>, seen: Arc<Mutex<Seen>>, stop: tokio_util::sync::CancellationToken) {
@@ -77,24 +81,52 @@ async fn receiver(fed: Arc<Federation>, seen: Arc<Mutex<Seen>>, stop: tokio_util
                 Err(_) => continue,
                 _ => break,
             };
-            let id = envelope_of(&d).id;
-            {
-                let mut s = seen.lock().unwrap();
-                s.deliveries += 1;
-                s.delivered.insert(id.clone());
-                if s.acked.contains(&id) {
-                    s.violations.push(id.clone());
+            // With what else has arrived already (up to 8): several are
+            // acked with one AckBatch, one alone with Ack.
+            let mut ids = vec![envelope_of(&d).id];
+            while ids.len() < 8 {
+                match tokio::time::timeout(Duration::ZERO, stream.next()).await {
+                    Ok(Some(Ok(d))) => ids.push(envelope_of(&d).id),
+                    _ => break,
                 }
             }
-            let acked = agency
-                .ack(wire::AckRequest {
-                    message_id: id.clone(),
-                    ..Default::default()
-                })
-                .await;
-            if acked.is_ok() {
-                seen.lock().unwrap().acked.insert(id);
+            {
+                let mut s = seen.lock().unwrap();
+                for id in &ids {
+                    s.deliveries += 1;
+                    s.delivered.insert(id.clone());
+                    if s.acked.contains(id) {
+                        s.violations.push(id.clone());
+                    }
+                }
             }
+            let ack = |id: &String| wire::AckRequest {
+                message_id: id.clone(),
+                ..Default::default()
+            };
+            let acked: Vec<String> = if let [id] = &ids[..] {
+                match agency.ack(ack(id)).await {
+                    Ok(_) => ids,
+                    Err(_) => Vec::new(),
+                }
+            } else {
+                seen.lock().unwrap().batch_acks += ids.len() as u64;
+                match agency
+                    .ack_batch(wire::AckBatchRequest {
+                        acks: ids.iter().map(ack).collect(),
+                    })
+                    .await
+                {
+                    Ok(r) => ids
+                        .into_iter()
+                        .zip(r.into_inner().results)
+                        .filter(|(_, r)| matches!(r.result, Some(wire::ack_result::Result::Acked(_))))
+                        .map(|(id, _)| id)
+                        .collect(),
+                    Err(_) => Vec::new(),
+                }
+            };
+            seen.lock().unwrap().acked.extend(acked);
         }
     }
 }
@@ -146,14 +178,40 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
             let app = antar_client::federation_credentials(&fed.file, "finance", ClientRole::App).unwrap();
             let client = antar_client::Client::lazy(&app.0, &app.1).unwrap();
             let mut i = 0u64;
+            // Every third call a SendBatch of four; the ids of the items it
+            // answered Sent count as acknowledged.
             while !stop.is_cancelled() {
-                let mut req = tonic::Request::new(notice("registry", "birth.lookup", &i.to_be_bytes()));
-                req.set_timeout(Duration::from_secs(2));
-                match client.agency().send(req).await {
-                    Ok(r) => sent.lock().unwrap().push(r.into_inner().message_ids.remove(0)),
+                let note = |i: u64| notice("registry", "birth.lookup", &i.to_be_bytes());
+                let ids = if i % 3 == 2 {
+                    let mut req = tonic::Request::new(wire::SendBatchRequest {
+                        requests: (i..i + 4).map(note).collect(),
+                    });
+                    req.set_timeout(Duration::from_secs(2));
+                    client.agency().send_batch(req).await.map(|r| {
+                        r.into_inner()
+                            .results
+                            .into_iter()
+                            .filter_map(|r| match r.result {
+                                Some(wire::send_result::Result::Sent(s)) => Some(s.message_ids),
+                                _ => None,
+                            })
+                            .flatten()
+                            .collect::<Vec<_>>()
+                    })
+                } else {
+                    let mut req = tonic::Request::new(note(i));
+                    req.set_timeout(Duration::from_secs(2));
+                    client
+                        .agency()
+                        .send(req)
+                        .await
+                        .map(|r| r.into_inner().message_ids)
+                };
+                match ids {
+                    Ok(ids) => sent.lock().unwrap().extend(ids),
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
-                i += 1;
+                i += 4;
             }
         })
     };
@@ -246,10 +304,11 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
             s.violations
         );
         eprintln!(
-            "chaos: {kills} kills, {link_faults} link cuts or stalls, {} sends acknowledged, {} deliveries, {} acked",
+            "chaos: {kills} kills, {link_faults} link cuts or stalls, {} sends acknowledged, {} deliveries, {} acked ({} in AckBatch calls)",
             sent.len(),
             s.deliveries,
-            s.acked.len()
+            s.acked.len(),
+            s.batch_acks
         );
     }
 
