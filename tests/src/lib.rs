@@ -109,7 +109,6 @@ impl Federation {
         self.start_with(self.config(agency)).await
     }
 
-    /// Starts a node in this process with a given config.
     /// Starts the nodes of `agencies`, each with its config changed by `tune`.
     pub async fn start_all_with(&self, agencies: &[&str], tune: impl Fn(&str, &mut NodeConfig)) -> Vec<Node> {
         let mut nodes = Vec::with_capacity(agencies.len());
@@ -121,6 +120,7 @@ impl Federation {
         nodes
     }
 
+    /// Starts a node in this process with a given config.
     pub async fn start_with(&self, config: NodeConfig) -> Node {
         let path = self.layout.config_path(&config.agency);
         std::fs::write(&path, config.to_toml()).unwrap();

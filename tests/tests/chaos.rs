@@ -45,7 +45,7 @@ struct Seen {
     /// Delivered again after an acknowledged ack: must stay empty.
     violations: Vec<String>,
     deliveries: u64,
-    /// Acks that went in an `AckBatch` of several.
+    /// Acks an `AckBatch` of several answered `Acked`.
     batch_acks: u64,
 }
 
@@ -104,13 +104,13 @@ async fn receiver(fed: Arc<Federation>, seen: Arc<Mutex<Seen>>, stop: tokio_util
                 message_id: id.clone(),
                 ..Default::default()
             };
+            let ids_len = ids.len();
             let acked: Vec<String> = if let [id] = &ids[..] {
                 match agency.ack(ack(id)).await {
                     Ok(_) => ids,
                     Err(_) => Vec::new(),
                 }
             } else {
-                seen.lock().unwrap().batch_acks += ids.len() as u64;
                 match agency
                     .ack_batch(wire::AckBatchRequest {
                         acks: ids.iter().map(ack).collect(),
@@ -126,7 +126,11 @@ async fn receiver(fed: Arc<Federation>, seen: Arc<Mutex<Seen>>, stop: tokio_util
                     Err(_) => Vec::new(),
                 }
             };
-            seen.lock().unwrap().acked.extend(acked);
+            let mut s = seen.lock().unwrap();
+            if ids_len > 1 {
+                s.batch_acks += acked.len() as u64;
+            }
+            s.acked.extend(acked);
         }
     }
 }
@@ -177,42 +181,49 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
         tokio::spawn(async move {
             let app = antar_client::federation_credentials(&fed.file, "finance", ClientRole::App).unwrap();
             let client = antar_client::Client::lazy(&app.0, &app.1).unwrap();
-            let mut i = 0u64;
             // Every third call a SendBatch of four; the ids of the items it
-            // answered Sent count as acknowledged.
+            // answered Sent count as acknowledged, each Sent exactly one id.
+            let (mut call, mut n, mut batch_sent) = (0u64, 0u64, 0u64);
             while !stop.is_cancelled() {
-                let note = |i: u64| notice("registry", "birth.lookup", &i.to_be_bytes());
-                let ids = if i % 3 == 2 {
+                let note = |n: u64| notice("registry", "birth.lookup", &n.to_be_bytes());
+                let batch = call % 3 == 2;
+                let ids = if batch {
                     let mut req = tonic::Request::new(wire::SendBatchRequest {
-                        requests: (i..i + 4).map(note).collect(),
+                        requests: (n..n + 4).map(note).collect(),
                     });
                     req.set_timeout(Duration::from_secs(2));
                     client.agency().send_batch(req).await.map(|r| {
-                        r.into_inner()
-                            .results
+                        let results = r.into_inner().results;
+                        assert_eq!(results.len(), 4, "one result per request");
+                        let ids: Vec<String> = results
                             .into_iter()
                             .filter_map(|r| match r.result {
                                 Some(wire::send_result::Result::Sent(s)) => Some(s.message_ids),
                                 _ => None,
                             })
+                            .inspect(|ids| assert_eq!(ids.len(), 1, "one id per notice"))
                             .flatten()
-                            .collect::<Vec<_>>()
+                            .collect();
+                        batch_sent += ids.len() as u64;
+                        ids
                     })
                 } else {
-                    let mut req = tonic::Request::new(note(i));
+                    let mut req = tonic::Request::new(note(n));
                     req.set_timeout(Duration::from_secs(2));
-                    client
-                        .agency()
-                        .send(req)
-                        .await
-                        .map(|r| r.into_inner().message_ids)
+                    client.agency().send(req).await.map(|r| {
+                        let ids = r.into_inner().message_ids;
+                        assert_eq!(ids.len(), 1, "one id per notice");
+                        ids
+                    })
                 };
                 match ids {
                     Ok(ids) => sent.lock().unwrap().extend(ids),
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
-                i += 4;
+                call += 1;
+                n += if batch { 4 } else { 1 };
             }
+            batch_sent
         })
     };
 
@@ -244,8 +255,14 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
         }
     }
     stop.cancel();
-    sender.await.unwrap();
+    let batch_sent = sender.await.unwrap();
     let sent: Vec<String> = sent.lock().unwrap().clone();
+    assert_eq!(
+        sent.iter().collect::<HashSet<_>>().len(),
+        sent.len(),
+        "every acknowledged send has its own id"
+    );
+    assert!(batch_sent > 0, "no SendBatch item was acknowledged");
     assert!(
         sent.len() > 50,
         "too few sends got through to make a point: {}; finance's log:\n{}",
@@ -304,12 +321,13 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
             s.violations
         );
         eprintln!(
-            "chaos: {kills} kills, {link_faults} link cuts or stalls, {} sends acknowledged, {} deliveries, {} acked ({} in AckBatch calls)",
+            "chaos: {kills} kills, {link_faults} link cuts or stalls, {} sends acknowledged ({batch_sent} by SendBatch), {} deliveries, {} acked ({} by AckBatch)",
             sent.len(),
             s.deliveries,
             s.acked.len(),
             s.batch_acks
         );
+        assert!(s.batch_acks > 0, "no AckBatch item was acked");
     }
 
     // Every receipt chain complete and verifying, seen from finance.

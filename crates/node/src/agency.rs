@@ -282,10 +282,12 @@ fn store_send(
     let policy = shared.policy();
     let mut dests = Vec::with_capacity(sealed.len());
     for (env, _, delivered) in receipts {
-        dests.push(match (delivered, policy.next_hop(&env.recipient)) {
-            (Some(delivered), _) => Dest::Here(delivered),
-            (None, Some(peer)) => Dest::Peer(peer),
-            (None, None) => return Ok(Stored::NoRoute(format!("no route to {}", env.recipient))),
+        dests.push(match delivered {
+            Some(delivered) => Dest::Here(delivered),
+            None => match policy.next_hop(&env.recipient) {
+                Some(peer) => Dest::Peer(peer),
+                None => return Ok(Stored::NoRoute(format!("no route to {}", env.recipient))),
+            },
         });
     }
     let mut ids = Vec::with_capacity(sealed.len());
@@ -342,7 +344,8 @@ fn sent(shared: &Shared, v: &Validated, ids: &[MessageId]) {
 
 /// Seals, stores in one transaction (`store_send`) and waits for the flush.
 /// For a TRANSACTION whose key was seen, returns the original ids and
-/// stores nothing.
+/// stores nothing; a recipient no route reaches any more (a reload since
+/// the check) is refused with FAILED_PRECONDITION, nothing stored.
 async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
     // Receipts are signed here, outside the transaction (see `Shared::draft_receipt`).
     let drafts = draft_send_receipts(shared, &sealed)?;
