@@ -24,7 +24,7 @@ use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
 use antar_store::{MessageRecord, Tx, TxError};
 
 use crate::error::NodeError;
-use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared, SignedReceipts};
+use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared};
 use crate::{auth, trace};
 
 /// Callers of `Call` waiting for the RESPONSE to their request id.
@@ -219,25 +219,26 @@ fn draft_send_receipts(
         .collect()
 }
 
-/// Every receipt in `drafts`, in order: what is signed together.
-fn send_receipt_drafts<'a>(
-    drafts: impl IntoIterator<Item = &'a (Envelope, Receipt, Option<Receipt>)>,
-) -> Vec<Receipt> {
-    drafts
-        .into_iter()
+/// Signs the receipts drafted for several sends (`draft_send_receipts`)
+/// in one go (`Shared::sign_together`); each send's come back in order.
+async fn sign_send_receipts(
+    shared: &Shared,
+    drafts: Vec<Vec<(Envelope, Receipt, Option<Receipt>)>>,
+) -> Vec<SendReceipts> {
+    let all = drafts
+        .iter()
+        .flatten()
         .flat_map(|(_, a, d)| std::iter::once(a).chain(d))
         .cloned()
-        .collect()
-}
-
-/// `drafts` with their receipts taken, in order, from `signed`.
-fn take_send_receipts(
-    signed: &mut SignedReceipts<'_>,
-    drafts: Vec<(Envelope, Receipt, Option<Receipt>)>,
-) -> SendReceipts {
+        .collect();
+    let mut signed = shared.sign_together(all).await;
     drafts
         .into_iter()
-        .map(|(env, a, d)| (env, signed.take(a), d.map(|d| signed.take(d))))
+        .map(|one| {
+            one.into_iter()
+                .map(|(env, a, d)| (env, signed.take(a), d.map(|d| signed.take(d))))
+                .collect()
+        })
         .collect()
 }
 
@@ -349,8 +350,10 @@ fn sent(shared: &Shared, v: &Validated, ids: &[MessageId]) {
 async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
     // Receipts are signed here, outside the transaction (see `Shared::draft_receipt`).
     let drafts = draft_send_receipts(shared, &sealed)?;
-    let mut signed = shared.sign_together(send_receipt_drafts(&drafts)).await;
-    let receipts = take_send_receipts(&mut signed, drafts);
+    let receipts = sign_send_receipts(shared, vec![drafts])
+        .await
+        .pop()
+        .unwrap_or_default();
     let stored = shared
         .store
         .transact(|tx| store_send(shared, tx, &v, &sealed, &receipts))
@@ -368,9 +371,9 @@ async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Ve
 }
 
 /// The sends of one `SendBatch`: each validated apart (a refused one is
-/// refused alone, as its unary `Send` would be), a TRANSACTION already
-/// seen answered from its key, the rest sealed together, their receipts
-/// signed together, and all of them stored by `write_all`.
+/// refused alone, as its unary `Send` would be), then all sealed together,
+/// their receipts signed together, and stored by `write_all` (where a
+/// TRANSACTION whose key was seen answers its original ids).
 async fn send_all(
     shared: &Shared,
     app: &str,
@@ -388,65 +391,27 @@ async fn send_all(
             Err(e) => results.push(Err(item_error(e))),
         }
     }
-    // TRANSACTIONs already seen: their original ids, nothing sealed.
-    let sender = shared.agency.to_string();
-    let seen = if valid.iter().any(|(_, v)| v.idempotency_key.is_some()) {
-        shared
-            .store
-            .transact(|tx| {
-                valid
-                    .iter()
-                    .map(|(_, v)| match &v.idempotency_key {
-                        Some(key) => tx.tx_key(&sender, key),
-                        None => Ok(None),
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(NodeError::from)
-    } else {
-        Ok(vec![None; valid.len()])
-    };
-    let seen = match seen {
-        Ok(seen) => seen,
-        Err(e) => {
-            let e = item_error(e);
-            for (i, _) in valid {
-                results[i] = Err(e.clone());
-            }
-            return results;
-        }
-    };
-    let mut fresh = Vec::with_capacity(valid.len());
-    for ((i, v), ids) in valid.into_iter().zip(seen) {
-        match ids {
-            Some(ids) => results[i] = Ok(ids),
-            None => fresh.push((i, v)),
-        }
-    }
-    if fresh.is_empty() {
+    if valid.is_empty() {
         return results;
     }
     // One call to seal them all: split back by each send's number of envelopes.
-    let prepared = fresh
-        .iter()
-        .flat_map(|(_, v)| v.drafts.iter().map(|d| d.clone().prepare(v.payload.clone())))
-        .collect();
-    let mut sealed = shared.seal_together(prepared).await.into_iter();
-    let mut ready = Vec::with_capacity(fresh.len());
-    for (i, v) in fresh {
+    let mut sealed = seal_all(shared, valid.iter().map(|(_, v)| v)).await.into_iter();
+    let mut ready = Vec::with_capacity(valid.len());
+    let mut drafts = Vec::with_capacity(valid.len());
+    for (i, v) in valid {
         let own: Vec<Sealed> = sealed.by_ref().take(v.drafts.len()).collect();
         match draft_send_receipts(shared, &own) {
-            Ok(drafts) => ready.push((i, v, own, drafts)),
+            Ok(d) => {
+                ready.push((i, v, own));
+                drafts.push(d);
+            }
             Err(e) => results[i] = Err(item_error(e)),
         }
     }
-    let mut signed = shared
-        .sign_together(send_receipt_drafts(ready.iter().flat_map(|(_, _, _, d)| d)))
-        .await;
     let ready: Vec<(usize, Validated, Vec<Sealed>, SendReceipts)> = ready
         .into_iter()
-        .map(|(i, v, own, drafts)| (i, v, own, take_send_receipts(&mut signed, drafts)))
+        .zip(sign_send_receipts(shared, drafts).await)
+        .map(|((i, v, own), receipts)| (i, v, own, receipts))
         .collect();
     let stored = write_all(shared, &ready, |tx, (_, v, own, receipts)| {
         store_send(shared, tx, v, own, receipts)
@@ -466,11 +431,11 @@ async fn send_all(
     results
 }
 
-async fn seal_all(shared: &Shared, v: &Validated) -> Vec<Sealed> {
-    let prepared = v
-        .drafts
-        .iter()
-        .map(|d| d.clone().prepare(v.payload.clone()))
+/// Seals the envelopes of `sends` in one go (`Shared::seal_together`), in order.
+async fn seal_all<'a>(shared: &Shared, sends: impl IntoIterator<Item = &'a Validated>) -> Vec<Sealed> {
+    let prepared = sends
+        .into_iter()
+        .flat_map(|v| v.drafts.iter().map(|d| d.clone().prepare(v.payload.clone())))
         .collect();
     shared.seal_together(prepared).await
 }
@@ -493,7 +458,7 @@ async fn send(
             return Ok(ids);
         }
     }
-    let sealed = seal_all(shared, &v).await;
+    let sealed = seal_all(shared, [&v]).await;
     accept(shared, v, sealed).await
 }
 
@@ -577,9 +542,14 @@ fn item_error(e: NodeError) -> ItemError {
 
 /// One `AckRequest`, checked and applied.
 async fn ack_request(shared: &Shared, services: &Services, r: AckRequest) -> Result<(), NodeError> {
+    let (id, outcome) = parse_ack(&r)?;
+    ack(shared, services, id, outcome, &r.result).await
+}
+
+fn parse_ack(r: &AckRequest) -> Result<(MessageId, Outcome), NodeError> {
     let id = parse_id("message_id", &r.message_id)?;
     let outcome = Outcome::try_from(r.outcome).map_err(|_| NodeError::invalid("outcome", "unknown value"))?;
-    ack(shared, services, id, outcome, &r.result).await
+    Ok((id, outcome))
 }
 
 /// Takes `id` out of the inbox for good and routes a PROCESSED receipt.
@@ -686,9 +656,7 @@ async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) ->
     let mut results = Vec::with_capacity(acks.len());
     let mut ready = Vec::new();
     for (i, r) in acks.into_iter().enumerate() {
-        let checked = parse_id("message_id", &r.message_id).and_then(|id| {
-            let outcome =
-                Outcome::try_from(r.outcome).map_err(|_| NodeError::invalid("outcome", "unknown value"))?;
+        let checked = parse_ack(&r).and_then(|(id, outcome)| {
             let draft = check_ack(shared, services, &id, outcome, &r.result)?;
             Ok((i, id, draft))
         });
@@ -765,7 +733,7 @@ impl Agency for AgencyService {
         if v.drafts.len() != 1 {
             return Err(NodeError::invalid("recipients", "Call takes exactly one recipient").into());
         }
-        let sealed = seal_all(&self.shared, &v).await;
+        let sealed = seal_all(&self.shared, [&v]).await;
         let request_id = sealed[0].id.to_string();
         let (tx, rx) = oneshot::channel();
         self.calls
@@ -937,7 +905,7 @@ impl Agency for AgencyService {
             Some(request_id.to_string()),
             traceparent,
         )?;
-        let sealed = seal_all(&self.shared, &v).await;
+        let sealed = seal_all(&self.shared, [&v]).await;
         let ids = accept(&self.shared, v, sealed).await?;
         self.shared.metrics.send_seconds.observe(started.elapsed());
         Ok(Response::new(SendResponse {
