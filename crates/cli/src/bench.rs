@@ -23,7 +23,7 @@ use antar_node::{Listeners, Node};
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -411,6 +411,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let hist = Arc::new(Mutex::new(latencies()?));
     // With receipts, a message's start is kept by id until its receipt is back.
     let starts: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    // From a send's start to the node's answer: what the agency system waits.
+    let accepted = Arc::new(Mutex::new(latencies()?));
     let watcher =
         receipt_status.map(|status| tokio::spawn(watch_receipts(sender.clone(), status, progress.clone())));
     let spawn_receiver = |progress: Arc<Progress>| {
@@ -466,10 +468,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     // A send is acknowledged: count it, and keep its start if receipts complete it.
     let sent = {
-        let (progress, starts) = (progress.clone(), starts.clone());
+        let (progress, starts, accepted) = (progress.clone(), starts.clone(), accepted.clone());
         let keep = receipt_status.is_some();
         move |resp: wire::SendResponse, start_ns: u64| {
             progress.sent.fetch_add(1, Ordering::Relaxed);
+            lock(&accepted).saturating_record(now_ns().saturating_sub(start_ns) / 1_000);
             if keep {
                 if let Some(id) = resp.message_ids.into_iter().next() {
                     lock(&starts).insert(id, start_ns);
@@ -612,6 +615,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     let hist = lock(&hist).clone();
     let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
+    let accepted = lock(&accepted).clone();
+    let send_pct = |q: f64| accepted.value_at_quantile(q) as f64 / 1e3;
     let hops = if args.via_hub { 2 } else { 1 };
     let (rss_now, rss_peak) = queued_rss.unwrap_or((0.0, 0.0));
     // The high-water mark at the end covers the drain as well.
@@ -638,7 +643,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0}",
             args.kind,
             args.size,
             args.receipts,
@@ -647,7 +652,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             total as f64 / sent_secs,
             total as f64 / all_secs,
             pct(0.50),
-            pct(0.99)
+            pct(0.99),
+            send_pct(0.50),
+            send_pct(0.99)
         );
     }
     if let Some(path) = &args.json {
@@ -662,6 +669,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),
                             "max": hist.max() as f64 / 1e3, "mean": hist.mean() / 1e3,
                             "samples": hist.len() },
+            "send_latency_ms": { "p50": send_pct(0.50), "p90": send_pct(0.90), "p99": send_pct(0.99),
+                                 "p999": send_pct(0.999), "max": accepted.max() as f64 / 1e3,
+                                 "mean": accepted.mean() / 1e3, "samples": accepted.len() },
             "queue": args.peer_down.then(|| serde_json::json!({
                 "rss_queued_mb": rss_now, "rss_peak_mb": rss_peak, "rss_drain_peak_mb": rss_drain_peak,
                 "drain_s": drain_secs, "drain_per_s": total as f64 / drain_secs })),

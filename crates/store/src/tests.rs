@@ -470,10 +470,28 @@ fn first_bytes(s: &Store, peer: &str) -> Vec<u8> {
         .collect()
 }
 
+/// A store under `dir` with `n` outbox items (`[i; 100]`), and a copy of
+/// it as a `kill -9` would leave it: the copy's path and its newest
+/// journal segment.
+async fn crashed_with(dir: &std::path::Path, n: u8) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (live, copy) = (dir.join("live"), dir.join("copy"));
+    let s = open(&live, 1 << 20);
+    for i in 0..n {
+        s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
+            .await
+            .unwrap();
+    }
+    crash_copy(&live, &copy);
+    let last = segments(&copy).pop().unwrap();
+    (copy, last)
+}
+
+/// The journal's segment files (not its spare), oldest first.
 fn segments(store: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(journal::dir(store))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
         .collect();
     v.sort();
     v
@@ -520,15 +538,7 @@ async fn a_returned_transaction_survives_a_crash_through_the_journal() {
 #[tokio::test]
 async fn a_torn_journal_tail_is_dropped_and_the_rest_replayed() {
     let dir = tempfile::tempdir().unwrap();
-    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
-    let s = open(&live, 1 << 20);
-    for i in 0..3u8 {
-        s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
-            .await
-            .unwrap();
-    }
-    crash_copy(&live, &copy);
-    let last = segments(&copy).pop().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 3).await;
     let whole = std::fs::read(&last).unwrap();
     // A fourth record cut short: its header and part of its body.
     let mut torn = whole.clone();
@@ -599,6 +609,59 @@ async fn full_segments_are_checkpointed_and_deleted() {
     assert_eq!(first_bytes(&r, "health"), want);
 }
 
+/// Half way through a segment the checkpointer writes a zeroed spare, and
+/// the next segment is that spare renamed: records overwrite its zeros
+/// within its size (no metadata to sync with each record). A crash then
+/// replays every group, the spare's zero tail ending the last segment.
+#[tokio::test]
+async fn the_next_segment_is_the_zeroed_spare() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 30);
+    let spare = journal::dir(&live).join("spare.zero");
+    let mut i = 0u64;
+    async fn put(s: &Store, i: &mut u64) {
+        *i += 1;
+        let v = [(*i % 251) as u8; 1000];
+        s.transact(|tx| tx.push_outbox("health", &v, Held::Nothing, 0))
+            .await
+            .unwrap();
+    }
+    // Past half of the first segment: the spare is written, whole.
+    for _ in 0..journal::SEGMENT_BYTES / 2 / 1000 + 2 {
+        put(&s, &mut i).await;
+    }
+    let mut len = None;
+    for _ in 0..500 {
+        len = std::fs::metadata(&spare).ok().map(|m| m.len());
+        if len.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(len, Some(journal::SEGMENT_BYTES), "no whole spare was written");
+    assert!(std::fs::read(&spare).unwrap().iter().all(|&b| b == 0));
+    // Past the end of it: segment 1 is the spare, a few records in.
+    while segments(&live)
+        .iter()
+        .all(|p| !p.ends_with("0000000000000001.log"))
+    {
+        put(&s, &mut i).await;
+    }
+    for _ in 0..3 {
+        put(&s, &mut i).await;
+    }
+    let current = segments(&live).pop().unwrap();
+    assert!(current.ends_with("0000000000000001.log"), "{current:?}");
+    assert_eq!(std::fs::metadata(&current).unwrap().len(), journal::SEGMENT_BYTES);
+    let n = i;
+    crash_copy(&live, &copy);
+    let r = open(&copy, 1 << 30);
+    assert_eq!(r.queued_bytes(), n * 1000);
+    let want: Vec<u8> = (1..=n).map(|i| (i % 251) as u8).collect();
+    assert_eq!(first_bytes(&r, "health"), want);
+}
+
 /// Sequence numbers and receipt cursors handed out before a crash that
 /// only the journal kept are not handed out again: a new item after the
 /// restart queues behind the replayed ones instead of overwriting one.
@@ -647,18 +710,29 @@ async fn numbers_handed_out_before_a_crash_are_not_reused() {
 #[tokio::test]
 async fn a_zero_filled_journal_tail_is_not_a_record() {
     let dir = tempfile::tempdir().unwrap();
-    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
-    let s = open(&live, 1 << 20);
-    for i in 0..2u8 {
-        s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
-            .await
-            .unwrap();
-    }
-    crash_copy(&live, &copy);
-    let last = segments(&copy).pop().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 2).await;
     let mut bytes = std::fs::read(&last).unwrap();
     bytes.extend_from_slice(&[0; 4096]);
     std::fs::write(&last, bytes).unwrap();
+    let r = open(&copy, 1 << 20);
+    assert_eq!(first_bytes(&r, "health"), vec![0, 1]);
+}
+
+/// Zeros end any segment, not only the last: a segment that was a spare
+/// of another size (an upgrade that changed the segment size) ends in
+/// zeros, and the segments after it are still replayed.
+#[tokio::test]
+async fn zeros_end_a_segment_that_is_not_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 2).await;
+    let records = std::fs::read(&last).unwrap();
+    let n: u64 = last.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    // The same groups again in a newer segment (a replay is idempotent),
+    // and zeros after them in the older one.
+    std::fs::write(last.with_file_name(format!("{:016}.log", n + 1)), &records).unwrap();
+    let mut padded = records.clone();
+    padded.extend_from_slice(&[0; 4096]);
+    std::fs::write(&last, padded).unwrap();
     let r = open(&copy, 1 << 20);
     assert_eq!(first_bytes(&r, "health"), vec![0, 1]);
 }
