@@ -2,7 +2,7 @@
 //! and synced before any of it reaches sled (write-ahead).
 //!
 //! A group is durable once its record is synced, so acknowledging it needs
-//! one `fdatasync` of an append-only file, not a flush of sled. sled then
+//! one `fdatasync` of a file written in sequence, not a flush of sled. sled then
 //! takes the writes at its own pace: it recovers a prefix of its log after a
 //! crash, and since nothing reaches sled before its journal record is
 //! synced, that prefix never runs ahead of the journal. Replaying the
@@ -21,10 +21,13 @@
 //! full, so a node that writes little never writes one), renamed into
 //! place. Records then overwrite blocks the file system has already
 //! allocated and written, within the file's size, so an `fdatasync` syncs
-//! the record and none of the file's metadata (ADR 0005's amendment has
-//! the measurements). Zeros where a record header should start end a
-//! segment: no record is empty, and a zero tail is what a spare holds
-//! past its last record.
+//! the record and none of the file's metadata — but for the record that
+//! crosses the segment's size, and in a segment started without a spare
+//! (ADR 0005's amendment has the measurements). In the last segment,
+//! zeros from where a record header should start to the end of the file
+//! end the journal quietly: no record is empty, and that is what a spare
+//! holds past its last record. A retired segment is records to its end
+//! (it was retired past its size, which is the spare's).
 //!
 //! Record layout: length of the group bytes (u32 BE), CRC-32 of them (u32
 //! BE), the group bytes (`group::encode_into`). A record is only written after
@@ -36,7 +39,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 
 use tokio::sync::watch;
 
@@ -78,6 +82,9 @@ pub(crate) struct Journal {
     /// Full segments, and requests for a spare, go to the checkpointer
     /// thread through this; dropping it ends the thread, which is then joined.
     retire: Option<mpsc::Sender<Chore>>,
+    /// Set before the checkpointer is ended: a spare being written is
+    /// abandoned rather than finished.
+    stopping: Arc<AtomicBool>,
     /// A spare was asked for since this segment started.
     spare_asked: bool,
     checkpointer: Option<std::thread::JoinHandle<()>>,
@@ -93,10 +100,7 @@ impl Drop for Journal {
     /// Ends the checkpointer after the segments already handed to it, so
     /// it holds the database no longer than the journal does.
     fn drop(&mut self) {
-        drop(self.retire.take());
-        if let Some(t) = self.checkpointer.take() {
-            let _ = t.join();
-        }
+        self.end_checkpointer();
     }
 }
 
@@ -119,12 +123,12 @@ const SPARE_PARTIAL: &str = "spare.zero.partial";
 fn start_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
     let path = segment_path(dir, n);
     let spare = dir.join(SPARE);
-    match fs::metadata(&spare) {
-        // A failed rename leaves the spare for the next segment.
-        Ok(m) if m.len() == SEGMENT_BYTES => drop(fs::rename(&spare, &path)),
-        // Written by a build with another segment size: not used.
-        Ok(_) => drop(fs::remove_file(&spare)),
-        Err(_) => {}
+    // A spare of another size (a build with another segment size) is not
+    // used: a retired segment must be records to its end. The
+    // checkpointer replaces it. A failed rename leaves the spare for the
+    // next segment.
+    if fs::metadata(&spare).is_ok_and(|m| m.len() == SEGMENT_BYTES) {
+        let _ = fs::rename(&spare, &path);
     }
     let file = OpenOptions::new()
         .write(true)
@@ -139,9 +143,17 @@ fn start_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
 /// Writes the spare when there is none: [`SEGMENT_BYTES`] zeros, synced,
 /// then renamed to [`SPARE`] (so a spare is always whole). A failure
 /// costs only the speed-up: the next segment is then a new file.
-fn prepare_spare(dir: &Path) {
-    if dir.join(SPARE).exists() {
-        return;
+fn prepare_spare(dir: &Path, stopping: &AtomicBool) {
+    let spare = dir.join(SPARE);
+    match fs::metadata(&spare) {
+        Ok(m) if m.len() == SEGMENT_BYTES => return,
+        Ok(_) => {
+            if let Err(e) = fs::remove_file(&spare) {
+                tracing::warn!(path = %spare.display(), error = %e, "cannot remove a spare journal segment of another size; no spare is written");
+                return;
+            }
+        }
+        Err(_) => {}
     }
     let partial = dir.join(SPARE_PARTIAL);
     let written = (|| {
@@ -152,16 +164,22 @@ fn prepare_spare(dir: &Path) {
         // segment's writes at once would queue on the disk ahead of the
         // applier's syncs and stall every commit for tens of milliseconds.
         while left > 0 {
+            if stopping.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("the store is stopping"));
+            }
             let n = left.min(zeros.len());
             f.write_all(&zeros[..n])?;
             f.sync_data()?;
             left -= n;
         }
         f.sync_all()?;
-        fs::rename(&partial, dir.join(SPARE))
+        fs::rename(&partial, &spare)
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&partial);
+        if stopping.load(Ordering::Relaxed) {
+            return;
+        }
         tracing::warn!(
             dir = %dir.display(),
             error = %e,
@@ -204,10 +222,11 @@ impl Journal {
         let (retire, retired) = mpsc::channel();
         let store = store.to_path_buf();
         let file = start_segment(&dir, segment)?;
+        let stopping = Arc::new(AtomicBool::new(false));
         let (checkpoints, thread) = {
-            let (store, db) = (store.clone(), db.clone());
+            let (store, db, stopping) = (store.clone(), db.clone(), stopping.clone());
             spawn_worker("antar-checkpoint", move |tx| {
-                checkpoint(&store, &db, &retired, &tx)
+                checkpoint(&store, &db, &retired, &stopping, &tx)
             })
         };
         Ok((
@@ -218,6 +237,7 @@ impl Journal {
                 segment,
                 written: 0,
                 retire: Some(retire),
+                stopping,
                 spare_asked: false,
                 checkpointer: thread,
                 checkpoints: checkpoints.clone(),
@@ -273,6 +293,16 @@ impl Journal {
         self.send(Chore::Checkpoint(old))
     }
 
+    /// Ends the checkpointer after the segments already handed to it (a
+    /// spare it is writing is abandoned), and waits for it.
+    fn end_checkpointer(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        drop(self.retire.take());
+        if let Some(t) = self.checkpointer.take() {
+            let _ = t.join();
+        }
+    }
+
     fn send(&self, chore: Chore) -> Result<(), StoreError> {
         self.retire
             .as_ref()
@@ -288,10 +318,7 @@ impl Journal {
     /// after a failed checkpoint nothing is deleted (the next open replays
     /// them all, in order).
     pub(crate) fn close(&mut self, db: &sled::Db) -> Result<(), StoreError> {
-        drop(self.retire.take());
-        if let Some(t) = self.checkpointer.take() {
-            let _ = t.join();
-        }
+        self.end_checkpointer();
         self.checkpoints.check()?;
         let left = segments(&self.dir)?;
         checkpoint_segments(db, &self.store, left.iter().map(|(_, p)| p))
@@ -343,10 +370,10 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io("syncing", dir, e))
 }
 
-/// The groups of one segment, in order. Zeros to its end end a segment
-/// (a spare's tail, or a tail the file system extended but never wrote).
-/// In the `last` segment a torn final record ends the journal; anywhere
-/// else a bad record is corruption.
+/// The groups of one segment, in order. In the `last` segment zeros to
+/// its end end the journal (a spare's tail, or a tail the file system
+/// extended but never wrote), and a torn final record ends it with a
+/// warning; anywhere else a bad record is corruption.
 fn records(path: &Path, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWrite>>, StoreError> {
     let mut groups = Vec::new();
     let mut offset = 0usize;
@@ -374,7 +401,7 @@ fn records(path: &Path, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWri
                     path.display()
                 )))
             }
-            None if bytes.iter().all(|&b| b == 0) => break,
+            None if last && bytes.iter().all(|&b| b == 0) => break,
             None if last => {
                 tracing::warn!(
                     path = %path.display(),
@@ -427,7 +454,13 @@ enum Chore {
     PrepareSpare,
 }
 
-fn checkpoint(store: &Path, db: &sled::Db, chores: &mpsc::Receiver<Chore>, tx: &watch::Sender<Progress>) {
+fn checkpoint(
+    store: &Path,
+    db: &sled::Db,
+    chores: &mpsc::Receiver<Chore>,
+    stopping: &AtomicBool,
+    tx: &watch::Sender<Progress>,
+) {
     let mut done = 0;
     while let Ok(first) = chores.recv() {
         let mut paths = Vec::new();
@@ -438,20 +471,19 @@ fn checkpoint(store: &Path, db: &sled::Db, chores: &mpsc::Receiver<Chore>, tx: &
                 Chore::PrepareSpare => spare = true,
             }
         }
-        if spare {
-            prepare_spare(&dir(store));
-        }
-        if paths.is_empty() {
-            continue;
-        }
         // Every group of these segments is applied: one flush puts them in
         // sled's files, and the segments are no longer needed.
-        if let Err(e) = checkpoint_segments(db, store, &paths) {
-            tracing::error!(error = %e, "a journal checkpoint failed; refusing all further work");
-            tx.send_replace(Progress::Failed(format!("a journal checkpoint failed: {e}")));
-            return;
+        if !paths.is_empty() {
+            if let Err(e) = checkpoint_segments(db, store, &paths) {
+                tracing::error!(error = %e, "a journal checkpoint failed; refusing all further work");
+                tx.send_replace(Progress::Failed(format!("a journal checkpoint failed: {e}")));
+                return;
+            }
+            done += paths.len() as u64;
+            tx.send_replace(Progress::UpTo(done));
         }
-        done += paths.len() as u64;
-        tx.send_replace(Progress::UpTo(done));
+        if spare {
+            prepare_spare(&dir(store), stopping);
+        }
     }
 }

@@ -456,7 +456,11 @@ fn crash_copy(from: &std::path::Path, to: &std::path::Path) {
         if entry.file_type().unwrap().is_dir() {
             crash_copy(&entry.path(), &target);
         } else {
-            std::fs::copy(entry.path(), target).unwrap();
+            match std::fs::copy(entry.path(), target) {
+                // Renamed or deleted meanwhile (a spare, a checkpointed segment).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => drop(r.unwrap()),
+            }
         }
     }
 }
@@ -718,11 +722,11 @@ async fn a_zero_filled_journal_tail_is_not_a_record() {
     assert_eq!(first_bytes(&r, "health"), vec![0, 1]);
 }
 
-/// Zeros end any segment, not only the last: a segment that was a spare
-/// of another size (an upgrade that changed the segment size) ends in
-/// zeros, and the segments after it are still replayed.
+/// Zeros are an end only in the last segment: a retired segment was
+/// written past its size, so zeros in it are lost records, and the open
+/// refuses rather than skip acknowledged groups.
 #[tokio::test]
-async fn zeros_end_a_segment_that_is_not_the_last() {
+async fn zeros_in_a_segment_before_the_last_stop_the_open() {
     let dir = tempfile::tempdir().unwrap();
     let (copy, last) = crashed_with(dir.path(), 2).await;
     let records = std::fs::read(&last).unwrap();
@@ -730,11 +734,39 @@ async fn zeros_end_a_segment_that_is_not_the_last() {
     // The same groups again in a newer segment (a replay is idempotent),
     // and zeros after them in the older one.
     std::fs::write(last.with_file_name(format!("{:016}.log", n + 1)), &records).unwrap();
-    let mut padded = records.clone();
+    let mut padded = records;
     padded.extend_from_slice(&[0; 4096]);
     std::fs::write(&last, padded).unwrap();
+    let err = Store::open(&config(&copy, 1 << 20)).expect_err("the open must refuse");
+    assert!(
+        err.to_string().contains("bad record before the last segment"),
+        "{err}"
+    );
+}
+
+/// A crash right after the spare became the newest segment, before any
+/// record went into it, and another while the next spare was half
+/// written: the open replays every group, ends quietly at the zeros,
+/// deletes the partial spare, and does not take a spare of another size.
+#[tokio::test]
+async fn a_zeroed_newest_segment_and_partial_or_odd_spares_are_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 2).await;
+    let n: u64 = last.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let jdir = journal::dir(&copy);
+    std::fs::write(
+        jdir.join(format!("{:016}.log", n + 1)),
+        vec![0; journal::SEGMENT_BYTES as usize],
+    )
+    .unwrap();
+    std::fs::write(jdir.join("spare.zero.partial"), [0; 4096]).unwrap();
+    std::fs::write(jdir.join("spare.zero"), [0; 4096]).unwrap();
     let r = open(&copy, 1 << 20);
     assert_eq!(first_bytes(&r, "health"), vec![0, 1]);
+    assert!(!jdir.join("spare.zero.partial").exists());
+    // The new segment is a new file, not the spare of another size.
+    let newest = segments(&copy).pop().unwrap();
+    assert_eq!(std::fs::metadata(&newest).unwrap().len(), 0, "{newest:?}");
 }
 
 /// A clean stop, even with full segments just handed to the checkpointer,
