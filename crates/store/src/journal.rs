@@ -144,6 +144,9 @@ fn start_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
 /// then renamed to [`SPARE`] (so a spare is always whole). A failure
 /// costs only the speed-up: the next segment is then a new file.
 fn prepare_spare(dir: &Path, stopping: &AtomicBool) {
+    if stopping.load(Ordering::Relaxed) {
+        return;
+    }
     let spare = dir.join(SPARE);
     match fs::metadata(&spare) {
         Ok(m) if m.len() == SEGMENT_BYTES => return,

@@ -613,16 +613,19 @@ async fn full_segments_are_checkpointed_and_deleted() {
     assert_eq!(first_bytes(&r, "health"), want);
 }
 
-/// Half way through a segment the checkpointer writes a zeroed spare, and
-/// the next segment is that spare renamed: records overwrite its zeros
-/// within its size (no metadata to sync with each record). A crash then
-/// replays every group, the spare's zero tail ending the last segment.
+/// Half way through a segment the checkpointer writes a zeroed spare (in
+/// place of one of another size), and the next segment is that spare
+/// renamed: records overwrite its zeros within its size (no metadata to
+/// sync with each record). A crash then replays every group, the spare's
+/// zero tail ending the last segment.
 #[tokio::test]
 async fn the_next_segment_is_the_zeroed_spare() {
     let dir = tempfile::tempdir().unwrap();
     let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
     let s = open(&live, 1 << 30);
     let spare = journal::dir(&live).join("spare.zero");
+    // A spare of another size (another build's) is replaced, not used.
+    std::fs::write(&spare, [0; 4096]).unwrap();
     let mut i = 0u64;
     async fn put(s: &Store, i: &mut u64) {
         *i += 1;
@@ -746,8 +749,8 @@ async fn zeros_in_a_segment_before_the_last_stop_the_open() {
 
 /// A crash right after the spare became the newest segment, before any
 /// record went into it, and another while the next spare was half
-/// written: the open replays every group, ends quietly at the zeros,
-/// deletes the partial spare, and does not take a spare of another size.
+/// written: the open replays every group, stops at the zeros, deletes the
+/// partial spare, and does not take a spare of another size.
 #[tokio::test]
 async fn a_zeroed_newest_segment_and_partial_or_odd_spares_are_handled() {
     let dir = tempfile::tempdir().unwrap();
