@@ -26,6 +26,7 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::Notify;
@@ -53,6 +54,14 @@ pub enum StoreError {
     /// The redo journal could not be written or read (names the file).
     #[error("journal: {0}")]
     Journal(String),
+    /// Another process holds the store's directory lock past
+    /// [`LOCK_WAIT`]: most likely another node runs on the same data
+    /// directory.
+    #[error(
+        "the store {} is in use by another process (is another antar node running on this data directory?)",
+        .0.display()
+    )]
+    InUse(PathBuf),
     /// A stored record does not decode: the data directory is corrupt.
     #[error("corrupt record in tree {tree}: {detail}")]
     Corrupt {
@@ -118,6 +127,35 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long [`Store::open`] waits for the directory lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens sled, waiting up to [`LOCK_WAIT`] for its directory lock. sled
+/// 0.34 lets go of the lock from its IO threads a little after the last
+/// handle is dropped (sled issues 1234, 1289), so a store closed and opened
+/// again at once can find it still held for some milliseconds. A lock held
+/// for longer belongs to another process: [`StoreError::InUse`].
+fn open_sled(config: &StoreConfig) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity)
+            // Durability comes from our own group-commit flushes, not a timer.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Err(sled::Error::Io(e)) if e.to_string().starts_with("could not acquire lock") => {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::InUse(config.path.clone()));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            opened => return Ok(opened?),
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store and recovers from any crash: sled replays
     /// its log, groups of transactions a crash interrupted are finished from
@@ -125,14 +163,10 @@ impl Store {
     /// the expiry index from the outbox.
     ///
     /// # Errors
-    /// [`StoreError::Sled`] when the directory cannot be opened.
+    /// [`StoreError::InUse`] when another process holds the directory,
+    /// [`StoreError::Sled`] when it cannot be opened.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity)
-            // Durability comes from our own group-commit flushes, not a timer.
-            .flush_every_ms(None)
-            .open()?;
+        let db = open_sled(config)?;
         Self::recover(config, &db).inspect_err(|_| {
             // The last handle's drop flushes, and after a failed write
             // sled's flush never returns: drop it on a thread of its own, so

@@ -1837,3 +1837,37 @@ async fn a_transaction_keeps_the_run_it_read_and_stays_right_while_it_is_rewritt
     );
     assert_eq!(inner.trees[keys::OUTBOX].len(), 1);
 }
+
+#[test]
+fn a_store_held_by_another_handle_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = open(dir.path(), 1 << 20);
+    let started = std::time::Instant::now();
+    let err = Store::open(&config(dir.path(), 1 << 20)).unwrap_err();
+    assert!(
+        started.elapsed() >= LOCK_WAIT,
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(&err, StoreError::InUse(p) if p == dir.path()), "{err}");
+    assert!(err.to_string().contains("in use by another process"), "{err}");
+    drop(held);
+}
+
+#[test]
+fn open_waits_for_a_lock_let_go_of_soon() {
+    // sled lets go of its lock a little after the last handle is dropped;
+    // here the other handle is dropped 300 ms into the wait.
+    let dir = tempfile::tempdir().unwrap();
+    let held = open(dir.path(), 1 << 20);
+    let started = std::time::Instant::now();
+    let dropper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+    });
+    let s = open(dir.path(), 1 << 20);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert!(started.elapsed() < LOCK_WAIT);
+    dropper.join().unwrap();
+    drop(s);
+}
