@@ -13,8 +13,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use prost::Message as _;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
 
+use antar_client::wire::agency_client::AgencyClient;
 use antar_client::wire::{self, Kind};
 use antar_client::{Client, ClientRole};
 use antar_node::dev::{Addrs, AgencySpec, DevLayout};
@@ -35,13 +38,16 @@ pub struct BenchArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 1024)]
     size: usize,
-    /// Concurrent senders (each waits for its Send to be durable before the next).
-    #[arg(long, default_value_t = 64)]
-    senders: u64,
-    /// Requests per call: above 1, each sender sends with `SendBatch` and
-    /// the receiver acks with `AckBatch` (unless --ack-batch says
-    /// otherwise), this many at most per call (closed loop only); 1: unary
-    /// `Send` and `Ack`.
+    /// Concurrent senders, each waiting for its call to be durable before
+    /// the next. Default: 64; in open loop with --batch, 2.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    senders: Option<u64>,
+    /// Requests per call: above 1, senders send with `SendBatch` and the
+    /// receiver acks with `AckBatch` (unless --ack-batch says otherwise),
+    /// this many at most per call; 1: unary `Send` and `Ack`. Closed loop:
+    /// each call carries this many. Open loop: a free sender takes the
+    /// sends already due (at least one, this many at most), so calls grow
+    /// only while the senders are busy, as a client that coalesces would.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch: u64,
     /// Acks per call of the receiving app, in either loop: above 1, it acks
@@ -57,7 +63,8 @@ pub struct BenchArgs {
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
     /// Open loop: offer this many sends per second on a fixed schedule (no
-    /// coordinated omission); without it, closed loop with --senders.
+    /// coordinated omission): with --batch 1 each is its own `Send`, sent
+    /// at its instant; without --rate, closed loop with --senders.
     #[arg(long)]
     rate: Option<u64>,
     /// Route finance -> hub -> health (two hops) instead of finance -> health.
@@ -228,6 +235,8 @@ struct Progress {
     done: AtomicU64,
     /// How many must complete; `u64::MAX` until sending ends.
     target: AtomicU64,
+    /// `SendBatch` calls made.
+    batch_calls: AtomicU64,
 }
 
 impl Progress {
@@ -368,11 +377,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        args.batch == 1 || args.rate.is_none(),
-        "--batch is for the closed loop: with --rate each request is sent at its own scheduled instant \
-         (--ack-batch batches the receiving app's acks in either loop)"
-    );
+    let n_senders = args.senders.unwrap_or(if args.rate.is_some() && args.batch > 1 {
+        2
+    } else {
+        64
+    });
     let ack_batch = args.ack_batch.unwrap_or(args.batch);
     let tmp;
     let dir = match &args.dir {
@@ -485,13 +494,54 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let cpu_start = cpu_secs();
     let sending_for = args.duration.map(Duration::from_secs);
     let mut senders = tokio::task::JoinSet::new();
+    let batch = args.batch as usize;
+    // Sends `(i, start)` with `SendBatch` (they must be several) and counts
+    // each answered one from its own start.
+    let send_batch = {
+        let (payload, sent, progress) = (payload.clone(), sent.clone(), progress.clone());
+        move |mut agency: AgencyClient<Channel>, sends: Vec<(u64, u64)>| {
+            let requests = sends
+                .iter()
+                .map(|&(i, ts)| request(i, ts, payload.clone()))
+                .collect();
+            let sent = sent.clone();
+            progress.batch_calls.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let results = agency
+                    .send_batch(wire::SendBatchRequest { requests })
+                    .await?
+                    .into_inner()
+                    .results;
+                anyhow::ensure!(
+                    results.len() == sends.len(),
+                    "SendBatch answered {} results for {} requests",
+                    results.len(),
+                    sends.len()
+                );
+                for (r, (_, ts)) in results.into_iter().zip(sends) {
+                    match r.result {
+                        Some(wire::send_result::Result::Sent(resp)) => sent(resp, ts),
+                        Some(wire::send_result::Result::Error(e)) => {
+                            anyhow::bail!("SendBatch refused a request: code {}: {}", e.code, e.message)
+                        }
+                        None => anyhow::bail!("SendBatch answered an empty result"),
+                    }
+                }
+                anyhow::Ok(agency)
+            }
+        }
+    };
     match args.rate {
         Some(rate) => {
             // Open loop: send i is due at start + i / rate whatever happened
-            // before; its latency counts from then.
+            // before; its latency counts from then. Unary: each is sent at
+            // its instant. Batched: the due sends queue, and each of the
+            // senders takes what has queued whenever it is free.
             let start_ns = now_ns();
-            let agency = sender.agency();
             let interval = 1e9 / rate.max(1) as f64;
+            let (due_tx, due_rx) = mpsc::unbounded_channel::<(u64, u64)>();
+            let agency = sender.agency();
+            let (payload, sent) = (payload.clone(), sent.clone());
             senders.spawn(async move {
                 let mut inflight = tokio::task::JoinSet::new();
                 for i in 0..limit {
@@ -500,8 +550,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                         break;
                     }
                     tokio::time::sleep_until((start + due).into()).await;
-                    let (mut agency, sent) = (agency.clone(), sent.clone());
                     let ts = start_ns + due.as_nanos() as u64;
+                    if batch > 1 {
+                        due_tx.send((i, ts))?;
+                        continue;
+                    }
+                    let (mut agency, sent) = (agency.clone(), sent.clone());
                     let req = request(i, ts, payload.clone());
                     inflight.spawn(async move { agency.send(req).await.map(|r| sent(r.into_inner(), ts)) });
                     while let Some(r) = inflight.try_join_next() {
@@ -513,45 +567,51 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 }
                 anyhow::Ok(())
             });
+            if batch > 1 {
+                let due_rx = Arc::new(tokio::sync::Mutex::new(due_rx));
+                for _ in 0..n_senders {
+                    let (mut agency, due_rx, send_batch) =
+                        (sender.agency(), due_rx.clone(), send_batch.clone());
+                    senders.spawn(async move {
+                        loop {
+                            let mut sends = Vec::with_capacity(batch);
+                            {
+                                let mut due_rx = due_rx.lock().await;
+                                if due_rx.recv_many(&mut sends, batch).await == 0 {
+                                    break; // every send was scheduled and taken
+                                }
+                            }
+                            agency = send_batch(agency, sends).await?;
+                        }
+                        anyhow::Ok(())
+                    });
+                }
+            }
         }
         None => {
-            for _ in 0..args.senders.max(1) {
-                let (mut agency, next, payload, sent) =
-                    (sender.agency(), next.clone(), payload.clone(), sent.clone());
-                let batch = args.batch;
+            for _ in 0..n_senders {
+                let (mut agency, next, payload, sent, send_batch) = (
+                    sender.agency(),
+                    next.clone(),
+                    payload.clone(),
+                    sent.clone(),
+                    send_batch.clone(),
+                );
                 senders.spawn(async move {
                     loop {
-                        let i = next.fetch_add(batch, Ordering::Relaxed);
+                        let i = next.fetch_add(batch as u64, Ordering::Relaxed);
                         if i >= limit || sending_for.is_some_and(|d| start.elapsed() >= d) {
                             break;
                         }
                         let ts = now_ns();
-                        if batch == 1 {
+                        agency = if batch == 1 {
                             let resp = agency.send(request(i, ts, payload.clone())).await?;
                             sent(resp.into_inner(), ts);
-                            continue;
-                        }
-                        let requests = (i..limit.min(i + batch))
-                            .map(|i| request(i, ts, payload.clone()))
-                            .collect();
-                        let results = agency
-                            .send_batch(wire::SendBatchRequest { requests })
-                            .await?
-                            .into_inner()
-                            .results;
-                        for r in results {
-                            match r.result {
-                                Some(wire::send_result::Result::Sent(resp)) => sent(resp, ts),
-                                Some(wire::send_result::Result::Error(e)) => {
-                                    anyhow::bail!(
-                                        "SendBatch refused a request: code {}: {}",
-                                        e.code,
-                                        e.message
-                                    )
-                                }
-                                None => anyhow::bail!("SendBatch answered an empty result"),
-                            }
-                        }
+                            agency
+                        } else {
+                            let end = limit.min(i + batch as u64);
+                            send_batch(agency, (i..end).map(|i| (i, ts)).collect()).await?
+                        };
                     }
                     anyhow::Ok(())
                 });
@@ -623,9 +683,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let rss_drain_peak = rss_mib().map_or(0.0, |(_, peak)| peak);
     let mut mode = match (args.peer_down, args.rate) {
         (true, _) => "queue".to_owned(),
+        (false, Some(r)) if args.batch > 1 => {
+            format!("open rate={r} senders={n_senders} batch={}", args.batch)
+        }
         (false, Some(r)) => format!("open rate={r}"),
-        (false, None) if args.batch > 1 => format!("closed senders={} batch={}", args.senders, args.batch),
-        (false, None) => format!("closed senders={}", args.senders),
+        (false, None) if args.batch > 1 => format!("closed senders={n_senders} batch={}", args.batch),
+        (false, None) => format!("closed senders={n_senders}"),
     };
     if ack_batch != args.batch {
         mode.push_str(&format!(" ack_batch={ack_batch}"));
@@ -660,10 +723,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "mode": if args.peer_down { "queue" } else if args.rate.is_some() { "open" } else { "closed" },
-            "offered_per_s": args.rate, "senders": args.senders, "batch": args.batch, "ack_batch": ack_batch, "hops": hops, "kind": args.kind,
+            "offered_per_s": args.rate, "senders": n_senders, "batch": args.batch, "ack_batch": ack_batch, "hops": hops, "kind": args.kind,
             "receipts": args.receipts, "batch_signatures": args.batch_signatures,
             "batch_envelopes": args.batch_envelopes,
             "messages": total, "size": args.size,
+            "calls": if args.batch > 1 { progress.batch_calls.load(Ordering::Relaxed) } else { total },
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
             "cpu_us_per_msg": cpu_us_per_msg,
             "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),

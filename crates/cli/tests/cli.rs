@@ -144,6 +144,19 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     assert_eq!(report["messages"], 200, "{report}");
     assert_eq!(report["latency_ms"]["samples"], 200, "{report}");
 
+    // Open loop with SendBatch: due sends queue and two senders take what
+    // has queued, so every send is still made, in at most one call each.
+    let (result, report) = bench(&["--rate", "300", "--duration", "1", "--batch", "16"]);
+    assert!(
+        result.starts_with("RESULT mode=open rate=300 senders=2 batch=16 hops=1"),
+        "{result}"
+    );
+    assert_eq!(report["messages"], 300, "{report}");
+    assert_eq!(report["latency_ms"]["samples"], 300, "{report}");
+    assert_eq!(report["send_latency_ms"]["samples"], 300, "{report}");
+    let calls = report["calls"].as_u64().unwrap();
+    assert!((300 / 16..=300).contains(&calls), "{report}");
+
     // The recipient down while 60 are sent, then up: they all drain.
     let (result, report) = bench(&["--peer-down", "--messages", "60", "--senders", "4"]);
     assert!(result.starts_with("RESULT mode=queue hops=1"), "{result}");
