@@ -669,6 +669,57 @@ async fn the_next_segment_is_the_zeroed_spare() {
     assert_eq!(first_bytes(&r, "health"), want);
 }
 
+/// Segment 0, once checkpointed, is not deleted: its file is zeroed in
+/// place and becomes the next spare (the same inode), so a journal under
+/// steady load frees and allocates no blocks. A crash copy still replays
+/// every group.
+#[tokio::test]
+async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 30);
+    let journal = journal::dir(&live);
+    let first = journal.join("0000000000000000.log");
+    let inode = std::fs::metadata(&first).unwrap().ino();
+    let mut n = 0u64;
+    while segments(&live)
+        .iter()
+        .all(|p| !p.ends_with("0000000000000001.log"))
+    {
+        s.transact(|tx| tx.push_outbox("health", &[(n % 251) as u8; 8000], Held::Nothing, 0))
+            .await
+            .unwrap();
+        n += 1;
+    }
+    let spare = journal.join("spare.zero");
+    let mut recycled = false;
+    for _ in 0..1000 {
+        recycled = std::fs::metadata(&spare).is_ok_and(|m| m.ino() == inode);
+        if recycled {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let names: Vec<_> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(recycled, "segment 0 did not become the spare: {names:?}");
+    assert!(!first.exists(), "{names:?}");
+    let zeros = std::fs::read(&spare).unwrap();
+    assert_eq!(zeros.len() as u64, journal::SEGMENT_BYTES);
+    assert!(
+        zeros.iter().all(|&b| b == 0),
+        "the recycled spare is not all zeros"
+    );
+    crash_copy(&live, &copy);
+    let r = open(&copy, 1 << 30);
+    assert_eq!(r.queued_bytes(), n * 8000);
+    let want: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    assert_eq!(first_bytes(&r, "health"), want);
+}
+
 /// Sequence numbers and receipt cursors handed out before a crash that
 /// only the journal kept are not handed out again: a new item after the
 /// restart queues behind the replayed ones instead of overwriting one.
