@@ -12,14 +12,16 @@
 //! The journal is a directory of segment files (`<n>.log`, `n` ascending).
 //! A segment past [`SEGMENT_BYTES`] is retired: the applier starts the next
 //! one and the checkpointer thread flushes sled — covering every group of
-//! the retired segment, all applied by then — and deletes it. So the
-//! journal holds at most about two segments.
+//! the retired segment, all applied by then — and deletes it, or, when
+//! there is no spare, zeroes it in place to be the next spare (deleting a
+//! 32 MiB file stalled every concurrent `fdatasync`). So the journal holds
+//! at most about two segments.
 //!
 //! A new segment is, when one is ready, a *spare*: a file of
 //! [`SEGMENT_BYTES`] zeros that the checkpointer wrote and synced ahead of
-//! time (`spare.zero`, asked for once the segment being written is half
-//! full, so a node that writes little never writes one), renamed into
-//! place. Records then overwrite blocks the file system has already
+//! time (`spare.zero`: a checkpointed segment zeroed, or a new file asked
+//! for once the segment being written is half full, so a node that writes
+//! little never writes one), renamed into place. Records then overwrite blocks the file system has already
 //! allocated and written, within the file's size, so an `fdatasync` syncs
 //! the record and none of the file's metadata — but for the record that
 //! crosses the segment's size, and in a segment started without a spare
@@ -147,6 +149,9 @@ fn start_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
 /// speed-up: the next segment is then a new file.
 fn prepare_spare(dir: &Path, stopping: &AtomicBool) {
     if stopping.load(Ordering::Relaxed) {
+        // A checkpointed segment may wait here to be zeroed: at a stop it
+        // is only disk space.
+        let _ = fs::remove_file(dir.join(SPARE_PARTIAL));
         return;
     }
     let spare = dir.join(SPARE);

@@ -682,17 +682,34 @@ async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
     let journal = journal::dir(&live);
     let first = journal.join("0000000000000000.log");
     let inode = std::fs::metadata(&first).unwrap().ino();
+    let spare = journal.join("spare.zero");
     let mut n = 0u64;
+    async fn put(s: &Store, n: &mut u64) {
+        let v = [(*n % 251) as u8; 8000];
+        s.transact(|tx| tx.push_outbox("health", &v, Held::Nothing, 0))
+            .await
+            .unwrap();
+        *n += 1;
+    }
+    // Past half of segment 0, then wait for the (new) spare, so segment 1
+    // is that spare and, once segment 0 is checkpointed, there is none:
+    // segment 0 is recycled whatever the threads' timing.
+    while n * 8000 < journal::SEGMENT_BYTES / 2 + 8000 {
+        put(&s, &mut n).await;
+    }
+    for _ in 0..1000 {
+        if spare.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(spare.exists(), "no spare was written");
     while segments(&live)
         .iter()
         .all(|p| !p.ends_with("0000000000000001.log"))
     {
-        s.transact(|tx| tx.push_outbox("health", &[(n % 251) as u8; 8000], Held::Nothing, 0))
-            .await
-            .unwrap();
-        n += 1;
+        put(&s, &mut n).await;
     }
-    let spare = journal.join("spare.zero");
     let mut recycled = false;
     for _ in 0..1000 {
         recycled = std::fs::metadata(&spare).is_ok_and(|m| m.ino() == inode);
