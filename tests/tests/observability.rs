@@ -48,6 +48,14 @@ async fn metrics_count_the_traffic_that_happened() {
         "the registry envelope waits for the hub"
     );
     assert!(get(&f, "antar_store_bytes") > 0.0);
+    // Every accepted send waited for a journal sync; a group may hold several.
+    let syncs = get(&f, "antar_journal_sync_duration_seconds_count");
+    assert!((1.0..=1000.0).contains(&syncs), "{syncs}");
+    assert_eq!(
+        get(&f, "antar_journal_sync_duration_seconds_bucket{le=\"+Inf\"}"),
+        syncs
+    );
+    assert!(get(&f, "antar_journal_sync_duration_seconds_sum") > 0.0);
     assert!(get(&f, "antar_queued_bytes") > 0.0);
 
     let h = scrape(&fed, "health").await;

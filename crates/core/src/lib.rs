@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod checkpoint;
 pub mod envelope;
+pub mod histogram;
 pub mod id;
 pub mod merkle;
 pub mod sign;
@@ -17,6 +18,7 @@ pub mod time;
 pub mod verify;
 
 pub use envelope::{payload_digest, Draft, Prepared, Sealed};
+pub use histogram::Histogram;
 pub use id::{AgencyId, IdError, Identity, MessageId, Role, ServiceName};
 pub use sign::{
     SignError, Signer, ENVELOPE_BATCH_DOMAIN, ENVELOPE_DOMAIN, RECEIPT_BATCH_DOMAIN, RECEIPT_DOMAIN,

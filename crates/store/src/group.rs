@@ -213,7 +213,7 @@ fn applier(
             state.open_id += 1;
             (group, effects, id)
         };
-        let result = apply(&mut journal, trees, &group);
+        let result = apply(&mut journal, trees, &group, &signals.journal_syncs);
         lock(&shared.state).applying = None;
         match result {
             Ok(()) => {
@@ -231,11 +231,18 @@ fn applier(
 
 /// Syncs `group` to the journal, then writes it into `trees` (see the
 /// module docs).
-fn apply(journal: &mut Journal, trees: &[sled::Tree], group: &Writes) -> Result<(), StoreError> {
+fn apply(
+    journal: &mut Journal,
+    trees: &[sled::Tree],
+    group: &Writes,
+    syncs: &antar_core::Histogram,
+) -> Result<(), StoreError> {
     if group.is_empty() {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     journal.append(group)?;
+    syncs.observe(started.elapsed());
     let writes = group.iter().map(|(tree, k, v)| (tree, k, v.clone()));
     write_all(trees, writes, Pass::First)?;
     journal.applied()

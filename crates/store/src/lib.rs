@@ -349,6 +349,13 @@ impl Store {
         self.queued_bytes() >= self.inner.max_queued_bytes
     }
 
+    /// How long each group of transactions took to be written and
+    /// `fdatasync`ed to the journal: every transaction waits for one, so a
+    /// slow or stalling disk shows here first.
+    pub fn journal_syncs(&self) -> &antar_core::Histogram {
+        &self.inner.signals.journal_syncs
+    }
+
     /// Bytes of queued work (outboxes + inboxes).
     pub fn queued_bytes(&self) -> u64 {
         self.inner.signals.queued_bytes.load(Ordering::Relaxed)

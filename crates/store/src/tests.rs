@@ -54,6 +54,23 @@ async fn outbox_survives_reopen_in_order_and_counts_quota() {
 }
 
 #[tokio::test]
+async fn each_group_s_journal_sync_is_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 1 << 20);
+    assert_eq!(s.journal_syncs().count(), 0);
+    for i in 0..3u8 {
+        s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
+            .await
+            .unwrap();
+    }
+    // Awaited one by one: three groups, each written and synced.
+    assert_eq!(s.journal_syncs().count(), 3);
+    // A transaction that writes nothing is no group and no sync.
+    s.transact(|tx| tx.tx_key("finance", "k")).await.unwrap();
+    assert_eq!(s.journal_syncs().count(), 3);
+}
+
+#[tokio::test]
 async fn aborted_transaction_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);

@@ -221,6 +221,8 @@ pub(crate) struct Signals {
     pub(crate) inbox: Arc<Notify>,
     pub(crate) receipts: Arc<Notify>,
     pub(crate) expiry: Mutex<Expiry>,
+    /// Each group's journal write and sync, timed by the applier.
+    pub(crate) journal_syncs: antar_core::Histogram,
 }
 
 impl Signals {
