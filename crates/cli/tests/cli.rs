@@ -131,6 +131,18 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     // Two nodes with mTLS and signatures cannot move a message on no CPU.
     assert!(report["cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{report}");
     assert!(result.contains(" cpu_us_per_msg="), "{result}");
+    // Every one of the 60 sends waited for at least one journal sync.
+    assert!(result.contains(" syncs_over_25ms="), "{result}");
+    let syncs = &report["journal_syncs"];
+    assert!(syncs["count"].as_u64().unwrap() >= 2, "{report}");
+    assert!(
+        syncs["over_25ms"].as_u64().unwrap() <= syncs["count"].as_u64().unwrap(),
+        "{report}"
+    );
+    assert!(
+        syncs["over_100ms"].as_u64().unwrap() <= syncs["over_25ms"].as_u64().unwrap(),
+        "{report}"
+    );
 
     // Open loop, the receiving app acking with AckBatch.
     let (result, report) = bench(&["--rate", "200", "--duration", "1", "--ack-batch", "8"]);

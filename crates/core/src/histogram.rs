@@ -36,6 +36,18 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// How many durations were longer than `secs`, rounded up to a bucket
+    /// bound (so pass one of [`BUCKETS`]).
+    pub fn over(&self, secs: f64) -> u64 {
+        let within: u64 = BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .take_while(|(b, _)| **b <= secs)
+            .map(|(_, n)| n.load(Ordering::Relaxed))
+            .sum();
+        self.count() - within
+    }
+
     /// Appends the Prometheus text exposition of this histogram as `name`.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
@@ -77,5 +89,9 @@ mod tests {
         assert!(out.contains("x_seconds_sum 120.0305\n"), "{out}");
         assert!(out.ends_with("x_seconds_count 3\n"), "{out}");
         assert_eq!(h.count(), 3);
+        assert_eq!(
+            (h.over(0.001), h.over(0.025), h.over(0.05), h.over(60.0)),
+            (2, 2, 1, 1)
+        );
     }
 }

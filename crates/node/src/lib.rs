@@ -406,6 +406,12 @@ impl Node {
         (self.reload)()
     }
 
+    /// Each group of transactions' journal write and `fdatasync`
+    /// (`antar_journal_sync_duration_seconds`).
+    pub fn journal_syncs(&self) -> &antar_core::Histogram {
+        self.shared.store.journal_syncs()
+    }
+
     /// Stops accepting, drains in-flight transfers, and flushes the store.
     ///
     /// # Errors
