@@ -495,7 +495,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let sending_for = args.duration.map(Duration::from_secs);
     let mut senders = tokio::task::JoinSet::new();
     let batch = args.batch as usize;
-    // Sends `(i, start)` with `SendBatch` (they must be several) and counts
+    // Sends `(i, start)` with one `SendBatch` (one or more) and counts
     // each answered one from its own start.
     let send_batch = {
         let (payload, sent, progress) = (payload.clone(), sent.clone(), progress.clone());
@@ -657,16 +657,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         _ => 0.0,
     };
     let drain_secs = drain_start.elapsed().as_secs_f64();
-    // Journal syncs of every node, and how many stalled: each send and
-    // delivery waits for one, so a stalling disk explains a tail.
-    let syncs = |over: Option<f64>| -> u64 {
-        nodes
-            .iter()
-            .map(|n| over.map_or(n.journal_syncs().count(), |s| n.journal_syncs().over(s)))
-            .sum()
-    };
-    let (journal_syncs, syncs_over_25ms, syncs_over_100ms) =
-        (syncs(None), syncs(Some(0.025)), syncs(Some(0.1)));
     if let Some(r) = receiver {
         r.await??;
     }
@@ -680,6 +670,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // Journal syncs of every node, and how many stalled: each send and
+    // delivery waits for one, so a stalling disk explains a tail.
+    let syncs = |over: Option<f64>| -> u64 {
+        nodes
+            .iter()
+            .map(|n| over.map_or(n.journal_syncs().count(), |s| n.journal_syncs().over(s)))
+            .sum()
+    };
+    let (journal_syncs, syncs_over_25ms, syncs_over_100ms) =
+        (syncs(None), syncs(Some(0.025)), syncs(Some(0.1)));
     ticker.abort();
     bar.finish_and_clear();
 

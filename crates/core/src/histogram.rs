@@ -36,8 +36,8 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// How many durations were longer than `secs`, rounded up to a bucket
-    /// bound (so pass one of [`BUCKETS`]).
+    /// How many durations were longer than the largest bucket bound not
+    /// above `secs` (so pass one of [`BUCKETS`]).
     pub fn over(&self, secs: f64) -> u64 {
         let within: u64 = BUCKETS
             .iter()
@@ -45,7 +45,9 @@ impl Histogram {
             .take_while(|(b, _)| **b <= secs)
             .map(|(_, n)| n.load(Ordering::Relaxed))
             .sum();
-        self.count() - within
+        // Read apart from the buckets: an observation under way may show
+        // in one and not yet in the other.
+        self.count().saturating_sub(within)
     }
 
     /// Appends the Prometheus text exposition of this histogram as `name`.

@@ -240,9 +240,7 @@ fn apply(
     if group.is_empty() {
         return Ok(());
     }
-    let started = std::time::Instant::now();
-    journal.append(group)?;
-    syncs.observe(started.elapsed());
+    journal.append(group, syncs)?;
     let writes = group.iter().map(|(tree, k, v)| (tree, k, v.clone()));
     write_all(trees, writes, Pass::First)?;
     journal.applied()

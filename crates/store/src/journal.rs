@@ -264,7 +264,7 @@ impl Journal {
     }
 
     /// Appends `group` and syncs it: from here on it survives a crash.
-    pub(crate) fn append(&mut self, group: &Writes) -> Result<(), StoreError> {
+    pub(crate) fn append(&mut self, group: &Writes, syncs: &antar_core::Histogram) -> Result<(), StoreError> {
         // The header is filled in once the body is encoded after it. The
         // buffer is kept: a fresh one per group had the kernel zero new
         // pages for it on every sync.
@@ -278,10 +278,12 @@ impl Journal {
             crc32fast::hash(body).to_be_bytes(),
         ];
         record[..8].copy_from_slice(&header.concat());
+        let started = std::time::Instant::now();
         self.file
             .write_all(record)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io("writing", &segment_path(&self.dir, self.segment), e))?;
+        syncs.observe(started.elapsed());
         self.written += record.len() as u64;
         if record.capacity() > RECORD_KEPT {
             *record = Vec::new();
