@@ -127,8 +127,10 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// How long [`Store::open`] waits for the directory lock.
-pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How long [`Store::open`] waits for the directory lock: far longer than
+/// sled's late release takes even on a loaded machine, short enough that a
+/// second node on a busy data directory fails promptly.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens sled, waiting up to [`LOCK_WAIT`] for its directory lock. sled
 /// 0.34 lets go of the lock from its IO threads a little after the last
