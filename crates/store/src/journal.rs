@@ -21,8 +21,9 @@
 //! [`SEGMENT_BYTES`] zeros that the checkpointer wrote and synced ahead of
 //! time (`spare.zero`: a checkpointed segment zeroed, or a new file asked
 //! for once the segment being written is half full, so a node that writes
-//! little never writes one), renamed into place. Records then overwrite blocks the file system has already
-//! allocated and written, within the file's size, so an `fdatasync` syncs
+//! little never writes one), renamed into place. Records then overwrite
+//! blocks the file system has already allocated and written, within the
+//! file's size, so an `fdatasync` syncs
 //! the record and none of the file's metadata — but for the record that
 //! crosses the segment's size, and in a segment started without a spare
 //! (ADR 0005's amendment has the measurements). In the last segment,

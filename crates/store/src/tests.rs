@@ -508,6 +508,26 @@ async fn crashed_with(dir: &std::path::Path, n: u8) -> (std::path::PathBuf, std:
 }
 
 /// The journal's segment files (not its spare), oldest first.
+/// Queues item `i` for health: `size` bytes of `i % 251`, as
+/// [`first_bytes`] reads back.
+async fn put_numbered(s: &Store, i: u64, size: usize) {
+    let v = vec![(i % 251) as u8; size];
+    s.transact(|tx| tx.push_outbox("health", &v, Held::Nothing, 0))
+        .await
+        .unwrap();
+}
+
+/// Polls `done` every 10 ms for up to 10 s; whether it came true.
+fn poll(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..1000 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
 fn segments(store: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(journal::dir(store))
         .unwrap()
@@ -644,25 +664,16 @@ async fn the_next_segment_is_the_zeroed_spare() {
     // A spare of another size (another build's) is replaced, not used.
     std::fs::write(&spare, [0; 4096]).unwrap();
     let mut i = 0u64;
-    async fn put(s: &Store, i: &mut u64) {
-        *i += 1;
-        let v = [(*i % 251) as u8; 1000];
-        s.transact(|tx| tx.push_outbox("health", &v, Held::Nothing, 0))
-            .await
-            .unwrap();
-    }
     // Past half of the first segment: the spare is written, whole.
     for _ in 0..journal::SEGMENT_BYTES / 2 / 1000 + 2 {
-        put(&s, &mut i).await;
+        i += 1;
+        put_numbered(&s, i, 1000).await;
     }
     let mut len = None;
-    for _ in 0..500 {
+    poll(|| {
         len = std::fs::metadata(&spare).ok().map(|m| m.len());
-        if len.is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+        len.is_some()
+    });
     assert_eq!(len, Some(journal::SEGMENT_BYTES), "no whole spare was written");
     assert!(std::fs::read(&spare).unwrap().iter().all(|&b| b == 0));
     // Past the end of it: segment 1 is the spare, a few records in.
@@ -670,10 +681,12 @@ async fn the_next_segment_is_the_zeroed_spare() {
         .iter()
         .all(|p| !p.ends_with("0000000000000001.log"))
     {
-        put(&s, &mut i).await;
+        i += 1;
+        put_numbered(&s, i, 1000).await;
     }
     for _ in 0..3 {
-        put(&s, &mut i).await;
+        i += 1;
+        put_numbered(&s, i, 1000).await;
     }
     let current = segments(&live).pop().unwrap();
     assert!(current.ends_with("0000000000000001.log"), "{current:?}");
@@ -701,40 +714,22 @@ async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
     let inode = std::fs::metadata(&first).unwrap().ino();
     let spare = journal.join("spare.zero");
     let mut n = 0u64;
-    async fn put(s: &Store, n: &mut u64) {
-        let v = [(*n % 251) as u8; 8000];
-        s.transact(|tx| tx.push_outbox("health", &v, Held::Nothing, 0))
-            .await
-            .unwrap();
-        *n += 1;
-    }
     // Past half of segment 0, then wait for the (new) spare, so segment 1
     // is that spare and, once segment 0 is checkpointed, there is none:
     // segment 0 is recycled whatever the threads' timing.
     while n * 8000 < journal::SEGMENT_BYTES / 2 + 8000 {
-        put(&s, &mut n).await;
+        put_numbered(&s, n, 8000).await;
+        n += 1;
     }
-    for _ in 0..1000 {
-        if spare.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(spare.exists(), "no spare was written");
+    assert!(poll(|| spare.exists()), "no spare was written");
     while segments(&live)
         .iter()
         .all(|p| !p.ends_with("0000000000000001.log"))
     {
-        put(&s, &mut n).await;
+        put_numbered(&s, n, 8000).await;
+        n += 1;
     }
-    let mut recycled = false;
-    for _ in 0..1000 {
-        recycled = std::fs::metadata(&spare).is_ok_and(|m| m.ino() == inode);
-        if recycled {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let recycled = poll(|| std::fs::metadata(&spare).is_ok_and(|m| m.ino() == inode));
     let names: Vec<_> = std::fs::read_dir(&journal)
         .unwrap()
         .map(|e| e.unwrap().file_name())
