@@ -240,6 +240,7 @@ impl Federation {
             path: self.layout.data_dir(agency),
             max_queued_bytes: 1 << 30,
             cache_capacity: 1 << 20,
+            journal_segment_bytes: antar_store::DEFAULT_JOURNAL_SEGMENT_BYTES,
         })
         .unwrap()
     }

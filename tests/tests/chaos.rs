@@ -23,6 +23,9 @@ use antar_tests::*;
 use rand::{Rng as _, SeedableRng as _};
 use tokio_stream::StreamExt as _;
 
+/// Journal segment size of the nodes (`limits.journal_segment_bytes`).
+const SEGMENT_BYTES: u64 = 256 << 10;
+
 fn line() -> Federation {
     let spec = |id: &str, peers: &[&str], default_route: Option<&str>| AgencySpec {
         id: id.into(),
@@ -168,6 +171,10 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
         }
         config.limits.transfer_ack_timeout_ms = 1_000;
         config.limits.handshake_timeout_ms = 1_000;
+        // Small journal segments, so the kills also land while segments are
+        // retired, checkpointed, recycled into spares and zeroed (32 MiB
+        // ones would not fill up in a short run).
+        config.limits.journal_segment_bytes = SEGMENT_BYTES;
         fed.spawn_with(config)
     };
     let mut children: HashMap<&str, ChildNode> = agencies.iter().map(|a| (*a, spawn(a))).collect();
@@ -371,4 +378,15 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
     for (_, c) in children {
         assert!(c.terminate().success());
     }
+    // The journal went through segments: a spare is written once a segment
+    // is half full, and stays (it is the next segment's file).
+    let spares: Vec<_> = agencies
+        .iter()
+        .filter(|a| {
+            let spare = fed.layout.data_dir(a).join("journal/spare.zero");
+            std::fs::metadata(spare).is_ok_and(|m| m.len() == SEGMENT_BYTES)
+        })
+        .collect();
+    eprintln!("chaos: nodes holding a {SEGMENT_BYTES}-byte journal spare: {spares:?}");
+    assert!(!spares.is_empty(), "no node's journal filled half a segment");
 }

@@ -186,6 +186,9 @@ pub struct Limits {
     pub retry_max_ms: u64,
     /// sled page cache, bytes. Default 64 MiB.
     pub cache_bytes: u64,
+    /// Size past which a write-ahead journal segment is retired and sled
+    /// checkpointed, bytes. Default 32 MiB; at least 64 KiB.
+    pub journal_segment_bytes: u64,
     /// How often the expiry sweeper runs, ms. Default 1000.
     pub sweep_interval_ms: u64,
     /// Longest a TLS handshake may take before the connection is dropped, ms. Default 10000.
@@ -221,6 +224,7 @@ impl Default for Limits {
             retry_initial_ms: 200,
             retry_max_ms: 30_000,
             cache_bytes: 64 << 20,
+            journal_segment_bytes: antar_store::DEFAULT_JOURNAL_SEGMENT_BYTES,
             sweep_interval_ms: 1_000,
             handshake_timeout_ms: 10_000,
             max_connections: 1024,
@@ -462,6 +466,12 @@ impl NodeConfig {
                 problems.push(format!("{key}: must be at least 1"));
             }
         }
+        if l.journal_segment_bytes < antar_store::MIN_JOURNAL_SEGMENT_BYTES {
+            problems.push(format!(
+                "limits.journal_segment_bytes: must be at least {} (64 KiB)",
+                antar_store::MIN_JOURNAL_SEGMENT_BYTES
+            ));
+        }
         if l.retry_max_ms < l.retry_initial_ms {
             problems.push("limits.retry_max_ms: must be at least limits.retry_initial_ms".into());
         }
@@ -570,7 +580,21 @@ api_key = "api.key"
     fn minimal_config_takes_defaults() {
         let c = NodeConfig::from_toml(MINIMAL).unwrap();
         assert_eq!(c.limits.max_hops, 8);
+        assert_eq!(c.limits.journal_segment_bytes, 32 << 20);
         assert_eq!(c.listen.api, default_api());
+    }
+
+    #[test]
+    fn a_journal_segment_under_64_kib_is_refused() {
+        let with = |bytes: u64| {
+            NodeConfig::from_toml(&format!("{MINIMAL}\n[limits]\njournal_segment_bytes = {bytes}\n"))
+        };
+        assert_eq!(with(65_536).unwrap().limits.journal_segment_bytes, 65_536);
+        let msg = with(65_535).unwrap_err().to_string();
+        assert!(
+            msg.contains("limits.journal_segment_bytes: must be at least 65536 (64 KiB)"),
+            "{msg}"
+        );
     }
 
     #[test]

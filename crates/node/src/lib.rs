@@ -246,6 +246,7 @@ impl Node {
             path: config.data_dir.clone(),
             max_queued_bytes: config.limits.max_queued_bytes,
             cache_capacity: config.limits.cache_bytes,
+            journal_segment_bytes: config.limits.journal_segment_bytes,
         })?;
         let legacy_seen_until = state::SeenReceipts::legacy(&store).await?;
         let shared = Arc::new(state::Shared {

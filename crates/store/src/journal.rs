@@ -10,7 +10,7 @@
 //! is idempotent) brings sled to the last synced group.
 //!
 //! The journal is a directory of segment files (`<n>.log`, `n` ascending).
-//! A segment past [`SEGMENT_BYTES`] is retired: the applier starts the next
+//! A segment past its size (32 MiB by default) is retired: the applier starts the next
 //! one and the checkpointer thread flushes sled — covering every group of
 //! the retired segment, all applied by then — and deletes it, or, when
 //! there is no spare, zeroes it in place to be the next spare (deleting a
@@ -18,7 +18,7 @@
 //! at most about two segments.
 //!
 //! A new segment is, when one is ready, a *spare*: a file of
-//! [`SEGMENT_BYTES`] zeros that the checkpointer wrote and synced ahead of
+//! a segment's size in zeros that the checkpointer wrote and synced ahead of
 //! time (`spare.zero`: a checkpointed segment zeroed, or a new file asked
 //! for once the segment being written is half full, so a node that writes
 //! little never writes one), renamed into place. Records then overwrite
@@ -52,9 +52,12 @@ use crate::group::{self, Write as GroupWrite};
 use crate::tx::Writes;
 use crate::StoreError;
 
-/// Size past which a segment is retired (small in unit tests, so they
-/// cross segments).
-pub(crate) const SEGMENT_BYTES: u64 = if cfg!(test) { 64 << 10 } else { 32 << 20 };
+/// Size past which a segment is retired, unless the store is configured
+/// otherwise ([`crate::StoreConfig::journal_segment_bytes`]).
+pub const DEFAULT_SEGMENT_BYTES: u64 = 32 << 20;
+
+/// Smallest segment size a store takes: a segment should hold many groups.
+pub const MIN_SEGMENT_BYTES: u64 = 64 << 10;
 
 /// The journal's directory inside the store's directory.
 pub(crate) fn dir(store: &Path) -> PathBuf {
@@ -82,6 +85,8 @@ pub(crate) struct Journal {
     segment: u64,
     /// Bytes in it.
     written: u64,
+    /// Size past which a segment is retired, and a spare's size.
+    segment_bytes: u64,
     /// Full segments, and requests for a spare, go to the checkpointer
     /// thread through this; dropping it ends the thread, which is then joined.
     retire: Option<mpsc::Sender<Chore>>,
@@ -123,14 +128,14 @@ const SPARE_PARTIAL: &str = "spare.zero.partial";
 /// Starts segment `n`: the spare renamed into place when there is one,
 /// else a new empty file; then makes its name durable, before any record
 /// goes into it.
-fn start_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
+fn start_segment(dir: &Path, n: u64, size: u64) -> Result<File, StoreError> {
     let path = segment_path(dir, n);
     let spare = dir.join(SPARE);
-    // A spare of another size (a build with another segment size) is not
-    // used: a retired segment must be records to its end. The
-    // checkpointer replaces it. A failed rename leaves the spare for the
-    // next segment.
-    if fs::metadata(&spare).is_ok_and(|m| m.len() == SEGMENT_BYTES) {
+    // A spare of another size (written before the segment size was
+    // changed) is not used: a retired segment must be records to its end.
+    // The checkpointer replaces it. A failed rename leaves the spare for
+    // the next segment.
+    if fs::metadata(&spare).is_ok_and(|m| m.len() == size) {
         let _ = fs::rename(&spare, &path);
     }
     let file = OpenOptions::new()
@@ -143,12 +148,12 @@ fn start_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
     Ok(file)
 }
 
-/// Writes the spare when there is none: [`SEGMENT_BYTES`] zeros, synced,
+/// Writes the spare when there is none: `size` zeros, synced,
 /// then renamed to [`SPARE`] (so a spare is always whole). The zeros go
 /// over a checkpointed segment left as [`SPARE_PARTIAL`] when there is
 /// one (cut to size), else into a new file. A failure costs only the
 /// speed-up: the next segment is then a new file.
-fn prepare_spare(dir: &Path, stopping: &AtomicBool) {
+fn prepare_spare(dir: &Path, size: u64, stopping: &AtomicBool) {
     if stopping.load(Ordering::Relaxed) {
         // A checkpointed segment may wait here to be zeroed: at a stop it
         // is only disk space.
@@ -157,7 +162,7 @@ fn prepare_spare(dir: &Path, stopping: &AtomicBool) {
     }
     let spare = dir.join(SPARE);
     match fs::metadata(&spare) {
-        Ok(m) if m.len() == SEGMENT_BYTES => return,
+        Ok(m) if m.len() == size => return,
         Ok(_) => {
             if let Err(e) = fs::remove_file(&spare) {
                 tracing::warn!(path = %spare.display(), error = %e, "cannot remove a spare journal segment of another size; no spare is written");
@@ -173,9 +178,9 @@ fn prepare_spare(dir: &Path, stopping: &AtomicBool) {
             .create(true)
             .truncate(false)
             .open(&partial)?;
-        f.set_len(SEGMENT_BYTES)?;
-        let zeros = vec![0u8; (1 << 20).min(SEGMENT_BYTES as usize)];
-        let mut left = SEGMENT_BYTES as usize;
+        f.set_len(size)?;
+        let zeros = vec![0u8; (1 << 20).min(size as usize)];
+        let mut left = size as usize;
         // A megabyte at a time, each synced before the next: a whole
         // segment's writes at once would queue on the disk ahead of the
         // applier's syncs and stall every commit for tens of milliseconds.
@@ -206,13 +211,16 @@ fn prepare_spare(dir: &Path, stopping: &AtomicBool) {
 
 impl Journal {
     /// Replays every group the journal holds into `trees`, checkpoints the
-    /// old segments and starts an empty journal with its checkpointer.
+    /// old segments and starts an empty journal with its checkpointer, whose
+    /// segments are retired past `segment_bytes` (segments of any size
+    /// replay, so the size may change from one open to the next).
     /// Returns the journal, the checkpointer's progress (for the store's
     /// fail-stop check) and how many groups were replayed.
     pub(crate) fn open(
         store: &Path,
         db: &sled::Db,
         trees: &[sled::Tree],
+        segment_bytes: u64,
     ) -> Result<(Self, Watermark, usize), StoreError> {
         let dir = dir(store);
         if !dir.exists() {
@@ -237,12 +245,12 @@ impl Journal {
         let _ = fs::remove_file(dir.join(SPARE_PARTIAL));
         let (retire, retired) = mpsc::channel();
         let store = store.to_path_buf();
-        let file = start_segment(&dir, segment)?;
+        let file = start_segment(&dir, segment, segment_bytes)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let (checkpoints, thread) = {
             let (store, db, stopping) = (store.clone(), db.clone(), stopping.clone());
             spawn_worker("antar-checkpoint", move |tx| {
-                checkpoint(&store, &db, &retired, &stopping, &tx)
+                checkpoint(&store, &db, segment_bytes, &retired, &stopping, &tx)
             })
         };
         Ok((
@@ -252,6 +260,7 @@ impl Journal {
                 file,
                 segment,
                 written: 0,
+                segment_bytes,
                 retire: Some(retire),
                 stopping,
                 spare_asked: false,
@@ -292,19 +301,19 @@ impl Journal {
         Ok(())
     }
 
-    /// Called once the groups appended so far are in sled: past
-    /// [`SEGMENT_BYTES`], starts the next segment and hands this one to the
+    /// Called once the groups appended so far are in sled: past the
+    /// segment size, starts the next segment and hands this one to the
     /// checkpointer.
     pub(crate) fn applied(&mut self) -> Result<(), StoreError> {
-        if self.written >= SEGMENT_BYTES / 2 && !self.spare_asked {
+        if self.written >= self.segment_bytes / 2 && !self.spare_asked {
             self.spare_asked = true;
             self.send(Chore::PrepareSpare)?;
         }
-        if self.written < SEGMENT_BYTES {
+        if self.written < self.segment_bytes {
             return Ok(());
         }
         let old = segment_path(&self.dir, self.segment);
-        self.file = start_segment(&self.dir, self.segment + 1)?;
+        self.file = start_segment(&self.dir, self.segment + 1, self.segment_bytes)?;
         self.segment += 1;
         self.written = 0;
         self.spare_asked = false;
@@ -493,6 +502,7 @@ enum Chore {
 fn checkpoint(
     store: &Path,
     db: &sled::Db,
+    segment_bytes: u64,
     chores: &mpsc::Receiver<Chore>,
     stopping: &AtomicBool,
     tx: &watch::Sender<Progress>,
@@ -524,7 +534,7 @@ fn checkpoint(
             tx.send_replace(Progress::UpTo(done));
         }
         if spare {
-            prepare_spare(&dir(store), stopping);
+            prepare_spare(&dir(store), segment_bytes, stopping);
         }
     }
 }

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::sync::Notify;
 
+pub use journal::{
+    DEFAULT_SEGMENT_BYTES as DEFAULT_JOURNAL_SEGMENT_BYTES, MIN_SEGMENT_BYTES as MIN_JOURNAL_SEGMENT_BYTES,
+};
 pub use records::{DeadLetter, InboxEntry, MessageRecord};
 pub use tx::{Abort, Held, Tx, TxError};
 
@@ -81,6 +84,11 @@ pub struct StoreConfig {
     pub max_queued_bytes: u64,
     /// sled's page cache, bytes.
     pub cache_capacity: u64,
+    /// Size past which a write-ahead journal segment is retired and
+    /// checkpointed ([`DEFAULT_JOURNAL_SEGMENT_BYTES`]; at least
+    /// [`MIN_JOURNAL_SEGMENT_BYTES`] is used). Larger: fewer sled
+    /// checkpoints, more to replay after a crash and more disk.
+    pub journal_segment_bytes: u64,
 }
 
 /// The node's durable state. Cheap to clone.
@@ -201,7 +209,8 @@ impl Store {
         if replayed > 0 {
             db.flush()?;
         }
-        let (journal, checkpoints, n) = journal::Journal::open(&config.path, db, &trees)?;
+        let segment_bytes = config.journal_segment_bytes.max(journal::MIN_SEGMENT_BYTES);
+        let (journal, checkpoints, n) = journal::Journal::open(&config.path, db, &trees, segment_bytes)?;
         replayed += n;
         if replayed > 0 {
             tracing::info!(

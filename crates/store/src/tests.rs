@@ -1,11 +1,15 @@
 use super::*;
 use antar_core::MessageId;
 
+/// Journal segments in these tests: small, so they cross segments.
+const SEGMENT_BYTES: u64 = journal::MIN_SEGMENT_BYTES;
+
 fn config(dir: &std::path::Path, quota: u64) -> StoreConfig {
     StoreConfig {
         path: dir.to_path_buf(),
         max_queued_bytes: quota,
         cache_capacity: 8 << 20,
+        journal_segment_bytes: SEGMENT_BYTES,
     }
 }
 
@@ -507,7 +511,6 @@ async fn crashed_with(dir: &std::path::Path, n: u8) -> (std::path::PathBuf, std:
     (copy, last)
 }
 
-/// The journal's segment files (not its spare), oldest first.
 /// Queues item `i` for health: `size` bytes of `i % 251`, as
 /// [`first_bytes`] reads back.
 async fn put_numbered(s: &Store, i: u64, size: usize) {
@@ -528,6 +531,7 @@ fn poll(mut done: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// The journal's segment files (not its spare), oldest first.
 fn segments(store: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(journal::dir(store))
         .unwrap()
@@ -626,7 +630,7 @@ async fn full_segments_are_checkpointed_and_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
     let s = open(&live, 1 << 30);
-    let n = 4 * journal::SEGMENT_BYTES / 1000;
+    let n = 4 * SEGMENT_BYTES / 1000;
     for i in 0..n {
         s.transact(|tx| tx.push_outbox("health", &[(i % 251) as u8; 1000], Held::Nothing, 0))
             .await
@@ -665,7 +669,7 @@ async fn the_next_segment_is_the_zeroed_spare() {
     std::fs::write(&spare, [0; 4096]).unwrap();
     let mut i = 0u64;
     // Past half of the first segment: the spare is written, whole.
-    for _ in 0..journal::SEGMENT_BYTES / 2 / 1000 + 2 {
+    for _ in 0..SEGMENT_BYTES / 2 / 1000 + 2 {
         i += 1;
         put_numbered(&s, i, 1000).await;
     }
@@ -674,7 +678,7 @@ async fn the_next_segment_is_the_zeroed_spare() {
         len = std::fs::metadata(&spare).ok().map(|m| m.len());
         len.is_some()
     });
-    assert_eq!(len, Some(journal::SEGMENT_BYTES), "no whole spare was written");
+    assert_eq!(len, Some(SEGMENT_BYTES), "no whole spare was written");
     assert!(std::fs::read(&spare).unwrap().iter().all(|&b| b == 0));
     // Past the end of it: segment 1 is the spare, a few records in.
     while segments(&live)
@@ -690,7 +694,7 @@ async fn the_next_segment_is_the_zeroed_spare() {
     }
     let current = segments(&live).pop().unwrap();
     assert!(current.ends_with("0000000000000001.log"), "{current:?}");
-    assert_eq!(std::fs::metadata(&current).unwrap().len(), journal::SEGMENT_BYTES);
+    assert_eq!(std::fs::metadata(&current).unwrap().len(), SEGMENT_BYTES);
     let n = i;
     crash_copy(&live, &copy);
     let r = open(&copy, 1 << 30);
@@ -717,7 +721,7 @@ async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
     // Past half of segment 0, then wait for the (new) spare, so segment 1
     // is that spare and, once segment 0 is checkpointed, there is none:
     // segment 0 is recycled whatever the threads' timing.
-    while n * 8000 < journal::SEGMENT_BYTES / 2 + 8000 {
+    while n * 8000 < SEGMENT_BYTES / 2 + 8000 {
         put_numbered(&s, n, 8000).await;
         n += 1;
     }
@@ -737,7 +741,7 @@ async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
     assert!(recycled, "segment 0 did not become the spare: {names:?}");
     assert!(!first.exists(), "{names:?}");
     let zeros = std::fs::read(&spare).unwrap();
-    assert_eq!(zeros.len() as u64, journal::SEGMENT_BYTES);
+    assert_eq!(zeros.len() as u64, SEGMENT_BYTES);
     assert!(
         zeros.iter().all(|&b| b == 0),
         "the recycled spare is not all zeros"
@@ -745,6 +749,60 @@ async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
     crash_copy(&live, &copy);
     let r = open(&copy, 1 << 30);
     assert_eq!(r.queued_bytes(), n * 8000);
+    let want: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    assert_eq!(first_bytes(&r, "health"), want);
+}
+
+/// The segment size is the store's configuration, and may change from one
+/// open to the next: segments and a spare of the old size left by a crash
+/// replay as they are, the spare is replaced by one of the new size, and
+/// segments are retired at the new size.
+#[tokio::test]
+async fn the_segment_size_may_change_between_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_sized = |path: &std::path::Path, segment: u64| {
+        Store::open(&StoreConfig {
+            journal_segment_bytes: segment,
+            ..config(path, 1 << 30)
+        })
+        .unwrap()
+    };
+    let spare_len = |store: &std::path::Path| {
+        std::fs::metadata(journal::dir(store).join("spare.zero")).map_or(0, |m| m.len())
+    };
+    let mut n = 0u64;
+    let mut store = dir.path().join("0");
+    // Each round: the store crashed at the end of the last one, opened with
+    // another size, written past one and a half segments of it, crashed.
+    for (round, size) in [SEGMENT_BYTES, 2 * SEGMENT_BYTES, SEGMENT_BYTES]
+        .into_iter()
+        .enumerate()
+    {
+        let s = open_sized(&store, size);
+        assert_eq!(s.queued_bytes(), n * 1000, "round {round}: a replay lost items");
+        let first = segments(&store).pop().unwrap();
+        // Until the segment this open started is retired and a spare of
+        // the new size is written (about one and a half segments).
+        let moved_on =
+            |store: &std::path::Path| !segments(store).contains(&first) && spare_len(store) == size;
+        for _ in 0..4 * size / 1000 {
+            put_numbered(&s, n, 1000).await;
+            n += 1;
+            if moved_on(&store) {
+                break;
+            }
+        }
+        assert!(
+            poll(|| moved_on(&store)),
+            "round {round}: the journal did not move on at {size} bytes"
+        );
+        let copy = dir.path().join(format!("{}", round + 1));
+        crash_copy(&store, &copy);
+        drop(s);
+        store = copy;
+    }
+    let r = open(&store, 1 << 30);
+    assert_eq!(r.queued_bytes(), n * 1000);
     let want: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
     assert_eq!(first_bytes(&r, "health"), want);
 }
@@ -839,7 +897,7 @@ async fn a_zeroed_newest_segment_and_partial_or_odd_spares_are_handled() {
     let jdir = journal::dir(&copy);
     std::fs::write(
         jdir.join(format!("{:016}.log", n + 1)),
-        vec![0; journal::SEGMENT_BYTES as usize],
+        vec![0; SEGMENT_BYTES as usize],
     )
     .unwrap();
     std::fs::write(jdir.join("spare.zero.partial"), [0; 4096]).unwrap();
@@ -858,7 +916,7 @@ async fn a_zeroed_newest_segment_and_partial_or_odd_spares_are_handled() {
 #[tokio::test]
 async fn a_clean_stop_empties_the_journal_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
-    let n = 3 * journal::SEGMENT_BYTES / 1000;
+    let n = 3 * SEGMENT_BYTES / 1000;
     {
         let s = open(dir.path(), 1 << 30);
         for i in 0..n {
