@@ -187,7 +187,7 @@ pub struct Limits {
     /// sled page cache, bytes. Default 64 MiB.
     pub cache_bytes: u64,
     /// Size past which a write-ahead journal segment is retired and sled
-    /// checkpointed, bytes. Default 32 MiB; at least 64 KiB.
+    /// checkpointed, bytes. Default 32 MiB; 64 KiB to 1 GiB.
     pub journal_segment_bytes: u64,
     /// How often the expiry sweeper runs, ms. Default 1000.
     pub sweep_interval_ms: u64,
@@ -466,10 +466,12 @@ impl NodeConfig {
                 problems.push(format!("{key}: must be at least 1"));
             }
         }
-        if l.journal_segment_bytes < antar_store::MIN_JOURNAL_SEGMENT_BYTES {
+        let segment = antar_store::MIN_JOURNAL_SEGMENT_BYTES..=antar_store::MAX_JOURNAL_SEGMENT_BYTES;
+        if !segment.contains(&l.journal_segment_bytes) {
             problems.push(format!(
-                "limits.journal_segment_bytes: must be at least {} (64 KiB)",
-                antar_store::MIN_JOURNAL_SEGMENT_BYTES
+                "limits.journal_segment_bytes: must be between {} (64 KiB) and {} (1 GiB)",
+                segment.start(),
+                segment.end()
             ));
         }
         if l.retry_max_ms < l.retry_initial_ms {
@@ -585,16 +587,21 @@ api_key = "api.key"
     }
 
     #[test]
-    fn a_journal_segment_under_64_kib_is_refused() {
+    fn a_journal_segment_outside_64_kib_to_1_gib_is_refused() {
         let with = |bytes: u64| {
             NodeConfig::from_toml(&format!("{MINIMAL}\n[limits]\njournal_segment_bytes = {bytes}\n"))
         };
         assert_eq!(with(65_536).unwrap().limits.journal_segment_bytes, 65_536);
-        let msg = with(65_535).unwrap_err().to_string();
-        assert!(
-            msg.contains("limits.journal_segment_bytes: must be at least 65536 (64 KiB)"),
-            "{msg}"
-        );
+        assert_eq!(with(1 << 30).unwrap().limits.journal_segment_bytes, 1 << 30);
+        for bad in [65_535, (1 << 30) + 1] {
+            let msg = with(bad).unwrap_err().to_string();
+            assert!(
+                msg.contains(
+                    "limits.journal_segment_bytes: must be between 65536 (64 KiB) and 1073741824 (1 GiB)"
+                ),
+                "{bad}: {msg}"
+            );
+        }
     }
 
     #[test]

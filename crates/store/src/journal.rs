@@ -15,7 +15,7 @@
 //! the retired segment, all applied by then — and deletes it, or, when
 //! there is no spare, zeroes it in place to be the next spare (deleting a
 //! 32 MiB file stalled every concurrent `fdatasync`). So the journal holds
-//! at most about two segments.
+//! about two segments, more only while checkpoints lag behind.
 //!
 //! A new segment is, when one is ready, a *spare*: a file of
 //! a segment's size in zeros that the checkpointer wrote and synced ahead of
@@ -58,6 +58,9 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 32 << 20;
 
 /// Smallest segment size a store takes: a segment should hold many groups.
 pub const MIN_SEGMENT_BYTES: u64 = 64 << 10;
+
+/// Largest segment size a store takes: replay reads a segment whole.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 /// The journal's directory inside the store's directory.
 pub(crate) fn dir(store: &Path) -> PathBuf {

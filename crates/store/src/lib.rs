@@ -32,7 +32,8 @@ use prost::Message;
 use tokio::sync::Notify;
 
 pub use journal::{
-    DEFAULT_SEGMENT_BYTES as DEFAULT_JOURNAL_SEGMENT_BYTES, MIN_SEGMENT_BYTES as MIN_JOURNAL_SEGMENT_BYTES,
+    DEFAULT_SEGMENT_BYTES as DEFAULT_JOURNAL_SEGMENT_BYTES, MAX_SEGMENT_BYTES as MAX_JOURNAL_SEGMENT_BYTES,
+    MIN_SEGMENT_BYTES as MIN_JOURNAL_SEGMENT_BYTES,
 };
 pub use records::{DeadLetter, InboxEntry, MessageRecord};
 pub use tx::{Abort, Held, Tx, TxError};
@@ -85,8 +86,9 @@ pub struct StoreConfig {
     /// sled's page cache, bytes.
     pub cache_capacity: u64,
     /// Size past which a write-ahead journal segment is retired and
-    /// checkpointed ([`DEFAULT_JOURNAL_SEGMENT_BYTES`]; at least
-    /// [`MIN_JOURNAL_SEGMENT_BYTES`] is used). Larger: fewer sled
+    /// checkpointed ([`DEFAULT_JOURNAL_SEGMENT_BYTES`]; a value outside
+    /// [`MIN_JOURNAL_SEGMENT_BYTES`]..=[`MAX_JOURNAL_SEGMENT_BYTES`] is
+    /// taken as the nearer bound). Larger: fewer sled
     /// checkpoints, more to replay after a crash and more disk.
     pub journal_segment_bytes: u64,
 }
@@ -209,7 +211,9 @@ impl Store {
         if replayed > 0 {
             db.flush()?;
         }
-        let segment_bytes = config.journal_segment_bytes.max(journal::MIN_SEGMENT_BYTES);
+        let segment_bytes = config
+            .journal_segment_bytes
+            .clamp(journal::MIN_SEGMENT_BYTES, journal::MAX_SEGMENT_BYTES);
         let (journal, checkpoints, n) = journal::Journal::open(&config.path, db, &trees, segment_bytes)?;
         replayed += n;
         if replayed > 0 {

@@ -296,7 +296,8 @@ fn open(path: &Path) -> Store {
         path: path.to_path_buf(),
         max_queued_bytes: u64::MAX,
         cache_capacity: 4 << 20,
-        journal_segment_bytes: antar_store::DEFAULT_JOURNAL_SEGMENT_BYTES,
+        // The smallest segments, so sequences cross them.
+        journal_segment_bytes: antar_store::MIN_JOURNAL_SEGMENT_BYTES,
     })
     .unwrap()
 }
