@@ -140,6 +140,11 @@ impl Metrics {
             "antar_journal_sync_duration_seconds",
             "Groups of transactions written and fdatasynced to the store's journal: the disk's share of every durable write.",
         );
+        shared.store.journal_checkpoints().render(
+            &mut out,
+            "antar_journal_checkpoint_duration_seconds",
+            "Checkpoints of full journal segments (sled flushed and fsynced, the segments deleted or recycled), one per limits.journal_segment_bytes written or fewer.",
+        );
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

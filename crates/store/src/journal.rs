@@ -216,7 +216,8 @@ impl Journal {
     /// Replays every group the journal holds into `trees`, checkpoints the
     /// old segments and starts an empty journal with its checkpointer, whose
     /// segments are retired past `segment_bytes` (segments of any size
-    /// replay, so the size may change from one open to the next).
+    /// replay, so the size may change from one open to the next) and which
+    /// times each checkpoint into `timings`.
     /// Returns the journal, the checkpointer's progress (for the store's
     /// fail-stop check) and how many groups were replayed.
     pub(crate) fn open(
@@ -224,6 +225,7 @@ impl Journal {
         db: &sled::Db,
         trees: &[sled::Tree],
         segment_bytes: u64,
+        timings: Arc<antar_core::Histogram>,
     ) -> Result<(Self, Watermark, usize), StoreError> {
         let dir = dir(store);
         if !dir.exists() {
@@ -253,7 +255,7 @@ impl Journal {
         let (checkpoints, thread) = {
             let (store, db, stopping) = (store.clone(), db.clone(), stopping.clone());
             spawn_worker("antar-checkpoint", move |tx| {
-                checkpoint(&store, &db, segment_bytes, &retired, &stopping, &tx)
+                checkpoint(&store, &db, segment_bytes, &timings, &retired, &stopping, &tx)
             })
         };
         Ok((
@@ -506,6 +508,7 @@ fn checkpoint(
     store: &Path,
     db: &sled::Db,
     segment_bytes: u64,
+    timings: &antar_core::Histogram,
     chores: &mpsc::Receiver<Chore>,
     stopping: &AtomicBool,
     tx: &watch::Sender<Progress>,
@@ -525,8 +528,12 @@ fn checkpoint(
         if !paths.is_empty() {
             // The newest becomes the next spare, unless there is one.
             let recycle = !stopping.load(Ordering::Relaxed) && !dir(store).join(SPARE).exists();
+            let started = std::time::Instant::now();
             match checkpoint_segments(db, store, &paths, recycle) {
-                Ok(recycled) => spare |= recycled,
+                Ok(recycled) => {
+                    timings.observe(started.elapsed());
+                    spare |= recycled;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "a journal checkpoint failed; refusing all further work");
                     tx.send_replace(Progress::Failed(format!("a journal checkpoint failed: {e}")));

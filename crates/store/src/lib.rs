@@ -110,6 +110,8 @@ struct Inner {
     max_queued_bytes: u64,
     /// The queued-bytes count and wake-ups, shared with the applier.
     signals: Arc<tx::Signals>,
+    /// The checkpointer's timing of each journal checkpoint.
+    journal_checkpoints: Arc<antar_core::Histogram>,
     /// One thread at a time extends `audit_node`.
     node_filler: Mutex<()>,
     /// Signer certificates of message records and cut values, as read from sled.
@@ -214,7 +216,14 @@ impl Store {
         let segment_bytes = config
             .journal_segment_bytes
             .clamp(journal::MIN_SEGMENT_BYTES, journal::MAX_SEGMENT_BYTES);
-        let (journal, checkpoints, n) = journal::Journal::open(&config.path, db, &trees, segment_bytes)?;
+        let journal_checkpoints = Arc::new(antar_core::Histogram::default());
+        let (journal, checkpoints, n) = journal::Journal::open(
+            &config.path,
+            db,
+            &trees,
+            segment_bytes,
+            journal_checkpoints.clone(),
+        )?;
         replayed += n;
         if replayed > 0 {
             tracing::info!(
@@ -306,6 +315,7 @@ impl Store {
                 trees,
                 max_queued_bytes: config.max_queued_bytes,
                 signals,
+                journal_checkpoints,
                 node_filler: Mutex::default(),
                 certs,
             }),
@@ -369,6 +379,14 @@ impl Store {
     /// slow or stalling disk shows here first.
     pub fn journal_syncs(&self) -> &antar_core::Histogram {
         &self.inner.signals.journal_syncs
+    }
+
+    /// How long each checkpoint of full journal segments took (sled
+    /// flushed, its files `fsync`ed, the segments deleted or recycled):
+    /// one per retired segment, or fewer when they queue up. Their number
+    /// and length are what smaller `journal_segment_bytes` cost.
+    pub fn journal_checkpoints(&self) -> &antar_core::Histogram {
+        &self.inner.journal_checkpoints
     }
 
     /// Bytes of queued work (outboxes + inboxes).

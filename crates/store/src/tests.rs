@@ -647,6 +647,12 @@ async fn full_segments_are_checkpointed_and_deleted() {
     assert!(left.len() <= 2, "retired segments were not deleted: {left:?}");
     let first: u64 = left[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();
     assert!(first >= 3, "the journal did not move on: {left:?}");
+    // Each checkpoint is timed: at least one, at most one per segment.
+    let checkpoints = s.journal_checkpoints().count();
+    assert!(
+        (1..=first).contains(&checkpoints),
+        "{checkpoints} checkpoints for {first} segments"
+    );
     crash_copy(&live, &copy);
     let r = open(&copy, 1 << 30);
     assert_eq!(r.queued_bytes(), n * 1000);
