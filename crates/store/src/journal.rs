@@ -10,23 +10,24 @@
 //! is idempotent) brings sled to the last synced group.
 //!
 //! The journal is a directory of segment files (`<n>.log`, `n` ascending).
-//! A segment past its size (32 MiB by default) is retired: the applier starts the next
-//! one and the checkpointer thread flushes sled — covering every group of
-//! the retired segment, all applied by then — and deletes it, or, when
-//! there is no spare, zeroes it in place to be the next spare (deleting a
-//! 32 MiB file stalled every concurrent `fdatasync`). So the journal holds
-//! about two segments, more only while checkpoints lag behind.
+//! A segment past its size (32 MiB by default) is retired: the applier
+//! starts the next one and the checkpointer thread flushes sled — covering
+//! every group of the retired segment, all applied by then — and deletes
+//! it, or, when there is no spare, zeroes it in place to be the next spare
+//! (deleting a 32 MiB file stalled every concurrent `fdatasync`). So the
+//! journal holds about two segments, more only while checkpoints lag
+//! behind.
 //!
-//! A new segment is, when one is ready, a *spare*: a file of
-//! a segment's size in zeros that the checkpointer wrote and synced ahead of
-//! time (`spare.zero`: a checkpointed segment zeroed, or a new file asked
-//! for once the segment being written is half full, so a node that writes
+//! A new segment is, when one is ready, a *spare*: a segment's size in
+//! zeros that the checkpointer wrote and synced ahead of time
+//! (`spare.zero`: a checkpointed segment zeroed, or a new file asked for
+//! once the segment being written is half full, so a node that writes
 //! little never writes one), renamed into place. Records then overwrite
 //! blocks the file system has already allocated and written, within the
-//! file's size, so an `fdatasync` syncs
-//! the record and none of the file's metadata — but for the record that
-//! crosses the segment's size, and in a segment started without a spare
-//! (ADR 0005's amendment has the measurements). In the last segment,
+//! file's size, so an `fdatasync` syncs the record and none of the file's
+//! metadata — but for the record that crosses the segment's size, and in
+//! a segment started without a spare (ADR 0005's amendment has the
+//! measurements). In the last segment,
 //! zeros from where a record header should start to the end of the file
 //! end the journal quietly: no record is empty, and that is what a spare
 //! holds past its last record. A retired segment is records to its end

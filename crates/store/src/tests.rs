@@ -531,6 +531,11 @@ fn poll(mut done: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// The number `n` of journal segment `<n>.log`.
+fn segment_number(path: &std::path::Path) -> u64 {
+    path.file_stem().unwrap().to_str().unwrap().parse().unwrap()
+}
+
 /// The journal's segment files (not its spare), oldest first.
 fn segments(store: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(journal::dir(store))
@@ -645,7 +650,7 @@ async fn full_segments_are_checkpointed_and_deleted() {
         left = segments(&live);
     }
     assert!(left.len() <= 2, "retired segments were not deleted: {left:?}");
-    let first: u64 = left[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let first = segment_number(&left[0]);
     assert!(first >= 3, "the journal did not move on: {left:?}");
     // Each checkpoint is timed once its segments are gone: at least one,
     // and no more than the segments gone when counted after it.
@@ -654,13 +659,7 @@ async fn full_segments_are_checkpointed_and_deleted() {
         "no checkpoint was timed"
     );
     let checkpoints = s.journal_checkpoints().count();
-    let gone: u64 = segments(&live)[0]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let gone = segment_number(&segments(&live)[0]);
     assert!(
         checkpoints <= gone,
         "{checkpoints} checkpoints for {gone} segments gone"
@@ -903,7 +902,7 @@ async fn zeros_in_a_segment_before_the_last_stop_the_open() {
     let dir = tempfile::tempdir().unwrap();
     let (copy, last) = crashed_with(dir.path(), 2).await;
     let records = std::fs::read(&last).unwrap();
-    let n: u64 = last.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let n = segment_number(&last);
     // The same groups again in a newer segment (a replay is idempotent),
     // and zeros after them in the older one.
     std::fs::write(last.with_file_name(format!("{:016}.log", n + 1)), &records).unwrap();
@@ -925,7 +924,7 @@ async fn zeros_in_a_segment_before_the_last_stop_the_open() {
 async fn a_zeroed_newest_segment_and_partial_or_odd_spares_are_handled() {
     let dir = tempfile::tempdir().unwrap();
     let (copy, last) = crashed_with(dir.path(), 2).await;
-    let n: u64 = last.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let n = segment_number(&last);
     let jdir = journal::dir(&copy);
     std::fs::write(
         jdir.join(format!("{:016}.log", n + 1)),
