@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use antar_client::wire::agency_client::AgencyClient;
 use antar_client::Client;
 use antar_tests::*;
 use tonic::Code;
@@ -90,42 +91,63 @@ fn finance_to_registry_chain() -> Vec<(i32, String)> {
     ]
 }
 
-async fn respond(registry: Client, n: usize) {
-    use tokio_stream::StreamExt as _;
-    let mut agency = registry.agency();
-    let mut stream = agency
-        .receive(wire::ReceiveRequest {
-            services: vec![],
-            max_in_flight: 8,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for _ in 0..n {
-        let d = tokio::time::timeout(Duration::from_secs(15), stream.next())
+async fn respond(app: Client, n: usize) {
+    Responder::open(app).await.answer(n).await;
+}
+
+/// An app's `Receive` stream (8 in flight) that answers REQUESTs.
+struct Responder {
+    agency: AgencyClient<tonic::transport::Channel>,
+    stream: tonic::Streaming<wire::Delivery>,
+}
+
+impl Responder {
+    async fn open(app: Client) -> Self {
+        let mut agency = app.agency();
+        let stream = agency
+            .receive(wire::ReceiveRequest {
+                services: vec![],
+                max_in_flight: 8,
+            })
             .await
-            .expect("no request reached the responder")
             .unwrap()
-            .unwrap();
-        let e = envelope_of(&d);
-        assert_eq!(e.kind, wire::Kind::Request as i32);
-        let mut answer = d.payload.unwrap().data;
-        answer.reverse();
-        agency
-            .reply(wire::ReplyRequest {
-                request_id: e.id.clone(),
-                payload: answer,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        agency
-            .ack(wire::AckRequest {
-                message_id: e.id,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            .into_inner();
+        Self { agency, stream }
+    }
+
+    /// Answers the next `n` deliveries, each a REQUEST, with its payload
+    /// reversed, and acks each; returns the requests.
+    async fn answer(&mut self, n: usize) -> Vec<wire::Envelope> {
+        use tokio_stream::StreamExt as _;
+        let mut answered = Vec::with_capacity(n);
+        for _ in 0..n {
+            let d = tokio::time::timeout(Duration::from_secs(15), self.stream.next())
+                .await
+                .expect("no request reached the responder")
+                .unwrap()
+                .unwrap();
+            let e = envelope_of(&d);
+            assert_eq!(e.kind, wire::Kind::Request as i32);
+            let mut answer = d.payload.unwrap().data;
+            answer.reverse();
+            self.agency
+                .reply(wire::ReplyRequest {
+                    request_id: e.id.clone(),
+                    payload: answer,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            self.agency
+                .ack(wire::AckRequest {
+                    message_id: e.id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            answered.push(e);
+        }
+        answered
     }
 }
 
@@ -184,6 +206,51 @@ async fn call_answers_within_its_deadline_or_fails_and_the_late_response_still_a
     for n in nodes {
         n.stop().await.unwrap();
     }
+}
+
+/// A `Call` to a service of the caller's own agency is answered like any
+/// other, and its RESPONSE goes to the `Call` alone: the responder's
+/// `Receive` stream, open on the same node when the RESPONSE lands in its
+/// inbox, never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_its_own_agency_is_answered_and_no_receive_stream_gets_the_response() {
+    use tokio_stream::StreamExt as _;
+    let fed = Federation::standard();
+    let node = fed.start("finance").await;
+    let caller = fed.app("finance").await;
+    let mut responder = Responder::open(fed.app("finance").await).await;
+    let call = {
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            let mut req = tonic::Request::new(wire::SendRequest {
+                kind: wire::Kind::Request as i32,
+                ..notice("finance", "tax.echo", b"ping")
+            });
+            req.set_timeout(Duration::from_secs(10));
+            caller.agency().call(req).await
+        })
+    };
+    let request = responder.answer(1).await.remove(0);
+    assert_eq!(
+        (request.sender.as_str(), request.recipient.as_str()),
+        ("finance", "finance")
+    );
+
+    let answer = call.await.unwrap().expect("the Call is answered").into_inner();
+    let response = envelope_of(&answer);
+    assert_eq!(response.kind, wire::Kind::Response as i32);
+    assert_eq!(response.correlation_id, request.id);
+    assert_eq!(answer.payload.unwrap().data, b"gnip");
+    let more = tokio::time::timeout(Duration::from_secs(1), responder.stream.next()).await;
+    assert!(
+        more.is_err(),
+        "the RESPONSE went to a Receive stream too: {more:?}"
+    );
+    // The Call acked its RESPONSE, the responder its REQUEST.
+    for id in [&request.id, &response.id] {
+        until_state(&caller, id, wire::MessageState::Processed, 10).await;
+    }
+    node.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,6 +372,65 @@ async fn an_expired_envelope_becomes_a_dead_letter_that_can_be_retried_or_purged
     );
     assert!(dead_letters(&admin).await.is_empty());
     for n in [health_node, finance_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+/// A TTL shorter than the way to the peer: with every node up, and the
+/// sweeper too slow to matter, the envelope still never leaves — the
+/// forwarder expires it in place of sending it — whether its route is
+/// direct (health) or through the hub (registry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_past_its_ttl_is_expired_by_the_forwarder_not_sent() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "health", "registry", "hub"], |_, config| {
+            config.limits.sweep_interval_ms = 600_000;
+        })
+        .await;
+    let finance = fed.app("finance").await;
+    let admin = fed.admin("finance").await;
+    let tiny = |to: &str| wire::SendRequest {
+        ttl: Some(antar_proto::prost_types::Duration { seconds: 0, nanos: 1 }),
+        ..notice(to, "tax.notice", b"too late")
+    };
+    let direct = send(&finance, tiny("health")).await;
+    let relayed = send(&finance, tiny("registry")).await;
+    for id in [&direct, &relayed] {
+        let t = until_state(&finance, id, wire::MessageState::Expired, 10).await;
+        assert_eq!(t.reason, "expired");
+        let statuses: Vec<(i32, String)> = verified_statuses(&fed, &t);
+        assert_eq!(
+            statuses,
+            vec![
+                (wire::ReceiptStatus::Accepted as i32, "finance".to_owned()),
+                (wire::ReceiptStatus::Expired as i32, "finance".to_owned()),
+            ]
+        );
+    }
+    let mut dead: Vec<String> = dead_letters(&admin)
+        .await
+        .into_iter()
+        .map(|d| {
+            assert_eq!(d.reason, "expired");
+            let signed = d.envelope.expect("a dead letter holds its envelope");
+            <wire::Envelope as prost::Message>::decode(signed.envelope.as_slice())
+                .unwrap()
+                .id
+        })
+        .collect();
+    dead.sort();
+    let mut both = vec![direct, relayed];
+    both.sort();
+    assert_eq!(dead, both);
+    for peer in ["health", "hub"] {
+        assert_eq!(backlog(&admin, peer).await, 0);
+    }
+    for agency in ["health", "registry"] {
+        let got = receive(&fed.app(agency).await, 1, 1, false).await;
+        assert!(got.is_empty(), "{agency} got an expired envelope");
+    }
+    for n in nodes {
         n.stop().await.unwrap();
     }
 }

@@ -116,6 +116,12 @@ pub(crate) fn bury(
 /// Moves every outbox item past its TTL to the dead letters with an EXPIRED receipt.
 pub(crate) async fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
     let due = shared.store.expired(unix_millis(SystemTime::now()), 512)?;
+    expire(shared, &due).await
+}
+
+/// Moves the outbox items `due` (peer, sequence number) to the dead
+/// letters with an EXPIRED receipt; one already gone is passed over.
+pub(crate) async fn expire(shared: &Shared, due: &[(String, u64)]) -> Result<usize, NodeError> {
     if due.is_empty() {
         return Ok(0);
     }
@@ -123,9 +129,16 @@ pub(crate) async fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
         .store
         .transact(|tx| {
             let mut n = 0;
-            for (peer, seq) in &due {
+            for (peer, seq) in due {
                 if let Some(item) = tx.remove_outbox(peer, *seq)? {
-                    bury(shared, tx, peer, &item, ReceiptStatus::Expired, "expired")?;
+                    bury(
+                        shared,
+                        tx,
+                        peer,
+                        &item,
+                        ReceiptStatus::Expired,
+                        crate::state::EXPIRED,
+                    )?;
                     n += 1;
                 }
             }

@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -28,17 +28,14 @@ use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared};
 use crate::{auth, trace};
 
 /// Callers of `Call` waiting for the RESPONSE to their request id.
-pub(crate) type CallWaiters = Mutex<HashMap<String, oneshot::Sender<MessageId>>>;
-
 /// The Agency service of one node.
 pub(crate) struct AgencyService {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) calls: Arc<CallWaiters>,
 }
 
 impl AgencyService {
-    pub(crate) fn new(shared: Arc<Shared>, calls: Arc<CallWaiters>) -> Self {
-        Self { shared, calls }
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
     }
 }
 
@@ -338,8 +335,12 @@ fn store_send(
 fn sent(shared: &Shared, v: &Validated, ids: &[MessageId]) {
     shared.metrics.sent.inc_by(ids.len() as u64);
     let trace_id = trace::trace_id(&v.traceparent);
-    for id in ids {
+    for (draft, id) in v.drafts.iter().zip(ids) {
         tracing::debug!(%id, trace_id, "accepted");
+        // A RESPONSE to this node's own agency is in its inbox now.
+        if draft.kind == Kind::Response && draft.recipient == shared.agency {
+            shared.calls.arrived(&draft.correlation_id, *id);
+        }
     }
 }
 
@@ -735,14 +736,16 @@ impl Agency for AgencyService {
         }
         let sealed = seal_all(&self.shared, [&v]).await;
         let request_id = sealed[0].id.to_string();
-        let (tx, rx) = oneshot::channel();
-        self.calls
+        let stream = self
+            .shared
+            .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(request_id.clone(), tx);
+            .open_stream();
+        let rx = self.shared.calls.wait(&request_id, stream);
         let _guard = CallGuard {
-            calls: &self.calls,
-            id: request_id.clone(),
+            shared: &self.shared,
+            request_id: request_id.clone(),
         };
         accept(&self.shared, v, sealed).await?;
         let wait = async {
@@ -982,17 +985,18 @@ impl Agency for AgencyService {
     }
 }
 
+/// Ends a `Call`'s wait however the call ends; a RESPONSE it was handed
+/// but did not ack (a cancel) goes back to the `Receive` streams.
 struct CallGuard<'a> {
-    calls: &'a CallWaiters,
-    id: String,
+    shared: &'a Shared,
+    request_id: String,
 }
 
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
-        self.calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        if let Some(stream) = self.shared.calls.end(&self.request_id) {
+            release(self.shared, stream);
+        }
     }
 }
 
@@ -1122,6 +1126,15 @@ async fn receive_loop(
                     continue;
                 }
             };
+            if let Some(call) = shared.calls.taking(&record) {
+                // A RESPONSE its `Call` takes and acks: the lease is the
+                // call's, and this stream's slot is free again.
+                let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(l) = leases.held.get_mut(&id).filter(|l| l.stream == stream) {
+                    l.stream = call;
+                }
+                continue;
+            }
             if tx.send(Ok(delivery(&record, attempt))).await.is_err() {
                 release(&shared, stream);
                 return;

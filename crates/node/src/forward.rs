@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use antar_core::time::unix_millis;
 use antar_core::wire::peer_client::PeerClient;
 use antar_core::wire::{
     transfer_item, CustodyStatus, Envelope, MessageState, TransferAck, TransferBatch, TransferItem,
@@ -102,6 +103,19 @@ async fn session(
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // What is past its TTL is not sent: it expires here now (an
+            // EXPIRED receipt, a dead letter) rather than at the sweeper's
+            // next tick, so a short TTL does not race the sweep to the
+            // peer. Only items not sent on this stream yet: one in flight
+            // is the peer's to store or refuse.
+            let now = unix_millis(SystemTime::now());
+            let due: Vec<(String, u64)> = shared
+                .store
+                .expired_of(peer, cursor, now, 512)?
+                .into_iter()
+                .map(|seq| (peer.to_owned(), seq))
+                .collect();
+            crate::admin::expire(shared, &due).await?;
             let items = shared.store.outbox_batch(peer, cursor, limits.batch_size)?;
             if !items.is_empty() {
                 // Only durable items leave the node: an item committed but not

@@ -273,6 +273,7 @@ impl Node {
             envelope_queue: Default::default(),
             identities: Default::default(),
             legacy_seen_until,
+            calls: state::Calls::default(),
         });
         let token = shared.shutdown.clone();
         let reload = {
@@ -287,7 +288,6 @@ impl Node {
             servers: Vec::new(),
             reload: reload.clone(),
         };
-        let calls: Arc<agency::CallWaiters> = Arc::default();
         let limits = shared.limits().clone();
         let handshake = Duration::from_millis(limits.handshake_timeout_ms);
         let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -313,10 +313,9 @@ impl Node {
                 .add_service(health.clone())
                 .add_service(reflection.clone())
                 .add_service(
-                    AgencyServer::new(agency::AgencyService::new(shared.clone(), calls.clone()))
-                        .max_decoding_message_size(
-                            (limits.max_payload_bytes as usize).saturating_add(1 << 20),
-                        ),
+                    AgencyServer::new(agency::AgencyService::new(shared.clone())).max_decoding_message_size(
+                        (limits.max_payload_bytes as usize).saturating_add(1 << 20),
+                    ),
                 )
                 .add_service(
                     AuditServer::new(audit::AuditService {
@@ -356,7 +355,6 @@ impl Node {
             .add_service(
                 PeerServer::new(peer::PeerService {
                     shared: shared.clone(),
-                    calls: calls.clone(),
                 })
                 .max_decoding_message_size(64 << 20),
             );

@@ -23,14 +23,12 @@ use antar_core::wire::{
 use antar_core::{Identity, MessageId, VerifiedEnvelope};
 use antar_store::{Held, MessageRecord, Tx, TxError};
 
-use crate::agency::CallWaiters;
 use crate::auth;
 use crate::error::NodeError;
 use crate::state::{expires_ms, Issued, SeenReceipts, Shared};
 
 pub(crate) struct PeerService {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) calls: Arc<CallWaiters>,
 }
 
 /// What to do with one item, decided before the transaction. `R` is the
@@ -116,7 +114,6 @@ impl Peer for PeerService {
         let mut batches = req.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let shared = self.shared.clone();
-        let calls = self.calls.clone();
         tokio::spawn(async move {
             loop {
                 let batch = tokio::select! {
@@ -145,7 +142,7 @@ impl Peer for PeerService {
                         .await;
                     return;
                 }
-                let result = handle_batch(&shared, &calls, &from, batch).await;
+                let result = handle_batch(&shared, &from, batch).await;
                 let failed = result.is_err();
                 if tx.send(result.map_err(Status::from)).await.is_err() || failed {
                     return;
@@ -158,7 +155,6 @@ impl Peer for PeerService {
 
 async fn handle_batch(
     shared: &Shared,
-    calls: &CallWaiters,
     from: &Identity,
     batch: TransferBatch,
 ) -> Result<TransferAck, NodeError> {
@@ -195,13 +191,7 @@ async fn handle_batch(
                 tracing::debug!(id = %v.id, trace_id = crate::trace::trace_id(&et.traceparent),
                     from = %from.agency, service = %v.envelope.service, "delivered to the inbox");
                 if v.envelope.kind == Kind::Response as i32 {
-                    let waiter = calls
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&v.envelope.correlation_id);
-                    if let Some(w) = waiter {
-                        let _ = w.send(v.id);
-                    }
+                    shared.calls.arrived(&v.envelope.correlation_id, v.id);
                 }
             }
             (CustodyStatus::Stored, Plan::Relay(v, et, next)) => {

@@ -145,6 +145,70 @@ impl Leases {
     }
 }
 
+/// `Call`s waiting for the RESPONSE to their REQUEST, by request id.
+///
+/// An entry lives as long as its `Call` (`agency::CallGuard`), also after
+/// the RESPONSE arrived: until the `Call` has acked it, a `Receive` stream
+/// that comes across it hands its lease to the `Call`'s own stream id
+/// ([`Calls::taking`]) rather than deliver it, so the RESPONSE goes to its
+/// `Call` alone. Should the `Call` end first (its deadline, a cancel), the
+/// RESPONSE stays in the inbox for `Receive`.
+#[derive(Debug, Default)]
+pub(crate) struct Calls(Mutex<HashMap<String, Caller>>);
+
+#[derive(Debug)]
+struct Caller {
+    /// The lease stream id of this `Call` (from [`Leases::open_stream`]).
+    stream: u64,
+    /// Taken when the RESPONSE arrives.
+    wake: Option<tokio::sync::oneshot::Sender<MessageId>>,
+}
+
+impl Calls {
+    /// Registers a `Call` for the RESPONSE to `request_id`, under lease
+    /// stream id `stream`; the receiver gets the RESPONSE's id.
+    pub(crate) fn wait(&self, request_id: &str, stream: u64) -> tokio::sync::oneshot::Receiver<MessageId> {
+        let (wake, rx) = tokio::sync::oneshot::channel();
+        lock(&self.0).insert(
+            request_id.to_owned(),
+            Caller {
+                stream,
+                wake: Some(wake),
+            },
+        );
+        rx
+    }
+
+    /// The `Call` for `request_id` ended: its lease stream id, if it was
+    /// still registered.
+    pub(crate) fn end(&self, request_id: &str) -> Option<u64> {
+        lock(&self.0).remove(request_id).map(|w| w.stream)
+    }
+
+    /// RESPONSE `id` to `request_id` is durable in this node's inbox: wakes
+    /// the `Call` waiting for it, if any.
+    pub(crate) fn arrived(&self, request_id: &str, id: MessageId) {
+        let wake = lock(&self.0).get_mut(request_id).and_then(|w| w.wake.take());
+        if let Some(wake) = wake {
+            let _ = wake.send(id);
+        }
+    }
+
+    /// The lease stream id of the `Call` waiting for the RESPONSE in
+    /// `record`, or `None` when it is not one a `Call` waits for.
+    pub(crate) fn taking(&self, record: &MessageRecord) -> Option<u64> {
+        let calls = lock(&self.0);
+        if calls.is_empty() {
+            return None;
+        }
+        let env = Envelope::decode(record.envelope.as_ref()?.envelope.as_slice()).ok()?;
+        if env.kind != antar_core::wire::Kind::Response as i32 {
+            return None;
+        }
+        calls.get(&env.correlation_id).map(|w| w.stream)
+    }
+}
+
 /// Per-peer health, for Admin.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerHealth {
@@ -250,6 +314,8 @@ pub(crate) struct Shared {
     /// Envelopes of concurrent requests waiting to share a signature:
     /// their bytes and `created_at`.
     pub(crate) envelope_queue: Together<(Vec<u8>, SystemTime), SignedEnvelope>,
+    /// `Call`s waiting for their RESPONSE.
+    pub(crate) calls: Calls,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
     /// When the store holds receipts an older build marked seen by their
@@ -636,6 +702,9 @@ fn next_state(current: i32, status: ReceiptStatus) -> i32 {
         current
     }
 }
+
+/// The reason an item past its `expires_at` was refused or buried with.
+pub(crate) const EXPIRED: &str = "expired";
 
 /// Milliseconds since the epoch of an envelope's `expires_at` (0: never).
 pub(crate) fn expires_ms(envelope: &Envelope) -> u64 {

@@ -915,14 +915,33 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub fn expired(&self, now_ms: u64, max: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self.expiry()?.due(now_ms, max))
+    }
+
+    /// `peer`'s outbox entries past `after` (a sequence number, if given)
+    /// whose envelope expires at or before `now_ms`, up to `max`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn expired_of(
+        &self,
+        peer: &str,
+        after: Option<u64>,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        Ok(self.expiry()?.due_of(peer, after, now_ms, max))
+    }
+
+    /// The expiry index, once the store is known to work.
+    fn expiry(&self) -> Result<std::sync::MutexGuard<'_, tx::Expiry>, StoreError> {
         self.check()?;
-        let expiry = self
+        Ok(self
             .inner
             .signals
             .expiry
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        Ok(expiry.due(now_ms, max))
+            .unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Woken whenever an item is queued for `peer`.

@@ -209,6 +209,20 @@ impl Expiry {
             .map(|(_, seq, n)| (self.names[*n as usize].to_string(), *seq))
             .collect()
     }
+
+    /// Up to `max` of `peer`'s items that expire at or before `now_ms`,
+    /// soonest first, past `after` (a sequence number) if given.
+    pub(crate) fn due_of(&self, peer: &str, after: Option<u64>, now_ms: u64, max: usize) -> Vec<u64> {
+        let Some(&n) = self.numbers.get(peer) else {
+            return Vec::new();
+        };
+        self.due
+            .range(..(now_ms.saturating_add(1), 0, 0))
+            .filter(|(_, seq, of)| *of == n && after.is_none_or(|a| *seq > a))
+            .take(max)
+            .map(|(_, seq, _)| *seq)
+            .collect()
+    }
 }
 
 /// The queued-bytes count, the expiry index and the wake-ups that follow
