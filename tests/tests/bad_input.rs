@@ -22,6 +22,23 @@ async fn send_err(client: &Client, req: wire::SendRequest) -> tonic::Status {
     client.agency().send(req).await.expect_err("must be refused")
 }
 
+/// `body`, sent as the HTTP/2 body of a `Send` as it is — no gRPC framing
+/// added — and the status of the (trailers-only) answer.
+async fn raw_body(client: &Client, body: &str) -> tonic::Status {
+    use tonic::codegen::{http, Service as _};
+    let mut channel = client.channel();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/antar.v1.Agency/Send")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body.to_owned()))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+    let response = channel.call(request).await.unwrap();
+    tonic::Status::from_header_map(response.headers()).expect("an answer with its status in the headers")
+}
+
 /// A good send on the same client still works: the node and the connection survive.
 async fn still_serving(client: &Client) {
     send(client, notice("health", "tax.notice", b"still here")).await;
@@ -102,10 +119,26 @@ async fn bad_requests_get_their_code_and_store_nothing() {
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("limit"), "{st:?}");
     still_serving(&app).await;
+
+    // gRPC framing that cannot be read — a message cut short, none at all,
+    // a compressed-flag of 2, one of 1 with no grpc-encoding — is
+    // INVALID_ARGUMENT as well, saying what was wrong; the node serves on.
+    let framings = [
+        ("\0\0\0\0\x0a\x0a\x01", "EOF"),
+        ("", "Missing request message"),
+        ("\x02\0\0\0\x01\x0a", "compression flag"),
+        ("\x01\0\0\0\x01\x0a", "compressed-flag"),
+    ];
+    for (body, says) in framings {
+        let st = raw_body(&app, body).await;
+        assert_eq!(st.code(), Code::InvalidArgument, "{body:?}: {st:?}");
+        assert!(st.message().contains(says), "{body:?}: {st:?}");
+        still_serving(&app).await;
+    }
     assert_eq!(
         backlog(&admin, "health").await,
-        2,
-        "exactly the two good sends are queued"
+        6,
+        "exactly the good sends are queued"
     );
     finance.stop().await.unwrap();
 }

@@ -73,6 +73,55 @@ async fn metrics_count_the_traffic_that_happened() {
     }
 }
 
+/// Server reflection answers in both versions clients speak — v1, and
+/// v1alpha, all that Python's grpcio-reflection and grpcurl before 1.8.8
+/// ask — and lists every service, so other stacks need only the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_every_service_in_v1_and_v1alpha() {
+    use tokio_stream::StreamExt as _;
+    let fed = Federation::standard();
+    let node = fed.start("finance").await;
+    let app = fed.app("finance").await;
+    macro_rules! services {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            let ask = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut answers = ServerReflectionClient::new(app.channel())
+                .server_reflection_info(tokio_stream::iter([ask]))
+                .await
+                .unwrap()
+                .into_inner();
+            match answers.next().await.unwrap().unwrap().message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+                }
+                other => panic!("not a list of services: {other:?}"),
+            }
+        }};
+    }
+    for (version, names) in [("v1", services!(v1)), ("v1alpha", services!(v1alpha))] {
+        for service in [
+            "antar.v1.Agency",
+            "antar.v1.Admin",
+            "antar.v1.Audit",
+            "antar.v1.Peer",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == service),
+                "{version}: {service} not in {names:?}"
+            );
+        }
+    }
+    node.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_refuses_sends_and_turns_health_to_not_serving() {
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -34,6 +34,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let layout = DevLayout::new(&args.dir);
     let topology = standard_topology();
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    // federation.json is written once every node is up, so scripts wait for
+    // it; one left by an earlier run (its ports perhaps stale) goes first.
+    let fed_path = layout.federation_json();
+    match std::fs::remove_file(&fed_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove the old {}", fed_path.display()));
+        }
+        _ => {}
+    }
     let created = layout
         .ensure_pki(&topology)
         .context("cannot create the dev certificates")?;
@@ -81,7 +90,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot start {}", spec.id))?;
         nodes.push(node);
     }
-    let fed_path = layout.federation_json();
     layout.federation_file(&topology, &addrs)?.save(&fed_path)?;
     let fed = std::fs::canonicalize(&fed_path).unwrap_or(fed_path);
     let fed = fed.display();

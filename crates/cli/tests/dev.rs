@@ -59,6 +59,11 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 #[test]
 fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
+    // One left by an earlier run, with ports that may be stale: gone as
+    // soon as `antar dev` starts, so a script that waits for the file waits
+    // for this run's nodes.
+    let fed = dir.path().join("federation.json");
+    std::fs::write(&fed, "{\"left\": \"by an earlier run\"}\n").unwrap();
     let child = antar()
         .args(["dev", "--base-port", "0", "--dir"])
         .arg(dir.path())
@@ -69,13 +74,22 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
         .spawn()
         .unwrap();
     let mut dev = Dev(child);
-    let fed = dir.path().join("federation.json");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !fed.exists() {
+    let mut stale_gone = false;
+    loop {
+        match std::fs::read_to_string(&fed) {
+            Ok(text) if text.contains("earlier run") => {}
+            Ok(_) => break,
+            Err(_) => stale_gone = true,
+        }
         assert!(Instant::now() < deadline, "antar dev never wrote federation.json");
         assert!(dev.0.try_wait().unwrap().is_none(), "antar dev exited early");
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(
+        stale_gone,
+        "the old federation.json stayed until the new one replaced it"
+    );
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&fed).unwrap()).unwrap();
     let agencies: Vec<&str> = file["agencies"]
         .as_array()

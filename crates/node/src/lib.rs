@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic::Status;
 
 use antar_core::wire::admin_server::AdminServer;
 use antar_core::wire::agency_server::AgencyServer;
@@ -302,16 +303,28 @@ impl Node {
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(antar_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Server reflection in both versions clients speak: v1, and
+        // v1alpha for Python's grpcio-reflection, grpcurl before 1.8.8 and
+        // other older tools.
+        let reflection_of = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(antar_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_of()
             .build_v1()
+            .map_err(|e| pki_err(format!("reflection: {e}")))?;
+        let reflection_alpha = reflection_of()
+            .build_v1alpha()
             .map_err(|e| pki_err(format!("reflection: {e}")))?;
         let api_router = |shared: &Arc<state::Shared>| {
             Server::builder()
-                .layer(tower::util::MapResponseLayer::new(oversize_is_invalid_argument))
+                .layer(tower::util::MapResponseLayer::new(
+                    unreadable_is_invalid_argument_http,
+                ))
                 .add_service(health.clone())
                 .add_service(reflection.clone())
+                .add_service(reflection_alpha.clone())
                 .add_service(
                     AgencyServer::new(agency::AgencyService::new(shared.clone())).max_decoding_message_size(
                         (limits.max_payload_bytes as usize).saturating_add(1 << 20),
@@ -349,9 +362,12 @@ impl Node {
             ));
         }
         let peer_router = Server::builder()
-            .layer(tower::util::MapResponseLayer::new(oversize_is_invalid_argument))
+            .layer(tower::util::MapResponseLayer::new(
+                unreadable_is_invalid_argument_http,
+            ))
             .add_service(health.clone())
             .add_service(reflection.clone())
+            .add_service(reflection_alpha.clone())
             .add_service(
                 PeerServer::new(peer::PeerService {
                     shared: shared.clone(),
@@ -493,20 +509,51 @@ async fn sweeper(shared: Arc<state::Shared>, token: CancellationToken) {
     }
 }
 
-/// tonic answers a message over the size limit with `OUT_OF_RANGE` before any
-/// handler runs (a trailers-only response); DESIGN.md §9 promises
-/// `INVALID_ARGUMENT` for oversize frames, and no handler of ours uses
-/// `OUT_OF_RANGE`, so the code is rewritten. The message, naming the limit,
-/// is kept.
-fn oversize_is_invalid_argument(
+/// Whether `status` is tonic's answer to a request it could not read, which
+/// DESIGN.md §9 calls `INVALID_ARGUMENT` ("malformed protobuf / oversize
+/// frames"): a message over the size limit (tonic: `OUT_OF_RANGE`), or gRPC
+/// framing it cannot parse — a message cut short, no message at all, a
+/// compressed-flag that is neither 0 nor 1, or set with no `grpc-encoding`
+/// (tonic: `INTERNAL`, which the gRPC spec asks for the last; §9 is this
+/// node's contract). No handler of ours answers `OUT_OF_RANGE`, nor
+/// `INTERNAL` with these messages.
+fn unreadable(status: &Status) -> bool {
+    match status.code() {
+        tonic::Code::OutOfRange => true,
+        tonic::Code::Internal => {
+            let m = status.message();
+            m.starts_with("protocol error: received message with")
+                || m.starts_with("Unexpected EOF decoding stream")
+                || m.starts_with("Missing request message")
+        }
+        _ => false,
+    }
+}
+
+/// `status`, as `INVALID_ARGUMENT` if it says a request could not be read
+/// ([`unreadable`]); its message is kept.
+pub(crate) fn unreadable_is_invalid_argument(status: Status) -> Status {
+    if unreadable(&status) {
+        Status::invalid_argument(status.message())
+    } else {
+        status
+    }
+}
+
+/// tonic refuses a request it cannot read before any handler runs, with a
+/// trailers-only response; one it could not read ([`unreadable`]) has its
+/// code rewritten to `INVALID_ARGUMENT`. The message, naming the limit or
+/// what was wrong, is kept.
+fn unreadable_is_invalid_argument_http(
     mut response: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
     let headers = response.headers_mut();
-    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
-    if headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
-    {
+    let maybe = headers.get("grpc-status").is_some_and(|v| {
+        [tonic::Code::OutOfRange, tonic::Code::Internal]
+            .iter()
+            .any(|c| v.as_bytes() == (*c as i32).to_string().as_bytes())
+    });
+    if maybe && Status::from_header_map(headers).is_some_and(|s| unreadable(&s)) {
         let invalid = http::HeaderValue::from(tonic::Code::InvalidArgument as i32);
         headers.insert("grpc-status", invalid);
     }

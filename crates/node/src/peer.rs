@@ -125,6 +125,7 @@ impl Peer for PeerService {
                     Ok(b) => b,
                     Err(status) => {
                         // Garbage on the stream: say so (INVALID_ARGUMENT) and end it.
+                        let status = crate::unreadable_is_invalid_argument(status);
                         tracing::warn!(peer = %from.agency, %status, "transfer stream refused");
                         let _ = tx.send(Err(status)).await;
                         return;

@@ -93,16 +93,14 @@ impl FederationFile {
         Ok(file)
     }
 
-    /// Writes the file as pretty JSON.
+    /// Writes the file as pretty JSON, atomically: a script that polls for
+    /// it never reads half of it.
     ///
     /// # Errors
     /// [`PkiError::Write`] when it cannot be written.
     pub fn save(&self, path: &Path) -> Result<(), PkiError> {
-        let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        std::fs::write(path, text + "\n").map_err(|source| PkiError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+        let text = serde_json::to_string_pretty(self).unwrap_or_default() + "\n";
+        crate::files::write_atomic(path, text.as_bytes(), 0o644)
     }
 
     /// The entry of `agency`.

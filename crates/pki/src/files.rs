@@ -112,7 +112,10 @@ fn first(path: &Path, blocks: Vec<Vec<u8>>, label: &'static str) -> Result<Vec<u
     })
 }
 
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+/// Writes `bytes` to a temporary file beside `path` with `mode`, syncs it
+/// and renames it over `path`: a reader sees the old file or the whole
+/// new one, never a part.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     let err = |p: &Path| {
         let p = p.to_owned();
         move |source| PkiError::Write { path: p, source }
