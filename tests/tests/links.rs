@@ -20,6 +20,22 @@ async fn send_batch(app: &antar_client::Client, what: &str, n: usize) -> Vec<Str
     ids
 }
 
+/// A proxy in front of `peer`'s peer port, and finance's config that
+/// reaches `peer` through it, giving up on a silent stream or handshake
+/// after a second.
+async fn finance_through_proxy(fed: &Federation, peer: &str) -> (LinkProxy, antar_node::NodeConfig) {
+    let proxy = LinkProxy::start(fed.addrs[peer].peer).await;
+    let mut config = fed.config("finance");
+    for p in &mut config.peers {
+        if p.agency == peer {
+            p.addr = proxy.addr.to_string();
+        }
+    }
+    config.limits.transfer_ack_timeout_ms = 1_000;
+    config.limits.handshake_timeout_ms = 1_000;
+    (proxy, config)
+}
+
 /// Receives and acks exactly the messages `ids`, each once.
 async fn receive_exactly(app: &antar_client::Client, ids: &[String], secs: u64) {
     let got: Vec<String> = receive(app, ids.len(), secs, true)
@@ -37,15 +53,7 @@ async fn receive_exactly(app: &antar_client::Client, ids: &[String], secs: u64) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_or_stalled_link_delays_delivery_and_loses_nothing() {
     let fed = Federation::standard();
-    let proxy = LinkProxy::start(fed.addrs["hub"].peer).await;
-    let mut config = fed.config("finance");
-    for p in &mut config.peers {
-        if p.agency == "hub" {
-            p.addr = proxy.addr.to_string();
-        }
-    }
-    config.limits.transfer_ack_timeout_ms = 1_000;
-    config.limits.handshake_timeout_ms = 1_000;
+    let (proxy, config) = finance_through_proxy(&fed, "hub").await;
     let mut nodes = vec![fed.start_with(config).await];
     for a in ["hub", "registry"] {
         nodes.push(fed.start(a).await);
@@ -90,6 +98,66 @@ async fn a_cut_or_stalled_link_delays_delivery_and_loses_nothing() {
     for id in &ids {
         until_state(&finance, id, wire::MessageState::Processed, 15).await;
     }
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+/// An envelope the forwarder has sent but whose custody ack the link lost
+/// is in doubt: the peer may hold it. Past its TTL it is still not
+/// expired — neither by the sweeper nor by the forwarder — but goes again
+/// once the link is back, and arrives once: never both a DELIVERED and an
+/// EXPIRED receipt for one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_in_flight_when_its_link_stalls_is_not_expired_but_goes_again() {
+    let fed = Federation::standard();
+    let (proxy, config) = finance_through_proxy(&fed, "health").await;
+    let nodes = vec![fed.start_with(config).await, fed.start("health").await];
+    let finance = fed.app("finance").await;
+    let admin = fed.admin("finance").await;
+    let health = fed.app("health").await;
+
+    // The stream to health is open, then the link stalls under it.
+    let first = send(&finance, notice("health", "tax.notice", b"opens the stream")).await;
+    until_state(&finance, &first, wire::MessageState::Delivered, 10).await;
+    proxy.set(LinkMode::Stall);
+    let doubtful = send(
+        &finance,
+        wire::SendRequest {
+            ttl: Some(antar_proto::prost_types::Duration { seconds: 1, nanos: 0 }),
+            ..notice("health", "tax.notice", b"sent into the stall")
+        },
+    )
+    .await;
+    // Its TTL passes, the stream times out, reconnections stall: the
+    // sweeper (every 200 ms here) has had many chances.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert!(get(&scrape(&fed, "finance").await, "antar_transfer_retries_total") >= 1.0);
+    let t = track(&finance, &doubtful).await;
+    assert_eq!(
+        t.state,
+        wire::MessageState::Accepted as i32,
+        "reason {:?}",
+        t.reason
+    );
+    assert_eq!(backlog(&admin, "health").await, 1);
+
+    proxy.set(LinkMode::Up);
+    receive_exactly(&health, &[first, doubtful.clone()], 20).await;
+    let t = until_state(&finance, &doubtful, wire::MessageState::Processed, 15).await;
+    let statuses: Vec<i32> = verified_statuses(&fed, &t).into_iter().map(|s| s.0).collect();
+    assert!(
+        !statuses.contains(&(wire::ReceiptStatus::Expired as i32)),
+        "{statuses:?}"
+    );
+    let dead = admin
+        .admin()
+        .list_dead_letters(wire::ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert!(dead.is_empty(), "{dead:?}");
     for n in nodes {
         n.stop().await.unwrap();
     }

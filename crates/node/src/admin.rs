@@ -115,7 +115,10 @@ pub(crate) fn bury(
 
 /// Moves every outbox item past its TTL to the dead letters with an EXPIRED receipt.
 pub(crate) async fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
-    let due = shared.store.expired(unix_millis(SystemTime::now()), 512)?;
+    let now = unix_millis(SystemTime::now());
+    let due = shared
+        .store
+        .expired_sparing(now, 512, |peer| shared.sent_upto(peer))?;
     expire(shared, &due).await
 }
 
@@ -130,6 +133,10 @@ pub(crate) async fn expire(shared: &Shared, due: &[(String, u64)]) -> Result<usi
         .transact(|tx| {
             let mut n = 0;
             for (peer, seq) in due {
+                // Sent since `due` was read: the peer's to take or refuse.
+                if shared.sent_upto(peer).is_some_and(|upto| *seq <= upto) {
+                    continue;
+                }
                 if let Some(item) = tx.remove_outbox(peer, *seq)? {
                     bury(
                         shared,

@@ -27,7 +27,6 @@ use crate::error::NodeError;
 use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared};
 use crate::{auth, trace};
 
-/// Callers of `Call` waiting for the RESPONSE to their request id.
 /// The Agency service of one node.
 pub(crate) struct AgencyService {
     pub(crate) shared: Arc<Shared>,
@@ -1126,13 +1125,7 @@ async fn receive_loop(
                     continue;
                 }
             };
-            if let Some(call) = shared.calls.taking(&record) {
-                // A RESPONSE its `Call` takes and acks: the lease is the
-                // call's, and this stream's slot is free again.
-                let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(l) = leases.held.get_mut(&id).filter(|l| l.stream == stream) {
-                    l.stream = call;
-                }
+            if shared.calls.withhold(&record, &id, stream, &shared.leases) {
                 continue;
             }
             if tx.send(Ok(delivery(&record, attempt))).await.is_err() {
@@ -1210,5 +1203,7 @@ fn release(shared: &Shared, stream: u64) {
     // A stream that held nothing leaves them be.
     leases.returned += u64::from(gave_back);
     drop(leases);
-    shared.store.inbox_notify().notify_waiters();
+    if gave_back {
+        shared.store.inbox_notify().notify_waiters();
+    }
 }

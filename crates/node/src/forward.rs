@@ -20,6 +20,7 @@ use antar_core::wire::{
     transfer_item, CustodyStatus, Envelope, MessageState, TransferAck, TransferBatch, TransferItem,
 };
 use antar_core::MessageId;
+use antar_store::Queued;
 
 use crate::error::NodeError;
 use crate::state::Shared;
@@ -103,30 +104,31 @@ async fn session(
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // What is past its TTL is not sent: it expires here now (an
-            // EXPIRED receipt, a dead letter) rather than at the sweeper's
-            // next tick, so a short TTL does not race the sweep to the
-            // peer. Only items not sent on this stream yet: one in flight
-            // is the peer's to store or refuse.
+            let items = shared.store.outbox_queued(peer, cursor, limits.batch_size)?;
+            // What is past its TTL is not sent: it expires here, now (an
+            // EXPIRED receipt, a dead letter), not at the sweeper's next
+            // tick, so a short TTL does not race the sweep to the peer. But
+            // not an item sent before, on this stream or on one that
+            // failed: the peer may hold it, and says so (DUPLICATE) when it
+            // goes again (`Shared::sent_upto`).
             let now = unix_millis(SystemTime::now());
-            let due: Vec<(String, u64)> = shared
-                .store
-                .expired_of(peer, cursor, now, 512)?
-                .into_iter()
-                .map(|seq| (peer.to_owned(), seq))
-                .collect();
-            crate::admin::expire(shared, &due).await?;
-            let items = shared.store.outbox_batch(peer, cursor, limits.batch_size)?;
+            let sent_upto = shared.sent_upto(peer);
+            let (late, items): (Vec<Queued>, Vec<Queued>) = items.into_iter().partition(|q| {
+                q.expires_ms != 0 && q.expires_ms <= now && sent_upto.is_none_or(|s| q.seq > s)
+            });
+            if !late.is_empty() {
+                // Out of the outbox once this returns, so not read again.
+                let due: Vec<(String, u64)> = late.iter().map(|q| (peer.to_owned(), q.seq)).collect();
+                crate::admin::expire(shared, &due).await?;
+                if items.is_empty() {
+                    continue;
+                }
+            }
             if !items.is_empty() {
-                // Only durable items leave the node: an item committed but not
-                // yet flushed could reach the peer and then vanish here in a
-                // crash (a DELIVERED receipt issued twice, an envelope whose
-                // Send the app saw fail delivered anyway).
-                shared.store.durable().await?;
                 let mut batch = TransferBatch::default();
                 let mut seqs = Vec::with_capacity(items.len());
                 let mut bytes = 0;
-                for (seq, value) in items {
+                for Queued { seq, item: value, .. } in items {
                     if bytes > 0 && bytes + value.len() > MAX_BATCH_BYTES {
                         break;
                     }
@@ -137,6 +139,15 @@ async fn session(
                     seqs.push(seq);
                     cursor = Some(seq);
                 }
+                // Spared from expiry from here on: sent, or about to be.
+                if let Some(last) = cursor {
+                    shared.mark_sent(peer, last);
+                }
+                // Only durable items leave the node: an item committed but not
+                // yet flushed could reach the peer and then vanish here in a
+                // crash (a DELIVERED receipt issued twice, an envelope whose
+                // Send the app saw fail delivered anyway).
+                shared.store.durable().await?;
                 tx.send(batch)
                     .await
                     .map_err(|_| SessionError("stream closed".into()))?;

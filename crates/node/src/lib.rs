@@ -275,6 +275,7 @@ impl Node {
             identities: Default::default(),
             legacy_seen_until,
             calls: state::Calls::default(),
+            sent: Mutex::default(),
         });
         let token = shared.shutdown.clone();
         let reload = {

@@ -194,18 +194,46 @@ impl Calls {
         }
     }
 
-    /// The lease stream id of the `Call` waiting for the RESPONSE in
-    /// `record`, or `None` when it is not one a `Call` waits for.
-    pub(crate) fn taking(&self, record: &MessageRecord) -> Option<u64> {
+    /// Whether a `Receive` stream must not deliver `record` (message `id`),
+    /// which it leased to `stream`: because the lease is no longer the
+    /// stream's (acked meanwhile — by the `Call` it answers, say — or run
+    /// out and taken by another stream), or because it is the RESPONSE a
+    /// `Call` waits for: then the lease moves to that `Call`, and the
+    /// stream's slot is free again. Locks the calls, then `leases`;
+    /// nothing locks them the other way round.
+    pub(crate) fn withhold(
+        &self,
+        record: &MessageRecord,
+        id: &MessageId,
+        stream: u64,
+        leases: &Mutex<Leases>,
+    ) -> bool {
+        // Decoded outside the lock, and only while a `Call` waits: one
+        // registers before its REQUEST exists, so before any RESPONSE.
+        let request = if lock(&self.0).is_empty() {
+            None
+        } else {
+            record
+                .envelope
+                .as_ref()
+                .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
+                .filter(|e| e.kind == antar_core::wire::Kind::Response as i32)
+                .map(|e| e.correlation_id)
+        };
         let calls = lock(&self.0);
-        if calls.is_empty() {
-            return None;
+        let mut leases = lock(leases);
+        let Some(lease) = leases.held.get_mut(id).filter(|l| l.stream == stream) else {
+            return true;
+        };
+        match request.and_then(|r| calls.get(&r)) {
+            Some(call) => {
+                lease.stream = call.stream;
+                // Not delivered on this stream: not an attempt.
+                lease.attempt = lease.attempt.saturating_sub(1);
+                true
+            }
+            None => false,
         }
-        let env = Envelope::decode(record.envelope.as_ref()?.envelope.as_slice()).ok()?;
-        if env.kind != antar_core::wire::Kind::Response as i32 {
-            return None;
-        }
-        calls.get(&env.correlation_id).map(|w| w.stream)
     }
 }
 
@@ -316,6 +344,9 @@ pub(crate) struct Shared {
     pub(crate) envelope_queue: Together<(Vec<u8>, SystemTime), SignedEnvelope>,
     /// `Call`s waiting for their RESPONSE.
     pub(crate) calls: Calls,
+    /// Per peer, the last outbox item its forwarder has sent, on any
+    /// stream since this node started ([`Shared::sent_upto`]).
+    pub(crate) sent: Mutex<HashMap<String, u64>>,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
     /// When the store holds receipts an older build marked seen by their
@@ -325,6 +356,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The last of `peer`'s outbox items sent to it since this node
+    /// started. One at or before it is never expired (neither by the
+    /// sweeper nor by the forwarder): the peer may hold it already, so it
+    /// goes again, and the peer answers DUPLICATE or takes it.
+    pub(crate) fn sent_upto(&self, peer: &str) -> Option<u64> {
+        lock(&self.sent).get(peer).copied()
+    }
+
+    /// `peer`'s items up to `seq` have been sent.
+    pub(crate) fn mark_sent(&self, peer: &str, seq: u64) {
+        let mut sent = lock(&self.sent);
+        let upto = sent.entry(peer.to_owned()).or_insert(seq);
+        *upto = (*upto).max(seq);
+    }
+
     pub(crate) fn limits(&self) -> &Limits {
         &self.config.limits
     }
@@ -703,7 +749,7 @@ fn next_state(current: i32, status: ReceiptStatus) -> i32 {
     }
 }
 
-/// The reason an item past its `expires_at` was refused or buried with.
+/// The reason an item past its `expires_at` is buried with.
 pub(crate) const EXPIRED: &str = "expired";
 
 /// Milliseconds since the epoch of an envelope's `expires_at` (0: never).

@@ -93,6 +93,18 @@ pub struct StoreConfig {
     pub journal_segment_bytes: u64,
 }
 
+/// An outbox item as [`Store::outbox_queued`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// Its sequence number in the peer's outbox.
+    pub seq: u64,
+    /// When it expires, ms since the epoch; 0: never (a receipt, or a
+    /// dead letter an administrator retried).
+    pub expires_ms: u64,
+    /// The serialized `TransferItem`.
+    pub item: Vec<u8>,
+}
+
 /// The node's durable state. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -526,6 +538,23 @@ impl Store {
         after: Option<u64>,
         max: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .outbox_queued(peer, after, max)?
+            .into_iter()
+            .map(|q| (q.seq, q.item))
+            .collect())
+    }
+
+    /// [`Store::outbox_batch`], each item with when it expires.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn outbox_queued(
+        &self,
+        peer: &str,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
         let from = after.map_or(0, |seq| seq.saturating_add(1));
         let items = runs::range_in(&self.inner.trees, keys::OUTBOX, &keys::prefixed(peer), from, None)?;
         let mut out = Vec::new();
@@ -535,7 +564,11 @@ impl Store {
             // The value is expires_ms (8 bytes) followed by the item as stored.
             let key = keys::seq_key(peer, seq);
             let item = parts.whole(keys::OUTBOX, &key, v.get(8..).unwrap_or_default())?;
-            out.push((seq, item.into_owned()));
+            out.push(Queued {
+                seq,
+                expires_ms: keys::u64_of(&v),
+                item: item.into_owned(),
+            });
         }
         Ok(out)
     }
@@ -915,33 +948,28 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub fn expired(&self, now_ms: u64, max: usize) -> Result<Vec<(String, u64)>, StoreError> {
-        Ok(self.expiry()?.due(now_ms, max))
+        self.expired_sparing(now_ms, max, |_| None)
     }
 
-    /// `peer`'s outbox entries past `after` (a sequence number, if given)
-    /// whose envelope expires at or before `now_ms`, up to `max`.
+    /// [`Store::expired`], but none of a peer's entries at or before
+    /// `spared(peer)`, a sequence number.
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure.
-    pub fn expired_of(
+    pub fn expired_sparing(
         &self,
-        peer: &str,
-        after: Option<u64>,
         now_ms: u64,
         max: usize,
-    ) -> Result<Vec<u64>, StoreError> {
-        Ok(self.expiry()?.due_of(peer, after, now_ms, max))
-    }
-
-    /// The expiry index, once the store is known to work.
-    fn expiry(&self) -> Result<std::sync::MutexGuard<'_, tx::Expiry>, StoreError> {
+        spared: impl Fn(&str) -> Option<u64>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         self.check()?;
-        Ok(self
+        let expiry = self
             .inner
             .signals
             .expiry
             .lock()
-            .unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(expiry.due(now_ms, max, spared))
     }
 
     /// Woken whenever an item is queued for `peer`.

@@ -201,26 +201,20 @@ impl Expiry {
     }
 
     /// Up to `max` items that expire at or before `now_ms`, soonest first,
-    /// as (peer, seq). (An item that expires at `u64::MAX` ms never is.)
-    pub(crate) fn due(&self, now_ms: u64, max: usize) -> Vec<(String, u64)> {
+    /// as (peer, seq), but none of a peer's at or before `spared(peer)`.
+    /// (An item that expires at `u64::MAX` ms never is.)
+    pub(crate) fn due(
+        &self,
+        now_ms: u64,
+        max: usize,
+        spared: impl Fn(&str) -> Option<u64>,
+    ) -> Vec<(String, u64)> {
         self.due
             .range(..(now_ms.saturating_add(1), 0, 0))
+            .map(|(_, seq, n)| (&self.names[*n as usize], *seq))
+            .filter(|(peer, seq)| spared(peer).is_none_or(|upto| *seq > upto))
             .take(max)
-            .map(|(_, seq, n)| (self.names[*n as usize].to_string(), *seq))
-            .collect()
-    }
-
-    /// Up to `max` of `peer`'s items that expire at or before `now_ms`,
-    /// soonest first, past `after` (a sequence number) if given.
-    pub(crate) fn due_of(&self, peer: &str, after: Option<u64>, now_ms: u64, max: usize) -> Vec<u64> {
-        let Some(&n) = self.numbers.get(peer) else {
-            return Vec::new();
-        };
-        self.due
-            .range(..(now_ms.saturating_add(1), 0, 0))
-            .filter(|(_, seq, of)| *of == n && after.is_none_or(|a| *seq > a))
-            .take(max)
-            .map(|(_, seq, _)| *seq)
+            .map(|(peer, seq)| (peer.to_string(), seq))
             .collect()
     }
 }
