@@ -10,9 +10,14 @@ use antar_tests::*;
 use tonic::Code;
 
 async fn raw_send(client: &Client, bytes: Vec<u8>) -> tonic::Status {
+    raw_call(client, "/antar.v1.Agency/Send", bytes).await
+}
+
+/// `bytes` as the message of the unary method `path`; its refusal.
+async fn raw_call(client: &Client, path: &'static str, bytes: Vec<u8>) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(client.channel());
     grpc.ready().await.unwrap();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/antar.v1.Agency/Send");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
     grpc.unary(tonic::Request::new(bytes), path, RawCodec)
         .await
         .expect_err("a malformed message must be refused")
@@ -113,6 +118,11 @@ async fn bad_requests_get_their_code_and_store_nothing() {
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("malformed"), "{st:?}");
     still_serving(&app).await;
+    // The same to the health service beside it (tonic's stock codec).
+    let st = raw_call(&app, "/grpc.health.v1.Health/Check", vec![0x0a, 0xff, 0xff, 0xff]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("decode"), "{st:?}");
+    still_serving(&app).await;
 
     // A frame far over the payload limit: INVALID_ARGUMENT naming the limit, connection survives.
     let st = raw_send(&app, vec![0u8; 3 << 20]).await;
@@ -137,7 +147,7 @@ async fn bad_requests_get_their_code_and_store_nothing() {
     }
     assert_eq!(
         backlog(&admin, "health").await,
-        6,
+        7,
         "exactly the good sends are queued"
     );
     finance.stop().await.unwrap();
@@ -268,4 +278,68 @@ async fn a_full_store_refuses_new_sends_and_keeps_accepted_work() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     health.stop().await.unwrap();
     finance.stop().await.unwrap();
+}
+
+/// With the default limits, the largest payload the node takes, sent with
+/// the most header bytes it takes, reaches an app whose client keeps
+/// gRPC's stock 4 MiB receive limit; one byte more of either is
+/// INVALID_ARGUMENT naming what is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_send_by_default_reaches_a_stock_client() {
+    use antar_client::wire::agency_client::AgencyClient;
+    use antar_node::config::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES};
+    use prost::Message as _;
+    use tokio_stream::StreamExt as _;
+    let fed = Federation::standard();
+    let nodes = fed.start_all_with(&["finance", "health"], |_, _| {}).await;
+    let finance = fed.app("finance").await;
+    let max = usize::try_from(DEFAULT_MAX_PAYLOAD_BYTES).unwrap();
+    // Four headers of 8 KiB less a little: MAX_HEADER_BYTES in all.
+    let value = |i: usize| "v".repeat(MAX_HEADER_BYTES / 4 - format!("h{i}").len());
+    let largest = wire::SendRequest {
+        headers: (0..4).map(|i| (format!("h{i}"), value(i))).collect(),
+        payload: vec![7u8; max],
+        ..notice("health", "tax.notice", b"")
+    };
+    assert_eq!(
+        largest
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>(),
+        MAX_HEADER_BYTES
+    );
+
+    let mut over = largest.clone();
+    over.payload.push(7);
+    let st = send_err(&finance, over).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("max_payload_bytes"), "{st:?}");
+    let mut over = largest.clone();
+    over.headers.insert("h0".into(), value(0) + "v");
+    let st = send_err(&finance, over).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("headers"), "{st:?}");
+
+    let id = send(&finance, largest).await;
+    let mut stock = AgencyClient::new(fed.app("health").await.channel());
+    let mut stream = stock
+        .receive(wire::ReceiveRequest {
+            services: vec![],
+            max_in_flight: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the delivery arrives")
+        .expect("the stream is open")
+        .expect("a stock client takes it");
+    assert_eq!(envelope_of(&d).id, id);
+    assert!(d.encoded_len() <= 4 << 20, "{} bytes", d.encoded_len());
+    assert_eq!(d.payload.unwrap().data.len(), max);
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
 }

@@ -253,6 +253,133 @@ async fn a_call_to_its_own_agency_is_answered_and_no_receive_stream_gets_the_res
     node.stop().await.unwrap();
 }
 
+/// An idempotency key is not only a TRANSACTION's: a NOTICE (to two
+/// agencies) or a REQUEST sent again with its key is accepted once — the
+/// original ids come back, nothing more is delivered — and travels in no
+/// envelope. `Call`, which waits for its own REQUEST's answer, takes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_or_request_sent_again_with_its_idempotency_key_is_accepted_once() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "health", "registry", "hub"], |_, _| {})
+        .await;
+    let finance = fed.app("finance").await;
+    let notice_twice = wire::SendRequest {
+        recipients: vec!["health".into(), "registry".into()],
+        idempotency_key: "moved-3171".into(),
+        ..notice("health", "address.changed", b"citizen 3171 moved")
+    };
+    let request_twice = wire::SendRequest {
+        kind: wire::Kind::Request as i32,
+        idempotency_key: "lookup-3171".into(),
+        ..notice("health", "record.lookup", b"3171")
+    };
+    let mut firsts = Vec::new();
+    for req in [notice_twice, request_twice] {
+        let first = finance
+            .agency()
+            .send(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .message_ids;
+        let again = finance.agency().send(req).await.unwrap().into_inner().message_ids;
+        assert_eq!(again, first);
+        firsts.extend(first);
+    }
+    assert_eq!(firsts.len(), 3);
+    // Waiting for one more than was sent, to see no copy arrive.
+    let at_health = receive(&fed.app("health").await, 3, 3, true).await;
+    let at_registry = receive(&fed.app("registry").await, 2, 3, true).await;
+    let mut got: Vec<String> = at_health
+        .iter()
+        .chain(&at_registry)
+        .map(|d| envelope_of(d).id)
+        .collect();
+    got.sort();
+    firsts.sort();
+    assert_eq!(got, firsts, "each once, no copy");
+    for d in at_health.iter().chain(&at_registry) {
+        assert_eq!(
+            envelope_of(d).correlation_id,
+            "",
+            "a NOTICE's or REQUEST's key stays at its node"
+        );
+    }
+
+    let mut call = tonic::Request::new(wire::SendRequest {
+        kind: wire::Kind::Request as i32,
+        idempotency_key: "call-3171".into(),
+        ..notice("health", "record.lookup", b"3171")
+    });
+    call.set_timeout(Duration::from_secs(5));
+    let st = finance.agency().call(call).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("idempotency_key"), "{st:?}");
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+/// A `Reply` settles the REQUEST it answers, as an `Ack` would: the
+/// requester sees PROCESSED and gets the RESPONSE, and the REQUEST is not
+/// delivered again — though the responder never acked it and closed its
+/// stream, which hands an unacked delivery on at once. An `Ack` after the
+/// `Reply` is a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_settles_the_request_it_answers() {
+    use tokio_stream::StreamExt as _;
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "registry", "hub"], |_, _| {})
+        .await;
+    let finance = fed.app("finance").await;
+    let request = send(
+        &finance,
+        wire::SendRequest {
+            kind: wire::Kind::Request as i32,
+            ..notice("registry", "birth.lookup", b"3171")
+        },
+    )
+    .await;
+    {
+        let mut responder = Responder::open(fed.app("registry").await).await;
+        let d = tokio::time::timeout(Duration::from_secs(15), responder.stream.next())
+            .await
+            .expect("the request arrives")
+            .unwrap()
+            .unwrap();
+        assert_eq!(envelope_of(&d).id, request);
+        responder
+            .agency
+            .reply(wire::ReplyRequest {
+                request_id: request.clone(),
+                payload: b"born 2001".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let again = receive(&fed.app("registry").await, 1, 2, false).await;
+    assert!(again.is_empty(), "the answered REQUEST was delivered again");
+    until_state(&finance, &request, wire::MessageState::Processed, 15).await;
+    let response = receive(&finance, 1, 15, true).await;
+    assert_eq!(response.len(), 1);
+    assert_eq!(envelope_of(&response[0]).correlation_id, request);
+    fed.app("registry")
+        .await
+        .agency()
+        .ack(wire::AckRequest {
+            message_id: request.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("an ack after the reply is a no-op");
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_key_is_delivered_once_across_repeats_and_a_sender_restart() {
     let fed = Federation::standard();

@@ -31,7 +31,9 @@ pub struct SendArgs {
     /// notice, request or transaction.
     #[arg(long, default_value = "notice")]
     kind: KindArg,
-    /// Idempotency key (required for --kind transaction).
+    /// Idempotency key: required for --kind transaction; with a notice or
+    /// request, a send repeated with the same key is accepted once (the
+    /// node answers the original ids).
     #[arg(long)]
     idempotency_key: Option<String>,
     #[command(flatten)]

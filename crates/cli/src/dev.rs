@@ -29,23 +29,24 @@ async fn bind(port: u16) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot bind {addr}; is another `antar dev` running? Try --base-port 0"))
 }
 
+fn remove_if_there(path: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove the old {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let layout = DevLayout::new(&args.dir);
     let topology = standard_topology();
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
-    // federation.json is written once every node is up, so scripts wait for
-    // it; one left by an earlier run (its ports perhaps stale) goes first.
-    let fed_path = layout.federation_json();
-    match std::fs::remove_file(&fed_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("cannot remove the old {}", fed_path.display()));
-        }
-        _ => {}
-    }
     let created = layout
         .ensure_pki(&topology)
         .context("cannot create the dev certificates")?;
+    let fed_path = layout.federation_json();
     let mut bound = Vec::new();
     let mut addrs = BTreeMap::new();
     for (i, spec) in topology.iter().enumerate() {
@@ -88,6 +89,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         let node = Node::start(config, Some(path), listeners)
             .await
             .with_context(|| format!("cannot start {}", spec.id))?;
+        if nodes.is_empty() {
+            // federation.json is written once every node is up, so scripts
+            // wait for it; one left by an earlier run (its ports perhaps
+            // stale) goes now. Not sooner: another `antar dev` still
+            // running on this directory holds the first store, and its
+            // file must stay.
+            remove_if_there(&fed_path)?;
+        }
         nodes.push(node);
     }
     layout.federation_file(&topology, &addrs)?.save(&fed_path)?;

@@ -59,9 +59,9 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 #[test]
 fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    // One left by an earlier run, with ports that may be stale: gone as
-    // soon as `antar dev` starts, so a script that waits for the file waits
-    // for this run's nodes.
+    // One left by an earlier run, with ports that may be stale: gone once
+    // `antar dev` holds its first node's store, so a script that waits for
+    // the file waits for this run's nodes.
     let fed = dir.path().join("federation.json");
     std::fs::write(&fed, "{\"left\": \"by an earlier run\"}\n").unwrap();
     let child = antar()
@@ -84,7 +84,7 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
         }
         assert!(Instant::now() < deadline, "antar dev never wrote federation.json");
         assert!(dev.0.try_wait().unwrap().is_none(), "antar dev exited early");
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
     assert!(
         stale_gone,

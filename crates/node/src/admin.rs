@@ -116,9 +116,10 @@ pub(crate) fn bury(
 /// Moves every outbox item past its TTL to the dead letters with an EXPIRED receipt.
 pub(crate) async fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
     let now = unix_millis(SystemTime::now());
+    let sent = shared.sent_snapshot();
     let due = shared
         .store
-        .expired_sparing(now, 512, |peer| shared.sent_upto(peer))?;
+        .expired_sparing(now, 512, |peer| sent.get(peer).copied())?;
     expire(shared, &due).await
 }
 

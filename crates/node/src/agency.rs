@@ -120,16 +120,13 @@ fn validate_send(
                 "required for KIND_TRANSACTION",
             ))
         }
-        (Kind::Transaction, false) if req.idempotency_key.len() > 256 => {
+        (_, false) if req.idempotency_key.len() > 256 => {
             return Err(NodeError::invalid("idempotency_key", "at most 256 bytes"))
         }
-        (Kind::Transaction, false) => Some(req.idempotency_key.clone()),
-        (_, false) => {
-            return Err(NodeError::invalid(
-                "idempotency_key",
-                "only KIND_TRANSACTION takes one",
-            ))
-        }
+        // Any kind may carry one, so a retried Send is accepted once: the
+        // node answers a key it has seen with the original ids. Only a
+        // TRANSACTION's travels, as its envelope's correlation_id.
+        (_, false) => Some(req.idempotency_key.clone()),
         (_, true) => None,
     };
     for (k, v) in &req.headers {
@@ -139,6 +136,16 @@ fn validate_send(
                 format!("header {k:?}: names 1..256 bytes, values up to 8 KiB"),
             ));
         }
+    }
+    let header_bytes: usize = req.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if header_bytes > crate::config::MAX_HEADER_BYTES {
+        return Err(NodeError::invalid(
+            "headers",
+            format!(
+                "{header_bytes} bytes of names and values; at most {} in all",
+                crate::config::MAX_HEADER_BYTES
+            ),
+        ));
     }
     let policy = shared.policy();
     let now = SystemTime::now();
@@ -163,7 +170,7 @@ fn validate_send(
             service: service.clone(),
             correlation_id: correlation
                 .clone()
-                .or_else(|| idempotency_key.clone())
+                .or_else(|| idempotency_key.clone().filter(|_| kind == Kind::Transaction))
                 .unwrap_or_default(),
             created_at: now,
             ttl,
@@ -348,18 +355,43 @@ fn sent(shared: &Shared, v: &Validated, ids: &[MessageId]) {
 /// stores nothing; a recipient no route reaches any more (a reload since
 /// the check) is refused with FAILED_PRECONDITION, nothing stored.
 async fn accept(shared: &Shared, v: Validated, sealed: Vec<Sealed>) -> Result<Vec<MessageId>, NodeError> {
+    accept_acking(shared, v, sealed, None).await
+}
+
+/// [`accept`], and in the same transaction, when the send is stored, the
+/// ack of `ack` (a message id and its drafted PROCESSED receipt): how
+/// `Reply` settles the REQUEST it answers.
+async fn accept_acking(
+    shared: &Shared,
+    v: Validated,
+    sealed: Vec<Sealed>,
+    ack: Option<(MessageId, Receipt)>,
+) -> Result<Vec<MessageId>, NodeError> {
     // Receipts are signed here, outside the transaction (see `Shared::draft_receipt`).
     let drafts = draft_send_receipts(shared, &sealed)?;
     let receipts = sign_send_receipts(shared, vec![drafts])
         .await
         .pop()
         .unwrap_or_default();
+    let processed = match ack {
+        Some((id, draft)) => Some((id, shared.sign_together(vec![draft.clone()]).await.take(draft))),
+        None => None,
+    };
     let stored = shared
         .store
-        .transact(|tx| store_send(shared, tx, &v, &sealed, &receipts))
+        .transact(|tx| {
+            let stored = store_send(shared, tx, &v, &sealed, &receipts)?;
+            if let (Stored::New(_), Some((id, issued))) = (&stored, &processed) {
+                apply_ack(shared, tx, id, issued)?;
+            }
+            Ok(stored)
+        })
         .await
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
+    if let (Stored::New(_), Some((id, _))) = (&stored, &processed) {
+        acked(shared, std::slice::from_ref(id));
+    }
     match stored {
         Stored::New(ids) => {
             sent(shared, &v, &ids);
@@ -729,6 +761,13 @@ impl Agency for AgencyService {
         if r.kind != Kind::Request as i32 {
             return Err(NodeError::invalid("kind", "Call sends a KIND_REQUEST").into());
         }
+        if !r.idempotency_key.is_empty() {
+            return Err(NodeError::invalid(
+                "idempotency_key",
+                "Call takes none: it waits for the RESPONSE to the REQUEST it sends; retry a Call with Track, or Send a REQUEST with a key",
+            )
+            .into());
+        }
         let v = validate_send(&self.shared, &app, r, None, traceparent)?;
         if v.drafts.len() != 1 {
             return Err(NodeError::invalid("recipients", "Call takes exactly one recipient").into());
@@ -907,8 +946,11 @@ impl Agency for AgencyService {
             Some(request_id.to_string()),
             traceparent,
         )?;
+        // The REQUEST is settled with its answer, as an Ack would: the
+        // RESPONSE and the REQUEST's PROCESSED receipt are one transaction.
+        let processed = check_ack(&self.shared, &services, &request_id, Outcome::Unspecified, &[])?;
         let sealed = seal_all(&self.shared, [&v]).await;
-        let ids = accept(&self.shared, v, sealed).await?;
+        let ids = accept_acking(&self.shared, v, sealed, Some((request_id, processed))).await?;
         self.shared.metrics.send_seconds.observe(started.elapsed());
         Ok(Response::new(SendResponse {
             message_ids: ids.iter().map(ToString::to_string).collect(),
@@ -1000,8 +1042,13 @@ impl Drop for CallGuard<'_> {
 }
 
 /// `grpc-timeout` header value, e.g. `1500m`, as a duration.
+/// At most 8 digits, as the gRPC spec has it (so no product overflows);
+/// anything else is no timeout.
 fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -1205,5 +1252,34 @@ fn release(shared: &Shared, stream: u64) {
     drop(leases);
     if gave_back {
         shared.store.inbox_notify().notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_has_them() {
+        assert_eq!(parse_grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        // Over 8 digits (this one overflowed u64 seconds before), signs,
+        // fractions, no digits or no unit: no timeout, no panic.
+        for bad in [
+            "",
+            "m",
+            "123456789S",
+            "9999999999999999H",
+            "12x",
+            "-1S",
+            "+1S",
+            "1.5S",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

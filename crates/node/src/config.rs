@@ -155,11 +155,22 @@ pub struct Access {
     pub allow: Vec<String>,
 }
 
+/// The default `limits.max_payload_bytes`: 4 MiB, the most a stock gRPC
+/// client (Go, Java, Python, C++, tonic) receives in one message, less 64
+/// KiB for the rest of a `Delivery` — the envelope with its headers (at
+/// most [`MAX_HEADER_BYTES`]), salt, signature and signer certificate.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = (4 << 20) - (64 << 10);
+
+/// Most bytes a send's headers may hold in all, names and values.
+pub const MAX_HEADER_BYTES: usize = 32 << 10;
+
 /// Limits and timings; every one has a default that works.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Largest payload an app may send, bytes. Default 4 MiB.
+    /// Largest payload an app may send, bytes. Default 4 MiB less 64 KiB
+    /// ([`DEFAULT_MAX_PAYLOAD_BYTES`]), so the `Delivery` of the largest
+    /// payload fits the 4 MiB a stock gRPC client receives.
     pub max_payload_bytes: u64,
     /// TTL of a message whose sender set none, seconds. Default 86400 (one day).
     pub default_ttl_secs: u64,
@@ -211,7 +222,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_payload_bytes: 4 << 20,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             default_ttl_secs: 86_400,
             max_ttl_secs: 30 * 86_400,
             max_hops: 8,

@@ -117,7 +117,8 @@ async fn session(
                 q.expires_ms != 0 && q.expires_ms <= now && sent_upto.is_none_or(|s| q.seq > s)
             });
             if !late.is_empty() {
-                // Out of the outbox once this returns, so not read again.
+                // Durable and out of the outbox once this returns (as
+                // every transaction), so not read again.
                 let due: Vec<(String, u64)> = late.iter().map(|q| (peer.to_owned(), q.seq)).collect();
                 crate::admin::expire(shared, &due).await?;
                 if items.is_empty() {

@@ -516,7 +516,9 @@ async fn sweeper(shared: Arc<state::Shared>, token: CancellationToken) {
 /// framing it cannot parse — a message cut short, no message at all, a
 /// compressed-flag that is neither 0 nor 1, or set with no `grpc-encoding`
 /// (tonic: `INTERNAL`, which the gRPC spec asks for the last; §9 is this
-/// node's contract). No handler of ours answers `OUT_OF_RANGE`, nor
+/// node's contract), or protobuf the stock codec of the health service
+/// cannot decode (tonic-prost: `INTERNAL`; ours says `INVALID_ARGUMENT`
+/// itself). No handler of ours answers `OUT_OF_RANGE`, nor
 /// `INTERNAL` with these messages.
 fn unreadable(status: &Status) -> bool {
     match status.code() {
@@ -526,6 +528,8 @@ fn unreadable(status: &Status) -> bool {
             m.starts_with("protocol error: received message with")
                 || m.starts_with("Unexpected EOF decoding stream")
                 || m.starts_with("Missing request message")
+                // tonic-prost's codec, in the health and reflection services
+                || m.starts_with("failed to decode Protobuf message")
         }
         _ => false,
     }

@@ -150,7 +150,7 @@ impl Leases {
 /// An entry lives as long as its `Call` (`agency::CallGuard`), also after
 /// the RESPONSE arrived: until the `Call` has acked it, a `Receive` stream
 /// that comes across it hands its lease to the `Call`'s own stream id
-/// ([`Calls::taking`]) rather than deliver it, so the RESPONSE goes to its
+/// ([`Calls::withhold`]) rather than deliver it, so the RESPONSE goes to its
 /// `Call` alone. Should the `Call` end first (its deadline, a cancel), the
 /// RESPONSE stays in the inbox for `Receive`.
 #[derive(Debug, Default)]
@@ -197,7 +197,8 @@ impl Calls {
     /// Whether a `Receive` stream must not deliver `record` (message `id`),
     /// which it leased to `stream`: because the lease is no longer the
     /// stream's (acked meanwhile — by the `Call` it answers, say — or run
-    /// out and taken by another stream), or because it is the RESPONSE a
+    /// out while the stream waited, free for any stream to take), or
+    /// because it is the RESPONSE a
     /// `Call` waits for: then the lease moves to that `Call`, and the
     /// stream's slot is free again. Locks the calls, then `leases`;
     /// nothing locks them the other way round.
@@ -222,7 +223,12 @@ impl Calls {
         };
         let calls = lock(&self.0);
         let mut leases = lock(leases);
-        let Some(lease) = leases.held.get_mut(id).filter(|l| l.stream == stream) else {
+        let now = Instant::now();
+        let Some(lease) = leases
+            .held
+            .get_mut(id)
+            .filter(|l| l.stream == stream && l.until > now)
+        else {
             return true;
         };
         match request.and_then(|r| calls.get(&r)) {
@@ -356,6 +362,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Every peer's [`Shared::sent_upto`], as they are now.
+    pub(crate) fn sent_snapshot(&self) -> HashMap<String, u64> {
+        lock(&self.sent).clone()
+    }
+
     /// The last of `peer`'s outbox items sent to it since this node
     /// started. One at or before it is never expired (neither by the
     /// sweeper nor by the forwarder): the peer may hold it already, so it

@@ -186,6 +186,25 @@ async fn expiry_index_follows_the_outbox() {
     let due = vec![("health".to_owned(), c), ("hub".to_owned(), b)];
     assert_eq!(s.expired(9_000, 10).unwrap(), due);
     assert_eq!(s.expired(9_000, 1).unwrap(), due[..1]);
+    // A peer's items up to a sequence number are spared — before `max`
+    // is counted, so they never crowd out the others.
+    let spare_health = |peer: &str| (peer == "health").then_some(c);
+    assert_eq!(s.expired_sparing(9_000, 1, spare_health).unwrap(), due[1..]);
+    assert_eq!(
+        s.expired_sparing(9_000, 10, |peer| (peer == "hub").then_some(b - 1))
+            .unwrap(),
+        due
+    );
+    // Each item read for sending says when it expires (0: never).
+    let queued: Vec<(u64, u64, Vec<u8>)> = s
+        .outbox_queued("hub", None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|q| (q.seq, q.expires_ms, q.item))
+        .collect();
+    assert_eq!(queued.len(), 2);
+    assert_eq!(queued[0], (b, 5_000, b"b".to_vec()));
+    assert_eq!((queued[1].1, queued[1].2.as_slice()), (0, &b"never"[..]));
 
     // An index entry as a build from before kept them, in sled.
     let mut legacy = 1_500u64.to_be_bytes().to_vec();
