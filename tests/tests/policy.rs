@@ -153,3 +153,69 @@ async fn a_reloaded_revocation_list_refuses_a_revoked_peers_new_connections() {
         n.stop().await.unwrap();
     }
 }
+
+/// An app certificate the agency-local CA revoked (`antar pki revoke
+/// --node-dir`, named as `tls.local_revocation_list`) is refused at the
+/// API listener's handshake once the node reloads; the agency's other
+/// certificates go on working, and a connection already open stays. A
+/// list the local CA did not sign is refused at the reload, naming the
+/// key, and the node keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locally_revoked_app_certificate_is_refused_after_a_reload() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let app = fed.app("finance").await;
+    send(&app, notice("finance", "tax.notice", b"before")).await;
+
+    let node_dir = fed.layout.node_dir("finance");
+    let (app_cert, _) = node_dir
+        .client_files(&antar_core::Role::App("dev".into()))
+        .unwrap();
+    let serial = antar_pki::serial_of(&antar_pki::read_cert_der(&app_cert).unwrap()).unwrap();
+
+    // The federation's CRL is no local list: refused, nothing changes.
+    let federation_crl = antar_pki::layout::revoke(&fed.layout.federation_dir(), &[], 30).unwrap();
+    let mut config = fed.config("finance");
+    config.tls.local_revocation_list = Some(federation_crl.crl);
+    std::fs::write(fed.layout.config_path("finance"), config.to_toml()).unwrap();
+    let err = finance_node.reload().unwrap_err().to_string();
+    assert!(err.contains("tls.local_revocation_list"), "{err}");
+    send(
+        &fed.app("finance").await,
+        notice("finance", "tax.notice", b"still"),
+    )
+    .await;
+
+    let revoked = antar_pki::layout::revoke_local(&node_dir, &[serial], 30).unwrap();
+    assert_eq!(revoked.crl, node_dir.local_crl());
+    let mut config = fed.config("finance");
+    config.tls.local_revocation_list = Some(revoked.crl);
+    std::fs::write(fed.layout.config_path("finance"), config.to_toml()).unwrap();
+    finance_node.reload().unwrap();
+
+    // A new connection with the revoked certificate fails the handshake.
+    let (_, app_creds) =
+        antar_client::federation_credentials(&fed.file, "finance", antar_client::ClientRole::App).unwrap();
+    let refused = match antar_client::Client::connect(&fed.addrs["finance"].api.to_string(), &app_creds).await
+    {
+        Err(_) => true,
+        Ok(fresh) => fresh
+            .agency()
+            .track(wire::TrackRequest {
+                message_id: "x".into(),
+            })
+            .await
+            .is_err_and(|st| !matches!(st.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound)),
+    };
+    assert!(refused, "a revoked app certificate was served");
+    // The admin certificate, from the same CA, is served; the connection
+    // opened before the revocation too.
+    let admin = fed.admin("finance").await;
+    admin
+        .admin()
+        .status(wire::StatusRequest {})
+        .await
+        .expect("the admin certificate is not revoked");
+    send(&app, notice("finance", "tax.notice", b"on the open connection")).await;
+    finance_node.stop().await.unwrap();
+}

@@ -141,18 +141,26 @@ pub enum PkiCommand {
     },
 
     /// Revoke node certificates and publish a new CRL signed by the
-    /// federation root.
+    /// federation root; or, with --node-dir, app, admin and auditor
+    /// certificates and a CRL signed by that node's agency-local CA.
     ///
     /// Serials accumulate in revoked-serials.txt; revoked.crl lists them
-    /// all. Copy revoked.crl to every node as federation.crl. With no
+    /// all. Copy revoked.crl to every node as federation.crl. With
+    /// --node-dir: local-revoked-serials.txt and local-revoked.crl in the
+    /// node directory, which the node's tls.local_revocation_list names.
+    /// Either takes effect at `antar admin reload` (or SIGHUP). With no
     /// --cert or --serial it re-publishes the list with a fresh nextUpdate.
     #[command(
-        after_help = "Example:\n  antar pki revoke --federation-dir certs/federation --cert certs/tax/node-signing.crt\n  antar pki revoke --federation-dir certs/federation --serial 4f3a09c1d2e3f405a1b2c3d4e5f60718"
+        after_help = "Example:\n  antar pki revoke --federation-dir certs/federation --cert certs/tax/node-signing.crt\n  antar pki revoke --federation-dir certs/federation --serial 4f3a09c1d2e3f405a1b2c3d4e5f60718\n  antar pki revoke --node-dir certs/tax --cert certs/tax/clients/app-portal.crt"
     )]
     Revoke {
         /// Federation directory holding root.crt and root.key.
         #[arg(long, default_value = "certs/federation")]
         federation_dir: PathBuf,
+        /// Revoke client certificates of this node directory's agency-local
+        /// CA (local-ca.crt and local-ca.key) instead.
+        #[arg(long, conflicts_with = "federation_dir")]
+        node_dir: Option<PathBuf>,
         /// Certificate file to revoke (repeatable).
         #[arg(long = "cert")]
         certs: Vec<PathBuf>,
@@ -262,6 +270,7 @@ pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
         }
         PkiCommand::Revoke {
             federation_dir,
+            node_dir,
             certs,
             serials,
             next_update_days,
@@ -274,14 +283,23 @@ pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
             for s in &serials {
                 revoke.push(antar_pki::parse_serial_hex(s)?);
             }
-            let done = layout::revoke(&FederationDir::new(federation_dir), &revoke, next_update_days)?;
+            let done = match &node_dir {
+                Some(dir) => layout::revoke_local(&NodeDir::new(dir), &revoke, next_update_days)?,
+                None => layout::revoke(&FederationDir::new(federation_dir), &revoke, next_update_days)?,
+            };
             println!(
                 "wrote {} (CRL number {}, {} revoked serial(s))",
                 done.crl.display(),
                 done.crl_number,
                 done.serials.len()
             );
-            println!("install it on every node as federation.crl");
+            if node_dir.is_some() {
+                println!(
+                    "name it in this node's config as tls.local_revocation_list, then `antar admin reload`"
+                );
+            } else {
+                println!("install it on every node as federation.crl");
+            }
         }
         PkiCommand::Show { files, json } => {
             for path in &files {

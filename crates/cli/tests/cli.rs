@@ -181,3 +181,76 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
         "{report}"
     );
 }
+
+/// An agency revokes one of its own client certificates with its local CA:
+/// `antar pki revoke --node-dir` writes `local-revoked.crl` there, signed
+/// by `local-ca.crt`, listing exactly that serial, and says how to use it.
+#[test]
+fn pki_revoke_with_a_node_dir_writes_the_local_ca_crl() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("federation");
+    let node = dir.path().join("tax");
+    let run = |args: &[&str]| {
+        let out = antar().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (fed_s, node_s) = (fed.to_str().unwrap(), node.to_str().unwrap());
+    run(&[
+        "pki",
+        "init-federation",
+        "--federation",
+        "gov.example",
+        "--dir",
+        fed_s,
+    ]);
+    run(&[
+        "pki",
+        "issue-node",
+        "--federation-dir",
+        fed_s,
+        "--agency",
+        "tax",
+        "--node-dir",
+        node_s,
+    ]);
+    run(&["pki", "init-local-ca", "--node-dir", node_s]);
+    run(&[
+        "pki",
+        "issue-client",
+        "--node-dir",
+        node_s,
+        "--role",
+        "app",
+        "--name",
+        "portal",
+    ]);
+    let cert = node.join("clients/app-portal.crt");
+    let out = run(&[
+        "pki",
+        "revoke",
+        "--node-dir",
+        node_s,
+        "--cert",
+        cert.to_str().unwrap(),
+    ]);
+    assert!(out.contains("tls.local_revocation_list"), "{out}");
+    let crl = node.join("local-revoked.crl");
+    let shown = run(&["pki", "show", "--json", crl.to_str().unwrap()]);
+    let serial = run(&["pki", "show", "--json", cert.to_str().unwrap()]);
+    let serial: serde_json::Value = serde_json::from_str(serial.lines().next().unwrap()).unwrap();
+    let serial = serial["certificates"][0]["serial"].as_str().unwrap().to_owned();
+    assert!(shown.contains(&serial), "{shown} should list {serial}");
+    assert!(
+        shown.contains("Antar local CA tax"),
+        "{shown} should be issued by the local CA"
+    );
+    assert!(
+        !fed.join("revoked.crl").exists(),
+        "the federation's list is not touched"
+    );
+}

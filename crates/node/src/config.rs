@@ -123,6 +123,12 @@ pub struct Tls {
     /// Federation-signed CRL (PEM); reloaded on `antar admin reload` and SIGHUP.
     #[serde(default)]
     pub revocation_list: Option<PathBuf>,
+    /// CRL (PEM) of the app, admin and auditor certificates the
+    /// agency-local CA revoked (`antar pki revoke --node-dir`): the API
+    /// listener refuses them at the handshake. Reloaded like
+    /// `revocation_list`.
+    #[serde(default)]
+    pub local_revocation_list: Option<PathBuf>,
 }
 
 /// A peer node.
@@ -373,7 +379,10 @@ impl NodeConfig {
         ] {
             fix(p);
         }
-        if let Some(p) = &mut t.revocation_list {
+        for p in [&mut t.revocation_list, &mut t.local_revocation_list]
+            .into_iter()
+            .flatten()
+        {
             fix(p);
         }
     }

@@ -190,6 +190,7 @@ impl DevLayout {
                 api_cert: node.api_cert(),
                 api_key: node.api_key(),
                 revocation_list: None,
+                local_revocation_list: None,
             },
             peers: spec
                 .peers

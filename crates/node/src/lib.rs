@@ -240,9 +240,12 @@ impl Node {
             crls.clone(),
         )
         .map_err(|e| pki_err(chain(&e)))?;
-        let api_tls =
-            antar_pki::tls::api_server_config(&local_ca, api_chain, api_key, &config.federation, &agency)
-                .map_err(|e| pki_err(chain(&e)))?;
+        let api_identity = state::ApiIdentity {
+            local_ca,
+            chain: api_chain,
+            key: api_key,
+        };
+        let api_tls = api_identity.tls(&config).map_err(pki_err)?;
         let store = Store::open(&StoreConfig {
             path: config.data_dir.clone(),
             max_queued_bytes: config.limits.max_queued_bytes,
@@ -268,6 +271,8 @@ impl Node {
             app_rate: rate::RateLimiter::new(config.limits.app_sends_per_sec),
             peer_rate: rate::RateLimiter::new(config.limits.peer_items_per_sec),
             peer_tls: RwLock::new(peer_tls),
+            api_tls: RwLock::new(api_tls),
+            api_identity,
             config,
             shutdown: CancellationToken::new(),
             receipt_queue: Default::default(),
@@ -348,14 +353,11 @@ impl Node {
             api_listeners.push(("admin", a));
         }
         for (name, l) in api_listeners {
-            let api_tls = api_tls.clone();
-            let incoming = net::tls_incoming(
-                l,
-                move || api_tls.clone(),
-                handshake,
-                conn_limit(&shared, name),
-                token.clone(),
-            );
+            let api_tls = {
+                let shared = shared.clone();
+                move || shared.api_tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+            };
+            let incoming = net::tls_incoming(l, api_tls, handshake, conn_limit(&shared, name), token.clone());
             let router = api_router(&shared);
             let t = token.clone();
             node.servers.push(tokio::spawn(
@@ -480,11 +482,18 @@ fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeErr
         crls.clone(),
     )
     .map_err(|e| NodeError::FailedPrecondition(chain(&e)))?;
+    let api_tls = shared
+        .api_identity
+        .tls(&config)
+        .map_err(NodeError::FailedPrecondition)?;
     let n = revocations.len() as u32;
     // Signatures, new peer handshakes in and out: all from now on.
     shared.verifier.set_revocations(revocations);
     *shared.crls.write().unwrap_or_else(|p| p.into_inner()) = crls;
     *shared.peer_tls.write().unwrap_or_else(|p| p.into_inner()) = peer_tls;
+    // New API handshakes refuse what the local CRL lists; connections
+    // already open stay (as for peers).
+    *shared.api_tls.write().unwrap_or_else(|p| p.into_inner()) = api_tls;
     *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state::Policy::from_config(&config));
     tracing::info!(path = %path.display(), revoked = n, "configuration reloaded");
     Ok(n)

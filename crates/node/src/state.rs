@@ -145,6 +145,39 @@ impl Leases {
     }
 }
 
+/// What the API listener presents and trusts (DER).
+pub(crate) struct ApiIdentity {
+    pub(crate) local_ca: Vec<u8>,
+    pub(crate) chain: Vec<Vec<u8>>,
+    pub(crate) key: Vec<u8>,
+}
+
+impl ApiIdentity {
+    /// The API listener's TLS configuration under `config`: refusing the
+    /// client certificates its `tls.local_revocation_list` revokes.
+    pub(crate) fn tls(&self, config: &NodeConfig) -> Result<Arc<rustls::ServerConfig>, String> {
+        let crls = match &config.tls.local_revocation_list {
+            None => Vec::new(),
+            Some(p) => {
+                vec![antar_pki::read_crl_der(p).map_err(|e| format!("tls.local_revocation_list: {e}"))?]
+            }
+        };
+        let agency = AgencyId::parse(&config.agency).map_err(|e| format!("agency: {e}"))?;
+        antar_pki::tls::api_server_config_with_crls(
+            &self.local_ca,
+            self.chain.clone(),
+            self.key.clone(),
+            &config.federation,
+            &agency,
+            crls,
+        )
+        .map_err(|e| match &config.tls.local_revocation_list {
+            Some(p) => format!("tls.local_revocation_list {}: {e}", p.display()),
+            None => e.to_string(),
+        })
+    }
+}
+
 /// `Call`s waiting for the RESPONSE to their REQUEST, by request id.
 ///
 /// An entry lives as long as its `Call` (`agency::CallGuard`), also after
@@ -338,6 +371,12 @@ pub(crate) struct Shared {
     pub(crate) crls: RwLock<Vec<Vec<u8>>>,
     /// The peer listener's TLS configuration; replaced on reload.
     pub(crate) peer_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// The API and admin listeners' TLS configuration; replaced on reload
+    /// (`tls.local_revocation_list`).
+    pub(crate) api_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// What the API listener presents and trusts: the local CA, its
+    /// certificate chain and key (DER), to build `api_tls` again.
+    pub(crate) api_identity: ApiIdentity,
     /// Per-app and per-peer rate limits.
     pub(crate) app_rate: crate::rate::RateLimiter,
     pub(crate) peer_rate: crate::rate::RateLimiter,

@@ -87,6 +87,7 @@ impl FederationDir {
 /// node-tls.crt / .key          peer listener and peer client (ECDSA P-256)
 /// node-signing.crt / .key      envelope and receipt signatures (Ed25519)
 /// local-ca.crt / .key          agency-local CA: API trust anchor
+/// local-revoked.crl            its CRL of revoked client certificates, optional
 /// api-server.crt / .key        API listener
 /// clients/<role>-<name>.crt / .key   app, admin and auditor certificates, handed to their owners
 /// ```
@@ -144,6 +145,16 @@ impl NodeDir {
     /// `local-ca.key`: the agency-local CA's key.
     pub fn local_ca_key(&self) -> PathBuf {
         self.dir.join("local-ca.key")
+    }
+
+    /// `local-revoked-serials.txt`: the serials the agency-local CA revoked.
+    pub fn local_revoked_serials(&self) -> PathBuf {
+        self.dir.join("local-revoked-serials.txt")
+    }
+
+    /// `local-revoked.crl`: the agency-local CA's revocation list.
+    pub fn local_crl(&self) -> PathBuf {
+        self.dir.join("local-revoked.crl")
     }
 
     /// `api-server.crt`: the API listener's certificate.
@@ -332,39 +343,74 @@ pub struct Revoked {
 /// readers and writers; [`PkiError::InvalidSerial`] for a bad line in
 /// `revoked-serials.txt`.
 pub fn revoke(fed: &FederationDir, serials: &[Vec<u8>], next_update_days: u32) -> Result<Revoked, PkiError> {
-    let root = fed.load_root()?;
-    let list_path = fed.revoked_serials();
-    let mut all = read_serial_list(&list_path)?;
-    for s in serials {
-        if !all.contains(s) {
-            all.push(s.clone());
-        }
-    }
-    let previous = match read_blocks(&fed.crl(), X509_CRL) {
-        Ok(blocks) => blocks
-            .first()
-            .and_then(|der| CrlInfo::from_der(der).ok())
-            .and_then(|info| info.crl_number),
-        Err(PkiError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
+    let list = RevocationFiles {
+        ca: fed.load_root()?,
+        serials: fed.revoked_serials(),
+        crl: fed.crl(),
+        what: "this federation root",
     };
-    let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
-    let crl_number = previous.map_or(now, |p| now.max(p.saturating_add(1)));
-    let pem = root.revocation_list(&all, crl_number, next_update_days)?;
-    let hexes: Vec<String> = all.iter().map(|s| hex(s)).collect();
-    let mut text = String::from("# Serials revoked by this federation root, hex, one per line.\n");
-    for h in &hexes {
-        text.push_str(h);
-        text.push('\n');
+    list.revoke(serials, next_update_days)
+}
+
+/// [`revoke`] for the app, admin and auditor certificates a node's
+/// agency-local CA issued: `local-revoked-serials.txt` and
+/// `local-revoked.crl`, signed by the local CA, in the node's directory —
+/// the node's `tls.local_revocation_list`.
+///
+/// # Errors
+/// As [`revoke`], for `local-ca.crt` / `.key`.
+pub fn revoke_local(node: &NodeDir, serials: &[Vec<u8>], next_update_days: u32) -> Result<Revoked, PkiError> {
+    let list = RevocationFiles {
+        ca: Ca::load(&node.local_ca_cert(), &node.local_ca_key())?,
+        serials: node.local_revoked_serials(),
+        crl: node.local_crl(),
+        what: "this agency-local CA",
+    };
+    list.revoke(serials, next_update_days)
+}
+
+/// A CA's list of revoked serials and the CRL it publishes from it.
+struct RevocationFiles {
+    ca: Ca,
+    serials: PathBuf,
+    crl: PathBuf,
+    /// Who revoked them, for the list's header line.
+    what: &'static str,
+}
+
+impl RevocationFiles {
+    fn revoke(self, serials: &[Vec<u8>], next_update_days: u32) -> Result<Revoked, PkiError> {
+        let mut all = read_serial_list(&self.serials)?;
+        for s in serials {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        let previous = match read_blocks(&self.crl, X509_CRL) {
+            Ok(blocks) => blocks
+                .first()
+                .and_then(|der| CrlInfo::from_der(der).ok())
+                .and_then(|info| info.crl_number),
+            Err(PkiError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
+        let crl_number = previous.map_or(now, |p| now.max(p.saturating_add(1)));
+        let pem = self.ca.revocation_list(&all, crl_number, next_update_days)?;
+        let hexes: Vec<String> = all.iter().map(|s| hex(s)).collect();
+        let mut text = format!("# Serials revoked by {}, hex, one per line.\n", self.what);
+        for h in &hexes {
+            text.push_str(h);
+            text.push('\n');
+        }
+        write_cert(&self.serials, &text)?;
+        write_cert(&self.crl, &pem)?;
+        Ok(Revoked {
+            crl: self.crl,
+            crl_number,
+            serials: hexes,
+        })
     }
-    write_cert(&list_path, &text)?;
-    let crl = fed.crl();
-    write_cert(&crl, &pem)?;
-    Ok(Revoked {
-        crl,
-        crl_number,
-        serials: hexes,
-    })
 }
 
 /// What a PEM file holds, for `antar pki show`.

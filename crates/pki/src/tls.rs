@@ -142,9 +142,29 @@ pub fn api_server_config(
     federation: &str,
     agency: &AgencyId,
 ) -> Result<Arc<ServerConfig>, PkiError> {
+    api_server_config_with_crls(local_ca_der, cert_chain, key_der, federation, agency, Vec::new())
+}
+
+/// [`api_server_config`], refusing client certificates that `crls` (DER,
+/// signed by the local CA: `antar pki revoke --node-dir`) revoke.
+///
+/// # Errors
+/// As [`api_server_config`]; [`PkiError::BadCrl`] for a CRL that does not
+/// parse or is not signed by the local CA.
+pub fn api_server_config_with_crls(
+    local_ca_der: &[u8],
+    cert_chain: Vec<Vec<u8>>,
+    key_der: Vec<u8>,
+    federation: &str,
+    agency: &AgencyId,
+    crls: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, PkiError> {
     crate::ca::check_federation(federation)?;
+    // Each CRL must come from the local CA: one that does not would leave
+    // every client's revocation status unknown, refused at the handshake.
+    revoked_serials(local_ca_der, &crls)?;
     let verifier = IdentityClientVerifier {
-        inner: client_verifier(local_ca_der, Vec::new())?,
+        inner: client_verifier(local_ca_der, crls)?,
         policy: ClientPolicy::ApiClient {
             federation: federation.to_owned(),
             agency: agency.clone(),
@@ -259,7 +279,8 @@ fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Serials revoked by CRLs that the root signed (checked here, once).
+/// Serials revoked by CRLs that the root (the federation's, or an
+/// agency-local CA) signed (checked here, once).
 fn revoked_serials(root_der: &[u8], crls: &[Vec<u8>]) -> Result<HashSet<Vec<u8>>, PkiError> {
     let mut serials = HashSet::new();
     if crls.is_empty() {
@@ -271,7 +292,7 @@ fn revoked_serials(root_der: &[u8], crls: &[Vec<u8>]) -> Result<HashSet<Vec<u8>>
             CertificateRevocationList::from_der(der).map_err(|e| PkiError::BadCrl(e.to_string()))?;
         if crl.issuer() != root.subject() {
             return Err(PkiError::BadCrl(format!(
-                "issued by {}, not by the federation root {}",
+                "issued by {}, not by {}, the CA it must come from",
                 crl.issuer(),
                 root.subject()
             )));
