@@ -287,17 +287,19 @@ async fn a_full_store_refuses_new_sends_and_keeps_accepted_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_send_by_default_reaches_a_stock_client() {
     use antar_client::wire::agency_client::AgencyClient;
-    use antar_node::config::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES};
+    use antar_node::config::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADERS, MAX_HEADER_BYTES};
     use prost::Message as _;
     use tokio_stream::StreamExt as _;
     let fed = Federation::standard();
     let nodes = fed.start_all_with(&["finance", "health"], |_, _| {}).await;
     let finance = fed.app("finance").await;
     let max = usize::try_from(DEFAULT_MAX_PAYLOAD_BYTES).unwrap();
-    // Four headers of 8 KiB less a little: MAX_HEADER_BYTES in all.
-    let value = |i: usize| "v".repeat(MAX_HEADER_BYTES / 4 - format!("h{i}").len());
+    // The most headers, MAX_HEADER_BYTES in all, and the longest content type.
+    let name = |i: usize| format!("h{i:02}");
+    let value = |i: usize| "v".repeat(MAX_HEADER_BYTES / MAX_HEADERS - name(i).len());
     let largest = wire::SendRequest {
-        headers: (0..4).map(|i| (format!("h{i}"), value(i))).collect(),
+        headers: (0..MAX_HEADERS).map(|i| (name(i), value(i))).collect(),
+        content_type: "t".repeat(256),
         payload: vec![7u8; max],
         ..notice("health", "tax.notice", b"")
     };
@@ -316,10 +318,22 @@ async fn the_largest_send_by_default_reaches_a_stock_client() {
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("max_payload_bytes"), "{st:?}");
     let mut over = largest.clone();
-    over.headers.insert("h0".into(), value(0) + "v");
+    over.headers.insert(name(0), value(0) + "v");
     let st = send_err(&finance, over).await;
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("headers"), "{st:?}");
+    let mut over = largest.clone();
+    over.headers.remove(&name(0));
+    over.headers.insert("a".into(), String::new());
+    over.headers.insert("b".into(), String::new());
+    let st = send_err(&finance, over).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("at most 64"), "{st:?}");
+    let mut over = largest.clone();
+    over.content_type.push('t');
+    let st = send_err(&finance, over).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("content_type"), "{st:?}");
 
     let id = send(&finance, largest).await;
     let mut stock = AgencyClient::new(fed.app("health").await.channel());

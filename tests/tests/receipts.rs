@@ -307,6 +307,18 @@ async fn a_notice_or_request_sent_again_with_its_idempotency_key_is_accepted_onc
         );
     }
 
+    // A key is the kind's own: a TRANSACTION with the NOTICE's key is new.
+    let payment = wire::SendRequest {
+        kind: wire::Kind::Transaction as i32,
+        idempotency_key: "moved-3171".into(),
+        ..notice("health", "fee.payment", b"EUR 5")
+    };
+    let paid = send(&finance, payment).await;
+    assert!(
+        !firsts.contains(&paid),
+        "a TRANSACTION answered with a NOTICE's ids"
+    );
+
     let mut call = tonic::Request::new(wire::SendRequest {
         kind: wire::Kind::Request as i32,
         idempotency_key: "call-3171".into(),
@@ -362,7 +374,20 @@ async fn a_reply_settles_the_request_it_answers() {
     }
     let again = receive(&fed.app("registry").await, 1, 2, false).await;
     assert!(again.is_empty(), "the answered REQUEST was delivered again");
-    until_state(&finance, &request, wire::MessageState::Processed, 15).await;
+    let t = until_state(&finance, &request, wire::MessageState::Processed, 15).await;
+    // Its PROCESSED receipt's result is the RESPONSE's payload.
+    let verifier = fed.verifier();
+    let processed: Vec<_> = t
+        .receipts
+        .iter()
+        .map(|r| verifier.verify_receipt(r).unwrap().receipt)
+        .filter(|r| r.status == wire::ReceiptStatus::Processed as i32)
+        .collect();
+    assert_eq!(processed.len(), 1);
+    assert_eq!(
+        processed[0].result_digest,
+        antar_core::envelope::sha256(b"born 2001").to_vec()
+    );
     let response = receive(&finance, 1, 15, true).await;
     assert_eq!(response.len(), 1);
     assert_eq!(envelope_of(&response[0]).correlation_id, request);
@@ -375,6 +400,11 @@ async fn a_reply_settles_the_request_it_answers() {
         })
         .await
         .expect("an ack after the reply is a no-op");
+    let counted = get(&scrape(&fed, "registry").await, "antar_processed_total");
+    assert_eq!(
+        counted, 1.0,
+        "the REQUEST is processed once, not again by the ack"
+    );
     for n in nodes {
         n.stop().await.unwrap();
     }

@@ -29,6 +29,28 @@ async fn bind(port: u16) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot bind {addr}; is another `antar dev` running? Try --base-port 0"))
 }
 
+/// Takes `dir/dev.lock`, exclusively, or says who holds it.
+fn lock_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("dev.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `antar dev` is running on {} (it holds {}): stop it, or give this one another --dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 fn remove_if_there(path: &std::path::Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -43,10 +65,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let layout = DevLayout::new(&args.dir);
     let topology = standard_topology();
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    // One `antar dev` per directory, held for the whole run (the OS lets go
+    // when the process ends, however it ends); a second one stops here,
+    // before it touches anything of the first's.
+    let _lock = lock_dir(&args.dir)?;
+    // federation.json is written once every node is up, so scripts wait
+    // for it: one left by an earlier run (its ports perhaps stale) goes now.
+    let fed_path = layout.federation_json();
+    remove_if_there(&fed_path)?;
     let created = layout
         .ensure_pki(&topology)
         .context("cannot create the dev certificates")?;
-    let fed_path = layout.federation_json();
     let mut bound = Vec::new();
     let mut addrs = BTreeMap::new();
     for (i, spec) in topology.iter().enumerate() {
@@ -89,14 +118,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         let node = Node::start(config, Some(path), listeners)
             .await
             .with_context(|| format!("cannot start {}", spec.id))?;
-        if nodes.is_empty() {
-            // federation.json is written once every node is up, so scripts
-            // wait for it; one left by an earlier run (its ports perhaps
-            // stale) goes now. Not sooner: another `antar dev` still
-            // running on this directory holds the first store, and its
-            // file must stay.
-            remove_if_there(&fed_path)?;
-        }
         nodes.push(node);
     }
     layout.federation_file(&topology, &addrs)?.save(&fed_path)?;

@@ -59,8 +59,8 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 #[test]
 fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    // One left by an earlier run, with ports that may be stale: gone once
-    // `antar dev` holds its first node's store, so a script that waits for
+    // One left by an earlier run, with ports that may be stale: gone as
+    // soon as `antar dev` holds the directory, so a script that waits for
     // the file waits for this run's nodes.
     let fed = dir.path().join("federation.json");
     std::fs::write(&fed, "{\"left\": \"by an earlier run\"}\n").unwrap();
@@ -84,7 +84,7 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
         }
         assert!(Instant::now() < deadline, "antar dev never wrote federation.json");
         assert!(dev.0.try_wait().unwrap().is_none(), "antar dev exited early");
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(10));
     }
     assert!(
         stale_gone,
@@ -101,6 +101,21 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     for a in ["finance", "health", "registry", "hub"] {
         assert!(agencies.contains(&a), "{a} missing from federation.json");
     }
+
+    // A second `antar dev` on the same directory stops at once, saying
+    // why, and leaves the running one's files alone.
+    let before = std::fs::read(&fed).unwrap();
+    let second = antar()
+        .args(["dev", "--base-port", "0", "--dir"])
+        .arg(dir.path())
+        .env("ANTAR_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("another `antar dev` is running"), "{said}");
+    assert_eq!(std::fs::read(&fed).unwrap(), before);
 
     let sent = cli(
         &fed,

@@ -137,6 +137,22 @@ fn validate_send(
             ));
         }
     }
+    if req.headers.len() > crate::config::MAX_HEADERS {
+        return Err(NodeError::invalid(
+            "headers",
+            format!(
+                "{} headers; at most {}",
+                req.headers.len(),
+                crate::config::MAX_HEADERS
+            ),
+        ));
+    }
+    if req.content_type.len() > 256 {
+        return Err(NodeError::invalid(
+            "content_type",
+            format!("{} bytes; at most 256", req.content_type.len()),
+        ));
+    }
     let header_bytes: usize = req.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     if header_bytes > crate::config::MAX_HEADER_BYTES {
         return Err(NodeError::invalid(
@@ -277,8 +293,9 @@ fn store_send(
 ) -> Result<Stored, TxError> {
     let sender = shared.agency.to_string();
     let key = v.idempotency_key.as_deref();
+    let key_owner = key_space(shared, v);
     if let Some(key) = key {
-        if let Some(ids) = tx.tx_key(&sender, key)? {
+        if let Some(ids) = tx.tx_key(&key_owner, key)? {
             return Ok(Stored::Seen(ids));
         }
     }
@@ -332,7 +349,7 @@ fn store_send(
         ids.push(s.id);
     }
     if let Some(key) = key {
-        tx.put_tx_key(&sender, key, &ids)?;
+        tx.put_tx_key(&key_owner, key, &ids)?;
     }
     Ok(Stored::New(ids))
 }
@@ -347,6 +364,18 @@ fn sent(shared: &Shared, v: &Validated, ids: &[MessageId]) {
         if draft.kind == Kind::Response && draft.recipient == shared.agency {
             shared.calls.arrived(&draft.correlation_id, *id);
         }
+    }
+}
+
+/// Where a send's idempotency key is remembered: a TRANSACTION's under the
+/// agency, as ever; a NOTICE's or a REQUEST's under `<agency>/notice` or
+/// `<agency>/request` (no agency id holds a `/`), so a key of one kind
+/// never answers for another.
+fn key_space(shared: &Shared, v: &Validated) -> String {
+    match v.drafts.first().map(|d| d.kind) {
+        Some(Kind::Transaction) | None => shared.agency.to_string(),
+        Some(Kind::Request) => format!("{}/request", shared.agency),
+        Some(_) => format!("{}/notice", shared.agency),
     }
 }
 
@@ -381,16 +410,18 @@ async fn accept_acking(
         .store
         .transact(|tx| {
             let stored = store_send(shared, tx, &v, &sealed, &receipts)?;
-            if let (Stored::New(_), Some((id, issued))) = (&stored, &processed) {
-                apply_ack(shared, tx, id, issued)?;
-            }
-            Ok(stored)
+            let new = match (&stored, &processed) {
+                (Stored::New(_), Some((id, issued))) => apply_ack(shared, tx, id, issued)?,
+                _ => false,
+            };
+            Ok((stored, new))
         })
         .await
         .map_err(NodeError::from)?;
+    let (stored, new) = stored;
     shared.store.durable().await?;
     if let (Stored::New(_), Some((id, _))) = (&stored, &processed) {
-        acked(shared, std::slice::from_ref(id));
+        acked(shared, std::slice::from_ref(id), usize::from(new));
     }
     match stored {
         Stored::New(ids) => {
@@ -480,10 +511,10 @@ async fn send(
 ) -> Result<Vec<MessageId>, NodeError> {
     let v = validate_send(shared, app, req, None, traceparent)?;
     if let Some(key) = &v.idempotency_key {
-        let sender = shared.agency.to_string();
+        let key_owner = key_space(shared, &v);
         if let Some(ids) = shared
             .store
-            .transact(|tx| tx.tx_key(&sender, key))
+            .transact(|tx| tx.tx_key(&key_owner, key))
             .await
             .map_err(NodeError::from)?
         {
@@ -595,13 +626,13 @@ async fn ack(
 ) -> Result<(), NodeError> {
     let draft = check_ack(shared, services, &id, outcome, result)?;
     let processed = shared.sign_together(vec![draft.clone()]).await.take(draft);
-    shared
+    let new = shared
         .store
         .transact(|tx| apply_ack(shared, tx, &id, &processed))
         .await
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
-    acked(shared, std::slice::from_ref(&id));
+    acked(shared, std::slice::from_ref(&id), usize::from(new));
     Ok(())
 }
 
@@ -656,29 +687,32 @@ fn check_ack(
 
 /// The writes of one ack: `id` out of its inbox, its record PROCESSED, the
 /// signed receipt on its way. Nothing when `id` was acked already.
-fn apply_ack(shared: &Shared, tx: &Tx<'_>, id: &MessageId, processed: &Issued) -> Result<(), TxError> {
+/// Whether it acked `id` now.
+fn apply_ack(shared: &Shared, tx: &Tx<'_>, id: &MessageId, processed: &Issued) -> Result<bool, TxError> {
     if !tx.remove_inbox(id)? {
-        return Ok(());
+        return Ok(false);
     }
     tx.update_message(id, |record| {
         if !record.outgoing {
             record.state = MessageState::Processed as i32;
         }
     })?;
-    shared.route_issued(tx, processed)
+    shared.route_issued(tx, processed)?;
+    Ok(true)
 }
 
 /// After acks of `ids` are durable: their leases end, and the receive loops
 /// wake now (an ack frees a slot of its stream's `max_in_flight`), not at
-/// their next tick or arrival.
-fn acked(shared: &Shared, ids: &[MessageId]) {
+/// their next tick or arrival. `new` of them were acked now (the rest
+/// before): what `antar_processed_total` counts.
+fn acked(shared: &Shared, ids: &[MessageId], new: usize) {
     let mut leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
     for id in ids {
         leases.held.remove(id);
     }
     drop(leases);
     shared.store.inbox_notify().notify_waiters();
-    shared.metrics.processed.inc_by(ids.len() as u64);
+    shared.metrics.processed.inc_by(new as u64);
 }
 
 /// The acks of one `AckBatch`: each checked apart (an item refused is
@@ -714,13 +748,17 @@ async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) ->
     })
     .await;
     let mut done = Vec::with_capacity(ready.len());
+    let mut new = 0;
     for ((i, id, _), written) in ready.into_iter().zip(written) {
         match written {
-            Ok(()) => done.push(id),
+            Ok(now) => {
+                new += usize::from(now);
+                done.push(id);
+            }
             Err(e) => results[i] = Err(e),
         }
     }
-    acked(shared, &done);
+    acked(shared, &done, new);
     results
 }
 
@@ -764,7 +802,7 @@ impl Agency for AgencyService {
         if !r.idempotency_key.is_empty() {
             return Err(NodeError::invalid(
                 "idempotency_key",
-                "Call takes none: it waits for the RESPONSE to the REQUEST it sends; retry a Call with Track, or Send a REQUEST with a key",
+                "Call takes none; to retry safely, Send a KIND_REQUEST with an idempotency_key and Receive its RESPONSE",
             )
             .into());
         }
@@ -929,6 +967,16 @@ impl Agency for AgencyService {
             ))
             .into());
         }
+        // The REQUEST is settled with its answer, as an Ack would: the
+        // RESPONSE and the REQUEST's PROCESSED receipt are one transaction;
+        // the receipt's result is the RESPONSE's payload.
+        let processed = check_ack(
+            &self.shared,
+            &services,
+            &request_id,
+            Outcome::Unspecified,
+            &r.payload,
+        )?;
         let send_req = SendRequest {
             kind: Kind::Response as i32,
             recipients: vec![env.sender.clone()],
@@ -946,9 +994,6 @@ impl Agency for AgencyService {
             Some(request_id.to_string()),
             traceparent,
         )?;
-        // The REQUEST is settled with its answer, as an Ack would: the
-        // RESPONSE and the REQUEST's PROCESSED receipt are one transaction.
-        let processed = check_ack(&self.shared, &services, &request_id, Outcome::Unspecified, &[])?;
         let sealed = seal_all(&self.shared, [&v]).await;
         let ids = accept_acking(&self.shared, v, sealed, Some((request_id, processed))).await?;
         self.shared.metrics.send_seconds.observe(started.elapsed());

@@ -164,11 +164,17 @@ pub struct Access {
 /// The default `limits.max_payload_bytes`: 4 MiB, the most a stock gRPC
 /// client (Go, Java, Python, C++, tonic) receives in one message, less 64
 /// KiB for the rest of a `Delivery` — the envelope with its headers (at
-/// most [`MAX_HEADER_BYTES`]), salt, signature and signer certificate.
+/// most [`MAX_HEADERS`], [`MAX_HEADER_BYTES`] in all), content type (256
+/// bytes), ids and names, batch proof, salt, signature and signer
+/// certificate: under 40 KiB at worst.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = (4 << 20) - (64 << 10);
 
 /// Most bytes a send's headers may hold in all, names and values.
 pub const MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// Most headers a send may carry: each costs a few bytes more on the wire
+/// than its name and value.
+pub const MAX_HEADERS: usize = 64;
 
 /// Limits and timings; every one has a default that works.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -527,7 +527,8 @@ async fn sweeper(shared: Arc<state::Shared>, token: CancellationToken) {
 /// (tonic: `INTERNAL`, which the gRPC spec asks for the last; §9 is this
 /// node's contract), or protobuf the stock codec of the health service
 /// cannot decode (tonic-prost: `INTERNAL`; ours says `INVALID_ARGUMENT`
-/// itself). No handler of ours answers `OUT_OF_RANGE`, nor
+/// itself). Reflection ends its stream with OK on a request it cannot
+/// decode: tonic-reflection's doing, not changed here. No handler of ours answers `OUT_OF_RANGE`, nor
 /// `INTERNAL` with these messages.
 fn unreadable(status: &Status) -> bool {
     match status.code() {
@@ -537,7 +538,8 @@ fn unreadable(status: &Status) -> bool {
             m.starts_with("protocol error: received message with")
                 || m.starts_with("Unexpected EOF decoding stream")
                 || m.starts_with("Missing request message")
-                // tonic-prost's codec, in the health and reflection services
+                // tonic-prost's codec, in the health service (reflection
+                // ends its stream OK on a message it cannot decode)
                 || m.starts_with("failed to decode Protobuf message")
         }
         _ => false,

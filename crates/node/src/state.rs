@@ -256,14 +256,15 @@ impl Calls {
         };
         let calls = lock(&self.0);
         let mut leases = lock(leases);
-        let now = Instant::now();
-        let Some(lease) = leases
-            .held
-            .get_mut(id)
-            .filter(|l| l.stream == stream && l.until > now)
-        else {
+        let Some(lease) = leases.held.get_mut(id).filter(|l| l.stream == stream) else {
             return true;
         };
+        if lease.until <= Instant::now() {
+            // Ran out while the stream waited: free for any stream, and
+            // this was no attempt.
+            lease.attempt = lease.attempt.saturating_sub(1);
+            return true;
+        }
         match request.and_then(|r| calls.get(&r)) {
             Some(call) => {
                 lease.stream = call.stream;

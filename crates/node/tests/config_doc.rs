@@ -42,6 +42,7 @@ fn full_config() -> NodeConfig {
     let mut c = layout.node_config(&finance, &BTreeMap::new());
     c.routes.insert("registry".into(), "hub".into());
     c.tls.revocation_list = Some("crl.pem".into());
+    c.tls.local_revocation_list = Some("local-crl.pem".into());
     c.directory = vec!["finance".into()];
     c
 }
