@@ -357,3 +357,38 @@ async fn the_largest_send_by_default_reaches_a_stock_client() {
         n.stop().await.unwrap();
     }
 }
+
+/// An envelope over the recipient node's own limits — here a sender whose
+/// `max_payload_bytes` is higher — is refused `too_large` with a signed
+/// REJECTED receipt, not put in an inbox a stock client could not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_over_the_recipients_limits_is_rejected_too_large() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "health"], |agency, config| {
+            if agency == "finance" {
+                config.limits.max_payload_bytes = 8 << 20;
+            }
+        })
+        .await;
+    let finance = fed.app("finance").await;
+    let id = send(
+        &finance,
+        wire::SendRequest {
+            payload: vec![1u8; 5 << 20],
+            ..notice("health", "tax.notice", b"")
+        },
+    )
+    .await;
+    let t = until_state(&finance, &id, wire::MessageState::Rejected, 30).await;
+    assert_eq!(t.reason, "too_large");
+    let statuses: Vec<(i32, String)> = verified_statuses(&fed, &t);
+    assert!(
+        statuses.contains(&(wire::ReceiptStatus::Rejected as i32, "health".to_owned())),
+        "{statuses:?}"
+    );
+    assert!(receive(&fed.app("health").await, 1, 1, false).await.is_empty());
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}

@@ -362,20 +362,21 @@ async fn a_reply_settles_the_request_it_answers() {
             .unwrap()
             .unwrap();
         assert_eq!(envelope_of(&d).id, request);
-        responder
-            .agency
-            .reply(wire::ReplyRequest {
-                request_id: request.clone(),
-                payload: b"born 2001".to_vec(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let answer = wire::ReplyRequest {
+            request_id: request.clone(),
+            payload: b"born 2001".to_vec(),
+            ..Default::default()
+        };
+        let first = responder.agency.reply(answer.clone()).await.unwrap().into_inner();
+        // Repeated (a retry after a lost answer): the same RESPONSE, no other.
+        let again = responder.agency.reply(answer).await.unwrap().into_inner();
+        assert_eq!(again.message_ids, first.message_ids);
     }
     let again = receive(&fed.app("registry").await, 1, 2, false).await;
     assert!(again.is_empty(), "the answered REQUEST was delivered again");
     let t = until_state(&finance, &request, wire::MessageState::Processed, 15).await;
-    // Its PROCESSED receipt's result is the RESPONSE's payload.
+    // Its PROCESSED receipt carries no digest of the answer: an unsalted
+    // hash of a short answer could be guessed from the log.
     let verifier = fed.verifier();
     let processed: Vec<_> = t
         .receipts
@@ -384,12 +385,9 @@ async fn a_reply_settles_the_request_it_answers() {
         .filter(|r| r.status == wire::ReceiptStatus::Processed as i32)
         .collect();
     assert_eq!(processed.len(), 1);
-    assert_eq!(
-        processed[0].result_digest,
-        antar_core::envelope::sha256(b"born 2001").to_vec()
-    );
-    let response = receive(&finance, 1, 15, true).await;
-    assert_eq!(response.len(), 1);
+    assert!(processed[0].result_digest.is_empty());
+    let response = receive(&finance, 2, 5, true).await;
+    assert_eq!(response.len(), 1, "one RESPONSE for one REQUEST");
     assert_eq!(envelope_of(&response[0]).correlation_id, request);
     fed.app("registry")
         .await

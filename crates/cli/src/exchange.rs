@@ -73,7 +73,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<ExitCode> {
 /// `antar reply`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Example:\n  antar inbox --federation .antar-dev/federation.json --agency registry   # shows REQUEST ids\n  antar reply 0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f --federation .antar-dev/federation.json \\\n      --agency registry --data '{\"born\":\"2001-02-03\"}'\n\nReplying acks the request too (its PROCESSED receipt goes back with the RESPONSE's digest)."
+    after_help = "Example:\n  antar inbox --federation .antar-dev/federation.json --agency registry   # shows REQUEST ids\n  antar reply 0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f --federation .antar-dev/federation.json \\\n      --agency registry --data '{\"born\":\"2001-02-03\"}'\n\nReplying acks the request too (its PROCESSED receipt goes back); replying again answers the first reply's id."
 )]
 pub struct ReplyArgs {
     #[command(flatten)]

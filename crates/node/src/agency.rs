@@ -90,16 +90,6 @@ fn validate_send(
     }
     let service = ServiceName::parse(&req.service).map_err(|e| NodeError::invalid("service", e))?;
     let limits = shared.limits();
-    if req.payload.len() as u64 > limits.max_payload_bytes {
-        return Err(NodeError::invalid(
-            "payload",
-            format!(
-                "{} bytes is over max_payload_bytes = {}",
-                req.payload.len(),
-                limits.max_payload_bytes
-            ),
-        ));
-    }
     let ttl = match req.ttl {
         None => Duration::from_secs(limits.default_ttl_secs),
         Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
@@ -129,40 +119,7 @@ fn validate_send(
         (_, false) => Some(req.idempotency_key.clone()),
         (_, true) => None,
     };
-    for (k, v) in &req.headers {
-        if k.is_empty() || k.len() > 256 || v.len() > 8192 {
-            return Err(NodeError::invalid(
-                "headers",
-                format!("header {k:?}: names 1..256 bytes, values up to 8 KiB"),
-            ));
-        }
-    }
-    if req.headers.len() > crate::config::MAX_HEADERS {
-        return Err(NodeError::invalid(
-            "headers",
-            format!(
-                "{} headers; at most {}",
-                req.headers.len(),
-                crate::config::MAX_HEADERS
-            ),
-        ));
-    }
-    if req.content_type.len() > 256 {
-        return Err(NodeError::invalid(
-            "content_type",
-            format!("{} bytes; at most 256", req.content_type.len()),
-        ));
-    }
-    let header_bytes: usize = req.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if header_bytes > crate::config::MAX_HEADER_BYTES {
-        return Err(NodeError::invalid(
-            "headers",
-            format!(
-                "{header_bytes} bytes of names and values; at most {} in all",
-                crate::config::MAX_HEADER_BYTES
-            ),
-        ));
-    }
+    check_sizes(limits, req.payload.len(), &req.headers, &req.content_type)?;
     let policy = shared.policy();
     let now = SystemTime::now();
     let mut drafts = Vec::with_capacity(req.recipients.len());
@@ -367,14 +324,72 @@ fn sent(shared: &Shared, v: &Validated, ids: &[MessageId]) {
     }
 }
 
+/// The sizes a message may have here, which keep its `Delivery` within a
+/// stock gRPC client's 4 MiB (see `config::DEFAULT_MAX_PAYLOAD_BYTES`): of
+/// an app's send, and of an envelope a peer transfers for this node's
+/// inbox (refused `too_large` if over).
+pub(crate) fn check_sizes(
+    limits: &crate::config::Limits,
+    payload: usize,
+    headers: &HashMap<String, String>,
+    content_type: &str,
+) -> Result<(), NodeError> {
+    if payload as u64 > limits.max_payload_bytes {
+        return Err(NodeError::invalid(
+            "payload",
+            format!(
+                "{payload} bytes is over max_payload_bytes = {}",
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    for (k, v) in headers {
+        if k.is_empty() || k.len() > 256 || v.len() > 8192 {
+            return Err(NodeError::invalid(
+                "headers",
+                format!("header {k:?}: names 1..256 bytes, values up to 8 KiB"),
+            ));
+        }
+    }
+    if headers.len() > crate::config::MAX_HEADERS {
+        return Err(NodeError::invalid(
+            "headers",
+            format!(
+                "{} headers; at most {}",
+                headers.len(),
+                crate::config::MAX_HEADERS
+            ),
+        ));
+    }
+    let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if header_bytes > crate::config::MAX_HEADER_BYTES {
+        return Err(NodeError::invalid(
+            "headers",
+            format!(
+                "{header_bytes} bytes of names and values; at most {} in all",
+                crate::config::MAX_HEADER_BYTES
+            ),
+        ));
+    }
+    if content_type.len() > 256 {
+        return Err(NodeError::invalid(
+            "content_type",
+            format!("{} bytes; at most 256", content_type.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Where a send's idempotency key is remembered: a TRANSACTION's under the
 /// agency, as ever; a NOTICE's or a REQUEST's under `<agency>/notice` or
-/// `<agency>/request` (no agency id holds a `/`), so a key of one kind
+/// `<agency>/request`, and a `Reply`'s (the REQUEST's id) under
+/// `<agency>/reply` (no agency id holds a `/`), so a key of one kind
 /// never answers for another.
 fn key_space(shared: &Shared, v: &Validated) -> String {
     match v.drafts.first().map(|d| d.kind) {
         Some(Kind::Transaction) | None => shared.agency.to_string(),
         Some(Kind::Request) => format!("{}/request", shared.agency),
+        Some(Kind::Response) => format!("{}/reply", shared.agency),
         Some(_) => format!("{}/notice", shared.agency),
     }
 }
@@ -968,15 +983,10 @@ impl Agency for AgencyService {
             .into());
         }
         // The REQUEST is settled with its answer, as an Ack would: the
-        // RESPONSE and the REQUEST's PROCESSED receipt are one transaction;
-        // the receipt's result is the RESPONSE's payload.
-        let processed = check_ack(
-            &self.shared,
-            &services,
-            &request_id,
-            Outcome::Unspecified,
-            &r.payload,
-        )?;
+        // RESPONSE and the REQUEST's PROCESSED receipt are one transaction.
+        // No result digest: an unsalted hash of a short answer could be
+        // guessed from the log (the RESPONSE's own envelope links them).
+        let processed = check_ack(&self.shared, &services, &request_id, Outcome::Unspecified, &[])?;
         let send_req = SendRequest {
             kind: Kind::Response as i32,
             recipients: vec![env.sender.clone()],
@@ -987,13 +997,16 @@ impl Agency for AgencyService {
             idempotency_key: String::new(),
             ttl: None,
         };
-        let v = validate_send(
+        let mut v = validate_send(
             &self.shared,
             &app,
             send_req,
             Some(request_id.to_string()),
             traceparent,
         )?;
+        // One answer per REQUEST: a Reply repeated (a retry after a lost
+        // answer, two racing) answers the first RESPONSE's id, sends none.
+        v.idempotency_key = Some(request_id.to_string());
         let sealed = seal_all(&self.shared, [&v]).await;
         let ids = accept_acking(&self.shared, v, sealed, Some((request_id, processed))).await?;
         self.shared.metrics.send_seconds.observe(started.elapsed());

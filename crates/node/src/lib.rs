@@ -245,7 +245,13 @@ impl Node {
             chain: api_chain,
             key: api_key,
         };
-        let api_tls = api_identity.tls(&config).map_err(pki_err)?;
+        let api_tls = api_identity
+            .tls(
+                &config.federation,
+                &agency,
+                config.tls.local_revocation_list.as_deref(),
+            )
+            .map_err(pki_err)?;
         let store = Store::open(&StoreConfig {
             path: config.data_dir.clone(),
             max_queued_bytes: config.limits.max_queued_bytes,
@@ -272,6 +278,7 @@ impl Node {
             peer_rate: rate::RateLimiter::new(config.limits.peer_items_per_sec),
             peer_tls: RwLock::new(peer_tls),
             api_tls: RwLock::new(api_tls),
+            reloading: Mutex::default(),
             api_identity,
             config,
             shutdown: CancellationToken::new(),
@@ -465,6 +472,9 @@ impl Node {
 }
 
 fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeError> {
+    // One at a time (SIGHUP and Admin.Reload may coincide): everything a
+    // reload swaps comes from the same reading of the file.
+    let _one = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
     let Some(path) = path else {
         return Err(NodeError::FailedPrecondition(
             "this node was started without a config file".into(),
@@ -484,7 +494,11 @@ fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeErr
     .map_err(|e| NodeError::FailedPrecondition(chain(&e)))?;
     let api_tls = shared
         .api_identity
-        .tls(&config)
+        .tls(
+            &shared.config.federation,
+            &shared.agency,
+            config.tls.local_revocation_list.as_deref(),
+        )
         .map_err(NodeError::FailedPrecondition)?;
     let n = revocations.len() as u32;
     // Signatures, new peer handshakes in and out: all from now on.

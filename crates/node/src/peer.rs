@@ -288,6 +288,15 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
                 if !policy.may_send(verified.sender.as_str(), service) {
                     return reject(shared, "no_access_right", claimed);
                 }
+                // Over what this node's own apps may send (another node's
+                // limits, or none): its Delivery might not reach a stock
+                // client, and would be offered again and again.
+                let e = &verified.envelope;
+                if crate::agency::check_sizes(limits, payload.data.len(), &e.headers, &e.content_type)
+                    .is_err()
+                {
+                    return reject(shared, "too_large", claimed);
+                }
                 let delivered = shared.delivered(&verified.envelope, &signed.envelope);
                 Plan::Deliver(Box::new(verified), et, identity, Box::new(delivered))
             } else {

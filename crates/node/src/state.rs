@@ -153,28 +153,33 @@ pub(crate) struct ApiIdentity {
 }
 
 impl ApiIdentity {
-    /// The API listener's TLS configuration under `config`: refusing the
-    /// client certificates its `tls.local_revocation_list` revokes.
-    pub(crate) fn tls(&self, config: &NodeConfig) -> Result<Arc<rustls::ServerConfig>, String> {
-        let crls = match &config.tls.local_revocation_list {
-            None => Vec::new(),
-            Some(p) => {
-                vec![antar_pki::read_crl_der(p).map_err(|e| format!("tls.local_revocation_list: {e}"))?]
-            }
+    /// The API listener's TLS configuration for (`federation`, `agency`) —
+    /// those the node started with; a reload does not change them —
+    /// refusing the client certificates `local_crl` (the config's
+    /// `tls.local_revocation_list`) revokes.
+    pub(crate) fn tls(
+        &self,
+        federation: &str,
+        agency: &AgencyId,
+        local_crl: Option<&std::path::Path>,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        let named = |e: &dyn std::fmt::Display| match local_crl {
+            Some(p) => format!("tls.local_revocation_list {}: {e}", p.display()),
+            None => e.to_string(),
         };
-        let agency = AgencyId::parse(&config.agency).map_err(|e| format!("agency: {e}"))?;
+        let crls = match local_crl {
+            None => Vec::new(),
+            Some(p) => vec![antar_pki::read_crl_der(p).map_err(|e| named(&e))?],
+        };
         antar_pki::tls::api_server_config_with_crls(
             &self.local_ca,
             self.chain.clone(),
             self.key.clone(),
-            &config.federation,
-            &agency,
+            federation,
+            agency,
             crls,
         )
-        .map_err(|e| match &config.tls.local_revocation_list {
-            Some(p) => format!("tls.local_revocation_list {}: {e}", p.display()),
-            None => e.to_string(),
-        })
+        .map_err(|e| named(&e))
     }
 }
 
@@ -378,6 +383,8 @@ pub(crate) struct Shared {
     /// What the API listener presents and trusts: the local CA, its
     /// certificate chain and key (DER), to build `api_tls` again.
     pub(crate) api_identity: ApiIdentity,
+    /// Held by a reload from reading the file to its last swap.
+    pub(crate) reloading: Mutex<()>,
     /// Per-app and per-peer rate limits.
     pub(crate) app_rate: crate::rate::RateLimiter,
     pub(crate) peer_rate: crate::rate::RateLimiter,
