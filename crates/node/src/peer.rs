@@ -292,9 +292,10 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
                 // limits, or none): its Delivery might not reach a stock
                 // client, and would be offered again and again.
                 let e = &verified.envelope;
-                if crate::agency::check_sizes(limits, payload.data.len(), &e.headers, &e.content_type)
-                    .is_err()
+                if let Err(over) =
+                    crate::agency::check_sizes(limits, payload.data.len(), &e.headers, &e.content_type)
                 {
+                    tracing::warn!(peer = %from.agency, id = %verified.id, %over, "envelope over this node's limits");
                     return reject(shared, "too_large", claimed);
                 }
                 let delivered = shared.delivered(&verified.envelope, &signed.envelope);
