@@ -425,6 +425,15 @@ pub fn notice(to: &str, service: &str, payload: &[u8]) -> wire::SendRequest {
     }
 }
 
+/// A TRANSACTION to one agency under an idempotency key.
+pub fn transaction(to: &str, service: &str, key: &str, payload: &[u8]) -> wire::SendRequest {
+    wire::SendRequest {
+        kind: wire::Kind::Transaction as i32,
+        idempotency_key: key.to_owned(),
+        ..notice(to, service, payload)
+    }
+}
+
 /// Sends and returns the first message id.
 pub async fn send(client: &Client, req: wire::SendRequest) -> String {
     client

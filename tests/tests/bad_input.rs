@@ -395,3 +395,50 @@ async fn an_envelope_over_the_recipients_limits_is_rejected_too_large() {
         n.stop().await.unwrap();
     }
 }
+
+/// The size limit is for an envelope the node does not hold: one it took
+/// before its limits were lowered, offered again (its sender never saw
+/// the ack), is `DUPLICATE`, not `too_large`, and stays delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_held_before_the_limits_were_lowered_is_a_duplicate_not_too_large() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let id = send(
+        &finance,
+        wire::SendRequest {
+            payload: vec![2u8; 2 << 20],
+            ..notice("health", "tax.notice", b"")
+        },
+    )
+    .await;
+    until_state(&finance, &id, wire::MessageState::Delivered, 15).await;
+    let got = receive(&fed.app("health").await, 1, 5, false).await;
+    assert_eq!(envelope_of(&got[0]).id, id);
+    health_node.stop().await.unwrap();
+    finance_node.stop().await.unwrap();
+
+    let mut config = fed.config("health");
+    config.limits.max_payload_bytes = 1 << 20;
+    let health_node = fed.start_with(config).await;
+    let again = wire::TransferItem {
+        seq: 3,
+        item: Some(wire::transfer_item::Item::Envelope(wire::EnvelopeTransfer {
+            envelope: got[0].envelope.clone(),
+            payload: got[0].payload.clone(),
+            hops: vec!["finance".into()],
+            traceparent: String::new(),
+        })),
+    };
+    let ack = transfer(&mut fed.peer_as("finance", "health").await, vec![again]).await;
+    assert_eq!(
+        (ack.acks[0].seq, ack.acks[0].status(), ack.acks[0].reason.as_str()),
+        (3, wire::CustodyStatus::Duplicate, "")
+    );
+    // Still in the inbox, once.
+    let got = receive(&fed.app("health").await, 2, 3, true).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(envelope_of(&got[0]).id, id);
+    health_node.stop().await.unwrap();
+}

@@ -316,11 +316,7 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
     let fed = Federation::standard();
     let nodes = finance_and_health(&fed).await;
     let finance = fed.app("finance").await;
-    let transaction = |key: &str| wire::SendRequest {
-        kind: wire::Kind::Transaction as i32,
-        idempotency_key: key.into(),
-        ..notice("health", "tax.payment", b"pay 10")
-    };
+    let transaction = |key: &str| transaction("health", "tax.payment", key, b"pay 10");
     let refused = [
         notice("nosuch", "tax.notice", b"to nobody"),
         notice("health", "Bad Service", b"bad name"),

@@ -228,8 +228,7 @@ fn envelope_id(e: &EnvelopeTransfer) -> String {
 /// holder's own envelope offered again is `DUPLICATE`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
-    use antar_core::envelope::Draft;
-    use antar_core::{AgencyId, MessageId, ServiceName};
+    use antar_core::MessageId;
 
     let fed = Federation::standard();
     let finance_node = fed.start("finance").await;
@@ -243,25 +242,8 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
 
     // Registry's node signs envelopes to health with those ids; the hub hands them over.
     let forged = |id: &str| {
-        let draft = Draft {
-            kind: wire::Kind::Notice,
-            sender: AgencyId::parse("registry").unwrap(),
-            recipient: AgencyId::parse("health").unwrap(),
-            service: ServiceName::parse("lab.results").unwrap(),
-            correlation_id: String::new(),
-            created_at: std::time::SystemTime::now(),
-            ttl: Duration::from_secs(600),
-            headers: Default::default(),
-            content_type: String::new(),
-        };
         let id = MessageId::parse(id).unwrap();
-        let sealed = draft.seal_with(id, vec![9; 32], b"forged".to_vec(), &fed.signer("registry"));
-        EnvelopeTransfer {
-            envelope: Some(sealed.envelope),
-            payload: Some(sealed.payload),
-            hops: vec!["registry".into(), "hub".into()],
-            traceparent: String::new(),
-        }
+        signed_to_health(&fed, "registry", wire::Kind::Notice, "", id, &["registry", "hub"])
     };
     let forged: Vec<EnvelopeTransfer> = [&genuine, &own].map(|id| forged(id)).into();
     let items = |round: u64| {
@@ -323,21 +305,7 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
     // One signed REJECTED receipt for each forged envelope, not one per
     // offer, queued for registry (through the hub, which is down).
     health_node.stop().await.unwrap();
-    let queued = fed.open_store("health").outbox_batch("hub", None, 100).unwrap();
-    let refusals: Vec<_> = queued
-        .iter()
-        .map(|(_, item)| {
-            use prost::Message as _;
-            let Some(transfer_item::Item::Receipt(r)) = TransferItem::decode(item.as_slice()).unwrap().item
-            else {
-                panic!("not a receipt");
-            };
-            fed.verifier()
-                .verify_receipt(r.receipt.as_ref().unwrap())
-                .unwrap()
-                .receipt
-        })
-        .collect();
+    let refusals = queued_receipts(&fed, "health", "hub");
     assert_eq!(refusals.len(), 2, "{refusals:?}");
     for (r, (f, id)) in refusals.iter().zip(forged.iter().zip([&genuine, &own])) {
         let bytes = &f.envelope.as_ref().unwrap().envelope;
@@ -360,4 +328,130 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
         assert_eq!(r.envelope_sha256, antar_core::envelope::sha256(bytes));
     }
     finance_node.stop().await.unwrap();
+}
+
+/// A TRANSACTION's idempotency key holds at its recipient too (DESIGN §5.3).
+/// Finance's node, as if restored from a backup that lost the send, signs
+/// the key again under a new id: health answers `DUPLICATE`, naming the
+/// message that holds the key, delivers nothing, and sends finance one
+/// signed REJECTED `duplicate_transaction` receipt for the new id, however
+/// often it is offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_key_replayed_under_a_new_id_is_a_duplicate_at_the_recipient() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let health_node = fed.start("health").await;
+    let (finance, health) = (fed.app("finance").await, fed.app("health").await);
+    let original = send(&finance, transaction("health", "lab.results", "pay-7", b"pay 7")).await;
+    until_state(&finance, &original, wire::MessageState::Delivered, 15).await;
+    // Receipts to finance now wait in health's outbox.
+    finance_node.stop().await.unwrap();
+
+    let replay_id = antar_core::MessageId::new();
+    let replay = signed_to_health(
+        &fed,
+        "finance",
+        wire::Kind::Transaction,
+        "pay-7",
+        replay_id,
+        &["finance"],
+    );
+    for seq in [1, 2] {
+        let item = TransferItem {
+            seq,
+            item: Some(transfer_item::Item::Envelope(replay.clone())),
+        };
+        let ack = transfer(&mut fed.peer_as("finance", "health").await, vec![item]).await;
+        assert_eq!(
+            (ack.acks[0].seq, ack.acks[0].status(), ack.acks[0].reason.as_str()),
+            (
+                seq,
+                CustodyStatus::Duplicate,
+                format!("duplicate_transaction: idempotency key already used by message {original}").as_str()
+            )
+        );
+    }
+
+    // Health's app gets the transaction once: the original.
+    let got = receive(&health, 2, 3, false).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(envelope_of(&got[0]).id, original);
+
+    // One signed REJECTED receipt for the new id, queued for finance.
+    health_node.stop().await.unwrap();
+    let about_replay: Vec<_> = queued_receipts(&fed, "health", "finance")
+        .into_iter()
+        .filter(|r| r.message_id == replay_id.to_string())
+        .collect();
+    assert_eq!(about_replay.len(), 1, "{about_replay:?}");
+    let r = &about_replay[0];
+    assert_eq!(
+        (
+            r.status(),
+            r.reason.as_str(),
+            r.sender.as_str(),
+            r.issuer.as_str()
+        ),
+        (
+            wire::ReceiptStatus::Rejected,
+            "duplicate_transaction",
+            "finance",
+            "health"
+        )
+    );
+    assert_eq!(r.duplicate_of, original);
+    assert_eq!(
+        r.envelope_sha256,
+        antar_core::envelope::sha256(&replay.envelope.as_ref().unwrap().envelope)
+    );
+}
+
+/// An envelope to health's `lab.results` signed by `sender`'s node, as it
+/// would be handed over along `hops`.
+fn signed_to_health(
+    fed: &Federation,
+    sender: &str,
+    kind: wire::Kind,
+    correlation_id: &str,
+    id: antar_core::MessageId,
+    hops: &[&str],
+) -> EnvelopeTransfer {
+    use antar_core::{AgencyId, ServiceName};
+    let draft = antar_core::envelope::Draft {
+        kind,
+        sender: AgencyId::parse(sender).unwrap(),
+        recipient: AgencyId::parse("health").unwrap(),
+        service: ServiceName::parse("lab.results").unwrap(),
+        correlation_id: correlation_id.to_owned(),
+        created_at: std::time::SystemTime::now(),
+        ttl: Duration::from_secs(600),
+        headers: Default::default(),
+        content_type: String::new(),
+    };
+    let sealed = draft.seal_with(id, vec![9; 32], b"signed again".to_vec(), &fed.signer(sender));
+    EnvelopeTransfer {
+        envelope: Some(sealed.envelope),
+        payload: Some(sealed.payload),
+        hops: hops.iter().map(|h| (*h).to_owned()).collect(),
+        traceparent: String::new(),
+    }
+}
+
+/// The receipts `agency`'s stopped node holds queued for `peer`, verified.
+fn queued_receipts(fed: &Federation, agency: &str, peer: &str) -> Vec<wire::Receipt> {
+    use prost::Message as _;
+    let queued = fed.open_store(agency).outbox_batch(peer, None, 100).unwrap();
+    queued
+        .iter()
+        .map(|(_, item)| {
+            let Some(transfer_item::Item::Receipt(r)) = TransferItem::decode(item.as_slice()).unwrap().item
+            else {
+                panic!("not a receipt");
+            };
+            fed.verifier()
+                .verify_receipt(r.receipt.as_ref().unwrap())
+                .unwrap()
+                .receipt
+        })
+        .collect()
 }

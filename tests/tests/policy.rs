@@ -123,7 +123,11 @@ async fn a_reloaded_revocation_list_refuses_a_revoked_peers_new_connections() {
     let mut config = fed.config("finance");
     config.tls.revocation_list = Some(revoked.crl.clone());
     std::fs::write(fed.layout.config_path("finance"), config.to_toml()).unwrap();
-    assert_eq!(finance_node.reload().unwrap(), 1, "one serial revoked");
+    assert_eq!(
+        finance_node.reload().unwrap().revoked_serials,
+        1,
+        "one serial revoked"
+    );
 
     health_node.stop().await.unwrap();
     let health_node = fed.start("health").await;
@@ -145,7 +149,7 @@ async fn a_reloaded_revocation_list_refuses_a_revoked_peers_new_connections() {
 
     // Without the list, health's next attempt gets through.
     std::fs::write(fed.layout.config_path("finance"), fed.config("finance").to_toml()).unwrap();
-    assert_eq!(finance_node.reload().unwrap(), 0);
+    assert_eq!(finance_node.reload().unwrap().revoked_serials, 0);
     let got = receive(&finance, 1, 15, true).await;
     assert_eq!(got.len(), 1, "queued delivery after the list was removed");
     assert_eq!(envelope_of(&got[0]).id, id);
@@ -191,7 +195,8 @@ async fn a_locally_revoked_app_certificate_is_refused_after_a_reload() {
     let mut config = fed.config("finance");
     config.tls.local_revocation_list = Some(revoked.crl);
     std::fs::write(fed.layout.config_path("finance"), config.to_toml()).unwrap();
-    finance_node.reload().unwrap();
+    let reloaded = finance_node.reload().unwrap();
+    assert_eq!((reloaded.revoked_serials, reloaded.local_revoked_serials), (0, 1));
 
     // A new connection with the revoked certificate fails the handshake.
     let (_, app_creds) =

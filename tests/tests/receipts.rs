@@ -408,17 +408,163 @@ async fn a_reply_settles_the_request_it_answers() {
     }
 }
 
+/// An app may `Ack` a REQUEST when it takes the work and `Reply` when it
+/// is done: the RESPONSE goes out, and the REQUEST keeps the one PROCESSED
+/// receipt its ack issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_acked_first_is_still_answered_and_processed_once() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "registry", "hub"], |_, _| {})
+        .await;
+    let (finance, registry) = (fed.app("finance").await, fed.app("registry").await);
+    let request = send(
+        &finance,
+        wire::SendRequest {
+            kind: wire::Kind::Request as i32,
+            ..notice("registry", "birth.lookup", b"3171")
+        },
+    )
+    .await;
+    let got = receive(&registry, 1, 15, true).await;
+    assert_eq!(envelope_of(&got[0]).id, request);
+    until_state(&finance, &request, wire::MessageState::Processed, 15).await;
+
+    let answered = registry
+        .agency()
+        .reply(wire::ReplyRequest {
+            request_id: request.clone(),
+            payload: b"born 2001".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("a REQUEST acked already can still be answered")
+        .into_inner();
+    assert_eq!(answered.message_ids.len(), 1);
+    let response = receive(&finance, 1, 15, true).await;
+    let envelope = envelope_of(&response[0]);
+    assert_eq!(
+        (
+            envelope.id.as_str(),
+            envelope.correlation_id.as_str(),
+            response[0].payload.as_ref().unwrap().data.as_slice()
+        ),
+        (
+            answered.message_ids[0].as_str(),
+            request.as_str(),
+            b"born 2001".as_slice()
+        )
+    );
+    let t = track(&finance, &request).await;
+    let verifier = fed.verifier();
+    let processed = t
+        .receipts
+        .iter()
+        .filter(|r| {
+            verifier.verify_receipt(r).unwrap().receipt.status == wire::ReceiptStatus::Processed as i32
+        })
+        .count();
+    assert_eq!(processed, 1, "the ack's PROCESSED receipt alone");
+    assert_eq!(get(&scrape(&fed, "registry").await, "antar_processed_total"), 1.0);
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+/// What the recipient's own key check is for: finance's node restored from
+/// a backup taken before a TRANSACTION went out. Its app sends the key
+/// again; finance's node no longer knows it and mints a new id, but health
+/// delivers nothing new: finance's message ends REJECTED
+/// `duplicate_transaction`, health's signed receipt naming the original in
+/// `duplicate_of`, whose PROCESSED receipt carries the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_restored_from_a_backup_cannot_deliver_a_transaction_twice() {
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let fed = Federation::standard();
+    let data = fed.layout.data_dir("finance");
+    let backup = fed.layout.dir().join("finance-backup");
+    fed.start("finance").await.stop().await.unwrap();
+    copy_dir(&data, &backup);
+
+    let finance_node = fed.start("finance").await;
+    let health_node = fed.start("health").await;
+    let payment = transaction(
+        "health",
+        "tax.payment",
+        "payment-2026-000043",
+        b"EUR 80.00 to health",
+    );
+    let finance = fed.app("finance").await;
+    let original = send(&finance, payment.clone()).await;
+    let health = fed.app("health").await;
+    assert_eq!(receive(&health, 1, 15, false).await.len(), 1);
+    health
+        .agency()
+        .ack(wire::AckRequest {
+            message_id: original.clone(),
+            outcome: wire::Outcome::Committed as i32,
+            result: Vec::new(),
+        })
+        .await
+        .unwrap();
+    until_state(&finance, &original, wire::MessageState::Processed, 15).await;
+
+    // The disk is lost; finance comes back from the backup.
+    finance_node.stop().await.unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    let again = send(&finance, payment).await;
+    assert_ne!(again, original, "the restored node no longer knows the key");
+    let t = until_state(&finance, &again, wire::MessageState::Rejected, 15).await;
+    assert_eq!(t.reason, "duplicate_transaction");
+    let verifier = fed.verifier();
+    let refusal = t
+        .receipts
+        .iter()
+        .map(|r| verifier.verify_receipt(r).unwrap().receipt)
+        .find(|r| r.status == wire::ReceiptStatus::Rejected as i32)
+        .expect("health's signed REJECTED receipt");
+    assert_eq!(
+        (
+            refusal.issuer.as_str(),
+            refusal.reason.as_str(),
+            refusal.duplicate_of.as_str()
+        ),
+        ("health", "duplicate_transaction", original.as_str())
+    );
+    assert!(
+        receive(&health, 1, 2, false).await.is_empty(),
+        "the transaction was delivered twice"
+    );
+    finance_node.stop().await.unwrap();
+    health_node.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_key_is_delivered_once_across_repeats_and_a_sender_restart() {
     let fed = Federation::standard();
     let mut finance_node = fed.start("finance").await;
     let registry_node = fed.start("registry").await;
     let hub = fed.start("hub").await;
-    let payment = wire::SendRequest {
-        kind: wire::Kind::Transaction as i32,
-        idempotency_key: "payment-2026-000042".into(),
-        ..notice("registry", "fee.payment", b"EUR 120.00 to registry")
-    };
+    let payment = transaction(
+        "registry",
+        "fee.payment",
+        "payment-2026-000042",
+        b"EUR 120.00 to registry",
+    );
 
     let finance = fed.app("finance").await;
     let id = send(&finance, payment.clone()).await;

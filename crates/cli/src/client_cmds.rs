@@ -483,7 +483,10 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!("reloaded; {} serials revoked", r.revoked_serials);
+            println!(
+                "reloaded; {} serials revoked; {} by the agency-local list (tls.local_revocation_list)",
+                r.revoked_serials, r.local_revoked_serials
+            );
         }
         AdminCommand::DeadLetters(cmd) => dead_letters(cmd).await?,
     }

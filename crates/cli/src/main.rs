@@ -197,7 +197,11 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
         Err(e) => return Err(e.into()),
     };
     wait_for_signals(|| match node.reload() {
-        Ok(n) => tracing::info!(revoked = n, "reloaded on SIGHUP"),
+        Ok(r) => tracing::info!(
+            revoked = r.revoked_serials,
+            local_revoked = r.local_revoked_serials,
+            "reloaded on SIGHUP"
+        ),
         Err(e) => tracing::error!(error = %e, "reload on SIGHUP failed; the old configuration stays"),
     })
     .await;

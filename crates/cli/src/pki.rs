@@ -275,10 +275,38 @@ pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
             serials,
             next_update_days,
         } => {
+            // A serial means something only in its issuer's list: a
+            // certificate from the other CA would be revoked nowhere.
+            let (ca_path, ca_name, other) = match &node_dir {
+                Some(dir) => (
+                    NodeDir::new(dir).local_ca_cert(),
+                    "this node's agency-local CA",
+                    "A node certificate is revoked by the federation root (antar pki revoke --federation-dir <federation dir> --cert …); another agency's certificate only by that agency.",
+                ),
+                None => (
+                    FederationDir::new(&federation_dir).root_cert(),
+                    "the federation root",
+                    "An app, admin or auditor certificate is revoked by its own agency's local CA: antar pki revoke --node-dir <that node's dir> --cert ….",
+                ),
+            };
+            let ca_der = if certs.is_empty() {
+                Vec::new()
+            } else {
+                antar_pki::read_cert_der(&ca_path)?
+            };
             let mut revoke = Vec::with_capacity(certs.len() + serials.len());
             for path in &certs {
                 let der = antar_pki::read_cert_der(path)?;
-                revoke.push(antar_pki::serial_of(&der).with_context(|| format!("{}", path.display()))?);
+                let here = || format!("{}", path.display());
+                if !antar_pki::issued_by(&der, &ca_der).with_context(here)? {
+                    let issuer = CertInfo::from_der(&der).with_context(here)?.issuer;
+                    anyhow::bail!(
+                        "{} was not issued by {ca_name} ({}) but by {issuer}; nothing revoked. {other}",
+                        path.display(),
+                        ca_path.display()
+                    );
+                }
+                revoke.push(antar_pki::serial_of(&der).with_context(here)?);
             }
             for s in &serials {
                 revoke.push(antar_pki::parse_serial_hex(s)?);

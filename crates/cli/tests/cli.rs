@@ -230,6 +230,42 @@ fn pki_revoke_with_a_node_dir_writes_the_local_ca_crl() {
         "portal",
     ]);
     let cert = node.join("clients/app-portal.crt");
+    // Each CA revokes only what it issued: the wrong one says which is right.
+    let refused = |args: &[&str], hint: &str| {
+        let out = antar().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("was not issued by")
+                && stderr.contains("nothing revoked")
+                && stderr.contains(hint),
+            "{stderr}"
+        );
+    };
+    refused(
+        &[
+            "pki",
+            "revoke",
+            "--federation-dir",
+            fed_s,
+            "--cert",
+            cert.to_str().unwrap(),
+        ],
+        "--node-dir",
+    );
+    let node_tls = node.join("node-tls.crt");
+    refused(
+        &[
+            "pki",
+            "revoke",
+            "--node-dir",
+            node_s,
+            "--cert",
+            node_tls.to_str().unwrap(),
+        ],
+        "--federation-dir",
+    );
+    assert!(!fed.join("revoked.crl").exists() && !node.join("local-revoked.crl").exists());
     let out = run(&[
         "pki",
         "revoke",

@@ -25,7 +25,7 @@ use crate::state::Shared;
 
 pub(crate) struct AdminService {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) reload: Arc<dyn Fn() -> Result<u32, NodeError> + Send + Sync>,
+    pub(crate) reload: crate::Reload,
     /// `grpc.health.v1`: `antar.v1.Agency` is NOT_SERVING while draining,
     /// so load balancers and readiness probes move apps elsewhere.
     pub(crate) health: tonic_health::server::HealthReporter,
@@ -293,8 +293,7 @@ impl Admin for AdminService {
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {
         auth::admin(&self.shared, &req)?;
-        let revoked_serials = (self.reload)()?;
-        Ok(Response::new(ReloadResponse { revoked_serials }))
+        Ok(Response::new((self.reload)()?))
     }
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {

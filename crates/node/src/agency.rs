@@ -110,8 +110,11 @@ fn validate_send(
                 "required for KIND_TRANSACTION",
             ))
         }
-        (_, false) if req.idempotency_key.len() > 256 => {
-            return Err(NodeError::invalid("idempotency_key", "at most 256 bytes"))
+        (_, false) if req.idempotency_key.len() > MAX_KEY_BYTES => {
+            return Err(NodeError::invalid(
+                "idempotency_key",
+                format!("at most {MAX_KEY_BYTES} bytes"),
+            ))
         }
         // Any kind may carry one, so a retried Send is accepted once: the
         // node answers a key it has seen with the original ids. Only a
@@ -379,6 +382,9 @@ pub(crate) fn check_sizes(
     }
     Ok(())
 }
+
+/// The longest idempotency key (a TRANSACTION's `correlation_id`).
+pub(crate) const MAX_KEY_BYTES: usize = 256;
 
 /// Where a send's idempotency key is remembered: a TRANSACTION's under the
 /// agency, as ever; a NOTICE's or a REQUEST's under `<agency>/notice` or

@@ -252,14 +252,15 @@ async fn settle(
         .store
         .transact(|tx| {
             for a in &ack.acks {
-                if a.status != CustodyStatus::Rejected as i32 {
+                // A plain STORED or DUPLICATE: custody passed, the item goes unread.
+                let rejected = a.status == CustodyStatus::Rejected as i32;
+                if !rejected && a.reason.is_empty() {
                     tx.drop_outbox(peer, a.seq)?;
                     continue;
                 }
                 let Some(item) = tx.remove_outbox(peer, a.seq)? else {
                     continue;
                 };
-                // Refused for good: keep it as a dead letter with the reason.
                 let item_decoded = TransferItem::decode(item.as_slice()).unwrap_or_default();
                 let Some(transfer_item::Item::Envelope(et)) = &item_decoded.item else {
                     continue;
@@ -267,6 +268,14 @@ async fn settle(
                 let env = Envelope::decode(et.envelope.clone().unwrap_or_default().envelope.as_slice())
                     .unwrap_or_default();
                 let id = MessageId::parse(&env.id).unwrap_or_default();
+                if !rejected {
+                    // A DUPLICATE that says why: a TRANSACTION key the
+                    // recipient had taken under another message. Its signed
+                    // REJECTED receipt settles the message.
+                    tracing::warn!(%peer, %id, reason = %a.reason, "the peer did not take this envelope again");
+                    continue;
+                }
+                // Refused for good: keep it as a dead letter with the reason.
                 if env.sender == sender {
                     tx.update_message(&id, |record| {
                         record.state = MessageState::Rejected as i32;

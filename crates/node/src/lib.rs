@@ -38,6 +38,7 @@ use antar_core::wire::admin_server::AdminServer;
 use antar_core::wire::agency_server::AgencyServer;
 use antar_core::wire::audit_server::AuditServer;
 use antar_core::wire::peer_server::PeerServer;
+use antar_core::wire::ReloadResponse;
 use antar_core::{AgencyId, Identity, Revocations, Signer, TrustAnchor, Verifier};
 use antar_store::{Store, StoreConfig};
 
@@ -180,8 +181,11 @@ pub struct Node {
     token: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     servers: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
-    reload: Arc<dyn Fn() -> Result<u32, NodeError> + Send + Sync>,
+    reload: Reload,
 }
+
+/// Re-reads the config file (Admin `Reload`, SIGHUP): see [`Node::reload`].
+pub(crate) type Reload = Arc<dyn Fn() -> Result<ReloadResponse, NodeError> + Send + Sync>;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -245,7 +249,7 @@ impl Node {
             chain: api_chain,
             key: api_key,
         };
-        let api_tls = api_identity
+        let (api_tls, _) = api_identity
             .tls(
                 &config.federation,
                 &agency,
@@ -292,8 +296,7 @@ impl Node {
         let token = shared.shutdown.clone();
         let reload = {
             let shared = shared.clone();
-            Arc::new(move || reload(&shared, config_path.as_ref()))
-                as Arc<dyn Fn() -> Result<u32, NodeError> + Send + Sync>
+            Arc::new(move || reload(&shared, config_path.as_ref())) as Reload
         };
         let mut node = Self {
             shared: shared.clone(),
@@ -423,11 +426,12 @@ impl Node {
         Ok(node)
     }
 
-    /// Reloads the config file's policy (peers' routes, apps, access) and the revocation list.
+    /// Reloads the config file's policy (peers' routes, apps, access) and
+    /// the revocation lists; says how many serials each list revokes.
     ///
     /// # Errors
     /// [`NodeError`] when the file cannot be read or is invalid; the old policy stays.
-    pub fn reload(&self) -> Result<u32, NodeError> {
+    pub fn reload(&self) -> Result<ReloadResponse, NodeError> {
         (self.reload)()
     }
 
@@ -471,7 +475,7 @@ impl Node {
     }
 }
 
-fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeError> {
+fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<ReloadResponse, NodeError> {
     // One at a time (SIGHUP and Admin.Reload may coincide): everything a
     // reload swaps comes from the same reading of the file.
     let _one = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
@@ -492,7 +496,7 @@ fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeErr
         crls.clone(),
     )
     .map_err(|e| NodeError::FailedPrecondition(chain(&e)))?;
-    let api_tls = shared
+    let (api_tls, local_revoked) = shared
         .api_identity
         .tls(
             &shared.config.federation,
@@ -509,8 +513,11 @@ fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<u32, NodeErr
     // already open stay (as for peers).
     *shared.api_tls.write().unwrap_or_else(|p| p.into_inner()) = api_tls;
     *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state::Policy::from_config(&config));
-    tracing::info!(path = %path.display(), revoked = n, "configuration reloaded");
-    Ok(n)
+    tracing::info!(path = %path.display(), revoked = n, local_revoked, "configuration reloaded");
+    Ok(ReloadResponse {
+        revoked_serials: n,
+        local_revoked_serials: local_revoked,
+    })
 }
 
 async fn sweeper(shared: Arc<state::Shared>, token: CancellationToken) {

@@ -42,6 +42,16 @@ enum Plan<R = Issued> {
     /// Delivered here: the envelope, the transfer, the sending node's
     /// identity and the DELIVERED receipt.
     Deliver(Box<VerifiedEnvelope>, EnvelopeTransfer, String, Box<R>),
+    /// For this agency, but refused by this node's policy or limits as they
+    /// are now (`reason`, with its REJECTED receipt) — unless the store
+    /// holds it already: then it is answered as what it is, a duplicate
+    /// (the policy or limits changed since it was delivered) or a conflict.
+    RefuseUnlessHeld {
+        verified: Box<VerifiedEnvelope>,
+        transfer: EnvelopeTransfer,
+        reason: &'static str,
+        receipt: Option<R>,
+    },
     Relay(Box<VerifiedEnvelope>, EnvelopeTransfer, String),
     Receipt(SignedReceipt, Receipt, Vec<String>),
 }
@@ -50,7 +60,7 @@ impl Plan<Receipt> {
     /// The receipt this item would issue.
     fn draft(&self) -> Option<&Receipt> {
         match self {
-            Self::Reject { receipt, .. } => receipt.as_ref(),
+            Self::Reject { receipt, .. } | Self::RefuseUnlessHeld { receipt, .. } => receipt.as_ref(),
             Self::Deliver(.., r) => Some(r),
             Self::Relay(..) | Self::Receipt(..) => None,
         }
@@ -63,6 +73,17 @@ impl Plan<Receipt> {
                 receipt: receipt.map(sign),
             },
             Self::Deliver(v, et, identity, r) => Plan::Deliver(v, et, identity, Box::new(sign(*r))),
+            Self::RefuseUnlessHeld {
+                verified,
+                transfer,
+                reason,
+                receipt,
+            } => Plan::RefuseUnlessHeld {
+                verified,
+                transfer,
+                reason,
+                receipt: receipt.map(sign),
+            },
             Self::Relay(v, et, next) => Plan::Relay(v, et, next),
             Self::Receipt(signed, r, hops) => Plan::Receipt(signed, r, hops),
         }
@@ -89,6 +110,9 @@ fn plan_batch(shared: &Shared, from: &Identity, items: Vec<TransferItem>) -> Vec
 enum Settled {
     Stored,
     Duplicate,
+    /// A TRANSACTION whose sender used its key before: DUPLICATE, saying
+    /// which message holds the key.
+    Replayed(String),
     Rejected(String),
 }
 
@@ -176,6 +200,7 @@ async fn handle_batch(
         let (status, reason) = match result {
             Settled::Stored => (CustodyStatus::Stored, String::new()),
             Settled::Duplicate => (CustodyStatus::Duplicate, String::new()),
+            Settled::Replayed(r) => (CustodyStatus::Duplicate, r),
             Settled::Rejected(r) => (CustodyStatus::Rejected, r),
         };
         match (&status, plan) {
@@ -200,6 +225,10 @@ async fn handle_batch(
                 tracing::debug!(id = %v.id, trace_id = crate::trace::trace_id(&et.traceparent),
                     from = %from.agency, %next, "relaying");
             }
+            (CustodyStatus::Duplicate, _) if !reason.is_empty() => {
+                shared.metrics.rejected(DUPLICATE_TRANSACTION);
+                tracing::warn!(peer = %from.agency, seq, %reason, "a transaction key used again; not delivered");
+            }
             (CustodyStatus::Rejected, _) => {
                 shared.metrics.rejected(&reason);
                 tracing::warn!(peer = %from.agency, seq, %reason, "rejected a transferred item");
@@ -216,20 +245,57 @@ async fn handle_batch(
 }
 
 fn reject(shared: &Shared, reason: &str, env: Option<(&Envelope, &[u8])>) -> Plan<Receipt> {
-    let receipt = env.map(|(e, bytes)| {
-        shared.draft_receipt(
-            e,
-            bytes,
-            ReceiptStatus::Rejected,
-            reason,
-            Outcome::Unspecified,
-            Vec::new(),
-        )
-    });
     Plan::Reject {
         reason: reason.to_owned(),
-        receipt,
+        receipt: env.map(|(e, bytes)| rejected(shared, e, bytes, reason)),
     }
+}
+
+/// The draft of a REJECTED receipt for `envelope` (its signed bytes).
+fn rejected(shared: &Shared, envelope: &Envelope, bytes: &[u8], reason: &str) -> Receipt {
+    shared.draft_receipt(
+        envelope,
+        bytes,
+        ReceiptStatus::Rejected,
+        reason,
+        Outcome::Unspecified,
+        Vec::new(),
+    )
+}
+
+/// Why this node would not take an envelope for its agency now: a service
+/// it does not know, a sender without the access right, or over its own
+/// limits for a send (another node's limits may be higher, or none: the
+/// `Delivery` might not reach a stock client, and would be offered again
+/// and again). `None`: it takes it.
+fn refusal_here(
+    shared: &Shared,
+    from: &Identity,
+    verified: &VerifiedEnvelope,
+    payload: usize,
+) -> Option<&'static str> {
+    let policy = shared.policy();
+    let e = &verified.envelope;
+    if !policy.service_known(&e.service) {
+        return Some("unknown_service");
+    }
+    if !policy.may_send(verified.sender.as_str(), &e.service) {
+        return Some("no_access_right");
+    }
+    let over = crate::agency::check_sizes(shared.limits(), payload, &e.headers, &e.content_type)
+        .err()
+        .map(|err| err.to_string())
+        .or_else(|| {
+            (e.correlation_id.len() > crate::agency::MAX_KEY_BYTES).then(|| {
+                format!(
+                    "correlation_id: {} bytes; at most {}",
+                    e.correlation_id.len(),
+                    crate::agency::MAX_KEY_BYTES
+                )
+            })
+        })?;
+    tracing::warn!(peer = %from.agency, id = %verified.id, %over, "envelope over this node's limits");
+    Some("too_large")
 }
 
 /// Verifies one item and decides its fate; no store access.
@@ -280,23 +346,14 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
             }
             let identity = verified.signer.to_string();
             if verified.recipient == shared.agency {
-                let policy = shared.policy();
-                let service = &verified.envelope.service;
-                if !policy.service_known(service) {
-                    return reject(shared, "unknown_service", claimed);
-                }
-                if !policy.may_send(verified.sender.as_str(), service) {
-                    return reject(shared, "no_access_right", claimed);
-                }
-                // Over what this node's own apps may send (another node's
-                // limits, or none): its Delivery might not reach a stock
-                // client, and would be offered again and again.
-                let e = &verified.envelope;
-                if let Err(over) =
-                    crate::agency::check_sizes(limits, payload.data.len(), &e.headers, &e.content_type)
-                {
-                    tracing::warn!(peer = %from.agency, id = %verified.id, %over, "envelope over this node's limits");
-                    return reject(shared, "too_large", claimed);
+                if let Some(reason) = refusal_here(shared, from, &verified, payload.data.len()) {
+                    let receipt = claimed.map(|(e, bytes)| rejected(shared, e, bytes, reason));
+                    return Plan::RefuseUnlessHeld {
+                        verified: Box::new(verified),
+                        transfer: et,
+                        reason,
+                        receipt,
+                    };
                 }
                 let delivered = shared.delivered(&verified.envelope, &signed.envelope);
                 Plan::Deliver(Box::new(verified), et, identity, Box::new(delivered))
@@ -324,6 +381,75 @@ fn first_refusal(tx: &Tx<'_>, sender: &str, id: &MessageId) -> Result<bool, TxEr
     Ok(!tx.mark_seen("rejected", &seen_key(sender, id))?)
 }
 
+/// The idempotency key of a TRANSACTION (its `correlation_id`).
+fn transaction_key(envelope: &Envelope) -> Option<&str> {
+    (envelope.kind == Kind::Transaction as i32 && !envelope.correlation_id.is_empty())
+        .then_some(envelope.correlation_id.as_str())
+}
+
+/// The reason code of a replayed TRANSACTION key.
+const DUPLICATE_TRANSACTION: &str = "duplicate_transaction";
+
+/// How an envelope for this agency settles when the store already holds
+/// its id or, for a TRANSACTION, its sender's idempotency key; `None` when
+/// it holds neither.
+///
+/// An id names one message here, so its record is the dedup key: the same
+/// sender agency's envelope again (from its node, whatever certificate it
+/// used) is `DUPLICATE`; one that reuses the id of another agency's message,
+/// or of one this node sent, is refused `id_conflict` and never overwrites
+/// it. A TRANSACTION whose key its sender used before, under another id, is
+/// `DUPLICATE` too, naming the message that holds the key, and is not
+/// delivered; a signed REJECTED `duplicate_transaction` receipt, whose
+/// `duplicate_of` names that message, settles the new id at its sender.
+fn already_held(
+    shared: &Shared,
+    tx: &Tx<'_>,
+    v: &VerifiedEnvelope,
+    et: &EnvelopeTransfer,
+) -> Result<Option<Settled>, TxError> {
+    if let Some(held) = tx.peek_message(&v.id)? {
+        let same = Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency == v.sender);
+        if !held.outgoing && same {
+            return Ok(Some(Settled::Duplicate));
+        }
+        return refuse(shared, tx, v, et, "id_conflict", "").map(Some);
+    }
+    let Some(key) = transaction_key(&v.envelope) else {
+        return Ok(None);
+    };
+    let Some(ids) = tx.tx_key(v.sender.as_str(), key)? else {
+        return Ok(None);
+    };
+    let held: Vec<String> = ids.iter().map(MessageId::to_string).collect();
+    let held = held.join(", ");
+    refuse(shared, tx, v, et, DUPLICATE_TRANSACTION, &held)?;
+    Ok(Some(Settled::Replayed(format!(
+        "{DUPLICATE_TRANSACTION}: idempotency key already used by message {held}"
+    ))))
+}
+
+/// Refuses an envelope the plan meant to deliver, for a reason found under
+/// the writer lock (planning does not read the store): its signed REJECTED
+/// receipt (`duplicate_of` set for a replayed key) goes to the sender once
+/// per envelope, however often it is offered.
+fn refuse(
+    shared: &Shared,
+    tx: &Tx<'_>,
+    v: &VerifiedEnvelope,
+    et: &EnvelopeTransfer,
+    reason: &str,
+    duplicate_of: &str,
+) -> Result<Settled, TxError> {
+    if first_refusal(tx, v.sender.as_str(), &v.id)? {
+        let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
+        let mut draft = rejected(shared, &v.envelope, bytes, reason);
+        draft.duplicate_of = duplicate_of.to_owned();
+        shared.route_issued(tx, &shared.sign_receipt(draft))?;
+    }
+    Ok(Settled::Rejected(reason.to_owned()))
+}
+
 /// Applies one plan inside the batch's transaction.
 fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError> {
     match plan {
@@ -337,31 +463,8 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             Ok(Settled::Rejected(reason.clone()))
         }
         Plan::Deliver(v, et, identity, delivered) => {
-            // An id names one message here: its record is the dedup key.
-            if let Some(held) = tx.peek_message(&v.id)? {
-                // The same agency's: its node, whatever certificate it used.
-                let same = Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency == v.sender);
-                if !held.outgoing && same {
-                    return Ok(Settled::Duplicate);
-                }
-                // Another agency's message holds the id, or one this node
-                // sent: never overwritten. The receipt is signed here,
-                // under the writer lock, as planning does not read the
-                // store; once per envelope, however often it is offered.
-                let reason = "id_conflict";
-                if first_refusal(tx, v.sender.as_str(), &v.id)? {
-                    let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
-                    let draft = shared.draft_receipt(
-                        &v.envelope,
-                        bytes,
-                        ReceiptStatus::Rejected,
-                        reason,
-                        Outcome::Unspecified,
-                        Vec::new(),
-                    );
-                    shared.route_issued(tx, &shared.sign_receipt(draft))?;
-                }
-                return Ok(Settled::Rejected(reason.to_owned()));
+            if let Some(settled) = already_held(shared, tx, v, et)? {
+                return Ok(settled);
             }
             let signed = et.envelope.clone().unwrap_or_default();
             let record = MessageRecord {
@@ -375,7 +478,26 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 ..Default::default()
             };
             shared.deliver_local(tx, &v.id, record, &v.envelope, &signed.envelope, delivered)?;
+            if let Some(key) = transaction_key(&v.envelope) {
+                tx.put_tx_key(v.sender.as_str(), key, &[v.id])?;
+            }
             Ok(Settled::Stored)
+        }
+        Plan::RefuseUnlessHeld {
+            verified,
+            transfer,
+            reason,
+            receipt,
+        } => {
+            if let Some(settled) = already_held(shared, tx, verified, transfer)? {
+                return Ok(settled);
+            }
+            if let Some(issued) = receipt {
+                if first_refusal(tx, verified.sender.as_str(), &verified.id)? {
+                    shared.route_issued(tx, issued)?;
+                }
+            }
+            Ok(Settled::Rejected((*reason).to_owned()))
         }
         Plan::Relay(v, et, next) => {
             if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {

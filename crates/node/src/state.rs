@@ -156,13 +156,13 @@ impl ApiIdentity {
     /// The API listener's TLS configuration for (`federation`, `agency`) —
     /// those the node started with; a reload does not change them —
     /// refusing the client certificates `local_crl` (the config's
-    /// `tls.local_revocation_list`) revokes.
+    /// `tls.local_revocation_list`) revokes; with how many it revokes.
     pub(crate) fn tls(
         &self,
         federation: &str,
         agency: &AgencyId,
         local_crl: Option<&std::path::Path>,
-    ) -> Result<Arc<rustls::ServerConfig>, String> {
+    ) -> Result<(Arc<rustls::ServerConfig>, u32), String> {
         let named = |e: &dyn std::fmt::Display| match local_crl {
             Some(p) => format!("tls.local_revocation_list {}: {e}", p.display()),
             None => e.to_string(),
@@ -171,7 +171,14 @@ impl ApiIdentity {
             None => Vec::new(),
             Some(p) => vec![antar_pki::read_crl_der(p).map_err(|e| named(&e))?],
         };
-        antar_pki::tls::api_server_config_with_crls(
+        let revoked = match crls.first() {
+            None => 0,
+            Some(der) => antar_pki::CrlInfo::from_der(der)
+                .map_err(|e| named(&e))?
+                .revoked_serials
+                .len() as u32,
+        };
+        let config = antar_pki::tls::api_server_config_with_crls(
             &self.local_ca,
             self.chain.clone(),
             self.key.clone(),
@@ -179,7 +186,8 @@ impl ApiIdentity {
             agency,
             crls,
         )
-        .map_err(|e| named(&e))
+        .map_err(|e| named(&e))?;
+        Ok((config, revoked))
     }
 }
 
@@ -552,6 +560,7 @@ impl Shared {
             issuer: self.agency.to_string(),
             outcome: outcome as i32,
             result_digest,
+            duplicate_of: String::new(),
         }
     }
 

@@ -29,6 +29,19 @@ pub fn serial_of(cert_der: &[u8]) -> Result<Vec<u8>, PkiError> {
     Ok(parse(cert_der)?.raw_serial().to_vec())
 }
 
+/// Whether the CA certificate `ca_der` issued `cert_der`: the certificate
+/// names the CA's subject as its issuer and the CA's key verifies its
+/// signature. A serial means something only in its issuer's revocation
+/// list, so `antar pki revoke --cert` checks this first.
+///
+/// # Errors
+/// [`PkiError::BadCertificate`] when either is not a certificate.
+pub fn issued_by(cert_der: &[u8], ca_der: &[u8]) -> Result<bool, PkiError> {
+    let (cert, ca) = (parse(cert_der)?, parse(ca_der)?);
+    Ok(cert.issuer().as_raw() == ca.subject().as_raw()
+        && cert.verify_signature(Some(ca.public_key())).is_ok())
+}
+
 /// The SPIFFE identity a certificate carries in its URI SAN.
 ///
 /// Following SPIFFE, an Antar certificate has exactly one URI SAN; a

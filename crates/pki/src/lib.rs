@@ -37,7 +37,7 @@ pub use antar_core::{AgencyId, Identity, Role};
 pub use ca::{Ca, CertKey};
 pub use error::PkiError;
 pub use files::{read_cert_der, read_certs_der, read_crl_der, read_key_der, write_cert, write_key};
-pub use inspect::{identity_of, parse_serial_hex, serial_of, CertInfo, CrlInfo};
+pub use inspect::{identity_of, issued_by, parse_serial_hex, serial_of, CertInfo, CrlInfo};
 
 /// Default lifetime of a federation root: 10 years.
 pub const ROOT_VALID_DAYS: u32 = 3650;

@@ -8,7 +8,7 @@
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry`; a group's entries for one service as one run under the first seq (`runs.rs`) |
 //! | `inbox_index` | message id | inbox key, of a message without a record, or queued by a build from before `inbox_key` |
 //! | `seen` | namespace `\0` key: `envelope` (written by relays; recipients dedup by the record) or `rejected` ‖ sender `\0` message id; `receipt-of` / `relayed-receipt-of` ‖ message id (text) ‖ SHA-256 of the receipt, so that one period's keys sit together (`receipt-of`: only receipts about no message this node holds a record of, since records know their receipts; builds from before marked every one); stores from before hold `receipt` / `relayed-receipt` ‖ SHA-256 alone, and then `receipts-by-id-since` ‖ ms (u64 BE) when a newer build first ran on them | empty: dedup of received envelopes and receipts |
-//! | `tx_keys` | sender `\0` idempotency key | message ids (16 bytes each) |
+//! | `tx_keys` | key space `\0` idempotency key: the space is the sending agency's id for a TRANSACTION (on its own node when sent, on the recipient's when delivered), `<agency>/notice`, `/request` or `/reply` for the other kinds (sender side only) | message ids (16 bytes each) |
 //! | `receipt_log` | cursor (u64 BE) | `SignedReceipt` about a message this node sent, its signer certificate cut out (`cuts.rs`); a group's receipts as one run under the first cursor (`runs.rs`) |
 //! | `dead` | message id | `DeadLetter` |
 //! | `expiry` | expires_ms (u64 BE) ‖ peer `\0` seq | no longer written; cleared on open: the index of the outbox by expiry of builds from before, now kept in memory (`tx::Expiry`) |
