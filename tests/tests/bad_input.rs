@@ -396,11 +396,12 @@ async fn an_envelope_over_the_recipients_limits_is_rejected_too_large() {
     }
 }
 
-/// The size limit is for an envelope the node does not hold: one it took
-/// before its limits were lowered, offered again (its sender never saw
-/// the ack), is `DUPLICATE`, not `too_large`, and stays delivered.
+/// Size limits and policy are for an envelope the node does not hold: one
+/// it took before its limits were lowered, or before the sender lost its
+/// access right, offered again (its sender never saw the ack), is
+/// `DUPLICATE`, not `too_large` or `no_access_right`, and stays delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_envelope_held_before_the_limits_were_lowered_is_a_duplicate_not_too_large() {
+async fn an_envelope_held_before_the_limits_or_policy_changed_is_a_duplicate() {
     let fed = Federation::standard();
     let finance_node = fed.start("finance").await;
     let health_node = fed.start("health").await;
@@ -419,9 +420,6 @@ async fn an_envelope_held_before_the_limits_were_lowered_is_a_duplicate_not_too_
     health_node.stop().await.unwrap();
     finance_node.stop().await.unwrap();
 
-    let mut config = fed.config("health");
-    config.limits.max_payload_bytes = 1 << 20;
-    let health_node = fed.start_with(config).await;
     let again = wire::TransferItem {
         seq: 3,
         item: Some(wire::transfer_item::Item::Envelope(wire::EnvelopeTransfer {
@@ -431,11 +429,25 @@ async fn an_envelope_held_before_the_limits_were_lowered_is_a_duplicate_not_too_
             traceparent: String::new(),
         })),
     };
-    let ack = transfer(&mut fed.peer_as("finance", "health").await, vec![again]).await;
-    assert_eq!(
-        (ack.acks[0].seq, ack.acks[0].status(), ack.acks[0].reason.as_str()),
-        (3, wire::CustodyStatus::Duplicate, "")
-    );
+    let lowered = |config: &mut antar_node::NodeConfig| config.limits.max_payload_bytes = 1 << 20;
+    let no_finance = |config: &mut antar_node::NodeConfig| {
+        config.access = vec![antar_node::config::Access {
+            service: "*".into(),
+            allow: vec!["registry".into()],
+        }]
+    };
+    for change in [&lowered as &dyn Fn(&mut antar_node::NodeConfig), &no_finance] {
+        let mut config = fed.config("health");
+        change(&mut config);
+        let health_node = fed.start_with(config).await;
+        let ack = transfer(&mut fed.peer_as("finance", "health").await, vec![again.clone()]).await;
+        assert_eq!(
+            (ack.acks[0].seq, ack.acks[0].status(), ack.acks[0].reason.as_str()),
+            (3, wire::CustodyStatus::Duplicate, "")
+        );
+        health_node.stop().await.unwrap();
+    }
+    let health_node = fed.start("health").await;
     // Still in the inbox, once.
     let got = receive(&fed.app("health").await, 2, 3, true).await;
     assert_eq!(got.len(), 1, "{got:?}");

@@ -406,6 +406,107 @@ async fn a_transaction_key_replayed_under_a_new_id_is_a_duplicate_at_the_recipie
     );
 }
 
+/// A refusal is for good. An envelope health refused `no_access_right` is
+/// refused the same way when offered again after the access right was
+/// granted (its sender, holding the REJECTED receipt, never saw the ack):
+/// no id ends both REJECTED and DELIVERED, and the receipt goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_envelope_stays_refused_after_the_policy_changes() {
+    let fed = Federation::standard();
+    let mut config = fed.config("health");
+    config.access = vec![antar_node::config::Access {
+        service: "*".into(),
+        allow: vec!["registry".into()],
+    }];
+    let health_node = fed.start_with(config).await;
+    let id = antar_core::MessageId::new();
+    let item = TransferItem {
+        seq: 1,
+        item: Some(transfer_item::Item::Envelope(signed_to_health(
+            &fed,
+            "finance",
+            wire::Kind::Notice,
+            "",
+            id,
+            &["finance"],
+        ))),
+    };
+    let offer = || async {
+        let ack = transfer(&mut fed.peer_as("finance", "health").await, vec![item.clone()]).await;
+        (ack.acks[0].status(), ack.acks[0].reason.clone())
+    };
+    assert_eq!(
+        offer().await,
+        (CustodyStatus::Rejected, "no_access_right".to_owned())
+    );
+    health_node.stop().await.unwrap();
+
+    let health_node = fed.start("health").await;
+    assert_eq!(
+        offer().await,
+        (CustodyStatus::Rejected, "no_access_right".to_owned())
+    );
+    assert!(receive(&fed.app("health").await, 1, 2, false).await.is_empty());
+    health_node.stop().await.unwrap();
+    let refusals = queued_receipts(&fed, "health", "finance");
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(
+        (refusals[0].message_id.clone(), refusals[0].reason.as_str()),
+        (id.to_string(), "no_access_right")
+    );
+}
+
+/// A relay cannot turn a delivered message into a refused one: the hub
+/// hands registry an altered copy of an envelope registry already took.
+/// Registry refuses it `bytes_altered` and tells finance with a signed
+/// receipt, which finance keeps as evidence — but its message stays
+/// DELIVERED, since the refusal is about other bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_of_an_altered_copy_does_not_undo_a_delivery() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "registry", "hub"], |_, _| {})
+        .await;
+    let finance = fed.app("finance").await;
+    let id = send(&finance, notice("registry", "birth.lookup", b"genuine")).await;
+    until_state(&finance, &id, wire::MessageState::Delivered, 15).await;
+    let got = receive(&fed.app("registry").await, 1, 5, false).await;
+    let mut altered = got[0].envelope.clone().unwrap();
+    altered.envelope.extend_from_slice(&[0x98, 0x06, 0x01]);
+    let item = TransferItem {
+        seq: 1,
+        item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
+            envelope: Some(altered),
+            payload: got[0].payload.clone(),
+            hops: vec!["finance".into(), "hub".into()],
+            traceparent: String::new(),
+        })),
+    };
+    let ack = transfer(&mut fed.peer_as("hub", "registry").await, vec![item]).await;
+    assert_eq!(
+        (ack.acks[0].status(), ack.acks[0].reason.as_str()),
+        (CustodyStatus::Rejected, "bytes_altered")
+    );
+    let verifier = fed.verifier();
+    let t = eventually(15, "registry's REJECTED receipt at finance", || async {
+        let t = track(&finance, &id).await;
+        t.receipts
+            .iter()
+            .any(|r| {
+                verifier.verify_receipt(r).unwrap().receipt.status == wire::ReceiptStatus::Rejected as i32
+            })
+            .then_some(t)
+    })
+    .await;
+    assert_eq!(
+        (t.state(), t.reason.as_str()),
+        (wire::MessageState::Delivered, "")
+    );
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
 /// An envelope to health's `lab.results` signed by `sender`'s node, as it
 /// would be handed over along `hops`.
 fn signed_to_health(

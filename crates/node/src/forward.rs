@@ -277,9 +277,13 @@ async fn settle(
                 }
                 // Refused for good: keep it as a dead letter with the reason.
                 if env.sender == sender {
+                    // Not a message the peer's side already settled (a
+                    // signed receipt said DELIVERED or more).
                     tx.update_message(&id, |record| {
-                        record.state = MessageState::Rejected as i32;
-                        record.reason = a.reason.clone();
+                        if record.state <= MessageState::Accepted as i32 {
+                            record.state = MessageState::Rejected as i32;
+                            record.reason = a.reason.clone();
+                        }
                     })?;
                 }
                 tx.put_dead(

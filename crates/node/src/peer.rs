@@ -2,8 +2,14 @@
 //!
 //! Each batch is verified item by item, stored in one transaction, flushed,
 //! and only then acked: STORED (custody passed), DUPLICATE (it had passed
-//! before), or REJECTED with a reason code (and a signed REJECTED receipt
-//! routed to the sender when one can be built).
+//! before; or a TRANSACTION key its sender used before, not delivered, the
+//! reason naming the holder), or REJECTED with a reason code (and a signed
+//! REJECTED receipt routed to the sender, once, when one can be built).
+//!
+//! What a node holds wins over what it would decide now: an envelope it
+//! took is `DUPLICATE` whatever changed since (policy, limits, a
+//! revocation), and one it refused for good is refused the same way
+//! again, so no id is both REJECTED and DELIVERED.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -390,6 +396,10 @@ fn transaction_key(envelope: &Envelope) -> Option<&str> {
 /// The reason code of a replayed TRANSACTION key.
 const DUPLICATE_TRANSACTION: &str = "duplicate_transaction";
 
+/// `seen` namespace of the verified envelopes for this agency refused for
+/// good, by sender and id; the value is the reason.
+const REFUSED: &str = "refused";
+
 /// How an envelope for this agency settles when the store already holds
 /// its id or, for a TRANSACTION, its sender's idempotency key; `None` when
 /// it holds neither.
@@ -413,26 +423,34 @@ fn already_held(
         if !held.outgoing && same {
             return Ok(Some(Settled::Duplicate));
         }
-        return refuse(shared, tx, v, et, "id_conflict", "").map(Some);
+        return refuse(shared, tx, v, et, "id_conflict", "", None).map(Some);
     }
-    let Some(key) = transaction_key(&v.envelope) else {
-        return Ok(None);
-    };
-    let Some(ids) = tx.tx_key(v.sender.as_str(), key)? else {
-        return Ok(None);
-    };
-    let held: Vec<String> = ids.iter().map(MessageId::to_string).collect();
-    let held = held.join(", ");
-    refuse(shared, tx, v, et, DUPLICATE_TRANSACTION, &held)?;
-    Ok(Some(Settled::Replayed(format!(
-        "{DUPLICATE_TRANSACTION}: idempotency key already used by message {held}"
-    ))))
+    if let Some(key) = transaction_key(&v.envelope) {
+        if let Some(ids) = tx.tx_key(v.sender.as_str(), key)? {
+            let held: Vec<String> = ids.iter().map(MessageId::to_string).collect();
+            let held = held.join(", ");
+            refuse(shared, tx, v, et, DUPLICATE_TRANSACTION, &held, None)?;
+            return Ok(Some(Settled::Replayed(format!(
+                "{DUPLICATE_TRANSACTION}: idempotency key already used by message {held}"
+            ))));
+        }
+    }
+    // Refused before, for good (its REJECTED receipt went out): the same
+    // answer, whatever changed since, so no id is both REJECTED and
+    // DELIVERED.
+    if let Some(reason) = tx.noted(REFUSED, &seen_key(v.sender.as_str(), &v.id))? {
+        return Ok(Some(Settled::Rejected(
+            String::from_utf8_lossy(&reason).into_owned(),
+        )));
+    }
+    Ok(None)
 }
 
-/// Refuses an envelope the plan meant to deliver, for a reason found under
-/// the writer lock (planning does not read the store): its signed REJECTED
-/// receipt (`duplicate_of` set for a replayed key) goes to the sender once
-/// per envelope, however often it is offered.
+/// Refuses for good a verified envelope for this agency, noting the reason
+/// (`refused`) so that it is refused the same way when offered again. Its
+/// signed REJECTED receipt — `signed` when planning drafted it, else signed
+/// here, under the writer lock, with `duplicate_of` set for a replayed key —
+/// goes to the sender once per envelope, however often it is offered.
 fn refuse(
     shared: &Shared,
     tx: &Tx<'_>,
@@ -440,14 +458,38 @@ fn refuse(
     et: &EnvelopeTransfer,
     reason: &str,
     duplicate_of: &str,
+    signed: Option<&Issued>,
 ) -> Result<Settled, TxError> {
+    tx.note(REFUSED, &seen_key(v.sender.as_str(), &v.id), reason.as_bytes())?;
     if first_refusal(tx, v.sender.as_str(), &v.id)? {
-        let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
-        let mut draft = rejected(shared, &v.envelope, bytes, reason);
-        draft.duplicate_of = duplicate_of.to_owned();
-        shared.route_issued(tx, &shared.sign_receipt(draft))?;
+        match signed {
+            Some(issued) => shared.route_issued(tx, issued)?,
+            None => {
+                let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
+                let mut draft = rejected(shared, &v.envelope, bytes, reason);
+                draft.duplicate_of = duplicate_of.to_owned();
+                shared.route_issued(tx, &shared.sign_receipt(draft))?;
+            }
+        }
     }
     Ok(Settled::Rejected(reason.to_owned()))
+}
+
+/// True when this node holds, as received from `sender`, the very envelope
+/// (`message_id`, `envelope_sha256`) a refusal is about: it took it when
+/// it verified, and what changed since (a revocation, `limits.max_hops`)
+/// does not undo that.
+fn holds_envelope(tx: &Tx<'_>, receipt: &Receipt) -> Result<bool, TxError> {
+    let Ok(id) = MessageId::parse(&receipt.message_id) else {
+        return Ok(false);
+    };
+    Ok(tx.message(&id)?.is_some_and(|held| {
+        !held.outgoing
+            && Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency.as_str() == receipt.sender)
+            && held.envelope.is_some_and(|e| {
+                antar_core::envelope::sha256(&e.envelope).as_slice() == receipt.envelope_sha256
+            })
+    }))
 }
 
 /// Applies one plan inside the batch's transaction.
@@ -455,6 +497,9 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
     match plan {
         Plan::Reject { reason, receipt } => {
             if let Some(issued) = receipt {
+                if holds_envelope(tx, &issued.receipt)? {
+                    return Ok(Settled::Duplicate);
+                }
                 let id = MessageId::parse(&issued.receipt.message_id).unwrap_or_default();
                 if first_refusal(tx, &issued.receipt.sender, &id)? {
                     shared.route_issued(tx, issued)?;
@@ -492,12 +537,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             if let Some(settled) = already_held(shared, tx, verified, transfer)? {
                 return Ok(settled);
             }
-            if let Some(issued) = receipt {
-                if first_refusal(tx, verified.sender.as_str(), &verified.id)? {
-                    shared.route_issued(tx, issued)?;
-                }
-            }
-            Ok(Settled::Rejected((*reason).to_owned()))
+            refuse(shared, tx, verified, transfer, reason, "", receipt.as_ref())
         }
         Plan::Relay(v, et, next) => {
             if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {

@@ -659,11 +659,31 @@ impl Shared {
                     return Ok(false);
                 }
                 let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;
+                record.push_logged_receipt(cursor, &digest);
+                // A refusal about other bytes under this id (a copy a relay
+                // altered, refused downstream) settles a message still on its
+                // way — it will not arrive as sent — but never one a signed
+                // receipt already said was delivered: a relay could otherwise
+                // turn what it passed on into REJECTED. Kept as evidence
+                // either way. (Only a refusal can be about other bytes: no
+                // node delivers an envelope its sender did not sign.) The
+                // body is read for a refusal alone.
+                let refusal = matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired);
+                let settled = record.state > MessageState::Accepted as i32;
+                if refusal
+                    && settled
+                    && !tx.message(&id)?.and_then(|m| m.envelope).is_some_and(|e| {
+                        sha256(&e.envelope).as_slice() == receipt.envelope_sha256
+                    })
+                {
+                    tracing::warn!(id = %id, issuer = %receipt.issuer, status = ?status, reason = %receipt.reason,
+                        "a refusal of other bytes under this message's id; its state is unchanged");
+                    return Ok(true);
+                }
                 record.state = next_state(record.state, status);
-                if matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired) {
+                if refusal {
                     record.reason = receipt.reason.clone();
                 }
-                record.push_logged_receipt(cursor, &digest);
                 Ok(true)
             })?;
             if let Some(applied) = applied {

@@ -825,6 +825,26 @@ impl<'a> Tx<'a> {
         Ok(self.insert(SEEN, k, &[][..])?.is_some())
     }
 
+    /// Notes (`namespace`, `key`) with a value, replacing any it had: what
+    /// a node decided about it (a refusal's reason).
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn note(&self, namespace: &str, key: &[u8], value: &[u8]) -> R<()> {
+        self.put(SEEN, keys::pair_key(namespace, key), value.to_vec());
+        Ok(())
+    }
+
+    /// The value [`Tx::note`] left for (`namespace`, `key`), if any.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn noted(&self, namespace: &str, key: &[u8]) -> R<Option<Vec<u8>>> {
+        Ok(self
+            .get(SEEN, &keys::pair_key(namespace, key))?
+            .map(|v| v.to_vec()))
+    }
+
     /// True when (`namespace`, `key`) was seen.
     ///
     /// # Errors
