@@ -507,6 +507,62 @@ async fn a_refusal_of_an_altered_copy_does_not_undo_a_delivery() {
     }
 }
 
+/// The other order: the hub hands registry a copy with another payload
+/// before the genuine envelope, which registry refuses (a signed REJECTED
+/// receipt about the genuine header bytes); then the genuine one arrives
+/// and is delivered. Whichever receipt reaches finance first, its message
+/// ends DELIVERED: the recipient's word that it took the envelope is final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_refused_before_the_genuine_envelope_arrives_does_not_hide_its_delivery() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let registry_node = fed.start("registry").await;
+    let finance = fed.app("finance").await;
+    // The hub is down: the genuine envelope waits in finance's outbox.
+    let id = send(&finance, notice("registry", "birth.lookup", b"genuine")).await;
+    let genuine = track(&finance, &id).await.envelope.unwrap();
+    let item = TransferItem {
+        seq: 1,
+        item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
+            envelope: Some(genuine),
+            payload: Some(wire::Payload {
+                data: b"forged".to_vec(),
+                salt: vec![0; 32],
+            }),
+            hops: vec!["finance".into(), "hub".into()],
+            traceparent: String::new(),
+        })),
+    };
+    let ack = transfer(&mut fed.peer_as("hub", "registry").await, vec![item]).await;
+    assert_eq!(ack.acks[0].status(), CustodyStatus::Rejected, "{:?}", ack.acks[0]);
+
+    let hub_node = fed.start("hub").await;
+    let verifier = fed.verifier();
+    let t = eventually(
+        20,
+        "registry's REJECTED and DELIVERED receipts at finance",
+        || async {
+            let t = track(&finance, &id).await;
+            let statuses: Vec<i32> = t
+                .receipts
+                .iter()
+                .map(|r| verifier.verify_receipt(r).unwrap().receipt.status)
+                .collect();
+            (statuses.contains(&(wire::ReceiptStatus::Rejected as i32))
+                && statuses.contains(&(wire::ReceiptStatus::Delivered as i32)))
+            .then_some(t)
+        },
+    )
+    .await;
+    assert_eq!(t.state(), wire::MessageState::Delivered);
+    let got = receive(&fed.app("registry").await, 2, 3, false).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload.as_ref().unwrap().data, b"genuine");
+    for n in [hub_node, registry_node, finance_node] {
+        n.stop().await.unwrap();
+    }
+}
+
 /// An envelope to health's `lab.results` signed by `sender`'s node, as it
 /// would be handed over along `hops`.
 fn signed_to_health(

@@ -8,8 +8,10 @@
 //!
 //! What a node holds wins over what it would decide now: an envelope it
 //! took is `DUPLICATE` whatever changed since (policy, limits, a
-//! revocation), and one it refused for good is refused the same way
-//! again, so no id is both REJECTED and DELIVERED.
+//! revocation), and one it refused by policy or limits is refused the same
+//! way again. A copy refused for what was done to it on the way (altered
+//! bytes or payload) does not stop the genuine envelope; at its sender the
+//! recipient's DELIVERED then wins over that refusal (`state::next_state`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -418,11 +420,22 @@ fn already_held(
     v: &VerifiedEnvelope,
     et: &EnvelopeTransfer,
 ) -> Result<Option<Settled>, TxError> {
-    if let Some(held) = tx.peek_message(&v.id)? {
-        let same = Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency == v.sender);
-        if !held.outgoing && same {
-            return Ok(Some(Settled::Duplicate));
-        }
+    let held = tx.peek_message(&v.id)?;
+    if held.as_ref().is_some_and(|held| {
+        !held.outgoing && Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency == v.sender)
+    }) {
+        return Ok(Some(Settled::Duplicate));
+    }
+    // Refused before, for good (its REJECTED receipt went out): the same
+    // answer, whatever changed since — policy, limits, a record or a key
+    // taken under that id since — so no id is both REJECTED and DELIVERED,
+    // and the ack never contradicts the receipt.
+    if let Some(reason) = tx.noted(REFUSED, &seen_key(v.sender.as_str(), &v.id))? {
+        return Ok(Some(Settled::Rejected(
+            String::from_utf8_lossy(&reason).into_owned(),
+        )));
+    }
+    if held.is_some() {
         return refuse(shared, tx, v, et, "id_conflict", "", None).map(Some);
     }
     if let Some(key) = transaction_key(&v.envelope) {
@@ -435,22 +448,15 @@ fn already_held(
             ))));
         }
     }
-    // Refused before, for good (its REJECTED receipt went out): the same
-    // answer, whatever changed since, so no id is both REJECTED and
-    // DELIVERED.
-    if let Some(reason) = tx.noted(REFUSED, &seen_key(v.sender.as_str(), &v.id))? {
-        return Ok(Some(Settled::Rejected(
-            String::from_utf8_lossy(&reason).into_owned(),
-        )));
-    }
     Ok(None)
 }
 
-/// Refuses for good a verified envelope for this agency, noting the reason
-/// (`refused`) so that it is refused the same way when offered again. Its
-/// signed REJECTED receipt — `signed` when planning drafted it, else signed
-/// here, under the writer lock, with `duplicate_of` set for a replayed key —
-/// goes to the sender once per envelope, however often it is offered.
+/// Refuses a verified envelope for this agency. Its signed REJECTED
+/// receipt — `signed` when planning drafted it, else signed here, under the
+/// writer lock, with `duplicate_of` set for a replayed key — goes to the
+/// sender once per envelope, however often it is offered. (An `id_conflict`
+/// or a replayed key is refused again by what the store holds; a refusal by
+/// policy or limits is noted apart, `Plan::RefuseUnlessHeld`.)
 fn refuse(
     shared: &Shared,
     tx: &Tx<'_>,
@@ -460,7 +466,6 @@ fn refuse(
     duplicate_of: &str,
     signed: Option<&Issued>,
 ) -> Result<Settled, TxError> {
-    tx.note(REFUSED, &seen_key(v.sender.as_str(), &v.id), reason.as_bytes())?;
     if first_refusal(tx, v.sender.as_str(), &v.id)? {
         match signed {
             Some(issued) => shared.route_issued(tx, issued)?,
@@ -483,13 +488,16 @@ fn holds_envelope(tx: &Tx<'_>, receipt: &Receipt) -> Result<bool, TxError> {
     let Ok(id) = MessageId::parse(&receipt.message_id) else {
         return Ok(false);
     };
-    Ok(tx.message(&id)?.is_some_and(|held| {
+    let from_sender = tx.peek_message(&id)?.is_some_and(|held| {
         !held.outgoing
             && Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency.as_str() == receipt.sender)
-            && held.envelope.is_some_and(|e| {
-                antar_core::envelope::sha256(&e.envelope).as_slice() == receipt.envelope_sha256
-            })
-    }))
+    });
+    // Only then the body (envelope and payload are stored together).
+    Ok(from_sender
+        && tx
+            .message(&id)?
+            .and_then(|held| held.envelope)
+            .is_some_and(|e| antar_core::envelope::sha256(&e.envelope).as_slice() == receipt.envelope_sha256))
 }
 
 /// Applies one plan inside the batch's transaction.
@@ -537,6 +545,10 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             if let Some(settled) = already_held(shared, tx, verified, transfer)? {
                 return Ok(settled);
             }
+            // For good: offered again, it is refused the same way
+            // (`already_held`), whatever the policy or limits are then.
+            let key = seen_key(verified.sender.as_str(), &verified.id);
+            tx.note(REFUSED, &key, reason.as_bytes())?;
             refuse(shared, tx, verified, transfer, reason, "", receipt.as_ref())
         }
         Plan::Relay(v, et, next) => {

@@ -660,29 +660,18 @@ impl Shared {
                 }
                 let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;
                 record.push_logged_receipt(cursor, &digest);
-                // A refusal about other bytes under this id (a copy a relay
-                // altered, refused downstream) settles a message still on its
-                // way — it will not arrive as sent — but never one a signed
-                // receipt already said was delivered: a relay could otherwise
-                // turn what it passed on into REJECTED. Kept as evidence
-                // either way. (Only a refusal can be about other bytes: no
-                // node delivers an envelope its sender did not sign.) The
-                // body is read for a refusal alone.
+                let before = record.state;
+                record.state = next_state(before, status, receipt.issuer == receipt.recipient);
                 let refusal = matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired);
-                let settled = record.state > MessageState::Accepted as i32;
-                if refusal
-                    && settled
-                    && !tx.message(&id)?.and_then(|m| m.envelope).is_some_and(|e| {
-                        sha256(&e.envelope).as_slice() == receipt.envelope_sha256
-                    })
-                {
-                    tracing::warn!(id = %id, issuer = %receipt.issuer, status = ?status, reason = %receipt.reason,
-                        "a refusal of other bytes under this message's id; its state is unchanged");
-                    return Ok(true);
-                }
-                record.state = next_state(record.state, status);
-                if refusal {
+                if refusal && record.state != before {
                     record.reason = receipt.reason.clone();
+                } else if refusal {
+                    // Kept as evidence: a relay's altered copy refused
+                    // downstream, or a relay's own word against the
+                    // recipient's.
+                    tracing::warn!(%id, issuer = %receipt.issuer, status = ?status, reason = %receipt.reason,
+                        state = ?MessageState::try_from(before).unwrap_or(MessageState::Unspecified),
+                        "a refusal of a message already settled; its state is unchanged");
                 }
                 Ok(true)
             })?;
@@ -810,30 +799,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The state a message moves to when a receipt with `status` arrives.
-/// Terminal states stay; otherwise the furthest state wins.
-fn next_state(current: i32, status: ReceiptStatus) -> i32 {
-    let cur = MessageState::try_from(current).unwrap_or(MessageState::Unspecified);
-    let new = match status {
-        ReceiptStatus::Accepted => MessageState::Accepted,
-        ReceiptStatus::Delivered => MessageState::Delivered,
-        ReceiptStatus::Processed => MessageState::Processed,
-        ReceiptStatus::Rejected => MessageState::Rejected,
-        ReceiptStatus::Expired => MessageState::Expired,
-        ReceiptStatus::Unspecified => return current,
+/// The state a message this node sent moves to on a signed receipt.
+///
+/// The recipient's word that it took the envelope (DELIVERED, PROCESSED,
+/// issued by the recipient itself) is final: it moves a message on from
+/// anything, even from REJECTED or EXPIRED, which another node may have
+/// said of a copy (a relay's altered one refused downstream, a relay's own
+/// queue expired). A refusal (REJECTED, EXPIRED) settles only a message not
+/// yet settled, so nothing undoes a delivery. DELIVERED or PROCESSED from
+/// anyone else changes nothing.
+fn next_state(current: i32, status: ReceiptStatus, from_recipient: bool) -> i32 {
+    use MessageState as S;
+    let cur = S::try_from(current).unwrap_or(S::Unspecified);
+    let new = match (status, cur) {
+        (ReceiptStatus::Accepted, S::Unspecified) => S::Accepted,
+        (ReceiptStatus::Delivered, S::Unspecified | S::Accepted | S::Rejected | S::Expired)
+            if from_recipient =>
+        {
+            S::Delivered
+        }
+        (ReceiptStatus::Processed, _) if from_recipient => S::Processed,
+        (ReceiptStatus::Rejected, S::Unspecified | S::Accepted) => S::Rejected,
+        (ReceiptStatus::Expired, S::Unspecified | S::Accepted) => S::Expired,
+        _ => cur,
     };
-    let rank = |s: MessageState| match s {
-        MessageState::Unspecified => 0,
-        MessageState::Accepted => 1,
-        MessageState::Inbox | MessageState::Delivered => 2,
-        MessageState::Processed => 3,
-        MessageState::Rejected | MessageState::Expired => 4,
-    };
-    if rank(new) >= rank(cur) {
-        new as i32
-    } else {
-        current
-    }
+    new as i32
 }
 
 /// The reason an item past its `expires_at` is buried with.
@@ -883,7 +873,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use super::Together;
+    use super::{next_state, Together};
+    use antar_core::wire::{MessageState as S, ReceiptStatus as R};
 
     /// What the tests sign: each item tagged with the size of the call that signed it.
     fn tag(all: Vec<u32>) -> Vec<(u32, usize)> {
@@ -941,5 +932,30 @@ mod tests {
             Poll::Ready(got) => assert_eq!(got, Some(vec![(2, 3), (3, 3)])),
             Poll::Pending => panic!("the last one back signs at once"),
         }
+    }
+
+    /// The recipient's DELIVERED or PROCESSED is final, and moves a message
+    /// on even from a refusal another node said of a copy; a refusal
+    /// settles only what is not settled yet, the first one staying; no one
+    /// but the recipient delivers.
+    #[test]
+    fn the_recipients_word_on_delivery_is_final_and_refusals_settle_only_the_unsettled() {
+        let next = |cur: S, status: R, from_recipient: bool| {
+            S::try_from(next_state(cur as i32, status, from_recipient)).unwrap()
+        };
+        assert_eq!(next(S::Unspecified, R::Accepted, false), S::Accepted);
+        assert_eq!(next(S::Accepted, R::Delivered, true), S::Delivered);
+        assert_eq!(next(S::Accepted, R::Processed, true), S::Processed);
+        assert_eq!(next(S::Processed, R::Delivered, true), S::Processed);
+        assert_eq!(next(S::Rejected, R::Delivered, true), S::Delivered);
+        assert_eq!(next(S::Expired, R::Processed, true), S::Processed);
+        assert_eq!(next(S::Accepted, R::Delivered, false), S::Accepted);
+        assert_eq!(next(S::Accepted, R::Rejected, true), S::Rejected);
+        assert_eq!(next(S::Accepted, R::Expired, false), S::Expired);
+        assert_eq!(next(S::Delivered, R::Rejected, false), S::Delivered);
+        assert_eq!(next(S::Delivered, R::Rejected, true), S::Delivered);
+        assert_eq!(next(S::Processed, R::Expired, false), S::Processed);
+        assert_eq!(next(S::Rejected, R::Expired, false), S::Rejected);
+        assert_eq!(next(S::Delivered, R::Accepted, false), S::Delivered);
     }
 }
