@@ -563,6 +563,50 @@ async fn a_copy_refused_before_the_genuine_envelope_arrives_does_not_hide_its_de
     }
 }
 
+/// A relay cannot fake a delivery either: the hub, holding finance's
+/// envelope, signs a DELIVERED of its own naming itself the recipient (the
+/// issuer its certificate proves). Finance keeps it as evidence, but only
+/// the envelope's own recipient, about the envelope's own bytes, can say
+/// DELIVERED: the message stays ACCEPTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_receipt_from_anyone_but_the_recipient_changes_nothing() {
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    // The hub is down: the envelope waits in finance's outbox.
+    let id = send(&finance, notice("registry", "birth.lookup", b"genuine")).await;
+    let genuine = track(&finance, &id).await.envelope.unwrap();
+    let fake = |recipient: &str| wire::Receipt {
+        message_id: id.clone(),
+        envelope_sha256: antar_core::envelope::sha256(&genuine.envelope).to_vec(),
+        sender: "finance".into(),
+        recipient: recipient.into(),
+        status: wire::ReceiptStatus::Delivered as i32,
+        at: Some(antar_core::time::to_timestamp(std::time::SystemTime::now())),
+        issuer: "hub".into(),
+        ..Default::default()
+    };
+    let items = (1..)
+        .zip([fake("hub"), fake("registry")])
+        .map(|(seq, r)| TransferItem {
+            seq,
+            item: Some(transfer_item::Item::Receipt(wire::ReceiptTransfer {
+                receipt: Some(fed.signer("hub").sign_receipt(&r)),
+                hops: vec!["hub".into()],
+            })),
+        })
+        .collect();
+    let ack = transfer(&mut fed.peer_as("hub", "finance").await, items).await;
+    assert!(
+        ack.acks.iter().all(|a| a.status() == CustodyStatus::Stored),
+        "{ack:?}"
+    );
+    let t = track(&finance, &id).await;
+    assert_eq!(t.receipts.len(), 3, "ACCEPTED and the two kept as evidence");
+    assert_eq!(t.state(), wire::MessageState::Accepted);
+    finance_node.stop().await.unwrap();
+}
+
 /// An envelope to health's `lab.results` signed by `sender`'s node, as it
 /// would be handed over along `hops`.
 fn signed_to_health(

@@ -283,6 +283,8 @@ fn store_send(
             sender_identity: shared.identity.to_string(),
             outgoing: true,
             service: env.service.clone(),
+            recipient: env.recipient.clone(),
+            envelope_sha256: sha256(&s.envelope.envelope).to_vec(),
             expires_at_ms: expires_ms(env),
             ..Default::default()
         };

@@ -9,9 +9,11 @@
 //! What a node holds wins over what it would decide now: an envelope it
 //! took is `DUPLICATE` whatever changed since (policy, limits, a
 //! revocation), and one it refused by policy or limits is refused the same
-//! way again. A copy refused for what was done to it on the way (altered
-//! bytes or payload) does not stop the genuine envelope; at its sender the
-//! recipient's DELIVERED then wins over that refusal (`state::next_state`).
+//! way again. A copy refused before or without verification (altered bytes
+//! or payload, hops a relay set, a signer revoked) does not stop the
+//! genuine envelope, which may then be delivered: the same id can have a
+//! REJECTED receipt about a copy and a DELIVERED about the envelope, and at
+//! its sender the recipient's DELIVERED wins (`state::next_state`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -384,9 +386,14 @@ fn seen_key(sender: &str, id: &MessageId) -> Vec<u8> {
 
 /// True the first time the envelope (`sender`, `id`) is refused: its
 /// REJECTED receipt goes to the sender once per message, however often
-/// it is offered.
-fn first_refusal(tx: &Tx<'_>, sender: &str, id: &MessageId) -> Result<bool, TxError> {
-    Ok(!tx.mark_seen("rejected", &seen_key(sender, id))?)
+/// it is offered. Refusals of a verified envelope for this agency count
+/// apart (`verified`) from those decided before or without verification
+/// (a copy altered on the way, hops a relay set): a relay that got an
+/// altered copy refused first does not silence the genuine envelope's own
+/// refusal (and its `duplicate_of`). So an id gets at most two.
+fn first_refusal(tx: &Tx<'_>, sender: &str, id: &MessageId, verified: bool) -> Result<bool, TxError> {
+    let namespace = if verified { "rejected-verified" } else { "rejected" };
+    Ok(!tx.mark_seen(namespace, &seen_key(sender, id))?)
 }
 
 /// The idempotency key of a TRANSACTION (its `correlation_id`).
@@ -426,10 +433,11 @@ fn already_held(
     }) {
         return Ok(Some(Settled::Duplicate));
     }
-    // Refused before, for good (its REJECTED receipt went out): the same
-    // answer, whatever changed since — policy, limits, a record or a key
-    // taken under that id since — so no id is both REJECTED and DELIVERED,
-    // and the ack never contradicts the receipt.
+    // Refused before by policy or limits, for good (its REJECTED receipt
+    // went out): the same answer, whatever changed since — policy, limits,
+    // a record or a key taken under that id since — so this node never
+    // delivers what it refused so, and the ack never contradicts the
+    // receipt.
     if let Some(reason) = tx.noted(REFUSED, &seen_key(v.sender.as_str(), &v.id))? {
         return Ok(Some(Settled::Rejected(
             String::from_utf8_lossy(&reason).into_owned(),
@@ -466,7 +474,7 @@ fn refuse(
     duplicate_of: &str,
     signed: Option<&Issued>,
 ) -> Result<Settled, TxError> {
-    if first_refusal(tx, v.sender.as_str(), &v.id)? {
+    if first_refusal(tx, v.sender.as_str(), &v.id, true)? {
         match signed {
             Some(issued) => shared.route_issued(tx, issued)?,
             None => {
@@ -509,7 +517,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                     return Ok(Settled::Duplicate);
                 }
                 let id = MessageId::parse(&issued.receipt.message_id).unwrap_or_default();
-                if first_refusal(tx, &issued.receipt.sender, &id)? {
+                if first_refusal(tx, &issued.receipt.sender, &id, false)? {
                     shared.route_issued(tx, issued)?;
                 }
             }

@@ -654,17 +654,33 @@ impl Shared {
         if let Ok(id) = MessageId::parse(&receipt.message_id) {
             let digest = sha256(&signed.receipt);
             let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
+            let mut received = false;
             let applied = tx.update_message_if(&id, |record| {
+                if !record.outgoing {
+                    // A message this node received: a receipt naming this
+                    // node its sender says nothing of it.
+                    received = true;
+                    return Ok(false);
+                }
                 if tx.holds_receipt(&id, record, &digest)? {
                     return Ok(false);
                 }
                 let cursor = log_own_receipt(tx, signed, &receipt.message_id)?;
                 record.push_logged_receipt(cursor, &digest);
                 let before = record.state;
-                record.state = next_state(before, status, receipt.issuer == receipt.recipient);
+                let delivery = matches!(status, ReceiptStatus::Delivered | ReceiptStatus::Processed);
+                let from_recipient = delivery && from_its_recipient(tx, &id, record, receipt)?;
+                record.state = next_state(before, status, from_recipient);
                 let refusal = matches!(status, ReceiptStatus::Rejected | ReceiptStatus::Expired);
                 if refusal && record.state != before {
                     record.reason = receipt.reason.clone();
+                } else if delivery && record.state != before {
+                    // Delivered after all: a refusal said of a copy is no
+                    // longer the message's reason (its receipt stays).
+                    record.reason.clear();
+                } else if delivery && !from_recipient {
+                    tracing::warn!(%id, issuer = %receipt.issuer, status = ?status,
+                        "a delivery receipt not from the envelope's recipient, or about other bytes; its state is unchanged");
                 } else if refusal {
                     // Kept as evidence: a relay's altered copy refused
                     // downstream, or a relay's own word against the
@@ -675,7 +691,7 @@ impl Shared {
                 }
                 Ok(true)
             })?;
-            if let Some(applied) = applied {
+            if let Some(applied) = applied.filter(|_| !received) {
                 return Ok(applied);
             }
         }
@@ -799,6 +815,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Whether a DELIVERED or PROCESSED `receipt` is the word of the recipient
+/// of the envelope `record` (a message this node sent) holds, about its
+/// bytes: the issuer (checked against the signer) is that recipient, not
+/// just the recipient the receipt names, and the digest is the envelope's.
+fn from_its_recipient(
+    tx: &Tx<'_>,
+    id: &MessageId,
+    record: &MessageRecord,
+    receipt: &Receipt,
+) -> Result<bool, TxError> {
+    let (recipient, digest) = if record.envelope_sha256.is_empty() {
+        // A record written before it kept these: from its body.
+        let Some(signed) = tx.message(id)?.and_then(|m| m.envelope) else {
+            return Ok(false);
+        };
+        let recipient = Envelope::decode(signed.envelope.as_slice())
+            .map(|e| e.recipient)
+            .unwrap_or_default();
+        (recipient, sha256(&signed.envelope).to_vec())
+    } else {
+        (record.recipient.clone(), record.envelope_sha256.clone())
+    };
+    Ok(receipt.issuer == recipient && receipt.envelope_sha256 == digest)
+}
+
 /// The state a message this node sent moves to on a signed receipt.
 ///
 /// The recipient's word that it took the envelope (DELIVERED, PROCESSED,
@@ -807,7 +848,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// said of a copy (a relay's altered one refused downstream, a relay's own
 /// queue expired). A refusal (REJECTED, EXPIRED) settles only a message not
 /// yet settled, so nothing undoes a delivery. DELIVERED or PROCESSED from
-/// anyone else changes nothing.
+/// anyone else, or about other bytes (`from_its_recipient`), changes
+/// nothing.
 fn next_state(current: i32, status: ReceiptStatus, from_recipient: bool) -> i32 {
     use MessageState as S;
     let cur = S::try_from(current).unwrap_or(S::Unspecified);

@@ -56,6 +56,15 @@ pub struct MessageRecord {
     /// hold fewer, and [`crate::Tx::holds_receipt`] hashes their receipts.
     #[prost(bytes = "vec", tag = "12")]
     pub receipt_digests: Vec<u8>,
+    /// Of a message this node sent: its recipient agency, so a receipt is
+    /// matched to the envelope without reading the body. Empty in records
+    /// written before it.
+    #[prost(string, tag = "13")]
+    pub recipient: String,
+    /// Of a message this node sent: the SHA-256 of its signed envelope
+    /// bytes (`SignedEnvelope::envelope`). Empty in records written before it.
+    #[prost(bytes = "vec", tag = "14")]
+    pub envelope_sha256: Vec<u8>,
 }
 
 impl MessageRecord {
