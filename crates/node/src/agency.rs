@@ -284,7 +284,8 @@ fn store_send(
             outgoing: true,
             service: env.service.clone(),
             recipient: env.recipient.clone(),
-            envelope_sha256: sha256(&s.envelope.envelope).to_vec(),
+            // Hashed once, for the ACCEPTED receipt, outside the transaction.
+            envelope_sha256: accepted.receipt.envelope_sha256.clone(),
             expires_at_ms: expires_ms(env),
             ..Default::default()
         };

@@ -819,25 +819,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// of the envelope `record` (a message this node sent) holds, about its
 /// bytes: the issuer (checked against the signer) is that recipient, not
 /// just the recipient the receipt names, and the digest is the envelope's.
+/// A record written before it kept these gets them from its body, once:
+/// the caller writes the record back.
 fn from_its_recipient(
     tx: &Tx<'_>,
     id: &MessageId,
-    record: &MessageRecord,
+    record: &mut MessageRecord,
     receipt: &Receipt,
 ) -> Result<bool, TxError> {
-    let (recipient, digest) = if record.envelope_sha256.is_empty() {
-        // A record written before it kept these: from its body.
-        let Some(signed) = tx.message(id)?.and_then(|m| m.envelope) else {
+    if record.envelope_sha256.is_empty() {
+        let signed = match &record.envelope {
+            Some(inline) => Some(inline.clone()),
+            None => tx.message(id)?.and_then(|m| m.envelope),
+        };
+        let Some(signed) = signed else {
             return Ok(false);
         };
-        let recipient = Envelope::decode(signed.envelope.as_slice())
+        record.recipient = Envelope::decode(signed.envelope.as_slice())
             .map(|e| e.recipient)
             .unwrap_or_default();
-        (recipient, sha256(&signed.envelope).to_vec())
-    } else {
-        (record.recipient.clone(), record.envelope_sha256.clone())
-    };
-    Ok(receipt.issuer == recipient && receipt.envelope_sha256 == digest)
+        record.envelope_sha256 = sha256(&signed.envelope).to_vec();
+    }
+    Ok(receipt.issuer == record.recipient && receipt.envelope_sha256 == record.envelope_sha256)
 }
 
 /// The state a message this node sent moves to on a signed receipt.
