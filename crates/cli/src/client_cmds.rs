@@ -338,7 +338,9 @@ pub enum AdminCommand {
         #[arg(long)]
         off: bool,
     },
-    /// Reload the config file and the revocation list (same as SIGHUP).
+    /// Reload the config file and both revocation lists, the federation's
+    /// and the agency-local one (same as SIGHUP); prints how many serials
+    /// each revokes.
     #[command(after_help = "Example:\n  antar admin reload --federation f.json --agency finance")]
     Reload(ConnOnly),
     /// Envelopes that expired or were refused: list, retry or purge them.

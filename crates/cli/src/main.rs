@@ -83,7 +83,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
-    /// Run a node until SIGTERM or Ctrl-C; SIGHUP reloads its config and revocation list.
+    /// Run a node until SIGTERM or Ctrl-C; SIGHUP reloads its config and revocation lists.
     #[command(
         after_help = "Example:\n  antar node run --config /etc/antar/node.toml\n\nEnvironment overrides: ANTAR_<SECTION>__<KEY>, e.g. ANTAR_LIMITS__MAX_HOPS=4."
     )]
