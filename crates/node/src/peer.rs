@@ -428,9 +428,10 @@ fn already_held(
     et: &EnvelopeTransfer,
 ) -> Result<Option<Settled>, TxError> {
     let held = tx.peek_message(&v.id)?;
-    if held.as_ref().is_some_and(|held| {
-        !held.outgoing && Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency == v.sender)
-    }) {
+    if held
+        .as_ref()
+        .is_some_and(|held| received_from(held, v.sender.as_str()))
+    {
         return Ok(Some(Settled::Duplicate));
     }
     // Refused before by policy or limits, for good (its REJECTED receipt
@@ -488,6 +489,12 @@ fn refuse(
     Ok(Settled::Rejected(reason.to_owned()))
 }
 
+/// Whether `held` is a message this node received from agency `sender`
+/// (from its node, whatever certificate it used).
+fn received_from(held: &MessageRecord, sender: &str) -> bool {
+    !held.outgoing && Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency.as_str() == sender)
+}
+
 /// True when this node holds, as received from `sender`, the very envelope
 /// (`message_id`, `envelope_sha256`) a refusal is about: it took it when
 /// it verified, and what changed since (a revocation, `limits.max_hops`)
@@ -496,10 +503,9 @@ fn holds_envelope(tx: &Tx<'_>, receipt: &Receipt) -> Result<bool, TxError> {
     let Ok(id) = MessageId::parse(&receipt.message_id) else {
         return Ok(false);
     };
-    let from_sender = tx.peek_message(&id)?.is_some_and(|held| {
-        !held.outgoing
-            && Identity::parse(&held.sender_identity).is_ok_and(|i| i.agency.as_str() == receipt.sender)
-    });
+    let from_sender = tx
+        .peek_message(&id)?
+        .is_some_and(|held| received_from(&held, &receipt.sender));
     // Only then the body (envelope and payload are stored together).
     Ok(from_sender
         && tx
