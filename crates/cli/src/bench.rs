@@ -23,10 +23,12 @@ use antar_client::{Client, ClientRole};
 use antar_node::dev::{Addrs, AgencySpec, DevLayout};
 use antar_node::{Listeners, Node};
 
+use crate::machine::CpuTimes;
+
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile)."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -391,6 +393,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             tmp.path().to_path_buf()
         }
     };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Before any node runs, so the figures are the machine's own.
+    let machine = crate::machine::calibrate(&dir)?;
     let fed_path = dir.join("federation.json");
     let (mut nodes, held, fed) = start_nodes(
         &dir,
@@ -492,6 +497,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let cpu_start = cpu_secs();
+    let machine_start = CpuTimes::now();
     let sending_for = args.duration.map(Duration::from_secs);
     let mut senders = tokio::task::JoinSet::new();
     let batch = args.batch as usize;
@@ -657,6 +663,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         _ => 0.0,
     };
     let drain_secs = drain_start.elapsed().as_secs_f64();
+    let (iowait_pct, steal_pct) = match (machine_start, CpuTimes::now()) {
+        (Some(a), Some(b)) => b.since(a),
+        _ => (0.0, 0.0),
+    };
     if let Some(r) = receiver {
         r.await??;
     }
@@ -703,9 +713,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if ack_batch != args.batch {
         mode.push_str(&format!(" ack_batch={ack_batch}"));
     }
+    let machine_fields = format!(
+        "sign_per_s={:.0} verify_per_s={:.0} fsync_p50_ms={:.2} iowait_pct={iowait_pct:.1} steal_pct={steal_pct:.1}",
+        machine.sign_per_s, machine.verify_per_s, machine.fsync_p50_ms
+    );
     if args.peer_down {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} rss_queued_mb={rss_now:.0} rss_peak_mb={rss_peak:.0} drain_per_s={:.0} drain_s={drain_secs:.1} rss_drain_peak_mb={rss_drain_peak:.0} {machine_fields}",
             args.kind,
             args.size,
             args.receipts,
@@ -716,7 +730,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms} {machine_fields}",
             args.kind,
             args.size,
             args.receipts,
@@ -751,6 +765,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "rss_queued_mb": rss_now, "rss_peak_mb": rss_peak, "rss_drain_peak_mb": rss_drain_peak,
                 "drain_s": drain_secs, "drain_per_s": total as f64 / drain_secs })),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "machine": {
+                "cpu": machine.cpu, "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "ed25519_sign_per_s": machine.sign_per_s, "ed25519_verify_per_s": machine.verify_per_s,
+                "fsync_ms": { "p50": machine.fsync_p50_ms, "p99": machine.fsync_p99_ms, "samples": machine.fsync_samples },
+                "during_run": { "iowait_pct": iowait_pct, "steal_pct": steal_pct },
+            },
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;

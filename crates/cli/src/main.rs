@@ -7,6 +7,7 @@ mod client_cmds;
 mod conn;
 mod dev;
 mod exchange;
+mod machine;
 mod pki;
 
 use std::path::PathBuf;

@@ -109,6 +109,9 @@ fn bench(args: &[&str]) -> (String, serde_json::Value) {
         .find(|l| l.starts_with("RESULT "))
         .unwrap_or_else(|| panic!("no RESULT line in {stdout}"))
         .to_owned();
+    // The file the machine's syncs were timed in is gone.
+    let calibration = dir.path().join("fed").join(".antar-bench-calibration");
+    assert!(!calibration.exists(), "{} left behind", calibration.display());
     let report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     (result, report)
 }
@@ -143,6 +146,30 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
         syncs["over_100ms"].as_u64().unwrap() <= syncs["over_25ms"].as_u64().unwrap(),
         "{report}"
     );
+    // The machine it ran on, measured before the nodes started.
+    let machine = &report["machine"];
+    for rate in ["ed25519_sign_per_s", "ed25519_verify_per_s"] {
+        assert!(machine[rate].as_f64().unwrap() > 100.0, "{rate}: {report}");
+    }
+    let fsync = &machine["fsync_ms"];
+    assert!(fsync["samples"].as_u64().unwrap() >= 1, "{report}");
+    assert!(
+        0.0 < fsync["p50"].as_f64().unwrap() && fsync["p50"].as_f64() <= fsync["p99"].as_f64(),
+        "{report}"
+    );
+    for share in ["iowait_pct", "steal_pct"] {
+        let pct = machine["during_run"][share].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&pct), "{share}: {report}");
+    }
+    for field in [
+        " sign_per_s=",
+        " verify_per_s=",
+        " fsync_p50_ms=",
+        " iowait_pct=",
+        " steal_pct=",
+    ] {
+        assert!(result.contains(field), "{field}: {result}");
+    }
 
     // Open loop, the receiving app acking with AckBatch.
     let (result, report) = bench(&["--rate", "200", "--duration", "1", "--ack-batch", "8"]);
