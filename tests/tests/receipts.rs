@@ -476,7 +476,10 @@ async fn a_request_acked_first_is_still_answered_and_processed_once() {
 /// again; finance's node no longer knows it and mints a new id, but health
 /// delivers nothing new: finance's message ends REJECTED
 /// `duplicate_transaction`, health's signed receipt naming the original in
-/// `duplicate_of`, whose PROCESSED receipt carries the outcome.
+/// `duplicate_of`; and health hands finance the original's PROCESSED
+/// receipt again, the same signed bytes, carrying the outcome (DESIGN.md
+/// §9: "original result returned"), which finance's app sees on
+/// `WatchReceipts` though its node has no record of that message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_restored_from_a_backup_cannot_deliver_a_transaction_twice() {
     fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -518,7 +521,15 @@ async fn a_sender_restored_from_a_backup_cannot_deliver_a_transaction_twice() {
         })
         .await
         .unwrap();
-    until_state(&finance, &original, wire::MessageState::Processed, 15).await;
+    let first = until_state(&finance, &original, wire::MessageState::Processed, 15).await;
+    let processed = first
+        .receipts
+        .iter()
+        .find(|r| {
+            fed.verifier().verify_receipt(r).unwrap().receipt.status == wire::ReceiptStatus::Processed as i32
+        })
+        .expect("health's PROCESSED receipt")
+        .clone();
 
     // The disk is lost; finance comes back from the backup.
     finance_node.stop().await.unwrap();
@@ -549,6 +560,31 @@ async fn a_sender_restored_from_a_backup_cannot_deliver_a_transaction_twice() {
         receive(&health, 1, 2, false).await.is_empty(),
         "the transaction was delivered twice"
     );
+
+    // The original's outcome came back with the refusal: the very receipt
+    // health issued when its app acked, logged once more at finance only.
+    use tokio_stream::StreamExt as _;
+    let mut events = finance
+        .agency()
+        .watch_receipts(wire::WatchReceiptsRequest { after_cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut again_processed = None;
+    while again_processed.is_none() {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the original's PROCESSED receipt at the restored finance")
+            .unwrap()
+            .unwrap();
+        let signed = event.receipt.unwrap();
+        let r = verifier.verify_receipt(&signed).unwrap().receipt;
+        if r.message_id == original && r.status == wire::ReceiptStatus::Processed as i32 {
+            assert_eq!(r.outcome, wire::Outcome::Committed as i32);
+            again_processed = Some(signed);
+        }
+    }
+    assert_eq!(again_processed.unwrap(), processed);
     finance_node.stop().await.unwrap();
     health_node.stop().await.unwrap();
 }

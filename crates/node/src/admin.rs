@@ -110,7 +110,7 @@ pub(crate) fn bury(
         Outcome::Unspecified,
         Vec::new(),
     ));
-    shared.route_issued(tx, &receipt)
+    shared.route_issued(tx, &receipt).map(drop)
 }
 
 /// Moves every outbox item past its TTL to the dead letters with an EXPIRED receipt.

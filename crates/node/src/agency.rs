@@ -716,12 +716,13 @@ fn apply_ack(shared: &Shared, tx: &Tx<'_>, id: &MessageId, processed: &Issued) -
     if !tx.remove_inbox(id)? {
         return Ok(false);
     }
+    let logged = shared.route_issued(tx, processed)?;
     tx.update_message(id, |record| {
         if !record.outgoing {
             record.state = MessageState::Processed as i32;
+            record.processed_audit_index = logged;
         }
     })?;
-    shared.route_issued(tx, processed)?;
     Ok(true)
 }
 

@@ -445,13 +445,13 @@ fn already_held(
         )));
     }
     if held.is_some() {
-        return refuse(shared, tx, v, et, "id_conflict", "", None).map(Some);
+        return refuse(shared, tx, v, et, "id_conflict", &[], None).map(Some);
     }
     if let Some(key) = transaction_key(&v.envelope) {
         if let Some(ids) = tx.tx_key(v.sender.as_str(), key)? {
+            refuse(shared, tx, v, et, DUPLICATE_TRANSACTION, &ids, None)?;
             let held: Vec<String> = ids.iter().map(MessageId::to_string).collect();
             let held = held.join(", ");
-            refuse(shared, tx, v, et, DUPLICATE_TRANSACTION, &held, None)?;
             return Ok(Some(Settled::Replayed(format!(
                 "{DUPLICATE_TRANSACTION}: idempotency key already used by message {held}"
             ))));
@@ -462,31 +462,67 @@ fn already_held(
 
 /// Refuses a verified envelope for this agency. Its signed REJECTED
 /// receipt — `signed` when planning drafted it, else signed here, under the
-/// writer lock, with `duplicate_of` set for a replayed key — goes to the
-/// sender once per envelope, however often it is offered. (An `id_conflict`
-/// or a replayed key is refused again by what the store holds; a refusal by
-/// policy or limits is noted apart, `Plan::RefuseUnlessHeld`.)
+/// writer lock, with `duplicate_of` naming the messages that hold a
+/// replayed key — goes to the sender once per envelope, however often it
+/// is offered, and with it the PROCESSED receipt this node issued about
+/// each of those messages, so a sender that lost them (restored from a
+/// backup) learns their outcome (DESIGN.md §9: "original result
+/// returned"). (An `id_conflict` or a replayed key is refused again by
+/// what the store holds; a refusal by policy or limits is noted apart,
+/// `Plan::RefuseUnlessHeld`.)
 fn refuse(
     shared: &Shared,
     tx: &Tx<'_>,
     v: &VerifiedEnvelope,
     et: &EnvelopeTransfer,
     reason: &str,
-    duplicate_of: &str,
+    duplicate_of: &[MessageId],
     signed: Option<&Issued>,
 ) -> Result<Settled, TxError> {
     if first_refusal(tx, v.sender.as_str(), &v.id, true)? {
-        match signed {
-            Some(issued) => shared.route_issued(tx, issued)?,
+        let issued = match signed {
+            Some(issued) => shared.route_issued(tx, issued),
             None => {
                 let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
                 let mut draft = rejected(shared, &v.envelope, bytes, reason);
-                draft.duplicate_of = duplicate_of.to_owned();
-                shared.route_issued(tx, &shared.sign_receipt(draft))?;
+                let held: Vec<String> = duplicate_of.iter().map(MessageId::to_string).collect();
+                draft.duplicate_of = held.join(", ");
+                shared.route_issued(tx, &shared.sign_receipt(draft))
             }
+        };
+        issued?;
+        for id in duplicate_of {
+            resend_processed(shared, tx, v.sender.as_str(), id)?;
         }
     }
     Ok(Settled::Rejected(reason.to_owned()))
+}
+
+/// Queues again, toward `sender`'s node, the PROCESSED receipt this node
+/// issued about message `id`, received from `sender`, as its Merkle log
+/// holds it: the same signed bytes, logged once. Nothing when the message
+/// is not acked yet (its receipt goes out when it is) or was acked by a
+/// build that did not note where the receipt went.
+fn resend_processed(shared: &Shared, tx: &Tx<'_>, sender: &str, id: &MessageId) -> Result<(), TxError> {
+    let Some(index) = tx
+        .peek_message(id)?
+        .filter(|held| received_from(held, sender))
+        .and_then(|held| held.processed_audit_index)
+    else {
+        return Ok(());
+    };
+    let Some(data) = tx.audit_data(index)? else {
+        return Ok(());
+    };
+    let signed = SignedReceipt::decode(data.as_slice()).unwrap_or_default();
+    let receipt = Receipt::decode(signed.receipt.as_slice()).unwrap_or_default();
+    let processed = receipt.status == ReceiptStatus::Processed as i32;
+    if !processed || receipt.message_id != id.to_string() || receipt.sender != sender {
+        tracing::error!(%id, index, "the log entry this message's record names is not its PROCESSED receipt; not sent again");
+        return Ok(());
+    }
+    let held = antar_store::Held::Cert(&signed.signer_cert);
+    shared.forward_receipt(tx, &signed, &receipt, Vec::new(), held)
 }
 
 /// Whether `held` is a message this node received from agency `sender`
@@ -563,7 +599,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             // (`already_held`), whatever the policy or limits are then.
             let key = seen_key(verified.sender.as_str(), &verified.id);
             tx.note(REFUSED, &key, reason.as_bytes())?;
-            refuse(shared, tx, verified, transfer, reason, "", receipt.as_ref())
+            refuse(shared, tx, verified, transfer, reason, &[], receipt.as_ref())
         }
         Plan::Relay(v, et, next) => {
             if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {

@@ -564,28 +564,44 @@ impl Shared {
         }
     }
 
-    /// Routes a receipt this node issued (see [`Shared::route_receipt`]).
-    pub(crate) fn route_issued(&self, tx: &Tx<'_>, issued: &Issued) -> Result<(), TxError> {
+    /// Routes a receipt issued here ([`Shared::route_receipt`]); returns
+    /// its index in the Merkle log when it was logged there.
+    pub(crate) fn route_issued(&self, tx: &Tx<'_>, issued: &Issued) -> Result<Option<u64>, TxError> {
         self.route_receipt(tx, &issued.signed, &issued.receipt, Vec::new())
     }
 
-    /// Sends a receipt toward the node of its `sender` (or applies it here).
-    /// A receipt with no route is logged and dropped: nothing can carry it.
+    /// Sends a receipt toward the node of its `sender` (or applies it here),
+    /// logging it in the Merkle log on the way; returns its index there
+    /// (none when it was applied here instead).
     pub(crate) fn route_receipt(
         &self,
         tx: &Tx<'_>,
         signed: &SignedReceipt,
         receipt: &Receipt,
         hops: Vec<String>,
-    ) -> Result<(), TxError> {
+    ) -> Result<Option<u64>, TxError> {
         if receipt.sender == self.agency.as_str() {
-            return self.apply_receipt(tx, signed, receipt).map(drop);
+            return self.apply_receipt(tx, signed, receipt).map(|_| None);
         }
         // Issued here for another agency's message, or relayed through here.
         let logged = audit_receipt(tx, signed, &receipt.message_id)?;
+        self.forward_receipt(tx, signed, receipt, hops, antar_store::Held::Audited(logged))?;
+        Ok(Some(logged))
+    }
+
+    /// Queues a receipt, logged already, for the next hop toward its
+    /// `sender`'s node, stored without what `held` says the store holds. A
+    /// receipt with no route is logged and dropped: nothing can carry it.
+    pub(crate) fn forward_receipt(
+        &self,
+        tx: &Tx<'_>,
+        signed: &SignedReceipt,
+        receipt: &Receipt,
+        mut hops: Vec<String>,
+        held: antar_store::Held<'_>,
+    ) -> Result<(), TxError> {
         match self.policy().next_hop(&receipt.sender) {
             Some(peer) => {
-                let mut hops = hops;
                 hops.push(self.agency.to_string());
                 let item = TransferItem {
                     seq: 0,
@@ -594,7 +610,6 @@ impl Shared {
                         hops,
                     })),
                 };
-                let held = antar_store::Held::Audited(logged);
                 tx.push_outbox(&peer, &item.encode_to_vec(), held, 0)?;
             }
             None => tracing::warn!(
@@ -725,7 +740,7 @@ impl Shared {
         }
         tx.put_message(id, &record)?;
         tx.push_inbox(&envelope.service, id, size)?;
-        self.route_issued(tx, delivered)
+        self.route_issued(tx, delivered).map(drop)
     }
 
     /// The DELIVERED receipt for an envelope about to be delivered here.

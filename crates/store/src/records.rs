@@ -65,6 +65,14 @@ pub struct MessageRecord {
     /// bytes (`SignedEnvelope::envelope`). Empty in records written before it.
     #[prost(bytes = "vec", tag = "14")]
     pub envelope_sha256: Vec<u8>,
+    /// Of a message this node received and its app acked: the index in
+    /// the Merkle log of the PROCESSED receipt this node issued about it,
+    /// so that a replay of its TRANSACTION key can hand the sender that
+    /// receipt again. Unset in records written before it and where the
+    /// receipt was not logged here (a message between two services of
+    /// this node's own agency).
+    #[prost(uint64, optional, tag = "15")]
+    pub processed_audit_index: Option<u64>,
 }
 
 impl MessageRecord {

@@ -1676,6 +1676,13 @@ async fn an_outbox_item_holds_its_log_entry_by_index() {
 
     let s = open(dir.path(), 1 << 20);
     assert_eq!(s.queued_bytes(), (item.len() + 10) as u64);
+    // The entry's data, read back in a later transaction as it was logged
+    // (its certificate put back); no entry past the log's end.
+    let (logged, past) = s
+        .transact(|tx| Ok((tx.audit_data(0)?, tx.audit_data(1)?)))
+        .await
+        .unwrap();
+    assert_eq!((logged.as_deref(), past), (Some(signed.as_slice()), None));
     let seq = s.outbox_batch("health", None, 10).unwrap()[0].0;
     let taken = s.transact(|tx| tx.remove_outbox("health", seq)).await.unwrap();
     assert_eq!(taken.as_deref(), Some(item.as_slice()));

@@ -920,6 +920,27 @@ impl<'a> Tx<'a> {
         Ok(index)
     }
 
+    /// The data (a signed envelope or receipt, as logged) of Merkle-log
+    /// entry `index`, if the log has one there.
+    ///
+    /// # Errors
+    /// A storage failure, or [`Abort::Corrupt`] for an entry that does not
+    /// decode.
+    pub fn audit_data(&self, index: u64) -> R<Option<Vec<u8>>> {
+        let key = index.to_be_bytes();
+        let Some(stored) = self.get(AUDIT, &key)? else {
+            return Ok(None);
+        };
+        let entry = self.whole(AUDIT, &key, &stored)?;
+        let entry = antar_core::wire::LogEntry::decode(entry.as_slice())
+            .map_err(|e| Abort::Corrupt(crate::corrupt_at(AUDIT, &key, e.to_string())))?;
+        if entry.index != index {
+            let detail = format!("the entry says it is at index {}", entry.index);
+            return Err(Abort::Corrupt(crate::corrupt_at(AUDIT, &key, detail)).into());
+        }
+        Ok(Some(entry.data))
+    }
+
     /// Stores a dead letter.
     ///
     /// # Errors
