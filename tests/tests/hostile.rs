@@ -406,6 +406,45 @@ async fn a_transaction_key_replayed_under_a_new_id_is_a_duplicate_at_the_recipie
     );
 }
 
+/// An envelope offered again and again is `DUPLICATE` every time, and the
+/// receipts health issued about it go back to finance again at most once
+/// a minute (a sender restored from a backup learns its message's fate
+/// from them): a peer repeating an envelope cannot fill health's outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_offered_over_and_over_sends_its_receipts_again_once() {
+    let fed = Federation::standard();
+    // Finance's node is not running: what health queues for it stays.
+    let health_node = fed.start("health").await;
+    let id = antar_core::MessageId::new();
+    let envelope = signed_to_health(&fed, "finance", wire::Kind::Notice, "", id, &["finance"]);
+    let offer = |seqs: std::ops::Range<u64>| -> Vec<TransferItem> {
+        seqs.map(|seq| TransferItem {
+            seq,
+            item: Some(transfer_item::Item::Envelope(envelope.clone())),
+        })
+        .collect()
+    };
+    let ack = transfer(&mut fed.peer_as("finance", "health").await, offer(1..2)).await;
+    assert_eq!(ack.acks[0].status(), CustodyStatus::Stored, "{ack:?}");
+    for round in 0..3 {
+        let seqs = 2 + round * 4..6 + round * 4;
+        let ack = transfer(&mut fed.peer_as("finance", "health").await, offer(seqs)).await;
+        assert_eq!(ack.acks.len(), 4, "{ack:?}");
+        assert!(
+            ack.acks.iter().all(|a| a.status() == CustodyStatus::Duplicate),
+            "{ack:?}"
+        );
+    }
+    health_node.stop().await.unwrap();
+    let about: Vec<_> = queued_receipts(&fed, "health", "finance")
+        .into_iter()
+        .filter(|r| r.message_id == id.to_string())
+        .collect();
+    assert_eq!(about.len(), 2, "its DELIVERED receipt and one copy: {about:?}");
+    assert_eq!(about[0].status(), wire::ReceiptStatus::Delivered);
+    assert_eq!(about[0], about[1]);
+}
+
 /// A refusal is for good. An envelope health refused `no_access_right` is
 /// refused the same way when offered again after the access right was
 /// granted (its sender, holding the REJECTED receipt, never saw the ack):

@@ -471,6 +471,74 @@ async fn a_request_acked_first_is_still_answered_and_processed_once() {
     }
 }
 
+/// A node's data directory copied whole, as a backup is (the node stopped).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A backup taken while an envelope was in flight: finance's node, restored
+/// from it, offers the envelope again under the same id. Health delivers
+/// nothing again (`DUPLICATE`), and hands finance the DELIVERED and
+/// PROCESSED receipts it issued the first time, so the restored record
+/// ends PROCESSED, with health's receipts as they were signed, instead of
+/// waiting at ACCEPTED for receipts that went to the node before the
+/// restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_restored_with_an_envelope_in_flight_learns_its_fate() {
+    let fed = Federation::standard();
+    let data = fed.layout.data_dir("finance");
+    let backup = fed.layout.dir().join("finance-backup");
+
+    // Health is down: the notice waits in finance's outbox, and the backup
+    // is taken then.
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    let id = send(&finance, notice("health", "tax.notice", b"in flight")).await;
+    finance_node.stop().await.unwrap();
+    copy_dir(&data, &backup);
+
+    let finance_node = fed.start("finance").await;
+    let health_node = fed.start("health").await;
+    let health = fed.app("health").await;
+    assert_eq!(receive(&health, 1, 15, true).await.len(), 1);
+    let finance = fed.app("finance").await;
+    let first = until_state(&finance, &id, wire::MessageState::Processed, 15).await;
+
+    // The disk is lost; finance comes back from the backup, its record
+    // ACCEPTED and the envelope in its outbox again.
+    finance_node.stop().await.unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    let restored = until_state(&finance, &id, wire::MessageState::Processed, 15).await;
+    let health_signed = |t: &wire::TrackResponse| -> Vec<wire::SignedReceipt> {
+        let verifier = fed.verifier();
+        t.receipts
+            .iter()
+            .filter(|r| verifier.verify_receipt(r).unwrap().receipt.issuer == "health")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(health_signed(&restored), health_signed(&first));
+    assert_eq!(health_signed(&first).len(), 2, "DELIVERED and PROCESSED");
+    assert!(
+        receive(&health, 1, 2, false).await.is_empty(),
+        "the notice was delivered twice"
+    );
+    finance_node.stop().await.unwrap();
+    health_node.stop().await.unwrap();
+}
+
 /// What the recipient's own key check is for: finance's node restored from
 /// a backup taken before a TRANSACTION went out. Its app sends the key
 /// again; finance's node no longer knows it and mints a new id, but health
@@ -482,18 +550,6 @@ async fn a_request_acked_first_is_still_answered_and_processed_once() {
 /// `WatchReceipts` though its node has no record of that message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_restored_from_a_backup_cannot_deliver_a_transaction_twice() {
-    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
-    }
     let fed = Federation::standard();
     let data = fed.layout.data_dir("finance");
     let backup = fed.layout.dir().join("finance-backup");

@@ -409,13 +409,22 @@ const DUPLICATE_TRANSACTION: &str = "duplicate_transaction";
 /// good, by sender and id; the value is the reason.
 const REFUSED: &str = "refused";
 
+/// `seen` namespace of the messages whose receipts went to their sender
+/// again, by sender and id; the value is when, ms since the epoch (u64 BE).
+const RESENT: &str = "resent";
+
+/// How often at most the receipts about one message go to its sender again
+/// when it offers the message again ([`resend_receipts`]).
+const RESEND_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How an envelope for this agency settles when the store already holds
 /// its id or, for a TRANSACTION, its sender's idempotency key; `None` when
 /// it holds neither.
 ///
 /// An id names one message here, so its record is the dedup key: the same
 /// sender agency's envelope again (from its node, whatever certificate it
-/// used) is `DUPLICATE`; one that reuses the id of another agency's message,
+/// used) is `DUPLICATE`, and the receipts this node issued about it go to
+/// the sender again ([`resend_receipts`]); one that reuses the id of another agency's message,
 /// or of one this node sent, is refused `id_conflict` and never overwrites
 /// it. A TRANSACTION whose key its sender used before, under another id, is
 /// `DUPLICATE` too, naming the message that holds the key, and is not
@@ -428,10 +437,25 @@ fn already_held(
     et: &EnvelopeTransfer,
 ) -> Result<Option<Settled>, TxError> {
     let held = tx.peek_message(&v.id)?;
-    if held
+    if let Some(held) = held
         .as_ref()
-        .is_some_and(|held| received_from(held, v.sender.as_str()))
+        .filter(|held| received_from(held, v.sender.as_str()))
     {
+        // Offered again: its sender may have lost what this node said of
+        // it (restored from a backup taken while it was in flight). At
+        // most once a [`RESEND_EVERY`] per message, so a peer offering an
+        // envelope over and over cannot fill this node's outbox.
+        let key = seen_key(v.sender.as_str(), &v.id);
+        let now = antar_core::time::unix_millis(std::time::SystemTime::now());
+        let last = tx
+            .noted(RESENT, &key)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        let due = last.is_none_or(|last| now < last || now - last >= RESEND_EVERY.as_millis() as u64);
+        if due {
+            tx.note(RESENT, &key, &now.to_be_bytes())?;
+            resend_receipts(shared, tx, v.sender.as_str(), &v.id, held)?;
+        }
         return Ok(Some(Settled::Duplicate));
     }
     // Refused before by policy or limits, for good (its REJECTED receipt
@@ -464,10 +488,10 @@ fn already_held(
 /// receipt — `signed` when planning drafted it, else signed here, under the
 /// writer lock, with `duplicate_of` naming the messages that hold a
 /// replayed key — goes to the sender once per envelope, however often it
-/// is offered, and with it the PROCESSED receipt this node issued about
-/// each of those messages, so a sender that lost them (restored from a
-/// backup) learns their outcome (DESIGN.md §9: "original result
-/// returned"). (An `id_conflict` or a replayed key is refused again by
+/// is offered, and with it the receipts this node issued about each of
+/// those messages (DELIVERED, and PROCESSED with the outcome), so a sender
+/// that lost them (restored from a backup) learns their outcome (DESIGN.md
+/// §9: "original result returned"). (An `id_conflict` or a replayed key is refused again by
 /// what the store holds; a refusal by policy or limits is noted apart,
 /// `Plan::RefuseUnlessHeld`.)
 fn refuse(
@@ -492,37 +516,51 @@ fn refuse(
         };
         issued?;
         for id in duplicate_of {
-            resend_processed(shared, tx, v.sender.as_str(), id)?;
+            if let Some(held) = tx.peek_message(id)? {
+                resend_receipts(shared, tx, v.sender.as_str(), id, &held)?;
+            }
         }
     }
     Ok(Settled::Rejected(reason.to_owned()))
 }
 
-/// Queues again, toward `sender`'s node, the PROCESSED receipt this node
-/// issued about message `id`, received from `sender`, as its Merkle log
-/// holds it: the same signed bytes, logged once. Nothing when the message
-/// is not acked yet (its receipt goes out when it is) or was acked by a
-/// build that did not note where the receipt went.
-fn resend_processed(shared: &Shared, tx: &Tx<'_>, sender: &str, id: &MessageId) -> Result<(), TxError> {
-    let Some(index) = tx
-        .peek_message(id)?
-        .filter(|held| received_from(held, sender))
-        .and_then(|held| held.processed_audit_index)
-    else {
-        return Ok(());
-    };
-    let Some(data) = tx.audit_data(index)? else {
-        return Ok(());
-    };
-    let signed = SignedReceipt::decode(data.as_slice()).unwrap_or_default();
-    let receipt = Receipt::decode(signed.receipt.as_slice()).unwrap_or_default();
-    let processed = receipt.status == ReceiptStatus::Processed as i32;
-    if !processed || receipt.message_id != id.to_string() || receipt.sender != sender {
-        tracing::error!(%id, index, "the log entry this message's record names is not its PROCESSED receipt; not sent again");
+/// Queues again, toward `sender`'s node, the receipts this node issued
+/// about `held`, message `id` received from `sender`: its DELIVERED, and
+/// its PROCESSED once its app acked, as the Merkle log holds them — the
+/// same signed bytes, logged once. A sender that lost them (restored from
+/// a backup) learns the message's fate; one that holds them knows them by
+/// their digest and takes nothing twice. Nothing for a receipt issued by
+/// a build that did not note where it went.
+fn resend_receipts(
+    shared: &Shared,
+    tx: &Tx<'_>,
+    sender: &str,
+    id: &MessageId,
+    held: &MessageRecord,
+) -> Result<(), TxError> {
+    if !received_from(held, sender) {
         return Ok(());
     }
-    let held = antar_store::Held::Cert(&signed.signer_cert);
-    shared.forward_receipt(tx, &signed, &receipt, Vec::new(), held)
+    let issued = [
+        (held.delivered_audit_index, ReceiptStatus::Delivered),
+        (held.processed_audit_index, ReceiptStatus::Processed),
+    ];
+    for (index, status) in issued {
+        let Some(index) = index else { continue };
+        let Some(data) = tx.audit_data(index)? else {
+            continue;
+        };
+        let signed = SignedReceipt::decode(data.as_slice()).unwrap_or_default();
+        let receipt = Receipt::decode(signed.receipt.as_slice()).unwrap_or_default();
+        if receipt.status != status as i32 || receipt.message_id != id.to_string() || receipt.sender != sender
+        {
+            tracing::error!(%id, index, ?status, "the log entry this message's record names is not its receipt; not sent again");
+            continue;
+        }
+        let cert = antar_store::Held::Cert(&signed.signer_cert);
+        shared.forward_receipt(tx, &signed, &receipt, Vec::new(), cert)?;
+    }
+    Ok(())
 }
 
 /// Whether `held` is a message this node received from agency `sender`

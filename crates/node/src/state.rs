@@ -738,9 +738,13 @@ impl Shared {
         if record.state == MessageState::Unspecified as i32 || !record.outgoing {
             record.state = MessageState::Inbox as i32;
         }
+        let logged = self.route_issued(tx, delivered)?;
+        if !record.outgoing {
+            record.delivered_audit_index = logged;
+        }
         tx.put_message(id, &record)?;
         tx.push_inbox(&envelope.service, id, size)?;
-        self.route_issued(tx, delivered).map(drop)
+        Ok(())
     }
 
     /// The DELIVERED receipt for an envelope about to be delivered here.

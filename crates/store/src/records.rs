@@ -73,6 +73,13 @@ pub struct MessageRecord {
     /// this node's own agency).
     #[prost(uint64, optional, tag = "15")]
     pub processed_audit_index: Option<u64>,
+    /// Of a message this node received: the index in the Merkle log of the
+    /// DELIVERED receipt this node issued about it, so that a sender
+    /// offering it again (restored from a backup taken while it was in
+    /// flight) can be handed that receipt again. Unset as
+    /// `processed_audit_index` is.
+    #[prost(uint64, optional, tag = "16")]
+    pub delivered_audit_index: Option<u64>,
 }
 
 impl MessageRecord {
