@@ -745,6 +745,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(path) = &args.json {
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         let report = serde_json::json!({
             "mode": if args.peer_down { "queue" } else if args.rate.is_some() { "open" } else { "closed" },
             "offered_per_s": args.rate, "senders": n_senders, "batch": args.batch, "ack_batch": ack_batch, "hops": hops, "kind": args.kind,
@@ -764,9 +765,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "queue": args.peer_down.then(|| serde_json::json!({
                 "rss_queued_mb": rss_now, "rss_peak_mb": rss_peak, "rss_drain_peak_mb": rss_drain_peak,
                 "drain_s": drain_secs, "drain_per_s": total as f64 / drain_secs })),
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpus": cpus,
             "machine": {
-                "cpu": machine.cpu, "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "cpu": machine.cpu, "cpus": cpus,
                 "ed25519_sign_per_s": machine.sign_per_s, "ed25519_verify_per_s": machine.verify_per_s,
                 "fsync_ms": { "p50": machine.fsync_p50_ms, "p99": machine.fsync_p99_ms, "samples": machine.fsync_samples },
                 "during_run": { "iowait_pct": iowait_pct, "steal_pct": steal_pct },

@@ -424,8 +424,8 @@ const RESEND_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// An id names one message here, so its record is the dedup key: the same
 /// sender agency's envelope again (from its node, whatever certificate it
 /// used) is `DUPLICATE`, and the receipts this node issued about it go to
-/// the sender again ([`resend_receipts`]); one that reuses the id of another agency's message,
-/// or of one this node sent, is refused `id_conflict` and never overwrites
+/// the sender again ([`resend_receipts`]); one that reuses the id of
+/// another agency's message, or of one this node sent, is refused `id_conflict` and never overwrites
 /// it. A TRANSACTION whose key its sender used before, under another id, is
 /// `DUPLICATE` too, naming the message that holds the key, and is not
 /// delivered; a signed REJECTED `duplicate_transaction` receipt, whose
@@ -442,18 +442,8 @@ fn already_held(
         .filter(|held| received_from(held, v.sender.as_str()))
     {
         // Offered again: its sender may have lost what this node said of
-        // it (restored from a backup taken while it was in flight). At
-        // most once a [`RESEND_EVERY`] per message, so a peer offering an
-        // envelope over and over cannot fill this node's outbox.
-        let key = seen_key(v.sender.as_str(), &v.id);
-        let now = antar_core::time::unix_millis(std::time::SystemTime::now());
-        let last = tx
-            .noted(RESENT, &key)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_be_bytes);
-        let due = last.is_none_or(|last| now < last || now - last >= RESEND_EVERY.as_millis() as u64);
-        if due {
-            tx.note(RESENT, &key, &now.to_be_bytes())?;
+        // it (restored from a backup taken while it was in flight).
+        if resend_due(tx, &seen_key(v.sender.as_str(), &v.id))? {
             resend_receipts(shared, tx, v.sender.as_str(), &v.id, held)?;
         }
         return Ok(Some(Settled::Duplicate));
@@ -474,10 +464,9 @@ fn already_held(
     if let Some(key) = transaction_key(&v.envelope) {
         if let Some(ids) = tx.tx_key(v.sender.as_str(), key)? {
             refuse(shared, tx, v, et, DUPLICATE_TRANSACTION, &ids, None)?;
-            let held: Vec<String> = ids.iter().map(MessageId::to_string).collect();
-            let held = held.join(", ");
             return Ok(Some(Settled::Replayed(format!(
-                "{DUPLICATE_TRANSACTION}: idempotency key already used by message {held}"
+                "{DUPLICATE_TRANSACTION}: idempotency key already used by message {}",
+                id_list(&ids)
             ))));
         }
     }
@@ -491,8 +480,8 @@ fn already_held(
 /// is offered, and with it the receipts this node issued about each of
 /// those messages (DELIVERED, and PROCESSED with the outcome), so a sender
 /// that lost them (restored from a backup) learns their outcome (DESIGN.md
-/// §9: "original result returned"). (An `id_conflict` or a replayed key is refused again by
-/// what the store holds; a refusal by policy or limits is noted apart,
+/// §9: "original result returned"). (An `id_conflict` or a replayed key is
+/// refused again by what the store holds; a refusal by policy or limits is noted apart,
 /// `Plan::RefuseUnlessHeld`.)
 fn refuse(
     shared: &Shared,
@@ -504,17 +493,15 @@ fn refuse(
     signed: Option<&Issued>,
 ) -> Result<Settled, TxError> {
     if first_refusal(tx, v.sender.as_str(), &v.id, true)? {
-        let issued = match signed {
-            Some(issued) => shared.route_issued(tx, issued),
+        match signed {
+            Some(issued) => shared.route_issued(tx, issued)?,
             None => {
                 let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
                 let mut draft = rejected(shared, &v.envelope, bytes, reason);
-                let held: Vec<String> = duplicate_of.iter().map(MessageId::to_string).collect();
-                draft.duplicate_of = held.join(", ");
-                shared.route_issued(tx, &shared.sign_receipt(draft))
+                draft.duplicate_of = id_list(duplicate_of);
+                shared.route_issued(tx, &shared.sign_receipt(draft))?
             }
         };
-        issued?;
         for id in duplicate_of {
             if let Some(held) = tx.peek_message(id)? {
                 resend_receipts(shared, tx, v.sender.as_str(), id, &held)?;
@@ -522,6 +509,30 @@ fn refuse(
         }
     }
     Ok(Settled::Rejected(reason.to_owned()))
+}
+
+/// Message ids as a receipt's `duplicate_of` and a custody ack's reason
+/// name them: comma-separated.
+fn id_list(ids: &[MessageId]) -> String {
+    let ids: Vec<String> = ids.iter().map(MessageId::to_string).collect();
+    ids.join(", ")
+}
+
+/// Whether the receipts about the message under `key` (sender and id) may
+/// go to its sender again now, noting when they do: at most once a
+/// [`RESEND_EVERY`], so a peer offering an envelope over and over cannot
+/// fill this node's outbox. A clock set back since allows it.
+fn resend_due(tx: &Tx<'_>, key: &[u8]) -> Result<bool, TxError> {
+    let now = antar_core::time::unix_millis(std::time::SystemTime::now());
+    let last = tx
+        .noted(RESENT, key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map(u64::from_be_bytes);
+    let due = last.is_none_or(|last| now < last || now - last >= RESEND_EVERY.as_millis() as u64);
+    if due {
+        tx.note(RESENT, key, &now.to_be_bytes())?;
+    }
+    Ok(due)
 }
 
 /// Queues again, toward `sender`'s node, the receipts this node issued

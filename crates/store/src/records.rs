@@ -67,8 +67,8 @@ pub struct MessageRecord {
     pub envelope_sha256: Vec<u8>,
     /// Of a message this node received and its app acked: the index in
     /// the Merkle log of the PROCESSED receipt this node issued about it,
-    /// so that a replay of its TRANSACTION key can hand the sender that
-    /// receipt again. Unset in records written before it and where the
+    /// so that its sender, offering it again or replaying its TRANSACTION
+    /// key, can be handed that receipt again. Unset in records written before it and where the
     /// receipt was not logged here (a message between two services of
     /// this node's own agency).
     #[prost(uint64, optional, tag = "15")]
