@@ -314,7 +314,12 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
     use wire::{ack_result, send_result};
 
     let fed = Federation::standard();
-    let nodes = finance_and_health(&fed).await;
+    // No checkpoints (nor cosignatures) to sign while signatures are counted.
+    let nodes = fed
+        .start_all_with(&["finance", "health"], |_, c| {
+            c.limits.checkpoint_interval_secs = 3600
+        })
+        .await;
     let finance = fed.app("finance").await;
     let transaction = |key: &str| transaction("health", "tax.payment", key, b"pay 10");
     let refused = [
@@ -350,7 +355,9 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
         "the repeated transaction key answers the original id"
     );
     // A later batch repeating the key gets the original ids, and sends
-    // nothing (checked below: only three deliveries).
+    // nothing (checked below: only three deliveries), nor signs anything.
+    let signatures = get(&scrape(&fed, "finance").await, "antar_signatures_total");
+    assert!(signatures >= 3.0, "{signatures}");
     let again = finance
         .agency()
         .send_batch(wire::SendBatchRequest {
@@ -363,6 +370,11 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
     assert!(
         matches!(&again[..], [wire::SendResult { result: Some(send_result::Result::Sent(r)) }] if r.message_ids == tx),
         "{again:?}"
+    );
+    assert_eq!(
+        get(&scrape(&fed, "finance").await, "antar_signatures_total"),
+        signatures,
+        "a batch that only repeats a stored key is answered without signing"
     );
     for (i, req) in [1, 3, 5].into_iter().zip(refused) {
         let unary = finance.agency().send(req).await.unwrap_err();

@@ -342,8 +342,11 @@ async fn a_notice_or_request_sent_again_with_its_idempotency_key_is_accepted_onc
 async fn a_reply_settles_the_request_it_answers() {
     use tokio_stream::StreamExt as _;
     let fed = Federation::standard();
+    // No checkpoints (nor cosignatures) to sign while signatures are counted.
     let nodes = fed
-        .start_all_with(&["finance", "registry", "hub"], |_, _| {})
+        .start_all_with(&["finance", "registry", "hub"], |_, c| {
+            c.limits.checkpoint_interval_secs = 3600
+        })
         .await;
     let finance = fed.app("finance").await;
     let request = send(
@@ -368,9 +371,16 @@ async fn a_reply_settles_the_request_it_answers() {
             ..Default::default()
         };
         let first = responder.agency.reply(answer.clone()).await.unwrap().into_inner();
-        // Repeated (a retry after a lost answer): the same RESPONSE, no other.
+        // Repeated (a retry after a lost answer): the same RESPONSE, no
+        // other, and no signature spent on one.
+        let signatures = get(&scrape(&fed, "registry").await, "antar_signatures_total");
         let again = responder.agency.reply(answer).await.unwrap().into_inner();
         assert_eq!(again.message_ids, first.message_ids);
+        assert_eq!(
+            get(&scrape(&fed, "registry").await, "antar_signatures_total"),
+            signatures,
+            "a repeated Reply is answered without signing"
+        );
     }
     let again = receive(&fed.app("registry").await, 1, 2, false).await;
     assert!(again.is_empty(), "the answered REQUEST was delivered again");

@@ -478,6 +478,27 @@ async fn send_all(
             Err(e) => results.push(Err(item_error(e))),
         }
     }
+    // A key an earlier call stored answers its ids, unsigned; a key
+    // repeated within this batch is settled by `write_all`.
+    match answered(shared, valid.iter().map(|(_, v)| v)).await {
+        Ok(seen) => {
+            let mut kept = Vec::with_capacity(valid.len());
+            for ((i, v), seen) in valid.into_iter().zip(seen) {
+                match seen {
+                    Some(ids) => results[i] = Ok(ids),
+                    None => kept.push((i, v)),
+                }
+            }
+            valid = kept;
+        }
+        Err(e) => {
+            let e = item_error(e);
+            for (i, _) in valid {
+                results[i] = Err(e.clone());
+            }
+            return results;
+        }
+    }
     if valid.is_empty() {
         return results;
     }
@@ -534,19 +555,47 @@ async fn send(
     traceparent: String,
 ) -> Result<Vec<MessageId>, NodeError> {
     let v = validate_send(shared, app, req, None, traceparent)?;
-    if let Some(key) = &v.idempotency_key {
-        let key_owner = key_space(shared, &v);
-        if let Some(ids) = shared
-            .store
-            .transact(|tx| tx.tx_key(&key_owner, key))
-            .await
-            .map_err(NodeError::from)?
-        {
-            return Ok(ids);
-        }
+    if let Some(ids) = answered(shared, [&v]).await?.pop().flatten() {
+        return Ok(ids);
     }
     let sealed = seal_all(shared, [&v]).await;
     accept(shared, v, sealed).await
+}
+
+/// For each send, the ids its idempotency key already answers (a
+/// TRANSACTION's key, a REQUEST's or a `Reply`'s), read in one transaction
+/// before anything is signed: an app retrying, or a whole `SendBatch`
+/// retried, costs the node no signature. Sends without a key get `None`.
+/// Two racing with one new key both get `None` here; `store_send` settles
+/// them in the transaction that stores.
+async fn answered<'a>(
+    shared: &Shared,
+    sends: impl IntoIterator<Item = &'a Validated>,
+) -> Result<Vec<Option<Vec<MessageId>>>, NodeError> {
+    let keyed: Vec<Option<(String, &str)>> = sends
+        .into_iter()
+        .map(|v| {
+            v.idempotency_key
+                .as_deref()
+                .map(|key| (key_space(shared, v), key))
+        })
+        .collect();
+    if keyed.iter().all(Option::is_none) {
+        return Ok(vec![None; keyed.len()]);
+    }
+    shared
+        .store
+        .transact(|tx| {
+            keyed
+                .iter()
+                .map(|k| match k {
+                    Some((owner, key)) => tx.tx_key(owner, key),
+                    None => Ok(None),
+                })
+                .collect()
+        })
+        .await
+        .map_err(NodeError::from)
 }
 
 fn delivery(record: &MessageRecord, attempt: u32) -> Delivery {
@@ -1017,8 +1066,13 @@ impl Agency for AgencyService {
         // One answer per REQUEST: a Reply repeated (a retry after a lost
         // answer, two racing) answers the first RESPONSE's id, sends none.
         v.idempotency_key = Some(request_id.to_string());
-        let sealed = seal_all(&self.shared, [&v]).await;
-        let ids = accept_acking(&self.shared, v, sealed, Some((request_id, processed))).await?;
+        let ids = match answered(&self.shared, [&v]).await?.pop().flatten() {
+            Some(ids) => ids,
+            None => {
+                let sealed = seal_all(&self.shared, [&v]).await;
+                accept_acking(&self.shared, v, sealed, Some((request_id, processed))).await?
+            }
+        };
         self.shared.metrics.send_seconds.observe(started.elapsed());
         Ok(Response::new(SendResponse {
             message_ids: ids.iter().map(ToString::to_string).collect(),

@@ -120,6 +120,11 @@ impl Metrics {
             "Envelopes that expired before delivery.",
             self.expired.get(),
         );
+        counter(
+            "antar_signatures_total",
+            "Ed25519 signatures this node made: envelopes, receipts, batches of them, checkpoints, cosignatures.",
+            shared.signer.signatures(),
+        );
         self.send_seconds.render(
             &mut out,
             "antar_send_duration_seconds",
