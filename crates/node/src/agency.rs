@@ -480,7 +480,7 @@ async fn send_all(
     }
     // A key an earlier call stored answers its ids, unsigned; a key
     // repeated within this batch is settled by `write_all`.
-    match answered(shared, valid.iter().map(|(_, v)| v)).await {
+    match answered(shared, valid.iter().map(|(_, v)| v)) {
         Ok(seen) => {
             let mut kept = Vec::with_capacity(valid.len());
             for ((i, v), seen) in valid.into_iter().zip(seen) {
@@ -555,7 +555,7 @@ async fn send(
     traceparent: String,
 ) -> Result<Vec<MessageId>, NodeError> {
     let v = validate_send(shared, app, req, None, traceparent)?;
-    if let Some(ids) = answered(shared, [&v]).await?.pop().flatten() {
+    if let Some(ids) = answered(shared, [&v])?.pop().flatten() {
         return Ok(ids);
     }
     let sealed = seal_all(shared, [&v]).await;
@@ -563,39 +563,23 @@ async fn send(
 }
 
 /// For each send, the ids its idempotency key already answers (a
-/// TRANSACTION's key, a REQUEST's or a `Reply`'s), read in one transaction
-/// before anything is signed: an app retrying, or a whole `SendBatch`
-/// retried, costs the node no signature. Sends without a key get `None`.
-/// Two racing with one new key both get `None` here; `store_send` settles
-/// them in the transaction that stores.
-async fn answered<'a>(
+/// TRANSACTION's key, a REQUEST's or a `Reply`'s), read before anything
+/// is signed and without a transaction (`Store::tx_key`): an app
+/// retrying, or a whole `SendBatch` retried, costs the node no signature,
+/// and a new key costs no wait. Sends without a key get `None`. A key
+/// repeated within one `SendBatch`, or two calls racing with one new key,
+/// are settled (and signed) in the transaction that stores (`store_send`).
+fn answered<'a>(
     shared: &Shared,
     sends: impl IntoIterator<Item = &'a Validated>,
 ) -> Result<Vec<Option<Vec<MessageId>>>, NodeError> {
-    let keyed: Vec<Option<(String, &str)>> = sends
+    sends
         .into_iter()
-        .map(|v| {
-            v.idempotency_key
-                .as_deref()
-                .map(|key| (key_space(shared, v), key))
+        .map(|v| match v.idempotency_key.as_deref() {
+            Some(key) => Ok(shared.store.tx_key(&key_space(shared, v), key)?),
+            None => Ok(None),
         })
-        .collect();
-    if keyed.iter().all(Option::is_none) {
-        return Ok(vec![None; keyed.len()]);
-    }
-    shared
-        .store
-        .transact(|tx| {
-            keyed
-                .iter()
-                .map(|k| match k {
-                    Some((owner, key)) => tx.tx_key(owner, key),
-                    None => Ok(None),
-                })
-                .collect()
-        })
-        .await
-        .map_err(NodeError::from)
+        .collect()
 }
 
 fn delivery(record: &MessageRecord, attempt: u32) -> Delivery {
@@ -1066,7 +1050,7 @@ impl Agency for AgencyService {
         // One answer per REQUEST: a Reply repeated (a retry after a lost
         // answer, two racing) answers the first RESPONSE's id, sends none.
         v.idempotency_key = Some(request_id.to_string());
-        let ids = match answered(&self.shared, [&v]).await?.pop().flatten() {
+        let ids = match answered(&self.shared, [&v])?.pop().flatten() {
             Some(ids) => ids,
             None => {
                 let sealed = seal_all(&self.shared, [&v]).await;

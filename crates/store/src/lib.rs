@@ -411,6 +411,21 @@ impl Store {
         self.inner.db.size_on_disk().unwrap_or(0) + journal::bytes(&self.inner.path)
     }
 
+    /// The message ids recorded for a sender's idempotency key
+    /// ([`Tx::tx_key`]) by the groups already in sled, read without a
+    /// transaction, so without waiting for one. sled holds only groups
+    /// synced to the journal, so a key found is durable; one that a group
+    /// not yet applied holds is not found (the transaction that stores
+    /// finds it).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn tx_key(&self, sender: &str, key: &str) -> Result<Option<Vec<MessageId>>, StoreError> {
+        self.check()?;
+        let v = self.inner.trees[keys::TX_KEYS].get(keys::pair_key(sender, key.as_bytes()))?;
+        Ok(v.map(|v| tx::ids_of(&v)))
+    }
+
     /// The message record of `id`, if this node holds one, whole: with its
     /// body, signer certificates and every receipt (those it keeps in the
     /// receipt log put into `receipts`).

@@ -962,7 +962,7 @@ impl<'a> Tx<'a> {
     }
 }
 
-fn ids_of(v: &[u8]) -> Vec<MessageId> {
+pub(crate) fn ids_of(v: &[u8]) -> Vec<MessageId> {
     v.chunks_exact(16)
         .map(|c| {
             let mut b = [0u8; 16];
