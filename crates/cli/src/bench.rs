@@ -28,7 +28,7 @@ use crate::machine::CpuTimes;
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=… signs_per_msg=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsigns_per_msg: Ed25519 signatures both nodes made per message\n(antar_signatures_total): 4 for a message with PROCESSED receipts and no\nbatch signatures; below 1 when signatures are shared by batches.\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -690,6 +690,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let (journal_syncs, syncs_over_25ms, syncs_over_100ms) =
         (syncs(None), syncs(Some(0.025)), syncs(Some(0.1)));
+    // What the run cost in signatures, both nodes: with the machine's
+    // sign_per_s, the share of the CPU that went to signing.
+    let signatures: u64 = nodes.iter().map(|n| n.signatures()).sum();
+    let signs_per_msg = signatures as f64 / total.max(1) as f64;
     ticker.abort();
     bar.finish_and_clear();
 
@@ -730,7 +734,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms} {machine_fields}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms} signs_per_msg={signs_per_msg:.2} {machine_fields}",
             args.kind,
             args.size,
             args.receipts,
@@ -756,6 +760,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
             "cpu_us_per_msg": cpu_us_per_msg,
             "journal_syncs": { "count": journal_syncs, "over_25ms": syncs_over_25ms, "over_100ms": syncs_over_100ms },
+            "signatures": { "count": signatures, "per_message": signs_per_msg },
             "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),
                             "max": hist.max() as f64 / 1e3, "mean": hist.mean() / 1e3,
                             "samples": hist.len() },

@@ -146,6 +146,10 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
         syncs["over_100ms"].as_u64().unwrap() <= syncs["over_25ms"].as_u64().unwrap(),
         "{report}"
     );
+    // No batch signatures: each message's envelope, its ACCEPTED,
+    // DELIVERED and PROCESSED receipts, one signature each.
+    assert_eq!(report["signatures"]["count"], 240, "{report}");
+    assert!(result.contains(" signs_per_msg=4.00 "), "{result}");
     // The machine it ran on, measured before the nodes started.
     let machine = &report["machine"];
     for rate in ["ed25519_sign_per_s", "ed25519_verify_per_s"] {

@@ -441,6 +441,11 @@ impl Node {
         self.shared.store.journal_syncs()
     }
 
+    /// Ed25519 signatures this node has made (`antar_signatures_total`).
+    pub fn signatures(&self) -> u64 {
+        self.shared.signer.signatures()
+    }
+
     /// Stops accepting, drains in-flight transfers, and flushes the store.
     ///
     /// # Errors
