@@ -147,9 +147,12 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
         "{report}"
     );
     // No batch signatures: each message's envelope, its ACCEPTED,
-    // DELIVERED and PROCESSED receipts, one signature each.
-    assert_eq!(report["signatures"]["count"], 240, "{report}");
-    assert!(result.contains(" signs_per_msg=4.00 "), "{result}");
+    // DELIVERED and PROCESSED receipts, one signature each (and, on a
+    // machine slow enough for the run to pass the 60 s checkpoint
+    // interval, a checkpoint and a cosignature per node).
+    let signatures = report["signatures"]["count"].as_u64().unwrap();
+    assert!((240..=244).contains(&signatures), "{report}");
+    assert!(result.contains(" signs_per_msg=4.0"), "{result}");
     // The machine it ran on, measured before the nodes started.
     let machine = &report["machine"];
     for rate in ["ed25519_sign_per_s", "ed25519_verify_per_s"] {
@@ -204,6 +207,10 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     let (result, report) = bench(&["--peer-down", "--messages", "60", "--senders", "4"]);
     assert!(result.starts_with("RESULT mode=queue hops=1"), "{result}");
     assert!(result.contains(" drain_per_s="), "{result}");
+    assert!(result.contains(" signs_per_msg="), "{result}");
+    // At least each envelope and its ACCEPTED receipt, signed before the
+    // recipient came up.
+    assert!(report["signatures"]["count"].as_u64().unwrap() >= 120, "{report}");
     assert_eq!(report["messages"], 60, "{report}");
     let queued_peak = report["queue"]["rss_peak_mb"].as_f64().unwrap();
     assert!(queued_peak > 0.0, "{report}");
