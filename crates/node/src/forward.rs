@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use antar_core::time::unix_millis;
 use antar_core::wire::peer_client::PeerClient;
 use antar_core::wire::{
-    transfer_item, CustodyStatus, Envelope, MessageState, TransferAck, TransferBatch, TransferItem,
+    transfer_item, CustodyStatus, Envelope, ItemAck, MessageState, TransferAck, TransferBatch, TransferItem,
 };
 use antar_core::MessageId;
 use antar_store::Queued;
@@ -158,13 +158,13 @@ async fn session(
             tokio::select! {
                 _ = notified => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
-                ack = acks.message() => settle(shared, peer, ack, &mut in_flight).await?,
+                ack = acks.message() => settle(shared, peer, ack, &mut acks, &mut in_flight).await?,
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         } else {
             tokio::select! {
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
-                ack = acks.message() => settle(shared, peer, ack, &mut in_flight).await?,
+                ack = acks.message() => settle(shared, peer, ack, &mut acks, &mut in_flight).await?,
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         }
@@ -200,7 +200,7 @@ async fn drain(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !in_flight.is_empty() {
         match tokio::time::timeout_at(deadline, acks.message()).await {
-            Ok(ack) => settle(shared, peer, ack, in_flight).await?,
+            Ok(ack) => settle(shared, peer, ack, acks, in_flight).await?,
             Err(_) => break,
         }
     }
@@ -228,30 +228,61 @@ impl From<NodeError> for SessionError {
     }
 }
 
-/// Deletes what the peer took custody of; records what it refused.
+/// Deletes what the peer took custody of; records what it refused. `ack`
+/// is the answer to the oldest batch in flight; the answers already here
+/// behind it (a peer answers the batches it took together at once) are
+/// settled with it, in one transaction.
 async fn settle(
     shared: &Shared,
     peer: &str,
     ack: Result<Option<TransferAck>, tonic::Status>,
+    stream: &mut tonic::Streaming<TransferAck>,
     in_flight: &mut VecDeque<(Instant, Vec<u64>)>,
 ) -> Result<(), SessionError> {
-    let ack = match ack {
-        Ok(Some(a)) => a,
-        Ok(None) => return Err(SessionError("peer closed the stream".into())),
-        Err(s) => return Err(SessionError(crate::status_chain(&s))),
-    };
-    let Some((started, sent)) = in_flight.pop_front() else {
-        return Err(SessionError("ack for a batch never sent".into()));
-    };
-    shared.metrics.transfer_seconds.observe(started.elapsed());
-    if ack.acks.len() != sent.len() || ack.acks.iter().zip(&sent).any(|(a, s)| a.seq != *s) {
-        return Err(SessionError("acks do not match the batch".into()));
+    let mut taken: Vec<TransferAck> = Vec::new();
+    let mut end = None;
+    let mut next = Some(ack);
+    while let Some(ack) = next.take() {
+        let ack = match ack {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                end = Some(SessionError("peer closed the stream".into()));
+                break;
+            }
+            Err(s) => {
+                end = Some(SessionError(crate::status_chain(&s)));
+                break;
+            }
+        };
+        let Some((started, sent)) = in_flight.pop_front() else {
+            end = Some(SessionError("ack for a batch never sent".into()));
+            break;
+        };
+        shared.metrics.transfer_seconds.observe(started.elapsed());
+        if ack.acks.len() != sent.len() || ack.acks.iter().zip(&sent).any(|(a, s)| a.seq != *s) {
+            end = Some(SessionError("acks do not match the batch".into()));
+            break;
+        }
+        taken.push(ack);
+        next = crate::ready_now(stream).map(Option::transpose);
     }
+    if !taken.is_empty() {
+        settle_acks(shared, peer, taken.iter().flat_map(|a| &a.acks)).await?;
+    }
+    end.map_or(Ok(()), Err)
+}
+
+/// One transaction for the item acks of [`settle`].
+async fn settle_acks<'a>(
+    shared: &Shared,
+    peer: &str,
+    acks: impl Iterator<Item = &'a ItemAck> + Clone,
+) -> Result<(), SessionError> {
     let sender = shared.agency.to_string();
     shared
         .store
         .transact(|tx| {
-            for a in &ack.acks {
+            for a in acks.clone() {
                 // A plain STORED or DUPLICATE: custody passed, the item goes unread.
                 let rejected = a.status == CustodyStatus::Rejected as i32;
                 if !rejected && a.reason.is_empty() {
@@ -303,6 +334,6 @@ async fn settle(
         .map_err(NodeError::from)?;
     let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
     health.entry(peer.to_owned()).or_default().last_contact = Some(SystemTime::now());
-    shared.metrics.transferred.inc_by(sent.len() as u64);
+    shared.metrics.transferred.inc_by(acks.count() as u64);
     Ok(())
 }

@@ -582,6 +582,18 @@ pub(crate) fn unreadable_is_invalid_argument(status: Status) -> Status {
     }
 }
 
+/// The next item of `stream` if it is here already: polled once, never
+/// waited for. `None`: nothing yet; `Some(None)`: the stream ended. The
+/// caller awaits the stream again before it sleeps, which registers its
+/// own waker again.
+pub(crate) fn ready_now<S: tokio_stream::Stream + Unpin>(stream: &mut S) -> Option<Option<S::Item>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(stream).poll_next(&mut cx) {
+        std::task::Poll::Ready(item) => Some(item),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// tonic refuses a request it cannot read before any handler runs, with a
 /// trailers-only response; one it could not read ([`unreadable`]) has its
 /// code rewritten to `INVALID_ARGUMENT`. The message, naming the limit or

@@ -1,7 +1,8 @@
 //! `antar.v1.Peer`: custody transfer from other nodes.
 //!
-//! Each batch is verified item by item, stored in one transaction, flushed,
-//! and only then acked: STORED (custody passed), DUPLICATE (it had passed
+//! Each batch is verified item by item, stored in one transaction (with the
+//! batches already waiting behind it: `gather`), flushed, and only then
+//! acked, one ack a batch: STORED (custody passed), DUPLICATE (it had passed
 //! before; or a TRANSACTION key its sender used before, not delivered, the
 //! reason naming the holder), or REJECTED with a reason code (and a signed
 //! REJECTED receipt routed to the sender, once, when one can be built).
@@ -150,37 +151,45 @@ impl Peer for PeerService {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             loop {
-                let batch = tokio::select! {
+                let next = tokio::select! {
                     b = batches.next() => b,
                     _ = shared.shutdown.cancelled() => return,
                 };
-                let Some(batch) = batch else { return };
-                let batch = match batch {
-                    Ok(b) => b,
-                    Err(status) => {
-                        // Garbage on the stream: say so (INVALID_ARGUMENT) and end it.
-                        let status = crate::unreadable_is_invalid_argument(status);
-                        tracing::warn!(peer = %from.agency, %status, "transfer stream refused");
+                let admit = |batch: &TransferBatch| {
+                    if shared.peer_rate.allow(from.agency.as_str(), batch.items.len()) {
+                        return Ok(());
+                    }
+                    let limit = shared.limits().peer_items_per_sec;
+                    tracing::warn!(peer = %from.agency, limit, "peer over its transfer rate; stream ended");
+                    Err(NodeError::RateLimited(format!(
+                        "peer {} is over limits.peer_items_per_sec = {limit}; retry with backoff",
+                        from.agency
+                    ))
+                    .into())
+                };
+                let (taken, end) = gather(from.agency.as_str(), &mut batches, next, admit);
+                if !taken.is_empty() {
+                    match handle_batches(&shared, &from, taken).await {
+                        Ok(acks) => {
+                            for ack in acks {
+                                if tx.send(Ok(ack)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
+                match end {
+                    None => {}
+                    Some(Ok(())) => return,
+                    Some(Err(status)) => {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
-                };
-                if !shared.peer_rate.allow(from.agency.as_str(), batch.items.len()) {
-                    let limit = shared.limits().peer_items_per_sec;
-                    tracing::warn!(peer = %from.agency, limit, "peer over its transfer rate; stream ended");
-                    let _ = tx
-                        .send(Err(NodeError::RateLimited(format!(
-                            "peer {} is over limits.peer_items_per_sec = {limit}; retry with backoff",
-                            from.agency
-                        ))
-                        .into()))
-                        .await;
-                    return;
-                }
-                let result = handle_batch(&shared, &from, batch).await;
-                let failed = result.is_err();
-                if tx.send(result.map_err(Status::from)).await.is_err() || failed {
-                    return;
                 }
             }
         });
@@ -188,12 +197,79 @@ impl Peer for PeerService {
     }
 }
 
+/// Most bytes of the batches handled together, past the first.
+const MAX_GATHERED_BYTES: usize = 8 << 20;
+
+/// Takes `next` and every batch already waiting behind it on the stream
+/// (the sender keeps a window of batches in flight) that `admit` lets in
+/// (the peer's rate), up to [`MAX_GATHERED_BYTES`]: handled together, they cost one signature for
+/// their receipts, one transaction and one sync however many there are,
+/// and nothing waits for a batch not yet here. Also returns how the stream
+/// ends, if it does here: `Ok` when the sender closed it, or the status to
+/// answer (garbage on the stream; `admit`'s, a peer over its rate) once the
+/// batches before it are answered.
+fn gather<S>(
+    peer: &str,
+    batches: &mut S,
+    mut next: Option<Result<TransferBatch, Status>>,
+    mut admit: impl FnMut(&TransferBatch) -> Result<(), Status>,
+) -> (Vec<TransferBatch>, Option<Result<(), Status>>)
+where
+    S: Stream<Item = Result<TransferBatch, Status>> + Unpin,
+{
+    let mut taken: Vec<TransferBatch> = Vec::new();
+    let mut bytes = 0;
+    loop {
+        let batch = match next {
+            None => return (taken, Some(Ok(()))),
+            Some(Err(status)) => {
+                // Garbage on the stream: say so (INVALID_ARGUMENT) and end it.
+                let status = crate::unreadable_is_invalid_argument(status);
+                tracing::warn!(peer, %status, "transfer stream refused");
+                return (taken, Some(Err(status)));
+            }
+            Some(Ok(b)) => b,
+        };
+        if let Err(status) = admit(&batch) {
+            return (taken, Some(Err(status)));
+        }
+        bytes += batch.encoded_len();
+        taken.push(batch);
+        if bytes > MAX_GATHERED_BYTES {
+            return (taken, None);
+        }
+        // Only what is here already: polled once, never waited for.
+        match crate::ready_now(batches) {
+            Some(b) => next = b,
+            None => return (taken, None),
+        }
+    }
+}
+
+/// Handles batches taken together (see [`gather`]); one ack a batch, in
+/// their order.
+async fn handle_batches(
+    shared: &Shared,
+    from: &Identity,
+    batches: Vec<TransferBatch>,
+) -> Result<Vec<TransferAck>, NodeError> {
+    let sizes: Vec<usize> = batches.iter().map(|b| b.items.len()).collect();
+    let items = batches.into_iter().flat_map(|b| b.items).collect();
+    let mut acks = handle_batch(shared, from, items).await?.acks.into_iter();
+    Ok(sizes
+        .into_iter()
+        .map(|n| TransferAck {
+            acks: acks.by_ref().take(n).collect(),
+        })
+        .collect())
+}
+
 async fn handle_batch(
     shared: &Shared,
     from: &Identity,
-    batch: TransferBatch,
+    items: Vec<TransferItem>,
 ) -> Result<TransferAck, NodeError> {
-    let plans = plan_batch(shared, from, batch.items);
+    let plans = plan_batch(shared, from, items);
     let settled = shared
         .store
         .transact(|tx| {
@@ -679,5 +755,96 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             shared.route_receipt(tx, signed, receipt, hops.clone())?;
             Ok(Settled::Stored)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seqs: &[u64]) -> TransferBatch {
+        TransferBatch {
+            items: seqs
+                .iter()
+                .map(|&seq| TransferItem {
+                    seq,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn seqs(taken: &[TransferBatch]) -> Vec<Vec<u64>> {
+        taken
+            .iter()
+            .map(|b| b.items.iter().map(|i| i.seq).collect())
+            .collect()
+    }
+
+    #[test]
+    fn gather_takes_what_is_here_and_no_more() {
+        // Two batches already behind the first; the stream stays open.
+        let mut here =
+            tokio_stream::iter(vec![Ok(batch(&[2, 3])), Ok(batch(&[4]))]).chain(tokio_stream::pending());
+        let (taken, end) = gather("finance", &mut here, Some(Ok(batch(&[1]))), |_| Ok(()));
+        assert_eq!(seqs(&taken), [vec![1], vec![2, 3], vec![4]]);
+        assert!(end.is_none(), "an open stream does not end here");
+
+        // The sender closed the stream behind them.
+        let mut closing = tokio_stream::iter(vec![Ok(batch(&[2]))]);
+        let (taken, end) = gather("finance", &mut closing, Some(Ok(batch(&[1]))), |_| Ok(()));
+        assert_eq!(seqs(&taken), [vec![1], vec![2]]);
+        assert!(matches!(end, Some(Ok(()))));
+    }
+
+    #[test]
+    fn gather_answers_the_batches_before_a_refusal_then_the_refusal() {
+        // Garbage after one good batch: the good one is handled, then the
+        // stream ends with INVALID_ARGUMENT (tonic's decode error).
+        let garbage = Status::internal("failed to decode Protobuf message: buffer underflow");
+        let mut s = tokio_stream::iter(vec![Ok(batch(&[2])), Err(garbage), Ok(batch(&[3]))]);
+        let (taken, end) = gather("finance", &mut s, Some(Ok(batch(&[1]))), |_| Ok(()));
+        assert_eq!(seqs(&taken), [vec![1], vec![2]]);
+        let status = end.expect("ends").expect_err("a refusal");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+        // Over the peer's rate at the second batch: only the first is taken.
+        let mut s = tokio_stream::iter(vec![Ok(batch(&[2, 3])), Ok(batch(&[4]))]);
+        let mut allowed = 1;
+        let admit = |b: &TransferBatch| {
+            allowed -= 1;
+            if allowed >= 0 {
+                Ok(())
+            } else {
+                Err(Status::resource_exhausted(format!(
+                    "over the rate with {} items",
+                    b.items.len()
+                )))
+            }
+        };
+        let (taken, end) = gather("finance", &mut s, Some(Ok(batch(&[1]))), admit);
+        assert_eq!(seqs(&taken), [vec![1]]);
+        let status = end.expect("ends").expect_err("a refusal");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.message(), "over the rate with 2 items");
+    }
+
+    #[test]
+    fn gather_stops_past_its_byte_bound() {
+        let big = TransferBatch {
+            items: vec![TransferItem {
+                seq: 1,
+                item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
+                    traceparent: "x".repeat(MAX_GATHERED_BYTES),
+                    ..Default::default()
+                })),
+            }],
+        };
+        let mut s = tokio_stream::iter(vec![Ok(batch(&[2]))]);
+        let (taken, end) = gather("finance", &mut s, Some(Ok(big)), |_| Ok(()));
+        assert_eq!(taken.len(), 1, "the batch behind waits for the next round");
+        assert!(end.is_none());
+        let (taken, _) = gather("finance", &mut s, None, |_| Ok(()));
+        assert!(taken.is_empty());
     }
 }
