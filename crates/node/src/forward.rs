@@ -272,8 +272,37 @@ async fn settle(
     end.map_or(Ok(()), Err)
 }
 
-/// One transaction for the item acks of [`settle`].
+/// One transaction for the item acks of [`settle`]; only one with a
+/// refusal is waited for.
 async fn settle_acks<'a>(
+    shared: &Shared,
+    peer: &str,
+    acks: impl Iterator<Item = &'a ItemAck> + Clone,
+) -> Result<(), SessionError> {
+    let plain = |a: &ItemAck| a.status != CustodyStatus::Rejected as i32 && a.reason.is_empty();
+    if acks.clone().all(plain) {
+        // Custody passed for all: the items go, and nothing waits for that
+        // to be synced. Lost in a crash, they go again and the peer
+        // answers DUPLICATE.
+        shared
+            .store
+            .transact_unsynced(|tx| {
+                acks.clone()
+                    .try_for_each(|a| tx.drop_outbox(peer, a.seq).map(drop))
+            })
+            .map_err(NodeError::from)?;
+    } else {
+        settle_refusals(shared, peer, acks.clone()).await?;
+    }
+    let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
+    health.entry(peer.to_owned()).or_default().last_contact = Some(SystemTime::now());
+    shared.metrics.transferred.inc_by(acks.count() as u64);
+    Ok(())
+}
+
+/// [`settle_acks`] when the peer refused some: waits for its transaction,
+/// which records each refusal.
+async fn settle_refusals<'a>(
     shared: &Shared,
     peer: &str,
     acks: impl Iterator<Item = &'a ItemAck> + Clone,
@@ -332,8 +361,5 @@ async fn settle_acks<'a>(
         })
         .await
         .map_err(NodeError::from)?;
-    let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
-    health.entry(peer.to_owned()).or_default().last_contact = Some(SystemTime::now());
-    shared.metrics.transferred.inc_by(acks.count() as u64);
     Ok(())
 }

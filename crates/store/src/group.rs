@@ -25,6 +25,11 @@
 //!   replaying the journal in order finishes every synced group.
 //! - `transact` returns only after its group is synced and in sled: it is
 //!   durable, and a reader outside a transaction sees its writes.
+//! - `transact_unsynced` returns once its writes are in the open group:
+//!   every later transaction reads them, and one that read them (even one
+//!   writing nothing) waits for their group. Alone in the open group, they
+//!   wait at most `UNSYNCED_MAX` for a transaction that waits, then go on
+//!   their own; at close they are written before the journal is emptied.
 //! - A reader outside a transaction may see a group half applied. Writes go
 //!   in (tree, key) order, `meta`, `bodies`, `receipt_log` and `audit` first, chosen
 //!   so that what such a reader follows is there first: a message's signer
@@ -61,8 +66,10 @@ pub(crate) struct State {
     open: Writes,
     /// What the open group's transactions changed, published once it is applied.
     effects: Effects,
-    /// A transaction joined the open group (it may have no writes).
+    /// A transaction that waits joined the open group (it may have no writes).
     joined: bool,
+    /// The open group holds writes nobody waits for ([`Groups::run_unsynced`]).
+    unsynced: bool,
     /// The group being applied, readable until it is in sled.
     applying: Option<Arc<Writes>>,
     /// Number of the open group; groups are numbered from 1.
@@ -80,13 +87,18 @@ impl State {
 
     /// Adds a finished transaction's writes to the open group; returns the
     /// group to wait for. A transaction that wrote nothing still waits for
-    /// the writes it may have read.
-    fn join(&mut self, writes: Writes, effects: Effects, next_id: u64) -> u64 {
+    /// the writes it may have read. `waits`: false for one that does not
+    /// wait ([`Groups::run_unsynced`]).
+    fn join(&mut self, writes: Writes, effects: Effects, next_id: u64, waits: bool) -> u64 {
         self.next_id = next_id;
-        if writes.is_empty() && !self.joined {
+        if writes.is_empty() && !self.joined && !self.unsynced {
             return self.open_id - 1;
         }
-        self.joined = true;
+        if waits {
+            self.joined = true;
+        } else {
+            self.unsynced = true;
+        }
         self.effects.merge(effects);
         self.open.append(writes);
         self.open_id
@@ -161,14 +173,40 @@ impl Groups {
         &self,
         f: impl FnOnce([Option<&Writes>; 2], u64) -> (T, Option<(Writes, Effects, u64)>),
     ) -> (T, u64) {
+        self.join_with(f, true)
+    }
+
+    /// As [`Groups::run`], for a transaction that does not wait: its writes
+    /// ride with the next group a waiting transaction starts, or are
+    /// written [`UNSYNCED_MAX`] later; readers outside a transaction see
+    /// them only then. For writes whose loss in a crash only costs work
+    /// done again.
+    pub(crate) fn run_unsynced<T>(
+        &self,
+        f: impl FnOnce([Option<&Writes>; 2], u64) -> (T, Option<(Writes, Effects, u64)>),
+    ) -> T {
+        self.join_with(f, false).0
+    }
+
+    fn join_with<T>(
+        &self,
+        f: impl FnOnce([Option<&Writes>; 2], u64) -> (T, Option<(Writes, Effects, u64)>),
+        waits: bool,
+    ) -> (T, u64) {
         let mut state = lock(&self.shared.state);
         let (out, done) = f(state.layers(), state.next_id);
         let Some((writes, effects, next_id)) = done else {
             return (out, 0);
         };
-        let id = state.join(writes, effects, next_id);
+        let pending = state.joined || state.unsynced;
+        let id = state.join(writes, effects, next_id, waits);
+        // The applier waits without a timeout while nothing is pending: the
+        // first write nobody waits for wakes it to start its timed wait.
+        let first = !pending && state.unsynced;
         drop(state);
-        self.shared.wake.notify_one();
+        if waits || first {
+            self.shared.wake.notify_one();
+        }
         (out, id)
     }
 
@@ -185,6 +223,9 @@ impl Groups {
     }
 }
 
+/// Longest that writes nobody waits for stay in the open group alone.
+pub(crate) const UNSYNCED_MAX: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn applier(
     shared: &Shared,
     db: &sled::Db,
@@ -197,9 +238,22 @@ fn applier(
         let (group, effects, id) = {
             let mut state = lock(&shared.state);
             while !state.joined && !state.stop {
-                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                if !state.unsynced {
+                    state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                // Only writes nobody waits for: a waiting transaction takes
+                // them along, or they go on their own after a while.
+                let (s, waited) = shared
+                    .wake
+                    .wait_timeout(state, UNSYNCED_MAX)
+                    .unwrap_or_else(|p| p.into_inner());
+                state = s;
+                if waited.timed_out() {
+                    break;
+                }
             }
-            if !state.joined {
+            if !state.joined && !state.unsynced {
                 if let Err(e) = journal.close(db) {
                     tracing::warn!(error = %e, "could not empty the journal at stop; the next open replays it");
                 }
@@ -208,6 +262,7 @@ fn applier(
             let group = Arc::new(std::mem::take(&mut state.open));
             let effects = std::mem::take(&mut state.effects);
             state.joined = false;
+            state.unsynced = false;
             state.applying = Some(group.clone());
             let id = state.open_id;
             state.open_id += 1;

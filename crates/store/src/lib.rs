@@ -347,22 +347,57 @@ impl Store {
         f: impl FnOnce(&Tx<'_>) -> Result<T, TxError>,
     ) -> Result<T, Result<Abort, StoreError>> {
         self.check().map_err(Err)?;
-        let (out, group) = self.inner.groups.run(|layers, next_id| {
-            let tx = Tx::new(&self.inner.trees, layers, next_id, &self.inner.certs);
-            match f(&tx) {
-                Ok(out) => (Ok(out), Some(tx.into_parts())),
-                Err(e) => (Err(e), None),
-            }
-        });
-        let out = match out {
-            Ok(out) => out,
-            Err(TxError(tx::Failed::Abort(a))) => return Err(Ok(a)),
-            Err(TxError(tx::Failed::Storage(e))) => return Err(Err(e.into())),
-        };
+        let (out, group) = self
+            .inner
+            .groups
+            .run(|layers, next_id| self.run_tx(f, layers, next_id));
+        let out = out?;
         // The applier counts and wakes for it once it is in sled, even if
         // this future is dropped here.
         self.inner.groups.applied(group).await.map_err(Err)?;
         Ok(out)
+    }
+
+    /// Runs `f` as [`Store::transact`] does, but returns as soon as its
+    /// writes are in line, without waiting for them to be synced: they
+    /// reach the journal and sled with the next group a waiting transaction
+    /// starts, or on their own at most 100 ms later (also at close). Every
+    /// transaction after it sees them; a reader outside a transaction only
+    /// once they are written. For writes whose loss in a crash costs only
+    /// work done again — an outbox item deleted after the peer took it
+    /// goes again, and the peer answers `DUPLICATE`.
+    ///
+    /// # Errors
+    /// As [`Store::transact`]; a failure to write them later fails the
+    /// store (fail-stop) like any group's.
+    pub fn transact_unsynced<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, TxError>,
+    ) -> Result<T, Result<Abort, StoreError>> {
+        self.check().map_err(Err)?;
+        self.inner
+            .groups
+            .run_unsynced(|layers, next_id| self.run_tx(f, layers, next_id))
+    }
+
+    /// Runs a transaction's closure on the layers below it; its writes,
+    /// effects and next sequence number on success.
+    #[allow(clippy::type_complexity)]
+    fn run_tx<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, TxError>,
+        layers: [Option<&tx::Writes>; 2],
+        next_id: u64,
+    ) -> (
+        Result<T, Result<Abort, StoreError>>,
+        Option<(tx::Writes, tx::Effects, u64)>,
+    ) {
+        let tx = Tx::new(&self.inner.trees, layers, next_id, &self.inner.certs);
+        match f(&tx) {
+            Ok(out) => (Ok(out), Some(tx.into_parts())),
+            Err(TxError(tx::Failed::Abort(a))) => (Err(Ok(a)), None),
+            Err(TxError(tx::Failed::Storage(e))) => (Err(Err(e.into())), None),
+        }
     }
 
     /// Waits until everything committed before this call is on disk.

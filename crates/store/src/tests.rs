@@ -487,6 +487,66 @@ async fn a_cancelled_transaction_still_counts_and_wakes() {
     assert!(!s.over_quota());
 }
 
+/// Writes nobody waits for (`transact_unsynced`): every later transaction
+/// sees them at once, and one that read them waits for them; they reach
+/// sled with the next group a waiting transaction starts, alone after a
+/// while, and at close at the latest.
+#[tokio::test]
+async fn unsynced_writes_ride_with_the_next_group_or_go_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let seqs = {
+        let s = open(dir.path(), 1 << 20);
+        for i in 0..3u8 {
+            s.transact(|tx| tx.push_outbox("health", &[i; 100], Held::Nothing, 0))
+                .await
+                .unwrap();
+        }
+        let seqs: Vec<u64> = s
+            .outbox_batch("health", None, 10)
+            .unwrap()
+            .iter()
+            .map(|(q, _)| *q)
+            .collect();
+        assert_eq!(seqs.len(), 3);
+
+        // Read by the next transaction, which waits for it.
+        assert!(s
+            .transact_unsynced(|tx| tx.drop_outbox("health", seqs[0]))
+            .unwrap());
+        let again = s.transact(|tx| tx.drop_outbox("health", seqs[0])).await.unwrap();
+        assert!(!again, "the next transaction saw the item still there");
+        assert_eq!(s.outbox_batch("health", None, 10).unwrap().len(), 2);
+        assert_eq!(s.queued_bytes(), 200);
+
+        // Alone, it is written all the same.
+        assert!(s
+            .transact_unsynced(|tx| tx.drop_outbox("health", seqs[1]))
+            .unwrap());
+        assert!(
+            poll(|| s.outbox_batch("health", None, 10).unwrap().len() == 1),
+            "an unsynced write alone never reached sled"
+        );
+        assert_eq!(s.queued_bytes(), 100);
+
+        // Closed right after: written before the store lets go.
+        assert!(s
+            .transact_unsynced(|tx| tx.drop_outbox("health", seqs[2]))
+            .unwrap());
+        seqs
+    };
+    let s = open(dir.path(), 1 << 20);
+    assert!(s.outbox_batch("health", None, 10).unwrap().is_empty());
+    assert_eq!(s.queued_bytes(), 0);
+    // An abort keeps nothing, as in a waiting transaction.
+    let aborted = s.transact_unsynced(|tx| {
+        tx.push_outbox("health", &[9; 100], Held::Nothing, 0)?;
+        Err::<(), _>(Abort::Refused("no".into()).into())
+    });
+    assert!(matches!(aborted, Err(Ok(Abort::Refused(_)))));
+    s.transact(|_| Ok(())).await.unwrap();
+    assert!(s.outbox_batch("health", None, 10).unwrap().is_empty(), "{seqs:?}");
+}
+
 /// Copies a store's directory while it is open: what `kill -9` leaves.
 fn crash_copy(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
