@@ -197,12 +197,14 @@ impl Peer for PeerService {
     }
 }
 
-/// Most bytes of the batches handled together, past the first.
+/// Bytes of batches handled together past which no more are taken (the
+/// batch that passes it is the last; one batch alone is bounded by the
+/// stream's message size).
 const MAX_GATHERED_BYTES: usize = 8 << 20;
 
 /// Takes `next` and every batch already waiting behind it on the stream
 /// (the sender keeps a window of batches in flight) that `admit` lets in
-/// (the peer's rate), up to [`MAX_GATHERED_BYTES`]: handled together, they cost one signature for
+/// (the peer's rate), until they pass [`MAX_GATHERED_BYTES`]: handled together, they cost one signature for
 /// their receipts, one transaction and one sync however many there are,
 /// and nothing waits for a batch not yet here. Also returns how the stream
 /// ends, if it does here: `Ok` when the sender closed it, or the status to

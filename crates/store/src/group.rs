@@ -29,7 +29,8 @@
 //!   every later transaction reads them, and one that read them (even one
 //!   writing nothing) waits for their group. Alone in the open group, they
 //!   wait at most `UNSYNCED_MAX` for a transaction that waits, then go on
-//!   their own; at close they are written before the journal is emptied.
+//!   their own; `Store::close` takes them along with a waiting transaction,
+//!   and at drop they are written before the journal is emptied.
 //! - A reader outside a transaction may see a group half applied. Writes go
 //!   in (tree, key) order, `meta`, `bodies`, `receipt_log` and `audit` first, chosen
 //!   so that what such a reader follows is there first: a message's signer

@@ -361,7 +361,8 @@ impl Store {
     /// Runs `f` as [`Store::transact`] does, but returns as soon as its
     /// writes are in line, without waiting for them to be synced: they
     /// reach the journal and sled with the next group a waiting transaction
-    /// starts, or on their own at most 100 ms later (also at close). Every
+    /// starts, or on their own at most 100 ms later (and at `close` or
+    /// drop). Every
     /// transaction after it sees them; a reader outside a transaction only
     /// once they are written. For writes whose loss in a crash costs only
     /// work done again — an outbox item deleted after the peer took it
@@ -1038,11 +1039,17 @@ impl Store {
         self.inner.signals.receipts.clone()
     }
 
-    /// Flushes and waits: for shutdown.
+    /// Writes what is still in line (`transact_unsynced`), flushes and
+    /// waits: for shutdown.
     ///
     /// # Errors
-    /// [`StoreError`] when the flush fails.
+    /// [`StoreError`] when the write or the flush fails.
     pub async fn close(&self) -> Result<(), StoreError> {
+        // A transaction that waits takes the open group along.
+        self.transact(|_| Ok(())).await.map_err(|e| match e {
+            Ok(abort) => StoreError::Poisoned(format!("closing: {abort:?}")),
+            Err(e) => e,
+        })?;
         self.durable().await
     }
 }

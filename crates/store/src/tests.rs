@@ -509,10 +509,25 @@ async fn unsynced_writes_ride_with_the_next_group_or_go_alone() {
             .collect();
         assert_eq!(seqs.len(), 3);
 
-        // Read by the next transaction, which waits for it.
+        // Not written at once: no sync of its own, still in sled. (Only
+        // checked when this thread ran on within 50 ms, well before the
+        // applier would write it alone.)
+        let syncs = s.journal_syncs().count();
+        let started = std::time::Instant::now();
         assert!(s
             .transact_unsynced(|tx| tx.drop_outbox("health", seqs[0]))
             .unwrap());
+        let synced = s.journal_syncs().count();
+        let in_sled = s.outbox_batch("health", None, 10).unwrap().len();
+        if started.elapsed() < std::time::Duration::from_millis(50) {
+            assert_eq!(
+                (synced, in_sled),
+                (syncs, 3),
+                "an unsynced write was synced at once"
+            );
+        }
+
+        // Read by the next transaction, which waits for it.
         let again = s.transact(|tx| tx.drop_outbox("health", seqs[0])).await.unwrap();
         assert!(!again, "the next transaction saw the item still there");
         assert_eq!(s.outbox_batch("health", None, 10).unwrap().len(), 2);
@@ -523,15 +538,24 @@ async fn unsynced_writes_ride_with_the_next_group_or_go_alone() {
             .transact_unsynced(|tx| tx.drop_outbox("health", seqs[1]))
             .unwrap());
         assert!(
-            poll(|| s.outbox_batch("health", None, 10).unwrap().len() == 1),
+            poll(|| s.outbox_batch("health", None, 10).unwrap().len() == 1 && s.queued_bytes() == 100),
             "an unsynced write alone never reached sled"
         );
-        assert_eq!(s.queued_bytes(), 100);
 
-        // Closed right after: written before the store lets go.
+        // Closed right after: `close` writes it.
         assert!(s
             .transact_unsynced(|tx| tx.drop_outbox("health", seqs[2]))
             .unwrap());
+        s.close().await.unwrap();
+        assert!(s.outbox_batch("health", None, 10).unwrap().is_empty());
+        assert_eq!(s.queued_bytes(), 0);
+
+        // Dropped right after another: written before the store lets go.
+        s.transact(|tx| tx.push_outbox("health", &[3; 100], Held::Nothing, 0))
+            .await
+            .unwrap();
+        let last = s.outbox_batch("health", None, 10).unwrap()[0].0;
+        assert!(s.transact_unsynced(|tx| tx.drop_outbox("health", last)).unwrap());
         seqs
     };
     let s = open(dir.path(), 1 << 20);
