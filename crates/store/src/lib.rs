@@ -423,7 +423,7 @@ impl Store {
     }
 
     /// How long each group of transactions took to be written and
-    /// `fdatasync`ed to the journal: every transaction waits for one, so a
+    /// `fdatasync`ed to the journal: every `transact` waits for one, so a
     /// slow or stalling disk shows here first.
     pub fn journal_syncs(&self) -> &antar_core::Histogram {
         &self.inner.signals.journal_syncs

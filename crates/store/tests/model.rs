@@ -15,8 +15,9 @@
 //! Queue order, the queued-bytes count, the dedup set, the log entries
 //! and the log's Merkle root and proofs (read through the stored subtree
 //! cache) are all compared, and so is the expiry index. The child hands
-//! over the states since the last `Durable` as digests, so that a store
-//! that came back as an earlier one says how many transactions it lost.
+//! over the states since the last `Durable` (from the last transaction
+//! that waited before it) as digests, so that a store that came back as
+//! an earlier one says how many transactions it lost.
 //!
 //! It is a `kill -9` model (the page cache survives), not a power cut.
 //! sled writes each full 512 KiB buffer from a background thread, which
@@ -548,8 +549,9 @@ struct Job {
     ops: Vec<Op>,
     /// The first op to run.
     step: usize,
-    /// After a crash: digests of the model at the last `Durable` and after
-    /// each transaction since; the store must be one from `must` on (the
+    /// After a crash: digests of the model at the last `Durable` (or at the
+    /// last transaction that waited before it, when unsynced ones followed)
+    /// and after each transaction since; the store must be one from `must` on (the
     /// last, or one that lacks only unsynced transactions at the end).
     /// Empty for a new store.
     candidates: Vec<u64>,
@@ -586,8 +588,8 @@ fn digest(state: &State) -> u64 {
 }
 
 /// Runs `ops`, one child process per crash; returns, for each crash, how
-/// many transactions since the last `Durable` came back (all, or a child
-/// fails).
+/// many transactions since the last `Durable` came back (all but unsynced
+/// ones at the end, or a child fails).
 fn run(ops: &[Op]) -> Vec<usize> {
     let tmp = tempfile::tempdir().unwrap();
     let mut job = Job {
@@ -725,7 +727,7 @@ fn child_steps(job: &Job) {
         let got = observe(&store);
         let Some(k) = job.candidates.iter().rposition(|d| *d == digest(&got)) else {
             panic!(
-                "step {}: after the crash the store matches no state since the last Durable \
+                "step {}: after the crash the store matches no state since the last Durable (or the last waiting transaction before it) \
                  (digest {:x}, candidates {:x?})\ngot {got:?}\n{}",
                 job.step - 1,
                 digest(&got),
