@@ -279,8 +279,7 @@ async fn settle_acks<'a>(
     peer: &str,
     acks: impl Iterator<Item = &'a ItemAck> + Clone,
 ) -> Result<(), SessionError> {
-    let plain = |a: &ItemAck| a.status != CustodyStatus::Rejected as i32 && a.reason.is_empty();
-    if acks.clone().all(plain) {
+    if acks.clone().all(custody_passed) {
         // Custody passed for all: the items go, and nothing waits for that
         // to be synced. Lost in a crash, they go again and the peer
         // answers DUPLICATE.
@@ -300,6 +299,11 @@ async fn settle_acks<'a>(
     Ok(())
 }
 
+/// A plain STORED or DUPLICATE: custody passed, the item goes unread.
+fn custody_passed(a: &ItemAck) -> bool {
+    a.status != CustodyStatus::Rejected as i32 && a.reason.is_empty()
+}
+
 /// [`settle_acks`] when the peer refused some: waits for its transaction,
 /// which records each refusal.
 async fn settle_refusals<'a>(
@@ -312,12 +316,11 @@ async fn settle_refusals<'a>(
         .store
         .transact(|tx| {
             for a in acks.clone() {
-                // A plain STORED or DUPLICATE: custody passed, the item goes unread.
-                let rejected = a.status == CustodyStatus::Rejected as i32;
-                if !rejected && a.reason.is_empty() {
+                if custody_passed(a) {
                     tx.drop_outbox(peer, a.seq)?;
                     continue;
                 }
+                let rejected = a.status == CustodyStatus::Rejected as i32;
                 let Some(item) = tx.remove_outbox(peer, a.seq)? else {
                     continue;
                 };
