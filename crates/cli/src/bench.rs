@@ -28,7 +28,7 @@ use crate::machine::CpuTimes;
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=… signs_per_msg=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=… signs_per_msg=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsigns_per_msg: Ed25519 signatures all the nodes made per message\n(antar_signatures_total), checkpoints included: 4 without the batch switches\nwhen the app acks every message (--receipts none or processed; 3 to 4 with\ndelivered, whose run may end before the last acks); under load with both\n--batch-signatures and --batch-envelopes, below 1.\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --rate 2000 --duration 30 --warmup 2                  # the same, latencies of a running node only\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=… signs_per_msg=… warmup_s=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=… signs_per_msg=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits), but\nfor the sends started in the first --warmup seconds (warmup_s).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsigns_per_msg: Ed25519 signatures all the nodes made per message\n(antar_signatures_total), checkpoints included: 4 without the batch switches\nwhen the app acks every message (--receipts none or processed; 3 to 4 with\ndelivered, whose run may end before the last acks); under load with both\n--batch-signatures and --batch-envelopes, below 1.\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -37,6 +37,13 @@ pub struct BenchArgs {
     /// Stop sending after this many seconds (the run then waits for what was sent).
     #[arg(long)]
     duration: Option<u64>,
+    /// Leave out of the latencies the sends started in the run's first
+    /// this many seconds: a new node's first writes (new sled trees and
+    /// files, its first journal segments, new connections) are slower
+    /// than a running node's. Throughput and CPU figures still count
+    /// every message. Default: 0, every send counts.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 1024)]
     size: usize,
@@ -239,11 +246,20 @@ struct Progress {
     target: AtomicU64,
     /// `SendBatch` calls made.
     batch_calls: AtomicU64,
+    /// Sends started before this instant (ns since the epoch) are the
+    /// warm-up: their latencies are not recorded.
+    record_from_ns: AtomicU64,
 }
 
 impl Progress {
     fn finished(&self) -> bool {
         self.done.load(Ordering::Relaxed) >= self.target.load(Ordering::Relaxed)
+    }
+
+    /// Whether the latency of a send started at `start_ns` is recorded
+    /// (it started after the warm-up).
+    fn measured(&self, start_ns: u64) -> bool {
+        start_ns >= self.record_from_ns.load(Ordering::Relaxed)
     }
 }
 
@@ -256,7 +272,8 @@ fn delivered(
 ) -> anyhow::Result<wire::Envelope> {
     let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope.as_slice())?;
     if let Some(hist) = hist {
-        if let Some(ts) = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok()) {
+        let ts = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok());
+        if let Some(ts) = ts.filter(|&ts| progress.measured(ts)) {
             lock(hist).saturating_record(now_ns().saturating_sub(ts) / 1_000);
         }
         progress.done.fetch_add(1, Ordering::Relaxed);
@@ -486,7 +503,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let keep = receipt_status.is_some();
         move |resp: wire::SendResponse, start_ns: u64| {
             progress.sent.fetch_add(1, Ordering::Relaxed);
-            lock(&accepted).saturating_record(now_ns().saturating_sub(start_ns) / 1_000);
+            if progress.measured(start_ns) {
+                lock(&accepted).saturating_record(now_ns().saturating_sub(start_ns) / 1_000);
+            }
             if keep {
                 if let Some(id) = resp.message_ids.into_iter().next() {
                     lock(&starts).insert(id, start_ns);
@@ -496,6 +515,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let start_ns = now_ns();
+    let warmup_ns = args.warmup.saturating_mul(1_000_000_000);
+    progress
+        .record_from_ns
+        .store(start_ns.saturating_add(warmup_ns), Ordering::Relaxed);
     let cpu_start = cpu_secs();
     let machine_start = CpuTimes::now();
     let sending_for = args.duration.map(Duration::from_secs);
@@ -543,7 +567,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             // before; its latency counts from then. Unary: each is sent at
             // its instant. Batched: the due sends queue, and each of the
             // senders takes what has queued whenever it is free.
-            let start_ns = now_ns();
             let interval = 1e9 / rate.max(1) as f64;
             let (due_tx, due_rx) = mpsc::unbounded_channel::<(u64, u64)>();
             let agency = sender.agency();
@@ -675,7 +698,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let starts = lock(&starts);
         let mut hist = lock(&hist);
         for (id, at) in arrivals {
-            if let Some(s) = starts.get(&id) {
+            if let Some(s) = starts.get(&id).filter(|&&s| progress.measured(s)) {
                 hist.saturating_record(at.saturating_sub(*s) / 1_000);
             }
         }
@@ -734,7 +757,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms} signs_per_msg={signs_per_msg:.2} {machine_fields}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms} signs_per_msg={signs_per_msg:.2} warmup_s={} {machine_fields}",
             args.kind,
             args.size,
             args.receipts,
@@ -745,7 +768,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             pct(0.50),
             pct(0.99),
             send_pct(0.50),
-            send_pct(0.99)
+            send_pct(0.99),
+            args.warmup
         );
     }
     if let Some(path) = &args.json {
@@ -755,7 +779,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "offered_per_s": args.rate, "senders": n_senders, "batch": args.batch, "ack_batch": ack_batch, "hops": hops, "kind": args.kind,
             "receipts": args.receipts, "batch_signatures": args.batch_signatures,
             "batch_envelopes": args.batch_envelopes,
-            "messages": total, "size": args.size,
+            "messages": total, "size": args.size, "warmup_s": args.warmup,
             "calls": if args.batch > 1 { progress.batch_calls.load(Ordering::Relaxed) } else { total },
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
             "cpu_us_per_msg": cpu_us_per_msg,

@@ -153,6 +153,8 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     let signatures = report["signatures"]["count"].as_u64().unwrap();
     assert!((240..=244).contains(&signatures), "{report}");
     assert!(result.contains(" signs_per_msg=4.0"), "{result}");
+    // No warm-up unless asked: every message's latency is recorded.
+    assert!(result.contains(" warmup_s=0 "), "{result}");
     // The machine it ran on, measured before the nodes started.
     let machine = &report["machine"];
     for rate in ["ed25519_sign_per_s", "ed25519_verify_per_s"] {
@@ -202,6 +204,24 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     assert_eq!(report["send_latency_ms"]["samples"], 300, "{report}");
     let calls = report["calls"].as_u64().unwrap();
     assert!((300 / 16..=300).contains(&calls), "{report}");
+
+    // With a warm-up: every send is made and counted, but only those due
+    // from the first second on (i / 300 >= 1) have latencies.
+    let (result, report) = bench(&[
+        "--rate",
+        "300",
+        "--duration",
+        "2",
+        "--warmup",
+        "1",
+        "--batch",
+        "16",
+    ]);
+    assert!(result.contains(" warmup_s=1 "), "{result}");
+    assert_eq!(report["warmup_s"], 1, "{report}");
+    assert_eq!(report["messages"], 600, "{report}");
+    assert_eq!(report["latency_ms"]["samples"], 300, "{report}");
+    assert_eq!(report["send_latency_ms"]["samples"], 300, "{report}");
 
     // The recipient down while 60 are sent, then up: they all drain.
     let (result, report) = bench(&["--peer-down", "--messages", "60", "--senders", "4"]);
