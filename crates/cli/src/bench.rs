@@ -28,7 +28,7 @@ use crate::machine::CpuTimes;
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --rate 2000 --duration 30 --warmup 2                  # the same, latencies of a running node only\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=… signs_per_msg=… warmup_s=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=… signs_per_msg=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits), but\nfor the sends started in the first --warmup seconds (warmup_s).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends.\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsigns_per_msg: Ed25519 signatures all the nodes made per message\n(antar_signatures_total), checkpoints included: 4 without the batch switches\nwhen the app acks every message (--receipts none or processed; 3 to 4 with\ndelivered, whose run may end before the last acks); under load with both\n--batch-signatures and --batch-envelopes, below 1.\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --rate 2000 --duration 30 --warmup 2                  # the same, latencies of a running node only\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=… signs_per_msg=… warmup_s=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=… signs_per_msg=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits),\nexcept for the sends started in the first --warmup seconds (warmup_s).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends (also without the warm-up).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsigns_per_msg: Ed25519 signatures all the nodes made per message\n(antar_signatures_total), checkpoints included: 4 without the batch switches\nwhen the app acks every message (--receipts none or processed; 3 to 4 with\ndelivered, whose run may end before the last acks); under load with both\n--batch-signatures and --batch-envelopes, below 1.\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -40,9 +40,10 @@ pub struct BenchArgs {
     /// Leave out of the latencies the sends started in the run's first
     /// this many seconds: a new node's first writes (new sled trees and
     /// files, its first journal segments, new connections) are slower
-    /// than a running node's. Throughput and CPU figures still count
-    /// every message. Default: 0, every send counts.
-    #[arg(long, default_value_t = 0)]
+    /// than a running node's. Every figure but the latencies still counts
+    /// every message. Must be shorter than --duration. Default: 0, every
+    /// send's latency counts.
+    #[arg(long, default_value_t = 0, conflicts_with = "peer_down")]
     warmup: u64,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 1024)]
@@ -396,6 +397,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(duration) = args.duration {
+        anyhow::ensure!(
+            args.warmup < duration,
+            "--warmup {}: must be shorter than --duration {duration}, or no send's latency is recorded",
+            args.warmup
+        );
+    }
     let n_senders = args.senders.unwrap_or(if args.rate.is_some() && args.batch > 1 {
         2
     } else {
@@ -567,14 +575,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             // before; its latency counts from then. Unary: each is sent at
             // its instant. Batched: the due sends queue, and each of the
             // senders takes what has queued whenever it is free.
-            let interval = 1e9 / rate.max(1) as f64;
             let (due_tx, due_rx) = mpsc::unbounded_channel::<(u64, u64)>();
             let agency = sender.agency();
             let (payload, sent) = (payload.clone(), sent.clone());
             senders.spawn(async move {
                 let mut inflight = tokio::task::JoinSet::new();
                 for i in 0..limit {
-                    let due = Duration::from_nanos((i as f64 * interval) as u64);
+                    // In integers: send `rate` is due at exactly one second.
+                    let due = Duration::from_nanos(
+                        (u128::from(i) * 1_000_000_000 / u128::from(rate.max(1))) as u64,
+                    );
                     if sending_for.is_some_and(|d| due >= d) {
                         break;
                     }
@@ -721,6 +731,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
 
     let hist = lock(&hist).clone();
+    if args.warmup > 0 && !args.peer_down {
+        anyhow::ensure!(
+            !hist.is_empty(),
+            "--warmup {}: every send started in the warm-up, so no latency was recorded; send for longer (--messages, --duration) or shorten --warmup",
+            args.warmup
+        );
+    }
     let pct = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
     let accepted = lock(&accepted).clone();
     let send_pct = |q: f64| accepted.value_at_quantile(q) as f64 / 1e3;
