@@ -87,60 +87,44 @@ fn client_without_connection_says_what_to_pass() {
 #[test]
 fn bench_refuses_a_warmup_that_leaves_nothing_to_measure() {
     let dir = tempfile::tempdir().unwrap();
+    // Runs `antar bench ARGS --dir DIR/sub`, which must fail; its stderr.
+    let refused = |args: &[&str], sub: &str| {
+        let out = antar()
+            .arg("bench")
+            .args(args)
+            .arg("--dir")
+            .arg(dir.path().join(sub))
+            .env("ANTAR_LOG", "error")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("RESULT"),
+            "{args:?}"
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
     // As long as the run: no send would have a latency. Refused before any
     // node starts.
-    let out = antar()
-        .args([
-            "bench",
-            "--rate",
-            "300",
-            "--duration",
-            "1",
-            "--warmup",
-            "1",
-            "--dir",
-        ])
-        .arg(dir.path().join("fed"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (_, err) = refused(&["--rate", "300", "--duration", "1", "--warmup", "1"], "open");
     assert!(
         err.contains("--warmup 1: must be shorter than --duration 1"),
         "{err}"
     );
-    assert!(!dir.path().join("fed").exists(), "nothing was set up");
+    assert!(!dir.path().join("open").exists(), "nothing was set up");
     // A closed loop that ends inside its warm-up fails rather than print
     // empty percentiles.
-    let out = antar()
-        .args([
-            "bench",
-            "--messages",
-            "8",
-            "--senders",
-            "2",
-            "--warmup",
-            "60",
-            "--dir",
-        ])
-        .arg(dir.path().join("closed"))
-        .env("ANTAR_LOG", "error")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (_, err) = refused(&["--messages", "8", "--senders", "2", "--warmup", "60"], "closed");
     assert!(
         err.contains("--warmup 60: every send started in the warm-up"),
         "{err}"
     );
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("RESULT"));
     // The queue test measures no latency.
-    let out = antar()
-        .args(["bench", "--peer-down", "--warmup", "1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = refused(&["--peer-down", "--warmup", "1"], "queue");
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--warmup") && err.contains("--peer-down"), "{err}");
 }
 
