@@ -87,7 +87,8 @@ fn client_without_connection_says_what_to_pass() {
 #[test]
 fn bench_refuses_a_warmup_that_leaves_nothing_to_measure() {
     let dir = tempfile::tempdir().unwrap();
-    // Runs `antar bench ARGS --dir DIR/sub`, which must fail; its stderr.
+    // Runs `antar bench ARGS --dir DIR/sub`, which must fail without a
+    // RESULT line; its exit code and stderr.
     let refused = |args: &[&str], sub: &str| {
         let out = antar()
             .arg("bench")
