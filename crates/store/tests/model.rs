@@ -559,8 +559,10 @@ struct Job {
     next_id: u64,
     /// Where the child writes its [`Report`].
     report: PathBuf,
-    /// Where the child at a crash writes the durable and current model, for
-    /// the next child's failure message.
+    /// Where the child at a crash writes the model at the last `Durable`
+    /// and the current one, for the next child's failure message (a crash
+    /// may lose unsynced takes just before that `Durable`: the candidates,
+    /// not this text, say what may come back).
     expected: PathBuf,
 }
 
@@ -768,7 +770,11 @@ fn child_steps(job: &Job) {
             }
             Op::Sleep => std::thread::sleep(Duration::from_millis(200)),
             Op::Crash => {
-                std::fs::write(&job.expected, format!("durable {durable:?}\nnow {model:?}")).unwrap();
+                std::fs::write(
+                    &job.expected,
+                    format!("at the last Durable (unsynced takes just before it included) {durable:?}\nnow {model:?}"),
+                )
+                .unwrap();
                 let next = Next {
                     step: step + 1,
                     candidates: since_flush,
