@@ -50,6 +50,63 @@ async fn receive_exactly(app: &antar_client::Client, ids: &[String], secs: u64) 
     assert_eq!(unique.len(), got.len(), "a message arrived twice");
 }
 
+/// Sends health a notice that opens the stream and waits for its delivery,
+/// sets the link to `mode`, then sends one with a TTL of `ttl_secs`;
+/// returns both ids.
+async fn delivered_then_with_ttl(
+    finance: &antar_client::Client,
+    proxy: &LinkProxy,
+    mode: LinkMode,
+    ttl_secs: i64,
+) -> (String, String) {
+    let first = send(finance, notice("health", "tax.notice", b"opens the stream")).await;
+    until_state(finance, &first, wire::MessageState::Delivered, 10).await;
+    proxy.set(mode);
+    let second = send(
+        finance,
+        wire::SendRequest {
+            ttl: Some(antar_proto::prost_types::Duration {
+                seconds: ttl_secs,
+                nanos: 0,
+            }),
+            ..notice("health", "tax.notice", b"sent with a TTL")
+        },
+    )
+    .await;
+    (first, second)
+}
+
+/// Asserts that finance still holds `id` queued for `peer`, in doubt past
+/// its TTL: `ACCEPTED`, the only item in the outbox.
+async fn still_in_doubt(finance: &antar_client::Client, admin: &antar_client::Client, id: &str, peer: &str) {
+    let t = track(finance, id).await;
+    assert_eq!(
+        t.state,
+        wire::MessageState::Accepted as i32,
+        "reason {:?}",
+        t.reason
+    );
+    assert_eq!(backlog(admin, peer).await, 1);
+}
+
+/// Once the link is back: `first` and `doubtful` reach health's app, each
+/// once, and `doubtful` ends `PROCESSED` without any `EXPIRED` receipt.
+async fn arrives_once_unexpired(
+    fed: &Federation,
+    finance: &antar_client::Client,
+    first: String,
+    doubtful: &str,
+) {
+    let health = fed.app("health").await;
+    receive_exactly(&health, &[first, doubtful.to_owned()], 20).await;
+    let t = until_state(finance, doubtful, wire::MessageState::Processed, 15).await;
+    let statuses: Vec<i32> = verified_statuses(fed, &t).into_iter().map(|s| s.0).collect();
+    assert!(
+        !statuses.contains(&(wire::ReceiptStatus::Expired as i32)),
+        "{statuses:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_or_stalled_link_delays_delivery_and_loses_nothing() {
     let fed = Federation::standard();
@@ -115,41 +172,17 @@ async fn an_envelope_in_flight_when_its_link_stalls_is_not_expired_but_goes_agai
     let nodes = vec![fed.start_with(config).await, fed.start("health").await];
     let finance = fed.app("finance").await;
     let admin = fed.admin("finance").await;
-    let health = fed.app("health").await;
 
     // The stream to health is open, then the link stalls under it.
-    let first = send(&finance, notice("health", "tax.notice", b"opens the stream")).await;
-    until_state(&finance, &first, wire::MessageState::Delivered, 10).await;
-    proxy.set(LinkMode::Stall);
-    let doubtful = send(
-        &finance,
-        wire::SendRequest {
-            ttl: Some(antar_proto::prost_types::Duration { seconds: 1, nanos: 0 }),
-            ..notice("health", "tax.notice", b"sent into the stall")
-        },
-    )
-    .await;
+    let (first, doubtful) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Stall, 1).await;
     // Its TTL passes, the stream times out, reconnections stall: the
     // sweeper (every 200 ms here) has had many chances.
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     assert!(get(&scrape(&fed, "finance").await, "antar_transfer_retries_total") >= 1.0);
-    let t = track(&finance, &doubtful).await;
-    assert_eq!(
-        t.state,
-        wire::MessageState::Accepted as i32,
-        "reason {:?}",
-        t.reason
-    );
-    assert_eq!(backlog(&admin, "health").await, 1);
+    still_in_doubt(&finance, &admin, &doubtful, "health").await;
 
     proxy.set(LinkMode::Up);
-    receive_exactly(&health, &[first, doubtful.clone()], 20).await;
-    let t = until_state(&finance, &doubtful, wire::MessageState::Processed, 15).await;
-    let statuses: Vec<i32> = verified_statuses(&fed, &t).into_iter().map(|s| s.0).collect();
-    assert!(
-        !statuses.contains(&(wire::ReceiptStatus::Expired as i32)),
-        "{statuses:?}"
-    );
+    arrives_once_unexpired(&fed, &finance, first, &doubtful).await;
     let dead = admin
         .admin()
         .list_dead_letters(wire::ListDeadLettersRequest::default())
@@ -161,4 +194,69 @@ async fn an_envelope_in_flight_when_its_link_stalls_is_not_expired_but_goes_agai
     for n in nodes {
         n.stop().await.unwrap();
     }
+}
+
+/// The same across a crash. What the forwarder sent before a `kill -9`
+/// stays in doubt after the restart (the store holds a reservation at or
+/// above every item sent to a peer), so past its TTL it is still not
+/// expired, and goes again once the link is back. An envelope queued after
+/// the restart and never sent expires as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_in_doubt_when_its_node_crashes_is_not_expired_after_the_restart() {
+    let fed = Federation::standard();
+    let (proxy, config) = finance_through_proxy(&fed, "health").await;
+    let crashed = fed.spawn_with(config.clone());
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let (first, doubtful) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Stall, 1).await;
+    // Sent into the open stream, or about to be: either way the store's
+    // reservation (taken when `first` went) covers it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    crashed.kill9();
+
+    // Back with the link cut: nothing it sends from now on leaves.
+    proxy.set(LinkMode::Cut);
+    let finance_node = fed.spawn_with(config);
+    let finance = fed.app("finance").await;
+    let admin = fed.admin("finance").await;
+    let fresh = send(
+        &finance,
+        wire::SendRequest {
+            ttl: Some(antar_proto::prost_types::Duration { seconds: 1, nanos: 0 }),
+            ..notice("health", "tax.notice", b"queued after the restart")
+        },
+    )
+    .await;
+    // Both TTLs pass; the sweeper (every 200 ms here) has many chances.
+    until_state(&finance, &fresh, wire::MessageState::Expired, 10).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    still_in_doubt(&finance, &admin, &doubtful, "health").await;
+
+    proxy.set(LinkMode::Up);
+    arrives_once_unexpired(&fed, &finance, first, &doubtful).await;
+    assert!(finance_node.terminate().success());
+    health_node.stop().await.unwrap();
+}
+
+/// After a clean stop the node knows exactly what it sent: an envelope
+/// queued before the stop and never sent (the link was cut) expires at its
+/// TTL after the restart, although the reservation taken when an earlier
+/// message went covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_clean_stop_an_envelope_never_sent_still_expires() {
+    let fed = Federation::standard();
+    let (proxy, config) = finance_through_proxy(&fed, "health").await;
+    let node = fed.start_with(config.clone()).await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+
+    let (_, queued) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Cut, 2).await;
+    node.stop().await.unwrap();
+
+    let node = fed.start_with(config).await;
+    let finance = fed.app("finance").await;
+    let t = until_state(&finance, &queued, wire::MessageState::Expired, 10).await;
+    assert_eq!(t.reason, "expired");
+    node.stop().await.unwrap();
+    health_node.stop().await.unwrap();
 }

@@ -120,6 +120,11 @@ pub(crate) async fn sweep_expired(shared: &Shared) -> Result<usize, NodeError> {
     let due = shared
         .store
         .expired_sparing(now, 512, |peer| sent.get(peer).copied())?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    // No forwarder reads its outbox meanwhile (`Shared::sending`).
+    let _alone = shared.sending.write().await;
     expire(shared, &due).await
 }
 

@@ -81,6 +81,17 @@ impl From<NodeError> for Status {
     }
 }
 
+/// The store failure of a transaction whose closure refuses nothing (it
+/// only marks or notes): what else it could return says what went wrong.
+pub(crate) fn store_failure(
+    e: Result<antar_store::Abort, antar_store::StoreError>,
+) -> antar_store::StoreError {
+    match e {
+        Err(e) | Ok(antar_store::Abort::Corrupt(e)) => e,
+        Ok(other) => antar_store::StoreError::Poisoned(format!("{other:?}")),
+    }
+}
+
 impl From<Result<antar_store::Abort, antar_store::StoreError>> for NodeError {
     fn from(e: Result<antar_store::Abort, antar_store::StoreError>) -> Self {
         match e {

@@ -104,6 +104,9 @@ async fn session(
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Until what is read is marked sent (below): the sweeper
+            // expires nothing meanwhile.
+            let reading = shared.sending.read().await;
             let items = shared.store.outbox_queued(peer, cursor, limits.batch_size)?;
             // What is past its TTL is not sent: it expires here, now (an
             // EXPIRED receipt, a dead letter), not at the sweeper's next
@@ -141,8 +144,15 @@ async fn session(
                     cursor = Some(seq);
                 }
                 // Spared from expiry from here on: sent, or about to be.
-                if let Some(last) = cursor {
-                    shared.mark_sent(peer, last);
+                // Across a restart too: the store's reservation covers
+                // them before they go (`sent.rs`).
+                let reserve = cursor.and_then(|last| shared.mark_sending(peer, last));
+                drop(reading);
+                if let Some(reserved) = reserve {
+                    crate::sent::reserve(&shared.store, peer, reserved)
+                        .await
+                        .map_err(|e| SessionError(format!("recording what may be sent to {peer}: {e}")))?;
+                    shared.reserved_sent(peer, reserved);
                 }
                 // Only durable items leave the node: an item committed but not
                 // yet flushed could reach the peer and then vanish here in a
@@ -155,6 +165,7 @@ async fn session(
                 in_flight.push_back((Instant::now(), seqs));
                 continue;
             }
+            drop(reading);
             tokio::select! {
                 _ = notified => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,

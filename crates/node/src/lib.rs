@@ -17,6 +17,7 @@ mod metrics;
 mod net;
 mod peer;
 mod rate;
+mod sent;
 mod state;
 mod trace;
 mod witness;
@@ -263,6 +264,7 @@ impl Node {
             journal_segment_bytes: config.limits.journal_segment_bytes,
         })?;
         let legacy_seen_until = state::SeenReceipts::legacy(&store).await?;
+        let sent = sent::SentMarks::load(&store).await?;
         let shared = Arc::new(state::Shared {
             policy: RwLock::new(Arc::new(state::Policy::from_config(&config))),
             agency,
@@ -291,7 +293,8 @@ impl Node {
             identities: Default::default(),
             legacy_seen_until,
             calls: state::Calls::default(),
-            sent: Mutex::default(),
+            sent: Mutex::new(sent),
+            sending: tokio::sync::RwLock::default(),
         });
         let token = shared.shutdown.clone();
         let reload = {
@@ -462,8 +465,16 @@ impl Node {
         for t in servers {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
+        let mut stopped = true;
         for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            stopped &= tokio::time::timeout(Duration::from_secs(10), t).await.is_ok();
+        }
+        // No forwarder sends any more: what each sent is exactly known.
+        if stopped {
+            let marks = std::mem::take(&mut *shared.sent.lock().unwrap_or_else(|p| p.into_inner()));
+            if let Err(e) = sent::record_exact(&shared.store, &marks).await {
+                tracing::warn!(error = %e, "could not record what was sent to each peer; the next start spares up to the reservations");
+            }
         }
         shared.store.close().await?;
         // Tasks spawned per stream hold the shared state, and with it the

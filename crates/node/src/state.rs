@@ -345,11 +345,7 @@ impl SeenReceipts {
                 store
                     .transact(|tx| tx.mark_seen(SINCE, &key))
                     .await
-                    .map_err(|e| match e {
-                        Err(e) | Ok(antar_store::Abort::Corrupt(e)) => e,
-                        // `mark_seen` refuses nothing.
-                        Ok(other) => antar_store::StoreError::Poisoned(format!("{other:?}")),
-                    })?;
+                    .map_err(crate::error::store_failure)?;
                 now
             }
         };
@@ -405,9 +401,15 @@ pub(crate) struct Shared {
     pub(crate) envelope_queue: Together<(Vec<u8>, SystemTime), SignedEnvelope>,
     /// `Call`s waiting for their RESPONSE.
     pub(crate) calls: Calls,
-    /// Per peer, the last outbox item its forwarder has sent, on any
-    /// stream since this node started ([`Shared::sent_upto`]).
-    pub(crate) sent: Mutex<HashMap<String, u64>>,
+    /// Per peer, the outbox items its forwarder may have sent
+    /// ([`Shared::sent_upto`]).
+    pub(crate) sent: Mutex<crate::sent::SentMarks>,
+    /// Held (shared) by a forwarder from reading its outbox until it has
+    /// marked what it read as sent, and (alone) by the sweeper while it
+    /// expires items: so the sweeper never expires an item a forwarder has
+    /// read to send, and a forwarder never reads one the sweeper is
+    /// expiring but has not yet removed from sled.
+    pub(crate) sending: tokio::sync::RwLock<()>,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
     /// When the store holds receipts an older build marked seen by their
@@ -419,22 +421,27 @@ pub(crate) struct Shared {
 impl Shared {
     /// Every peer's [`Shared::sent_upto`], as they are now.
     pub(crate) fn sent_snapshot(&self) -> HashMap<String, u64> {
-        lock(&self.sent).clone()
+        lock(&self.sent).snapshot()
     }
 
-    /// The last of `peer`'s outbox items sent to it since this node
-    /// started. One at or before it is never expired (neither by the
-    /// sweeper nor by the forwarder): the peer may hold it already, so it
-    /// goes again, and the peer answers DUPLICATE or takes it.
+    /// The last of `peer`'s outbox items that may have been sent to it
+    /// ([`crate::sent::SentMarks`]). One at or before it is never expired (neither by
+    /// the sweeper nor by the forwarder): the peer may hold it already, so
+    /// it goes again, and the peer answers DUPLICATE or takes it.
     pub(crate) fn sent_upto(&self, peer: &str) -> Option<u64> {
-        lock(&self.sent).get(peer).copied()
+        lock(&self.sent).upto(peer)
     }
 
-    /// `peer`'s items up to `seq` have been sent.
-    pub(crate) fn mark_sent(&self, peer: &str, seq: u64) {
-        let mut sent = lock(&self.sent);
-        let upto = sent.entry(peer.to_owned()).or_insert(seq);
-        *upto = (*upto).max(seq);
+    /// Marks `peer`'s items up to `seq` sent
+    /// ([`crate::sent::SentMarks::mark_sending`]).
+    pub(crate) fn mark_sending(&self, peer: &str, seq: u64) -> Option<u64> {
+        lock(&self.sent).mark_sending(peer, seq)
+    }
+
+    /// The store holds `reserved` for `peer`
+    /// ([`crate::sent::SentMarks::reserved`]).
+    pub(crate) fn reserved_sent(&self, peer: &str, reserved: u64) {
+        lock(&self.sent).reserved(peer, reserved);
     }
 
     pub(crate) fn limits(&self) -> &Limits {

@@ -128,6 +128,8 @@ struct Inner {
     node_filler: Mutex<()>,
     /// Signer certificates of message records and cut values, as read from sled.
     certs: certs::Cache,
+    /// The first sequence number this opening hands out ([`Store::first_seq`]).
+    first_seq: u64,
 }
 
 /// Removes the files in sled's `blobs` directory of a store sled
@@ -330,6 +332,7 @@ impl Store {
                 journal_checkpoints,
                 node_filler: Mutex::default(),
                 certs,
+                first_seq: next_id,
             }),
         })
     }
@@ -908,6 +911,30 @@ impl Store {
             .next()
             .transpose()?;
         Ok(first.map(|(k, _)| k[prefix.len()..].to_vec()))
+    }
+
+    /// Every (key, value) noted in `namespace` ([`Tx::note`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn notes(&self, namespace: &str) -> Result<Vec<KeyValue>, StoreError> {
+        let prefix = keys::prefixed(namespace);
+        self.inner.trees[keys::SEEN]
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k[prefix.len()..].to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// The first sequence number (of an outbox item, an inbox entry, a
+    /// receipt-log cursor) handed out since this store was opened: every
+    /// number of a group synced before — so every one a reader or a peer
+    /// could have seen — is lower (a group a crash lost may have handed
+    /// out numbers that are handed out again).
+    pub fn first_seq(&self) -> u64 {
+        self.inner.first_seq
     }
 
     /// A value of the log's metadata (witness state), by key.

@@ -1,0 +1,190 @@
+//! What each forwarder may have sent: outbox items never to expire, because
+//! the peer may hold them (an envelope it delivered, its custody ack lost
+//! to a stalled link). Expiring one could give a message both a DELIVERED
+//! and an EXPIRED receipt.
+//!
+//! While the node runs, a peer's mark is exact: the last item sent to it.
+//! Across a crash it is kept through a *reservation*: before a forwarder
+//! sends an item above the reservation the store holds for its peer, it
+//! raises it to the item's number plus [`RESERVE`], synced. So the store's
+//! reservation is at or above every item ever sent to that peer. At start
+//! the mark is the reservation, but below [`Store::first_seq`]: every item
+//! queued before the restart up to the reservation counts as sent (some
+//! were not: those stay queued past their TTL until the peer answers
+//! again), and an item queued since is sent or expires as usual. A clean
+//! stop records the exact marks, so the cost stays with crashes.
+//!
+//! Sequence numbers are node-wide (outbox items, inbox entries, receipt
+//! cursors), so a reservation covers fewer than [`RESERVE`] of one peer's
+//! items. One forwarder per peer marks and reserves.
+
+use std::collections::HashMap;
+
+use antar_store::{Store, StoreError};
+
+use crate::error::store_failure;
+
+/// The `seen` namespace holding, per peer (the key), its reservation (u64
+/// BE).
+pub(crate) const SENT: &str = "sent";
+
+/// The `seen` namespace whose one key is the first sequence number of the
+/// first start that kept reservations (u64 BE).
+const SINCE: &str = "sent-reserved-since";
+
+/// How far past the item it sends a forwarder reserves: one synced write
+/// per this many sequence numbers.
+const RESERVE: u64 = 1 << 14;
+
+/// Per peer, the last item that may have been sent, and the reservation
+/// the store holds.
+#[derive(Debug, Default)]
+pub(crate) struct SentMarks {
+    upto: HashMap<String, u64>,
+    reserved: HashMap<String, u64>,
+}
+
+impl SentMarks {
+    /// The marks a node starts with, from the reservations in `store`. On
+    /// the first start of a build that keeps them, every item queued counts
+    /// as sent: an older build may have sent any of them.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub(crate) async fn load(store: &Store) -> Result<Self, StoreError> {
+        let before = store.first_seq().saturating_sub(1);
+        let mut marks = Self::default();
+        if store.seen_first(SINCE)?.is_none() {
+            for (peer, _) in store.outbox_depths() {
+                marks.start(peer, u64::MAX, before);
+            }
+            let key = before.to_be_bytes();
+            store
+                .transact(|tx| tx.mark_seen(SINCE, &key))
+                .await
+                .map_err(store_failure)?;
+        }
+        for (peer, value) in store.notes(SENT)? {
+            let peer = String::from_utf8_lossy(&peer).into_owned();
+            let reserved = match <[u8; 8]>::try_from(value.as_slice()) {
+                Ok(bytes) => u64::from_be_bytes(bytes),
+                Err(_) => {
+                    tracing::error!(
+                        %peer,
+                        bytes = value.len(),
+                        "what was sent to this peer is unreadable in the store (seen/sent); counting every item queued for it as sent"
+                    );
+                    u64::MAX
+                }
+            };
+            marks.start(peer, reserved, before);
+        }
+        Ok(marks)
+    }
+
+    /// Starts `peer` from the store's `reserved`; `before` is the last
+    /// number handed out before this start.
+    fn start(&mut self, peer: String, reserved: u64, before: u64) {
+        let upto = self.upto.entry(peer.clone()).or_insert(0);
+        *upto = (*upto).max(reserved.min(before));
+        if reserved != u64::MAX {
+            self.reserved.insert(peer, reserved);
+        }
+    }
+
+    /// The last of `peer`'s items that may have been sent.
+    pub(crate) fn upto(&self, peer: &str) -> Option<u64> {
+        self.upto.get(peer).copied()
+    }
+
+    /// Every peer's [`SentMarks::upto`].
+    pub(crate) fn snapshot(&self) -> HashMap<String, u64> {
+        self.upto.clone()
+    }
+
+    /// Marks `peer`'s items up to `seq` sent, or about to be. Returns the
+    /// reservation the store must hold, synced, before they go, when the
+    /// one it holds is below `seq`; [`SentMarks::reserved`] once it does.
+    pub(crate) fn mark_sending(&mut self, peer: &str, seq: u64) -> Option<u64> {
+        let upto = self.upto.entry(peer.to_owned()).or_insert(seq);
+        *upto = (*upto).max(seq);
+        let held = self.reserved.get(peer).copied().unwrap_or(0);
+        (held < seq).then(|| seq.saturating_add(RESERVE))
+    }
+
+    /// The store holds `reserved` for `peer`.
+    pub(crate) fn reserved(&mut self, peer: &str, reserved: u64) {
+        let held = self.reserved.entry(peer.to_owned()).or_insert(reserved);
+        *held = (*held).max(reserved);
+    }
+}
+
+/// Records, synced, that `peer`'s items up to `reserved` may have been sent.
+///
+/// # Errors
+/// A storage failure.
+pub(crate) async fn reserve(store: &Store, peer: &str, reserved: u64) -> Result<(), StoreError> {
+    store
+        .transact(|tx| tx.note(SENT, peer.as_bytes(), &reserved.to_be_bytes()))
+        .await
+        .map_err(store_failure)
+}
+
+/// At a clean stop, once no forwarder runs: records every peer's exact
+/// mark as its reservation, so the next start spares only what was sent.
+///
+/// # Errors
+/// A storage failure.
+pub(crate) async fn record_exact(store: &Store, marks: &SentMarks) -> Result<(), StoreError> {
+    if marks.upto.is_empty() {
+        return Ok(());
+    }
+    store
+        .transact(|tx| {
+            for (peer, upto) in &marks.upto {
+                tx.note(SENT, peer.as_bytes(), &upto.to_be_bytes())?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(store_failure)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_above_the_reservation_asks_for_one_and_not_again_below_it() {
+        let mut marks = SentMarks::default();
+        assert_eq!(marks.mark_sending("hub", 10), Some(10 + RESERVE));
+        // Not held until the store says so: the next batch asks again.
+        assert_eq!(marks.mark_sending("hub", 12), Some(12 + RESERVE));
+        marks.reserved("hub", 12 + RESERVE);
+        assert_eq!(marks.mark_sending("hub", 12 + RESERVE), None);
+        assert_eq!(marks.mark_sending("hub", 13 + RESERVE), Some(13 + 2 * RESERVE));
+        assert_eq!(marks.upto("hub"), Some(13 + RESERVE));
+        assert_eq!(marks.upto("registry"), None);
+        // A lower mark after a failed session's restart from the top keeps the higher one.
+        marks.mark_sending("hub", 5);
+        assert_eq!(marks.upto("hub"), Some(13 + RESERVE));
+    }
+
+    #[test]
+    fn a_start_spares_only_what_was_queued_before_it_up_to_the_reservation() {
+        let mut marks = SentMarks::default();
+        // Reserved past the last number handed out: everything before counts.
+        marks.start("hub".into(), 500, 99);
+        assert_eq!(marks.upto("hub"), Some(99));
+        // An item queued since (100 on) needs no new reservation up to 500.
+        assert_eq!(marks.mark_sending("hub", 400), None);
+        // Reserved below: only up to it.
+        marks.start("registry".into(), 40, 99);
+        assert_eq!(marks.upto("registry"), Some(40));
+        // Unreadable, or the first start of this build: all before the start,
+        // and no reservation held.
+        marks.start("health".into(), u64::MAX, 99);
+        assert_eq!(marks.upto("health"), Some(99));
+        assert_eq!(marks.mark_sending("health", 100), Some(100 + RESERVE));
+    }
+}
