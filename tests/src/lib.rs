@@ -448,13 +448,18 @@ pub async fn send(client: &Client, req: wire::SendRequest) -> String {
 
 /// Backlog of `peer` as `agency`'s admin sees it.
 pub async fn backlog(admin: &Client, peer: &str) -> u64 {
+    peer_status(admin, peer).await.map_or(0, |p| p.backlog)
+}
+
+/// What `Status` says of the queue for `peer`, if it lists one.
+pub async fn peer_status(admin: &Client, peer: &str) -> Option<wire::PeerStatus> {
     let s = admin
         .admin()
         .status(wire::StatusRequest {})
         .await
         .unwrap()
         .into_inner();
-    s.peers.iter().find(|p| p.agency == peer).map_or(0, |p| p.backlog)
+    s.peers.into_iter().find(|p| p.agency == peer)
 }
 
 /// Sends raw bytes as a gRPC message: what a broken client in any language can do.

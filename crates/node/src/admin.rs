@@ -52,6 +52,19 @@ pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
             }
         })
         .collect();
+    // A queue left for an agency that is no longer a peer: no forwarder
+    // takes from it until a reload routes it somewhere.
+    for (agency, backlog) in shared.store.outbox_depths() {
+        if !policy.is_peer(&agency) {
+            peers.push(PeerStatus {
+                agency,
+                backlog,
+                last_error: "not a peer in the config: these items wait for a route to where they go (add one, then reload)"
+                    .into(),
+                ..PeerStatus::default()
+            });
+        }
+    }
     peers.sort_by(|a, b| a.agency.cmp(&b.agency));
     peers
 }

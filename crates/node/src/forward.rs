@@ -17,18 +17,52 @@ use tokio_util::sync::CancellationToken;
 use antar_core::time::unix_millis;
 use antar_core::wire::peer_client::PeerClient;
 use antar_core::wire::{
-    transfer_item, CustodyStatus, Envelope, ItemAck, MessageState, TransferAck, TransferBatch, TransferItem,
+    transfer_item, CustodyStatus, Envelope, ItemAck, MessageState, Receipt, TransferAck, TransferBatch,
+    TransferItem,
 };
 use antar_core::MessageId;
 use antar_store::Queued;
 
 use crate::error::NodeError;
-use crate::state::Shared;
+use crate::state::{lock, Shared};
 
 /// Most bytes in one batch, so a batch of large payloads stays well under the frame limit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
-pub(crate) async fn run(shared: Arc<Shared>, peer: String, addr: String, shutdown: CancellationToken) {
+/// Starts a forwarder for each peer of the policy that has none. One whose
+/// peer left the policy ends by itself (`still_a_peer`); what it had
+/// queued stays, or moves to a new route (`reroute`).
+pub(crate) fn start(shared: &Arc<Shared>) {
+    let policy = shared.policy();
+    let mut running = lock(&shared.forwarders);
+    for (peer, _) in policy.peers() {
+        if !running.contains_key(peer) {
+            let task = tokio::spawn(run(shared.clone(), peer.clone(), shared.shutdown.clone()));
+            running.insert(peer.clone(), task);
+        }
+    }
+}
+
+/// Every forwarder's task, for a stopping node to await.
+pub(crate) fn take_all(shared: &Shared) -> Vec<tokio::task::JoinHandle<()>> {
+    lock(&shared.forwarders).drain().map(|(_, task)| task).collect()
+}
+
+/// `peer`'s address while it is in the policy; otherwise its forwarder
+/// leaves the registry (under its lock, so a reload that brings the peer
+/// back starts a new one, and never two at once).
+fn still_a_peer(shared: &Shared, peer: &str) -> Option<String> {
+    let mut running = lock(&shared.forwarders);
+    let addr = shared.policy().peer_addr(peer);
+    if addr.is_none() {
+        running.remove(peer);
+        lock(&shared.peer_health).remove(peer);
+        tracing::info!(%peer, "peer no longer in the config; its forwarder stops");
+    }
+    addr
+}
+
+async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
     let limits = shared.limits().clone();
     let mut delay = Duration::from_millis(limits.retry_initial_ms);
     let notify = shared.store.outbox_notify(&peer);
@@ -36,6 +70,9 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: String, addr: String, shutdow
         if shutdown.is_cancelled() {
             return;
         }
+        let Some(addr) = still_a_peer(&shared, &peer) else {
+            return;
+        };
         // Sleep until there is work before dialing an idle peer.
         if shared.store.outbox_depth_is_zero(&peer) {
             let notified = notify.notified();
@@ -49,7 +86,8 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: String, addr: String, shutdow
             }
         }
         match session(&shared, &peer, &addr, &shutdown).await {
-            Ok(()) => return,
+            // Stopping, or the peer left the policy (checked above).
+            Ok(()) => continue,
             Err(e) => {
                 shared.metrics.retries.inc();
                 let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
@@ -69,7 +107,8 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: String, addr: String, shutdow
     }
 }
 
-/// One connected stream; returns Ok only on shutdown.
+/// One connected stream; returns Ok only on shutdown, or once the peer
+/// left the policy or its address changed (after the acks in flight).
 async fn session(
     shared: &Shared,
     peer: &str,
@@ -100,6 +139,9 @@ async fn session(
     let mut in_flight: VecDeque<(Instant, Vec<u64>)> = VecDeque::new();
     let mut cursor: Option<u64> = None;
     loop {
+        if shared.policy().peer_addr(peer).as_deref() != Some(addr) {
+            return drain(shared, peer, &mut acks, &mut in_flight).await;
+        }
         if in_flight.len() < limits.transfer_window {
             let notified = notify.notified();
             tokio::pin!(notified);
@@ -179,6 +221,119 @@ async fn session(
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         }
+    }
+}
+
+/// Items read, and at most moved, in one transaction of [`reroute`].
+const REROUTE_CHUNK: usize = 512;
+
+/// What [`reroute`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Rerouted {
+    /// Items moved to the outbox of their new next hop.
+    pub(crate) moved: u64,
+    /// Items left where they are: no route leads to where they go.
+    pub(crate) unroutable: u64,
+}
+
+/// Moves each item queued for a peer in `outboxes` whose next hop under
+/// the current policy is another peer to that peer's outbox, with its
+/// bytes and expiry, so a route changed by a reload (or while the node was
+/// down) loses no queued work (DESIGN.md §6). An item its peer may hold
+/// already (sent, its custody ack not back: `Shared::sent_upto`) stays with
+/// that peer, which answers for it — unless the peer left the policy: then
+/// it moves too, never to expire, since the old peer may deliver it.
+/// Forwarders do not read their outbox while a chunk moves
+/// (`Shared::sending`).
+///
+/// # Errors
+/// A storage failure.
+pub(crate) async fn reroute(shared: &Shared, outboxes: impl Fn(&str) -> bool) -> Result<Rerouted, NodeError> {
+    let policy = shared.policy();
+    let mut done = Rerouted::default();
+    for (peer, _) in shared.store.outbox_depths() {
+        if !outboxes(&peer) {
+            continue;
+        }
+        let stays_a_peer = policy.is_peer(&peer);
+        let mut after = None;
+        loop {
+            let _alone = shared.sending.write().await;
+            let items = shared.store.outbox_queued(&peer, after, REROUTE_CHUNK)?;
+            let Some(last) = items.last() else { break };
+            after = Some(last.seq);
+            let sent = shared.sent_upto(&peer);
+            let mut moves = Vec::new();
+            for q in &items {
+                let in_doubt = sent.is_some_and(|s| q.seq <= s);
+                if in_doubt && stays_a_peer {
+                    continue;
+                }
+                match destination(&q.item).and_then(|dest| policy.next_hop(&dest)) {
+                    Some(next) if next == peer => {}
+                    Some(next) => moves.push((q.seq, next, if in_doubt { 0 } else { q.expires_ms })),
+                    None => done.unroutable += 1,
+                }
+            }
+            if moves.is_empty() {
+                continue;
+            }
+            done.moved += shared
+                .store
+                .transact(|tx| {
+                    let mut n = 0;
+                    for (seq, next, expires_ms) in &moves {
+                        if let Some(item) = tx.remove_outbox(&peer, *seq)? {
+                            tx.push_outbox(next, &item, antar_store::Held::Nothing, *expires_ms)?;
+                            n += 1;
+                        }
+                    }
+                    Ok(n)
+                })
+                .await
+                .map_err(NodeError::from)?;
+        }
+    }
+    Ok(done)
+}
+
+/// [`reroute`] in the background, its outcome logged.
+pub(crate) fn reroute_logged(
+    shared: &Arc<Shared>,
+    why: &'static str,
+    outboxes: impl Fn(&str) -> bool + Send + 'static,
+) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match reroute(&shared, outboxes).await {
+            Ok(Rerouted {
+                moved: 0,
+                unroutable: 0,
+            }) => {}
+            Ok(Rerouted { moved, unroutable }) => {
+                tracing::info!(moved, unroutable, why, "queued items moved to their new next hop");
+                if unroutable > 0 {
+                    tracing::warn!(
+                        unroutable,
+                        "queued items have no route in the config: they stay queued where they were until a route or peer leads to where they go"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, why, "moving queued items to their new next hop failed; they stay where they were")
+            }
+        }
+    });
+}
+
+/// The agency an outbox item goes to: an envelope's recipient, a
+/// receipt's sender.
+fn destination(item: &[u8]) -> Option<String> {
+    match TransferItem::decode(item).ok()?.item? {
+        transfer_item::Item::Envelope(e) => {
+            Some(Envelope::decode(e.envelope?.envelope.as_slice()).ok()?.recipient)
+        }
+        transfer_item::Item::Receipt(r) => Some(Receipt::decode(r.receipt?.receipt.as_slice()).ok()?.sender),
     }
 }
 

@@ -22,7 +22,6 @@ mod state;
 mod trace;
 mod witness;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -295,6 +294,7 @@ impl Node {
             calls: state::Calls::default(),
             sent: Mutex::new(sent),
             sending: tokio::sync::RwLock::default(),
+            forwarders: Mutex::default(),
         });
         let token = shared.shutdown.clone();
         let reload = {
@@ -408,19 +408,12 @@ impl Node {
             node.tasks
                 .push(tokio::spawn(metrics::serve(m, shared.clone(), token.clone())));
         }
-        let peers: HashMap<String, String> = shared
-            .policy()
-            .peers()
-            .map(|(a, b)| (a.clone(), b.clone()))
-            .collect();
-        for (peer, addr) in peers {
-            node.tasks.push(tokio::spawn(forward::run(
-                shared.clone(),
-                peer,
-                addr,
-                token.clone(),
-            )));
-        }
+        forward::start(&shared);
+        // Items queued for a peer taken out of the config while the node
+        // was down go by their new route (routes of peers still configured
+        // move only on a reload that changes them).
+        let policy = shared.policy();
+        forward::reroute_logged(&shared, "start", move |peer| !policy.is_peer(peer));
         node.tasks
             .push(tokio::spawn(sweeper(shared.clone(), token.clone())));
         node.tasks
@@ -466,7 +459,7 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
         let mut stopped = true;
-        for t in tasks {
+        for t in tasks.into_iter().chain(forward::take_all(&shared)) {
             stopped &= tokio::time::timeout(Duration::from_secs(10), t).await.is_ok();
         }
         // No forwarder sends any more: what each sent is exactly known.
@@ -491,7 +484,7 @@ impl Node {
     }
 }
 
-fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<ReloadResponse, NodeError> {
+fn reload(shared: &Arc<state::Shared>, path: Option<&PathBuf>) -> Result<ReloadResponse, NodeError> {
     // One at a time (SIGHUP and Admin.Reload may coincide): everything a
     // reload swaps comes from the same reading of the file.
     let _one = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
@@ -528,8 +521,21 @@ fn reload(shared: &state::Shared, path: Option<&PathBuf>) -> Result<ReloadRespon
     // New API handshakes refuse what the local CRL lists; connections
     // already open stay (as for peers).
     *shared.api_tls.write().unwrap_or_else(|p| p.into_inner()) = api_tls;
-    *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state::Policy::from_config(&config));
+    let old = std::mem::replace(
+        &mut *shared.policy.write().unwrap_or_else(|p| p.into_inner()),
+        Arc::new(state::Policy::from_config(&config)),
+    );
     tracing::info!(path = %path.display(), revoked = n, local_revoked, "configuration reloaded");
+    // Peers added get a forwarder; a peer removed, or dialled at another
+    // address, is noticed by its own. Queued items follow changed routes.
+    if tokio::runtime::Handle::try_current().is_ok() {
+        forward::start(shared);
+        if !old.routes_as(&shared.policy()) {
+            forward::reroute_logged(shared, "reload", |_| true);
+        }
+    } else {
+        tracing::warn!("reloaded outside the node's runtime: peers added get no forwarder and queued items keep their peer until the next reload");
+    }
     Ok(ReloadResponse {
         revoked_serials: n,
         local_revoked_serials: local_revoked,

@@ -95,6 +95,19 @@ impl Policy {
         self.peers.contains_key(agency)
     }
 
+    /// The address of `peer`'s node, if it is a peer.
+    pub(crate) fn peer_addr(&self, peer: &str) -> Option<String> {
+        self.peers.get(peer).cloned()
+    }
+
+    /// Whether `other` sends every agency to the same next hop.
+    pub(crate) fn routes_as(&self, other: &Policy) -> bool {
+        let peers = |p: &Policy| p.peers.keys().cloned().collect::<HashSet<String>>();
+        peers(self) == peers(other)
+            && self.routes == other.routes
+            && self.default_route == other.default_route
+    }
+
     pub(crate) fn peers(&self) -> impl Iterator<Item = (&String, &String)> {
         self.peers.iter()
     }
@@ -410,6 +423,9 @@ pub(crate) struct Shared {
     /// read to send, and a forwarder never reads one the sweeper is
     /// expiring but has not yet removed from sled.
     pub(crate) sending: tokio::sync::RwLock<()>,
+    /// The forwarder of each peer (`forward::start`); one removes itself
+    /// when its peer leaves the policy.
+    pub(crate) forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
     /// When the store holds receipts an older build marked seen by their
@@ -837,7 +853,7 @@ impl SignedReceipts<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
