@@ -260,3 +260,45 @@ async fn after_a_clean_stop_an_envelope_never_sent_still_expires() {
     node.stop().await.unwrap();
     health_node.stop().await.unwrap();
 }
+
+/// An envelope a peer may hold stays in that peer's queue when a reload
+/// removes the peer, though another route now leads to its recipient:
+/// moving it would put two copies in custody, which could end in two
+/// outcomes. It waits, listed, and goes to the peer once a reload brings
+/// it back. (What the peer was never sent moves: `routes.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
+    let fed = Federation::standard();
+    let (proxy, config) = finance_through_proxy(&fed, "health").await;
+    let finance_node = fed.start_with(config.clone()).await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let admin = fed.admin("finance").await;
+    let (first, doubtful) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Stall, 3_600).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // health leaves finance's config; the hub (the default route, down
+    // here) would be the way to it now.
+    let mut without = config.clone();
+    without.peers.retain(|p| p.agency != "health");
+    let path = fed.layout.config_path("finance");
+    std::fs::write(&path, without.to_toml()).unwrap();
+    finance_node.reload().unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(backlog(&admin, "hub").await, 0, "an item in doubt moved");
+    let status = peer_status(&admin, "health").await.unwrap();
+    assert_eq!(status.backlog, 1);
+    assert!(
+        status.last_error.contains("may hold already"),
+        "{}",
+        status.last_error
+    );
+
+    proxy.set(LinkMode::Up);
+    std::fs::write(&path, config.to_toml()).unwrap();
+    finance_node.reload().unwrap();
+    arrives_once_unexpired(&fed, &finance, first, &doubtful).await;
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}

@@ -45,6 +45,7 @@ async fn each_arrives_once(app: &antar_client::Client, sender: &antar_client::Cl
     let unique: HashSet<&String> = got.iter().collect();
     assert_eq!(got.len(), unique.len(), "a message arrived twice: {got:?}");
     assert_eq!(unique, ids.iter().collect::<HashSet<_>>());
+    assert!(receive(app, 1, 1, false).await.is_empty(), "more arrived");
     for id in ids {
         until_state(sender, id, wire::MessageState::Processed, 15).await;
     }
@@ -94,11 +95,10 @@ async fn a_reload_that_removes_a_peer_moves_its_queue_to_the_default_route() {
     let mut config = fed.config("finance");
     config.peers.retain(|p| p.agency != "health");
     reload_with(&fed, &finance_node, &config);
-    let moved = eventually(10, "the queue moves to the hub", || async {
+    eventually(10, "the queue moves to the hub", || async {
         (backlog(&admin, "health").await == 0 && backlog(&admin, "hub").await == 3).then_some(())
     })
     .await;
-    assert_eq!(moved, ());
 
     // health has dropped the peering too: its receipts go through the hub.
     let hub_node = fed.start("hub").await;

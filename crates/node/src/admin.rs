@@ -54,13 +54,17 @@ pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
         .collect();
     // A queue left for an agency that is no longer a peer: no forwarder
     // takes from it until a reload routes it somewhere.
-    for (agency, backlog) in shared.store.outbox_depths() {
+    for agency in shared.store.outbox_peers().unwrap_or_default() {
         if !policy.is_peer(&agency) {
+            let backlog = shared.store.outbox_depth(&agency);
             peers.push(PeerStatus {
+                last_error: format!(
+                    "{agency} is not a peer in the config: its queue moves to a route that leads where each item goes \
+                     (checked every limits.sweep_interval_ms), but for items {agency} may hold already (sent, \
+                     custody ack lost), which wait for it to be a peer again"
+                ),
                 agency,
                 backlog,
-                last_error: "not a peer in the config: these items wait for a route to where they go (add one, then reload)"
-                    .into(),
                 ..PeerStatus::default()
             });
         }

@@ -29,15 +29,15 @@ use crate::state::{lock, Shared};
 /// Most bytes in one batch, so a batch of large payloads stays well under the frame limit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
-/// Starts a forwarder for each peer of the policy that has none. One whose
-/// peer left the policy ends by itself (`still_a_peer`); what it had
-/// queued stays, or moves to a new route (`reroute`).
-pub(crate) fn start(shared: &Arc<Shared>) {
+/// Starts, on `runtime`, a forwarder for each peer of the policy that has
+/// none. One whose peer left the policy ends by itself (`still_a_peer`);
+/// what it had queued moves to a new route ([`rerouter`]).
+pub(crate) fn start(shared: &Arc<Shared>, runtime: &tokio::runtime::Handle) {
     let policy = shared.policy();
     let mut running = lock(&shared.forwarders);
     for (peer, _) in policy.peers() {
         if !running.contains_key(peer) {
-            let task = tokio::spawn(run(shared.clone(), peer.clone(), shared.shutdown.clone()));
+            let task = runtime.spawn(run(shared.clone(), peer.clone(), shared.shutdown.clone()));
             running.insert(peer.clone(), task);
         }
     }
@@ -66,6 +66,7 @@ async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
     let limits = shared.limits().clone();
     let mut delay = Duration::from_millis(limits.retry_initial_ms);
     let notify = shared.store.outbox_notify(&peer);
+    let mut reloads = shared.reloads.subscribe();
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -81,16 +82,18 @@ async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
             if shared.store.outbox_depth_is_zero(&peer) {
                 tokio::select! {
                     _ = notified => {}
+                    // Still a peer? (above)
+                    _ = reloads.changed() => continue,
                     _ = shutdown.cancelled() => return,
                 }
             }
         }
-        match session(&shared, &peer, &addr, &shutdown).await {
-            // Stopping, or the peer left the policy (checked above).
+        match session(&shared, &peer, &addr, &shutdown, &mut reloads).await {
+            // Stopping, or the peer left the policy or moved (see above).
             Ok(()) => continue,
             Err(e) => {
                 shared.metrics.retries.inc();
-                let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
+                let mut health = lock(&shared.peer_health);
                 let h = health.entry(peer.clone()).or_default();
                 h.connected = false;
                 h.last_error = e.to_string();
@@ -114,6 +117,7 @@ async fn session(
     peer: &str,
     addr: &str,
     shutdown: &CancellationToken,
+    reloads: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
     let channel = crate::net::peer_channel(shared, peer, addr).map_err(SessionError)?;
     let mut client = PeerClient::new(channel).max_decoding_message_size(64 << 20);
@@ -138,17 +142,25 @@ async fn session(
     let notify = shared.store.outbox_notify(peer);
     let mut in_flight: VecDeque<(Instant, Vec<u64>)> = VecDeque::new();
     let mut cursor: Option<u64> = None;
+    // The peer left the policy, or is dialled elsewhere now: what is in
+    // flight is settled, and nothing more goes on this stream.
+    let moved = || shared.policy().peer_addr(peer).as_deref() != Some(addr);
     loop {
-        if shared.policy().peer_addr(peer).as_deref() != Some(addr) {
+        if moved() {
             return drain(shared, peer, &mut acks, &mut in_flight).await;
         }
         if in_flight.len() < limits.transfer_window {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Until what is read is marked sent (below): the sweeper
-            // expires nothing meanwhile.
+            // Until what is read is marked sent (below): the sweeper and
+            // the rerouter take nothing out meanwhile. Checked again under
+            // it: a reload that removed the peer reroutes only after.
             let reading = shared.sending.read().await;
+            if moved() {
+                drop(reading);
+                return drain(shared, peer, &mut acks, &mut in_flight).await;
+            }
             let items = shared.store.outbox_queued(peer, cursor, limits.batch_size)?;
             // What is past its TTL is not sent: it expires here, now (an
             // EXPIRED receipt, a dead letter), not at the sweeper's next
@@ -210,12 +222,14 @@ async fn session(
             drop(reading);
             tokio::select! {
                 _ = notified => continue,
+                _ = reloads.changed() => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
                 ack = acks.message() => settle(shared, peer, ack, &mut acks, &mut in_flight).await?,
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         } else {
             tokio::select! {
+                _ = reloads.changed() => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
                 ack = acks.message() => settle(shared, peer, ack, &mut acks, &mut in_flight).await?,
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
@@ -229,111 +243,134 @@ const REROUTE_CHUNK: usize = 512;
 
 /// What [`reroute`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Rerouted {
+struct Rerouted {
     /// Items moved to the outbox of their new next hop.
-    pub(crate) moved: u64,
-    /// Items left where they are: no route leads to where they go.
-    pub(crate) unroutable: u64,
+    moved: u64,
+    /// Items left where they are: no route leads where they go (or they
+    /// do not decode).
+    unroutable: u64,
+    /// Items left with a peer that may hold them already.
+    in_doubt: u64,
 }
 
-/// Moves each item queued for a peer in `outboxes` whose next hop under
-/// the current policy is another peer to that peer's outbox, with its
-/// bytes and expiry, so a route changed by a reload (or while the node was
-/// down) loses no queued work (DESIGN.md §6). An item its peer may hold
-/// already (sent, its custody ack not back: `Shared::sent_upto`) stays with
-/// that peer, which answers for it — unless the peer left the policy: then
-/// it moves too, never to expire, since the old peer may deliver it.
-/// Forwarders do not read their outbox while a chunk moves
-/// (`Shared::sending`).
-///
-/// # Errors
-/// A storage failure.
-pub(crate) async fn reroute(shared: &Shared, outboxes: impl Fn(&str) -> bool) -> Result<Rerouted, NodeError> {
-    let policy = shared.policy();
-    let mut done = Rerouted::default();
-    for (peer, _) in shared.store.outbox_depths() {
-        if !outboxes(&peer) {
-            continue;
+/// Keeps queued work on its route (DESIGN.md §6): at start and after each
+/// reload every queue, and every `limits.sweep_interval_ms` the queues of
+/// agencies that are no longer peers (a send that chose its hop before a
+/// reload may land there after the reload's pass). One task: passes never
+/// overlap.
+pub(crate) async fn rerouter(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let every = Duration::from_millis(shared.limits().sweep_interval_ms.max(10));
+    let mut reloads = shared.reloads.subscribe();
+    let mut why = "start";
+    loop {
+        let every_queue = why != "tick";
+        let done = reroute(&shared, every_queue, &shutdown).await;
+        if done.moved > 0 || (every_queue && done != Rerouted::default()) {
+            tracing::info!(
+                moved = done.moved,
+                unroutable = done.unroutable,
+                in_doubt = done.in_doubt,
+                why,
+                "queued items moved to their next hop; unroutable ones wait for a route, in-doubt ones for the peer that may hold them"
+            );
         }
-        let stays_a_peer = policy.is_peer(&peer);
-        let mut after = None;
-        loop {
-            let _alone = shared.sending.write().await;
-            let items = shared.store.outbox_queued(&peer, after, REROUTE_CHUNK)?;
-            let Some(last) = items.last() else { break };
-            after = Some(last.seq);
-            let sent = shared.sent_upto(&peer);
-            let mut moves = Vec::new();
-            for q in &items {
-                let in_doubt = sent.is_some_and(|s| q.seq <= s);
-                if in_doubt && stays_a_peer {
-                    continue;
-                }
-                match destination(&q.item).and_then(|dest| policy.next_hop(&dest)) {
-                    Some(next) if next == peer => {}
-                    Some(next) => moves.push((q.seq, next, if in_doubt { 0 } else { q.expires_ms })),
-                    None => done.unroutable += 1,
-                }
-            }
-            if moves.is_empty() {
-                continue;
-            }
-            done.moved += shared
-                .store
-                .transact(|tx| {
-                    let mut n = 0;
-                    for (seq, next, expires_ms) in &moves {
-                        if let Some(item) = tx.remove_outbox(&peer, *seq)? {
-                            tx.push_outbox(next, &item, antar_store::Held::Nothing, *expires_ms)?;
-                            n += 1;
-                        }
-                    }
-                    Ok(n)
-                })
-                .await
-                .map_err(NodeError::from)?;
+        tokio::select! {
+            _ = reloads.changed() => why = "reload",
+            _ = tokio::time::sleep(every) => why = "tick",
+            _ = shutdown.cancelled() => return,
         }
     }
-    Ok(done)
 }
 
-/// [`reroute`] in the background, its outcome logged.
-pub(crate) fn reroute_logged(
-    shared: &Arc<Shared>,
-    why: &'static str,
-    outboxes: impl Fn(&str) -> bool + Send + 'static,
-) {
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        match reroute(&shared, outboxes).await {
-            Ok(Rerouted {
-                moved: 0,
-                unroutable: 0,
-            }) => {}
-            Ok(Rerouted { moved, unroutable }) => {
-                tracing::info!(moved, unroutable, why, "queued items moved to their new next hop");
-                if unroutable > 0 {
-                    tracing::warn!(
-                        unroutable,
-                        "queued items have no route in the config: they stay queued where they were until a route or peer leads to where they go"
-                    );
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, why, "moving queued items to their new next hop failed; they stay where they were")
+/// One pass over every queue (`every_queue`) or over those of agencies
+/// that are not peers. A queue that fails is logged and left as it is.
+async fn reroute(shared: &Shared, every_queue: bool, shutdown: &CancellationToken) -> Rerouted {
+    let mut done = Rerouted::default();
+    let peers = match shared.store.outbox_peers() {
+        Ok(peers) => peers,
+        Err(e) => {
+            tracing::error!(error = %e, "could not list the queues to keep them on their routes");
+            return done;
+        }
+    };
+    for peer in peers {
+        if !every_queue && shared.policy().is_peer(&peer) {
+            continue;
+        }
+        if let Err(e) = reroute_queue(shared, &peer, shutdown, &mut done).await {
+            tracing::error!(%peer, error = %e, "could not move this queue's items to their next hop; they stay where they are");
+        }
+    }
+    done
+}
+
+/// Moves each item queued for `peer` whose next hop under the current
+/// policy is another peer to that peer's outbox, with its bytes and expiry.
+/// An item `peer` may hold already (sent, its custody ack not back:
+/// `Shared::sent_upto`) stays: `peer` answers for it — also a removed
+/// peer, once it is back — so the message never has two copies in custody,
+/// nor two outcomes. Forwarders and the sweeper take nothing meanwhile
+/// (`Shared::sending`).
+async fn reroute_queue(
+    shared: &Shared,
+    peer: &str,
+    shutdown: &CancellationToken,
+    done: &mut Rerouted,
+) -> Result<(), NodeError> {
+    let mut after = None;
+    while !shutdown.is_cancelled() {
+        let items = shared.store.outbox_queued(peer, after, REROUTE_CHUNK)?;
+        let Some(last) = items.last() else { break };
+        after = Some(last.seq);
+        let policy = shared.policy();
+        let mut moves = Vec::new();
+        for q in &items {
+            match destination(&q.item).and_then(|(dest, cert)| Some((policy.next_hop(&dest)?, cert))) {
+                Some((next, _)) if next == peer => {}
+                Some((next, cert)) => moves.push((q.seq, q.expires_ms, next, cert)),
+                None => done.unroutable += 1,
             }
         }
-    });
+        if moves.is_empty() {
+            continue;
+        }
+        let _alone = shared.sending.write().await;
+        let sent = shared.sent_upto(peer);
+        let before = moves.len();
+        moves.retain(|(seq, ..)| sent.is_none_or(|s| *seq > s));
+        done.in_doubt += (before - moves.len()) as u64;
+        done.moved += shared
+            .store
+            .transact(|tx| {
+                let mut n = 0;
+                for (seq, expires_ms, next, cert) in &moves {
+                    if let Some(item) = tx.remove_outbox(peer, *seq)? {
+                        tx.push_outbox(next, &item, antar_store::Held::Cert(cert), *expires_ms)?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })
+            .await
+            .map_err(NodeError::from)?;
+    }
+    Ok(())
 }
 
-/// The agency an outbox item goes to: an envelope's recipient, a
-/// receipt's sender.
-fn destination(item: &[u8]) -> Option<String> {
+/// The agency an outbox item goes to — an envelope's recipient, a
+/// receipt's sender — and its signer certificate.
+fn destination(item: &[u8]) -> Option<(String, Vec<u8>)> {
     match TransferItem::decode(item).ok()?.item? {
         transfer_item::Item::Envelope(e) => {
-            Some(Envelope::decode(e.envelope?.envelope.as_slice()).ok()?.recipient)
+            let signed = e.envelope?;
+            let recipient = Envelope::decode(signed.envelope.as_slice()).ok()?.recipient;
+            Some((recipient, signed.signer_cert))
         }
-        transfer_item::Item::Receipt(r) => Some(Receipt::decode(r.receipt?.receipt.as_slice()).ok()?.sender),
+        transfer_item::Item::Receipt(r) => {
+            let signed = r.receipt?;
+            let sender = Receipt::decode(signed.receipt.as_slice()).ok()?.sender;
+            Some((sender, signed.signer_cert))
+        }
     }
 }
 

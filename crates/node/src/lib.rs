@@ -295,11 +295,13 @@ impl Node {
             sent: Mutex::new(sent),
             sending: tokio::sync::RwLock::default(),
             forwarders: Mutex::default(),
+            reloads: tokio::sync::watch::Sender::new(0),
         });
         let token = shared.shutdown.clone();
         let reload = {
             let shared = shared.clone();
-            Arc::new(move || reload(&shared, config_path.as_ref())) as Reload
+            let runtime = tokio::runtime::Handle::current();
+            Arc::new(move || reload(&shared, &runtime, config_path.as_ref())) as Reload
         };
         let mut node = Self {
             shared: shared.clone(),
@@ -408,12 +410,9 @@ impl Node {
             node.tasks
                 .push(tokio::spawn(metrics::serve(m, shared.clone(), token.clone())));
         }
-        forward::start(&shared);
-        // Items queued for a peer taken out of the config while the node
-        // was down go by their new route (routes of peers still configured
-        // move only on a reload that changes them).
-        let policy = shared.policy();
-        forward::reroute_logged(&shared, "start", move |peer| !policy.is_peer(peer));
+        forward::start(&shared, &tokio::runtime::Handle::current());
+        node.tasks
+            .push(tokio::spawn(forward::rerouter(shared.clone(), token.clone())));
         node.tasks
             .push(tokio::spawn(sweeper(shared.clone(), token.clone())));
         node.tasks
@@ -484,7 +483,11 @@ impl Node {
     }
 }
 
-fn reload(shared: &Arc<state::Shared>, path: Option<&PathBuf>) -> Result<ReloadResponse, NodeError> {
+fn reload(
+    shared: &Arc<state::Shared>,
+    runtime: &tokio::runtime::Handle,
+    path: Option<&PathBuf>,
+) -> Result<ReloadResponse, NodeError> {
     // One at a time (SIGHUP and Admin.Reload may coincide): everything a
     // reload swaps comes from the same reading of the file.
     let _one = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
@@ -521,21 +524,12 @@ fn reload(shared: &Arc<state::Shared>, path: Option<&PathBuf>) -> Result<ReloadR
     // New API handshakes refuse what the local CRL lists; connections
     // already open stay (as for peers).
     *shared.api_tls.write().unwrap_or_else(|p| p.into_inner()) = api_tls;
-    let old = std::mem::replace(
-        &mut *shared.policy.write().unwrap_or_else(|p| p.into_inner()),
-        Arc::new(state::Policy::from_config(&config)),
-    );
+    *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state::Policy::from_config(&config));
     tracing::info!(path = %path.display(), revoked = n, local_revoked, "configuration reloaded");
-    // Peers added get a forwarder; a peer removed, or dialled at another
-    // address, is noticed by its own. Queued items follow changed routes.
-    if tokio::runtime::Handle::try_current().is_ok() {
-        forward::start(shared);
-        if !old.routes_as(&shared.policy()) {
-            forward::reroute_logged(shared, "reload", |_| true);
-        }
-    } else {
-        tracing::warn!("reloaded outside the node's runtime: peers added get no forwarder and queued items keep their peer until the next reload");
-    }
+    // Peers added get a forwarder; one removed, or dialled at another
+    // address, and the rerouter wake on the count (`forward.rs`).
+    forward::start(shared, runtime);
+    shared.reloads.send_modify(|n| *n += 1);
     Ok(ReloadResponse {
         revoked_serials: n,
         local_revoked_serials: local_revoked,

@@ -100,14 +100,6 @@ impl Policy {
         self.peers.get(peer).cloned()
     }
 
-    /// Whether `other` sends every agency to the same next hop.
-    pub(crate) fn routes_as(&self, other: &Policy) -> bool {
-        let peers = |p: &Policy| p.peers.keys().cloned().collect::<HashSet<String>>();
-        peers(self) == peers(other)
-            && self.routes == other.routes
-            && self.default_route == other.default_route
-    }
-
     pub(crate) fn peers(&self) -> impl Iterator<Item = (&String, &String)> {
         self.peers.iter()
     }
@@ -426,6 +418,8 @@ pub(crate) struct Shared {
     /// The forwarder of each peer (`forward::start`); one removes itself
     /// when its peer leaves the policy.
     pub(crate) forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Counts reloads: forwarders and the rerouter wake on it (`forward.rs`).
+    pub(crate) reloads: tokio::sync::watch::Sender<u64>,
     /// Callers' identities by their certificate (`auth.rs`).
     pub(crate) identities: antar_pki::tls::IdentityCache,
     /// When the store holds receipts an older build marked seen by their

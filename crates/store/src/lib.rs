@@ -645,6 +645,27 @@ impl Store {
             .is_none()
     }
 
+    /// The names of the peers that have an outbox, reading one key of each.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub fn outbox_peers(&self) -> Result<Vec<String>, StoreError> {
+        let tree = &self.inner.trees[keys::OUTBOX];
+        let mut peers = Vec::new();
+        let mut from = Vec::new();
+        while let Some(kv) = tree.range(from.as_slice()..).next() {
+            let (key, _) = kv?;
+            let peer = keys::name_of(&key);
+            // Past every key of this peer: its name, then a byte above `\0`.
+            from = keys::prefixed(&peer);
+            if let Some(last) = from.last_mut() {
+                *last = 1;
+            }
+            peers.push(peer);
+        }
+        Ok(peers)
+    }
+
     /// The peers that have an outbox, with their depth.
     pub fn outbox_depths(&self) -> Vec<(String, u64)> {
         prefix_counts(&self.inner.trees, keys::OUTBOX)
