@@ -53,15 +53,15 @@ pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
         })
         .collect();
     // A queue left for an agency that is no longer a peer: no forwarder
-    // takes from it until a reload routes it somewhere.
+    // takes from it; the rerouter moves what a route leads away from it.
     for agency in shared.store.outbox_peers().unwrap_or_default() {
         if !policy.is_peer(&agency) {
             let backlog = shared.store.outbox_depth(&agency);
             peers.push(PeerStatus {
                 last_error: format!(
-                    "{agency} is not a peer in the config: its queue moves to a route that leads where each item goes \
-                     (checked every limits.sweep_interval_ms), but for items {agency} may hold already (sent, \
-                     custody ack lost), which wait for it to be a peer again"
+                    "{agency} is not a peer in the config, and these items stay here: those with no route to where \
+                     they go until a reload gives them one, those {agency} may hold already (sent, custody ack \
+                     lost) until it is a peer again"
                 ),
                 agency,
                 backlog,

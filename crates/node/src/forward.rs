@@ -4,7 +4,7 @@
 //! exponentially with full jitter, capped; a peer that is down only makes
 //! its queue grow.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,6 +104,11 @@ async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
         let jittered = rand::rng().random_range(delay / 2..=delay);
         tokio::select! {
             _ = tokio::time::sleep(jittered) => {}
+            // Removed, or at a new address: no need to wait out the old one.
+            _ = reloads.changed() => {
+                delay = Duration::from_millis(limits.retry_initial_ms);
+                continue;
+            }
             _ = shutdown.cancelled() => return,
         }
         delay = (delay * 2).min(Duration::from_millis(limits.retry_max_ms));
@@ -253,18 +258,30 @@ struct Rerouted {
     in_doubt: u64,
 }
 
-/// Keeps queued work on its route (DESIGN.md §6): at start and after each
-/// reload every queue, and every `limits.sweep_interval_ms` the queues of
-/// agencies that are no longer peers (a send that chose its hop before a
-/// reload may land there after the reload's pass). One task: passes never
+/// Keeps queued work on its route (DESIGN.md §6): at start and after a
+/// reload that changed where any agency's messages go, every queue; after
+/// other reloads, and every `limits.sweep_interval_ms`, the queues of
+/// agencies that are no longer peers (a send that chose its hop before
+/// the reload may land there after the pass). One task: passes never
 /// overlap.
 pub(crate) async fn rerouter(shared: Arc<Shared>, shutdown: CancellationToken) {
     let every = Duration::from_millis(shared.limits().sweep_interval_ms.max(10));
     let mut reloads = shared.reloads.subscribe();
     let mut why = "start";
+    let mut routed_by = shared.policy();
+    // Per queue, the last item looked at: until routes change, a pass
+    // looks only at items queued since. A queue that failed is left alone
+    // until then, so its error is logged once.
+    let mut examined = HashMap::new();
+    let mut failed = HashSet::new();
     loop {
-        let every_queue = why != "tick";
-        let done = reroute(&shared, every_queue, &shutdown).await;
+        let every_queue = why == "start" || !routed_by.routes_as(&shared.policy());
+        if every_queue {
+            routed_by = shared.policy();
+            examined.clear();
+            failed.clear();
+        }
+        let done = reroute(&shared, every_queue, &mut examined, &mut failed, &shutdown).await;
         if done.moved > 0 || (every_queue && done != Rerouted::default()) {
             tracing::info!(
                 moved = done.moved,
@@ -283,8 +300,15 @@ pub(crate) async fn rerouter(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 /// One pass over every queue (`every_queue`) or over those of agencies
-/// that are not peers. A queue that fails is logged and left as it is.
-async fn reroute(shared: &Shared, every_queue: bool, shutdown: &CancellationToken) -> Rerouted {
+/// that are not peers, each from after the item `examined` names. A queue
+/// that fails is logged, left as it is and named in `failed`.
+async fn reroute(
+    shared: &Shared,
+    every_queue: bool,
+    examined: &mut HashMap<String, u64>,
+    failed: &mut HashSet<String>,
+    shutdown: &CancellationToken,
+) -> Rerouted {
     let mut done = Rerouted::default();
     let peers = match shared.store.outbox_peers() {
         Ok(peers) => peers,
@@ -294,34 +318,41 @@ async fn reroute(shared: &Shared, every_queue: bool, shutdown: &CancellationToke
         }
     };
     for peer in peers {
-        if !every_queue && shared.policy().is_peer(&peer) {
+        if failed.contains(&peer) || (!every_queue && shared.policy().is_peer(&peer)) {
             continue;
         }
-        if let Err(e) = reroute_queue(shared, &peer, shutdown, &mut done).await {
-            tracing::error!(%peer, error = %e, "could not move this queue's items to their next hop; they stay where they are");
+        let mut after = examined.get(&peer).copied();
+        let result = reroute_queue(shared, &peer, &mut after, shutdown, &mut done).await;
+        if let Some(last) = after {
+            examined.insert(peer.clone(), last);
+        }
+        if let Err(e) = result {
+            tracing::error!(%peer, error = %e, "could not move this queue's items to their next hop; they stay where they are until routes change or the node restarts");
+            failed.insert(peer);
         }
     }
     done
 }
 
-/// Moves each item queued for `peer` whose next hop under the current
-/// policy is another peer to that peer's outbox, with its bytes and expiry.
-/// An item `peer` may hold already (sent, its custody ack not back:
-/// `Shared::sent_upto`) stays: `peer` answers for it — also a removed
-/// peer, once it is back — so the message never has two copies in custody,
-/// nor two outcomes. Forwarders and the sweeper take nothing meanwhile
-/// (`Shared::sending`).
+/// Moves each item queued for `peer` after `after` (which it advances)
+/// whose next hop under the current policy is another peer to that peer's
+/// outbox, with its bytes and expiry. An item `peer` may hold already
+/// (sent, its custody ack not back: `Shared::sent_upto`) stays: `peer`
+/// answers for it — also a removed peer, once it is back — so the message
+/// never has two copies in custody, nor two outcomes. Forwarders and the
+/// sweeper take nothing meanwhile (`Shared::sending`).
 async fn reroute_queue(
     shared: &Shared,
     peer: &str,
+    after: &mut Option<u64>,
     shutdown: &CancellationToken,
     done: &mut Rerouted,
 ) -> Result<(), NodeError> {
-    let mut after = None;
     while !shutdown.is_cancelled() {
-        let items = shared.store.outbox_queued(peer, after, REROUTE_CHUNK)?;
-        let Some(last) = items.last() else { break };
-        after = Some(last.seq);
+        let items = shared.store.outbox_queued(peer, *after, REROUTE_CHUNK)?;
+        let Some(last) = items.last().map(|q| q.seq) else {
+            break;
+        };
         let policy = shared.policy();
         let mut moves = Vec::new();
         for q in &items {
@@ -331,30 +362,49 @@ async fn reroute_queue(
                 None => done.unroutable += 1,
             }
         }
-        if moves.is_empty() {
-            continue;
+        // What `peer` may hold stays (the mark only grows while the node
+        // runs: checked again under the lock).
+        let in_doubt = |moves: &mut Vec<Move>| {
+            let sent = shared.sent_upto(peer);
+            let before = moves.len();
+            moves.retain(|(seq, ..)| sent.is_none_or(|s| *seq > s));
+            (before - moves.len()) as u64
+        };
+        done.in_doubt += in_doubt(&mut moves);
+        if !moves.is_empty() {
+            let _alone = shared.sending.write().await;
+            done.in_doubt += in_doubt(&mut moves);
+            done.moved += move_items(shared, peer, &moves).await?;
         }
-        let _alone = shared.sending.write().await;
-        let sent = shared.sent_upto(peer);
-        let before = moves.len();
-        moves.retain(|(seq, ..)| sent.is_none_or(|s| *seq > s));
-        done.in_doubt += (before - moves.len()) as u64;
-        done.moved += shared
-            .store
-            .transact(|tx| {
-                let mut n = 0;
-                for (seq, expires_ms, next, cert) in &moves {
-                    if let Some(item) = tx.remove_outbox(peer, *seq)? {
-                        tx.push_outbox(next, &item, antar_store::Held::Cert(cert), *expires_ms)?;
-                        n += 1;
-                    }
-                }
-                Ok(n)
-            })
-            .await
-            .map_err(NodeError::from)?;
+        *after = Some(last);
     }
     Ok(())
+}
+
+/// An item to move: its sequence number, expiry, next hop and signer
+/// certificate.
+type Move = (u64, u64, String, Vec<u8>);
+
+/// Moves `moves` out of `peer`'s outbox into their next hop's, in one
+/// transaction; returns how many were still there.
+async fn move_items(shared: &Shared, peer: &str, moves: &[Move]) -> Result<u64, NodeError> {
+    if moves.is_empty() {
+        return Ok(0);
+    }
+    shared
+        .store
+        .transact(|tx| {
+            let mut n = 0;
+            for (seq, expires_ms, next, cert) in moves {
+                if let Some(item) = tx.remove_outbox(peer, *seq)? {
+                    tx.push_outbox(next, &item, antar_store::Held::Cert(cert), *expires_ms)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(NodeError::from)
 }
 
 /// The agency an outbox item goes to — an envelope's recipient, a

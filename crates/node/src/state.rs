@@ -100,6 +100,14 @@ impl Policy {
         self.peers.get(peer).cloned()
     }
 
+    /// Whether `other` sends every agency to the same next hop.
+    pub(crate) fn routes_as(&self, other: &Policy) -> bool {
+        self.peers.len() == other.peers.len()
+            && self.peers.keys().all(|p| other.peers.contains_key(p))
+            && self.routes == other.routes
+            && self.default_route == other.default_route
+    }
+
     pub(crate) fn peers(&self) -> impl Iterator<Item = (&String, &String)> {
         self.peers.iter()
     }

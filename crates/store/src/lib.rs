@@ -655,13 +655,10 @@ impl Store {
         let mut from = Vec::new();
         while let Some(kv) = tree.range(from.as_slice()..).next() {
             let (key, _) = kv?;
-            let peer = keys::name_of(&key);
             // Past every key of this peer: its name, then a byte above `\0`.
-            from = keys::prefixed(&peer);
-            if let Some(last) = from.last_mut() {
-                *last = 1;
-            }
-            peers.push(peer);
+            let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+            from = [&key[..end], &[1]].concat();
+            peers.push(keys::name_of(&key));
         }
         Ok(peers)
     }
