@@ -297,3 +297,39 @@ async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
         n.stop().await.unwrap();
     }
 }
+
+/// A peer's new address takes effect on a reload: finance reaches health
+/// through a proxy that is then cut; the reload that gives health's own
+/// address lets what waits go at once, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_peer_address_is_dialled_without_a_restart() {
+    let fed = Federation::standard();
+    let (proxy, config) = finance_through_proxy(&fed, "health").await;
+    let finance_node = fed.start_with(config.clone()).await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let health = fed.app("health").await;
+
+    let first = send(&finance, notice("health", "tax.notice", b"through the proxy")).await;
+    receive_exactly(&health, &[first], 10).await;
+    proxy.set(LinkMode::Cut);
+    let second = send(
+        &finance,
+        notice("health", "tax.notice", b"waits for the new address"),
+    )
+    .await;
+    assert!(receive(&health, 1, 1, false).await.is_empty());
+
+    let mut direct = config;
+    for p in &mut direct.peers {
+        if p.agency == "health" {
+            p.addr = fed.addrs["health"].peer.to_string();
+        }
+    }
+    std::fs::write(fed.layout.config_path("finance"), direct.to_toml()).unwrap();
+    finance_node.reload().unwrap();
+    receive_exactly(&health, &[second], 10).await;
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}
