@@ -333,3 +333,43 @@ async fn a_reloaded_peer_address_is_dialled_without_a_restart() {
         n.stop().await.unwrap();
     }
 }
+
+/// The retry backoff starts over with each outage: after a long cut has
+/// backed the forwarder off to `limits.retry_max_ms`, a link that comes
+/// back, then blinks, is retried within the initial delay, not the
+/// longest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_outage_backs_off_from_the_initial_delay() {
+    let fed = Federation::standard();
+    let (proxy, mut config) = finance_through_proxy(&fed, "health").await;
+    config.limits.retry_initial_ms = 50;
+    config.limits.retry_max_ms = 6_000;
+    let finance_node = fed.start_with(config).await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let health = fed.app("health").await;
+
+    // A long outage: 50, 100, … ms, up to the 6 s cap.
+    proxy.set(LinkMode::Cut);
+    let first = send(&finance, notice("health", "tax.notice", b"after the long cut")).await;
+    tokio::time::sleep(Duration::from_millis(7_000)).await;
+    proxy.set(LinkMode::Up);
+    receive_exactly(&health, &[first], 10).await;
+
+    // A short one.
+    proxy.set(LinkMode::Cut);
+    let second = send(&finance, notice("health", "tax.notice", b"after the blink")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(LinkMode::Up);
+    let back = Instant::now();
+    receive_exactly(&health, &[second], 10).await;
+    // Backed off from 6 s, the first retry would come 3 to 6 s later.
+    assert!(
+        back.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        back.elapsed()
+    );
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}

@@ -95,6 +95,11 @@ async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
                 shared.metrics.retries.inc();
                 let mut health = lock(&shared.peer_health);
                 let h = health.entry(peer.clone()).or_default();
+                // A stream that had opened failed: a new outage, backed
+                // off from the start, not from where the last one ended.
+                if h.connected {
+                    delay = Duration::from_millis(limits.retry_initial_ms);
+                }
                 h.connected = false;
                 h.last_error = e.to_string();
                 drop(health);
