@@ -157,7 +157,7 @@ pub(crate) async fn expire(shared: &Shared, due: &[(String, u64)]) -> Result<usi
             let mut n = 0;
             for (peer, seq) in due {
                 // Sent since `due` was read: the peer's to take or refuse.
-                if shared.sent_upto(peer).is_some_and(|upto| *seq <= upto) {
+                if crate::sent::may_hold(shared.sent_upto(peer), *seq) {
                     continue;
                 }
                 if let Some(item) = tx.remove_outbox(peer, *seq)? {

@@ -64,7 +64,8 @@ fn still_a_peer(shared: &Shared, peer: &str) -> Option<String> {
 
 async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
     let limits = shared.limits().clone();
-    let mut delay = Duration::from_millis(limits.retry_initial_ms);
+    let initial = Duration::from_millis(limits.retry_initial_ms);
+    let mut delay = initial;
     let notify = shared.store.outbox_notify(&peer);
     let mut reloads = shared.reloads.subscribe();
     loop {
@@ -88,17 +89,20 @@ async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
                 }
             }
         }
-        match session(&shared, &peer, &addr, &shutdown, &mut reloads).await {
+        let mut progressed = false;
+        match session(&shared, &peer, &addr, &shutdown, &mut reloads, &mut progressed).await {
             // Stopping, or the peer left the policy or moved (see above).
             Ok(()) => continue,
             Err(e) => {
                 shared.metrics.retries.inc();
                 let mut health = lock(&shared.peer_health);
                 let h = health.entry(peer.clone()).or_default();
-                // A stream that had opened failed: a new outage, backed
-                // off from the start, not from where the last one ended.
-                if h.connected {
-                    delay = Duration::from_millis(limits.retry_initial_ms);
+                // A stream that had moved items failed: a new outage,
+                // backed off from the start, not from where the last one
+                // ended (a peer that answers and then refuses still
+                // backs off).
+                if progressed {
+                    delay = initial;
                 }
                 h.connected = false;
                 h.last_error = e.to_string();
@@ -106,17 +110,25 @@ async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
                 tracing::warn!(%peer, %addr, error = %e, retry_in_ms = delay.as_millis() as u64, "transfer to peer failed");
             }
         }
-        let jittered = rand::rng().random_range(delay / 2..=delay);
-        tokio::select! {
-            _ = tokio::time::sleep(jittered) => {}
-            // Removed, or at a new address: no need to wait out the old one.
-            _ = reloads.changed() => {
-                delay = Duration::from_millis(limits.retry_initial_ms);
-                continue;
+        let wait = tokio::time::sleep(rand::rng().random_range(delay / 2..=delay));
+        tokio::pin!(wait);
+        let redial = loop {
+            tokio::select! {
+                _ = &mut wait => break false,
+                // Removed, or at a new address: no need to wait out the old one.
+                _ = reloads.changed() => {
+                    if shared.policy().peer_addr(&peer).as_deref() != Some(addr.as_str()) {
+                        break true;
+                    }
+                }
+                _ = shutdown.cancelled() => return,
             }
-            _ = shutdown.cancelled() => return,
-        }
-        delay = (delay * 2).min(Duration::from_millis(limits.retry_max_ms));
+        };
+        delay = if redial {
+            initial
+        } else {
+            (delay * 2).min(Duration::from_millis(limits.retry_max_ms))
+        };
     }
 }
 
@@ -128,6 +140,7 @@ async fn session(
     addr: &str,
     shutdown: &CancellationToken,
     reloads: &mut tokio::sync::watch::Receiver<u64>,
+    progressed: &mut bool,
 ) -> Result<(), SessionError> {
     let channel = crate::net::peer_channel(shared, peer, addr).map_err(SessionError)?;
     let mut client = PeerClient::new(channel).max_decoding_message_size(64 << 20);
@@ -181,7 +194,7 @@ async fn session(
             let now = unix_millis(SystemTime::now());
             let sent_upto = shared.sent_upto(peer);
             let (late, items): (Vec<Queued>, Vec<Queued>) = items.into_iter().partition(|q| {
-                q.expires_ms != 0 && q.expires_ms <= now && sent_upto.is_none_or(|s| q.seq > s)
+                q.expires_ms != 0 && q.expires_ms <= now && !crate::sent::may_hold(sent_upto, q.seq)
             });
             if !late.is_empty() {
                 // Durable and out of the outbox once this returns (as
@@ -234,14 +247,20 @@ async fn session(
                 _ = notified => continue,
                 _ = reloads.changed() => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
-                ack = acks.message() => settle(shared, peer, ack, &mut acks, &mut in_flight).await?,
+                ack = acks.message() => {
+                    settle(shared, peer, ack, &mut acks, &mut in_flight).await?;
+                    *progressed = true;
+                }
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         } else {
             tokio::select! {
                 _ = reloads.changed() => continue,
                 _ = shutdown.cancelled() => return drain(shared, peer, &mut acks, &mut in_flight).await,
-                ack = acks.message() => settle(shared, peer, ack, &mut acks, &mut in_flight).await?,
+                ack = acks.message() => {
+                    settle(shared, peer, ack, &mut acks, &mut in_flight).await?;
+                    *progressed = true;
+                }
                 () = stalled(in_flight.front().map(|(sent, _)| *sent + ack_timeout)) => return Err(stall_error(ack_timeout)),
             }
         }
@@ -372,7 +391,7 @@ async fn reroute_queue(
         let in_doubt = |moves: &mut Vec<Move>| {
             let sent = shared.sent_upto(peer);
             let before = moves.len();
-            moves.retain(|(seq, ..)| sent.is_none_or(|s| *seq > s));
+            moves.retain(|(seq, ..)| !crate::sent::may_hold(sent, *seq));
             (before - moves.len()) as u64
         };
         done.in_doubt += in_doubt(&mut moves);

@@ -28,13 +28,19 @@ use crate::error::store_failure;
 /// BE).
 pub(crate) const SENT: &str = "sent";
 
-/// The `seen` namespace whose one key is the first sequence number of the
-/// first start that kept reservations (u64 BE).
+/// The `seen` namespace whose one key is the last sequence number handed
+/// out before the first start that kept reservations (u64 BE).
 const SINCE: &str = "sent-reserved-since";
 
 /// How far past the item it sends a forwarder reserves: one synced write
 /// per this many sequence numbers.
 const RESERVE: u64 = 1 << 14;
+
+/// Whether the peer whose mark is `upto` may hold its item `seq`: then it
+/// neither expires nor moves to another peer.
+pub(crate) fn may_hold(upto: Option<u64>, seq: u64) -> bool {
+    upto.is_some_and(|upto| seq <= upto)
+}
 
 /// Per peer, the last item that may have been sent, and the reservation
 /// the store holds.
@@ -55,12 +61,17 @@ impl SentMarks {
         let before = store.first_seq().saturating_sub(1);
         let mut marks = Self::default();
         if store.seen_first(SINCE)?.is_none() {
-            for (peer, _) in store.outbox_depths() {
-                marks.start(peer, u64::MAX, before);
-            }
+            // Recorded as reservations, so a crash before each forwarder
+            // takes its own keeps them counted.
+            let peers = store.outbox_peers()?;
             let key = before.to_be_bytes();
             store
-                .transact(|tx| tx.mark_seen(SINCE, &key))
+                .transact(|tx| {
+                    for peer in &peers {
+                        tx.note(SENT, peer.as_bytes(), &key)?;
+                    }
+                    tx.mark_seen(SINCE, &key)
+                })
                 .await
                 .map_err(store_failure)?;
         }
@@ -168,6 +179,42 @@ mod tests {
         // A lower mark after a failed session's restart from the top keeps the higher one.
         marks.mark_sending("hub", 5);
         assert_eq!(marks.upto("hub"), Some(13 + RESERVE));
+    }
+
+    /// On the first start of this build, what an older build queued counts
+    /// as sent — also at the start after a crash that came before any
+    /// reservation — and what is queued since does not.
+    #[tokio::test]
+    async fn the_first_start_counts_what_is_queued_as_sent_across_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = antar_store::StoreConfig {
+            path: dir.path().into(),
+            max_queued_bytes: 1 << 30,
+            cache_capacity: 8 << 20,
+            journal_segment_bytes: antar_store::DEFAULT_JOURNAL_SEGMENT_BYTES,
+        };
+        let push = |store: &Store, item: &'static [u8]| {
+            let store = store.clone();
+            async move {
+                store
+                    .transact(|tx| tx.push_outbox("hub", item, antar_store::Held::Nothing, 0))
+                    .await
+                    .unwrap()
+            }
+        };
+        let store = Store::open(&config).unwrap();
+        let old = push(&store, b"queued by an older build").await;
+        drop(store);
+        // The first start of this build.
+        let store = Store::open(&config).unwrap();
+        assert!(may_hold(SentMarks::load(&store).await.unwrap().upto("hub"), old));
+        // A crash: no clean stop records the marks.
+        drop(store);
+        let store = Store::open(&config).unwrap();
+        let marks = SentMarks::load(&store).await.unwrap();
+        assert!(may_hold(marks.upto("hub"), old));
+        let new = push(&store, b"queued since").await;
+        assert!(!may_hold(marks.upto("hub"), new));
     }
 
     #[test]
