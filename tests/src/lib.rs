@@ -120,6 +120,12 @@ impl Federation {
         nodes
     }
 
+    /// Writes `config` as its agency's config file and reloads `node` from it.
+    pub fn reload_with(&self, node: &Node, config: &NodeConfig) {
+        std::fs::write(self.layout.config_path(&config.agency), config.to_toml()).unwrap();
+        node.reload().unwrap();
+    }
+
     /// Starts a node in this process with a given config.
     pub async fn start_with(&self, config: NodeConfig) -> Node {
         let path = self.layout.config_path(&config.agency);
@@ -444,6 +450,12 @@ pub async fn send(client: &Client, req: wire::SendRequest) -> String {
         .into_inner()
         .message_ids
         .remove(0)
+}
+
+/// `config` without its peering to `peer`.
+pub fn without_peer(mut config: NodeConfig, peer: &str) -> NodeConfig {
+    config.peers.retain(|p| p.agency != peer);
+    config
 }
 
 /// Backlog of `peer` as `agency`'s admin sees it.

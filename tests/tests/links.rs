@@ -290,11 +290,7 @@ async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
 
     // health leaves finance's config; the hub (the default route, down
     // here) is the way to it now.
-    let mut without = config.clone();
-    without.peers.retain(|p| p.agency != "health");
-    let path = fed.layout.config_path("finance");
-    std::fs::write(&path, without.to_toml()).unwrap();
-    finance_node.reload().unwrap();
+    fed.reload_with(&finance_node, &without_peer(config.clone(), "health"));
     eventually(10, "what was never sent moves to the hub", || async {
         (backlog(&admin, "hub").await == 1).then_some(())
     })
@@ -307,8 +303,7 @@ async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
     );
 
     proxy.set(LinkMode::Up);
-    std::fs::write(&path, config.to_toml()).unwrap();
-    finance_node.reload().unwrap();
+    fed.reload_with(&finance_node, &config);
     arrives_once_unexpired(&fed, &finance, first, &doubtful).await;
     for n in [finance_node, health_node] {
         n.stop().await.unwrap();
@@ -343,8 +338,7 @@ async fn a_reloaded_peer_address_is_dialled_without_a_restart() {
             p.addr = fed.addrs["health"].peer.to_string();
         }
     }
-    std::fs::write(fed.layout.config_path("finance"), direct.to_toml()).unwrap();
-    finance_node.reload().unwrap();
+    fed.reload_with(&finance_node, &direct);
     receive_exactly(&health, &[second], 10).await;
     for n in [finance_node, health_node] {
         n.stop().await.unwrap();

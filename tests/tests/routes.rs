@@ -9,12 +9,6 @@ use std::collections::HashSet;
 use antar_node::config::Peer;
 use antar_tests::*;
 
-/// Writes `config` as `agency`'s config file and reloads `node` from it.
-fn reload_with(fed: &Federation, node: &antar_node::Node, config: &antar_node::NodeConfig) {
-    std::fs::write(fed.layout.config_path(&config.agency), config.to_toml()).unwrap();
-    node.reload().unwrap();
-}
-
 /// `agency`'s config with a direct peering to `peer`.
 fn peering(fed: &Federation, agency: &str, peer: &str) -> antar_node::NodeConfig {
     let mut config = fed.config(agency);
@@ -68,7 +62,7 @@ async fn a_reload_that_adds_a_direct_peer_moves_the_queued_work_to_it() {
     assert_eq!(backlog(&admin, "hub").await, 5);
     assert!(receive(&registry, 1, 1, false).await.is_empty());
 
-    reload_with(&fed, &finance_node, &peering(&fed, "finance", "registry"));
+    fed.reload_with(&finance_node, &peering(&fed, "finance", "registry"));
     each_arrives_once(&registry, &finance, &ids).await;
     assert_eq!(backlog(&admin, "hub").await, 0);
     assert_eq!(backlog(&admin, "registry").await, 0);
@@ -92,9 +86,7 @@ async fn a_reload_that_removes_a_peer_moves_its_queue_to_the_default_route() {
     let ids = send_n(&finance, "health", "tax.notice", 3).await;
     assert_eq!(backlog(&admin, "health").await, 3);
 
-    let mut config = fed.config("finance");
-    config.peers.retain(|p| p.agency != "health");
-    reload_with(&fed, &finance_node, &config);
+    fed.reload_with(&finance_node, &without_peer(fed.config("finance"), "health"));
     eventually(10, "the queue moves to the hub", || async {
         (backlog(&admin, "health").await == 0 && backlog(&admin, "hub").await == 3).then_some(())
     })
@@ -102,9 +94,9 @@ async fn a_reload_that_removes_a_peer_moves_its_queue_to_the_default_route() {
 
     // health has dropped the peering too: its receipts go through the hub.
     let hub_node = fed.start("hub").await;
-    let mut health_config = fed.config("health");
-    health_config.peers.retain(|p| p.agency != "finance");
-    let health_node = fed.start_with(health_config).await;
+    let health_node = fed
+        .start_with(without_peer(fed.config("health"), "finance"))
+        .await;
     let health = fed.app("health").await;
     each_arrives_once(&health, &finance, &ids).await;
     for n in [finance_node, hub_node, health_node] {
@@ -124,10 +116,9 @@ async fn items_left_without_a_route_stay_queued_until_the_peer_returns() {
     let admin = fed.admin("finance").await;
     let ids = send_n(&finance, "health", "tax.notice", 3).await;
 
-    let mut config = fed.config("finance");
-    config.peers.retain(|p| p.agency != "health");
+    let mut config = without_peer(fed.config("finance"), "health");
     config.default_route = None;
-    reload_with(&fed, &finance_node, &config);
+    fed.reload_with(&finance_node, &config);
     let health = peer_status(&admin, "health").await.unwrap();
     assert_eq!(health.backlog, 3);
     assert!(
@@ -139,7 +130,7 @@ async fn items_left_without_a_route_stay_queued_until_the_peer_returns() {
     let health_node = fed.start("health").await;
     let health = fed.app("health").await;
     assert!(receive(&health, 1, 2, false).await.is_empty());
-    reload_with(&fed, &finance_node, &fed.config("finance"));
+    fed.reload_with(&finance_node, &fed.config("finance"));
     each_arrives_once(&health, &finance, &ids).await;
     for n in [finance_node, health_node] {
         n.stop().await.unwrap();

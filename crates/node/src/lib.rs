@@ -463,7 +463,7 @@ impl Node {
         }
         // No forwarder sends any more: what each sent is exactly known.
         if stopped {
-            let marks = std::mem::take(&mut *shared.sent.lock().unwrap_or_else(|p| p.into_inner()));
+            let marks = std::mem::take(&mut *state::lock(&shared.sent));
             if let Err(e) = sent::record_exact(&shared.store, &marks).await {
                 tracing::warn!(error = %e, "could not record what was sent to each peer; the next start spares up to the reservations");
             }

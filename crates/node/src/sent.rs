@@ -135,10 +135,7 @@ impl SentMarks {
 /// # Errors
 /// A storage failure.
 pub(crate) async fn reserve(store: &Store, peer: &str, reserved: u64) -> Result<(), StoreError> {
-    store
-        .transact(|tx| tx.note(SENT, peer.as_bytes(), &reserved.to_be_bytes()))
-        .await
-        .map_err(store_failure)
+    record(store, [(peer, reserved)]).await
 }
 
 /// At a clean stop, once no forwarder runs: records every peer's exact
@@ -147,13 +144,26 @@ pub(crate) async fn reserve(store: &Store, peer: &str, reserved: u64) -> Result<
 /// # Errors
 /// A storage failure.
 pub(crate) async fn record_exact(store: &Store, marks: &SentMarks) -> Result<(), StoreError> {
-    if marks.upto.is_empty() {
+    record(
+        store,
+        marks.upto.iter().map(|(peer, upto)| (peer.as_str(), *upto)),
+    )
+    .await
+}
+
+/// Writes each (peer, reservation) in one synced transaction; none, none.
+async fn record<'a>(
+    store: &Store,
+    reservations: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Result<(), StoreError> {
+    let reservations: Vec<(&str, u64)> = reservations.into_iter().collect();
+    if reservations.is_empty() {
         return Ok(());
     }
     store
         .transact(|tx| {
-            for (peer, upto) in &marks.upto {
-                tx.note(SENT, peer.as_bytes(), &upto.to_be_bytes())?;
+            for (peer, reserved) in &reservations {
+                tx.note(SENT, peer.as_bytes(), &reserved.to_be_bytes())?;
             }
             Ok(())
         })
