@@ -266,15 +266,22 @@ async fn after_a_clean_stop_an_envelope_never_sent_still_expires() {
     health_node.stop().await.unwrap();
 }
 
-/// An envelope a peer may hold stays in that peer's queue when a reload
-/// removes the peer, though another route now leads to its recipient:
-/// moving it would put two copies in custody, which could end in two
-/// outcomes. It waits, listed, and goes to the peer once a reload brings
-/// it back. (What the peer was never sent moves: `routes.rs`.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
-    let fed = Federation::standard();
-    let (proxy, config) = finance_through_proxy(&fed, "health").await;
+/// finance with one envelope in doubt at health: sent into a stalled
+/// link whose stream then timed out.
+struct InDoubt {
+    proxy: LinkProxy,
+    config: antar_node::NodeConfig,
+    finance_node: antar_node::Node,
+    health_node: antar_node::Node,
+    finance: antar_client::Client,
+    admin: antar_client::Client,
+    /// Delivered before the stall, not yet received by health's app.
+    first: String,
+    doubtful: String,
+}
+
+async fn in_doubt_at_health(fed: &Federation) -> InDoubt {
+    let (proxy, config) = finance_through_proxy(fed, "health").await;
     let finance_node = fed.start_with(config.clone()).await;
     let health_node = fed.start("health").await;
     let finance = fed.app("finance").await;
@@ -283,29 +290,111 @@ async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
     // The stream it went into timed out: it was in flight. What is sent
     // from now on stalls in the handshake, so is never in doubt.
     eventually(10, "the stalled stream is dropped", || async {
-        (get(&scrape(&fed, "finance").await, "antar_transfer_retries_total") >= 1.0).then_some(())
+        (get(&scrape(fed, "finance").await, "antar_transfer_retries_total") >= 1.0).then_some(())
     })
     .await;
-    let never_sent = send(&finance, notice("health", "tax.notice", b"never sent")).await;
+    InDoubt {
+        proxy,
+        config,
+        finance_node,
+        health_node,
+        finance,
+        admin,
+        first,
+        doubtful,
+    }
+}
+
+/// An envelope a peer may hold stays in that peer's queue when a reload
+/// removes the peer, though another route now leads to its recipient:
+/// moving it would put two copies in custody, which could end in two
+/// outcomes. It waits, listed, and goes to the peer once a reload brings
+/// it back. (What the peer was never sent moves: `routes.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
+    let fed = Federation::standard();
+    let d = in_doubt_at_health(&fed).await;
+    let never_sent = send(&d.finance, notice("health", "tax.notice", b"never sent")).await;
 
     // health leaves finance's config; the hub (the default route, down
     // here) is the way to it now.
-    fed.reload_with(&finance_node, &without_peer(config.clone(), "health"));
+    fed.reload_with(&d.finance_node, &without_peer(d.config.clone(), "health"));
     eventually(10, "what was never sent moves to the hub", || async {
-        (backlog(&admin, "hub").await == 1).then_some(())
+        (backlog(&d.admin, "hub").await == 1).then_some(())
     })
     .await;
     // The one in doubt stays, listed though health is no longer a peer.
-    assert_eq!(peer_status(&admin, "health").await.unwrap().backlog, 1);
+    assert_eq!(peer_status(&d.admin, "health").await.unwrap().backlog, 1);
     assert_eq!(
-        track(&finance, &never_sent).await.state,
+        track(&d.finance, &never_sent).await.state,
         wire::MessageState::Accepted as i32
     );
 
-    proxy.set(LinkMode::Up);
-    fed.reload_with(&finance_node, &config);
-    arrives_once_unexpired(&fed, &finance, first, &doubtful).await;
-    for n in [finance_node, health_node] {
+    d.proxy.set(LinkMode::Up);
+    fed.reload_with(&d.finance_node, &d.config);
+    arrives_once_unexpired(&fed, &d.finance, d.first, &d.doubtful).await;
+    for n in [d.finance_node, d.health_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+/// An administrator's release of a removed peer's queue lets what it
+/// may hold move too: the item in doubt goes to health through the hub,
+/// and arrives once. Refused while the agency is still a peer, for an
+/// agency never queued for, and for a malformed id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_queue_moves_what_its_removed_peer_may_hold() {
+    let fed = Federation::standard();
+    let d = in_doubt_at_health(&fed).await;
+    let release = |agency: &str| {
+        let mut admin = d.admin.admin();
+        let agency = agency.to_owned();
+        async move {
+            admin
+                .release_queue(wire::ReleaseQueueRequest { agency })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    assert_eq!(
+        release("health").await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(
+        release("tax-office").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let bad = release("Not An Id!").await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().starts_with("agency"), "{}", bad.message());
+    let by_app = d
+        .finance
+        .admin()
+        .release_queue(wire::ReleaseQueueRequest {
+            agency: "health".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(by_app.code(), tonic::Code::PermissionDenied);
+
+    fed.reload_with(&d.finance_node, &without_peer(d.config, "health"));
+    // Its forwarder settles what it had in flight first.
+    let done = eventually(15, "the queue is released", || async {
+        match release("health").await {
+            Ok(done) => Some(done),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => None,
+            Err(s) => panic!("{s:?}"),
+        }
+    })
+    .await;
+    // The rerouter may move it first, once the release is recorded.
+    assert_eq!((done.released, done.unroutable), (1, 0));
+    assert_eq!(backlog(&d.admin, "hub").await, 1);
+    assert!(peer_status(&d.admin, "health").await.is_none());
+
+    let hub_node = fed.start("hub").await;
+    arrives_once_unexpired(&fed, &d.finance, d.first, &d.doubtful).await;
+    for n in [d.finance_node, d.health_node, hub_node] {
         n.stop().await.unwrap();
     }
 }

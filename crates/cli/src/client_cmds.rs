@@ -343,6 +343,29 @@ pub enum AdminCommand {
     /// each revokes.
     #[command(after_help = "Example:\n  antar admin reload --federation f.json --agency finance")]
     Reload(ConnOnly),
+    /// Release the queue of a peer removed for good: what it may hold moves on.
+    ///
+    /// After a reload removes a peer, what was queued for it moves to its
+    /// new route, except what the peer may hold already (sent, its custody
+    /// ack never back): that waits for the peer to come back, never expires,
+    /// and shows in `antar admin peers`. If the agency will not come back,
+    /// this releases it: it moves like the rest, or, with no route, waits
+    /// for one and expires at its TTL. If the agency did hold one after
+    /// all, the recipient still delivers it once if it comes another way,
+    /// but the message may end both EXPIRED here and DELIVERED there. Prints
+    /// how many items were released, moved, and left for want of a route.
+    #[command(
+        name = "release-queue",
+        after_help = "Example (registry left finance's [[peers]] for good):\n  antar admin release-queue registry --federation f.json --agency finance"
+    )]
+    ReleaseQueue {
+        /// The former peer: an agency id no longer in the node's [[peers]]
+        /// (`--agency` names the node's own agency, as for every command).
+        #[arg(value_name = "PEER")]
+        former_peer: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Envelopes that expired or were refused: list, retry or purge them.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLetterCommand),
@@ -489,6 +512,31 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                 "reloaded; {} serials revoked; {} by the agency-local list (tls.local_revocation_list)",
                 r.revoked_serials, r.local_revoked_serials
             );
+        }
+        AdminCommand::ReleaseQueue {
+            former_peer: peer,
+            conn,
+        } => {
+            let r = conn
+                .connect(ClientRole::Admin)
+                .await?
+                .admin()
+                .release_queue(wire::ReleaseQueueRequest { agency: peer.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if conn.json {
+                println!(
+                    "{}",
+                    json!({ "peer": peer, "released": r.released, "moved": r.moved, "unroutable": r.unroutable })
+                );
+            } else {
+                println!(
+                    "{peer}: {} items no longer held by it; {} moved to their next hop; {} wait for a route \
+                     (or expire at their TTL)",
+                    r.released, r.moved, r.unroutable
+                );
+            }
         }
         AdminCommand::DeadLetters(cmd) => dead_letters(cmd).await?,
     }

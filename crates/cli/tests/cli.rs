@@ -30,6 +30,7 @@ fn every_subcommand_has_help_with_an_example() {
         vec!["admin", "dead-letters", "list"],
         vec!["admin", "dead-letters", "retry"],
         vec!["admin", "dead-letters", "purge"],
+        vec!["admin", "release-queue"],
         vec!["call"],
         vec!["reply"],
         vec!["receipts"],

@@ -12,11 +12,11 @@ use antar_core::wire::admin_server::Admin;
 use antar_core::wire::{
     transfer_item, DeadLetter as WireDeadLetter, DrainRequest, DrainResponse, Envelope,
     ListDeadLettersRequest, ListDeadLettersResponse, ListPeersRequest, ListPeersResponse, Outcome,
-    PeerStatus, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, ReceiptStatus, ReloadRequest,
-    ReloadResponse, RetryDeadLettersRequest, RetryDeadLettersResponse, StatusRequest, StatusResponse,
-    TransferItem,
+    PeerStatus, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, ReceiptStatus,
+    ReleaseQueueRequest, ReleaseQueueResponse, ReloadRequest, ReloadResponse, RetryDeadLettersRequest,
+    RetryDeadLettersResponse, StatusRequest, StatusResponse, TransferItem,
 };
-use antar_core::MessageId;
+use antar_core::{AgencyId, MessageId};
 use antar_store::{DeadLetter, Tx, TxError};
 
 use crate::auth;
@@ -61,7 +61,8 @@ pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
                 last_error: format!(
                     "{agency} is not a peer in the config, and these items stay here: those with no route to where \
                      they go until a reload gives them one, those {agency} may hold already (sent, custody ack \
-                     lost) until it is a peer again"
+                     lost) until it is a peer again, or until an administrator releases them (antar admin \
+                     release-queue {agency}) if it is gone for good"
                 ),
                 agency,
                 backlog,
@@ -316,6 +317,20 @@ impl Admin for AdminService {
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {
         auth::admin(&self.shared, &req)?;
         Ok(Response::new((self.reload)()?))
+    }
+
+    async fn release_queue(
+        &self,
+        req: Request<ReleaseQueueRequest>,
+    ) -> Result<Response<ReleaseQueueResponse>, Status> {
+        let by = auth::admin(&self.shared, &req)?;
+        let agency = AgencyId::parse(&req.get_ref().agency).map_err(|e| NodeError::invalid("agency", e))?;
+        let done = crate::forward::release(&self.shared, agency.as_str(), &by).await?;
+        Ok(Response::new(ReleaseQueueResponse {
+            released: done.released,
+            moved: done.rerouted.moved,
+            unroutable: done.rerouted.unroutable,
+        }))
     }
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {

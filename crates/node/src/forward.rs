@@ -272,14 +272,15 @@ const REROUTE_CHUNK: usize = 512;
 
 /// What [`reroute`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Rerouted {
-    /// Items moved to the outbox of their new next hop.
-    moved: u64,
+pub(crate) struct Rerouted {
+    /// Items moved to the outbox of their new next hop (by this pass: one
+    /// running at the same time may have moved others).
+    pub(crate) moved: u64,
     /// Items left where they are: no route leads where they go (or they
     /// do not decode).
-    unroutable: u64,
+    pub(crate) unroutable: u64,
     /// Items left with a peer that may hold them already.
-    in_doubt: u64,
+    pub(crate) in_doubt: u64,
 }
 
 /// Keeps queued work on its route (DESIGN.md §6): at start and after a
@@ -386,8 +387,8 @@ async fn reroute_queue(
                 None => done.unroutable += 1,
             }
         }
-        // What `peer` may hold stays (the mark only grows while the node
-        // runs: checked again under the lock).
+        // What `peer` may hold stays (checked again under the lock: the
+        // mark may have grown; it shrinks only by a release, `release`).
         let in_doubt = |moves: &mut Vec<Move>| {
             let sent = shared.sent_upto(peer);
             let before = moves.len();
@@ -403,6 +404,98 @@ async fn reroute_queue(
         *after = Some(last);
     }
     Ok(())
+}
+
+/// What [`release`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Released {
+    /// Items the agency may have held, counted as never sent from now on.
+    pub(crate) released: u64,
+    /// Items moved to their next hop, and those left for want of a route.
+    pub(crate) rerouted: Rerouted,
+}
+
+/// For an agency removed from the peers for good, by an administrator's
+/// word (`Admin.ReleaseQueue`): counts none of the items queued for it as
+/// held by it any more, synced, then moves each to its next hop like the
+/// [`rerouter`] does. What no route leads from stays, and expires at its
+/// TTL. If the agency did hold one after all, the recipient's duplicate
+/// check delivers it once when it comes another way, but it may also end
+/// EXPIRED here and DELIVERED there: hence an administrator's call, never
+/// the node's.
+///
+/// # Errors
+/// [`NodeError::FailedPrecondition`] while `peer` is a peer, its
+/// forwarder still settles what it had in flight, or the node stops;
+/// [`NodeError::NotFound`] when nothing is queued for it nor held by it;
+/// a storage failure (the release may be recorded: a second call moves
+/// the rest).
+pub(crate) async fn release(
+    shared: &Shared,
+    peer: &str,
+    by: &impl std::fmt::Display,
+) -> Result<Released, NodeError> {
+    let mut done = Released::default();
+    {
+        // No forwarder reads or marks meanwhile, nor does the sweeper or
+        // the rerouter take out: a forwarder started by a reload that
+        // brings `peer` back reads only after.
+        let _alone = shared.sending.write().await;
+        if shared.policy().is_peer(peer) {
+            return Err(NodeError::FailedPrecondition(format!(
+                "{peer} is a peer in the config: what it may hold is its own to answer for; remove it from \
+                 [[peers]] and reload first"
+            )));
+        }
+        if lock(&shared.forwarders).contains_key(peer) {
+            return Err(NodeError::FailedPrecondition(format!(
+                "the forwarder of {peer} is still settling what it sent before the reload that removed it \
+                 (at most limits.transfer_ack_timeout_ms plus 5 s); try again then"
+            )));
+        }
+        if shared.shutdown.is_cancelled() {
+            // `Node::stop` records the marks it took: the release would
+            // not hold.
+            return Err(NodeError::FailedPrecondition(
+                "the node is stopping; release the queue once it runs again".into(),
+            ));
+        }
+        let sent = shared.sent_upto(peer);
+        if sent.is_none() && shared.store.outbox_depth_is_zero(peer) {
+            return Err(NodeError::NotFound(format!(
+                "nothing is queued for {peer} here, and nothing it may hold (never sent to, or released \
+                 already): nothing to release"
+            )));
+        }
+        if let Some(upto) = sent {
+            done.released = shared.store.outbox_count_through(peer, upto)?;
+            crate::sent::forget(&shared.store, peer).await?;
+            shared.forget_sent(peer);
+        }
+    }
+    tracing::warn!(
+        %peer,
+        by = %by,
+        released = done.released,
+        "an administrator released the queue of a former peer: nothing in it counts as held by it any more"
+    );
+    if let Err(e) = reroute_queue(shared, peer, &mut None, &shared.shutdown, &mut done.rerouted).await {
+        tracing::error!(%peer, error = %e, "the release is recorded, but moving the queue failed; release it again to move the rest");
+        return Err(e);
+    }
+    if shared.shutdown.is_cancelled() {
+        return Err(NodeError::FailedPrecondition(format!(
+            "the release of {peer}'s queue is recorded, but the node is stopping: what was not moved yet moves \
+             at its next start"
+        )));
+    }
+    tracing::info!(
+        %peer,
+        moved = done.rerouted.moved,
+        unroutable = done.rerouted.unroutable,
+        "a released queue moved to its next hops"
+    );
+    Ok(done)
 }
 
 /// An item to move: its sequence number, expiry, next hop and signer

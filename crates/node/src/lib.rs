@@ -463,6 +463,9 @@ impl Node {
         }
         // No forwarder sends any more: what each sent is exactly known.
         if stopped {
+            // Alone: a release racing the stop (`forward::release`) sees
+            // it stopping, or is recorded before.
+            let _alone = shared.sending.write().await;
             let marks = std::mem::take(&mut *state::lock(&shared.sent));
             if let Err(e) = sent::record_exact(&shared.store, &marks).await {
                 tracing::warn!(error = %e, "could not record what was sent to each peer; the next start spares up to the reservations");

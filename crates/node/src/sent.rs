@@ -16,7 +16,9 @@
 //!
 //! Sequence numbers are node-wide (outbox items, inbox entries, receipt
 //! cursors), so a reservation covers fewer than [`RESERVE`] of one peer's
-//! items. One forwarder per peer marks and reserves.
+//! items. One forwarder per peer marks and reserves. An administrator's
+//! release of a former peer's queue removes its mark and reservation
+//! ([`forget`]): then none of its items count as sent.
 
 use std::collections::HashMap;
 
@@ -128,6 +130,25 @@ impl SentMarks {
         let held = self.reserved.entry(peer.to_owned()).or_insert(reserved);
         *held = (*held).max(reserved);
     }
+
+    /// Counts none of `peer`'s items as sent any more ([`forget`]).
+    pub(crate) fn forget(&mut self, peer: &str) {
+        self.upto.remove(peer);
+        self.reserved.remove(peer);
+    }
+}
+
+/// Records, synced, that none of `peer`'s items were sent: an
+/// administrator released its queue (`forward::release`). The caller
+/// forgets its mark ([`SentMarks::forget`]) once this returns.
+///
+/// # Errors
+/// A storage failure.
+pub(crate) async fn forget(store: &Store, peer: &str) -> Result<(), StoreError> {
+    store
+        .transact(|tx| tx.unnote(SENT, peer.as_bytes()).map(drop))
+        .await
+        .map_err(store_failure)
 }
 
 /// Records, synced, that `peer`'s items up to `reserved` may have been sent.
@@ -191,18 +212,22 @@ mod tests {
         assert_eq!(marks.upto("hub"), Some(13 + RESERVE));
     }
 
+    fn store_config(dir: &tempfile::TempDir) -> antar_store::StoreConfig {
+        antar_store::StoreConfig {
+            path: dir.path().into(),
+            max_queued_bytes: 1 << 30,
+            cache_capacity: 8 << 20,
+            journal_segment_bytes: antar_store::DEFAULT_JOURNAL_SEGMENT_BYTES,
+        }
+    }
+
     /// On the first start of this build, what an older build queued counts
     /// as sent — also at the start after a crash that came before any
     /// reservation — and what is queued since does not.
     #[tokio::test]
     async fn the_first_start_counts_what_is_queued_as_sent_across_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let config = antar_store::StoreConfig {
-            path: dir.path().into(),
-            max_queued_bytes: 1 << 30,
-            cache_capacity: 8 << 20,
-            journal_segment_bytes: antar_store::DEFAULT_JOURNAL_SEGMENT_BYTES,
-        };
+        let config = store_config(&dir);
         let push = |store: &Store, item: &'static [u8]| {
             let store = store.clone();
             async move {
@@ -225,6 +250,27 @@ mod tests {
         assert!(may_hold(marks.upto("hub"), old));
         let new = push(&store, b"queued since").await;
         assert!(!may_hold(marks.upto("hub"), new));
+    }
+
+    /// A release ([`forget`]) holds across a crash: nothing of the peer's
+    /// counts as sent at the next start, reserved or not.
+    #[tokio::test]
+    async fn a_release_holds_across_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = store_config(&dir);
+        let store = Store::open(&config).unwrap();
+        SentMarks::load(&store).await.unwrap();
+        reserve(&store, "hub", 10 + RESERVE).await.unwrap();
+        reserve(&store, "registry", 20 + RESERVE).await.unwrap();
+        drop(store);
+        let store = Store::open(&config).unwrap();
+        assert!(SentMarks::load(&store).await.unwrap().upto("hub").is_some());
+        forget(&store, "hub").await.unwrap();
+        drop(store);
+        let store = Store::open(&config).unwrap();
+        let marks = SentMarks::load(&store).await.unwrap();
+        assert_eq!(marks.upto("hub"), None);
+        assert!(marks.upto("registry").is_some());
     }
 
     #[test]

@@ -419,9 +419,11 @@ pub(crate) struct Shared {
     pub(crate) sent: Mutex<crate::sent::SentMarks>,
     /// Held (shared) by a forwarder from reading its outbox until it has
     /// marked what it read as sent, and (alone) by the sweeper while it
-    /// expires items: so the sweeper never expires an item a forwarder has
-    /// read to send, and a forwarder never reads one the sweeper is
-    /// expiring but has not yet removed from sled.
+    /// expires items, the rerouter while it moves them, a release of a
+    /// former peer's queue while it forgets its mark, and a stopping node
+    /// while it records the marks: so the sweeper never expires an item a
+    /// forwarder has read to send, and a forwarder never reads one the
+    /// sweeper is expiring but has not yet removed from sled.
     pub(crate) sending: tokio::sync::RwLock<()>,
     /// The forwarder of each peer (`forward::start`); one removes itself
     /// when its peer leaves the policy.
@@ -460,6 +462,12 @@ impl Shared {
     /// ([`crate::sent::SentMarks::reserved`]).
     pub(crate) fn reserved_sent(&self, peer: &str, reserved: u64) {
         lock(&self.sent).reserved(peer, reserved);
+    }
+
+    /// None of `peer`'s items count as sent any more
+    /// ([`crate::sent::SentMarks::forget`]).
+    pub(crate) fn forget_sent(&self, peer: &str) {
+        lock(&self.sent).forget(peer);
     }
 
     pub(crate) fn limits(&self) -> &Limits {

@@ -627,6 +627,22 @@ impl Store {
         Ok(out)
     }
 
+    /// How many of `peer`'s outbox items have a sequence number at or below
+    /// `upto`, read without restoring them.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure, or a run that does not parse.
+    pub fn outbox_count_through(&self, peer: &str, upto: u64) -> Result<u64, StoreError> {
+        runs::range_in(
+            &self.inner.trees,
+            keys::OUTBOX,
+            &keys::prefixed(peer),
+            0,
+            Some(upto.saturating_add(1)),
+        )?
+        .try_fold(0, |n, kv| kv.map(|_| n + 1))
+    }
+
     /// Items waiting in `peer`'s outbox.
     pub fn outbox_depth(&self, peer: &str) -> u64 {
         self.inner.trees[keys::OUTBOX]

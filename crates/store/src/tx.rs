@@ -835,6 +835,15 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
+    /// Removes what [`Tx::note`] left for (`namespace`, `key`); returns
+    /// whether there was one.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn unnote(&self, namespace: &str, key: &[u8]) -> R<bool> {
+        Ok(self.remove(SEEN, keys::pair_key(namespace, key))?.is_some())
+    }
+
     /// The value [`Tx::note`] left for (`namespace`, `key`), if any.
     ///
     /// # Errors
