@@ -36,6 +36,16 @@ async fn finance_through_proxy(fed: &Federation, peer: &str) -> (LinkProxy, anta
     (proxy, config)
 }
 
+/// `config` with `peer` at its own peer address (no proxy).
+fn direct_to(mut config: antar_node::NodeConfig, fed: &Federation, peer: &str) -> antar_node::NodeConfig {
+    for p in &mut config.peers {
+        if p.agency == peer {
+            p.addr = fed.addrs[peer].peer.to_string();
+        }
+    }
+    config
+}
+
 /// Receives and acks exactly the messages `ids`, each once.
 async fn receive_exactly(app: &antar_client::Client, ids: &[String], secs: u64) {
     let got: Vec<String> = receive(app, ids.len(), secs, true)
@@ -421,14 +431,33 @@ async fn a_reloaded_peer_address_is_dialled_without_a_restart() {
     .await;
     assert!(receive(&health, 1, 1, false).await.is_empty());
 
-    let mut direct = config;
-    for p in &mut direct.peers {
-        if p.agency == "health" {
-            p.addr = fed.addrs["health"].peer.to_string();
-        }
-    }
-    fed.reload_with(&finance_node, &direct);
+    fed.reload_with(&finance_node, &direct_to(config, &fed, "health"));
     receive_exactly(&health, &[second], 10).await;
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}
+
+/// A reload that gives a peer a new address moves an open stream there
+/// too: once the reload is in, what is sent goes to the new address at
+/// once, though the old stream was healthy and is stalled only now, and
+/// its ack timeout (30 s) would not end it within the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_peer_address_moves_an_open_stream() {
+    let fed = Federation::standard();
+    let (proxy, mut config) = finance_through_proxy(&fed, "health").await;
+    config.limits.transfer_ack_timeout_ms = 30_000;
+    let finance_node = fed.start_with(config.clone()).await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let health = fed.app("health").await;
+
+    let first = send(&finance, notice("health", "tax.notice", b"opens the stream")).await;
+    receive_exactly(&health, &[first], 10).await;
+    fed.reload_with(&finance_node, &direct_to(config, &fed, "health"));
+    proxy.set(LinkMode::Stall);
+    let second = send(&finance, notice("health", "tax.notice", b"after the reload")).await;
+    receive_exactly(&health, &[second], 5).await;
     for n in [finance_node, health_node] {
         n.stop().await.unwrap();
     }

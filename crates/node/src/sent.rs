@@ -44,12 +44,16 @@ pub(crate) fn may_hold(upto: Option<u64>, seq: u64) -> bool {
     upto.is_some_and(|upto| seq <= upto)
 }
 
-/// Per peer, the last item that may have been sent, and the reservation
-/// the store holds.
+/// Per peer, what may have been sent to it.
 #[derive(Debug, Default)]
-pub(crate) struct SentMarks {
-    upto: HashMap<String, u64>,
-    reserved: HashMap<String, u64>,
+pub(crate) struct SentMarks(HashMap<String, Mark>);
+
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The last item that may have been sent.
+    upto: u64,
+    /// The reservation the store holds, when known to be readable.
+    reserved: Option<u64>,
 }
 
 impl SentMarks {
@@ -98,43 +102,48 @@ impl SentMarks {
     /// Starts `peer` from the store's `reserved`; `before` is the last
     /// number handed out before this start.
     fn start(&mut self, peer: String, reserved: u64, before: u64) {
-        let upto = self.upto.entry(peer.clone()).or_insert(0);
-        *upto = (*upto).max(reserved.min(before));
-        if reserved != u64::MAX {
-            self.reserved.insert(peer, reserved);
-        }
+        let mark = self.0.entry(peer).or_insert(Mark {
+            upto: 0,
+            reserved: None,
+        });
+        mark.upto = mark.upto.max(reserved.min(before));
+        mark.reserved = (reserved != u64::MAX).then_some(reserved);
     }
 
     /// The last of `peer`'s items that may have been sent.
     pub(crate) fn upto(&self, peer: &str) -> Option<u64> {
-        self.upto.get(peer).copied()
+        self.0.get(peer).map(|m| m.upto)
     }
 
     /// Every peer's [`SentMarks::upto`].
     pub(crate) fn snapshot(&self) -> HashMap<String, u64> {
-        self.upto.clone()
+        self.0.iter().map(|(peer, m)| (peer.clone(), m.upto)).collect()
     }
 
     /// Marks `peer`'s items up to `seq` sent, or about to be. Returns the
     /// reservation the store must hold, synced, before they go, when the
     /// one it holds is below `seq`; [`SentMarks::reserved`] once it does.
     pub(crate) fn mark_sending(&mut self, peer: &str, seq: u64) -> Option<u64> {
-        let upto = self.upto.entry(peer.to_owned()).or_insert(seq);
-        *upto = (*upto).max(seq);
-        let held = self.reserved.get(peer).copied().unwrap_or(0);
+        let mark = self.0.entry(peer.to_owned()).or_insert(Mark {
+            upto: seq,
+            reserved: None,
+        });
+        mark.upto = mark.upto.max(seq);
+        let held = mark.reserved.unwrap_or(0);
         (held < seq).then(|| seq.saturating_add(RESERVE))
     }
 
-    /// The store holds `reserved` for `peer`.
+    /// The store holds `reserved` for `peer`, whose items up to some
+    /// number were marked ([`SentMarks::mark_sending`]).
     pub(crate) fn reserved(&mut self, peer: &str, reserved: u64) {
-        let held = self.reserved.entry(peer.to_owned()).or_insert(reserved);
-        *held = (*held).max(reserved);
+        if let Some(mark) = self.0.get_mut(peer) {
+            mark.reserved = Some(mark.reserved.unwrap_or(0).max(reserved));
+        }
     }
 
     /// Counts none of `peer`'s items as sent any more ([`forget`]).
     pub(crate) fn forget(&mut self, peer: &str) {
-        self.upto.remove(peer);
-        self.reserved.remove(peer);
+        self.0.remove(peer);
     }
 }
 
@@ -165,11 +174,7 @@ pub(crate) async fn reserve(store: &Store, peer: &str, reserved: u64) -> Result<
 /// # Errors
 /// A storage failure.
 pub(crate) async fn record_exact(store: &Store, marks: &SentMarks) -> Result<(), StoreError> {
-    record(
-        store,
-        marks.upto.iter().map(|(peer, upto)| (peer.as_str(), *upto)),
-    )
-    .await
+    record(store, marks.0.iter().map(|(peer, m)| (peer.as_str(), m.upto))).await
 }
 
 /// Writes each (peer, reservation) in one synced transaction; none, none.
