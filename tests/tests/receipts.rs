@@ -1237,3 +1237,64 @@ async fn hand_over(
     assert_eq!(ack.acks[0].seq, 7);
     ack.acks[0].status()
 }
+
+/// Every event `app`'s WatchReceipts feed holds now: read until it has
+/// been quiet for a second.
+async fn feed(app: &antar_client::Client) -> Vec<wire::ReceiptEvent> {
+    use tokio_stream::StreamExt as _;
+    let mut stream = app
+        .agency()
+        .watch_receipts(wire::WatchReceiptsRequest { after_cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
+        events.push(event.unwrap());
+    }
+    events
+}
+
+/// A receipt that names this node the sender of a message it received —
+/// a peer's error, or a forgery — changes nothing and reaches none of
+/// this node's apps: it is kept in the node's Merkle log as evidence, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_naming_this_node_sender_of_a_message_it_received_is_audited_only() {
+    use antar_tests::wire::CustodyStatus::{Duplicate, Stored};
+    use prost::Message as _;
+
+    let fed = Federation::standard();
+    let finance_node = fed.start("finance").await;
+    let health_node = fed.start("health").await;
+    let finance = fed.app("finance").await;
+    let health = fed.app("health").await;
+    let id = send(&finance, notice("health", "lab.results", b"result 9")).await;
+    assert_eq!(receive(&health, 1, 10, true).await.len(), 1);
+    let t = until_state(&finance, &id, wire::MessageState::Processed, 15).await;
+
+    // finance's node claims health sent the message and finance got it.
+    let mut r = wire::Receipt::decode(t.receipts[1].receipt.as_slice()).unwrap();
+    r.sender = "health".into();
+    r.issuer = "finance".into();
+    r.recipient = "finance".into();
+    let claim = fed.signer("finance").sign_receipt(&r);
+    let auditor = fed.client("health", antar_client::ClientRole::Auditor).await;
+    let logged = || async {
+        antar_core::audit::verify_bundle(&export(&auditor).await, &fed.verifier())
+            .unwrap()
+            .receipts
+    };
+    let before = (feed(&health).await.len(), logged().await);
+    assert_eq!(hand_over(&fed, "finance", "health", &claim).await, Stored);
+    assert_eq!(hand_over(&fed, "finance", "health", &claim).await, Duplicate);
+    assert_eq!(
+        (feed(&health).await.len(), logged().await),
+        (before.0, before.1 + 1)
+    );
+    let h = track(&health, &id).await;
+    assert_eq!(h.state, wire::MessageState::Processed as i32);
+
+    for n in [finance_node, health_node] {
+        n.stop().await.unwrap();
+    }
+}

@@ -692,17 +692,19 @@ impl Shared {
     /// the receipt log. A receipt seen before is ignored; returns whether
     /// this one was new. Its record knows the receipts it holds
     /// (`Tx::holds_receipt`); one about a message without a record here is
-    /// known by its key in `seen` ([`Shared::receipt_seen`]).
+    /// known by its key in `seen` ([`Shared::receipt_seen`]). One about a
+    /// message this node received (so naming it the sender in error) goes
+    /// to the Merkle log only, as evidence, not to the receipt log.
     pub(crate) fn apply_receipt(
         &self,
         tx: &Tx<'_>,
         signed: &SignedReceipt,
         receipt: &Receipt,
     ) -> Result<bool, TxError> {
+        let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
+        let mut received = false;
         if let Ok(id) = MessageId::parse(&receipt.message_id) {
             let digest = sha256(&signed.receipt);
-            let status = ReceiptStatus::try_from(receipt.status).unwrap_or(ReceiptStatus::Unspecified);
-            let mut received = false;
             let applied = tx.update_message_if(&id, |record| {
                 if !record.outgoing {
                     // A message this node received: a receipt naming this
@@ -746,7 +748,15 @@ impl Shared {
         if self.receipt_seen(tx, SeenReceipts::Own, signed, receipt)? {
             return Ok(false);
         }
-        log_own_receipt(tx, signed, &receipt.message_id)?;
+        if received {
+            // Not news for this node's apps (`WatchReceipts`): evidence of
+            // a peer's error or forgery, for auditors.
+            tracing::warn!(message = %receipt.message_id, issuer = %receipt.issuer, status = ?status,
+                "a receipt names this node the sender of a message it received; kept in the audit log only");
+            audit_receipt(tx, signed, &receipt.message_id)?;
+        } else {
+            log_own_receipt(tx, signed, &receipt.message_id)?;
+        }
         Ok(true)
     }
 
