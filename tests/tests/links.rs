@@ -334,7 +334,8 @@ async fn a_removed_peer_keeps_what_it_may_hold_until_it_is_back() {
     })
     .await;
     // The one in doubt stays, listed though health is no longer a peer.
-    assert_eq!(peer_status(&d.admin, "health").await.unwrap().backlog, 1);
+    let listed = peer_status(&d.admin, "health").await.unwrap();
+    assert_eq!((listed.backlog, listed.in_doubt), (1, 1));
     assert_eq!(
         track(&d.finance, &never_sent).await.state,
         wire::MessageState::Accepted as i32
@@ -452,12 +453,20 @@ async fn a_reloaded_peer_address_moves_an_open_stream() {
     let finance = fed.app("finance").await;
     let health = fed.app("health").await;
 
+    let admin = fed.admin("finance").await;
     let first = send(&finance, notice("health", "tax.notice", b"opens the stream")).await;
     receive_exactly(&health, &[first], 10).await;
+    // Nothing in flight: the old stream ends at once on the reload.
+    eventually(10, "the custody ack of the first is back", || async {
+        (backlog(&admin, "health").await == 0).then_some(())
+    })
+    .await;
     fed.reload_with(&finance_node, &direct_to(config, &fed, "health"));
     proxy.set(LinkMode::Stall);
     let second = send(&finance, notice("health", "tax.notice", b"after the reload")).await;
     receive_exactly(&health, &[second], 5).await;
+    // Stopping does not wait for the stalled connection.
+    proxy.set(LinkMode::Cut);
     for n in [finance_node, health_node] {
         n.stop().await.unwrap();
     }

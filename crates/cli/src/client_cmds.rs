@@ -622,16 +622,21 @@ fn report(ids: &DeadLetterIds, verb: &str, done: &[String]) {
 
 fn peer_json(p: &wire::PeerStatus) -> serde_json::Value {
     json!({ "agency": p.agency, "addr": p.addr, "connected": p.connected, "backlog": p.backlog,
-            "last_contact": p.last_contact.map(|t| t.seconds), "last_error": p.last_error })
+            "in_doubt": p.in_doubt, "last_contact": p.last_contact.map(|t| t.seconds), "last_error": p.last_error })
 }
 
 fn print_peer(p: &wire::PeerStatus) {
     println!(
-        "  peer {} at {}: {}, backlog {}{}",
+        "  peer {} at {}: {}, backlog {}{}{}",
         p.agency,
         p.addr,
         if p.connected { "connected" } else { "not connected" },
         p.backlog,
+        if p.in_doubt > 0 {
+            format!(" ({} it may hold already)", p.in_doubt)
+        } else {
+            String::new()
+        },
         optional(", last error: ", &p.last_error, "")
     );
 }

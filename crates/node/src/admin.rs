@@ -33,6 +33,15 @@ pub(crate) struct AdminService {
 
 pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
     let policy = shared.policy();
+    let sent = shared.sent_snapshot();
+    let in_doubt = |agency: &str| {
+        sent.get(agency).map_or(0, |&upto| {
+            shared.store.outbox_count_through(agency, upto).unwrap_or_else(|e| {
+                tracing::warn!(peer = %agency, error = %e, "could not count the items this peer may hold");
+                0
+            })
+        })
+    };
     let health = shared
         .peer_health
         .lock()
@@ -49,6 +58,7 @@ pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
                 last_contact: h.last_contact.map(to_timestamp),
                 backlog: shared.store.outbox_depth(agency),
                 last_error: h.last_error,
+                in_doubt: in_doubt(agency),
             }
         })
         .collect();
@@ -58,6 +68,7 @@ pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
         if !policy.is_peer(&agency) {
             let backlog = shared.store.outbox_depth(&agency);
             peers.push(PeerStatus {
+                in_doubt: in_doubt(&agency),
                 last_error: format!(
                     "{agency} is not a peer in the config, and these items stay here: those with no route to where \
                      they go until a reload gives them one, those {agency} may hold already (sent, custody ack \
