@@ -322,7 +322,8 @@ pub enum AdminCommand {
         after_help = "Example:\n  antar admin status --federation .antar-dev/federation.json --agency hub"
     )]
     Status(ConnOnly),
-    /// Peers with connection state, last contact and backlog.
+    /// Peers with connection state, backlog and how much of it each may hold
+    /// already; queues left for agencies that are no longer peers.
     #[command(
         after_help = "Example:\n  antar admin peers --federation .antar-dev/federation.json --agency finance"
     )]
@@ -528,13 +529,15 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
             if conn.json {
                 println!(
                     "{}",
-                    json!({ "peer": peer, "released": r.released, "moved": r.moved, "unroutable": r.unroutable })
+                    json!({ "agency": peer, "released": r.released, "moved": r.moved, "unroutable": r.unroutable })
                 );
             } else {
                 println!(
-                    "{peer}: {} items no longer held by it; {} moved to their next hop; {} wait for a route \
-                     (or expire at their TTL)",
-                    r.released, r.moved, r.unroutable
+                    "{peer}: {} no longer counted as held by it; {} moved to their next hop by this call (the \
+                     rerouter may move others); {} wait for a route (or expire at their TTL)",
+                    items(r.released),
+                    r.moved,
+                    r.unroutable
                 );
             }
         }
@@ -625,6 +628,11 @@ fn peer_json(p: &wire::PeerStatus) -> serde_json::Value {
             "in_doubt": p.in_doubt, "last_contact": p.last_contact.map(|t| t.seconds), "last_error": p.last_error })
 }
 
+/// `n item` or `n items`.
+fn items(n: u64) -> String {
+    format!("{n} item{}", if n == 1 { "" } else { "s" })
+}
+
 fn print_peer(p: &wire::PeerStatus) {
     println!(
         "  peer {} at {}: {}, backlog {}{}{}",
@@ -633,7 +641,7 @@ fn print_peer(p: &wire::PeerStatus) {
         if p.connected { "connected" } else { "not connected" },
         p.backlog,
         if p.in_doubt > 0 {
-            format!(" ({} it may hold already)", p.in_doubt)
+            format!(" ({} of them {} may hold already)", p.in_doubt, p.agency)
         } else {
             String::new()
         },

@@ -33,13 +33,10 @@ pub(crate) struct AdminService {
 
 pub(crate) fn peer_statuses(shared: &Shared) -> Vec<PeerStatus> {
     let policy = shared.policy();
-    let sent = shared.sent_snapshot();
     let in_doubt = |agency: &str| {
-        sent.get(agency).map_or(0, |&upto| {
-            shared.store.outbox_count_through(agency, upto).unwrap_or_else(|e| {
-                tracing::warn!(peer = %agency, error = %e, "could not count the items this peer may hold");
-                0
-            })
+        shared.in_doubt(agency).unwrap_or_else(|e| {
+            tracing::warn!(peer = %agency, error = %e, "could not count the items this peer may hold");
+            0
         })
     };
     let health = shared

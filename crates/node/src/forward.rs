@@ -460,18 +460,15 @@ pub(crate) async fn release(
                 "the node is stopping; release the queue once it runs again".into(),
             ));
         }
-        let sent = shared.sent_upto(peer);
-        if sent.is_none() && shared.store.outbox_depth_is_zero(peer) {
+        if shared.sent_upto(peer).is_none() && shared.store.outbox_depth_is_zero(peer) {
             return Err(NodeError::NotFound(format!(
                 "nothing is queued for {peer} here, and nothing it may hold (never sent to, or released \
                  already): nothing to release"
             )));
         }
-        if let Some(upto) = sent {
-            done.released = shared.store.outbox_count_through(peer, upto)?;
-            crate::sent::forget(&shared.store, peer).await?;
-            shared.forget_sent(peer);
-        }
+        done.released = shared.in_doubt(peer)?;
+        crate::sent::forget(&shared.store, peer).await?;
+        shared.forget_sent(peer);
     }
     tracing::warn!(
         %peer,

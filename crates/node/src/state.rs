@@ -464,6 +464,16 @@ impl Shared {
         lock(&self.sent).reserved(peer, reserved);
     }
 
+    /// How many of `peer`'s queued items it may hold already
+    /// ([`Shared::sent_upto`]), counted without restoring them.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub(crate) fn in_doubt(&self, peer: &str) -> Result<u64, antar_store::StoreError> {
+        self.sent_upto(peer)
+            .map_or(Ok(0), |upto| self.store.outbox_count_through(peer, upto))
+    }
+
     /// None of `peer`'s items count as sent any more
     /// ([`crate::sent::SentMarks::forget`]).
     pub(crate) fn forget_sent(&self, peer: &str) {
