@@ -460,15 +460,20 @@ pub(crate) async fn release(
                 "the node is stopping; release the queue once it runs again".into(),
             ));
         }
-        if shared.sent_upto(peer).is_none() && shared.store.outbox_depth_is_zero(peer) {
+        let marked = shared.sent_upto(peer).is_some();
+        if !marked && shared.store.outbox_depth_is_zero(peer) {
             return Err(NodeError::NotFound(format!(
                 "nothing is queued for {peer} here, and nothing it may hold (never sent to, or released \
                  already): nothing to release"
             )));
         }
-        done.released = shared.in_doubt(peer)?;
-        crate::sent::forget(&shared.store, peer).await?;
-        shared.forget_sent(peer);
+        // No mark, no reservation in the store (`SentMarks::load`): no
+        // synced write to forget one.
+        if marked {
+            done.released = shared.in_doubt(peer)?;
+            crate::sent::forget(&shared.store, peer).await?;
+            shared.forget_sent(peer);
+        }
     }
     tracing::warn!(
         %peer,
