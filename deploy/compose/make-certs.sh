@@ -33,10 +33,10 @@ antar=${ANTAR_BIN:-antar}
 federation=gov.example
 agencies=(finance health registry hub)
 
-# `antar pki` reads ANTAR_FEDERATION as the federation *name* and ANTAR_AGENCY
-# as the agency; the client commands read ANTAR_FEDERATION as the *path* of a
-# federation.json. Either would leak into the commands below.
-unset ANTAR_FEDERATION ANTAR_AGENCY
+# `antar pki` reads ANTAR_FEDERATION_NAME as the federation name; the client
+# commands read ANTAR_FEDERATION (the path of a federation.json) and
+# ANTAR_AGENCY. None of them may leak into the commands below.
+unset ANTAR_FEDERATION_NAME ANTAR_FEDERATION ANTAR_AGENCY
 
 # Ports inside every container (node.toml). On the host, compose.yaml
 # publishes each agency's api, admin and metrics on 127.0.0.1 at its base

@@ -103,6 +103,11 @@ async fn traffic(fed: &Federation) -> String {
     payment
 }
 
+/// A proof's path as hashes.
+fn hashes(path: &[Vec<u8>]) -> Vec<merkle::Hash> {
+    path.iter().map(|h| h.as_slice().try_into().unwrap()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_verify_and_any_tampering_is_named() {
     let fed = Federation::standard();
@@ -184,7 +189,7 @@ async fn exports_verify_and_any_tampering_is_named() {
         (r.status, r.issuer.as_str()),
         (wire::ReceiptStatus::Delivered as i32, "registry")
     );
-    let path: Vec<merkle::Hash> = audit
+    let path = audit
         .inclusion_proof(wire::InclusionProofRequest {
             index: delivered.index,
             tree_size: note.size,
@@ -192,18 +197,65 @@ async fn exports_verify_and_any_tampering_is_named() {
         .await
         .unwrap()
         .into_inner()
-        .path
-        .iter()
-        .map(|h| h.as_slice().try_into().unwrap())
-        .collect();
+        .path;
     merkle::verify_inclusion(
         &merkle::leaf_hash(&delivered.encode_to_vec()),
         delivered.index,
         note.size,
-        &path,
+        &hashes(&path),
         &note.root,
     )
     .unwrap();
+
+    // The log under that checkpoint extends every earlier size: the proof
+    // the node gives verifies against roots the auditor computes from the
+    // entries themselves.
+    let leaves: Vec<merkle::Hash> = audit
+        .query(wire::QueryRequest {
+            limit: u32::try_from(note.size).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|e| merkle::leaf_hash(&e.unwrap().encode_to_vec()))
+        .collect()
+        .await;
+    assert_eq!(merkle::root(&leaves), note.root);
+    let old_size = note.size / 2;
+    let path = audit
+        .consistency_proof(wire::ConsistencyProofRequest {
+            old_size,
+            new_size: note.size,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .path;
+    let old_root = merkle::root(&leaves[..usize::try_from(old_size).unwrap()]);
+    merkle::verify_consistency(old_size, note.size, &hashes(&path), &old_root, &note.root).unwrap();
+    // Sizes and indexes no proof exists for: INVALID_ARGUMENT naming the field.
+    for (old_size, new_size, field) in [
+        (0, note.size, "old_size"),
+        (note.size, note.size - 1, "old_size"),
+        (1, 0, "new_size"),
+        (1, u64::MAX, "new_size"),
+    ] {
+        let st = audit
+            .consistency_proof(wire::ConsistencyProofRequest { old_size, new_size })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{old_size}..{new_size}: {st:?}");
+        assert!(st.message().starts_with(&format!("{field}: ")), "{st:?}");
+    }
+    for (index, tree_size, field) in [(note.size, note.size, "index"), (0, 0, "tree_size")] {
+        let st = audit
+            .inclusion_proof(wire::InclusionProofRequest { index, tree_size })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{index} of {tree_size}: {st:?}");
+        assert!(st.message().starts_with(&format!("{field}: ")), "{st:?}");
+    }
 
     // One byte altered anywhere: refused, every time.
     let good = bundles["finance"].clone();
@@ -486,7 +538,7 @@ async fn after_a_payload_purge_every_proof_still_verifies() {
         "envelope, ACCEPTED, DELIVERED, PROCESSED: {entries:?}"
     );
     for e in entries.iter().filter(|e| e.index < cp.tree_size) {
-        let path: Vec<merkle::Hash> = audit
+        let path = audit
             .inclusion_proof(wire::InclusionProofRequest {
                 index: e.index,
                 tree_size: cp.tree_size,
@@ -494,15 +546,12 @@ async fn after_a_payload_purge_every_proof_still_verifies() {
             .await
             .unwrap()
             .into_inner()
-            .path
-            .iter()
-            .map(|h| h.as_slice().try_into().unwrap())
-            .collect();
+            .path;
         merkle::verify_inclusion(
             &merkle::leaf_hash(&e.encode_to_vec()),
             e.index,
             cp.tree_size,
-            &path,
+            &hashes(&path),
             &root,
         )
         .unwrap();

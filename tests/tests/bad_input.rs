@@ -317,6 +317,17 @@ async fn the_largest_send_by_default_reaches_a_stock_client() {
     let st = send_err(&finance, over).await;
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("max_payload_bytes"), "{st:?}");
+    // Past what the node reads at all (the limit plus 1 MiB): refused
+    // before it is read, naming the limit all the same.
+    let mut far = largest.clone();
+    far.payload = vec![7u8; max + (1 << 20)];
+    let st = send_err(&finance, far).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message()
+            .starts_with(&format!("payload: the request is over max_payload_bytes = {max}")),
+        "{st:?}"
+    );
     let mut over = largest.clone();
     over.headers.insert(name(0), value(0) + "v");
     let st = send_err(&finance, over).await;

@@ -17,16 +17,69 @@ pub struct DevArgs {
     /// Directory for certificates, node configs, sled stores and federation.json.
     #[arg(long, default_value = ".antar-dev")]
     dir: PathBuf,
-    /// First port of a block of 16 (API, peer, admin, metrics per agency); 0 picks free ports.
-    #[arg(long, default_value_t = 7400)]
-    base_port: u16,
+    /// First port of a block of 16 (API, peer, admin, metrics per agency);
+    /// 0 picks free ports. Without it: 7400, or free ports when one of
+    /// 7400-7415 is taken (say, by another `antar dev`). federation.json
+    /// always holds the addresses bound.
+    #[arg(long)]
+    base_port: Option<u16>,
 }
 
-async fn bind(port: u16) -> anyhow::Result<TcpListener> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot bind {addr}; is another `antar dev` running? Try --base-port 0"))
+/// The block `antar dev` binds when not told otherwise.
+const DEFAULT_BASE_PORT: u16 = 7400;
+
+async fn bind(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await
+}
+
+/// Four listeners (API, peer, admin, metrics) for each of `agencies`
+/// agencies, from port `base` on, or on free ports when `base` is 0.
+async fn bind_block(base: u16, agencies: usize) -> std::io::Result<Vec<[TcpListener; 4]>> {
+    let mut bound = Vec::with_capacity(agencies);
+    for i in 0..agencies {
+        let port = |k: usize| {
+            if base == 0 {
+                Ok(0)
+            } else {
+                u16::try_from(usize::from(base) + i * 4 + k).map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("--base-port {base} leaves no room for {} ports", agencies * 4),
+                    )
+                })
+            }
+        };
+        bound.push([
+            bind(port(0)?).await?,
+            bind(port(1)?).await?,
+            bind(port(2)?).await?,
+            bind(port(3)?).await?,
+        ]);
+    }
+    Ok(bound)
+}
+
+/// The listeners of `agencies` agencies: from `--base-port` as given, else
+/// from 7400, or on free ports when that block is taken.
+async fn listeners(base_port: Option<u16>, agencies: usize) -> anyhow::Result<Vec<[TcpListener; 4]>> {
+    let base = base_port.unwrap_or(DEFAULT_BASE_PORT);
+    let last = usize::from(base) + agencies * 4 - 1;
+    match bind_block(base, agencies).await {
+        Err(e) if base_port.is_none() && e.kind() == std::io::ErrorKind::AddrInUse => {
+            eprintln!(
+                "ports {base}-{last} are taken ({e}; another `antar dev`?): using free ports; \
+                 federation.json and the list below name them"
+            );
+            bind_block(0, agencies)
+                .await
+                .context("cannot bind free ports on 127.0.0.1")
+        }
+        Err(e) if base == 0 => Err(e).context("cannot bind free ports on 127.0.0.1"),
+        Err(e) => Err(e).with_context(|| {
+            format!("cannot bind 127.0.0.1:{base}-{last}; is another `antar dev` running? Try --base-port 0")
+        }),
+        Ok(bound) => Ok(bound),
+    }
 }
 
 /// Takes `dir/dev.lock`, exclusively, or says who holds it.
@@ -76,22 +129,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let created = layout
         .ensure_pki(&topology)
         .context("cannot create the dev certificates")?;
-    let mut bound = Vec::new();
+    let bound = listeners(args.base_port, topology.len()).await?;
     let mut addrs = BTreeMap::new();
-    for (i, spec) in topology.iter().enumerate() {
-        let port = |k: u16| {
-            if args.base_port == 0 {
-                0
-            } else {
-                args.base_port + (i as u16) * 4 + k
-            }
-        };
-        let l = [
-            bind(port(0)).await?,
-            bind(port(1)).await?,
-            bind(port(2)).await?,
-            bind(port(3)).await?,
-        ];
+    for (spec, l) in topology.iter().zip(&bound) {
         addrs.insert(
             spec.id.clone(),
             Addrs {
@@ -101,7 +141,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                 metrics: l[3].local_addr()?,
             },
         );
-        bound.push(l);
     }
     let mut nodes = Vec::new();
     for (spec, [api, peer, admin, metrics]) in topology.iter().zip(bound) {

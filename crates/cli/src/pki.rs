@@ -24,7 +24,7 @@ pub enum PkiCommand {
     )]
     InitFederation {
         /// Federation name (SPIFFE trust domain), e.g. gov.example.
-        #[arg(long, env = "ANTAR_FEDERATION")]
+        #[arg(long, env = "ANTAR_FEDERATION_NAME")]
         federation: String,
         /// Federation directory to write root.crt and root.key into.
         #[arg(long, default_value = "certs/federation")]
@@ -85,7 +85,7 @@ pub enum PkiCommand {
         #[arg(long)]
         node_dir: PathBuf,
         /// Federation name; default: from the node's node-tls.crt.
-        #[arg(long, env = "ANTAR_FEDERATION")]
+        #[arg(long, env = "ANTAR_FEDERATION_NAME")]
         federation: Option<String>,
         /// Agency id; default: from the node's node-tls.crt.
         #[arg(long)]
@@ -127,7 +127,7 @@ pub enum PkiCommand {
         #[arg(long)]
         name: String,
         /// Federation name; default: from the node's node-tls.crt.
-        #[arg(long, env = "ANTAR_FEDERATION")]
+        #[arg(long, env = "ANTAR_FEDERATION_NAME")]
         federation: Option<String>,
         /// Agency id; default: from the node's node-tls.crt.
         #[arg(long)]

@@ -294,8 +294,16 @@ fn pki_revoke_with_a_node_dir_writes_the_local_ca_crl() {
     let dir = tempfile::tempdir().unwrap();
     let fed = dir.path().join("federation");
     let node = dir.path().join("tax");
+    // Set as the README has clients use them: `antar pki` takes neither
+    // (the federation's name comes from ANTAR_FEDERATION_NAME).
     let run = |args: &[&str]| {
-        let out = antar().args(args).output().unwrap();
+        let out = antar()
+            .args(args)
+            .env("ANTAR_FEDERATION", dir.path().join("federation.json"))
+            .env("ANTAR_AGENCY", "health")
+            .env_remove("ANTAR_FEDERATION_NAME")
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{args:?}: {}",

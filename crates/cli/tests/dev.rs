@@ -64,13 +64,18 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     // the file waits for this run's nodes.
     let fed = dir.path().join("federation.json");
     std::fs::write(&fed, "{\"left\": \"by an earlier run\"}\n").unwrap();
+    // The README's command as it is, with the first of its default ports
+    // taken (here, or by whatever holds it already): it comes up on free
+    // ports and says so.
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", 7400));
+    let stderr = dir.path().join("stderr");
     let child = antar()
-        .args(["dev", "--base-port", "0", "--dir"])
+        .args(["dev", "--dir"])
         .arg(dir.path())
         .env("ANTAR_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
     let mut dev = Dev(child);
@@ -100,6 +105,15 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     assert_eq!(agencies.len(), 4, "{agencies:?}");
     for a in ["finance", "health", "registry", "hub"] {
         assert!(agencies.contains(&a), "{a} missing from federation.json");
+    }
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        said.contains("ports 7400-7415 are taken") && said.contains("using free ports"),
+        "{said}"
+    );
+    for a in file["agencies"].as_array().unwrap() {
+        let api = a["api_addr"].as_str().unwrap();
+        assert!(!api.ends_with(":7400"), "{api}");
     }
 
     // A second `antar dev` on the same directory stops at once, saying

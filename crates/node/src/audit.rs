@@ -309,8 +309,14 @@ impl Audit for AuditService {
         auth::auditor(&self.shared, &req)?;
         let r = req.into_inner();
         let size = self.shared.store.audit_size().map_err(NodeError::from)?;
-        if r.new_size > size {
-            return Err(NodeError::invalid("new_size", format!("must be at most {size}")).into());
+        if r.new_size == 0 || r.new_size > size {
+            return Err(NodeError::invalid("new_size", format!("must be 1..={size}, the log's size")).into());
+        }
+        if r.old_size == 0 || r.old_size > r.new_size {
+            let new_size = r.new_size;
+            return Err(
+                NodeError::invalid("old_size", format!("must be 1..={new_size}, the new_size")).into(),
+            );
         }
         let mut tree = self
             .shared

@@ -540,7 +540,17 @@ fn apply_env(
         // Variables the CLI reads for its own connections are not config keys.
         if matches!(
             rest,
-            "CONFIG" | "LOG" | "FEDERATION" | "AGENCY" | "ADDR" | "CA" | "CERT" | "KEY" | "BIN" | "JSON"
+            "CONFIG"
+                | "LOG"
+                | "FEDERATION"
+                | "FEDERATION_NAME"
+                | "AGENCY"
+                | "ADDR"
+                | "CA"
+                | "CERT"
+                | "KEY"
+                | "BIN"
+                | "JSON"
         ) {
             continue;
         }

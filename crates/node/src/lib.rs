@@ -338,18 +338,20 @@ impl Node {
         let reflection_alpha = reflection_of()
             .build_v1alpha()
             .map_err(|e| pki_err(format!("reflection: {e}")))?;
+        let agency_cap = (limits.max_payload_bytes as usize).saturating_add(1 << 20);
+        let max_payload = limits.max_payload_bytes;
         let api_router = |shared: &Arc<state::Shared>| {
             Server::builder()
-                .layer(tower::util::MapResponseLayer::new(
-                    unreadable_is_invalid_argument_http,
-                ))
+                .layer(tower::util::MapResponseLayer::new(move |response| {
+                    let response = unreadable_is_invalid_argument_http(response);
+                    over_agency_cap_names_the_limit(response, agency_cap, max_payload)
+                }))
                 .add_service(health.clone())
                 .add_service(reflection.clone())
                 .add_service(reflection_alpha.clone())
                 .add_service(
-                    AgencyServer::new(agency::AgencyService::new(shared.clone())).max_decoding_message_size(
-                        (limits.max_payload_bytes as usize).saturating_add(1 << 20),
-                    ),
+                    AgencyServer::new(agency::AgencyService::new(shared.clone()))
+                        .max_decoding_message_size(agency_cap),
                 )
                 .add_service(
                     AuditServer::new(audit::AuditService {
@@ -624,6 +626,46 @@ fn unreadable_is_invalid_argument_http(
     if maybe && Status::from_header_map(headers).is_some_and(|s| unreadable(&s)) {
         let invalid = http::HeaderValue::from(tonic::Code::InvalidArgument as i32);
         headers.insert("grpc-status", invalid);
+    }
+    response
+}
+
+/// A request over the Agency service's size cap (`max_payload_bytes` plus
+/// 1 MiB for the rest of the request) is refused by tonic before any
+/// handler runs, in tonic's words ("decoded message length too large …
+/// the limit is: N bytes"). DESIGN.md §9 asks that an oversize payload be
+/// refused naming the limit: `max_payload_bytes` is added to the message.
+/// Other services' limits (tonic's 4 MiB) are left as they are.
+fn over_agency_cap_names_the_limit(
+    mut response: http::Response<tonic::body::Body>,
+    agency_cap: usize,
+    max_payload: u64,
+) -> http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let invalid = (tonic::Code::InvalidArgument as i32).to_string();
+    if headers
+        .get("grpc-status")
+        .is_none_or(|v| v.as_bytes() != invalid.as_bytes())
+    {
+        return response;
+    }
+    let Some(status) = Status::from_header_map(headers) else {
+        return response;
+    };
+    let over_cap = status
+        .message()
+        .starts_with("Error, decoded message length too large")
+        && status
+            .message()
+            .ends_with(&format!("the limit is: {agency_cap} bytes"));
+    if over_cap {
+        let named = Status::invalid_argument(format!(
+            "payload: the request is over max_payload_bytes = {max_payload} plus 1 MiB for the rest \
+             of it ({}): send a smaller payload, or fewer messages in one SendBatch",
+            status.message().trim_start_matches("Error, ")
+        ));
+        // Only an error that cannot be encoded leaves tonic's words in place.
+        let _ = named.add_header(headers);
     }
     response
 }
