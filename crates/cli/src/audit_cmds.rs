@@ -247,25 +247,13 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
         a.id,
         checkpoint.tree_size
     );
-    // The checkpoint's signature, with the node's signing certificate (from
-    // a receipt it signed) chained to the federation root of --federation.
-    let verifier = match &a.conn.federation {
-        Some(f) => {
-            let fed = antar_pki::federation_file::FederationFile::load(f)?;
-            let root = antar_pki::read_cert_der(&fed.root_ca)?;
-            antar_core::TrustAnchor::new(&fed.federation, root)
-                .ok()
-                .map(|anchor| antar_core::Verifier::new(anchor, antar_core::Revocations::none()))
-        }
-        None => None,
-    };
-    let note_key = verifier.as_ref().and_then(|v| {
-        found.iter().find_map(|e| {
-            let r = wire::SignedReceipt::decode(e.data.as_slice()).ok()?;
-            let (_, key) = v.node_signing_key(&r.signer_cert).ok()?;
-            Note::verify(&checkpoint.note, &key).ok()
-        })
-    });
+    let signature_checked = check_checkpoint(
+        a.conn.federation.as_deref(),
+        a.conn.agency.as_deref(),
+        &checkpoint,
+        &root,
+        &found,
+    )?;
     let mut out = Vec::new();
     for e in &found {
         let path = audit
@@ -293,7 +281,7 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{}",
             json!({ "checkpoint": checkpoint.note, "tree_size": checkpoint.tree_size,
-                    "checkpoint_signature_verified": note_key.is_some(),
+                    "checkpoint_signature_verified": signature_checked,
                     "entries": out.iter().map(|(_, v, _)| v.clone()).collect::<Vec<_>>() })
         );
     } else {
@@ -304,11 +292,68 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
         for (line, _, n) in &out {
             println!("{line}\n        included: verified with {n} proof hashes against the checkpoint root");
         }
-        if note_key.is_none() {
+        if signature_checked {
+            println!("checkpoint: signed by the node's signing key, chained to the federation root");
+        } else {
             println!("note: the checkpoint signature was not checked here; `antar audit export` + `verify` checks it");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Checks the checkpoint's signature where it can: with `--federation`
+/// and `--agency`, by the agency's signing certificate from an entry it
+/// signed (chained to the federation root). Whether it was checked; an
+/// error when it was and does not hold: a signature that does not verify,
+/// another log's origin, or a signed size and root other than those the
+/// node gave with it (against which the entries are proven).
+fn check_checkpoint(
+    federation: Option<&std::path::Path>,
+    agency: Option<&str>,
+    checkpoint: &wire::Checkpoint,
+    root: &merkle::Hash,
+    found: &[wire::LogEntry],
+) -> anyhow::Result<bool> {
+    let (Some(f), Some(agency)) = (federation, agency) else {
+        return Ok(false);
+    };
+    let fed = antar_pki::federation_file::FederationFile::load(f)?;
+    let anchor = antar_core::TrustAnchor::new(&fed.federation, antar_pki::read_cert_der(&fed.root_ca)?)
+        .with_context(|| format!("the federation root of {}", f.display()))?;
+    let verifier = antar_core::Verifier::new(anchor, antar_core::Revocations::none());
+    let signer_cert = |e: &wire::LogEntry| match EntryKind::try_from(e.kind) {
+        Ok(EntryKind::Envelope) => wire::SignedEnvelope::decode(e.data.as_slice())
+            .ok()
+            .map(|s| s.signer_cert),
+        _ => wire::SignedReceipt::decode(e.data.as_slice())
+            .ok()
+            .map(|s| s.signer_cert),
+    };
+    let key = found.iter().find_map(|e| {
+        let (id, key) = verifier.node_signing_key(&signer_cert(e)?).ok()?;
+        (id.agency.as_str() == agency).then_some(key)
+    });
+    // No entry of the message signed by the agency itself: nothing to check with.
+    let Some(key) = key else {
+        return Ok(false);
+    };
+    let note = Note::verify(&checkpoint.note, &key)
+        .with_context(|| format!("the checkpoint is NOT signed by {agency}'s signing key"))?;
+    let origin = antar_core::checkpoint::origin(&fed.federation, agency);
+    anyhow::ensure!(
+        note.origin == origin,
+        "the checkpoint is of the log {:?}, NOT {origin:?}",
+        note.origin
+    );
+    anyhow::ensure!(
+        note.size == checkpoint.tree_size && note.root == *root,
+        "the checkpoint's signed size and root ({}, {}) are NOT those the node gave with it ({}, {})",
+        note.size,
+        hex::encode(note.root),
+        checkpoint.tree_size,
+        hex::encode(root)
+    );
+    Ok(true)
 }
 
 async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
@@ -390,5 +435,92 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use antar_core::checkpoint::origin;
+    use antar_core::Signer;
+    use antar_node::dev::{standard_topology, Addrs, DevLayout};
+
+    use super::*;
+
+    fn signer(layout: &DevLayout, agency: &str) -> Signer {
+        let node = layout.node_dir(agency);
+        Signer::from_pkcs8(
+            &antar_pki::read_key_der(&node.signing_key()).unwrap(),
+            antar_pki::read_cert_der(&node.signing_cert()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// A checkpoint that was checked and does not hold fails the command;
+    /// one that could not be checked says so.
+    #[test]
+    fn a_checkpoint_not_signed_as_given_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DevLayout::new(dir.path());
+        let topology = standard_topology();
+        layout.ensure_pki(&topology).unwrap();
+        let any = "127.0.0.1:9".parse().unwrap();
+        let addrs: BTreeMap<String, Addrs> = topology
+            .iter()
+            .map(|s| {
+                let a = Addrs {
+                    api: any,
+                    peer: any,
+                    admin: any,
+                    metrics: any,
+                };
+                (s.id.clone(), a)
+            })
+            .collect();
+        let fed_path = layout.federation_json();
+        let fed = layout.federation_file(&topology, &addrs).unwrap();
+        fed.save(&fed_path).unwrap();
+        let (finance, health) = (signer(&layout, "finance"), signer(&layout, "health"));
+        let receipt = |by: &Signer| wire::LogEntry {
+            index: 3,
+            kind: EntryKind::Receipt as i32,
+            data: by.sign_receipt(&wire::Receipt::default()).encode_to_vec(),
+            ..Default::default()
+        };
+        let root = [7u8; 32];
+        let checkpoint = |origin_of: &str, size: u64, by: &Signer| wire::Checkpoint {
+            note: Note {
+                origin: origin(&fed.federation, origin_of),
+                size,
+                root,
+            }
+            .sign(by),
+            tree_size: 5,
+            root_hash: root.to_vec(),
+            cosignatures: Vec::new(),
+        };
+        let check = |agency: Option<&str>, cp: &wire::Checkpoint, found: &[wire::LogEntry]| {
+            check_checkpoint(Some(&fed_path), agency, cp, &root, found).map_err(|e| format!("{e:#}"))
+        };
+        let found = [receipt(&health), receipt(&finance)];
+        assert_eq!(
+            check(Some("finance"), &checkpoint("finance", 5, &finance), &found),
+            Ok(true)
+        );
+        // Signed by another node's key, of another log, over another size.
+        let err = check(Some("finance"), &checkpoint("finance", 5, &health), &found).unwrap_err();
+        assert!(
+            err.starts_with("the checkpoint is NOT signed by finance's signing key"),
+            "{err}"
+        );
+        let err = check(Some("finance"), &checkpoint("health", 5, &finance), &found).unwrap_err();
+        assert!(err.contains("is of the log") && err.contains("NOT"), "{err}");
+        let err = check(Some("finance"), &checkpoint("finance", 4, &finance), &found).unwrap_err();
+        assert!(err.contains("are NOT those the node gave with it (5, "), "{err}");
+        // Nothing finance signed among the entries, or no agency: not checked.
+        let cp = checkpoint("finance", 5, &health);
+        assert_eq!(check(Some("finance"), &cp, &found[..1]), Ok(false));
+        assert_eq!(check(None, &cp, &found), Ok(false));
     }
 }

@@ -184,6 +184,14 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
         ]
     );
 
+    // An auditor proves the message's entries in finance's log, under a
+    // checkpoint whose signature the CLI checks against the federation root.
+    let proof = json_lines(&cli(&fed, "finance", &["audit", "proof", &id])).remove(0);
+    assert_eq!(proof["checkpoint_signature_verified"], true, "{proof}");
+    let entries = proof["entries"].as_array().unwrap();
+    assert!(entries.len() >= 4, "the envelope and its receipts: {proof}");
+    assert!(entries.iter().all(|e| e["message_id"] == id.as_str()), "{proof}");
+
     // SIGTERM: a clean stop, exit 0.
     let pid = dev.0.id().to_string();
     assert!(Command::new("kill")
