@@ -13,6 +13,7 @@ use antar_client::ClientRole;
 use antar_core::audit::{verify_bundle, AuditError};
 use antar_core::checkpoint::{origin, Checkpoint as Note};
 use antar_core::merkle;
+use antar_node::dev::DEV_FEDERATION;
 use antar_tests::*;
 use prost::Message as _;
 use tokio_stream::StreamExt as _;
@@ -303,13 +304,50 @@ async fn exports_verify_and_any_tampering_is_named() {
         note: forked.sign(&finance_signer),
         tree_size: last.tree_size,
         root_hash: forked_root.to_vec(),
-        cosignatures: vec![],
+        ..Default::default()
     };
     let err = verify_bundle(&forked_bundle.encode_to_vec(), &verifier).unwrap_err();
     assert!(
         matches!(&err, AuditError::Checkpoint { detail, .. } if detail.contains("root does not match")),
         "{err}"
     );
+
+    // Cosignatures that would make the log look more witnessed than it is:
+    // finance's own, and health's twice. Each is genuine, and refused.
+    let note = Note {
+        origin: origin("gov.example", "finance"),
+        size: last.tree_size,
+        root: last.root_hash.as_slice().try_into().unwrap(),
+    };
+    let cosigned_by = |agency: &str| {
+        let signer = fed.signer(agency);
+        wire::Cosignature {
+            witness: agency.into(),
+            line: antar_core::checkpoint::cosign(&note, &origin("gov.example", agency), &signer, 1),
+            cert: signer.cert_der().to_vec(),
+        }
+    };
+    let with = |extra: Vec<wire::Cosignature>| {
+        let mut bundle = bundle.clone();
+        let cp = bundle.checkpoints.last_mut().unwrap();
+        cp.cosignatures.retain(|c| c.witness != "health");
+        cp.cosignatures.extend(extra);
+        verify_bundle(&bundle.encode_to_vec(), &verifier)
+    };
+    with(vec![cosigned_by("health")]).unwrap();
+    for (extra, want) in [
+        (vec![cosigned_by("finance")], "a node cannot witness its own log"),
+        (
+            vec![cosigned_by("health"), cosigned_by("health")],
+            "repeats witness health",
+        ),
+    ] {
+        let err = with(extra).unwrap_err();
+        assert!(
+            matches!(&err, AuditError::Checkpoint { detail, .. } if detail.contains(want)),
+            "{err}"
+        );
+    }
 
     // The CLI, as an auditor runs it: export, verify OK; a swapped bundle fails naming the entry.
     let dir = tempfile::tempdir().unwrap();
@@ -413,6 +451,53 @@ fn rewrite_history(data_dir: &std::path::Path, n: u64) {
         }
     }
     db.flush().unwrap();
+}
+
+/// A witness keeps and decides on what a checkpoint's note signs, never on
+/// the request's unsigned copy of it: a node that signs size 100 but says
+/// 0 beside it is refused, so its next checkpoint (any fork) is still
+/// checked against the 100 it signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_takes_only_what_the_note_signs() {
+    let fed = Federation::standard();
+    let health = fed.start("health").await;
+    let finance = fed.signer("finance");
+    let signed = |size: u64, root: u8| wire::Checkpoint {
+        note: Note {
+            origin: origin(DEV_FEDERATION, "finance"),
+            size,
+            root: [root; 32],
+        }
+        .sign(&finance),
+        tree_size: size,
+        root_hash: vec![root; 32],
+        ..Default::default()
+    };
+    let ask = |checkpoint: wire::Checkpoint, old_size: u64| wire::WitnessRequest {
+        checkpoint: Some(checkpoint),
+        signer_cert: finance.cert_der().to_vec(),
+        old_size,
+        proof: Vec::new(),
+    };
+    let mut peer = fed.peer_as("finance", "health").await;
+    let lying = wire::Checkpoint {
+        tree_size: 0,
+        ..signed(100, 1)
+    };
+    let st = peer.witness(ask(lying, 0)).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().starts_with("checkpoint: tree_size 0 and root_hash")
+            && st.message().contains("size 100"),
+        "{st:?}"
+    );
+    // The same note, told truly: cosigned, and what health holds is 100.
+    let ok = peer.witness(ask(signed(100, 1), 0)).await.unwrap().into_inner();
+    assert!(!ok.cosignature.is_empty() && ok.known_size == 100, "{ok:?}");
+    // A fork from nothing is not cosigned: health asks for a proof from 100.
+    let fork = peer.witness(ask(signed(120, 2), 0)).await.unwrap().into_inner();
+    assert_eq!((fork.cosignature.as_str(), fork.known_size), ("", 100));
+    health.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -247,13 +247,21 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
         a.id,
         checkpoint.tree_size
     );
-    let signature_checked = check_checkpoint(
-        a.conn.federation.as_deref(),
-        a.conn.agency.as_deref(),
-        &checkpoint,
-        &root,
-        &found,
-    )?;
+    // With --federation: every entry's own signature, and with --agency
+    // the checkpoint's, chained to the federation root.
+    let trust = Trust::load(a.conn.federation.as_deref())?;
+    let checkpoint_checked = match (&trust, a.conn.agency.as_deref()) {
+        (Some(trust), Some(agency)) => {
+            trust.check_checkpoint(agency, &checkpoint, &root)?;
+            true
+        }
+        _ => false,
+    };
+    if let Some(trust) = &trust {
+        for e in &found {
+            trust.check_entry(e, &a.id)?;
+        }
+    }
     let mut out = Vec::new();
     for e in &found {
         let path = audit
@@ -281,7 +289,8 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{}",
             json!({ "checkpoint": checkpoint.note, "tree_size": checkpoint.tree_size,
-                    "checkpoint_signature_verified": signature_checked,
+                    "checkpoint_signature_verified": checkpoint_checked,
+                    "entry_signatures_verified": trust.is_some(),
                     "entries": out.iter().map(|(_, v, _)| v.clone()).collect::<Vec<_>>() })
         );
     } else {
@@ -289,71 +298,119 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
             "checkpoint (tree size {}):\n{}",
             checkpoint.tree_size, checkpoint.note
         );
+        let signed = if trust.is_some() {
+            "; its signature verified"
+        } else {
+            ""
+        };
         for (line, _, n) in &out {
-            println!("{line}\n        included: verified with {n} proof hashes against the checkpoint root");
+            println!(
+                "{line}\n        included: verified with {n} proof hashes against the checkpoint root{signed}"
+            );
         }
-        if signature_checked {
+        if checkpoint_checked {
             println!("checkpoint: signed by the node's signing key, chained to the federation root");
         } else {
-            println!("note: the checkpoint signature was not checked here; `antar audit export` + `verify` checks it");
+            println!(
+                "note: the checkpoint signature{} was not checked here (give --federation and --agency); \
+                 `antar audit export` + `verify` checks everything",
+                if trust.is_some() {
+                    ""
+                } else {
+                    ", nor the entries' own signatures,"
+                }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Checks the checkpoint's signature where it can: with `--federation`
-/// and `--agency`, by the agency's signing certificate from an entry it
-/// signed (chained to the federation root). Whether it was checked; an
-/// error when it was and does not hold: a signature that does not verify,
-/// another log's origin, or a signed size and root other than those the
-/// node gave with it (against which the entries are proven).
-fn check_checkpoint(
-    federation: Option<&std::path::Path>,
-    agency: Option<&str>,
-    checkpoint: &wire::Checkpoint,
-    root: &merkle::Hash,
-    found: &[wire::LogEntry],
-) -> anyhow::Result<bool> {
-    let (Some(f), Some(agency)) = (federation, agency) else {
-        return Ok(false);
-    };
-    let fed = antar_pki::federation_file::FederationFile::load(f)?;
-    let anchor = antar_core::TrustAnchor::new(&fed.federation, antar_pki::read_cert_der(&fed.root_ca)?)
-        .with_context(|| format!("the federation root of {}", f.display()))?;
-    let verifier = antar_core::Verifier::new(anchor, antar_core::Revocations::none());
-    let signer_cert = |e: &wire::LogEntry| match EntryKind::try_from(e.kind) {
-        Ok(EntryKind::Envelope) => wire::SignedEnvelope::decode(e.data.as_slice())
-            .ok()
-            .map(|s| s.signer_cert),
-        _ => wire::SignedReceipt::decode(e.data.as_slice())
-            .ok()
-            .map(|s| s.signer_cert),
-    };
-    let key = found.iter().find_map(|e| {
-        let (id, key) = verifier.node_signing_key(&signer_cert(e)?).ok()?;
-        (id.agency.as_str() == agency).then_some(key)
-    });
-    // No entry of the message signed by the agency itself: nothing to check with.
-    let Some(key) = key else {
-        return Ok(false);
-    };
-    let note = Note::verify(&checkpoint.note, &key)
-        .with_context(|| format!("the checkpoint is NOT signed by {agency}'s signing key"))?;
-    let origin = antar_core::checkpoint::origin(&fed.federation, agency);
-    anyhow::ensure!(
-        note.origin == origin,
-        "the checkpoint is of the log {:?}, NOT {origin:?}",
-        note.origin
-    );
-    anyhow::ensure!(
-        note.size == checkpoint.tree_size && note.root == *root,
-        "the checkpoint's signed size and root ({}, {}) are NOT those the node gave with it ({}, {})",
-        note.size,
-        hex::encode(note.root),
-        checkpoint.tree_size,
-        hex::encode(root)
-    );
-    Ok(true)
+/// What `--federation` lets `antar audit proof` check, against the
+/// federation root of that file rather than anything the node says.
+struct Trust {
+    federation: String,
+    verifier: antar_core::Verifier,
+}
+
+impl Trust {
+    /// From `--federation`, when given.
+    fn load(federation: Option<&std::path::Path>) -> anyhow::Result<Option<Self>> {
+        let Some(f) = federation else {
+            return Ok(None);
+        };
+        let fed = antar_pki::federation_file::FederationFile::load(f)?;
+        let anchor = antar_core::TrustAnchor::new(&fed.federation, antar_pki::read_cert_der(&fed.root_ca)?)
+            .with_context(|| format!("the federation root of {}", f.display()))?;
+        Ok(Some(Self {
+            federation: fed.federation,
+            verifier: antar_core::Verifier::new(anchor, antar_core::Revocations::none()),
+        }))
+    }
+
+    /// The checkpoint is `agency`'s: signed with the signing certificate
+    /// the node gave with it (one of `agency`'s node, chained to the
+    /// root), of `agency`'s log, over the very size and root the entries
+    /// are proven against. An error names what does not hold.
+    fn check_checkpoint(
+        &self,
+        agency: &str,
+        checkpoint: &wire::Checkpoint,
+        root: &merkle::Hash,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !checkpoint.signer_cert.is_empty(),
+            "the node gave no signing certificate with its checkpoint: it cannot be checked"
+        );
+        let (signer, key) = self
+            .verifier
+            .node_signing_key(&checkpoint.signer_cert)
+            .context("the checkpoint's signing certificate is NOT valid")?;
+        anyhow::ensure!(
+            signer.agency.as_str() == agency,
+            "the checkpoint's signing certificate is {}'s, NOT {agency}'s",
+            signer.agency
+        );
+        let note = Note::verify(&checkpoint.note, &key)
+            .with_context(|| format!("the checkpoint is NOT signed by {agency}'s signing key"))?;
+        let origin = antar_core::checkpoint::origin(&self.federation, agency);
+        anyhow::ensure!(
+            note.origin == origin,
+            "the checkpoint is of the log {:?}, NOT {origin:?}",
+            note.origin
+        );
+        anyhow::ensure!(
+            note.size == checkpoint.tree_size && note.root == *root,
+            "the checkpoint's signed size and root ({}, {}) are NOT those the node gave with it ({}, {})",
+            note.size,
+            hex::encode(note.root),
+            checkpoint.tree_size,
+            hex::encode(root)
+        );
+        Ok(())
+    }
+
+    /// The entry is a signed envelope or receipt about message `id`, its
+    /// signature valid under the federation root, as `antar audit verify`
+    /// checks every entry of a bundle.
+    fn check_entry(&self, e: &wire::LogEntry, id: &str) -> anyhow::Result<()> {
+        let signs = match EntryKind::try_from(e.kind) {
+            Ok(EntryKind::Envelope) => wire::SignedEnvelope::decode(e.data.as_slice())
+                .map_err(anyhow::Error::from)
+                .and_then(|s| Ok(self.verifier.verify_envelope(&s)?.id)),
+            Ok(EntryKind::Receipt) => wire::SignedReceipt::decode(e.data.as_slice())
+                .map_err(anyhow::Error::from)
+                .and_then(|s| Ok(self.verifier.verify_receipt(&s)?.message_id)),
+            _ => Err(anyhow::anyhow!("unknown kind {}", e.kind)),
+        }
+        .with_context(|| format!("entry {} is NOT a validly signed envelope or receipt", e.index))?;
+        anyhow::ensure!(
+            signs.to_string() == id && e.message_id == id,
+            "entry {} is listed under message {} and signs message {signs}, NOT {id}",
+            e.index,
+            e.message_id
+        );
+        Ok(())
+    }
 }
 
 async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
@@ -386,18 +443,26 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let root_path = match (&a.root, &a.federation) {
+    // The root and the federation's name from --federation, unless --root
+    // is given: then the name is the bundle's own (its certificates must
+    // then carry it under that root).
+    let file = match (&a.root, &a.federation) {
+        (None, Some(f)) => Some(antar_pki::federation_file::FederationFile::load(f)?),
+        _ => None,
+    };
+    let root_path = match (&a.root, &file) {
         (Some(r), _) => r.clone(),
-        (None, Some(f)) => antar_pki::federation_file::FederationFile::load(f)?.root_ca,
+        (None, Some(f)) => f.root_ca.clone(),
         (None, None) => anyhow::bail!("pass --root ROOT_CA (the federation root, PEM) or --federation FILE"),
     };
     let root = antar_pki::read_cert_der(&root_path)?;
     let bytes = std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
-    let bundle = wire::AuditBundle::decode(bytes.as_slice()).unwrap_or_default();
-    let federation = if bundle.federation.is_empty() {
-        "unknown".to_owned()
-    } else {
-        bundle.federation
+    let federation = match file {
+        Some(f) => f.federation,
+        None => match wire::AuditBundle::decode(bytes.as_slice()) {
+            Ok(b) if !b.federation.is_empty() => b.federation,
+            _ => "unknown".to_owned(),
+        },
     };
     let anchor =
         antar_core::TrustAnchor::new(&federation, root).context("the root certificate is not a CA")?;
@@ -457,10 +522,10 @@ mod tests {
         .unwrap()
     }
 
-    /// A checkpoint that was checked and does not hold fails the command;
-    /// one that could not be checked says so.
+    /// A checkpoint or an entry that does not hold, checked against the
+    /// federation root, fails the command, naming what does not hold.
     #[test]
-    fn a_checkpoint_not_signed_as_given_is_an_error() {
+    fn a_checkpoint_or_entry_not_signed_as_given_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let layout = DevLayout::new(dir.path());
         let topology = standard_topology();
@@ -482,14 +547,11 @@ mod tests {
         let fed = layout.federation_file(&topology, &addrs).unwrap();
         fed.save(&fed_path).unwrap();
         let (finance, health) = (signer(&layout, "finance"), signer(&layout, "health"));
-        let receipt = |by: &Signer| wire::LogEntry {
-            index: 3,
-            kind: EntryKind::Receipt as i32,
-            data: by.sign_receipt(&wire::Receipt::default()).encode_to_vec(),
-            ..Default::default()
-        };
+        let trust = Trust::load(Some(&fed_path)).unwrap().unwrap();
         let root = [7u8; 32];
-        let checkpoint = |origin_of: &str, size: u64, by: &Signer| wire::Checkpoint {
+        // A note of `origin_of`'s log over `size`, signed by `by`, handed
+        // out with `cert_of`'s certificate.
+        let checkpoint = |origin_of: &str, size: u64, by: &Signer, cert_of: &Signer| wire::Checkpoint {
             note: Note {
                 origin: origin(&fed.federation, origin_of),
                 size,
@@ -498,29 +560,71 @@ mod tests {
             .sign(by),
             tree_size: 5,
             root_hash: root.to_vec(),
-            cosignatures: Vec::new(),
+            signer_cert: cert_of.cert_der().to_vec(),
+            ..Default::default()
         };
-        let check = |agency: Option<&str>, cp: &wire::Checkpoint, found: &[wire::LogEntry]| {
-            check_checkpoint(Some(&fed_path), agency, cp, &root, found).map_err(|e| format!("{e:#}"))
+        let check = |cp: &wire::Checkpoint| {
+            trust
+                .check_checkpoint("finance", cp, &root)
+                .map_err(|e| format!("{e:#}"))
         };
-        let found = [receipt(&health), receipt(&finance)];
-        assert_eq!(
-            check(Some("finance"), &checkpoint("finance", 5, &finance), &found),
-            Ok(true)
-        );
-        // Signed by another node's key, of another log, over another size.
-        let err = check(Some("finance"), &checkpoint("finance", 5, &health), &found).unwrap_err();
-        assert!(
-            err.starts_with("the checkpoint is NOT signed by finance's signing key"),
-            "{err}"
-        );
-        let err = check(Some("finance"), &checkpoint("health", 5, &finance), &found).unwrap_err();
-        assert!(err.contains("is of the log") && err.contains("NOT"), "{err}");
-        let err = check(Some("finance"), &checkpoint("finance", 4, &finance), &found).unwrap_err();
-        assert!(err.contains("are NOT those the node gave with it (5, "), "{err}");
-        // Nothing finance signed among the entries, or no agency: not checked.
-        let cp = checkpoint("finance", 5, &health);
-        assert_eq!(check(Some("finance"), &cp, &found[..1]), Ok(false));
-        assert_eq!(check(None, &cp, &found), Ok(false));
+        check(&checkpoint("finance", 5, &finance, &finance)).unwrap();
+        for (cp, want) in [
+            (
+                checkpoint("finance", 5, &health, &finance),
+                "the checkpoint is NOT signed by finance's signing key",
+            ),
+            (
+                checkpoint("finance", 5, &health, &health),
+                "the checkpoint's signing certificate is health's, NOT finance's",
+            ),
+            (
+                checkpoint("health", 5, &finance, &finance),
+                "the checkpoint is of the log \"gov.example/antar/health\", NOT",
+            ),
+            (
+                checkpoint("finance", 4, &finance, &finance),
+                "the checkpoint's signed size and root (4, 0707",
+            ),
+            (
+                wire::Checkpoint {
+                    signer_cert: Vec::new(),
+                    ..checkpoint("finance", 5, &finance, &finance)
+                },
+                "the node gave no signing certificate with its checkpoint",
+            ),
+        ] {
+            let err = check(&cp).unwrap_err();
+            assert!(err.starts_with(want), "{err}");
+        }
+
+        // Entries: each a valid signature about the message asked for.
+        let id = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+        let receipt = |about: &str| wire::LogEntry {
+            index: 3,
+            kind: EntryKind::Receipt as i32,
+            data: health
+                .sign_receipt(&wire::Receipt {
+                    message_id: about.into(),
+                    issuer: "health".into(),
+                    sender: "finance".into(),
+                    recipient: "health".into(),
+                    status: wire::ReceiptStatus::Delivered as i32,
+                    at: Some(antar_core::time::to_timestamp(std::time::SystemTime::now())),
+                    ..Default::default()
+                })
+                .encode_to_vec(),
+            message_id: id.into(),
+            ..Default::default()
+        };
+        trust.check_entry(&receipt(id), id).unwrap();
+        let other = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c";
+        let err = format!("{:#}", trust.check_entry(&receipt(other), id).unwrap_err());
+        assert!(err.contains(&format!("signs message {other}, NOT {id}")), "{err}");
+        let mut forged = receipt(id);
+        let at = forged.data.len() / 3;
+        forged.data[at] ^= 1;
+        let err = format!("{:#}", trust.check_entry(&forged, id).unwrap_err());
+        assert!(err.starts_with("entry 3 is NOT a validly signed"), "{err}");
     }
 }

@@ -188,6 +188,7 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     // checkpoint whose signature the CLI checks against the federation root.
     let proof = json_lines(&cli(&fed, "finance", &["audit", "proof", &id])).remove(0);
     assert_eq!(proof["checkpoint_signature_verified"], true, "{proof}");
+    assert_eq!(proof["entry_signatures_verified"], true, "{proof}");
     let entries = proof["entries"].as_array().unwrap();
     assert!(entries.len() >= 4, "the envelope and its receipts: {proof}");
     assert!(entries.iter().all(|e| e["message_id"] == id.as_str()), "{proof}");

@@ -194,6 +194,20 @@ pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, Audi
             ));
         }
         for (j, cosig) in c.cosignatures.iter().enumerate() {
+            // A witness vouches for another node's log, once: a node's
+            // own cosignature, or one witness counted twice, would make
+            // the log look more witnessed than it is.
+            if cosig.witness == agency.as_str() {
+                return Err(cp_err(format!(
+                    "cosignature {j} is by {agency}, the log's own node: a node cannot witness its own log"
+                )));
+            }
+            if c.cosignatures[..j].iter().any(|o| o.witness == cosig.witness) {
+                return Err(cp_err(format!(
+                    "cosignature {j} repeats witness {}",
+                    cosig.witness
+                )));
+            }
             let (witness, key) = verifier
                 .node_signing_key(&cosig.cert)
                 .map_err(|e| cp_err(format!("cosignature {j} ({}): certificate: {e}", cosig.witness)))?;

@@ -55,6 +55,7 @@ pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeEr
         tree_size: size,
         root_hash: root.to_vec(),
         cosignatures: Vec::new(),
+        signer_cert: Vec::new(),
     };
     shared.store.put_checkpoint(size, &c.encode_to_vec()).await?;
     tracing::debug!(size, "log checkpoint signed");
@@ -275,7 +276,9 @@ impl Audit for AuditService {
         req: Request<LatestCheckpointRequest>,
     ) -> Result<Response<Checkpoint>, Status> {
         auth::auditor(&self.shared, &req)?;
-        Ok(Response::new(checkpoint_now(&self.shared).await?))
+        let mut checkpoint = checkpoint_now(&self.shared).await?;
+        checkpoint.signer_cert = self.shared.signer.cert_der().to_vec();
+        Ok(Response::new(checkpoint))
     }
 
     async fn inclusion_proof(

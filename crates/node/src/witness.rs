@@ -49,6 +49,22 @@ fn hashes(path: &[Vec<u8>]) -> Result<Vec<Hash>, NodeError> {
         .collect()
 }
 
+/// The size and root of the checkpoint of `agency` witnessed last, as
+/// stored: one that does not read is the store's failure, never "none seen"
+/// (which would let the next checkpoint through unchecked).
+fn seen_checkpoint(agency: &str, stored: &[u8]) -> Result<(u64, Hash), NodeError> {
+    let corrupt = |detail: String| {
+        NodeError::Store(antar_store::StoreError::Corrupt {
+            tree: "audit_meta",
+            detail: format!("the checkpoint of {agency} witnessed last: {detail}"),
+        })
+    };
+    let cp = Checkpoint::decode(stored).map_err(|e| corrupt(e.to_string()))?;
+    let root =
+        Hash::try_from(cp.root_hash.as_slice()).map_err(|_| corrupt("its root is not 32 bytes".into()))?;
+    Ok((cp.tree_size, root))
+}
+
 /// Serves `Peer.Witness` for the node `from`.
 pub(crate) async fn serve(
     shared: &Shared,
@@ -76,11 +92,27 @@ pub(crate) async fn serve(
             format!("origin {:?}", note.origin),
         ));
     }
-    let seen = shared
-        .store
-        .audit_meta(&key(SEEN, agency))?
-        .and_then(|b| Checkpoint::decode(b.as_slice()).ok());
-    let known = seen.as_ref().map_or(0, |s| s.tree_size);
+    // What is decided and kept below comes from the signed note, never
+    // from the request's unsigned copy of it: a node that signed size 100
+    // but said 0 beside it would otherwise have its next checkpoint, any
+    // fork, checked against nothing.
+    if cp.tree_size != note.size || cp.root_hash.as_slice() != note.root.as_slice() {
+        return Err(NodeError::invalid(
+            "checkpoint",
+            format!(
+                "tree_size {} and root_hash {} are not the size {} and root {} its note signs",
+                cp.tree_size,
+                hex::encode(&cp.root_hash),
+                note.size,
+                hex::encode(note.root)
+            ),
+        ));
+    }
+    let seen = match shared.store.audit_meta(&key(SEEN, agency))? {
+        Some(b) => Some(seen_checkpoint(agency, &b)?),
+        None => None,
+    };
+    let known = seen.as_ref().map_or(0, |(size, _)| *size);
     if r.old_size != known {
         return Ok(WitnessResponse {
             cosignature: String::new(),
@@ -88,8 +120,7 @@ pub(crate) async fn serve(
             witness_cert: shared.signer.cert_der().to_vec(),
         });
     }
-    if let Some(seen) = &seen {
-        let old_root = Hash::try_from(seen.root_hash.as_slice()).unwrap_or_default();
+    if let Some((_, old_root)) = seen {
         let consistent =
             merkle::verify_consistency(known, note.size, &hashes(&r.proof)?, &old_root, &note.root);
         if let Err(e) = consistent {
@@ -109,9 +140,16 @@ pub(crate) async fn serve(
             )));
         }
     }
+    let witnessed = Checkpoint {
+        note: cp.note.clone(),
+        tree_size: note.size,
+        root_hash: note.root.to_vec(),
+        cosignatures: Vec::new(),
+        signer_cert: Vec::new(),
+    };
     shared
         .store
-        .put_audit_meta(&key(SEEN, agency), &cp.encode_to_vec())
+        .put_audit_meta(&key(SEEN, agency), &witnessed.encode_to_vec())
         .await?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -212,6 +250,12 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
             .verifier
             .node_signing_key(&resp.witness_cert)
             .map_err(|e| format!("witness certificate: {e}"))?;
+        if witness.agency.as_str() != peer {
+            return Err(format!(
+                "the cosignature is {}'s, not {peer}'s: not recorded",
+                witness.agency
+            ));
+        }
         verify_cosignature(
             &resp.cosignature,
             &note,
