@@ -453,6 +453,52 @@ fn rewrite_history(data_dir: &std::path::Path, n: u64) {
     db.flush().unwrap();
 }
 
+async fn latest_checkpoint(fed: &Federation, agency: &str) -> wire::Checkpoint {
+    fed.client(agency, ClientRole::Auditor)
+        .await
+        .audit()
+        .latest_checkpoint(wire::LatestCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// After its signing certificate is renewed, a quiet node's newest
+/// checkpoint (the log has not grown) is signed again with the new key, so
+/// it verifies with the certificate LatestCheckpoint hands out with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_signing_key_signs_the_newest_checkpoint_again() {
+    let fed = Federation::standard();
+    let nodes = fed.start_all_with(&["finance", "health"], |_, _| {}).await;
+    send(&fed.app("finance").await, notice("health", "tax.notice", b"x")).await;
+    assert_eq!(receive(&fed.app("health").await, 1, 10, true).await.len(), 1);
+    let verifies = |cp: &wire::Checkpoint| {
+        let (_, key) = fed.verifier().node_signing_key(&cp.signer_cert).unwrap();
+        Note::verify(&cp.note, &key).map(|n| n.size)
+    };
+    let before = latest_checkpoint(&fed, "finance").await;
+    assert_eq!(verifies(&before), Ok(before.tree_size));
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+    antar_pki::layout::issue_node(
+        &fed.layout.federation_dir(),
+        &fed.certs("finance"),
+        &antar_core::AgencyId::parse("finance").unwrap(),
+        &["localhost".to_owned()],
+        &[std::net::Ipv4Addr::LOCALHOST.into()],
+        30,
+        true,
+    )
+    .unwrap();
+    let finance = fed.start("finance").await;
+    let after = latest_checkpoint(&fed, "finance").await;
+    assert_ne!(after.signer_cert, before.signer_cert);
+    assert_eq!(after.tree_size, before.tree_size, "the log did not grow");
+    assert_eq!(verifies(&after), Ok(after.tree_size));
+    finance.stop().await.unwrap();
+}
+
 /// A witness keeps and decides on what a checkpoint's note signs, never on
 /// the request's unsigned copy of it: a node that signs size 100 but says
 /// 0 beside it is refused, so its next checkpoint (any fork) is still
@@ -495,6 +541,27 @@ async fn a_witness_takes_only_what_the_note_signs() {
     let ok = peer.witness(ask(signed(100, 1), 0)).await.unwrap().into_inner();
     assert!(!ok.cosignature.is_empty() && ok.known_size == 100, "{ok:?}");
     // A fork from nothing is not cosigned: health asks for a proof from 100.
+    let fork = peer.witness(ask(signed(120, 2), 0)).await.unwrap().into_inner();
+    assert_eq!((fork.cosignature.as_str(), fork.known_size), ("", 100));
+    health.stop().await.unwrap();
+
+    // What a build from before this check kept of the lying request: the
+    // note of 100 beside a copy saying 0. The note is what counts.
+    {
+        let db = sled::open(fed.layout.data_dir("health")).unwrap();
+        let lied = wire::Checkpoint {
+            tree_size: 0,
+            root_hash: vec![9; 32],
+            ..signed(100, 1)
+        };
+        db.open_tree("audit_meta")
+            .unwrap()
+            .insert(b"seen\0finance", lied.encode_to_vec())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let health = fed.start("health").await;
+    let mut peer = fed.peer_as("finance", "health").await;
     let fork = peer.witness(ask(signed(120, 2), 0)).await.unwrap().into_inner();
     assert_eq!((fork.cosignature.as_str(), fork.known_size), ("", 100));
     health.stop().await.unwrap();

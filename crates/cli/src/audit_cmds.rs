@@ -359,7 +359,9 @@ impl Trust {
     ) -> anyhow::Result<()> {
         anyhow::ensure!(
             !checkpoint.signer_cert.is_empty(),
-            "the node gave no signing certificate with its checkpoint: it cannot be checked"
+            "the node gave no signing certificate with its checkpoint: it cannot be checked (a node \
+             from before Checkpoint.signer_cert? upgrade nodes before auditors' CLIs, or check its \
+             export with `antar audit verify`)"
         );
         let (signer, key) = self
             .verifier
@@ -548,6 +550,11 @@ mod tests {
         fed.save(&fed_path).unwrap();
         let (finance, health) = (signer(&layout, "finance"), signer(&layout, "health"));
         let trust = Trust::load(Some(&fed_path)).unwrap().unwrap();
+        // A node of another federation, under another root.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = DevLayout::new(elsewhere.path());
+        other.ensure_pki(&topology).unwrap();
+        let stranger = signer(&other, "finance");
         let root = [7u8; 32];
         // A note of `origin_of`'s log over `size`, signed by `by`, handed
         // out with `cert_of`'s certificate.
@@ -577,6 +584,10 @@ mod tests {
             (
                 checkpoint("finance", 5, &health, &health),
                 "the checkpoint's signing certificate is health's, NOT finance's",
+            ),
+            (
+                checkpoint("finance", 5, &stranger, &stranger),
+                "the checkpoint's signing certificate is NOT valid",
             ),
             (
                 checkpoint("health", 5, &finance, &finance),

@@ -33,27 +33,17 @@ async fn bind(port: u16) -> std::io::Result<TcpListener> {
 }
 
 /// Four listeners (API, peer, admin, metrics) for each of `agencies`
-/// agencies, from port `base` on, or on free ports when `base` is 0.
-async fn bind_block(base: u16, agencies: usize) -> std::io::Result<Vec<[TcpListener; 4]>> {
-    let mut bound = Vec::with_capacity(agencies);
+/// agencies, from port `base` on (the caller checked the block fits), or
+/// on free ports when `base` is 0.
+async fn bind_block(base: u16, agencies: u16) -> std::io::Result<Vec<[TcpListener; 4]>> {
+    let mut bound = Vec::with_capacity(usize::from(agencies));
     for i in 0..agencies {
-        let port = |k: usize| {
-            if base == 0 {
-                Ok(0)
-            } else {
-                u16::try_from(usize::from(base) + i * 4 + k).map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("--base-port {base} leaves no room for {} ports", agencies * 4),
-                    )
-                })
-            }
-        };
+        let port = |k: u16| if base == 0 { 0 } else { base + i * 4 + k };
         bound.push([
-            bind(port(0)?).await?,
-            bind(port(1)?).await?,
-            bind(port(2)?).await?,
-            bind(port(3)?).await?,
+            bind(port(0)).await?,
+            bind(port(1)).await?,
+            bind(port(2)).await?,
+            bind(port(3)).await?,
         ]);
     }
     Ok(bound)
@@ -61,11 +51,22 @@ async fn bind_block(base: u16, agencies: usize) -> std::io::Result<Vec<[TcpListe
 
 /// The listeners of `agencies` agencies: from `--base-port` as given, else
 /// from 7400, or on free ports when that block is taken.
-async fn listeners(base_port: Option<u16>, agencies: usize) -> anyhow::Result<Vec<[TcpListener; 4]>> {
+async fn listeners(base_port: Option<u16>, agencies: u16) -> anyhow::Result<Vec<[TcpListener; 4]>> {
     let base = base_port.unwrap_or(DEFAULT_BASE_PORT);
-    let last = usize::from(base) + agencies * 4 - 1;
+    if base == 0 {
+        return bind_block(0, agencies)
+            .await
+            .context("cannot bind free ports on 127.0.0.1");
+    }
+    let Some(last) = (agencies * 4 - 1).checked_add(base) else {
+        anyhow::bail!(
+            "--base-port {base} leaves no room for {} ports below 65536",
+            agencies * 4
+        );
+    };
     match bind_block(base, agencies).await {
-        Err(e) if base_port.is_none() && e.kind() == std::io::ErrorKind::AddrInUse => {
+        Ok(bound) => Ok(bound),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && base_port.is_none() => {
             eprintln!(
                 "ports {base}-{last} are taken ({e}; another `antar dev`?): using free ports; \
                  federation.json and the list below name them"
@@ -74,11 +75,10 @@ async fn listeners(base_port: Option<u16>, agencies: usize) -> anyhow::Result<Ve
                 .await
                 .context("cannot bind free ports on 127.0.0.1")
         }
-        Err(e) if base == 0 => Err(e).context("cannot bind free ports on 127.0.0.1"),
-        Err(e) => Err(e).with_context(|| {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(e).with_context(|| {
             format!("cannot bind 127.0.0.1:{base}-{last}; is another `antar dev` running? Try --base-port 0")
         }),
-        Ok(bound) => Ok(bound),
+        Err(e) => Err(e).with_context(|| format!("cannot bind 127.0.0.1:{base}-{last}")),
     }
 }
 
@@ -129,7 +129,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let created = layout
         .ensure_pki(&topology)
         .context("cannot create the dev certificates")?;
-    let bound = listeners(args.base_port, topology.len()).await?;
+    let agencies = u16::try_from(topology.len()).context("too many agencies")?;
+    let bound = listeners(args.base_port, agencies).await?;
     let mut addrs = BTreeMap::new();
     for (spec, l) in topology.iter().zip(&bound) {
         addrs.insert(

@@ -130,6 +130,21 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(said.contains("another `antar dev` is running"), "{said}");
     assert_eq!(std::fs::read(&fed).unwrap(), before);
+    // Ports asked for by name are not swapped for others: a taken one fails.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let pinned = antar()
+        .args(["dev", "--base-port", "7400", "--dir"])
+        .arg(elsewhere.path())
+        .env("ANTAR_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!pinned.status.success());
+    let said = String::from_utf8_lossy(&pinned.stderr);
+    assert!(
+        said.contains("cannot bind 127.0.0.1:7400-7415") && said.contains("Try --base-port 0"),
+        "{said}"
+    );
 
     let sent = cli(
         &fed,

@@ -80,6 +80,42 @@ impl Checkpoint {
     /// # Errors
     /// [`CheckpointError`] naming what is wrong.
     pub fn verify(note: &str, public_key: &[u8]) -> Result<Self, CheckpointError> {
+        let (checkpoint, body, sigs) = Self::parse(note)?;
+        let origin = checkpoint.origin.as_str();
+        let want = key_hash(origin, public_key);
+        for line in sigs.lines() {
+            let rest = line.strip_prefix("\u{2014} ").ok_or(CheckpointError::Malformed(
+                "a signature line does not start with an em dash",
+            ))?;
+            let (name, sig) = rest
+                .rsplit_once(' ')
+                .ok_or(CheckpointError::Malformed("a signature line has no signature"))?;
+            let sig = B64
+                .decode(sig)
+                .map_err(|_| CheckpointError::Malformed("a signature is not base64"))?;
+            if name != origin || sig.len() != 68 || sig[..4] != want {
+                continue;
+            }
+            return crate::verify::verify_raw(public_key, b"", body.as_bytes(), &sig[4..])
+                .map(|()| checkpoint.clone())
+                .map_err(|_| CheckpointError::BadSignature(origin.to_owned()));
+        }
+        Err(CheckpointError::NotSigned(origin.to_owned()))
+    }
+
+    /// What `note` says, its signatures NOT checked: only for a note this
+    /// program verified before it kept it (a witness's record of the last
+    /// checkpoint it cosigned).
+    ///
+    /// # Errors
+    /// [`CheckpointError::Malformed`] naming what is wrong.
+    pub fn read(note: &str) -> Result<Self, CheckpointError> {
+        Self::parse(note).map(|(checkpoint, _, _)| checkpoint)
+    }
+
+    /// The checkpoint, the signed text (with its final newline) and the
+    /// signature lines of `note`.
+    fn parse(note: &str) -> Result<(Self, String, &str), CheckpointError> {
         let (body, sigs) = note
             .split_once("\n\n")
             .ok_or(CheckpointError::Malformed("no blank line before the signatures"))?;
@@ -112,25 +148,7 @@ impl Checkpoint {
             size,
             root,
         };
-        let want = key_hash(origin, public_key);
-        for line in sigs.lines() {
-            let rest = line.strip_prefix("\u{2014} ").ok_or(CheckpointError::Malformed(
-                "a signature line does not start with an em dash",
-            ))?;
-            let (name, sig) = rest
-                .rsplit_once(' ')
-                .ok_or(CheckpointError::Malformed("a signature line has no signature"))?;
-            let sig = B64
-                .decode(sig)
-                .map_err(|_| CheckpointError::Malformed("a signature is not base64"))?;
-            if name != origin || sig.len() != 68 || sig[..4] != want {
-                continue;
-            }
-            return crate::verify::verify_raw(public_key, b"", body.as_bytes(), &sig[4..])
-                .map(|()| checkpoint)
-                .map_err(|_| CheckpointError::BadSignature(origin.to_owned()));
-        }
-        Err(CheckpointError::NotSigned(origin.to_owned()))
+        Ok((checkpoint, body, sigs))
     }
 }
 

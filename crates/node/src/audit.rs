@@ -36,11 +36,15 @@ pub(crate) struct AuditService {
 }
 
 /// The newest checkpoint; a new one is signed and stored first when the log
-/// grew since the last.
+/// grew since the last, or when the last was signed with a key the node no
+/// longer holds (its signing certificate was renewed): the newest
+/// checkpoint always verifies with the certificate the node hands out.
 pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeError> {
     let size = shared.store.audit_size()?;
     let last = latest_stored(shared)?;
-    if let Some(c) = last.filter(|c| c.tree_size == size) {
+    let current =
+        |c: &Checkpoint| c.tree_size == size && Note::verify(&c.note, shared.signer.public_key()).is_ok();
+    if let Some(c) = last.filter(current) {
         return Ok(c);
     }
     let root = merkle::root_of(&mut shared.store.audit_tree(size)?, size).map_err(proof_failure)?;

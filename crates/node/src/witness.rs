@@ -49,9 +49,11 @@ fn hashes(path: &[Vec<u8>]) -> Result<Vec<Hash>, NodeError> {
         .collect()
 }
 
-/// The size and root of the checkpoint of `agency` witnessed last, as
-/// stored: one that does not read is the store's failure, never "none seen"
-/// (which would let the next checkpoint through unchecked).
+/// The size and root of the checkpoint of `agency` witnessed last, as its
+/// note signs them (verified when it was witnessed): never the copy kept
+/// beside the note, which a build from before this check kept as the
+/// request said it. One that does not read is the store's failure, never
+/// "none seen" (which would let the next checkpoint through unchecked).
 fn seen_checkpoint(agency: &str, stored: &[u8]) -> Result<(u64, Hash), NodeError> {
     let corrupt = |detail: String| {
         NodeError::Store(antar_store::StoreError::Corrupt {
@@ -60,9 +62,8 @@ fn seen_checkpoint(agency: &str, stored: &[u8]) -> Result<(u64, Hash), NodeError
         })
     };
     let cp = Checkpoint::decode(stored).map_err(|e| corrupt(e.to_string()))?;
-    let root =
-        Hash::try_from(cp.root_hash.as_slice()).map_err(|_| corrupt("its root is not 32 bytes".into()))?;
-    Ok((cp.tree_size, root))
+    let note = Note::read(&cp.note).map_err(|e| corrupt(e.to_string()))?;
+    Ok((note.size, note.root))
 }
 
 /// Serves `Peer.Witness` for the node `from`.
