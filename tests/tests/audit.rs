@@ -465,7 +465,8 @@ async fn latest_checkpoint(fed: &Federation, agency: &str) -> wire::Checkpoint {
 
 /// After its signing certificate is renewed, a quiet node's newest
 /// checkpoint (the log has not grown) is signed again with the new key, so
-/// it verifies with the certificate LatestCheckpoint hands out with it.
+/// it verifies with the certificate LatestCheckpoint hands out with it; the
+/// peers' cosignatures of the same text stay with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_signing_key_signs_the_newest_checkpoint_again() {
     let fed = Federation::standard();
@@ -476,7 +477,15 @@ async fn a_renewed_signing_key_signs_the_newest_checkpoint_again() {
         let (_, key) = fed.verifier().node_signing_key(&cp.signer_cert).unwrap();
         Note::verify(&cp.note, &key).map(|n| n.size)
     };
-    let before = latest_checkpoint(&fed, "finance").await;
+    // Witnessed by health before the renewal.
+    let before = eventually(20, "finance's newest checkpoint cosigned by health", || async {
+        let cp = latest_checkpoint(&fed, "finance").await;
+        cp.cosignatures
+            .iter()
+            .any(|c| c.witness == "health")
+            .then_some(cp)
+    })
+    .await;
     assert_eq!(verifies(&before), Ok(before.tree_size));
     for n in nodes {
         n.stop().await.unwrap();
@@ -496,6 +505,26 @@ async fn a_renewed_signing_key_signs_the_newest_checkpoint_again() {
     assert_ne!(after.signer_cert, before.signer_cert);
     assert_eq!(after.tree_size, before.tree_size, "the log did not grow");
     assert_eq!(verifies(&after), Ok(after.tree_size));
+    // Health's cosignature covers the note's text, which did not change:
+    // kept with the checkpoint signed again, and still valid on it.
+    let note = Note::verify(
+        &after.note,
+        &fed.verifier().node_signing_key(&after.signer_cert).unwrap().1,
+    )
+    .unwrap();
+    let health = after
+        .cosignatures
+        .iter()
+        .find(|c| c.witness == "health")
+        .expect("health's cosignature kept");
+    let (_, health_key) = fed.verifier().node_signing_key(&health.cert).unwrap();
+    antar_core::checkpoint::verify_cosignature(
+        &health.line,
+        &note,
+        &origin(DEV_FEDERATION, "health"),
+        &health_key,
+    )
+    .unwrap();
     finance.stop().await.unwrap();
 }
 

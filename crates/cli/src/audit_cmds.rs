@@ -101,7 +101,8 @@ pub struct VerifyArgs {
     /// The federation root certificate (PEM) to verify against.
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Take the root from this federation.json (`root_ca`) when --root is not given.
+    /// Take the root (`root_ca`) and the federation's name from this
+    /// federation.json, unless --root is given.
     #[arg(long, env = "ANTAR_FEDERATION")]
     federation: Option<PathBuf>,
     /// Print the result as JSON.

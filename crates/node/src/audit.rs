@@ -40,12 +40,12 @@ pub(crate) struct AuditService {
 /// longer holds (its signing certificate was renewed): the newest
 /// checkpoint always verifies with the certificate the node hands out.
 pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeError> {
+    let _alone = shared.checkpoints.lock().await;
     let size = shared.store.audit_size()?;
-    let last = latest_stored(shared)?;
-    let current =
-        |c: &Checkpoint| c.tree_size == size && Note::verify(&c.note, shared.signer.public_key()).is_ok();
-    if let Some(c) = last.filter(current) {
-        return Ok(c);
+    let last = latest_stored(shared)?.filter(|c| c.tree_size == size);
+    let current = |c: &Checkpoint| Note::verify(&c.note, shared.signer.public_key()).is_ok();
+    if let Some(c) = last.as_ref().filter(|c| current(c)) {
+        return Ok(c.clone());
     }
     let root = merkle::root_of(&mut shared.store.audit_tree(size)?, size).map_err(proof_failure)?;
     let note = Note {
@@ -58,7 +58,10 @@ pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeEr
         note,
         tree_size: size,
         root_hash: root.to_vec(),
-        cosignatures: Vec::new(),
+        // Signed again over the same size and root (a renewed key): the
+        // witnesses' cosignatures cover the note's text, not the node's
+        // signature, so they hold for this one too.
+        cosignatures: last.map(|c| c.cosignatures).unwrap_or_default(),
         signer_cert: Vec::new(),
     };
     shared.store.put_checkpoint(size, &c.encode_to_vec()).await?;
@@ -84,7 +87,7 @@ fn stored_checkpoints(shared: &Shared) -> Result<Vec<Checkpoint>, NodeError> {
         .collect()
 }
 
-fn latest_stored(shared: &Shared) -> Result<Option<Checkpoint>, NodeError> {
+pub(crate) fn latest_stored(shared: &Shared) -> Result<Option<Checkpoint>, NodeError> {
     shared
         .store
         .latest_checkpoint()?
@@ -92,7 +95,8 @@ fn latest_stored(shared: &Shared) -> Result<Option<Checkpoint>, NodeError> {
         .transpose()
 }
 
-/// Runs until shutdown: a checkpoint every `limits.checkpoint_interval_secs` when the log grew.
+/// Runs until shutdown: every `limits.checkpoint_interval_secs`, a checkpoint
+/// when the log grew (or the newest is under a renewed key, `checkpoint_now`).
 pub(crate) async fn checkpointer(shared: Arc<Shared>, token: tokio_util::sync::CancellationToken) {
     let every = std::time::Duration::from_secs(shared.limits().checkpoint_interval_secs.max(1));
     loop {

@@ -294,6 +294,7 @@ impl Node {
             calls: state::Calls::default(),
             sent: Mutex::new(sent),
             sending: tokio::sync::RwLock::default(),
+            checkpoints: tokio::sync::Mutex::default(),
             forwarders: Mutex::default(),
             reloads: tokio::sync::watch::Sender::new(0),
         });

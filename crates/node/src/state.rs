@@ -425,6 +425,11 @@ pub(crate) struct Shared {
     /// forwarder has read to send, and a forwarder never reads one the
     /// sweeper is expiring but has not yet removed from sled.
     pub(crate) sending: tokio::sync::RwLock<()>,
+    /// Held while the newest checkpoint is read and stored again: by
+    /// `audit::checkpoint_now` (which may sign one) and by witnessing as it
+    /// stores the cosignatures it gathered, so neither overwrites the
+    /// other's with a copy read before it.
+    pub(crate) checkpoints: tokio::sync::Mutex<()>,
     /// The forwarder of each peer (`forward::start`); one removes itself
     /// when its peer leaves the policy.
     pub(crate) forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,

@@ -193,6 +193,21 @@ pub(crate) async fn request_all(shared: &Shared, mut cp: Checkpoint) -> Checkpoi
         }
     }
     if changed {
+        // What is stored may have changed while the peers were asked (signed
+        // again with a renewed key, over the same size and root): keep it,
+        // with the cosignatures gathered here added, which cover the same
+        // text.
+        let _alone = shared.checkpoints.lock().await;
+        if let Ok(Some(stored)) = crate::audit::latest_stored(shared) {
+            if stored.tree_size == cp.tree_size && stored.root_hash == cp.root_hash {
+                let gathered = std::mem::replace(&mut cp, stored).cosignatures;
+                for c in gathered {
+                    if !cp.cosignatures.iter().any(|s| s.witness == c.witness) {
+                        cp.cosignatures.push(c);
+                    }
+                }
+            }
+        }
         if let Err(e) = shared
             .store
             .put_checkpoint(cp.tree_size, &cp.encode_to_vec())
