@@ -27,6 +27,12 @@ pub enum AuditCommand {
     )]
     Query(QueryArgs),
     /// Prove that a message's entries are in the node's log under its newest signed checkpoint.
+    ///
+    /// Each entry's inclusion proof is checked here against the
+    /// checkpoint's root. With --federation (and --agency), against that
+    /// file's federation root: each entry's own signature and message id,
+    /// and the checkpoint's signature, origin, size and root. Any of them
+    /// that does not hold exits 1, naming it.
     #[command(
         after_help = "Example:\n  antar audit proof 01a221aa-ea26-74f5-bc27-02bd702a59be --federation .antar-dev/federation.json --agency registry"
     )]
