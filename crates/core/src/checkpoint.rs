@@ -81,7 +81,15 @@ impl Checkpoint {
     /// [`CheckpointError`] naming what is wrong.
     pub fn verify(note: &str, public_key: &[u8]) -> Result<Self, CheckpointError> {
         let (checkpoint, body, sigs) = Self::parse(note)?;
-        let origin = checkpoint.origin.as_str();
+        let signed = Self::signature_of(&checkpoint.origin, sigs, public_key)?;
+        crate::verify::verify_raw(public_key, b"", body.as_bytes(), &signed[4..])
+            .map_err(|_| CheckpointError::BadSignature(checkpoint.origin.clone()))?;
+        Ok(checkpoint)
+    }
+
+    /// The decoded signature (key hash, then the signature) of the line of
+    /// `sigs` signed under `origin` with `public_key`.
+    fn signature_of(origin: &str, sigs: &str, public_key: &[u8]) -> Result<Vec<u8>, CheckpointError> {
         let want = key_hash(origin, public_key);
         for line in sigs.lines() {
             let rest = line.strip_prefix("\u{2014} ").ok_or(CheckpointError::Malformed(
@@ -96,9 +104,7 @@ impl Checkpoint {
             if name != origin || sig.len() != 68 || sig[..4] != want {
                 continue;
             }
-            return crate::verify::verify_raw(public_key, b"", body.as_bytes(), &sig[4..])
-                .map(|()| checkpoint.clone())
-                .map_err(|_| CheckpointError::BadSignature(origin.to_owned()));
+            return Ok(sig);
         }
         Err(CheckpointError::NotSigned(origin.to_owned()))
     }

@@ -339,20 +339,21 @@ impl Node {
         let reflection_alpha = reflection_of()
             .build_v1alpha()
             .map_err(|e| pki_err(format!("reflection: {e}")))?;
-        let agency_cap = (limits.max_payload_bytes as usize).saturating_add(1 << 20);
-        let max_payload = limits.max_payload_bytes;
+        let agency_cap = AgencyCap {
+            bytes: (limits.max_payload_bytes as usize).saturating_add(1 << 20),
+            max_payload: limits.max_payload_bytes,
+        };
         let api_router = |shared: &Arc<state::Shared>| {
             Server::builder()
                 .layer(tower::util::MapResponseLayer::new(move |response| {
-                    let response = unreadable_is_invalid_argument_http(response);
-                    over_agency_cap_names_the_limit(response, agency_cap, max_payload)
+                    unreadable_is_invalid_argument_http(response, Some(agency_cap))
                 }))
                 .add_service(health.clone())
                 .add_service(reflection.clone())
                 .add_service(reflection_alpha.clone())
                 .add_service(
                     AgencyServer::new(agency::AgencyService::new(shared.clone()))
-                        .max_decoding_message_size(agency_cap),
+                        .max_decoding_message_size(agency_cap.bytes),
                 )
                 .add_service(
                     AuditServer::new(audit::AuditService {
@@ -383,9 +384,9 @@ impl Node {
             ));
         }
         let peer_router = Server::builder()
-            .layer(tower::util::MapResponseLayer::new(
-                unreadable_is_invalid_argument_http,
-            ))
+            .layer(tower::util::MapResponseLayer::new(|response| {
+                unreadable_is_invalid_argument_http(response, None)
+            }))
             .add_service(health.clone())
             .add_service(reflection.clone())
             .add_service(reflection_alpha.clone())
@@ -611,63 +612,57 @@ pub(crate) fn ready_now<S: tokio_stream::Stream + Unpin>(stream: &mut S) -> Opti
     }
 }
 
-/// tonic refuses a request it cannot read before any handler runs, with a
-/// trailers-only response; one it could not read ([`unreadable`]) has its
-/// code rewritten to `INVALID_ARGUMENT`. The message, naming the limit or
-/// what was wrong, is kept.
-fn unreadable_is_invalid_argument_http(
-    mut response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let headers = response.headers_mut();
-    let maybe = headers.get("grpc-status").is_some_and(|v| {
-        [tonic::Code::OutOfRange, tonic::Code::Internal]
-            .iter()
-            .any(|c| v.as_bytes() == (*c as i32).to_string().as_bytes())
-    });
-    if maybe && Status::from_header_map(headers).is_some_and(|s| unreadable(&s)) {
-        let invalid = http::HeaderValue::from(tonic::Code::InvalidArgument as i32);
-        headers.insert("grpc-status", invalid);
-    }
-    response
+/// The Agency service's size cap: `max_payload_bytes` plus 1 MiB for the
+/// rest of a request.
+#[derive(Debug, Clone, Copy)]
+struct AgencyCap {
+    bytes: usize,
+    max_payload: u64,
 }
 
-/// A request over the Agency service's size cap (`max_payload_bytes` plus
-/// 1 MiB for the rest of the request) is refused by tonic before any
-/// handler runs, in tonic's words ("decoded message length too large …
-/// the limit is: N bytes"). DESIGN.md §9 asks that an oversize payload be
-/// refused naming the limit: `max_payload_bytes` is added to the message.
-/// Other services' limits (tonic's 4 MiB) are left as they are.
-fn over_agency_cap_names_the_limit(
+/// tonic refuses a request it cannot read before any handler runs, with a
+/// trailers-only response; one it could not read ([`unreadable`]) has its
+/// code rewritten to `INVALID_ARGUMENT`, its message kept (naming the limit
+/// or what was wrong) — but for one over the Agency service's cap (`agency`,
+/// on the API listener), whose message DESIGN.md §9 wants to name the
+/// limit: `max_payload_bytes` is put in front of tonic's words. Other
+/// services' limits (tonic's 4 MiB) keep their message.
+fn unreadable_is_invalid_argument_http(
     mut response: http::Response<tonic::body::Body>,
-    agency_cap: usize,
-    max_payload: u64,
+    agency: Option<AgencyCap>,
 ) -> http::Response<tonic::body::Body> {
     let headers = response.headers_mut();
-    let invalid = (tonic::Code::InvalidArgument as i32).to_string();
-    if headers
+    let code = headers
         .get("grpc-status")
-        .is_none_or(|v| v.as_bytes() != invalid.as_bytes())
-    {
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32);
+    if !matches!(code, Some(tonic::Code::OutOfRange | tonic::Code::Internal)) {
         return response;
     }
-    let Some(status) = Status::from_header_map(headers) else {
+    let Some(status) = Status::from_header_map(headers).filter(unreadable) else {
         return response;
     };
-    let over_cap = status
-        .message()
-        .starts_with("Error, decoded message length too large")
-        && status
-            .message()
-            .ends_with(&format!("the limit is: {agency_cap} bytes"));
-    if over_cap {
-        let named = Status::invalid_argument(format!(
-            "payload: the request is over max_payload_bytes = {max_payload} plus 1 MiB for the rest \
+    let over_cap = agency.filter(|cap| {
+        status.code() == tonic::Code::OutOfRange
+            && status
+                .message()
+                .starts_with("Error, decoded message length too large")
+            && status
+                .message()
+                .ends_with(&format!("the limit is: {} bytes", cap.bytes))
+    });
+    let rewritten = match over_cap {
+        Some(cap) => Status::invalid_argument(format!(
+            "payload: the request is over max_payload_bytes = {} plus 1 MiB for the rest \
              of it ({}): send a smaller payload, or fewer messages in one SendBatch",
+            cap.max_payload,
             status.message().trim_start_matches("Error, ")
-        ));
-        // Only an error that cannot be encoded leaves tonic's words in place.
-        let _ = named.add_header(headers);
-    }
+        )),
+        None => Status::invalid_argument(status.message()),
+    };
+    // Only a message that cannot be encoded leaves tonic's answer as it is.
+    let _ = rewritten.add_header(headers);
     response
 }
 
