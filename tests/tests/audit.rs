@@ -466,11 +466,14 @@ async fn latest_checkpoint(fed: &Federation, agency: &str) -> wire::Checkpoint {
 /// After its signing certificate is renewed, a quiet node's newest
 /// checkpoint (the log has not grown) is signed again with the new key, so
 /// it verifies with the certificate LatestCheckpoint hands out with it; the
-/// peers' cosignatures of the same text stay with it.
+/// peers' cosignatures of the same text stay with it. An export carries
+/// the old certificate too, so the checkpoints signed before still verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_signing_key_signs_the_newest_checkpoint_again() {
     let fed = Federation::standard();
     let nodes = fed.start_all_with(&["finance", "health"], |_, _| {}).await;
+    // Signed with the old key and never signed again: the log grows after it.
+    let early = latest_checkpoint(&fed, "finance").await;
     send(&fed.app("finance").await, notice("health", "tax.notice", b"x")).await;
     assert_eq!(receive(&fed.app("health").await, 1, 10, true).await.len(), 1);
     let verifies = |cp: &wire::Checkpoint| {
@@ -525,6 +528,20 @@ async fn a_renewed_signing_key_signs_the_newest_checkpoint_again() {
         &health_key,
     )
     .unwrap();
+    // An export holds the checkpoints signed with the old key too, and the
+    // certificates of both keys: it verifies, old checkpoints included.
+    let bytes = export(&fed.client("finance", ClientRole::Auditor).await).await;
+    let v = verify_bundle(&bytes, &fed.verifier()).unwrap_or_else(|e| panic!("export after a renewal: {e}"));
+    let bundle = wire::AuditBundle::decode(bytes.as_slice()).unwrap();
+    assert!(
+        bundle.certificates == [after.signer_cert.clone(), before.signer_cert.clone()],
+        "not the current signing certificate, then the renewed one: {} certificates",
+        bundle.certificates.len()
+    );
+    assert!(
+        bundle.checkpoints.iter().any(|c| c.note == early.note),
+        "the bundle holds the checkpoint signed with the old key: {v:?}"
+    );
     finance.stop().await.unwrap();
 }
 

@@ -41,6 +41,9 @@ pub(crate) struct AuditService {
 /// checkpoint always verifies with the certificate the node hands out.
 pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeError> {
     let _alone = shared.checkpoints.lock().await;
+    // Recorded before any checkpoint it signs, and by the first one after
+    // an upgrade, so that a later renewal cannot lose it.
+    remember_signing_cert(shared).await?;
     let size = shared.store.audit_size()?;
     let last = latest_stored(shared)?.filter(|c| c.tree_size == size);
     let current = |c: &Checkpoint| Note::verify(&c.note, shared.signer.public_key()).is_ok();
@@ -67,6 +70,36 @@ pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeEr
     shared.store.put_checkpoint(size, &c.encode_to_vec()).await?;
     tracing::debug!(size, "log checkpoint signed");
     Ok(c)
+}
+
+/// `audit_meta` keys of the signing certificates checkpoints were signed
+/// with, `signer\0` ‖ SHA-256 of the DER: a renewed key leaves older
+/// checkpoints signed with the old one, and an export must carry its
+/// certificate for them to verify.
+const SIGNING_CERT: &[u8] = b"signer\0";
+
+/// Records the node's current signing certificate (once) before it signs a
+/// checkpoint with it.
+async fn remember_signing_cert(shared: &Shared) -> Result<(), NodeError> {
+    let der = shared.signer.cert_der();
+    let key = [SIGNING_CERT, &antar_core::envelope::sha256(der)[..]].concat();
+    if shared.store.audit_meta(&key)?.is_none() {
+        shared.store.put_audit_meta(&key, der).await?;
+    }
+    Ok(())
+}
+
+/// The certificates of every key this node signed checkpoints with: the
+/// current one first, then those recorded before a renewal.
+fn signing_certs(shared: &Shared) -> Result<Vec<Vec<u8>>, NodeError> {
+    let current = shared.signer.cert_der();
+    let mut certs = vec![current.to_vec()];
+    for (_, der) in shared.store.audit_meta_prefix(SIGNING_CERT)? {
+        if der != current {
+            certs.push(der);
+        }
+    }
+    Ok(certs)
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, NodeError> {
@@ -385,7 +418,7 @@ pub(crate) async fn export_bundle(shared: &Shared) -> Result<AuditBundle, NodeEr
     Ok(AuditBundle {
         federation: shared.config.federation.clone(),
         agency: shared.agency.to_string(),
-        certificates: vec![shared.signer.cert_der().to_vec()],
+        certificates: signing_certs(shared)?,
         entries,
         checkpoints,
         consistency,
