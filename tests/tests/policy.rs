@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use antar_client::ClientRole;
 use antar_node::config::{Access, App};
 use antar_tests::*;
 use tonic::Code;
@@ -223,4 +224,53 @@ async fn a_locally_revoked_app_certificate_is_refused_after_a_reload() {
         .expect("the admin certificate is not revoked");
     send(&app, notice("finance", "tax.notice", b"on the open connection")).await;
     finance_node.stop().await.unwrap();
+}
+
+/// A receipt with no route back to its sender is not dropped: registry,
+/// with no route to finance, delivers finance's envelope and keeps its
+/// DELIVERED and PROCESSED receipts queued under finance's name; once a
+/// reload gives it a route, they reach finance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_with_no_route_back_waits_for_one() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "hub", "registry"], |agency, c| {
+            if agency == "registry" {
+                c.default_route = None;
+            }
+        })
+        .await;
+    let finance = fed.app("finance").await;
+    let id = send(&finance, notice("registry", "birth.notice", b"x")).await;
+    assert_eq!(receive(&fed.app("registry").await, 1, 10, true).await.len(), 1);
+    let registry = &nodes[2];
+    let admin = fed.client("registry", ClientRole::Admin).await;
+    let waiting = eventually(10, "both receipts queued under finance", || async {
+        let status = admin
+            .admin()
+            .status(wire::StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let queued = status
+            .peers
+            .iter()
+            .find(|p| p.agency == "finance")
+            .map_or(0, |p| p.backlog);
+        (queued == 2).then_some(queued)
+    })
+    .await;
+    assert_eq!(waiting, 2);
+    assert_eq!(
+        track(&finance, &id).await.state,
+        wire::MessageState::Accepted as i32,
+        "nothing has come back yet"
+    );
+    let mut config = fed.config("registry");
+    config.default_route = Some("hub".to_owned());
+    fed.reload_with(registry, &config);
+    until_state(&finance, &id, wire::MessageState::Processed, 15).await;
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
 }

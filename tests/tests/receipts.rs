@@ -253,6 +253,35 @@ async fn a_call_to_its_own_agency_is_answered_and_no_receive_stream_gets_the_res
     node.stop().await.unwrap();
 }
 
+/// A NOTICE to a service of the sender's own agency has the whole receipt
+/// chain on its record, as one to another agency: DELIVERED as soon as it
+/// is in the inbox, then PROCESSED once acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_to_its_own_agency_is_tracked_delivered_then_processed() {
+    use wire::ReceiptStatus::{Accepted, Delivered, Processed};
+    let fed = Federation::standard();
+    let node = fed.start("finance").await;
+    let app = fed.app("finance").await;
+    let id = send(&app, notice("finance", "tax.notice", b"to ourselves")).await;
+    let statuses = |t: &wire::TrackResponse| -> Vec<i32> {
+        verified_statuses(&fed, t).into_iter().map(|(s, _)| s).collect()
+    };
+    let t = track(&app, &id).await;
+    assert_eq!(
+        t.state,
+        wire::MessageState::Delivered as i32,
+        "DELIVERED on the record"
+    );
+    assert_eq!(statuses(&t), [Accepted as i32, Delivered as i32]);
+    assert_eq!(receive(&app, 1, 10, true).await.len(), 1);
+    let t = until_state(&app, &id, wire::MessageState::Processed, 10).await;
+    assert_eq!(
+        statuses(&t),
+        [Accepted as i32, Delivered as i32, Processed as i32]
+    );
+    node.stop().await.unwrap();
+}
+
 /// An idempotency key is not only a TRANSACTION's: a NOTICE (to two
 /// agencies) or a REQUEST sent again with its key is accepted once — the
 /// original ids come back, nothing more is delivered — and travels in no

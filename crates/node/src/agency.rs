@@ -842,6 +842,9 @@ impl Agency for AgencyService {
     }
 
     async fn call(&self, req: Request<SendRequest>) -> Result<Response<Delivery>, Status> {
+        // The caller's deadline runs from now, as tonic's does: the time
+        // sealing and accepting take is part of it.
+        let entered = tokio::time::Instant::now();
         let app = auth::app(&self.shared, &req)?;
         let services = self.services_of(&app)?;
         let traceparent = trace::from_metadata(req.metadata());
@@ -889,9 +892,12 @@ impl Agency for AgencyService {
             }
         };
         let response_id = match deadline {
-            // Answer a little before the caller's own timer fires, so the
-            // caller gets our DEADLINE_EXCEEDED rather than a local cancel.
-            Some(d) => tokio::time::timeout(d - (d / 20).min(Duration::from_millis(100)), wait).await.map_err(|_| {
+            // Stop waiting a little before the caller's own timer (and
+            // tonic's, which would drop this call) fires: the caller gets
+            // our DEADLINE_EXCEEDED, with the RESPONSE not acked and so
+            // still to come in the inbox, and a RESPONSE that came in time
+            // has that margin to be acked and returned.
+            Some(d) => tokio::time::timeout_at(entered + d - (d / 20).min(Duration::from_millis(100)), wait).await.map_err(|_| {
                 NodeError::DeadlineExceeded(format!(
                     "no RESPONSE to request {request_id} before the deadline; it stays tracked and a late response goes to the inbox"
                 ))

@@ -697,8 +697,22 @@ async fn settle_refusals<'a>(
                     continue;
                 };
                 let item_decoded = TransferItem::decode(item.as_slice()).unwrap_or_default();
-                let Some(transfer_item::Item::Envelope(et)) = &item_decoded.item else {
-                    continue;
+                let et = match &item_decoded.item {
+                    Some(transfer_item::Item::Envelope(et)) => et,
+                    Some(transfer_item::Item::Receipt(rt)) => {
+                        // No dead letter (those are envelopes, by message
+                        // id); the receipt stays in this node's audit log.
+                        let about = rt
+                            .receipt
+                            .as_ref()
+                            .and_then(|r| Receipt::decode(r.receipt.as_slice()).ok())
+                            .map(|r| r.message_id)
+                            .unwrap_or_default();
+                        tracing::warn!(%peer, message_id = %about, reason = %a.reason, rejected,
+                            "the peer refused a receipt: it goes no further (it stays in this node's audit log)");
+                        continue;
+                    }
+                    None => continue,
                 };
                 let env = Envelope::decode(et.envelope.clone().unwrap_or_default().envelope.as_slice())
                     .unwrap_or_default();

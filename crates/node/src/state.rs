@@ -639,7 +639,9 @@ impl Shared {
 
     /// Queues a receipt, logged already, for the next hop toward its
     /// `sender`'s node, stored without what `held` says the store holds. A
-    /// receipt with no route is logged and dropped: nothing can carry it.
+    /// receipt with no route waits in a queue under the sender's name,
+    /// which no forwarder serves: the rerouter moves it once a route
+    /// leads there (a reload), as it does the items of a removed peer.
     pub(crate) fn forward_receipt(
         &self,
         tx: &Tx<'_>,
@@ -648,24 +650,38 @@ impl Shared {
         mut hops: Vec<String>,
         held: antar_store::Held<'_>,
     ) -> Result<(), TxError> {
-        match self.policy().next_hop(&receipt.sender) {
-            Some(peer) => {
-                hops.push(self.agency.to_string());
-                let item = TransferItem {
-                    seq: 0,
-                    item: Some(transfer_item::Item::Receipt(ReceiptTransfer {
-                        receipt: Some(signed.clone()),
-                        hops,
-                    })),
-                };
-                tx.push_outbox(&peer, &item.encode_to_vec(), held, 0)?;
-            }
-            None => tracing::warn!(
-                message_id = %receipt.message_id,
-                sender = %receipt.sender,
-                "no route back to the sender; receipt dropped"
-            ),
-        }
+        let queue = match self.policy().next_hop(&receipt.sender) {
+            Some(peer) => peer,
+            None => match AgencyId::parse(&receipt.sender) {
+                Ok(sender) => {
+                    tracing::warn!(
+                        message_id = %receipt.message_id,
+                        %sender,
+                        "no route back to the sender; the receipt waits in a queue under its name until a route leads there"
+                    );
+                    sender.to_string()
+                }
+                Err(e) => {
+                    // Signed so by its issuer, but no node could be it.
+                    tracing::warn!(
+                        message_id = %receipt.message_id,
+                        sender = %receipt.sender,
+                        error = %e,
+                        "a receipt names no agency as its sender; kept in the audit log only"
+                    );
+                    return Ok(());
+                }
+            },
+        };
+        hops.push(self.agency.to_string());
+        let item = TransferItem {
+            seq: 0,
+            item: Some(transfer_item::Item::Receipt(ReceiptTransfer {
+                receipt: Some(signed.clone()),
+                hops,
+            })),
+        };
+        tx.push_outbox(&queue, &item.encode_to_vec(), held, 0)?;
         Ok(())
     }
 
@@ -796,11 +812,15 @@ impl Shared {
         if record.state == MessageState::Unspecified as i32 || !record.outgoing {
             record.state = MessageState::Inbox as i32;
         }
-        let logged = self.route_issued(tx, delivered)?;
-        if !record.outgoing {
-            record.delivered_audit_index = logged;
+        if record.outgoing {
+            // Sent to this node's own agency: the DELIVERED receipt is
+            // applied to the sender's record, which must be there first.
+            tx.put_message(id, &record)?;
+            self.route_issued(tx, delivered)?;
+        } else {
+            record.delivered_audit_index = self.route_issued(tx, delivered)?;
+            tx.put_message(id, &record)?;
         }
-        tx.put_message(id, &record)?;
         tx.push_inbox(&envelope.service, id, size)?;
         Ok(())
     }
