@@ -369,7 +369,26 @@ async fn exports_verify_and_any_tampering_is_named() {
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("OK: finance's log"));
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(said.starts_with("OK: finance's log"), "{said}");
+    let root_sha256: String =
+        antar_core::envelope::sha256(&antar_pki::read_cert_der(&fed.file.root_ca).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+    assert!(
+        said.contains(&format!("(SHA-256 {root_sha256})")),
+        "the root trusted is named: {said}"
+    );
+    // Nothing verified (the root cannot be read) is not a failed check.
+    let unread = Command::new(antar_bin())
+        .args(["audit", "verify"])
+        .arg(&out)
+        .arg("--root")
+        .arg(dir.path().join("no-such-root.crt"))
+        .output()
+        .unwrap();
+    assert_eq!(unread.status.code(), Some(2), "{unread:?}");
     let bad = dir.path().join("swapped.bundle");
     std::fs::write(&bad, swapped.encode_to_vec()).unwrap();
     let failed = Command::new(antar_bin())

@@ -44,7 +44,7 @@ pub enum AuditCommand {
     Export(ExportArgs),
     /// Verify a bundle offline: every signature, certificate chain, checkpoint and consistency proof.
     #[command(
-        after_help = "Examples:\n  antar audit verify registry.bundle --root federation/root.pem\n  antar audit verify registry.bundle --federation .antar-dev/federation.json   # root_ca from the file\n\nExit code 0: every check passed; 1: the first failure is printed, naming the entry or checkpoint."
+        after_help = "Examples:\n  antar audit verify registry.bundle --root .antar-dev/federation/root.crt\n  antar audit verify registry.bundle --federation .antar-dev/federation.json   # root_ca from the file\n\nThe result names the root it verified against (path and SHA-256 of its DER): check it is your federation's.\n\nExit code 0: every check passed; 1: a check failed, the first failure is printed, naming the entry or checkpoint; 2: nothing was verified (a file could not be read, or the arguments do not name a root)."
     )]
     Verify(VerifyArgs),
 }
@@ -175,7 +175,11 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Query(a) => query(a).await,
         AuditCommand::Proof(a) => proof(a).await,
         AuditCommand::Export(a) => export(a).await,
-        AuditCommand::Verify(a) => verify(a),
+        AuditCommand::Verify(a) => Ok(verify(a).unwrap_or_else(|e| {
+            // Not a failed check: nothing was checked.
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        })),
     }
 }
 
@@ -465,6 +469,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!("pass --root ROOT_CA (the federation root, PEM) or --federation FILE"),
     };
     let root = antar_pki::read_cert_der(&root_path)?;
+    let root_sha256 = hex::encode(antar_core::envelope::sha256(&root));
     let bytes = std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let federation = match file {
         Some(f) => f.federation,
@@ -484,11 +489,12 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                     json!({ "ok": true, "agency": v.agency, "entries": v.entries, "envelopes": v.envelopes,
                             "receipts": v.receipts, "checkpoints": v.checkpoints, "cosignatures": v.cosignatures,
                             "tree_size": v.latest.0,
-                            "root": hex::encode(v.latest.1) })
+                            "root": hex::encode(v.latest.1),
+                            "federation_root": root_path, "federation_root_sha256": root_sha256 })
                 );
             } else {
                 println!(
-                    "OK: {}'s log, {} entries ({} envelopes, {} receipts), {} checkpoints consistent, {} peer cosignatures; newest size {} root {}",
+                    "OK: {}'s log, {} entries ({} envelopes, {} receipts), {} checkpoints consistent, {} peer cosignatures; newest size {} root {}; against the federation root {} (SHA-256 {root_sha256})",
                     v.agency,
                     v.entries,
                     v.envelopes,
@@ -496,7 +502,8 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                     v.checkpoints,
                     v.cosignatures,
                     v.latest.0,
-                    hex::encode(v.latest.1)
+                    hex::encode(v.latest.1),
+                    root_path.display()
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use base64::Engine as _;
 use prost::Message as _;
 use serde_json::json;
 use tokio_stream::StreamExt as _;
@@ -235,7 +236,10 @@ pub(crate) fn print_delivery(delivery: &wire::Delivery, json: bool) -> wire::Env
                 "id": env.id, "kind": kind_name(env.kind), "sender": env.sender,
                 "sender_identity": delivery.sender_identity, "service": env.service,
                 "correlation_id": env.correlation_id, "attempt": delivery.attempt,
-                "content_type": env.content_type, "payload": String::from_utf8_lossy(&data),
+                "content_type": env.content_type,
+                // Text when it is UTF-8 (else null); always exactly, in base64.
+                "payload": std::str::from_utf8(&data).ok(),
+                "payload_base64": base64::engine::general_purpose::STANDARD.encode(&data),
             })
         );
     } else {
@@ -382,9 +386,12 @@ pub enum DeadLetterCommand {
     List {
         #[command(flatten)]
         conn: ConnArgs,
-        /// At most this many (0: the node's page size).
+        /// At most this many (0: every one, fetched a page at a time).
         #[arg(long, default_value_t = 0)]
         limit: u32,
+        /// Start after this message id (dead letters are listed in id order).
+        #[arg(long)]
+        after: Option<String>,
     },
     /// Queue dead letters for delivery again (no longer subject to their TTL at this node).
     #[command(
@@ -490,14 +497,13 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!(
-                "{}",
-                if r.draining {
-                    "draining: new sends are refused"
-                } else {
-                    "accepting sends"
-                }
-            );
+            if conn.json {
+                println!("{}", json!({ "draining": r.draining }));
+            } else if r.draining {
+                println!("draining: new sends are refused");
+            } else {
+                println!("accepting sends");
+            }
         }
         AdminCommand::Reload(c) => {
             let r = c
@@ -509,10 +515,17 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!(
-                "reloaded; {} serials revoked; {} by the agency-local list (tls.local_revocation_list)",
-                r.revoked_serials, r.local_revoked_serials
-            );
+            if c.conn.json {
+                println!(
+                    "{}",
+                    json!({ "revoked_serials": r.revoked_serials, "local_revoked_serials": r.local_revoked_serials })
+                );
+            } else {
+                println!(
+                    "reloaded; {} serials revoked; {} by the agency-local list (tls.local_revocation_list)",
+                    r.revoked_serials, r.local_revoked_serials
+                );
+            }
         }
         AdminCommand::ReleaseQueue {
             former_peer: peer,
@@ -548,37 +561,60 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
 
 async fn dead_letters(cmd: DeadLetterCommand) -> anyhow::Result<()> {
     match cmd {
-        DeadLetterCommand::List { conn, limit } => {
-            let r = conn
-                .connect(ClientRole::Admin)
-                .await?
-                .admin()
-                .list_dead_letters(wire::ListDeadLettersRequest {
-                    limit,
-                    after: String::new(),
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
-            for d in &r.dead_letters {
-                let env = wire::Envelope::decode(d.envelope.clone().unwrap_or_default().envelope.as_slice())
-                    .unwrap_or_default();
-                let at = d.at.map(|t| t.seconds).unwrap_or_default();
-                if conn.json {
-                    println!(
-                        "{}",
-                        json!({ "id": env.id, "recipient": env.recipient, "service": env.service,
-                                "reason": d.reason, "at": at })
-                    );
-                } else {
-                    println!(
-                        "{} -> {}/{}: {} (at {at})",
-                        env.id, env.recipient, env.service, d.reason
+        DeadLetterCommand::List { conn, limit, after } => {
+            let mut admin = conn.connect(ClientRole::Admin).await?.admin();
+            let mut after = after.unwrap_or_default();
+            let mut listed: u64 = 0;
+            // A page at a time (the node's page size), up to --limit.
+            loop {
+                let left = match limit {
+                    0 => 0,
+                    n => n.saturating_sub(u32::try_from(listed).unwrap_or(u32::MAX)),
+                };
+                if limit != 0 && left == 0 {
+                    break;
+                }
+                let page = admin
+                    .list_dead_letters(wire::ListDeadLettersRequest {
+                        limit: left,
+                        after: after.clone(),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner()
+                    .dead_letters;
+                if page.is_empty() {
+                    break;
+                }
+                for d in &page {
+                    let env =
+                        wire::Envelope::decode(d.envelope.clone().unwrap_or_default().envelope.as_slice())
+                            .unwrap_or_default();
+                    let at = d.at.map(|t| t.seconds).unwrap_or_default();
+                    if conn.json {
+                        println!(
+                            "{}",
+                            json!({ "id": env.id, "recipient": env.recipient, "service": env.service,
+                                    "reason": d.reason, "at": at })
+                        );
+                    } else {
+                        println!(
+                            "{} -> {}/{}: {} (at {at})",
+                            env.id, env.recipient, env.service, d.reason
+                        );
+                    }
+                    after = env.id;
+                    listed += 1;
+                }
+                if after.is_empty() {
+                    // No id to go on from (an envelope that does not decode).
+                    anyhow::bail!(
+                        "a dead letter without a readable envelope id ends the listing after {listed}"
                     );
                 }
             }
             if !conn.json {
-                eprintln!("{} dead letters", r.dead_letters.len());
+                eprintln!("{listed} dead letters");
             }
         }
         DeadLetterCommand::Retry(ids) => {

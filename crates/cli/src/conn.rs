@@ -1,6 +1,7 @@
 //! One way to name a connection for every client command: a
 //! `federation.json` and an agency, or an address and PEM files; each also
-//! from `ANTAR_*` environment variables.
+//! from `ANTAR_*` environment variables. An address and all three PEM
+//! files win over a federation file.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,7 @@ use anyhow::Context as _;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnArgs {
     /// A federation.json (as written by `antar dev`); use with --agency.
+    /// --addr, --ca, --cert and --key given together are used instead.
     #[arg(long, env = "ANTAR_FEDERATION", global = true)]
     pub federation: Option<PathBuf>,
     /// The agency whose node to talk to, from --federation.
@@ -44,7 +46,24 @@ impl ConnArgs {
     }
 
     fn resolve(&self, role: ClientRole) -> anyhow::Result<(String, Credentials)> {
-        if let Some(path) = &self.federation {
+        // PEM files given in full win over a federation file, which may be
+        // set for the whole shell (`ANTAR_FEDERATION`); given in part
+        // beside one, they would be ignored, so that is an error.
+        let pem = [
+            ("--ca", self.ca.is_some()),
+            ("--cert", self.cert.is_some()),
+            ("--key", self.key.is_some()),
+        ];
+        let complete = self.addr.is_some() && pem.iter().all(|(_, given)| *given);
+        if let (Some(path), false) = (&self.federation, complete) {
+            let given: Vec<&str> = pem.iter().filter(|(_, g)| *g).map(|(name, _)| *name).collect();
+            if !given.is_empty() {
+                anyhow::bail!(
+                    "--federation {} (or ANTAR_FEDERATION) and {} given: pass all of --addr, --ca, --cert and --key to use PEM files, or none of them",
+                    path.display(),
+                    given.join(", ")
+                );
+            }
             let fed = FederationFile::load(path)?;
             let agency = self.agency.as_deref().with_context(|| {
                 let ids: Vec<&str> = fed.agencies.iter().map(|a| a.id.as_str()).collect();

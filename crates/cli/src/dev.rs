@@ -115,9 +115,13 @@ fn remove_if_there(path: &std::path::Path) -> anyhow::Result<()> {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
-    let layout = DevLayout::new(&args.dir);
-    let topology = standard_topology();
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    // Absolute: each node.toml names its files absolutely, so it means the
+    // same wherever `antar node run` or `check-config` is started from.
+    let dir =
+        std::fs::canonicalize(&args.dir).with_context(|| format!("cannot resolve {}", args.dir.display()))?;
+    let layout = DevLayout::new(&dir);
+    let topology = standard_topology();
     // One `antar dev` per directory, held for the whole run (the OS lets go
     // when the process ends, however it ends); a second one stops here,
     // before it touches anything of the first's.

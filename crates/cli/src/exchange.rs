@@ -17,7 +17,7 @@ use crate::conn::ConnArgs;
 /// `antar call`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Example:\n  antar call --federation .antar-dev/federation.json --agency finance \\\n      --to registry --service birth.lookup --data '{\"nik\":\"3171\"}' --timeout 10\n\nOn timeout the exit code is 4 (DEADLINE_EXCEEDED): the request stays tracked\n(antar track ID) and a late response goes to finance's inbox (antar inbox)."
+    after_help = "Example:\n  antar call --federation .antar-dev/federation.json --agency finance \\\n      --to registry --service birth.lookup --data '{\"nik\":\"3171\"}' --timeout 10\n\nOn timeout the exit code is 4 (DEADLINE_EXCEEDED): the request stays tracked\n(antar track ID) and a late response goes to the caller's inbox (antar inbox)."
 )]
 pub struct CallArgs {
     #[command(flatten)]

@@ -97,8 +97,23 @@ enum NodeCommand {
     #[command(after_help = "Example:\n  antar node check-config /etc/antar/node.toml")]
     CheckConfig {
         /// The node's TOML config.
+        #[arg(env = "ANTAR_CONFIG")]
         config: PathBuf,
     },
+}
+
+/// The node's config, with `ANTAR_*` overrides, checked, its `log.level`
+/// included (a filter the node could not use would be replaced by `info`
+/// without a word).
+fn load_config(path: &std::path::Path) -> Result<antar_node::NodeConfig, String> {
+    let config = antar_node::NodeConfig::load(path, std::env::vars()).map_err(|e| e.to_string())?;
+    tracing_subscriber::EnvFilter::try_new(&config.log.level).map_err(|e| {
+        format!(
+            "log.level: {:?} is not a tracing filter such as \"info,antar_node=debug\": {e}",
+            config.log.level
+        )
+    })?;
+    Ok(config)
 }
 
 fn init_tracing(filter: Option<&str>, json: bool) {
@@ -140,7 +155,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Node(NodeCommand::Run { config }) => {
-            let loaded = match antar_node::NodeConfig::load(&config, std::env::vars()) {
+            let loaded = match load_config(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: invalid config {}:\n{e}", config.display());
@@ -151,22 +166,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing(Some(cli.log.as_deref().unwrap_or(&loaded.log.level)), json);
             run_node(loaded, config).await
         }
-        Command::Node(NodeCommand::CheckConfig { config }) => {
-            match antar_node::NodeConfig::load(&config, std::env::vars()) {
-                Ok(c) => {
-                    println!(
-                        "# {} is valid; effective configuration:\n{}",
-                        config.display(),
-                        c.to_toml()
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("error: invalid config {}:\n{e}", config.display());
-                    Ok(ExitCode::from(EXIT_CONFIG))
-                }
+        Command::Node(NodeCommand::CheckConfig { config }) => match load_config(&config) {
+            Ok(c) => {
+                println!(
+                    "# {} is valid; effective configuration:\n{}",
+                    config.display(),
+                    c.to_toml()
+                );
+                Ok(ExitCode::SUCCESS)
             }
-        }
+            Err(e) => {
+                eprintln!("error: invalid config {}:\n{e}", config.display());
+                Ok(ExitCode::from(EXIT_CONFIG))
+            }
+        },
         command => {
             init_tracing(Some(cli.log.as_deref().unwrap_or(quiet_default)), cli.log_json);
             match command {

@@ -145,11 +145,13 @@ pub enum PkiCommand {
     /// certificates and a CRL signed by that node's agency-local CA.
     ///
     /// Serials accumulate in revoked-serials.txt; revoked.crl lists them
-    /// all. Copy revoked.crl to every node as federation.crl. With
+    /// all. Copy revoked.crl to every node (e.g. as federation.crl) and
+    /// name it in the node's config as tls.revocation_list. With
     /// --node-dir: local-revoked-serials.txt and local-revoked.crl in the
     /// node directory, which the node's tls.local_revocation_list names.
     /// Either takes effect at `antar admin reload` (or SIGHUP). With no
-    /// --cert or --serial it re-publishes the list with a fresh nextUpdate.
+    /// --cert or --serial it re-publishes the list with a fresh nextUpdate
+    /// (on a new federation: publishes the first, empty, list).
     #[command(
         after_help = "Example:\n  antar pki revoke --federation-dir certs/federation --cert certs/tax/node-signing.crt\n  antar pki revoke --federation-dir certs/federation --serial 4f3a09c1d2e3f405a1b2c3d4e5f60718\n  antar pki revoke --node-dir certs/tax --cert certs/tax/clients/app-portal.crt"
     )]
@@ -326,7 +328,9 @@ pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
                     "name it in this node's config as tls.local_revocation_list, then `antar admin reload`"
                 );
             } else {
-                println!("install it on every node as federation.crl");
+                println!(
+                    "copy it to every node and name it in each node's config as tls.revocation_list, then `antar admin reload` (or SIGHUP)"
+                );
             }
         }
         PkiCommand::Show { files, json } => {

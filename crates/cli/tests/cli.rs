@@ -72,6 +72,128 @@ fn bad_config_exits_64_naming_the_key() {
     }
 }
 
+/// A `log.level` the node could not use is a config error, not a silent
+/// `info`; a mistake in an `ANTAR_*` override names the variable.
+#[test]
+fn a_bad_log_level_or_override_exits_64_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    let minimal = "federation = \"gov.example\"\nagency = \"tax\"\ndata_dir = \"d\"\n[tls]\n\
+        federation_root = \"r\"\nnode_cert = \"c\"\nnode_key = \"k\"\nsigning_cert = \"s\"\nsigning_key = \"sk\"\n\
+        local_ca = \"l\"\napi_cert = \"a\"\napi_key = \"ak\"\n";
+    std::fs::write(&path, format!("{minimal}[log]\nlevel = \"antar_node=verbose\"\n")).unwrap();
+    let out = antar()
+        .args(["node", "check-config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("log.level: \"antar_node=verbose\" is not a tracing filter"),
+        "{err}"
+    );
+
+    std::fs::write(&path, minimal).unwrap();
+    // check-config takes the file from ANTAR_CONFIG too, as `node run` does.
+    let out = antar()
+        .args(["node", "check-config"])
+        .env("ANTAR_CONFIG", &path)
+        .env("ANTAR_LIMITS__MAX_HOPZ", "3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ANTAR_LIMITS__MAX_HOPZ=\"3\" (environment): unknown field `max_hopz`"),
+        "{err}"
+    );
+}
+
+/// PEM files given in full are used even with `ANTAR_FEDERATION` set; given
+/// in part beside a federation file, the mix is refused, naming both.
+#[test]
+fn pem_files_win_over_a_federation_file_and_a_mix_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("federation.json");
+    std::fs::write(
+        &fed,
+        "{\"federation\": \"gov.example\", \"root_ca\": \"r\", \"agencies\": []}",
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.pem");
+    let out = antar()
+        .args(["admin", "status", "--addr", "127.0.0.1:9"])
+        .args(
+            ["--ca", "--cert", "--key"]
+                .iter()
+                .flat_map(|f| [std::ffi::OsStr::new(f), missing.as_os_str()]),
+        )
+        .env("ANTAR_FEDERATION", &fed)
+        .env_remove("ANTAR_AGENCY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The PEM files were used: it is their reading that fails.
+    assert!(err.contains("missing.pem"), "{err}");
+    let out = antar()
+        .args(["admin", "status", "--agency", "finance", "--cert"])
+        .arg(&missing)
+        .env("ANTAR_FEDERATION", &fed)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("(or ANTAR_FEDERATION) and --cert given: pass all of --addr, --ca, --cert and --key"),
+        "{err}"
+    );
+}
+
+/// A federation.json handed to one app needs only what that app uses; a
+/// command that needs a field left out, or an agency not listed, says which.
+#[test]
+fn a_federation_file_for_one_app_is_enough_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("federation.json");
+    std::fs::write(
+        &fed,
+        r#"{"federation": "gov.example", "root_ca": "root.crt", "agencies": [
+            {"id": "finance", "api_addr": "127.0.0.1:9", "api_ca": "local-ca.crt",
+             "app_cert": "app.crt", "app_key": "app.key"}]}"#,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = antar()
+            .args(args)
+            .arg("--federation")
+            .arg(&fed)
+            .env_remove("ANTAR_ADDR")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The app's own files are what it goes on to read.
+    let err = run(&[
+        "track",
+        "0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f",
+        "--agency",
+        "finance",
+    ]);
+    assert!(err.contains("local-ca.crt"), "{err}");
+    let err = run(&["admin", "status", "--agency", "finance"]);
+    assert!(
+        err.contains("the federation file gives no admin_addr for agency \"finance\""),
+        "{err}"
+    );
+    let err = run(&["track", "0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f", "--agency", "tax"]);
+    assert!(
+        err.contains("agency \"tax\" is not in the federation file (it lists: finance)"),
+        "{err}"
+    );
+}
+
 #[test]
 fn client_without_connection_says_what_to_pass() {
     let out = antar()

@@ -58,20 +58,23 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 
 #[test]
 fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join(".antar-dev");
+    std::fs::create_dir_all(&dir).unwrap();
     // One left by an earlier run, with ports that may be stale: gone as
     // soon as `antar dev` holds the directory, so a script that waits for
     // the file waits for this run's nodes.
-    let fed = dir.path().join("federation.json");
+    let fed = dir.join("federation.json");
     std::fs::write(&fed, "{\"left\": \"by an earlier run\"}\n").unwrap();
-    // The README's command as it is, with the first of its default ports
-    // taken (here, or by whatever holds it already): it comes up on free
-    // ports and says so.
+    // The README's command as it is (its directory, .antar-dev, relative
+    // to where it runs), with the first of its default ports taken (here,
+    // or by whatever holds it already): it comes up on free ports and
+    // says so.
     let _taken = std::net::TcpListener::bind(("127.0.0.1", 7400));
-    let stderr = dir.path().join("stderr");
+    let stderr = work.path().join("stderr");
     let child = antar()
-        .args(["dev", "--dir"])
-        .arg(dir.path())
+        .arg("dev")
+        .current_dir(work.path())
         .env("ANTAR_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -121,7 +124,7 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     let before = std::fs::read(&fed).unwrap();
     let second = antar()
         .args(["dev", "--base-port", "0", "--dir"])
-        .arg(dir.path())
+        .arg(&dir)
         .env("ANTAR_LOG", "warn")
         .stdin(Stdio::null())
         .output()
@@ -130,8 +133,27 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(said.contains("another `antar dev` is running"), "{said}");
     assert_eq!(std::fs::read(&fed).unwrap(), before);
-    // Ports asked for by name are not swapped for others: a taken one fails.
+    // Each node.toml names its files absolutely: checked from another
+    // directory, it still means this run's files.
     let elsewhere = tempfile::tempdir().unwrap();
+    let checked = antar()
+        .args(["node", "check-config"])
+        .arg(dir.join("finance").join("node.toml"))
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&checked.stdout);
+    let data = std::fs::canonicalize(&dir).unwrap().join("finance").join("data");
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        said.contains(&format!("data_dir = {:?}", data.display().to_string())),
+        "{said}"
+    );
+    // Ports asked for by name are not swapped for others: a taken one fails.
     let pinned = antar()
         .args(["dev", "--base-port", "7400", "--dir"])
         .arg(elsewhere.path())
@@ -173,6 +195,7 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     assert_eq!(got.len(), 1, "registry received {got:?}");
     assert_eq!(got[0]["id"], id.as_str());
     assert_eq!(got[0]["payload"], "hello registry");
+    assert_eq!(got[0]["payload_base64"], "aGVsbG8gcmVnaXN0cnk=");
     assert_eq!(got[0]["sender_identity"], "spiffe://gov.example/agency/finance");
 
     let deadline = Instant::now() + Duration::from_secs(20);

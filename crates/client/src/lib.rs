@@ -49,8 +49,23 @@ pub enum ClientError {
         detail: String,
     },
     /// The federation file has no such agency.
-    #[error("agency {0:?} is not in the federation file")]
-    UnknownAgency(String),
+    #[error("agency {agency:?} is not in the federation file (it lists: {known})")]
+    UnknownAgency {
+        /// The agency asked for.
+        agency: String,
+        /// The ids the file lists, comma-separated.
+        known: String,
+    },
+    /// The federation file's entry of the agency leaves out a field the
+    /// client needs (a file handed to an app may carry only its own
+    /// certificate).
+    #[error("the federation file gives no {field} for agency {agency:?}")]
+    Missing {
+        /// The agency.
+        agency: String,
+        /// The field left out, as federation.json names it.
+        field: &'static str,
+    },
     /// The node answered with an error status.
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
@@ -212,19 +227,37 @@ pub fn federation_credentials(
     agency: &str,
     role: ClientRole,
 ) -> Result<(String, Credentials), ClientError> {
-    let a = fed
-        .agency(agency)
-        .ok_or_else(|| ClientError::UnknownAgency(agency.to_owned()))?;
-    let (cert, key) = match role {
-        ClientRole::App => (&a.app_cert, &a.app_key),
-        ClientRole::Admin => (&a.admin_cert, &a.admin_key),
-        ClientRole::Auditor => (&a.auditor_cert, &a.auditor_key),
+    let a = fed.agency(agency).ok_or_else(|| ClientError::UnknownAgency {
+        agency: agency.to_owned(),
+        known: fed
+            .agencies
+            .iter()
+            .map(|a| a.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let ((cert_field, cert), (key_field, key)) = match role {
+        ClientRole::App => (("app_cert", &a.app_cert), ("app_key", &a.app_key)),
+        ClientRole::Admin => (("admin_cert", &a.admin_cert), ("admin_key", &a.admin_key)),
+        ClientRole::Auditor => (("auditor_cert", &a.auditor_cert), ("auditor_key", &a.auditor_key)),
     };
-    let addr = match role {
-        ClientRole::Admin => a.admin_addr.clone(),
-        _ => a.api_addr.clone(),
+    let (addr_field, addr) = match role {
+        ClientRole::Admin => ("admin_addr", &a.admin_addr),
+        _ => ("api_addr", &a.api_addr),
     };
-    Ok((addr, Credentials::load(&a.api_ca, cert, key)?))
+    let missing = |field| ClientError::Missing {
+        agency: agency.to_owned(),
+        field,
+    };
+    if addr.is_empty() {
+        return Err(missing(addr_field));
+    }
+    for (field, path) in [("api_ca", &a.api_ca), (cert_field, cert), (key_field, key)] {
+        if path.as_os_str().is_empty() {
+            return Err(missing(field));
+        }
+    }
+    Ok((addr.clone(), Credentials::load(&a.api_ca, cert, key)?))
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {

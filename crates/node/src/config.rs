@@ -1,8 +1,9 @@
 //! The node's configuration: one typed struct, read from TOML, with
 //! `ANTAR_*` environment overrides and defaults that work.
 //!
-//! Unknown keys are an error that names the key; every problem found is
-//! reported at once, each with the key it concerns.
+//! Unknown keys are an error that names the key (and its line, or the
+//! `ANTAR_*` variable that set it); problems with values are reported at
+//! once, each with the key it concerns.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -335,13 +336,42 @@ impl NodeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             problems: vec![format!("{}: cannot read: {e}", path.display())],
         })?;
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError {
+        let in_file = |e: toml::de::Error| ConfigError {
             problems: vec![format!("{}: {e}", path.display())],
-        })?;
-        apply_env(&mut table, env)?;
-        let mut config: NodeConfig = table.try_into().map_err(|e: toml::de::Error| ConfigError {
-            problems: vec![format!("{}: {e}", path.display())],
-        })?;
+        };
+        let file: toml::Table = toml::from_str(&text).map_err(in_file)?;
+        let overrides = env_overrides(env);
+        let mut table = file.clone();
+        for o in &overrides {
+            o.apply(&mut table)?;
+        }
+        let mut config: NodeConfig = match table.try_into() {
+            Ok(c) => c,
+            Err(merged) => {
+                return Err(match toml::from_str::<NodeConfig>(&text) {
+                    // The file alone is at fault: its own error, which
+                    // (unlike the merged table's) has the line.
+                    Err(e) => in_file(e),
+                    // An override is: the first that breaks the file alone.
+                    Ok(_) => overrides
+                        .iter()
+                        .find_map(|o| {
+                            let mut t = file.clone();
+                            o.apply(&mut t).ok()?;
+                            let e = t.try_into::<NodeConfig>().err()?;
+                            Some(ConfigError {
+                                problems: vec![format!("{}={:?} (environment): {e}", o.name, o.raw)],
+                            })
+                        })
+                        .unwrap_or_else(|| ConfigError {
+                            problems: vec![format!(
+                                "{} with the ANTAR_* environment overrides: {merged}",
+                                path.display()
+                            )],
+                        }),
+                });
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate()?;
@@ -528,11 +558,30 @@ impl NodeConfig {
 /// Applies `ANTAR_<SECTION>__<KEY>=value` (double underscore between levels,
 /// e.g. `ANTAR_LIMITS__MAX_HOPS=4`, `ANTAR_DATA_DIR=/var/lib/antar`).
 /// Values parse as TOML when they can (numbers, booleans), else as strings.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    let mut problems = Vec::new();
+/// One `ANTAR_<SECTION>__<KEY>=value` environment override.
+struct Override {
+    /// The variable's name.
+    name: String,
+    /// Its value as given.
+    raw: String,
+    /// The key it sets, lowercased, section first.
+    path: Vec<String>,
+    /// The value as TOML (a string unless it parses as a TOML value).
+    value: toml::Value,
+}
+
+impl Override {
+    fn apply(&self, table: &mut toml::Table) -> Result<(), ConfigError> {
+        set_path(table, &self.path, self.value.clone()).map_err(|p| ConfigError {
+            problems: vec![format!("{}: {p} is not a table", self.name)],
+        })
+    }
+}
+
+/// The config overrides among `env`: `ANTAR_` variables but those the CLI
+/// reads for itself.
+fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> Vec<Override> {
+    let mut overrides = Vec::new();
     for (k, v) in env {
         let Some(rest) = k.strip_prefix("ANTAR_") else {
             continue;
@@ -567,15 +616,14 @@ fn apply_env(
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(v.clone()));
-        if let Err(p) = set_path(table, &path, value) {
-            problems.push(format!("{k}: {p} is not a table"));
-        }
+        overrides.push(Override {
+            name: k,
+            raw: v,
+            path,
+            value,
+        });
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigError { problems })
-    }
+    overrides
 }
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
@@ -682,5 +730,34 @@ api_key = "api.key"
         assert_eq!(c.listen.api.port(), 9000);
         assert_eq!(c.data_dir, dir.path().join("data"));
         assert_eq!(c.tls.api_key, dir.path().join("api.key"));
+    }
+
+    /// A mistake in an override is blamed on the variable, with its value;
+    /// one in the file on the file, with its line.
+    #[test]
+    fn a_bad_override_is_named_not_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let var = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        let err = NodeConfig::load(&path, var("ANTAR_LIMITS__MAX_HOPZ", "3")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("ANTAR_LIMITS__MAX_HOPZ=\"3\" (environment): unknown field `max_hopz`"),
+            "{msg}"
+        );
+        let err = NodeConfig::load(&path, var("ANTAR_LISTEN__API", "localhost:7443")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("ANTAR_LISTEN__API=\"localhost:7443\" (environment): "),
+            "{msg}"
+        );
+        std::fs::write(&path, format!("{MINIMAL}\n[limits]\nmax_hopz = 3\n")).unwrap();
+        let err = NodeConfig::load(&path, var("ANTAR_LIMITS__MAX_HOPS", "3")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("node.toml: TOML parse error at line") && msg.contains("unknown field `max_hopz`"),
+            "{msg}"
+        );
     }
 }

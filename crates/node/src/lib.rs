@@ -114,6 +114,12 @@ fn pki_err(e: impl std::fmt::Display) -> RunError {
     RunError::Pki(e.to_string())
 }
 
+/// A certificate or key file named by `tls.<key>` that could not be read:
+/// the error names the key as well as the file.
+fn tls_file(key: &'static str) -> impl Fn(antar_pki::PkiError) -> RunError {
+    move |e| pki_err(format!("tls.{key}: {}", chain(&e)))
+}
+
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     with_causes(e.to_string(), e.source())
 }
@@ -149,7 +155,12 @@ fn load_revocations(
     match &config.tls.revocation_list {
         None => Ok((Revocations::none(), Vec::new())),
         Some(path) => {
-            let der = antar_pki::read_crl_der(path).map_err(|e| pki_err(chain(&e)))?;
+            let der = antar_pki::read_crl_der(path).map_err(|e| {
+                pki_err(format!(
+                    "tls.revocation_list: {} (`antar pki revoke --federation-dir DIR` publishes the federation's list, an empty one with no --cert or --serial; or leave the key out)",
+                    chain(&e)
+                ))
+            })?;
             let r = Revocations::from_crl_der(anchor, &der)
                 .map_err(|e| pki_err(format!("tls.revocation_list {}: {e}", path.display())))?;
             Ok((r, vec![der]))
@@ -208,7 +219,7 @@ impl Node {
         config.validate()?;
         let t = &config.tls;
         let agency = AgencyId::parse(&config.agency).map_err(|e| pki_err(format!("agency: {e}")))?;
-        let root_der = antar_pki::read_cert_der(&t.federation_root).map_err(|e| pki_err(chain(&e)))?;
+        let root_der = antar_pki::read_cert_der(&t.federation_root).map_err(tls_file("federation_root"))?;
         let anchor = TrustAnchor::new(&config.federation, root_der.clone()).map_err(|e| {
             pki_err(format!(
                 "tls.federation_root {}: {e}",
@@ -216,26 +227,31 @@ impl Node {
             ))
         })?;
         let (revocations, crls) = load_revocations(&config, &anchor)?;
-        let signing_cert = antar_pki::read_cert_der(&t.signing_cert).map_err(|e| pki_err(chain(&e)))?;
-        let signing_key = antar_pki::read_key_der(&t.signing_key).map_err(|e| pki_err(chain(&e)))?;
+        let signing_cert = antar_pki::read_cert_der(&t.signing_cert).map_err(tls_file("signing_cert"))?;
+        let signing_key = antar_pki::read_key_der(&t.signing_key).map_err(tls_file("signing_key"))?;
         let signer = Signer::from_pkcs8(&signing_key, signing_cert)
             .map_err(|e| pki_err(format!("tls.signing_key {}: {e}", t.signing_key.display())))?;
         let verifier = Verifier::new(anchor, revocations);
-        let tls_chain = antar_pki::read_certs_der(&t.node_cert).map_err(|e| pki_err(chain(&e)))?;
-        let tls_key = antar_pki::read_key_der(&t.node_key).map_err(|e| pki_err(chain(&e)))?;
+        let tls_chain = antar_pki::read_certs_der(&t.node_cert).map_err(tls_file("node_cert"))?;
+        let tls_key = antar_pki::read_key_der(&t.node_key).map_err(tls_file("node_key"))?;
         let identity = Identity::node(&config.federation, agency.clone());
         match tls_chain.first().map(|c| antar_pki::identity_of(c)) {
             Some(Ok(id)) if id == identity => {}
             other => {
+                let found = match other {
+                    Some(Ok(id)) => id.to_string(),
+                    Some(Err(e)) => format!("no identity: {e}"),
+                    None => "no certificate".to_owned(),
+                };
                 return Err(pki_err(format!(
-                    "tls.node_cert {}: must carry {identity}, found {other:?}",
+                    "tls.node_cert {}: must carry {identity}, found {found}",
                     t.node_cert.display()
-                )))
+                )));
             }
         }
-        let local_ca = antar_pki::read_cert_der(&t.local_ca).map_err(|e| pki_err(chain(&e)))?;
-        let api_chain = antar_pki::read_certs_der(&t.api_cert).map_err(|e| pki_err(chain(&e)))?;
-        let api_key = antar_pki::read_key_der(&t.api_key).map_err(|e| pki_err(chain(&e)))?;
+        let local_ca = antar_pki::read_cert_der(&t.local_ca).map_err(tls_file("local_ca"))?;
+        let api_chain = antar_pki::read_certs_der(&t.api_cert).map_err(tls_file("api_cert"))?;
+        let api_key = antar_pki::read_key_der(&t.api_key).map_err(tls_file("api_key"))?;
         let peer_tls = antar_pki::tls::peer_server_config(
             &root_der,
             tls_chain.clone(),

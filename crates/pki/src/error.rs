@@ -91,7 +91,7 @@ pub enum PkiError {
         source: io::Error,
     },
     /// A file that a workflow would overwrite already exists (a CA key, above all, is never silently replaced).
-    #[error("refusing to overwrite existing {path}")]
+    #[error("refusing to overwrite existing {path} (`antar pki` replaces it only with --force)")]
     Exists {
         /// The existing file.
         path: PathBuf,

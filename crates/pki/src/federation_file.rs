@@ -27,7 +27,10 @@ pub struct FederationFile {
     pub agencies: Vec<AgencyEntry>,
 }
 
-/// One agency's node and the client certificates to reach it.
+/// One agency's node and the client certificates to reach it. Only `id`,
+/// `api_addr` and `api_ca` are required: a file handed to one app may carry
+/// just its own certificate (`app_cert`, `app_key`); a client asking for a
+/// field left out is told which.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgencyEntry {
     /// The agency id.
@@ -35,25 +38,38 @@ pub struct AgencyEntry {
     /// API listener, host:port.
     pub api_addr: String,
     /// Peer listener, host:port.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub peer_addr: String,
     /// Admin listener, host:port.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin_addr: String,
     /// Metrics listener, host:port.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub metrics_addr: String,
     /// The agency-local CA: issued the API's server certificate and the client certificates.
     pub api_ca: PathBuf,
     /// App client certificate.
+    #[serde(default, skip_serializing_if = "is_empty")]
     pub app_cert: PathBuf,
     /// Its key.
+    #[serde(default, skip_serializing_if = "is_empty")]
     pub app_key: PathBuf,
     /// Admin client certificate.
+    #[serde(default, skip_serializing_if = "is_empty")]
     pub admin_cert: PathBuf,
     /// Its key.
+    #[serde(default, skip_serializing_if = "is_empty")]
     pub admin_key: PathBuf,
     /// Auditor client certificate.
+    #[serde(default, skip_serializing_if = "is_empty")]
     pub auditor_cert: PathBuf,
     /// Its key.
+    #[serde(default, skip_serializing_if = "is_empty")]
     pub auditor_key: PathBuf,
+}
+
+fn is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 impl FederationFile {
@@ -72,7 +88,7 @@ impl FederationFile {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let abs = |p: &mut PathBuf| {
-            if p.is_relative() {
+            if p.is_relative() && !is_empty(p) {
                 *p = base.join(&*p);
             }
         };
