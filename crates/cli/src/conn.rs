@@ -69,11 +69,12 @@ impl ConnArgs {
                 let ids: Vec<&str> = fed.agencies.iter().map(|a| a.id.as_str()).collect();
                 format!("--federation needs --agency (one of: {})", ids.join(", "))
             })?;
-            let (mut addr, creds) = antar_client::federation_credentials(&fed, agency, role)?;
-            if let Some(a) = &self.addr {
-                addr = a.clone();
-            }
-            return Ok((addr, creds));
+            return Ok(antar_client::federation_credentials_at(
+                &fed,
+                agency,
+                role,
+                self.addr.as_deref(),
+            )?);
         }
         let missing = |what: &str| {
             anyhow::anyhow!(

@@ -117,8 +117,11 @@ fn load_config(path: &std::path::Path) -> Result<antar_node::NodeConfig, String>
 }
 
 fn init_tracing(filter: Option<&str>, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let wanted = filter.unwrap_or("info");
+    let filter = tracing_subscriber::EnvFilter::try_new(wanted).unwrap_or_else(|e| {
+        eprintln!("warning: --log/ANTAR_LOG {wanted:?} is not a tracing filter ({e}); logging at info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

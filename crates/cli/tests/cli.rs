@@ -187,6 +187,12 @@ fn a_federation_file_for_one_app_is_enough_for_it() {
         err.contains("the federation file gives no admin_addr for agency \"finance\""),
         "{err}"
     );
+    // --addr stands in for an address the file leaves out.
+    let err = run(&["admin", "status", "--agency", "finance", "--addr", "127.0.0.1:9"]);
+    assert!(
+        err.contains("the federation file gives no admin_cert for agency \"finance\""),
+        "{err}"
+    );
     let err = run(&["track", "0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f", "--agency", "tax"]);
     assert!(
         err.contains("agency \"tax\" is not in the federation file (it lists: finance)"),

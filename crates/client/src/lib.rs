@@ -221,11 +221,25 @@ impl Client {
 /// The API address and credentials of `agency` for `role` in a federation file.
 ///
 /// # Errors
-/// [`ClientError::UnknownAgency`], or as [`Credentials::load`].
+/// [`ClientError::UnknownAgency`], [`ClientError::Missing`], or as [`Credentials::load`].
 pub fn federation_credentials(
     fed: &FederationFile,
     agency: &str,
     role: ClientRole,
+) -> Result<(String, Credentials), ClientError> {
+    federation_credentials_at(fed, agency, role, None)
+}
+
+/// [`federation_credentials`], dialling `addr` instead of the file's
+/// address when it is given (the file then need not have one).
+///
+/// # Errors
+/// As [`federation_credentials`].
+pub fn federation_credentials_at(
+    fed: &FederationFile,
+    agency: &str,
+    role: ClientRole,
+    addr: Option<&str>,
 ) -> Result<(String, Credentials), ClientError> {
     let a = fed.agency(agency).ok_or_else(|| ClientError::UnknownAgency {
         agency: agency.to_owned(),
@@ -241,9 +255,10 @@ pub fn federation_credentials(
         ClientRole::Admin => (("admin_cert", &a.admin_cert), ("admin_key", &a.admin_key)),
         ClientRole::Auditor => (("auditor_cert", &a.auditor_cert), ("auditor_key", &a.auditor_key)),
     };
-    let (addr_field, addr) = match role {
-        ClientRole::Admin => ("admin_addr", &a.admin_addr),
-        _ => ("api_addr", &a.api_addr),
+    let (addr_field, addr) = match (addr, role) {
+        (Some(given), _) => ("address", given),
+        (None, ClientRole::Admin) => ("admin_addr", a.admin_addr.as_str()),
+        (None, _) => ("api_addr", a.api_addr.as_str()),
     };
     let missing = |field| ClientError::Missing {
         agency: agency.to_owned(),
@@ -257,7 +272,7 @@ pub fn federation_credentials(
             return Err(missing(field));
         }
     }
-    Ok((addr.clone(), Credentials::load(&a.api_ca, cert, key)?))
+    Ok((addr.to_owned(), Credentials::load(&a.api_ca, cert, key)?))
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {

@@ -347,30 +347,7 @@ impl NodeConfig {
         }
         let mut config: NodeConfig = match table.try_into() {
             Ok(c) => c,
-            Err(merged) => {
-                return Err(match toml::from_str::<NodeConfig>(&text) {
-                    // The file alone is at fault: its own error, which
-                    // (unlike the merged table's) has the line.
-                    Err(e) => in_file(e),
-                    // An override is: the first that breaks the file alone.
-                    Ok(_) => overrides
-                        .iter()
-                        .find_map(|o| {
-                            let mut t = file.clone();
-                            o.apply(&mut t).ok()?;
-                            let e = t.try_into::<NodeConfig>().err()?;
-                            Some(ConfigError {
-                                problems: vec![format!("{}={:?} (environment): {e}", o.name, o.raw)],
-                            })
-                        })
-                        .unwrap_or_else(|| ConfigError {
-                            problems: vec![format!(
-                                "{} with the ANTAR_* environment overrides: {merged}",
-                                path.display()
-                            )],
-                        }),
-                });
-            }
+            Err(merged) => return Err(blame(path, &text, &file, &overrides, &merged, in_file)),
         };
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
@@ -558,6 +535,49 @@ impl NodeConfig {
 /// Applies `ANTAR_<SECTION>__<KEY>=value` (double underscore between levels,
 /// e.g. `ANTAR_LIMITS__MAX_HOPS=4`, `ANTAR_DATA_DIR=/var/lib/antar`).
 /// Values parse as TOML when they can (numbers, booleans), else as strings.
+/// Where the problem `merged` (of the file with every override) lies: in
+/// the file, when the file alone has the same problem (its error has the
+/// line); else in the override without which the config reads, or reads
+/// with another problem; else in the two together.
+fn blame(
+    path: &Path,
+    text: &str,
+    file: &toml::Table,
+    overrides: &[Override],
+    merged: &toml::de::Error,
+    in_file: impl Fn(toml::de::Error) -> ConfigError,
+) -> ConfigError {
+    if let Err(e) = toml::from_str::<NodeConfig>(text) {
+        if e.message() == merged.message() {
+            return in_file(e);
+        }
+    }
+    // Without override `i`: Ok, or the error.
+    let without = |i: usize| {
+        let mut t = file.clone();
+        for (j, other) in overrides.iter().enumerate() {
+            if j != i && other.apply(&mut t).is_err() {
+                return Err(None);
+            }
+        }
+        t.try_into::<NodeConfig>().map(drop).map_err(Some)
+    };
+    let culprit = (0..overrides.len()).find(|&i| without(i).is_ok()).or_else(|| {
+        (0..overrides.len()).find(|&i| matches!(without(i), Err(Some(e)) if e.message() != merged.message()))
+    });
+    if let Some(o) = culprit.map(|i| &overrides[i]) {
+        return ConfigError {
+            problems: vec![format!("{}={:?} (environment): {merged}", o.name, o.raw)],
+        };
+    }
+    ConfigError {
+        problems: vec![format!(
+            "{} with the ANTAR_* environment overrides: {merged}",
+            path.display()
+        )],
+    }
+}
+
 /// One `ANTAR_<SECTION>__<KEY>=value` environment override.
 struct Override {
     /// The variable's name.
@@ -750,6 +770,17 @@ api_key = "api.key"
         let msg = err.to_string();
         assert!(
             msg.starts_with("ANTAR_LISTEN__API=\"localhost:7443\" (environment): "),
+            "{msg}"
+        );
+        // The file leaves out what the environment gives: still the override.
+        std::fs::write(&path, MINIMAL.replace("data_dir = \"data\"\n", "")).unwrap();
+        let env = vec![
+            ("ANTAR_DATA_DIR".to_owned(), "/var/lib/antar".to_owned()),
+            ("ANTAR_LIMITS__MAX_HOPS".to_owned(), "abc".to_owned()),
+        ];
+        let msg = NodeConfig::load(&path, env).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("ANTAR_LIMITS__MAX_HOPS=\"abc\" (environment): "),
             "{msg}"
         );
         std::fs::write(&path, format!("{MINIMAL}\n[limits]\nmax_hopz = 3\n")).unwrap();

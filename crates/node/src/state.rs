@@ -639,9 +639,13 @@ impl Shared {
 
     /// Queues a receipt, logged already, for the next hop toward its
     /// `sender`'s node, stored without what `held` says the store holds. A
-    /// receipt with no route waits in a queue under the sender's name,
-    /// which no forwarder serves: the rerouter moves it once a route
-    /// leads there (a reload), as it does the items of a removed peer.
+    /// receipt this node issued with no route waits in a queue under the
+    /// sender's name, which no forwarder serves: the rerouter moves it once
+    /// a route leads there (a reload), as it does the items of a removed
+    /// peer. Its sender is one this node verified, by the envelope's
+    /// signature. One relayed for another issuer with no route is logged
+    /// and goes no further (it is in the audit log): any issuer could
+    /// name any sender, and each name would be a queue that never drains.
     pub(crate) fn forward_receipt(
         &self,
         tx: &Tx<'_>,
@@ -653,7 +657,7 @@ impl Shared {
         let queue = match self.policy().next_hop(&receipt.sender) {
             Some(peer) => peer,
             None => match AgencyId::parse(&receipt.sender) {
-                Ok(sender) => {
+                Ok(sender) if receipt.issuer == self.agency.as_str() => {
                     tracing::warn!(
                         message_id = %receipt.message_id,
                         %sender,
@@ -661,13 +665,12 @@ impl Shared {
                     );
                     sender.to_string()
                 }
-                Err(e) => {
-                    // Signed so by its issuer, but no node could be it.
+                _ => {
                     tracing::warn!(
                         message_id = %receipt.message_id,
                         sender = %receipt.sender,
-                        error = %e,
-                        "a receipt names no agency as its sender; kept in the audit log only"
+                        issuer = %receipt.issuer,
+                        "no route back to the sender of a relayed receipt; it goes no further (kept in the audit log)"
                     );
                     return Ok(());
                 }
