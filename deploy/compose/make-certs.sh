@@ -13,12 +13,14 @@
 #                          from the host, through the ports compose.yaml
 #                          publishes on 127.0.0.1
 #
-# Topology (DESIGN.md §8): federation gov.example; finance and health peered
+# Topology (the `antar dev` topology, ARCHITECTURE.md): federation gov.example; finance and health peered
 # directly; registry peered only with the hub; finance, health and registry
 # send everything else to the hub.
 #
 # Usage: deploy/compose/make-certs.sh [OUT_DIR]
 #   ANTAR_BIN   the antar binary to use (default: antar on PATH)
+#   OUT_DIR other than deploy/compose/out: set ANTAR_OUT to the same
+#   directory for `docker compose`, whose mounts read ${ANTAR_OUT:-./out}.
 #
 # Re-running is safe: every certificate, key and config that exists is kept,
 # only what is missing is made. Delete OUT_DIR/<agency>/etc to rewrite that
@@ -146,8 +148,11 @@ local_ca = "certs/local-ca.crt"
 api_cert = "certs/api-server.crt"
 api_key = "certs/api-server.key"
 # After \`antar pki revoke\`, copy pki/federation/revoked.crl here as
-# certs/federation.crl, uncomment, and restart (see deploy/README.md).
+# certs/federation.crl, uncomment, and reload (SIGHUP; see deploy/README.md).
 # revocation_list = "certs/federation.crl"
+# Apps' and admins' certificates revoked with \`antar pki revoke --node-dir\`
+# (local-revoked.crl), likewise:
+# local_revocation_list = "certs/local-revoked.crl"
 EOF
         for p in $(peers_of "$a"); do
             printf '\n[[peers]]\nagency = "%s"\naddr = "%s:%s"\n' "$p" "$p" "$peer_port"
@@ -173,7 +178,7 @@ EOF
     echo "wrote $etc/node.toml and $etc/certs/"
 done
 
-# federation.json (DESIGN.md §8) for clients on the host. Paths are relative
+# federation.json (the `antar dev` topology, ARCHITECTURE.md) for clients on the host. Paths are relative
 # to this file's directory.
 {
     echo "{"
@@ -218,6 +223,7 @@ starting:
 
   sudo chown -R 65532:65532 $out/*/etc/certs                # Docker (rootful)
   podman unshare chown -R 65532:65532 $out/*/etc/certs      # rootless Podman
+  docker run --rm -u 0 -v "$out:/o" busybox sh -c 'chown -R 65532:65532 /o/*/etc/certs'   # rootless Docker
 
 node.toml stays yours to edit; client keys under $out/pki stay yours, for
 the antar CLI on the host.

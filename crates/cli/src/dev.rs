@@ -115,6 +115,7 @@ fn remove_if_there(path: &std::path::Path) -> anyhow::Result<()> {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
+    let signals = crate::Signals::install();
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
     // Absolute: each node.toml names its files absolutely, so it means the
     // same wherever `antar node run` or `check-config` is started from.
@@ -190,14 +191,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!("  antar track --federation {fed} --agency finance <id printed by send>");
     println!("  antar admin status --federation {fed} --agency hub");
     println!("\nClients in other languages need only {fed} and proto/. Ctrl-C stops.");
-    crate::wait_for_signals(|| {
-        for n in &nodes {
-            if let Err(e) = n.reload() {
-                tracing::error!(error = %e, "reload failed");
+    signals
+        .wait(|| {
+            for n in &nodes {
+                if let Err(e) = n.reload() {
+                    tracing::error!(error = %e, "reload failed");
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
     eprintln!("stopping: draining transfers and flushing stores");
     for n in nodes {
         n.stop().await?;

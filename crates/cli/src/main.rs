@@ -204,6 +204,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Result<ExitCode> {
+    // Before anything slow: a SIGHUP during start-up (a `systemctl reload`)
+    // must not kill the node, nor a SIGTERM go unheeded (PID 1 in a
+    // container ignores it without a handler); both wait for the node.
+    let signals = Signals::install();
     let listeners = antar_node::Listeners::bind(&config).await?;
     let node = match antar_node::Node::start(config, Some(path), listeners).await {
         Ok(n) => n,
@@ -213,31 +217,48 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
         }
         Err(e) => return Err(e.into()),
     };
-    wait_for_signals(|| match node.reload() {
-        Ok(r) => tracing::info!(
-            revoked = r.revoked_serials,
-            local_revoked = r.local_revoked_serials,
-            "reloaded on SIGHUP"
-        ),
-        Err(e) => tracing::error!(error = %e, "reload on SIGHUP failed; the old configuration stays"),
-    })
-    .await;
+    signals
+        .wait(|| match node.reload() {
+            Ok(r) => tracing::info!(
+                revoked = r.revoked_serials,
+                local_revoked = r.local_revoked_serials,
+                "reloaded on SIGHUP"
+            ),
+            Err(e) => tracing::error!(error = %e, "reload on SIGHUP failed; the old configuration stays"),
+        })
+        .await;
     node.stop().await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for SIGTERM or Ctrl-C; calls `on_hup` on each SIGHUP.
-pub(crate) async fn wait_for_signals(on_hup: impl Fn()) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = term.recv() => return,
-            _ = hup.recv() => on_hup(),
+/// SIGTERM, SIGHUP and Ctrl-C, caught from when they are installed: one
+/// that comes before [`Signals::wait`] is acted on there.
+pub(crate) struct Signals {
+    term_hup: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    pub(crate) fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term_hup = match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+            (Ok(term), Ok(hup)) => Some((term, hup)),
+            _ => None,
+        };
+        Self { term_hup }
+    }
+
+    /// Waits for SIGTERM or Ctrl-C; calls `on_hup` on each SIGHUP.
+    pub(crate) async fn wait(self, on_hup: impl Fn()) {
+        let Some((mut term, mut hup)) = self.term_hup else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => on_hup(),
+            }
         }
     }
 }

@@ -124,7 +124,7 @@ pub enum PkiCommand {
         #[arg(long, value_enum)]
         role: ClientRole,
         /// The client's name, e.g. portal (lowercase, [a-z0-9._-]).
-        #[arg(long)]
+        #[arg(long, value_parser = client_name)]
         name: String,
         /// Federation name; default: from the node's node-tls.crt.
         #[arg(long, env = "ANTAR_FEDERATION_NAME")]
@@ -465,5 +465,14 @@ fn show_json(path: &Path, shown: &Inspected) -> serde_json::Value {
             "file": path.display().to_string(),
             "crl": crl(c),
         }),
+    }
+}
+
+/// `--name` of `issue-client`, checked before anything is made.
+fn client_name(s: &str) -> Result<String, String> {
+    if antar_core::id::valid_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a client name is 1-63 lowercase letters, digits, '.', '_' or '-', e.g. portal".to_owned())
     }
 }

@@ -530,3 +530,41 @@ fn pki_revoke_with_a_node_dir_writes_the_local_ca_crl() {
         "the federation's list is not touched"
     );
 }
+
+/// `antar pki` says what is wrong before making anything: a client name
+/// with capitals, a client issued before its node's local CA exists.
+#[test]
+fn pki_says_which_name_is_allowed_and_which_command_comes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("tax");
+    let issue = |name: &str| {
+        antar()
+            .args([
+                "pki",
+                "issue-client",
+                "--role",
+                "app",
+                "--name",
+                name,
+                "--federation",
+                "gov.example",
+                "--agency",
+                "tax",
+                "--node-dir",
+            ])
+            .arg(&node)
+            .output()
+            .unwrap()
+    };
+    let out = issue("Portal");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a client name is 1-63 lowercase letters"), "{err}");
+    let out = issue("portal");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no agency-local CA here yet: create it with `antar pki init-local-ca`"),
+        "{err}"
+    );
+}

@@ -199,7 +199,9 @@ fn valid_trust_domain(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` may name an app, admin or auditor client: 1–63 of
+/// `[a-z0-9._-]`.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

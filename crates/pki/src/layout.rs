@@ -66,6 +66,10 @@ impl FederationDir {
     /// # Errors
     /// As [`Ca::load`].
     pub fn load_root(&self) -> Result<Ca, PkiError> {
+        not_yet(
+            &self.root_cert(),
+            "no federation root here yet: create it with `antar pki init-federation`",
+        )?;
         Ca::load(&self.root_cert(), &self.root_key())
     }
 
@@ -195,8 +199,24 @@ impl NodeDir {
     /// # Errors
     /// As [`Ca::load`].
     pub fn load_local_ca(&self) -> Result<Ca, PkiError> {
+        not_yet(
+            &self.local_ca_cert(),
+            "no agency-local CA here yet: create it with `antar pki init-local-ca`",
+        )?;
         Ca::load(&self.local_ca_cert(), &self.local_ca_key())
     }
+}
+
+/// A CA certificate a workflow needs that is not there: says which
+/// command makes it (reading it would only say the file is missing).
+fn not_yet(cert: &Path, what: &str) -> Result<(), PkiError> {
+    if cert.exists() {
+        return Ok(());
+    }
+    Err(PkiError::Invalid {
+        path: cert.to_path_buf(),
+        detail: what.to_owned(),
+    })
 }
 
 /// Creates a federation root in `fed` (`root.crt`, `root.key`).
