@@ -99,6 +99,22 @@ async fn bad_requests_get_their_code_and_store_nothing() {
             Code::InvalidArgument,
             "recipients",
         ),
+        (
+            wire::SendRequest {
+                recipients: vec!["health".into(), "registry".into(), "health".into()],
+                ..notice("health", "tax.notice", b"x")
+            },
+            Code::InvalidArgument,
+            "recipients: health is listed twice (recipients[2])",
+        ),
+        (
+            wire::SendRequest {
+                recipients: (0..65).map(|i| format!("agency-{i}")).collect(),
+                ..notice("health", "tax.notice", b"x")
+            },
+            Code::InvalidArgument,
+            "recipients: 65 listed, at most 64 a Send",
+        ),
     ];
     for (req, code, names) in cases {
         let st = send_err(&app, req).await;
@@ -369,6 +385,16 @@ async fn the_largest_send_by_default_reaches_a_stock_client() {
     }
 }
 
+/// `id` tracked by `app` once `issuer`'s signed REJECTED receipt is in.
+async fn rejected_by(fed: &Federation, app: &Client, id: &str, issuer: &str) -> wire::TrackResponse {
+    let rejected = (wire::ReceiptStatus::Rejected as i32, issuer.to_owned());
+    eventually(30, &format!("{issuer}'s signed REJECTED receipt"), || async {
+        let t = track(app, id).await;
+        verified_statuses(fed, &t).contains(&rejected).then_some(t)
+    })
+    .await
+}
+
 /// An envelope over the recipient node's own limits — here a sender whose
 /// `max_payload_bytes` is higher — is refused `too_large` with a signed
 /// REJECTED receipt, not put in an inbox a stock client could not read.
@@ -393,15 +419,45 @@ async fn an_envelope_over_the_recipients_limits_is_rejected_too_large() {
     .await;
     // The custody ack marks it REJECTED at once; health's signed receipt
     // follows on its own transfer.
-    let rejected = (wire::ReceiptStatus::Rejected as i32, "health".to_owned());
-    let t = eventually(30, "health's signed REJECTED receipt", || async {
-        let t = track(&finance, &id).await;
-        verified_statuses(&fed, &t).contains(&rejected).then_some(t)
-    })
-    .await;
+    let t = rejected_by(&fed, &finance, &id, "health").await;
     assert_eq!(t.state, wire::MessageState::Rejected as i32);
     assert_eq!(t.reason, "too_large");
     assert!(receive(&fed.app("health").await, 1, 1, false).await.is_empty());
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+/// A relay carries nothing over its own limits: the hub, whose
+/// `max_payload_bytes` is lower than finance's, refuses finance's envelope
+/// to registry `too_large` with its signed REJECTED receipt, instead of
+/// queueing an item the next hop might never take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_over_a_relays_limits_is_rejected_too_large_by_the_relay() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "hub", "registry"], |agency, config| {
+            if agency == "hub" {
+                config.limits.max_payload_bytes = 64 << 10;
+            }
+        })
+        .await;
+    let finance = fed.app("finance").await;
+    let id = send(
+        &finance,
+        wire::SendRequest {
+            payload: vec![1u8; 128 << 10],
+            ..notice("registry", "birth.notice", b"")
+        },
+    )
+    .await;
+    let t = rejected_by(&fed, &finance, &id, "hub").await;
+    assert_eq!(t.state, wire::MessageState::Rejected as i32);
+    assert_eq!(t.reason, "too_large");
+    assert!(receive(&fed.app("registry").await, 1, 1, false).await.is_empty());
+    // Smaller ones still go through the hub.
+    let small = send(&finance, notice("registry", "birth.notice", b"small")).await;
+    until_state(&finance, &small, wire::MessageState::Delivered, 30).await;
     for n in nodes {
         n.stop().await.unwrap();
     }

@@ -90,6 +90,38 @@ async fn services_reach_only_their_owner_and_senders_with_the_right() {
         assert_eq!(last.reason, reason);
         assert_eq!(last.issuer, "registry");
     }
+
+    // To registry's own agency the same rules hold, refused at once and
+    // nothing stored: a service no app owns, one registry may not send to.
+    for (service, code, says) in [
+        (
+            "no.such.service",
+            Code::NotFound,
+            "service no.such.service: no app of registry owns it",
+        ),
+        (
+            "birth.lookup",
+            Code::PermissionDenied,
+            "registry holds no access right to its own service birth.lookup",
+        ),
+    ] {
+        let st = dev
+            .agency()
+            .send(notice("registry", service, b"to ourselves"))
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), code, "{st:?}");
+        assert!(st.message().contains(says), "{st:?}");
+    }
+    let ours = send(&dev, notice("registry", "tax.notice", b"to ourselves")).await;
+    assert_eq!(
+        receive(&dev, 1, 5, true)
+            .await
+            .iter()
+            .map(|d| envelope_of(d).id)
+            .collect::<Vec<_>>(),
+        vec![ours]
+    );
     for n in nodes {
         n.stop().await.unwrap();
     }

@@ -88,6 +88,29 @@ fn validate_send(
             "only a NOTICE may have several recipients",
         ));
     }
+    // Each recipient gets its own envelope and copy of the payload, made in
+    // memory before anything is stored: their number is bounded, and an
+    // agency listed twice would only be sent the same notice twice.
+    if req.recipients.len() > MAX_RECIPIENTS {
+        return Err(NodeError::invalid(
+            "recipients",
+            format!(
+                "{} listed, at most {MAX_RECIPIENTS} a Send; send several",
+                req.recipients.len()
+            ),
+        ));
+    }
+    if let Some((i, r)) = req
+        .recipients
+        .iter()
+        .enumerate()
+        .find(|(i, r)| req.recipients[..*i].contains(r))
+    {
+        return Err(NodeError::invalid(
+            "recipients",
+            format!("{r} is listed twice (recipients[{i}])"),
+        ));
+    }
     let service = ServiceName::parse(&req.service).map_err(|e| NodeError::invalid("service", e))?;
     let limits = shared.limits();
     let ttl = match req.ttl {
@@ -138,6 +161,21 @@ fn validate_send(
                 "recipient {recipient}: no peer, route or default_route reaches it from {}",
                 shared.agency
             )));
+        }
+        // To this node's own agency: refused here as another node would
+        // refuse it (`unknown_service`, `no_access_right`), but at once,
+        // before an inbox no app can receive from fills the quota.
+        if recipient == shared.agency {
+            if !policy.service_known(service.as_str()) {
+                return Err(NodeError::NotFound(format!(
+                    "service {service}: no app of {recipient} owns it (apps[].services)"
+                )));
+            }
+            if !policy.may_send(recipient.as_str(), service.as_str()) {
+                return Err(NodeError::PermissionDenied(format!(
+                    "{recipient} holds no access right to its own service {service} (access[].allow)"
+                )));
+            }
         }
         drafts.push(Draft {
             kind,
@@ -388,6 +426,9 @@ pub(crate) fn check_sizes(
 
 /// The longest idempotency key (a TRANSACTION's `correlation_id`).
 pub(crate) const MAX_KEY_BYTES: usize = 256;
+
+/// Most recipients of one NOTICE (each an envelope and a payload copy).
+pub(crate) const MAX_RECIPIENTS: usize = 64;
 
 /// Where a send's idempotency key is remembered: a TRANSACTION's under the
 /// agency, as ever; a NOTICE's or a REQUEST's under `<agency>/notice` or

@@ -114,6 +114,21 @@ fn pki_err(e: impl std::fmt::Display) -> RunError {
     RunError::Pki(e.to_string())
 }
 
+/// HTTP/2 limits for every listener: tonic leaves them unset, which also
+/// switches off hyper's own defaults. Concurrent streams per connection
+/// are bounded (each may hold a decode buffer before any rate check), a
+/// connection that keeps making the node reset streams is closed
+/// (RUSTSEC-2024-0003's guard), and keepalive pings find dead peers and
+/// clients so their connections stop holding a slot of
+/// `limits.max_connections`.
+fn http2_limits(server: Server) -> Server {
+    server
+        .max_concurrent_streams(1024)
+        .http2_max_local_error_reset_streams(Some(1024))
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
 /// A certificate or key file named by `tls.<key>` that could not be read:
 /// the error names the key as well as the file.
 fn tls_file(key: &'static str) -> impl Fn(antar_pki::PkiError) -> RunError {
@@ -360,7 +375,7 @@ impl Node {
             max_payload: limits.max_payload_bytes,
         };
         let api_router = |shared: &Arc<state::Shared>| {
-            Server::builder()
+            http2_limits(Server::builder())
                 .layer(tower::util::MapResponseLayer::new(move |response| {
                     unreadable_is_invalid_argument_http(response, Some(agency_cap))
                 }))
@@ -399,7 +414,7 @@ impl Node {
                 router.serve_with_incoming_shutdown(incoming, t.cancelled_owned()),
             ));
         }
-        let peer_router = Server::builder()
+        let peer_router = http2_limits(Server::builder())
             .layer(tower::util::MapResponseLayer::new(|response| {
                 unreadable_is_invalid_argument_http(response, None)
             }))

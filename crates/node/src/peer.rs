@@ -729,9 +729,27 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
             refuse(shared, tx, verified, transfer, reason, &[], receipt.as_ref())
         }
         Plan::Relay(v, et, next) => {
-            if tx.mark_seen("envelope", &seen_key(v.sender.as_str(), &v.id))? {
+            let key = seen_key(v.sender.as_str(), &v.id);
+            if tx.seen("envelope", &key)? {
                 return Ok(Settled::Duplicate);
             }
+            if let Some(reason) = tx.noted(REFUSED, &key)? {
+                return Ok(Settled::Rejected(String::from_utf8_lossy(&reason).into_owned()));
+            }
+            // Nothing over this node's own limits is carried on: grown by
+            // a hop and a traceparent, it could pass no peer's frame limit
+            // and would stop the link behind it. Refused for good, as a
+            // recipient refuses (`Plan::RefuseUnlessHeld`).
+            let payload = et.payload.as_ref().map_or(0, |p| p.data.len());
+            let e = &v.envelope;
+            if let Err(over) =
+                crate::agency::check_sizes(shared.limits(), payload, &e.headers, &e.content_type)
+            {
+                tracing::warn!(id = %v.id, sender = %v.sender, %over, "envelope to relay over this node's limits");
+                tx.note(REFUSED, &key, b"too_large")?;
+                return refuse(shared, tx, v, et, "too_large", &[], None);
+            }
+            tx.mark_seen("envelope", &key)?;
             let mut et = et.clone();
             let held = match &et.envelope {
                 Some(signed) => Held::Audited(crate::state::audit_envelope(tx, signed, &v.id.to_string())?),
