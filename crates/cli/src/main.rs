@@ -231,8 +231,9 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
-/// SIGTERM, SIGHUP and Ctrl-C, caught from when they are installed: one
-/// that comes before [`Signals::wait`] is acted on there.
+/// SIGTERM and SIGHUP, caught from when they are installed: one that
+/// comes before [`Signals::wait`] is acted on there. Ctrl-C is caught only
+/// in `wait`, so it still ends a start-up that hangs.
 pub(crate) struct Signals {
     term_hup: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }

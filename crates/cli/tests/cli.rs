@@ -567,4 +567,17 @@ fn pki_says_which_name_is_allowed_and_which_command_comes_first() {
         err.contains("no agency-local CA here yet: create it with `antar pki init-local-ca`"),
         "{err}"
     );
+    let out = antar()
+        .args(["pki", "issue-node", "--agency", "tax", "--node-dir"])
+        .arg(&node)
+        .arg("--federation-dir")
+        .arg(dir.path().join("federation"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no federation root here yet: create it with `antar pki init-federation`"),
+        "{err}"
+    );
 }

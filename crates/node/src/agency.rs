@@ -59,6 +59,29 @@ fn validate_send(
     if shared.draining() {
         return Err(NodeError::Draining);
     }
+    // Each recipient gets its own envelope and copy of the payload, made in
+    // memory before anything is stored: their number is bounded, and an
+    // agency listed twice would only be sent the same notice twice.
+    if req.recipients.len() > MAX_RECIPIENTS {
+        return Err(NodeError::invalid(
+            "recipients",
+            format!(
+                "{} listed, at most {MAX_RECIPIENTS} a Send; send several",
+                req.recipients.len()
+            ),
+        ));
+    }
+    if let Some((i, r)) = req
+        .recipients
+        .iter()
+        .enumerate()
+        .find(|(i, r)| req.recipients[..*i].contains(r))
+    {
+        return Err(NodeError::invalid(
+            "recipients",
+            format!("{r} is listed twice (recipients[{i}])"),
+        ));
+    }
     if !shared.app_rate.allow(app, req.recipients.len().max(1)) {
         return Err(NodeError::RateLimited(format!(
             "app {app} is over limits.app_sends_per_sec = {}; slow down and retry",
@@ -86,29 +109,6 @@ fn validate_send(
         return Err(NodeError::invalid(
             "recipients",
             "only a NOTICE may have several recipients",
-        ));
-    }
-    // Each recipient gets its own envelope and copy of the payload, made in
-    // memory before anything is stored: their number is bounded, and an
-    // agency listed twice would only be sent the same notice twice.
-    if req.recipients.len() > MAX_RECIPIENTS {
-        return Err(NodeError::invalid(
-            "recipients",
-            format!(
-                "{} listed, at most {MAX_RECIPIENTS} a Send; send several",
-                req.recipients.len()
-            ),
-        ));
-    }
-    if let Some((i, r)) = req
-        .recipients
-        .iter()
-        .enumerate()
-        .find(|(i, r)| req.recipients[..*i].contains(r))
-    {
-        return Err(NodeError::invalid(
-            "recipients",
-            format!("{r} is listed twice (recipients[{i}])"),
         ));
     }
     let service = ServiceName::parse(&req.service).map_err(|e| NodeError::invalid("service", e))?;
@@ -162,20 +162,14 @@ fn validate_send(
                 shared.agency
             )));
         }
-        // To this node's own agency: refused here as another node would
-        // refuse it (`unknown_service`, `no_access_right`), but at once,
+        // A new send to this node's own agency (not a RESPONSE, which
+        // answers a REQUEST held here): a service no app owns is refused
+        // at once, as another node would refuse it `unknown_service`,
         // before an inbox no app can receive from fills the quota.
-        if recipient == shared.agency {
-            if !policy.service_known(service.as_str()) {
-                return Err(NodeError::NotFound(format!(
-                    "service {service}: no app of {recipient} owns it (apps[].services)"
-                )));
-            }
-            if !policy.may_send(recipient.as_str(), service.as_str()) {
-                return Err(NodeError::PermissionDenied(format!(
-                    "{recipient} holds no access right to its own service {service} (access[].allow)"
-                )));
-            }
+        if recipient == shared.agency && correlation.is_none() && !policy.service_known(service.as_str()) {
+            return Err(NodeError::NotFound(format!(
+                "service {service}: no app of {recipient} owns it (apps[].services)"
+            )));
         }
         drafts.push(Draft {
             kind,

@@ -483,8 +483,8 @@ fn transaction_key(envelope: &Envelope) -> Option<&str> {
 /// The reason code of a replayed TRANSACTION key.
 const DUPLICATE_TRANSACTION: &str = "duplicate_transaction";
 
-/// `seen` namespace of the verified envelopes for this agency refused for
-/// good, by sender and id; the value is the reason.
+/// `seen` namespace of the verified envelopes refused for good, for this
+/// agency or to relay, by sender and id; the value is the reason.
 const REFUSED: &str = "refused";
 
 /// `seen` namespace of the messages whose receipts went to their sender

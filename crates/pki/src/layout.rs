@@ -66,10 +66,7 @@ impl FederationDir {
     /// # Errors
     /// As [`Ca::load`].
     pub fn load_root(&self) -> Result<Ca, PkiError> {
-        not_yet(
-            &self.root_cert(),
-            "no federation root here yet: create it with `antar pki init-federation`",
-        )?;
+        not_yet(&self.root_cert(), NO_ROOT)?;
         Ca::load(&self.root_cert(), &self.root_key())
     }
 
@@ -79,6 +76,7 @@ impl FederationDir {
     /// [`PkiError::Read`] and friends for the file; [`PkiError::NoIdentity`]
     /// when the root carries no `spiffe://<federation>` URI.
     pub fn federation(&self) -> Result<String, PkiError> {
+        not_yet(&self.root_cert(), NO_ROOT)?;
         federation_of_root(&read_cert_der(&self.root_cert())?)
     }
 }
@@ -206,6 +204,8 @@ impl NodeDir {
         Ca::load(&self.local_ca_cert(), &self.local_ca_key())
     }
 }
+
+const NO_ROOT: &str = "no federation root here yet: create it with `antar pki init-federation`";
 
 /// A CA certificate a workflow needs that is not there: says which
 /// command makes it (reading it would only say the file is missing).
