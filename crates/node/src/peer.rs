@@ -370,7 +370,16 @@ fn refusal_here(
     if !policy.may_send(verified.sender.as_str(), &e.service) {
         return Some("no_access_right");
     }
-    let over = crate::agency::check_sizes(shared.limits(), payload, &e.headers, &e.content_type)
+    let over = over_limits(shared, e, payload)?;
+    tracing::warn!(peer = %from.agency, id = %verified.id, %over, "envelope over this node's limits");
+    Some("too_large")
+}
+
+/// What of envelope `e` with a payload of `payload` bytes is over this
+/// node's limits for a send, if anything: such an envelope is neither
+/// delivered nor relayed here (`too_large`).
+fn over_limits(shared: &Shared, e: &Envelope, payload: usize) -> Option<String> {
+    crate::agency::check_sizes(shared.limits(), payload, &e.headers, &e.content_type)
         .err()
         .map(|err| err.to_string())
         .or_else(|| {
@@ -381,9 +390,7 @@ fn refusal_here(
                     crate::agency::MAX_KEY_BYTES
                 )
             })
-        })?;
-    tracing::warn!(peer = %from.agency, id = %verified.id, %over, "envelope over this node's limits");
-    Some("too_large")
+        })
 }
 
 /// Verifies one item and decides its fate; no store access.
@@ -730,26 +737,33 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
         }
         Plan::Relay(v, et, next) => {
             let key = seen_key(v.sender.as_str(), &v.id);
-            if tx.seen("envelope", &key)? {
-                return Ok(Settled::Duplicate);
-            }
-            if let Some(reason) = tx.noted(REFUSED, &key)? {
-                return Ok(Settled::Rejected(String::from_utf8_lossy(&reason).into_owned()));
-            }
             // Nothing over this node's own limits is carried on: grown by
             // a hop and a traceparent, it could pass no peer's frame limit
             // and would stop the link behind it. Refused for good, as a
-            // recipient refuses (`Plan::RefuseUnlessHeld`).
+            // recipient refuses (`Plan::RefuseUnlessHeld`), unless relayed
+            // before the limits were lowered.
+            // One lookup in the common case: a refused envelope is marked
+            // seen too, and only a seen one is asked why.
             let payload = et.payload.as_ref().map_or(0, |p| p.data.len());
-            let e = &v.envelope;
-            if let Err(over) =
-                crate::agency::check_sizes(shared.limits(), payload, &e.headers, &e.content_type)
-            {
+            let over = over_limits(shared, &v.envelope, payload);
+            let seen = match over {
+                Some(_) => tx.seen("envelope", &key)?,
+                None => tx.mark_seen("envelope", &key)?,
+            };
+            if seen {
+                // Relayed before (a duplicate), or refused for good: the
+                // same answer whatever the limits are now.
+                return Ok(match tx.noted(REFUSED, &key)? {
+                    Some(reason) => Settled::Rejected(String::from_utf8_lossy(&reason).into_owned()),
+                    None => Settled::Duplicate,
+                });
+            }
+            if let Some(over) = over {
                 tracing::warn!(id = %v.id, sender = %v.sender, %over, "envelope to relay over this node's limits");
+                tx.mark_seen("envelope", &key)?;
                 tx.note(REFUSED, &key, b"too_large")?;
                 return refuse(shared, tx, v, et, "too_large", &[], None);
             }
-            tx.mark_seen("envelope", &key)?;
             let mut et = et.clone();
             let held = match &et.envelope {
                 Some(signed) => Held::Audited(crate::state::audit_envelope(tx, signed, &v.id.to_string())?),
