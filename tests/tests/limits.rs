@@ -1,5 +1,6 @@
 //! Hostile clients and peers (issue 7): silent connections on both
-//! listeners, a peer streaming garbage, a flooding app. Each is refused on
+//! listeners, a peer streaming garbage, a flooding app, a peer filling the
+//! store, connection floods. Each is refused on
 //! its own and the node keeps serving everyone else.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -227,4 +228,192 @@ async fn connection_limits_close_the_excess_and_the_node_keeps_serving() {
     drop(flood);
     until_open(&fed, "api", 1.0).await;
     node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_fill_a_store_past_twice_its_quota_and_nothing_is_lost() {
+    let fed = Federation::standard();
+    let quota = 64 * 1024;
+    let nodes = fed
+        .start_all_with(&["finance", "health"], |agency, config| {
+            if agency == "health" {
+                config.limits.max_queued_bytes = quota;
+            } else {
+                // Small batches, one in flight, quick retries: the ceiling
+                // is met a batch at a time and the drain is quick.
+                config.limits.batch_size = 4;
+                config.limits.transfer_window = 1;
+                config.limits.retry_initial_ms = 50;
+                config.limits.retry_max_ms = 300;
+            }
+        })
+        .await;
+    let finance = fed.app("finance").await;
+    let mut sent = Vec::new();
+    for i in 0..64u32 {
+        let mut body = vec![0u8; 4096];
+        body[..4].copy_from_slice(&i.to_be_bytes());
+        sent.push(send(&finance, notice("health", "tax.notice", &body)).await);
+    }
+
+    // Health takes peers' envelopes up to twice its quota, then refuses
+    // the rest RESOURCE_EXHAUSTED; finance keeps them queued.
+    let admin = fed.admin("finance").await;
+    let refused = eventually(15, "health refuses past its ceiling", || async {
+        peer_status(&admin, "health")
+            .await
+            .filter(|p| p.last_error.contains("ceiling") && p.backlog > 0)
+    })
+    .await;
+    assert!(
+        refused.last_error.contains("twice limits.max_queued_bytes"),
+        "{}",
+        refused.last_error
+    );
+    let queued = get(&scrape(&fed, "health").await, "antar_queued_bytes");
+    assert!(
+        queued >= (2 * quota) as f64 && queued < (2 * quota + 24 * 1024) as f64,
+        "health holds {queued} bytes, ceiling {}",
+        2 * quota
+    );
+    // Its own apps were refused from the quota on.
+    let health = fed.app("health").await;
+    let st = health
+        .agency()
+        .send(notice("finance", "tax.notice", b"no room"))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert!(st.message().contains("max_queued_bytes"), "{st:?}");
+
+    // As health's app drains its inbox, the rest arrive: each once.
+    let got = receive(&health, sent.len(), 30, true).await;
+    let mut got: Vec<String> = got.iter().map(|d| envelope_of(d).id).collect();
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+    eventually(10, "finance's queue to health drained", || async {
+        (backlog(&admin, "health").await == 0).then_some(())
+    })
+    .await;
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_asking_for_witnesses_in_a_flood_is_limited_like_its_transfers() {
+    let fed = Federation::standard();
+    let mut config = fed.config("health");
+    // 1,024 items a second: four Witness calls (256 items each).
+    config.limits.peer_items_per_sec = 1024;
+    let health = fed.start_with(config).await;
+    let mut peer = fed.peer_as("finance", "health").await;
+    let (mut answered, mut limited) = (0, 0);
+    for _ in 0..40 {
+        // No checkpoint: answered INVALID_ARGUMENT when let through.
+        match peer.witness(wire::WitnessRequest::default()).await.unwrap_err() {
+            st if st.code() == Code::InvalidArgument => answered += 1,
+            st => {
+                assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+                assert!(
+                    st.message().contains("limits.peer_items_per_sec = 1024"),
+                    "{st:?}"
+                );
+                limited += 1;
+            }
+        }
+    }
+    assert!(
+        (4..=8).contains(&answered),
+        "{answered} let through, {limited} limited"
+    );
+    // Another peer has its own bucket.
+    let st = fed
+        .peer_as("hub", "health")
+        .await
+        .witness(wire::WitnessRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    health.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_holding_too_many_receive_streams_is_refused_one_more_and_slow_readers_get_everything() {
+    let fed = Federation::standard();
+    let mut config = fed.config("health");
+    config.limits.max_receive_streams_per_app = 3;
+    config.apps.push(antar_node::config::App {
+        name: "payroll".into(),
+        services: vec!["*".into()],
+    });
+    let nodes = vec![fed.start_with(config).await, fed.start("finance").await];
+    let health = fed.app("health").await;
+    let open = |max_in_flight: u32| {
+        let health = health.clone();
+        async move {
+            health
+                .agency()
+                .receive(wire::ReceiveRequest {
+                    services: vec![],
+                    max_in_flight,
+                })
+                .await
+        }
+    };
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(open(1000).await.unwrap().into_inner());
+    }
+    let st = open(1000).await.unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert!(
+        st.message()
+            .contains("holds 3 Receive streams, limits.max_receive_streams_per_app = 3"),
+        "{st:?}"
+    );
+    // Another app has its own count.
+    let payroll = fed.named_app("health", "payroll").await;
+    let other = payroll
+        .agency()
+        .receive(wire::ReceiveRequest::default())
+        .await
+        .unwrap();
+    drop(other);
+
+    // A closed stream gives its place back.
+    drop(streams.pop());
+    let mut reader = eventually(10, "a stream's place back", || async { open(1000).await.ok() })
+        .await
+        .into_inner();
+    drop(streams);
+
+    // 16 deliveries of 1 MiB, 1,000 allowed in flight: more than the
+    // stream buffers at once (8 MiB), so the node waits for this slow
+    // reader, and every one arrives.
+    let finance = fed.app("finance").await;
+    let mut sent = Vec::new();
+    for i in 0..16u8 {
+        sent.push(send(&finance, notice("health", "tax.notice", &vec![i; 1 << 20])).await);
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        use tokio_stream::StreamExt as _;
+        let d = tokio::time::timeout(Duration::from_secs(20), reader.next())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("the stream ended")
+            .unwrap();
+        let body = d.payload.as_ref().unwrap().data.clone();
+        assert_eq!(body.len(), 1 << 20);
+        got.push(envelope_of(&d).id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
 }

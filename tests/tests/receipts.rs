@@ -469,6 +469,40 @@ async fn a_request_acked_first_is_still_answered_and_processed_once() {
     assert_eq!(envelope_of(&got[0]).id, request);
     until_state(&finance, &request, wire::MessageState::Processed, 15).await;
 
+    // Acking it again, alone or in a batch, is a no-op that signs nothing
+    // (only the checkpoints of the second may sign meanwhile).
+    let signatures = || async { get(&scrape(&fed, "registry").await, "antar_signatures_total") };
+    let before = signatures().await;
+    let again = wire::AckRequest {
+        message_id: request.clone(),
+        ..Default::default()
+    };
+    for _ in 0..25 {
+        registry.agency().ack(again.clone()).await.unwrap();
+        let batch = registry
+            .agency()
+            .ack_batch(wire::AckBatchRequest {
+                acks: vec![again.clone()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            matches!(
+                batch.results.as_slice(),
+                [wire::AckResult {
+                    result: Some(wire::ack_result::Result::Acked(_))
+                }]
+            ),
+            "{batch:?}"
+        );
+    }
+    let signed = signatures().await - before;
+    assert!(
+        signed < 10.0,
+        "50 acks of an acked message made {signed} signatures"
+    );
+
     let answered = registry
         .agency()
         .reply(wire::ReplyRequest {

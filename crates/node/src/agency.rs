@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use antar_core::envelope::sha256;
@@ -716,7 +716,9 @@ async fn ack(
     outcome: Outcome,
     result: &[u8],
 ) -> Result<(), NodeError> {
-    let draft = check_ack(shared, services, &id, outcome, result)?;
+    let Some(draft) = check_ack(shared, services, &id, outcome, result)? else {
+        return Ok(());
+    };
     let processed = shared.sign_together(vec![draft.clone()]).await.take(draft);
     let new = shared
         .store
@@ -730,13 +732,15 @@ async fn ack(
 
 /// Checks an ack of `id` by an app owning `services` and drafts its
 /// PROCESSED receipt (unsigned): everything before the transaction.
+/// `None` when `id` was acked already: nothing to sign or write, the ack
+/// is a no-op (so acking one message over and over costs a read).
 fn check_ack(
     shared: &Shared,
     services: &Services,
     id: &MessageId,
     outcome: Outcome,
     result: &[u8],
-) -> Result<Receipt, NodeError> {
+) -> Result<Option<Receipt>, NodeError> {
     let record = shared
         .store
         .message(id)?
@@ -760,21 +764,26 @@ fn check_ack(
         (_, Outcome::Unspecified) => Outcome::Unspecified,
         (_, o) => o,
     };
+    // Checked after the request itself, so an ack refused before is
+    // refused the same way after the message was acked.
+    if record.state == MessageState::Processed as i32 {
+        return Ok(None);
+    }
     let result_digest = if result.is_empty() {
         Vec::new()
     } else {
         sha256(result).to_vec()
     };
     // Signed outside the transaction (see `Shared::draft_receipt`); wasted only
-    // when the message was acked already.
-    Ok(shared.draft_receipt(
+    // when another ack of it commits first.
+    Ok(Some(shared.draft_receipt(
         &env,
         &signed.envelope,
         ReceiptStatus::Processed,
         "",
         outcome,
         result_digest,
-    ))
+    )))
 }
 
 /// The writes of one ack: `id` out of its inbox, its record PROCESSED, the
@@ -817,11 +826,11 @@ async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) ->
     for (i, r) in acks.into_iter().enumerate() {
         let checked = parse_ack(&r).and_then(|(id, outcome)| {
             let draft = check_ack(shared, services, &id, outcome, &r.result)?;
-            Ok((i, id, draft))
+            Ok(draft.map(|draft| (i, id, draft)))
         });
         match checked {
             Ok(item) => {
-                ready.push(item);
+                ready.extend(item);
                 results.push(Ok(()));
             }
             Err(e) => results.push(Err(item_error(e))),
@@ -913,7 +922,7 @@ impl Agency for AgencyService {
             .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .open_stream();
+            .next_stream();
         let rx = self.shared.calls.wait(&request_id, stream);
         let _guard = CallGuard {
             shared: &self.shared,
@@ -975,15 +984,34 @@ impl Agency for AgencyService {
         } else {
             r.max_in_flight.min(10_000)
         };
-        let stream = self
+        let most = self.shared.limits().max_receive_streams_per_app;
+        let opened = self
             .shared
             .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .open_stream();
+            .open_stream(&app, most);
+        let stream = opened.map_err(|open| {
+            tracing::warn!(%app, open, "app over its Receive streams; one more refused");
+            NodeError::RateLimited(format!(
+                "app {app} holds {open} Receive streams, limits.max_receive_streams_per_app = {most}; close one or read from one stream"
+            ))
+        })?;
+        let slot = StreamSlot {
+            shared: self.shared.clone(),
+            app,
+        };
         let (tx, rx) = mpsc::channel(max as usize);
-        tokio::spawn(receive_loop(self.shared.clone(), scope, max, stream, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Deliveries wait in the channel with their share of the stream's
+        // buffer (`STREAM_BUFFER_BYTES`), given back as tonic takes them.
+        let buffer = Arc::new(tokio::sync::Semaphore::new(STREAM_BUFFER_BYTES));
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            receive_loop(shared, scope, max, stream, tx, buffer).await;
+            drop(slot);
+        });
+        let deliveries = ReceiverStream::new(rx).map(|(delivery, _share)| delivery);
+        Ok(Response::new(Box::pin(deliveries)))
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
@@ -1095,7 +1123,9 @@ impl Agency for AgencyService {
             Some(ids) => ids,
             None => {
                 let sealed = seal_all(&self.shared, [&v]).await;
-                accept_acking(&self.shared, v, sealed, Some((request_id, processed))).await?
+                // An acked REQUEST has nothing left to settle.
+                let ack = processed.map(|draft| (request_id, draft));
+                accept_acking(&self.shared, v, sealed, ack).await?
             }
         };
         self.shared.metrics.send_seconds.observe(started.elapsed());
@@ -1173,6 +1203,28 @@ impl Agency for AgencyService {
     }
 }
 
+/// Bytes of deliveries a `Receive` stream holds that its client has not
+/// taken yet (one delivery larger than this is held alone): with
+/// `max_in_flight` up to 10,000 and payloads up to 4 MiB, the count alone
+/// would let one slow reader pin gigabytes.
+const STREAM_BUFFER_BYTES: usize = 8 << 20;
+
+/// One of an app's open `Receive` streams, counted until dropped.
+struct StreamSlot {
+    shared: Arc<Shared>,
+    app: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.shared
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .close_stream(&self.app);
+    }
+}
+
 /// Ends a `Call`'s wait however the call ends; a RESPONSE it was handed
 /// but did not ack (a cancel) goes back to the `Receive` streams.
 struct CallGuard<'a> {
@@ -1215,7 +1267,8 @@ async fn receive_loop(
     scope: Services,
     max: u32,
     stream: u64,
-    tx: mpsc::Sender<Result<Delivery, Status>>,
+    tx: mpsc::Sender<(Result<Delivery, Status>, tokio::sync::OwnedSemaphorePermit)>,
+    buffer: Arc<tokio::sync::Semaphore>,
 ) {
     let notify = shared.store.inbox_notify();
     let visibility = shared.config.visibility_timeout();
@@ -1322,7 +1375,19 @@ async fn receive_loop(
             if shared.calls.withhold(&record, &id, stream, &shared.leases) {
                 continue;
             }
-            if tx.send(Ok(delivery(&record, attempt))).await.is_err() {
+            let delivery = delivery(&record, attempt);
+            let share = delivery.encoded_len().min(STREAM_BUFFER_BYTES) as u32;
+            // A client that stops reading holds this loop here, not the node's stop.
+            let share = tokio::select! {
+                share = buffer.clone().acquire_many_owned(share) => share.ok(),
+                _ = tx.closed() => None,
+                _ = shared.shutdown.cancelled() => None,
+            };
+            let Some(share) = share else {
+                release(&shared, stream);
+                return;
+            };
+            if tx.send((Ok(delivery), share)).await.is_err() {
                 release(&shared, stream);
                 return;
             }

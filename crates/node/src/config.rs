@@ -197,6 +197,9 @@ pub struct Limits {
     pub visibility_timeout_ms: u64,
     /// Unacked deliveries per `Receive` stream when the app asks for 0. Default 64.
     pub max_in_flight: u32,
+    /// `Receive` streams one app certificate may hold open at once (all
+    /// its connections together); one more is `RESOURCE_EXHAUSTED`. Default 64.
+    pub max_receive_streams_per_app: u32,
     /// Most items in one transfer batch. Default 256.
     pub batch_size: usize,
     /// Batches a forwarder keeps in flight before it waits for acks. Default 4.
@@ -242,6 +245,7 @@ impl Default for Limits {
             max_queued_bytes: 1 << 30,
             visibility_timeout_ms: 30_000,
             max_in_flight: 64,
+            max_receive_streams_per_app: 64,
             batch_size: 256,
             transfer_window: 4,
             transfer_ack_timeout_ms: 30_000,
@@ -486,6 +490,10 @@ impl NodeConfig {
         }
         for (key, v) in [
             ("limits.max_in_flight", u64::from(l.max_in_flight)),
+            (
+                "limits.max_receive_streams_per_app",
+                u64::from(l.max_receive_streams_per_app),
+            ),
             ("limits.visibility_timeout_ms", l.visibility_timeout_ms),
             ("limits.retry_initial_ms", l.retry_initial_ms),
             ("limits.sweep_interval_ms", l.sweep_interval_ms),

@@ -31,6 +31,17 @@ pub enum NodeError {
         /// The configured quota.
         quota: u64,
     },
+    /// The store passed its ceiling for peers' envelopes (twice the
+    /// quota); the peer keeps them and retries.
+    #[error(
+        "store is full for peers' envelopes: {queued} bytes queued, ceiling {ceiling} (twice limits.max_queued_bytes); keep them queued and retry later"
+    )]
+    PeersFull {
+        /// Bytes queued now.
+        queued: u64,
+        /// Twice the configured quota.
+        ceiling: u64,
+    },
     /// A caller is over its rate limit; others are served.
     #[error("{0}")]
     RateLimited(String),
@@ -63,7 +74,7 @@ impl NodeError {
             Self::NotFound(_) => Code::NotFound,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::StoreFull { .. } | Self::RateLimited(_) => Code::ResourceExhausted,
+            Self::StoreFull { .. } | Self::PeersFull { .. } | Self::RateLimited(_) => Code::ResourceExhausted,
             Self::Draining => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Store(_) => Code::Internal,

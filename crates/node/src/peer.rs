@@ -127,6 +127,10 @@ enum Settled {
     Rejected(String),
 }
 
+/// What one `Peer.Witness` call costs of its peer's
+/// `limits.peer_items_per_sec`: as much as a full transfer batch.
+const WITNESS_ITEMS: usize = 256;
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     type TransferStream = Pin<Box<dyn Stream<Item = Result<TransferAck, Status>> + Send>>;
@@ -136,6 +140,18 @@ impl Peer for PeerService {
         req: Request<antar_core::wire::WitnessRequest>,
     ) -> Result<Response<antar_core::wire::WitnessResponse>, Status> {
         let from = auth::peer(&self.shared, &req)?;
+        // Under the peer's rate like its transfers, at the cost of a batch
+        // (a verification and a synced write): a node asks once a
+        // checkpoint interval, so only a flood meets it.
+        if !self.shared.peer_rate.allow(from.agency.as_str(), WITNESS_ITEMS) {
+            let limit = self.shared.limits().peer_items_per_sec;
+            tracing::warn!(peer = %from.agency, limit, "peer over its rate asking for witnesses");
+            return Err(NodeError::RateLimited(format!(
+                "peer {} is over limits.peer_items_per_sec = {limit} (a Witness counts {WITNESS_ITEMS} items); retry with backoff",
+                from.agency
+            ))
+            .into());
+        }
         Ok(Response::new(
             crate::witness::serve(&self.shared, &from, req.into_inner()).await?,
         ))
@@ -156,6 +172,7 @@ impl Peer for PeerService {
                     _ = shared.shutdown.cancelled() => return,
                 };
                 let admit = |batch: &TransferBatch| {
+                    peer_room(&shared, from.agency.as_str(), batch)?;
                     if shared.peer_rate.allow(from.agency.as_str(), batch.items.len()) {
                         return Ok(());
                     }
@@ -195,6 +212,36 @@ impl Peer for PeerService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Refuses a batch holding envelopes once the store is past its ceiling
+/// for peers' envelopes, twice `limits.max_queued_bytes`: the node's own
+/// apps are refused at the quota, so envelopes already on their way
+/// between agencies still land, but one peer's flood cannot fill the disk
+/// (which would stop the node). A batch of receipts alone passes: they
+/// settle what this node sent and are bounded by it (one queued behind an
+/// envelope waits with it). The refusal ends the stream
+/// `RESOURCE_EXHAUSTED`; the peer keeps the envelopes queued and retries
+/// with backoff.
+fn peer_room(shared: &Shared, peer: &str, batch: &TransferBatch) -> Result<(), Status> {
+    let ceiling = shared.limits().max_queued_bytes.saturating_mul(2);
+    let queued = shared.store.queued_bytes();
+    let envelopes = || {
+        batch
+            .items
+            .iter()
+            .any(|i| matches!(i.item, Some(transfer_item::Item::Envelope(_))))
+    };
+    if queued < ceiling || !envelopes() {
+        return Ok(());
+    }
+    tracing::warn!(
+        peer,
+        queued,
+        ceiling,
+        "store past its ceiling for peers' envelopes; transfer refused, the peer keeps them"
+    );
+    Err(NodeError::PeersFull { queued, ceiling }.into())
 }
 
 /// Bytes of batches handled together past which no more are taken (the

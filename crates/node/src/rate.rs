@@ -21,7 +21,11 @@ impl RateLimiter {
         }
     }
 
-    /// Takes `n` tokens from `key`'s bucket; false when there are not enough.
+    /// Takes `n` tokens from `key`'s bucket; false when there are not
+    /// enough. More than a second's worth at once is taken from a full
+    /// bucket, which goes into debt (paid back before anything else
+    /// passes): a transfer batch larger than a low rate is slowed to it,
+    /// never refused for good.
     pub(crate) fn allow(&self, key: &str, n: usize) -> bool {
         if self.rate <= 0.0 {
             return true;
@@ -34,7 +38,7 @@ impl RateLimiter {
         let (tokens, at) = buckets.entry(key.to_owned()).or_insert((self.rate, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
         *at = now;
-        if *tokens >= n as f64 {
+        if *tokens >= (n as f64).min(self.rate) {
             *tokens -= n as f64;
             true
         } else {
@@ -54,5 +58,17 @@ mod tests {
         assert!((10..=11).contains(&granted), "{granted}");
         assert!(l.allow("quiet", 1));
         assert!(RateLimiter::new(0).allow("any", 1_000_000));
+    }
+
+    #[test]
+    fn more_than_a_second_at_once_passes_a_full_bucket_and_is_paid_back() {
+        let l = RateLimiter::new(100);
+        assert!(l.allow("big", 256), "a full bucket takes a batch over the rate");
+        assert!(!l.allow("big", 1), "then the debt is paid back first");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !l.allow("big", 1),
+            "156 tokens of debt take over a second to repay"
+        );
     }
 }

@@ -148,13 +148,38 @@ pub(crate) struct Leases {
     /// The last stream id handed out: one count per node, whichever
     /// listener (API or admin) the stream came in on.
     pub(crate) last_stream: u64,
+    /// `Receive` streams open per app (`limits.max_receive_streams_per_app`).
+    pub(crate) open: HashMap<String, u32>,
 }
 
 impl Leases {
-    /// A new `Receive` stream's id, unique in this node's life.
-    pub(crate) fn open_stream(&mut self) -> u64 {
+    /// A new `Receive` stream's id, unique in this node's life, counted as
+    /// one of `app`'s open streams; `Err` with the count when `app` holds
+    /// `most` already. [`Leases::close_stream`] undoes the count.
+    pub(crate) fn open_stream(&mut self, app: &str, most: u32) -> Result<u64, u32> {
+        let open = self.open.entry(app.to_owned()).or_default();
+        if *open >= most {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(self.next_stream())
+    }
+
+    /// A new lease stream id, unique in this node's life (a `Call`'s, not
+    /// counted as a `Receive` stream).
+    pub(crate) fn next_stream(&mut self) -> u64 {
         self.last_stream += 1;
         self.last_stream
+    }
+
+    /// One of `app`'s streams ended.
+    pub(crate) fn close_stream(&mut self, app: &str) {
+        if let Some(open) = self.open.get_mut(app) {
+            *open -= 1;
+            if *open == 0 {
+                self.open.remove(app);
+            }
+        }
     }
 }
 
