@@ -786,3 +786,45 @@ async fn after_a_payload_purge_every_proof_still_verifies() {
     assert!(record.envelope.is_some());
     assert_eq!(record.receipts.len(), 3);
 }
+
+/// An export is read and sent a page of entries at a time (1,024), in
+/// chunks of 1 MiB: what arrives is the one canonical encoding of the
+/// bundle, every entry once, and it verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_log_is_exported_a_page_at_a_time_and_verifies() {
+    let fed = Federation::standard();
+    let nodes = fed.start_all_with(&["finance", "health"], |_, _| {}).await;
+    let finance = fed.app("finance").await;
+    let ids = finance
+        .agency()
+        .send_batch(wire::SendBatchRequest {
+            requests: vec![notice("health", "tax.notice", b"page"); 1000],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let last = match &ids.last().unwrap().result {
+        Some(wire::send_result::Result::Sent(r)) => r.message_ids[0].clone(),
+        other => panic!("{other:?}"),
+    };
+    until_state(&finance, &last, wire::MessageState::Delivered, 60).await;
+    let auditor = fed.client("finance", ClientRole::Auditor).await;
+    let bytes = export(&auditor).await;
+    let bundle = wire::AuditBundle::decode(bytes.as_slice()).unwrap();
+    assert!(
+        bundle.entries.len() > 2 * 1024 && bytes.len() > 1 << 20,
+        "{} entries, {} bytes: too few to cross pages and chunks",
+        bundle.entries.len(),
+        bytes.len()
+    );
+    assert!(
+        bundle.encode_to_vec() == bytes,
+        "the export is not the bundle's canonical encoding"
+    );
+    let v = verify_bundle(&bytes, &fed.verifier()).unwrap();
+    assert_eq!(v.entries, bundle.entries.len());
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}

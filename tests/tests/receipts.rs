@@ -502,6 +502,27 @@ async fn a_request_acked_first_is_still_answered_and_processed_once() {
         signed < 10.0,
         "50 acks of an acked message made {signed} signatures"
     );
+    // Nor does acking a message an app sent to another agency (it owns
+    // every service, so the ack passes the ownership check), 25 times.
+    let unread = send(&finance, notice("registry", "birth.lookup", b"unread")).await;
+    until_state(&finance, &unread, wire::MessageState::Delivered, 15).await;
+    let at_finance = || async { get(&scrape(&fed, "finance").await, "antar_signatures_total") };
+    let before = at_finance().await;
+    for _ in 0..25 {
+        finance
+            .agency()
+            .ack(wire::AckRequest {
+                message_id: unread.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let signed = at_finance().await - before;
+    assert!(
+        signed < 10.0,
+        "25 acks of a message sent elsewhere made {signed} signatures"
+    );
 
     let answered = registry
         .agency()

@@ -115,7 +115,7 @@ fn remove_if_there(path: &std::path::Path) -> anyhow::Result<()> {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
-    let signals = crate::Signals::install();
+    let mut signals = crate::Signals::install();
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
     // Absolute: each node.toml names its files absolutely, so it means the
     // same wherever `antar node run` or `check-config` is started from.
@@ -200,9 +200,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .await;
-    eprintln!("stopping: draining transfers and flushing stores");
-    for n in nodes {
-        n.stop().await?;
+    eprintln!("stopping: draining transfers and flushing stores (Ctrl-C again: exit at once)");
+    let stop_all = async {
+        for n in nodes {
+            n.stop().await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        stopped = stop_all => stopped?,
+        () = signals.again() => return Ok(crate::stopped_at_once()),
     }
     Ok(ExitCode::SUCCESS)
 }

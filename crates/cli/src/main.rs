@@ -217,6 +217,7 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
         }
         Err(e) => return Err(e.into()),
     };
+    let mut signals = signals;
     signals
         .wait(|| match node.reload() {
             Ok(r) => tracing::info!(
@@ -227,8 +228,21 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
             Err(e) => tracing::error!(error = %e, "reload on SIGHUP failed; the old configuration stays"),
         })
         .await;
-    node.stop().await?;
+    tokio::select! {
+        stopped = node.stop() => stopped?,
+        () = signals.again() => return Ok(stopped_at_once()),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a second Ctrl-C or SIGTERM during a stop does: the process ends
+/// now, as after `kill -9`, which loses no acknowledged work (the store
+/// replays its journal at the next start). Exit status 130.
+pub(crate) fn stopped_at_once() -> ExitCode {
+    eprintln!(
+        "antar: second signal during the stop: exiting now without waiting for it (acknowledged work is on disk; the next start recovers the store)"
+    );
+    ExitCode::from(130)
 }
 
 /// SIGTERM and SIGHUP, caught from when they are installed: one that
@@ -249,8 +263,8 @@ impl Signals {
     }
 
     /// Waits for SIGTERM or Ctrl-C; calls `on_hup` on each SIGHUP.
-    pub(crate) async fn wait(self, on_hup: impl Fn()) {
-        let Some((mut term, mut hup)) = self.term_hup else {
+    pub(crate) async fn wait(&mut self, on_hup: impl Fn()) {
+        let Some((term, hup)) = &mut self.term_hup else {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };
@@ -261,6 +275,13 @@ impl Signals {
                 _ = hup.recv() => on_hup(),
             }
         }
+    }
+
+    /// The next SIGTERM or Ctrl-C after [`Signals::wait`] returned: an
+    /// operator who will not wait for the stop. SIGHUPs are ignored.
+    pub(crate) async fn again(&mut self) {
+        self.wait(|| tracing::info!("SIGHUP during the stop ignored"))
+            .await;
     }
 }
 

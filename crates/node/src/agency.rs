@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt as _};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use antar_core::envelope::sha256;
@@ -765,8 +765,12 @@ fn check_ack(
         (_, o) => o,
     };
     // Checked after the request itself, so an ack refused before is
-    // refused the same way after the message was acked.
-    if record.state == MessageState::Processed as i32 {
+    // refused the same way after the message was acked. Nothing to ack: a
+    // message acked already, or one this node sent to another agency
+    // (never in an inbox here).
+    let elsewhere =
+        record.outgoing && !record.recipient.is_empty() && record.recipient != shared.agency.as_str();
+    if record.state == MessageState::Processed as i32 || elsewhere {
         return Ok(None);
     }
     let result_digest = if result.is_empty() {
@@ -1002,16 +1006,12 @@ impl Agency for AgencyService {
             app,
         };
         let (tx, rx) = mpsc::channel(max as usize);
-        // Deliveries wait in the channel with their share of the stream's
-        // buffer (`STREAM_BUFFER_BYTES`), given back as tonic takes them.
-        let buffer = Arc::new(tokio::sync::Semaphore::new(STREAM_BUFFER_BYTES));
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            receive_loop(shared, scope, max, stream, tx, buffer).await;
+            receive_loop(shared, scope, max, stream, tx).await;
             drop(slot);
         });
-        let deliveries = ReceiverStream::new(rx).map(|(delivery, _share)| delivery);
-        Ok(Response::new(Box::pin(deliveries)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
@@ -1203,11 +1203,13 @@ impl Agency for AgencyService {
     }
 }
 
-/// Bytes of deliveries a `Receive` stream holds that its client has not
-/// taken yet (one delivery larger than this is held alone): with
-/// `max_in_flight` up to 10,000 and payloads up to 4 MiB, the count alone
-/// would let one slow reader pin gigabytes.
-const STREAM_BUFFER_BYTES: usize = 8 << 20;
+/// Bytes of unacked deliveries (payload and envelope, as the inbox counts
+/// them) a `Receive` stream holds leased at once, besides `max_in_flight`
+/// (one larger delivery is leased alone): a prefetch size, as AMQP has.
+/// Everything leased may sit in the node's memory until the client reads
+/// it, and with `max_in_flight` up to 10,000 and payloads up to 4 MiB the
+/// count alone would let one slow reader pin gigabytes.
+const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
 
 /// One of an app's open `Receive` streams, counted until dropped.
 struct StreamSlot {
@@ -1267,8 +1269,7 @@ async fn receive_loop(
     scope: Services,
     max: u32,
     stream: u64,
-    tx: mpsc::Sender<(Result<Delivery, Status>, tokio::sync::OwnedSemaphorePermit)>,
-    buffer: Arc<tokio::sync::Semaphore>,
+    tx: mpsc::Sender<Result<Delivery, Status>>,
 ) {
     let notify = shared.store.inbox_notify();
     let visibility = shared.config.visibility_timeout();
@@ -1294,15 +1295,19 @@ async fn receive_loop(
             resume.check(&leases, now);
             // Deliveries in flight on this stream, and the earliest any
             // lease runs out.
-            let mut in_flight = 0u32;
+            let (mut in_flight, mut in_flight_bytes) = (0u32, 0u64);
             let mut earliest: Option<Instant> = None;
             for l in leases.held.values().filter(|l| l.until > now) {
-                in_flight += u32::from(l.stream == stream);
+                if l.stream == stream {
+                    in_flight += 1;
+                    in_flight_bytes += l.bytes;
+                }
                 earliest = sooner(earliest, l.until);
             }
             let mut service: Option<String> = None;
             let mut listed_at = 0;
-            while in_flight < max {
+            let mut full = false;
+            while in_flight < max && !full {
                 let next = match &listed {
                     Some(names) => names.get(listed_at).cloned(),
                     None => shared.store.next_inbox_service(service.as_deref()).ok().flatten(),
@@ -1321,22 +1326,33 @@ async fn receive_loop(
                     let id = MessageId::from_bytes(bytes);
                     // Leased now, to this stream or another, or leased
                     // here: either way the next scan starts after it.
-                    mark = Some(seq);
                     let attempt = match leases.held.get(&id) {
-                        Some(l) if l.until > now => continue,
+                        Some(l) if l.until > now => {
+                            mark = Some(seq);
+                            continue;
+                        }
                         Some(l) => l.attempt + 1,
                         None => 1,
                     };
+                    let size = entry.size.min(MAX_IN_FLIGHT_BYTES);
+                    if in_flight > 0 && in_flight_bytes + size > MAX_IN_FLIGHT_BYTES {
+                        // Taken by the scan after an ack frees room.
+                        full = true;
+                        break;
+                    }
+                    mark = Some(seq);
                     leases.held.insert(
                         id,
                         Lease {
                             until: now + visibility,
                             attempt,
                             stream,
+                            bytes: size,
                         },
                     );
                     earliest = sooner(earliest, now + visibility);
                     in_flight += 1;
+                    in_flight_bytes += size;
                     to_send.push((id, attempt));
                 }
                 if let Some(seq) = mark {
@@ -1375,19 +1391,7 @@ async fn receive_loop(
             if shared.calls.withhold(&record, &id, stream, &shared.leases) {
                 continue;
             }
-            let delivery = delivery(&record, attempt);
-            let share = delivery.encoded_len().min(STREAM_BUFFER_BYTES) as u32;
-            // A client that stops reading holds this loop here, not the node's stop.
-            let share = tokio::select! {
-                share = buffer.clone().acquire_many_owned(share) => share.ok(),
-                _ = tx.closed() => None,
-                _ = shared.shutdown.cancelled() => None,
-            };
-            let Some(share) = share else {
-                release(&shared, stream);
-                return;
-            };
-            if tx.send((Ok(delivery), share)).await.is_err() {
+            if tx.send(Ok(delivery(&record, attempt))).await.is_err() {
                 release(&shared, stream);
                 return;
             }

@@ -377,30 +377,110 @@ impl Audit for AuditService {
 
     async fn export(&self, req: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
         auth::auditor(&self.shared, &req)?;
-        let bundle = export_bundle(&self.shared).await?.encode_to_vec();
-        tracing::info!(bytes = bundle.len(), "audit export");
-        let chunks: Vec<Result<ExportChunk, Status>> = bundle
-            .chunks(CHUNK)
-            .map(|c| Ok(ExportChunk { data: c.to_vec() }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        let (bundle, size) = export_bundle(&self.shared).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let sent = stream_bundle(&shared, bundle, size, &tx).await;
+            match sent {
+                Ok(bytes) => tracing::info!(bytes, entries = size, "audit export"),
+                Err(e) => {
+                    tracing::error!(error = %e, "audit export cut short");
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
-/// Everything an auditor needs to verify this node's log offline.
-pub(crate) async fn export_bundle(shared: &Shared) -> Result<AuditBundle, NodeError> {
+/// Log entries read from the store at a time for an export.
+const EXPORT_PAGE: usize = 1_024;
+
+/// Sends `bundle` with the first `size` log entries as its `entries`, in
+/// chunks of [`CHUNK`] bytes: byte for byte what `encode_to_vec` of the
+/// whole would give (fields in number order), but read and encoded a page
+/// of entries at a time, so a log of any length costs a few pages of
+/// memory, not three copies of itself. Returns the bytes sent (`Ok` also
+/// when the auditor went away).
+async fn stream_bundle(
+    shared: &Shared,
+    mut bundle: AuditBundle,
+    size: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<ExportChunk, Status>>,
+) -> Result<u64, NodeError> {
+    let mut sent = 0u64;
+    // Fields 1 to 3, then 4 (entries) a page at a time, then 5 to 7.
+    let tail = AuditBundle {
+        checkpoints: std::mem::take(&mut bundle.checkpoints),
+        consistency: std::mem::take(&mut bundle.consistency),
+        root_ca: std::mem::take(&mut bundle.root_ca),
+        ..AuditBundle::default()
+    };
+    let mut buf = bundle.encode_to_vec();
+    let mut from = 0u64;
+    while from < size {
+        let want = (size - from).min(EXPORT_PAGE as u64) as usize;
+        let page = shared.store.audit_entries(from, want)?;
+        if page.len() != want {
+            return Err(NodeError::Store(antar_store::StoreError::Corrupt {
+                tree: "audit",
+                detail: format!(
+                    "the log holds {} entries from {from}, {want} expected",
+                    page.len()
+                ),
+            }));
+        }
+        for (_, entry) in &page {
+            prost::encoding::bytes::encode(4, entry, &mut buf);
+        }
+        from += want as u64;
+        for data in chunks_of(&mut buf, false) {
+            sent += data.len() as u64;
+            if tx.send(Ok(ExportChunk { data })).await.is_err() {
+                return Ok(sent);
+            }
+        }
+    }
+    tail.encode(&mut buf).map_err(|e| {
+        NodeError::Store(antar_store::StoreError::Corrupt {
+            tree: "audit",
+            detail: e.to_string(),
+        })
+    })?;
+    for data in chunks_of(&mut buf, true) {
+        sent += data.len() as u64;
+        if tx.send(Ok(ExportChunk { data })).await.is_err() {
+            break;
+        }
+    }
+    Ok(sent)
+}
+
+/// Takes the whole [`CHUNK`]s off the front of `buf` (and with `all` the
+/// rest too), leaving the rest for the next page.
+fn chunks_of(buf: &mut Vec<u8>, all: bool) -> Vec<Vec<u8>> {
+    let cut = if all {
+        buf.len()
+    } else {
+        buf.len() - buf.len() % CHUNK
+    };
+    let chunks = buf[..cut].chunks(CHUNK).map(<[u8]>::to_vec).collect();
+    buf.drain(..cut);
+    chunks
+}
+
+/// Everything an auditor needs to verify this node's log offline, but its
+/// entries (see [`stream_bundle`]), and the log size it covers.
+pub(crate) async fn export_bundle(shared: &Shared) -> Result<(AuditBundle, u64), NodeError> {
     let latest = checkpoint_now(shared).await?;
     let size = latest.tree_size;
     // The checkpointer may store a newer one meanwhile: export up to `latest`.
     let checkpoints: Vec<Checkpoint> = stored_checkpoints(shared)?
         .into_iter()
         .filter(|c| c.tree_size <= size)
-        .collect();
-    let entries: Vec<Vec<u8>> = shared
-        .store
-        .audit_entries(0, size as usize)?
-        .into_iter()
-        .map(|(_, e)| e)
         .collect();
     let mut tree = shared.store.audit_tree(size)?;
     let mut consistency = Vec::new();
@@ -415,13 +495,14 @@ pub(crate) async fn export_bundle(shared: &Shared) -> Result<AuditBundle, NodeEr
             path: proof_hashes(path),
         });
     }
-    Ok(AuditBundle {
+    let bundle = AuditBundle {
         federation: shared.config.federation.clone(),
         agency: shared.agency.to_string(),
         certificates: signing_certs(shared)?,
-        entries,
+        entries: Vec::new(),
         checkpoints,
         consistency,
         root_ca: shared.verifier.anchor().root_der().to_vec(),
-    })
+    };
+    Ok((bundle, size))
 }

@@ -34,10 +34,10 @@ pub enum NodeError {
     /// The store passed its ceiling for peers' envelopes (twice the
     /// quota); the peer keeps them and retries.
     #[error(
-        "store is full for peers' envelopes: {queued} bytes queued, ceiling {ceiling} (twice limits.max_queued_bytes); keep them queued and retry later"
+        "store is full for peers' envelopes: {queued} bytes queued besides those for the sending peer, ceiling {ceiling} (twice limits.max_queued_bytes); keep them queued and retry later"
     )]
     PeersFull {
-        /// Bytes queued now.
+        /// Bytes queued now, but those for the sending peer.
         queued: u64,
         /// Twice the configured quota.
         ceiling: u64,

@@ -218,14 +218,19 @@ impl Peer for PeerService {
 /// for peers' envelopes, twice `limits.max_queued_bytes`: the node's own
 /// apps are refused at the quota, so envelopes already on their way
 /// between agencies still land, but one peer's flood cannot fill the disk
-/// (which would stop the node). A batch of receipts alone passes: they
-/// settle what this node sent and are bounded by it (one queued behind an
-/// envelope waits with it). The refusal ends the stream
-/// `RESOURCE_EXHAUSTED`; the peer keeps the envelopes queued and retries
-/// with backoff.
+/// (which would stop the node). What waits to go to `peer` itself is not
+/// counted: taking the peer's envelopes is how its receipts for those
+/// come back, so two nodes full of work for each other never refuse each
+/// other for good. A batch of receipts alone passes (they settle what this
+/// node sent); a receipt queued behind a refused envelope waits with it.
+/// The refusal ends the stream `RESOURCE_EXHAUSTED`; the peer keeps the
+/// envelopes queued and retries with backoff.
 fn peer_room(shared: &Shared, peer: &str, batch: &TransferBatch) -> Result<(), Status> {
     let ceiling = shared.limits().max_queued_bytes.saturating_mul(2);
-    let queued = shared.store.queued_bytes();
+    let queued = shared
+        .store
+        .queued_bytes()
+        .saturating_sub(shared.store.outbox_bytes(peer));
     let envelopes = || {
         batch
             .items

@@ -136,6 +136,9 @@ pub(crate) struct Lease {
     pub(crate) until: Instant,
     pub(crate) attempt: u32,
     pub(crate) stream: u64,
+    /// Its payload and envelope bytes, as the inbox counts them (at most
+    /// `agency::MAX_IN_FLIGHT_BYTES`).
+    pub(crate) bytes: u64,
 }
 
 /// The deliveries leased to `Receive` streams.
@@ -242,7 +245,7 @@ pub(crate) struct Calls(Mutex<HashMap<String, Caller>>);
 
 #[derive(Debug)]
 struct Caller {
-    /// The lease stream id of this `Call` (from [`Leases::open_stream`]).
+    /// The lease stream id of this `Call` (from [`Leases::next_stream`]).
     stream: u64,
     /// Taken when the RESPONSE arrives.
     wake: Option<tokio::sync::oneshot::Sender<MessageId>>,

@@ -23,6 +23,7 @@ mod tx;
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -256,6 +257,7 @@ impl Store {
         let certs = certs::Cache::default();
         let parts = InSled::new(&trees, &certs);
         let mut queued = 0u64;
+        let mut outbox_bytes: HashMap<String, u64> = HashMap::new();
         let mut expiry = tx::Expiry::default();
         for kv in trees[keys::OUTBOX].iter() {
             let (k, v) = kv?;
@@ -269,6 +271,7 @@ impl Store {
                     // Counted as stored, as an item that cannot be restored.
                     tracing::error!(error = %e, "an outbox run cannot be read");
                     queued += stored_len;
+                    *outbox_bytes.entry(peer.to_string()).or_default() += stored_len;
                     continue;
                 }
             };
@@ -286,7 +289,7 @@ impl Store {
                 let stored = v.get(8..).unwrap_or_default();
                 let key = keys::seq_key(&peer, seq);
                 let len = cuts::whole_len(stored, &parts, &|e| corrupt_at(keys::OUTBOX, &key, e));
-                queued += match len {
+                let len = match len {
                     Ok(len) => len as u64,
                     // Named here, and again when the item is read for sending;
                     // not a reason to keep every other queue from starting.
@@ -295,6 +298,8 @@ impl Store {
                         stored.len() as u64
                     }
                 };
+                queued += len;
+                *outbox_bytes.entry(peer.to_string()).or_default() += len;
             }
         }
         for kv in trees[keys::INBOX].iter() {
@@ -311,6 +316,7 @@ impl Store {
         let commit = GroupCommit::start(db.clone());
         let signals = Arc::new(tx::Signals {
             queued_bytes: AtomicU64::new(queued),
+            outbox_bytes: Mutex::new(outbox_bytes),
             expiry: Mutex::new(expiry),
             ..tx::Signals::default()
         });
@@ -443,6 +449,13 @@ impl Store {
     /// Bytes of queued work (outboxes + inboxes).
     pub fn queued_bytes(&self) -> u64 {
         self.inner.signals.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Of [`Store::queued_bytes`], those queued for `peer`.
+    pub fn outbox_bytes(&self, peer: &str) -> u64 {
+        let bytes = self.inner.signals.outbox_bytes.lock();
+        let bytes = bytes.unwrap_or_else(|p| p.into_inner());
+        bytes.get(peer).copied().unwrap_or(0)
     }
 
     /// Size of the store on disk: sled's files and the journal's segments.

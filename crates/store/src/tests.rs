@@ -58,6 +58,42 @@ async fn outbox_survives_reopen_in_order_and_counts_quota() {
 }
 
 #[tokio::test]
+async fn each_peers_outbox_bytes_are_counted_apart_and_rebuilt_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let health = {
+        let s = open(dir.path(), 1 << 20);
+        let mut health = Vec::new();
+        for i in 0..3u8 {
+            let (h, _) = s
+                .transact(|tx| {
+                    let h = tx.push_outbox("health", &[i; 100], Held::Nothing, 0)?;
+                    let r = tx.push_outbox("registry", &[i; 30], Held::Nothing, 0)?;
+                    Ok((h, r))
+                })
+                .await
+                .unwrap();
+            health.push(h);
+        }
+        s.transact(|tx| tx.push_inbox("tax.notice", &MessageId::new(), 7))
+            .await
+            .unwrap();
+        assert_eq!((s.outbox_bytes("health"), s.outbox_bytes("registry")), (300, 90));
+        assert_eq!(s.queued_bytes(), 397);
+        health
+    };
+    let s = open(dir.path(), 1 << 20);
+    assert_eq!((s.outbox_bytes("health"), s.outbox_bytes("registry")), (300, 90));
+    assert_eq!(s.outbox_bytes("hub"), 0);
+    s.transact(|tx| {
+        tx.remove_outbox("health", health[0])?;
+        tx.drop_outbox("health", health[1])
+    })
+    .await
+    .unwrap();
+    assert_eq!((s.outbox_bytes("health"), s.queued_bytes()), (100, 197));
+}
+
+#[tokio::test]
 async fn each_group_s_journal_sync_is_timed() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);

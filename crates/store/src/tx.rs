@@ -127,6 +127,8 @@ pub(crate) struct Effects {
     pub(crate) inbox: bool,
     pub(crate) receipts: bool,
     pub(crate) queued_delta: i64,
+    /// The part of `queued_delta` in each peer's outbox.
+    pub(crate) outbox_delta: BTreeMap<String, i64>,
     /// Outbox items with an expiry queued and taken, in order.
     pub(crate) expiring: Vec<Expiring>,
 }
@@ -138,7 +140,21 @@ impl Effects {
         self.inbox |= later.inbox;
         self.receipts |= later.receipts;
         self.queued_delta += later.queued_delta;
+        for (peer, delta) in later.outbox_delta {
+            *self.outbox_delta.entry(peer).or_default() += delta;
+        }
         self.expiring.extend(later.expiring);
+    }
+
+    /// `bytes` more (or fewer) queued in `peer`'s outbox.
+    fn outbox_bytes(&mut self, peer: &str, bytes: i64) {
+        self.queued_delta += bytes;
+        match self.outbox_delta.get_mut(peer) {
+            Some(delta) => *delta += bytes,
+            None => {
+                self.outbox_delta.insert(peer.to_owned(), bytes);
+            }
+        }
     }
 }
 
@@ -225,6 +241,8 @@ impl Expiry {
 #[derive(Debug, Default)]
 pub(crate) struct Signals {
     pub(crate) queued_bytes: AtomicU64,
+    /// Of `queued_bytes`, those in each peer's outbox.
+    pub(crate) outbox_bytes: Mutex<HashMap<String, u64>>,
     pub(crate) outbox: Mutex<HashMap<String, Arc<Notify>>>,
     pub(crate) inbox: Arc<Notify>,
     pub(crate) receipts: Arc<Notify>,
@@ -253,6 +271,20 @@ impl Signals {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
                     Some(q.saturating_sub(down))
                 });
+        }
+        if !effects.outbox_delta.is_empty() {
+            let mut bytes = self.outbox_bytes.lock().unwrap_or_else(|p| p.into_inner());
+            for (peer, delta) in &effects.outbox_delta {
+                let now = match bytes.get(peer.as_str()) {
+                    Some(b) => b.saturating_add_signed(*delta),
+                    None => u64::try_from(*delta).unwrap_or(0),
+                };
+                if now == 0 {
+                    bytes.remove(peer.as_str());
+                } else {
+                    bytes.insert(peer.clone(), now);
+                }
+            }
         }
         if !effects.expiring.is_empty() {
             let mut expiry = self.expiry.lock().unwrap_or_else(|p| p.into_inner());
@@ -676,7 +708,7 @@ impl<'a> Tx<'a> {
             }));
         }
         fx.outboxes.insert(peer.to_owned());
-        fx.queued_delta += item.len() as i64;
+        fx.outbox_bytes(peer, item.len() as i64);
         Ok(seq)
     }
 
@@ -690,7 +722,7 @@ impl<'a> Tx<'a> {
             return Ok(None);
         };
         let item = self.whole(OUTBOX, &keys::seq_key(peer, seq), &stored)?;
-        self.effects.borrow_mut().queued_delta -= item.len() as i64;
+        self.effects.borrow_mut().outbox_bytes(peer, -(item.len() as i64));
         Ok(Some(item))
     }
 
@@ -707,7 +739,7 @@ impl<'a> Tx<'a> {
         let len = cuts::whole_len(&stored, self, &|e| {
             Abort::Corrupt(crate::corrupt_at(OUTBOX, &key, e)).into()
         })?;
-        self.effects.borrow_mut().queued_delta -= len as i64;
+        self.effects.borrow_mut().outbox_bytes(peer, -(len as i64));
         Ok(true)
     }
 
