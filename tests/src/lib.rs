@@ -414,6 +414,21 @@ pub async fn transfer(
         .unwrap()
 }
 
+/// Receives and acks exactly the messages `ids`, each once, within `secs`.
+pub async fn receive_exactly(app: &Client, ids: &[String], secs: u64) {
+    use std::collections::HashSet;
+    let got: Vec<String> = receive(app, ids.len(), secs, true)
+        .await
+        .iter()
+        .map(|d| envelope_of(d).id)
+        .collect();
+    assert_eq!(got.len(), ids.len(), "not everything arrived");
+    let want: HashSet<&String> = ids.iter().collect();
+    let unique: HashSet<&String> = got.iter().collect();
+    assert_eq!(unique, want, "other messages than those sent");
+    assert_eq!(unique.len(), got.len(), "a message arrived twice");
+}
+
 /// The decoded header of a delivery.
 pub fn envelope_of(d: &wire::Delivery) -> wire::Envelope {
     use prost::Message as _;

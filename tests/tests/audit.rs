@@ -361,6 +361,10 @@ async fn exports_verify_and_any_tampering_is_named() {
         .status()
         .unwrap();
     assert!(status.success());
+    assert!(
+        !dir.path().join("finance.bundle.partial").exists(),
+        "the partial file is renamed once whole"
+    );
     let ok = Command::new(antar_bin())
         .args(["audit", "verify"])
         .arg(&out)

@@ -656,11 +656,24 @@ fn signed_to_health(
     id: antar_core::MessageId,
     hops: &[&str],
 ) -> EnvelopeTransfer {
+    signed_to(fed, (sender, "health"), kind, correlation_id, id, hops)
+}
+
+/// An envelope from `sender` to `recipient`'s `lab.results`, signed by the
+/// sender's node, as it would be handed over along `hops`.
+fn signed_to(
+    fed: &Federation,
+    (sender, recipient): (&str, &str),
+    kind: wire::Kind,
+    correlation_id: &str,
+    id: antar_core::MessageId,
+    hops: &[&str],
+) -> EnvelopeTransfer {
     use antar_core::{AgencyId, ServiceName};
     let draft = antar_core::envelope::Draft {
         kind,
         sender: AgencyId::parse(sender).unwrap(),
-        recipient: AgencyId::parse("health").unwrap(),
+        recipient: AgencyId::parse(recipient).unwrap(),
         service: ServiceName::parse("lab.results").unwrap(),
         correlation_id: correlation_id.to_owned(),
         created_at: std::time::SystemTime::now(),
@@ -694,4 +707,42 @@ fn queued_receipts(fed: &Federation, agency: &str, peer: &str) -> Vec<wire::Rece
                 .receipt
         })
         .collect()
+}
+
+/// A peer handing over an envelope this node would relay straight back to
+/// it (health reaches registry through the hub): refused `loop`, never
+/// queued for the peer that sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_would_go_straight_back_to_its_peer_is_refused_as_a_loop() {
+    let fed = Federation::standard();
+    let health = fed.start("health").await;
+    let mut hub = fed.peer_as("hub", "health").await;
+    let id = antar_core::MessageId::new();
+    let et = signed_to(
+        &fed,
+        ("finance", "registry"),
+        wire::Kind::Notice,
+        "",
+        id,
+        &["finance", "hub"],
+    );
+    let ack = transfer(
+        &mut hub,
+        vec![TransferItem {
+            seq: 1,
+            item: Some(transfer_item::Item::Envelope(et)),
+        }],
+    )
+    .await;
+    assert_eq!(
+        (ack.acks[0].status, ack.acks[0].reason.as_str()),
+        (wire::CustodyStatus::Rejected as i32, "loop")
+    );
+    let admin = fed.admin("health").await;
+    let queued = peer_status(&admin, "hub").await.map_or(0, |p| p.backlog);
+    assert!(
+        queued <= 1,
+        "only the REJECTED receipt is queued for the hub: {queued}"
+    );
+    health.stop().await.unwrap();
 }

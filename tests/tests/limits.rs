@@ -287,11 +287,7 @@ async fn a_peer_cannot_fill_a_store_past_twice_its_quota_and_nothing_is_lost() {
     assert!(st.message().contains("max_queued_bytes"), "{st:?}");
 
     // As health's app drains its inbox, the rest arrive: each once.
-    let got = receive(&health, sent.len(), 30, true).await;
-    let mut got: Vec<String> = got.iter().map(|d| envelope_of(d).id).collect();
-    got.sort();
-    sent.sort();
-    assert_eq!(got, sent);
+    receive_exactly(&health, &sent, 30).await;
     eventually(10, "finance's queue to health drained", || async {
         (backlog(&admin, "health").await == 0).then_some(())
     })
@@ -303,8 +299,9 @@ async fn a_peer_cannot_fill_a_store_past_twice_its_quota_and_nothing_is_lost() {
 
 /// What waits to go to a peer does not count against taking that peer's
 /// envelopes: two nodes full of work for each other never refuse each
-/// other for good. Health holds 200 KiB for finance, over its ceiling of
-/// 128 KiB, with its link to finance cut; finance's envelopes still land.
+/// other for good. Health holds 150 KiB for finance, over its ceiling of
+/// 128 KiB, with its link to finance cut; finance's envelopes still land
+/// (what waits for the sender counts up to the quota, 64 KiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_waiting_for_a_peer_does_not_make_its_envelopes_refused() {
     let fed = Federation::standard();
@@ -320,23 +317,16 @@ async fn work_waiting_for_a_peer_does_not_make_its_envelopes_refused() {
     }
     let health_node = fed.start_with(config).await;
     let health = fed.app("health").await;
-    let big = send(&health, notice("finance", "tax.notice", &vec![7; 200 * 1024])).await;
+    let big = send(&health, notice("finance", "tax.notice", &vec![7; 150 * 1024])).await;
     let queued = get(&scrape(&fed, "health").await, "antar_queued_bytes");
-    assert!(queued > (200 * 1024) as f64, "{queued}");
+    assert!(queued > (150 * 1024) as f64, "{queued}");
 
     let finance = fed.app("finance").await;
     let mut sent = Vec::new();
     for i in 0..5u32 {
         sent.push(send(&finance, notice("health", "tax.notice", &i.to_be_bytes())).await);
     }
-    let mut got: Vec<String> = receive(&health, 5, 15, true)
-        .await
-        .iter()
-        .map(|d| envelope_of(d).id)
-        .collect();
-    got.sort();
-    sent.sort();
-    assert_eq!(got, sent);
+    receive_exactly(&health, &sent, 15).await;
 
     proxy.set(LinkMode::Up);
     let at_finance = receive(&finance, 1, 15, true).await;
@@ -474,6 +464,91 @@ async fn an_app_holds_a_bounded_number_of_receive_streams_each_a_bounded_number_
     got.sort();
     sent.sort();
     assert_eq!(got, sent);
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_is_limited_like_the_others_and_ends_silent_scrapes() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.max_connections_per_ip = 2;
+    let node = fed.start_with(config).await;
+    let metrics = fed.addrs["finance"].metrics;
+    let mut silent = vec![
+        connect_from([127, 0, 0, 3], metrics).await,
+        connect_from([127, 0, 0, 3], metrics).await,
+    ];
+    let mut third = connect_from([127, 0, 0, 3], metrics).await;
+    assert!(closed_within(&mut third, Duration::from_secs(2)).await);
+    // Scrapes from elsewhere are served, and count the refusal.
+    let m = scrape(&fed, "finance").await;
+    assert_eq!(
+        get(&m, r#"antar_connections_refused_total{listener="metrics"}"#),
+        1.0
+    );
+    // A scrape that never asks is closed within 5 s.
+    let started = Instant::now();
+    for conn in &mut silent {
+        assert!(closed_within(conn, Duration::from_secs(8)).await);
+    }
+    assert!(started.elapsed() < Duration::from_secs(7));
+    node.stop().await.unwrap();
+}
+
+/// A client that opens a stream and stops reading: its leases run out and
+/// go to another reader, and the stream holds no more copies in memory
+/// than its bound (15 of 1 MiB, and the transport's flow-control window),
+/// however often its leases run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stops_reading_does_not_pile_up_copies() {
+    let fed = Federation::standard();
+    let nodes = fed
+        .start_all_with(&["finance", "health"], |agency, config| {
+            if agency == "health" {
+                config.limits.visibility_timeout_ms = 300;
+                config.apps.push(antar_node::config::App {
+                    name: "payroll".into(),
+                    services: vec!["*".into()],
+                });
+            }
+        })
+        .await;
+    let health = fed.app("health").await;
+    let mut stuck = health
+        .agency()
+        .receive(wire::ReceiveRequest {
+            services: vec![],
+            max_in_flight: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let finance = fed.app("finance").await;
+    let mut sent = Vec::new();
+    for i in 0..24u8 {
+        sent.push(send(&finance, notice("health", "tax.notice", &vec![i; 1 << 20])).await);
+    }
+    // Several lease timeouts pass while the stuck stream reads nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let payroll = fed.named_app("health", "payroll").await;
+    receive_exactly(&payroll, &sent, 20).await;
+    let mut copies = 0;
+    loop {
+        use tokio_stream::StreamExt as _;
+        match tokio::time::timeout(Duration::from_millis(500), stuck.next()).await {
+            Ok(Some(d)) => {
+                d.unwrap();
+                copies += 1;
+            }
+            _ => break,
+        }
+    }
+    // 15 in the stream's bound, and what HTTP/2 flow control lets the
+    // transport hold besides (the client's stream window, 2 MiB here);
+    // without the bound, 15 more each time the leases ran out.
+    assert!(copies <= 20, "the stuck stream held {copies} deliveries");
     for n in nodes {
         n.stop().await.unwrap();
     }

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use antar_tests::*;
@@ -44,20 +43,6 @@ fn direct_to(mut config: antar_node::NodeConfig, fed: &Federation, peer: &str) -
         }
     }
     config
-}
-
-/// Receives and acks exactly the messages `ids`, each once.
-async fn receive_exactly(app: &antar_client::Client, ids: &[String], secs: u64) {
-    let got: Vec<String> = receive(app, ids.len(), secs, true)
-        .await
-        .iter()
-        .map(|d| envelope_of(d).id)
-        .collect();
-    assert_eq!(got.len(), ids.len(), "not everything arrived");
-    let want: HashSet<&String> = ids.iter().collect();
-    let unique: HashSet<&String> = got.iter().collect();
-    assert_eq!(unique, want, "other messages than those sent");
-    assert_eq!(unique.len(), got.len(), "a message arrived twice");
 }
 
 /// Sends health a notice that opens the stream and waits for its delivery,

@@ -434,15 +434,33 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status_err)?
         .into_inner();
+    // Written beside `--out` and renamed over it once whole: an export cut
+    // short leaves no file that looks like one (nor replaces a good one).
+    let mut partial = a.out.clone().into_os_string();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     let mut file =
-        std::fs::File::create(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+        std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     let mut bytes = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(status_err)?;
-        file.write_all(&chunk.data)?;
-        bytes += chunk.data.len();
+    let written: anyhow::Result<()> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(status_err)?;
+            file.write_all(&chunk.data)?;
+            bytes += chunk.data.len();
+        }
+        file.sync_all()?;
+        Ok(())
     }
-    file.sync_all()?;
+    .await;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e.context(format!(
+            "the export was cut short; {} not written",
+            a.out.display()
+        )));
+    }
+    std::fs::rename(&partial, &a.out)
+        .with_context(|| format!("cannot move {} to {}", partial.display(), a.out.display()))?;
     if a.conn.json {
         println!("{}", json!({ "out": a.out, "bytes": bytes }));
     } else {

@@ -209,7 +209,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     tokio::select! {
         stopped = stop_all => stopped?,
-        () = signals.again() => return Ok(crate::stopped_at_once()),
+        () = signals.again() => crate::stopped_at_once(),
     }
     Ok(ExitCode::SUCCESS)
 }

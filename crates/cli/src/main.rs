@@ -207,7 +207,7 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
     // Before anything slow: a SIGHUP during start-up (a `systemctl reload`)
     // must not kill the node, nor a SIGTERM go unheeded (PID 1 in a
     // container ignores it without a handler); both wait for the node.
-    let signals = Signals::install();
+    let mut signals = Signals::install();
     let listeners = antar_node::Listeners::bind(&config).await?;
     let node = match antar_node::Node::start(config, Some(path), listeners).await {
         Ok(n) => n,
@@ -217,7 +217,6 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
         }
         Err(e) => return Err(e.into()),
     };
-    let mut signals = signals;
     signals
         .wait(|| match node.reload() {
             Ok(r) => tracing::info!(
@@ -230,49 +229,55 @@ async fn run_node(config: antar_node::NodeConfig, path: PathBuf) -> anyhow::Resu
         .await;
     tokio::select! {
         stopped = node.stop() => stopped?,
-        () = signals.again() => return Ok(stopped_at_once()),
+        () = signals.again() => stopped_at_once(),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// What a second Ctrl-C or SIGTERM during a stop does: the process ends
-/// now, as after `kill -9`, which loses no acknowledged work (the store
-/// replays its journal at the next start). Exit status 130.
-pub(crate) fn stopped_at_once() -> ExitCode {
+/// now, nothing more flushed or joined, as after `kill -9`, which loses no
+/// acknowledged work (the store replays its journal at the next start).
+/// Exit status 130.
+pub(crate) fn stopped_at_once() -> ! {
     eprintln!(
         "antar: second signal during the stop: exiting now without waiting for it (acknowledged work is on disk; the next start recovers the store)"
     );
-    ExitCode::from(130)
+    std::process::exit(130)
 }
 
 /// SIGTERM and SIGHUP, caught from when they are installed: one that
-/// comes before [`Signals::wait`] is acted on there. Ctrl-C is caught only
-/// in `wait`, so it still ends a start-up that hangs.
+/// comes before [`Signals::wait`] is acted on there. Ctrl-C (SIGINT) is
+/// caught from the first `wait` on, so it still ends a start-up that
+/// hangs; from then on every one is caught, including one that comes
+/// while a SIGHUP's reload runs. A signal that cannot be installed is
+/// never waited for.
 pub(crate) struct Signals {
-    term_hup: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
     pub(crate) fn install() -> Self {
         use tokio::signal::unix::{signal, SignalKind};
-        let term_hup = match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
-            (Ok(term), Ok(hup)) => Some((term, hup)),
-            _ => None,
-        };
-        Self { term_hup }
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+            int: None,
+        }
     }
 
     /// Waits for SIGTERM or Ctrl-C; calls `on_hup` on each SIGHUP.
     pub(crate) async fn wait(&mut self, on_hup: impl Fn()) {
-        let Some((term, hup)) = &mut self.term_hup else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
+        use tokio::signal::unix::{signal, SignalKind};
+        if self.int.is_none() {
+            self.int = signal(SignalKind::interrupt()).ok();
+        }
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => return,
-                _ = term.recv() => return,
-                _ = hup.recv() => on_hup(),
+                () = next(&mut self.int) => return,
+                () = next(&mut self.term) => return,
+                () = next(&mut self.hup) => on_hup(),
             }
         }
     }
@@ -282,6 +287,16 @@ impl Signals {
     pub(crate) async fn again(&mut self) {
         self.wait(|| tracing::info!("SIGHUP during the stop ignored"))
             .await;
+    }
+}
+
+/// The next delivery of `signal`; never, when it is not installed.
+async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+    let Some(s) = signal else {
+        return std::future::pending().await;
+    };
+    if s.recv().await.is_none() {
+        std::future::pending::<()>().await;
     }
 }
 

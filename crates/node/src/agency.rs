@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use antar_core::envelope::sha256;
@@ -1006,12 +1006,21 @@ impl Agency for AgencyService {
             app,
         };
         let (tx, rx) = mpsc::channel(max as usize);
+        let unread = Arc::new(Unread::default());
         let shared = self.shared.clone();
+        let sent = Sent {
+            tx,
+            unread: unread.clone(),
+        };
         tokio::spawn(async move {
-            receive_loop(shared, scope, max, stream, tx).await;
+            receive_loop(shared, scope, max, stream, sent).await;
             drop(slot);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let deliveries = ReceiverStream::new(rx).map(move |(delivery, bytes)| {
+            unread.taken(bytes);
+            delivery
+        });
+        Ok(Response::new(Box::pin(deliveries)))
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
@@ -1206,10 +1215,52 @@ impl Agency for AgencyService {
 /// Bytes of unacked deliveries (payload and envelope, as the inbox counts
 /// them) a `Receive` stream holds leased at once, besides `max_in_flight`
 /// (one larger delivery is leased alone): a prefetch size, as AMQP has.
-/// Everything leased may sit in the node's memory until the client reads
-/// it, and with `max_in_flight` up to 10,000 and payloads up to 4 MiB the
-/// count alone would let one slow reader pin gigabytes.
+/// The same bound holds for what the stream holds unread in memory
+/// ([`Unread`], copies whose lease ran out included): with `max_in_flight`
+/// up to 10,000 and payloads up to 4 MiB, the count alone would let one
+/// slow reader pin gigabytes.
 const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
+
+/// Deliveries a `Receive` stream has handed to its channel that tonic has
+/// not taken yet: what the node holds in memory for a client that reads
+/// slowly or not at all, copies of deliveries whose lease ran out included.
+#[derive(Default)]
+struct Unread {
+    items: std::sync::atomic::AtomicU32,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Unread {
+    fn now(&self) -> (u32, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.items.load(Relaxed), self.bytes.load(Relaxed))
+    }
+
+    fn taken(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.items.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(bytes, Relaxed);
+    }
+}
+
+/// A `Receive` stream's sending side: every delivery counted in `unread`
+/// until tonic takes it.
+struct Sent {
+    tx: mpsc::Sender<(Result<Delivery, Status>, u64)>,
+    unread: Arc<Unread>,
+}
+
+impl Sent {
+    /// Hands `delivery` on; false when the client has gone. Never waits:
+    /// the loop leases no more than the channel has room for.
+    async fn send(&self, delivery: Delivery) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = delivery.encoded_len() as u64;
+        self.unread.items.fetch_add(1, Relaxed);
+        self.unread.bytes.fetch_add(bytes, Relaxed);
+        self.tx.send((Ok(delivery), bytes)).await.is_ok()
+    }
+}
 
 /// One of an app's open `Receive` streams, counted until dropped.
 struct StreamSlot {
@@ -1264,13 +1315,8 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 
 /// Leases deliveries to one `Receive` stream: at most `max` unacked at a
 /// time; a lease that times out makes the message visible again.
-async fn receive_loop(
-    shared: Arc<Shared>,
-    scope: Services,
-    max: u32,
-    stream: u64,
-    tx: mpsc::Sender<Result<Delivery, Status>>,
-) {
+async fn receive_loop(shared: Arc<Shared>, scope: Services, max: u32, stream: u64, sent: Sent) {
+    let tx = &sent.tx;
     let notify = shared.store.inbox_notify();
     let visibility = shared.config.visibility_timeout();
     // Services named: scanned in name order; all: as the inbox holds them.
@@ -1304,10 +1350,14 @@ async fn receive_loop(
                 }
                 earliest = sooner(earliest, l.until);
             }
+            // What this stream holds unread (in memory), stale copies
+            // included: bounded like what it holds leased.
+            let (unread, unread_bytes) = sent.unread.now();
+            let (mut leased_now, mut leased_bytes) = (0u32, 0u64);
             let mut service: Option<String> = None;
             let mut listed_at = 0;
             let mut full = false;
-            while in_flight < max && !full {
+            while in_flight < max && unread + leased_now < max && !full {
                 let next = match &listed {
                     Some(names) => names.get(listed_at).cloned(),
                     None => shared.store.next_inbox_service(service.as_deref()).ok().flatten(),
@@ -1316,7 +1366,7 @@ async fn receive_loop(
                 listed_at += 1;
                 let mut mark = resume.after.get(&name).copied();
                 for entry in shared.store.inbox_after(&name, mark) {
-                    if in_flight >= max {
+                    if in_flight >= max || unread + leased_now >= max {
                         break;
                     }
                     let Ok((seq, entry)) = entry else { continue };
@@ -1335,8 +1385,10 @@ async fn receive_loop(
                         None => 1,
                     };
                     let size = entry.size.min(MAX_IN_FLIGHT_BYTES);
-                    if in_flight > 0 && in_flight_bytes + size > MAX_IN_FLIGHT_BYTES {
-                        // Taken by the scan after an ack frees room.
+                    let over = in_flight_bytes + size > MAX_IN_FLIGHT_BYTES
+                        || unread_bytes + leased_bytes + size > MAX_IN_FLIGHT_BYTES;
+                    if over && (in_flight > 0 || unread > 0) {
+                        // Taken by the scan after an ack or a read frees room.
                         full = true;
                         break;
                     }
@@ -1353,6 +1405,8 @@ async fn receive_loop(
                     earliest = sooner(earliest, now + visibility);
                     in_flight += 1;
                     in_flight_bytes += size;
+                    leased_now += 1;
+                    leased_bytes += size;
                     to_send.push((id, attempt));
                 }
                 if let Some(seq) = mark {
@@ -1391,7 +1445,7 @@ async fn receive_loop(
             if shared.calls.withhold(&record, &id, stream, &shared.leases) {
                 continue;
             }
-            if tx.send(Ok(delivery(&record, attempt))).await.is_err() {
+            if !sent.send(delivery(&record, attempt)).await {
                 release(&shared, stream);
                 return;
             }

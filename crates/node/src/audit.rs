@@ -383,7 +383,11 @@ impl Audit for AuditService {
         tokio::spawn(async move {
             let sent = stream_bundle(&shared, bundle, size, &tx).await;
             match sent {
-                Ok(bytes) => tracing::info!(bytes, entries = size, "audit export"),
+                Ok(Some(bytes)) => tracing::info!(bytes, entries = size, "audit export"),
+                Ok(None) => tracing::info!(
+                    entries = size,
+                    "audit export: the auditor went away before its end"
+                ),
                 Err(e) => {
                     tracing::error!(error = %e, "audit export cut short");
                     let _ = tx.send(Err(e.into())).await;
@@ -403,14 +407,14 @@ const EXPORT_PAGE: usize = 1_024;
 /// chunks of [`CHUNK`] bytes: byte for byte what `encode_to_vec` of the
 /// whole would give (fields in number order), but read and encoded a page
 /// of entries at a time, so a log of any length costs a few pages of
-/// memory, not three copies of itself. Returns the bytes sent (`Ok` also
-/// when the auditor went away).
+/// memory, not three copies of itself. Returns the bytes sent, `None` when
+/// the auditor went away first.
 async fn stream_bundle(
     shared: &Shared,
     mut bundle: AuditBundle,
     size: u64,
     tx: &tokio::sync::mpsc::Sender<Result<ExportChunk, Status>>,
-) -> Result<u64, NodeError> {
+) -> Result<Option<u64>, NodeError> {
     let mut sent = 0u64;
     // Fields 1 to 3, then 4 (entries) a page at a time, then 5 to 7.
     let tail = AuditBundle {
@@ -440,7 +444,7 @@ async fn stream_bundle(
         for data in chunks_of(&mut buf, false) {
             sent += data.len() as u64;
             if tx.send(Ok(ExportChunk { data })).await.is_err() {
-                return Ok(sent);
+                return Ok(None);
             }
         }
     }
@@ -453,10 +457,10 @@ async fn stream_bundle(
     for data in chunks_of(&mut buf, true) {
         sent += data.len() as u64;
         if tx.send(Ok(ExportChunk { data })).await.is_err() {
-            break;
+            return Ok(None);
         }
     }
-    Ok(sent)
+    Ok(Some(sent))
 }
 
 /// Takes the whole [`CHUNK`]s off the front of `buf` (and with `all` the

@@ -442,8 +442,12 @@ impl Node {
             peer_router.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned()),
         ));
         if let Some(m) = listeners.metrics {
-            node.tasks
-                .push(tokio::spawn(metrics::serve(m, shared.clone(), token.clone())));
+            node.tasks.push(tokio::spawn(metrics::serve(
+                m,
+                shared.clone(),
+                conn_limit(&shared, "metrics"),
+                token.clone(),
+            )));
         }
         forward::start(&shared, &tokio::runtime::Handle::current());
         node.tasks

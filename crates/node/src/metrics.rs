@@ -219,26 +219,35 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` (any path, in fact) over plain HTTP/1.1.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<crate::net::ConnLimit>,
+    shutdown: CancellationToken,
+) {
     loop {
-        let (mut conn, _) = tokio::select! {
+        let (mut conn, _, slot) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            a = crate::net::accept_admitted(&listener, &limit) => a,
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await;
-            if !matches!(read, Ok(Ok(n)) if n > 0) {
-                return;
-            }
-            let body = shared.metrics.render(&shared);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
+            // A scrape, start to end, within 5 s; its place is held till then.
+            let _slot = slot;
+            let scrape = async {
+                let mut buf = [0u8; 2048];
+                if !matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {
+                    return;
+                }
+                let body = shared.metrics.render(&shared);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), scrape).await;
         });
     }
 }

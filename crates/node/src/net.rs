@@ -80,6 +80,7 @@ impl ConnLimit {
 
     /// A slot for a connection from `ip`, or the name of the limit it hits.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+        let ip = client_net(ip);
         let mut open = self.lock();
         if open.total >= self.max_total {
             return Err("limits.max_connections");
@@ -107,7 +108,11 @@ impl ConnLimit {
             "limits.max_connections" => (self.max_total, self.open()),
             _ => (
                 self.max_per_ip,
-                self.lock().per_ip.get(&remote.ip()).copied().unwrap_or(0),
+                self.lock()
+                    .per_ip
+                    .get(&client_net(remote.ip()))
+                    .copied()
+                    .unwrap_or(0),
             ),
         };
         tracing::warn!(
@@ -123,9 +128,47 @@ impl ConnLimit {
     }
 }
 
+/// What one client is counted by for `limits.max_connections_per_ip`: an
+/// IPv4 address, or the /64 network of an IPv6 one (a single host is
+/// usually given a whole /64, so counting its addresses one by one would
+/// count nothing); an IPv4-mapped IPv6 address as the IPv4 address.
+fn client_net(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// The next connection `listener` takes under `limit`, with its slot:
+/// a failed accept (out of file descriptors) is logged and waited out, not
+/// retried in a spin; a connection over a limit is closed at once and
+/// counted. Cancel-safe: nothing is awaited between accept and admission.
+pub(crate) async fn accept_admitted(
+    listener: &TcpListener,
+    limit: &Arc<ConnLimit>,
+) -> (TcpStream, std::net::SocketAddr, Slot) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(listener = limit.listener(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match limit.admit(remote.ip()) {
+            Ok(slot) => return (tcp, remote, slot),
+            Err(which) => limit.refuse(remote, which),
+        }
+    }
+}
+
 /// One admitted connection; frees its place when dropped.
 #[derive(Debug)]
-struct Slot {
+pub(crate) struct Slot {
     limit: Arc<ConnLimit>,
     ip: IpAddr,
 }
@@ -206,25 +249,9 @@ pub(crate) fn tls_incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
+            let (tcp, remote, slot) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let slot = match limit.admit(remote.ip()) {
-                Ok(slot) => slot,
-                Err(which) => {
-                    limit.refuse(remote, which);
-                    drop(tcp);
-                    continue;
-                }
+                a = accept_admitted(&listener, &limit) => a,
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config());
@@ -301,4 +328,35 @@ pub(crate) fn peer_channel(shared: &crate::state::Shared, peer: &str, addr: &str
     .map_err(|e| e.to_string())?;
     let handshake = Duration::from_millis(shared.limits().handshake_timeout_ms);
     dial(addr, config, handshake).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(client_net(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_net(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_net(ip("2001:db8:0:5:a::1")), ip("2001:db8:0:5::"));
+        let limit = ConnLimit::new("test", 10, 2);
+        let held: Vec<Slot> = ["2001:db8::1", "2001:db8::ffff:2"]
+            .into_iter()
+            .map(|a| limit.admit(ip(a)).unwrap())
+            .collect();
+        assert_eq!(
+            limit.admit(ip("2001:db8::3")).unwrap_err(),
+            "limits.max_connections_per_ip",
+            "a third address of the same /64"
+        );
+        let other = limit.admit(ip("2001:db8:0:1::1")).expect("another /64");
+        drop(held);
+        assert!(limit.admit(ip("2001:db8::3")).is_ok(), "places given back");
+        assert_eq!(limit.open(), 1);
+        drop(other);
+    }
 }

@@ -219,18 +219,20 @@ impl Peer for PeerService {
 /// apps are refused at the quota, so envelopes already on their way
 /// between agencies still land, but one peer's flood cannot fill the disk
 /// (which would stop the node). What waits to go to `peer` itself is not
-/// counted: taking the peer's envelopes is how its receipts for those
-/// come back, so two nodes full of work for each other never refuse each
-/// other for good. A batch of receipts alone passes (they settle what this
+/// counted, up to the quota: taking the peer's envelopes is how its
+/// receipts for those come back, so two nodes full of work for each other
+/// never refuse each other for good, while three times the quota is a
+/// hard ceiling. (Nothing a peer sends is relayed back to it: `loop`.) A batch of receipts alone passes (they settle what this
 /// node sent); a receipt queued behind a refused envelope waits with it.
 /// The refusal ends the stream `RESOURCE_EXHAUSTED`; the peer keeps the
 /// envelopes queued and retries with backoff.
 fn peer_room(shared: &Shared, peer: &str, batch: &TransferBatch) -> Result<(), Status> {
-    let ceiling = shared.limits().max_queued_bytes.saturating_mul(2);
-    let queued = shared
-        .store
-        .queued_bytes()
-        .saturating_sub(shared.store.outbox_bytes(peer));
+    let quota = shared.limits().max_queued_bytes;
+    let ceiling = quota.saturating_mul(2);
+    // What waits for `peer` is left out up to the quota: past three times
+    // it, nothing more is taken whatever it is for.
+    let waiting = shared.store.outbox_bytes(peer).min(quota);
+    let queued = shared.store.queued_bytes().saturating_sub(waiting);
     let envelopes = || {
         batch
             .items
@@ -506,6 +508,10 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
                 Plan::Deliver(Box::new(verified), et, identity, Box::new(delivered))
             } else {
                 match shared.policy().next_hop(verified.recipient.as_str()) {
+                    // Straight back where it came from: a loop (and work
+                    // queued for the peer that sent it, which `peer_room`
+                    // would not count).
+                    Some(next) if next.as_str() == from.agency.as_str() => reject(shared, "loop", claimed),
                     Some(next) => Plan::Relay(Box::new(verified), et, next),
                     None => reject(shared, "no_route", claimed),
                 }
