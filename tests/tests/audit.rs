@@ -365,6 +365,40 @@ async fn exports_verify_and_any_tampering_is_named() {
         !dir.path().join("finance.bundle.partial").exists(),
         "the partial file is renamed once whole"
     );
+    // Straight to a pipe: the bundle alone on stdout; a directory refused.
+    // (/dev/fd/1, not /dev/stdout: a build that renamed over its `--out`
+    // could not replace a link in /proc, but as root it would replace
+    // /dev/stdout.)
+    let piped = Command::new(antar_bin())
+        .args(["audit", "export", "--agency", "finance", "--out", "/dev/fd/1"])
+        .arg("--federation")
+        .arg(&fed_json)
+        .output()
+        .unwrap();
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    verify_bundle(&piped.stdout, &verifier).unwrap_or_else(|e| {
+        panic!(
+            "the bundle on stdout: {e}; it starts {:?}",
+            String::from_utf8_lossy(&piped.stdout[..piped.stdout.len().min(300)])
+        )
+    });
+    let to_dir = Command::new(antar_bin())
+        .args(["audit", "export", "--agency", "finance", "--out"])
+        .arg(dir.path())
+        .arg("--federation")
+        .arg(&fed_json)
+        .output()
+        .unwrap();
+    assert!(!to_dir.status.success());
+    assert!(
+        String::from_utf8_lossy(&to_dir.stderr).contains("is a directory"),
+        "{}",
+        String::from_utf8_lossy(&to_dir.stderr)
+    );
     let ok = Command::new(antar_bin())
         .args(["audit", "verify"])
         .arg(&out)

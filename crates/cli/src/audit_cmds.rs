@@ -94,7 +94,9 @@ pub struct ProofArgs {
 pub struct ExportArgs {
     #[command(flatten)]
     conn: ConnArgs,
-    /// Where to write the bundle.
+    /// Where to write the bundle. A file is written as OUT.partial and
+    /// renamed once whole; a pipe or device (e.g. /dev/stdout) is written
+    /// straight.
     #[arg(long)]
     out: PathBuf,
 }
@@ -434,11 +436,21 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status_err)?
         .into_inner();
-    // Written beside `--out` and renamed over it once whole: an export cut
-    // short leaves no file that looks like one (nor replaces a good one).
-    let mut partial = a.out.clone().into_os_string();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
+    // A file is written beside `--out` and renamed over it once whole: an
+    // export cut short leaves no file that looks like one (nor replaces a
+    // good one). A pipe or a device is written straight.
+    let kind = std::fs::metadata(&a.out).ok().map(|m| m.file_type());
+    if kind.is_some_and(|t| t.is_dir()) {
+        anyhow::bail!("--out {} is a directory; name the bundle file", a.out.display());
+    }
+    let straight = kind.is_some_and(|t| !t.is_file());
+    let partial = if straight {
+        a.out.clone()
+    } else {
+        let mut partial = a.out.clone().into_os_string();
+        partial.push(".partial");
+        PathBuf::from(partial)
+    };
     let mut file =
         std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     let mut bytes = 0;
@@ -448,27 +460,42 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
             file.write_all(&chunk.data)?;
             bytes += chunk.data.len();
         }
-        file.sync_all()?;
+        if !straight {
+            file.sync_all()?;
+        }
         Ok(())
     }
     .await;
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&partial);
+        if !straight {
+            let _ = std::fs::remove_file(&partial);
+        }
         return Err(e.context(format!(
             "the export was cut short; {} not written",
             a.out.display()
         )));
     }
-    std::fs::rename(&partial, &a.out)
-        .with_context(|| format!("cannot move {} to {}", partial.display(), a.out.display()))?;
-    if a.conn.json {
-        println!("{}", json!({ "out": a.out, "bytes": bytes }));
+    if !straight {
+        if let Err(e) = std::fs::rename(&partial, &a.out) {
+            let _ = std::fs::remove_file(&partial);
+            let what = format!("cannot move {} to {}", partial.display(), a.out.display());
+            return Err(anyhow::Error::new(e).context(what));
+        }
+    }
+    // Said on stderr when the bundle itself may be on stdout.
+    let said = if a.conn.json {
+        json!({ "out": a.out, "bytes": bytes }).to_string()
     } else {
-        println!(
+        format!(
             "wrote {} ({bytes} bytes); check it anywhere with: antar audit verify {} --root ROOT_CA",
             a.out.display(),
             a.out.display()
-        );
+        )
+    };
+    if straight {
+        eprintln!("{said}");
+    } else {
+        println!("{said}");
     }
     Ok(ExitCode::SUCCESS)
 }
