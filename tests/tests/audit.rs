@@ -380,6 +380,26 @@ async fn exports_verify_and_any_tampering_is_named() {
         "{}",
         String::from_utf8_lossy(&piped.stderr)
     );
+    // Through a link to a regular file (as /dev/stdout is, with stdout
+    // redirected to one): written through, the link left a link.
+    let target = dir.path().join("target.bundle");
+    std::fs::write(&target, b"old").unwrap();
+    let link = dir.path().join("link.bundle");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let through = Command::new(antar_bin())
+        .args(["audit", "export", "--agency", "finance", "--out"])
+        .arg(&link)
+        .arg("--federation")
+        .arg(&fed_json)
+        .output()
+        .unwrap();
+    assert!(
+        through.status.success(),
+        "{}",
+        String::from_utf8_lossy(&through.stderr)
+    );
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    verify_bundle(&std::fs::read(&target).unwrap(), &verifier).expect("the bundle behind the link verifies");
     verify_bundle(&piped.stdout, &verifier).unwrap_or_else(|e| {
         panic!(
             "the bundle on stdout: {e}; it starts {:?}",

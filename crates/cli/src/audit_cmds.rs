@@ -95,8 +95,8 @@ pub struct ExportArgs {
     #[command(flatten)]
     conn: ConnArgs,
     /// Where to write the bundle. A file is written as OUT.partial and
-    /// renamed once whole; a pipe or device (e.g. /dev/stdout) is written
-    /// straight.
+    /// renamed once whole; an existing link, pipe or device (e.g.
+    /// /dev/stdout) is written through.
     #[arg(long)]
     out: PathBuf,
 }
@@ -439,11 +439,13 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     // A file is written beside `--out` and renamed over it once whole: an
     // export cut short leaves no file that looks like one (nor replaces a
     // good one). A pipe or a device is written straight.
-    let kind = std::fs::metadata(&a.out).ok().map(|m| m.file_type());
-    if kind.is_some_and(|t| t.is_dir()) {
+    // A link (`/dev/stdout`, whatever stdout is) is written through, never
+    // renamed over: renaming would replace the link itself.
+    if std::fs::metadata(&a.out).is_ok_and(|m| m.is_dir()) {
         anyhow::bail!("--out {} is a directory; name the bundle file", a.out.display());
     }
-    let straight = kind.is_some_and(|t| !t.is_file());
+    let kind = std::fs::symlink_metadata(&a.out).ok().map(|m| m.file_type());
+    let straight = kind.is_some_and(|t| t.is_symlink() || !t.is_file());
     let partial = if straight {
         a.out.clone()
     } else {
