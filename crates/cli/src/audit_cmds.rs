@@ -438,23 +438,24 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         .into_inner();
     // A file is written beside `--out` and renamed over it once whole: an
     // export cut short leaves no file that looks like one (nor replaces a
-    // good one). A pipe or a device is written straight.
-    // A link (`/dev/stdout`, whatever stdout is) is written through, never
-    // renamed over: renaming would replace the link itself.
+    // good one). An existing link (`/dev/stdout`, whatever stdout is),
+    // pipe or device is written through, never renamed over: renaming
+    // would replace the link or device itself.
     if std::fs::metadata(&a.out).is_ok_and(|m| m.is_dir()) {
         anyhow::bail!("--out {} is a directory; name the bundle file", a.out.display());
     }
     let kind = std::fs::symlink_metadata(&a.out).ok().map(|m| m.file_type());
-    let straight = kind.is_some_and(|t| t.is_symlink() || !t.is_file());
-    let partial = if straight {
-        a.out.clone()
-    } else {
-        let mut partial = a.out.clone().into_os_string();
-        partial.push(".partial");
-        PathBuf::from(partial)
+    let partial = match kind {
+        Some(t) if t.is_symlink() || !t.is_file() => None,
+        _ => {
+            let mut partial = a.out.clone().into_os_string();
+            partial.push(".partial");
+            Some(PathBuf::from(partial))
+        }
     };
+    let target = partial.as_ref().unwrap_or(&a.out);
     let mut file =
-        std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+        std::fs::File::create(target).with_context(|| format!("cannot create {}", target.display()))?;
     let mut bytes = 0;
     let written: anyhow::Result<()> = async {
         while let Some(chunk) = stream.next().await {
@@ -462,27 +463,27 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
             file.write_all(&chunk.data)?;
             bytes += chunk.data.len();
         }
-        if !straight {
+        if partial.is_some() {
+            // A pipe cannot be synced.
             file.sync_all()?;
         }
         Ok(())
     }
     .await;
-    if let Err(e) = written {
-        if !straight {
-            let _ = std::fs::remove_file(&partial);
-        }
-        return Err(e.context(format!(
+    let moved = match (&partial, written) {
+        (_, Err(e)) => Err(e.context(format!(
             "the export was cut short; {} not written",
             a.out.display()
-        )));
-    }
-    if !straight {
-        if let Err(e) = std::fs::rename(&partial, &a.out) {
-            let _ = std::fs::remove_file(&partial);
-            let what = format!("cannot move {} to {}", partial.display(), a.out.display());
-            return Err(anyhow::Error::new(e).context(what));
+        ))),
+        (Some(p), Ok(())) => std::fs::rename(p, &a.out)
+            .with_context(|| format!("cannot move {} to {}", p.display(), a.out.display())),
+        (None, Ok(())) => Ok(()),
+    };
+    if let Err(e) = moved {
+        if let Some(p) = &partial {
+            let _ = std::fs::remove_file(p);
         }
+        return Err(e);
     }
     // Said on stderr when the bundle itself may be on stdout.
     let said = if a.conn.json {
@@ -494,10 +495,10 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
             a.out.display()
         )
     };
-    if straight {
-        eprintln!("{said}");
-    } else {
+    if partial.is_some() {
         println!("{said}");
+    } else {
+        eprintln!("{said}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1251,11 +1251,11 @@ struct Sent {
 }
 
 impl Sent {
-    /// Hands `delivery` on; false when the client has gone. Never waits:
-    /// the loop leases no more than the channel has room for.
-    async fn send(&self, delivery: Delivery) -> bool {
+    /// Hands `delivery` on, counted as `bytes` (its lease's, as the inbox
+    /// sized it); false when the client has gone. Never waits: the loop
+    /// leases no more than the channel has room for.
+    async fn send(&self, delivery: Delivery, bytes: u64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        let bytes = delivery.encoded_len() as u64;
         self.unread.items.fetch_add(1, Relaxed);
         self.unread.bytes.fetch_add(bytes, Relaxed);
         self.tx.send((Ok(delivery), bytes)).await.is_ok()
@@ -1407,7 +1407,7 @@ async fn receive_loop(shared: Arc<Shared>, scope: Services, max: u32, stream: u6
                     in_flight_bytes += size;
                     leased_now += 1;
                     leased_bytes += size;
-                    to_send.push((id, attempt));
+                    to_send.push((id, attempt, size));
                 }
                 if let Some(seq) = mark {
                     resume.after.insert(name.clone(), seq);
@@ -1417,7 +1417,7 @@ async fn receive_loop(shared: Arc<Shared>, scope: Services, max: u32, stream: u6
             resume.valid_until = earliest;
             wake_by = earliest.map_or(now + TICK, |e| e.min(now + TICK));
         }
-        for (id, attempt) in to_send {
+        for (id, attempt, size) in to_send {
             let record = match shared.store.message(&id) {
                 Ok(Some(r)) => r,
                 failed => {
@@ -1445,7 +1445,7 @@ async fn receive_loop(shared: Arc<Shared>, scope: Services, max: u32, stream: u6
             if shared.calls.withhold(&record, &id, stream, &shared.leases) {
                 continue;
             }
-            if !sent.send(delivery(&record, attempt)).await {
+            if !sent.send(delivery(&record, attempt), size).await {
                 release(&shared, stream);
                 return;
             }

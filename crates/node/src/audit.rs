@@ -441,39 +441,37 @@ async fn stream_bundle(
             prost::encoding::bytes::encode(4, entry, &mut buf);
         }
         from += want as u64;
-        for data in chunks_of(&mut buf, false) {
-            sent += data.len() as u64;
-            if tx.send(Ok(ExportChunk { data })).await.is_err() {
-                return Ok(None);
-            }
-        }
-    }
-    tail.encode(&mut buf).map_err(|e| {
-        NodeError::Store(antar_store::StoreError::Corrupt {
-            tree: "audit",
-            detail: e.to_string(),
-        })
-    })?;
-    for data in chunks_of(&mut buf, true) {
-        sent += data.len() as u64;
-        if tx.send(Ok(ExportChunk { data })).await.is_err() {
+        if !send_chunks(tx, &mut buf, false, &mut sent).await {
             return Ok(None);
         }
     }
-    Ok(Some(sent))
+    buf.extend_from_slice(&tail.encode_to_vec());
+    Ok(send_chunks(tx, &mut buf, true, &mut sent).await.then_some(sent))
 }
 
-/// Takes the whole [`CHUNK`]s off the front of `buf` (and with `all` the
-/// rest too), leaving the rest for the next page.
-fn chunks_of(buf: &mut Vec<u8>, all: bool) -> Vec<Vec<u8>> {
+/// Sends the whole [`CHUNK`]s off the front of `buf` (and with `all` the
+/// rest too), leaving the rest for the next page and counting what went
+/// in `sent`; false when the auditor went away.
+async fn send_chunks(
+    tx: &tokio::sync::mpsc::Sender<Result<ExportChunk, Status>>,
+    buf: &mut Vec<u8>,
+    all: bool,
+    sent: &mut u64,
+) -> bool {
     let cut = if all {
         buf.len()
     } else {
         buf.len() - buf.len() % CHUNK
     };
-    let chunks = buf[..cut].chunks(CHUNK).map(<[u8]>::to_vec).collect();
+    for data in buf[..cut].chunks(CHUNK) {
+        *sent += data.len() as u64;
+        let data = data.to_vec();
+        if tx.send(Ok(ExportChunk { data })).await.is_err() {
+            return false;
+        }
+    }
     buf.drain(..cut);
-    chunks
+    true
 }
 
 /// Everything an auditor needs to verify this node's log offline, but its

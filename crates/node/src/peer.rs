@@ -143,15 +143,7 @@ impl Peer for PeerService {
         // Under the peer's rate like its transfers, at the cost of a batch
         // (a verification and a synced write): a node asks once a
         // checkpoint interval, so only a flood meets it.
-        if !self.shared.peer_rate.allow(from.agency.as_str(), WITNESS_ITEMS) {
-            let limit = self.shared.limits().peer_items_per_sec;
-            tracing::warn!(peer = %from.agency, limit, "peer over its rate asking for witnesses");
-            return Err(NodeError::RateLimited(format!(
-                "peer {} is over limits.peer_items_per_sec = {limit} (a Witness counts {WITNESS_ITEMS} items); retry with backoff",
-                from.agency
-            ))
-            .into());
-        }
+        peer_rate(&self.shared, from.agency.as_str(), WITNESS_ITEMS, "a Witness")?;
         Ok(Response::new(
             crate::witness::serve(&self.shared, &from, req.into_inner()).await?,
         ))
@@ -173,16 +165,12 @@ impl Peer for PeerService {
                 };
                 let admit = |batch: &TransferBatch| {
                     peer_room(&shared, from.agency.as_str(), batch)?;
-                    if shared.peer_rate.allow(from.agency.as_str(), batch.items.len()) {
-                        return Ok(());
-                    }
-                    let limit = shared.limits().peer_items_per_sec;
-                    tracing::warn!(peer = %from.agency, limit, "peer over its transfer rate; stream ended");
-                    Err(NodeError::RateLimited(format!(
-                        "peer {} is over limits.peer_items_per_sec = {limit}; retry with backoff",
-                        from.agency
-                    ))
-                    .into())
+                    peer_rate(
+                        &shared,
+                        from.agency.as_str(),
+                        batch.items.len(),
+                        "a transfer batch",
+                    )
                 };
                 let (taken, end) = gather(from.agency.as_str(), &mut batches, next, admit);
                 if !taken.is_empty() {
@@ -214,6 +202,20 @@ impl Peer for PeerService {
     }
 }
 
+/// Charges `items` to `peer`'s `limits.peer_items_per_sec`; over it, the
+/// `RESOURCE_EXHAUSTED` that ends `what` (a transfer stream, a Witness).
+fn peer_rate(shared: &Shared, peer: &str, items: usize, what: &str) -> Result<(), Status> {
+    if shared.peer_rate.allow(peer, items) {
+        return Ok(());
+    }
+    let limit = shared.limits().peer_items_per_sec;
+    tracing::warn!(peer, limit, items, "peer over its rate; {what} refused");
+    Err(NodeError::RateLimited(format!(
+        "peer {peer} is over limits.peer_items_per_sec = {limit} ({what} counts {items} items); retry with backoff"
+    ))
+    .into())
+}
+
 /// Refuses a batch holding envelopes once the store is past its ceiling
 /// for peers' envelopes, twice `limits.max_queued_bytes`: the node's own
 /// apps are refused at the quota, so envelopes already on their way
@@ -221,11 +223,12 @@ impl Peer for PeerService {
 /// (which would stop the node). What waits to go to `peer` itself is not
 /// counted, up to the quota: taking the peer's envelopes is how its
 /// receipts for those come back, so two nodes full of work for each other
-/// never refuse each other for good, while three times the quota is a
-/// hard ceiling. (Nothing a peer sends is relayed back to it: `loop`.) A batch of receipts alone passes (they settle what this
-/// node sent); a receipt queued behind a refused envelope waits with it.
-/// The refusal ends the stream `RESOURCE_EXHAUSTED`; the peer keeps the
-/// envelopes queued and retries with backoff.
+/// never refuse each other for good, while about three times the quota
+/// is a hard ceiling (nothing a peer sends is relayed back to it: `loop`).
+/// A batch of receipts alone passes (they settle what this node sent); a
+/// receipt queued behind a refused envelope waits with it. The refusal
+/// ends the stream `RESOURCE_EXHAUSTED`; the peer keeps the envelopes
+/// queued and retries with backoff.
 fn peer_room(shared: &Shared, peer: &str, batch: &TransferBatch) -> Result<(), Status> {
     let quota = shared.limits().max_queued_bytes;
     let ceiling = quota.saturating_mul(2);
