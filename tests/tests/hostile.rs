@@ -709,6 +709,16 @@ fn queued_receipts(fed: &Federation, agency: &str, peer: &str) -> Vec<wire::Rece
         .collect()
 }
 
+/// A batch of one NOTICE `id` from finance to registry, handed over along
+/// `hops`.
+fn notice_to_registry(fed: &Federation, id: antar_core::MessageId, hops: &[&str]) -> Vec<TransferItem> {
+    let et = signed_to(fed, ("finance", "registry"), wire::Kind::Notice, "", id, hops);
+    vec![TransferItem {
+        seq: 1,
+        item: Some(transfer_item::Item::Envelope(et)),
+    }]
+}
+
 /// A peer handing over an envelope this node would relay straight back to
 /// it (health reaches registry through the hub): refused `loop`, never
 /// queued for the peer that sent it.
@@ -717,23 +727,8 @@ async fn an_envelope_that_would_go_straight_back_to_its_peer_is_refused_as_a_loo
     let fed = Federation::standard();
     let health = fed.start("health").await;
     let mut hub = fed.peer_as("hub", "health").await;
-    let id = antar_core::MessageId::new();
-    let et = signed_to(
-        &fed,
-        ("finance", "registry"),
-        wire::Kind::Notice,
-        "",
-        id,
-        &["finance", "hub"],
-    );
-    let ack = transfer(
-        &mut hub,
-        vec![TransferItem {
-            seq: 1,
-            item: Some(transfer_item::Item::Envelope(et)),
-        }],
-    )
-    .await;
+    let items = notice_to_registry(&fed, antar_core::MessageId::new(), &["finance", "hub"]);
+    let ack = transfer(&mut hub, items).await;
     assert_eq!(
         (ack.acks[0].status, ack.acks[0].reason.as_str()),
         (wire::CustodyStatus::Rejected as i32, "loop")
@@ -743,6 +738,38 @@ async fn an_envelope_that_would_go_straight_back_to_its_peer_is_refused_as_a_loo
     assert!(
         queued <= 1,
         "only the REJECTED receipt is queued for the hub: {queued}"
+    );
+    health.stop().await.unwrap();
+}
+
+/// An envelope health relayed before, offered again by the peer it came
+/// from (its custody ack lost) after a reload turned its route back toward
+/// that peer: the answer it had, `DUPLICATE`, not `loop`. A new envelope on
+/// that route is a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_relayed_before_is_a_duplicate_after_its_route_turns_back() {
+    let fed = Federation::standard();
+    let config = fed.config("health");
+    let health = fed.start_with(config.clone()).await;
+    let mut finance = fed.peer_as("finance", "health").await;
+    let to_registry = |id| notice_to_registry(&fed, id, &["finance"]);
+    let id = antar_core::MessageId::new();
+    let ack = transfer(&mut finance, to_registry(id)).await;
+    assert_eq!(ack.acks[0].status, wire::CustodyStatus::Stored as i32, "{ack:?}");
+
+    let mut turned = config;
+    turned.routes.insert("registry".into(), "finance".into());
+    fed.reload_with(&health, &turned);
+    let ack = transfer(&mut finance, to_registry(id)).await;
+    assert_eq!(
+        (ack.acks[0].status, ack.acks[0].reason.as_str()),
+        (wire::CustodyStatus::Duplicate as i32, ""),
+        "{ack:?}"
+    );
+    let ack = transfer(&mut finance, to_registry(antar_core::MessageId::new())).await;
+    assert_eq!(
+        (ack.acks[0].status, ack.acks[0].reason.as_str()),
+        (wire::CustodyStatus::Rejected as i32, "loop")
     );
     health.stop().await.unwrap();
 }

@@ -1170,7 +1170,7 @@ impl Agency for AgencyService {
         let mut cursor = req.get_ref().after_cursor;
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        crate::spawn_feed("Agency.WatchReceipts", tx, |tx| async move {
             let notify = shared.store.receipt_notify();
             loop {
                 let notified = notify.notified();

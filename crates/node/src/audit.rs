@@ -276,7 +276,7 @@ impl Audit for AuditService {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        crate::spawn_feed("Audit.Query", tx, |tx| async move {
             let mut next = q.after_index;
             let mut sent = 0;
             loop {
@@ -380,7 +380,7 @@ impl Audit for AuditService {
         let (bundle, size) = export_bundle(&self.shared).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        crate::spawn_feed("Audit.Export", tx, |tx| async move {
             let sent = stream_bundle(&shared, bundle, size, &tx).await;
             match sent {
                 Ok(Some(bytes)) => tracing::info!(bytes, entries = size, "audit export"),

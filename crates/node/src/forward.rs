@@ -90,10 +90,18 @@ async fn run(shared: Arc<Shared>, peer: String, shutdown: CancellationToken) {
             }
         }
         let mut progressed = false;
+        // What the peer may hold from before this stream.
+        let before = shared.sent_upto(&peer);
         match session(&shared, &peer, &addr, &shutdown, &mut reloads, &mut progressed).await {
             // Stopping, or the peer left the policy or moved (see above).
             Ok(()) => continue,
             Err(e) => {
+                if e.not_taken {
+                    // Every batch it answered was settled; it took none of
+                    // the others: what this stream sent unacked is not in
+                    // doubt, and expires here past its TTL.
+                    shared.not_taken(&peer, before);
+                }
                 shared.metrics.retries.inc();
                 let mut health = lock(&shared.peer_health);
                 let h = health.entry(peer.clone()).or_default();
@@ -142,7 +150,7 @@ async fn session(
     reloads: &mut tokio::sync::watch::Receiver<u64>,
     progressed: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel = crate::net::peer_channel(shared, peer, addr).map_err(SessionError)?;
+    let channel = crate::net::peer_channel(shared, peer, addr).map_err(SessionError::from)?;
     let mut client = PeerClient::new(channel).max_decoding_message_size(64 << 20);
     let limits = shared.limits();
     let ack_timeout = Duration::from_millis(limits.transfer_ack_timeout_ms);
@@ -152,7 +160,7 @@ async fn session(
     let mut acks = tokio::time::timeout(ack_timeout, client.transfer(ReceiverStream::new(rx)))
         .await
         .map_err(|_| stall_error(ack_timeout))?
-        .map_err(|s| SessionError(crate::status_chain(&s)))?
+        .map_err(|s| SessionError::from(crate::status_chain(&s)))?
         .into_inner();
     {
         let mut health = shared.peer_health.lock().unwrap_or_else(|p| p.into_inner());
@@ -228,7 +236,9 @@ async fn session(
                 if let Some(reserved) = reserve {
                     crate::sent::reserve(&shared.store, peer, reserved)
                         .await
-                        .map_err(|e| SessionError(format!("recording what may be sent to {peer}: {e}")))?;
+                        .map_err(|e| {
+                            SessionError::from(format!("recording what may be sent to {peer}: {e}"))
+                        })?;
                     shared.reserved_sent(peer, reserved);
                 }
                 // Only durable items leave the node: an item committed but not
@@ -238,7 +248,7 @@ async fn session(
                 shared.store.durable().await?;
                 tx.send(batch)
                     .await
-                    .map_err(|_| SessionError("stream closed".into()))?;
+                    .map_err(|_| SessionError::from("stream closed"))?;
                 in_flight.push_back((Instant::now(), seqs));
                 continue;
             }
@@ -556,7 +566,7 @@ async fn stalled(deadline: Option<Instant>) {
 }
 
 fn stall_error(timeout: Duration) -> SessionError {
-    SessionError(format!(
+    SessionError::from(format!(
         "no answer within {} ms (limits.transfer_ack_timeout_ms): link stalled or peer unresponsive",
         timeout.as_millis()
     ))
@@ -580,23 +590,43 @@ async fn drain(
 }
 
 #[derive(Debug)]
-struct SessionError(String);
+struct SessionError {
+    text: String,
+    /// The peer refused a batch and said it took nothing of what is still
+    /// unacked ([`crate::peer::NOT_TAKEN`]).
+    not_taken: bool,
+}
+
+impl From<String> for SessionError {
+    fn from(text: String) -> Self {
+        Self {
+            text,
+            not_taken: false,
+        }
+    }
+}
+
+impl From<&str> for SessionError {
+    fn from(text: &str) -> Self {
+        Self::from(text.to_owned())
+    }
+}
 
 impl std::fmt::Display for SessionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
 impl From<antar_store::StoreError> for SessionError {
     fn from(e: antar_store::StoreError) -> Self {
-        Self(e.to_string())
+        Self::from(e.to_string())
     }
 }
 
 impl From<NodeError> for SessionError {
     fn from(e: NodeError) -> Self {
-        Self(e.to_string())
+        Self::from(e.to_string())
     }
 }
 
@@ -618,21 +648,25 @@ async fn settle(
         let ack = match ack {
             Ok(Some(a)) => a,
             Ok(None) => {
-                end = Some(SessionError("peer closed the stream".into()));
+                end = Some(SessionError::from("peer closed the stream"));
                 break;
             }
             Err(s) => {
-                end = Some(SessionError(crate::status_chain(&s)));
+                end = Some(SessionError {
+                    text: crate::status_chain(&s),
+                    not_taken: s.code() == tonic::Code::ResourceExhausted
+                        && s.metadata().get(crate::peer::NOT_TAKEN).is_some(),
+                });
                 break;
             }
         };
         let Some((started, sent)) = in_flight.pop_front() else {
-            end = Some(SessionError("ack for a batch never sent".into()));
+            end = Some(SessionError::from("ack for a batch never sent"));
             break;
         };
         shared.metrics.transfer_seconds.observe(started.elapsed());
         if ack.acks.len() != sent.len() || ack.acks.iter().zip(&sent).any(|(a, s)| a.seq != *s) {
-            end = Some(SessionError("acks do not match the batch".into()));
+            end = Some(SessionError::from("acks do not match the batch"));
             break;
         }
         taken.push(ack);

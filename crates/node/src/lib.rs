@@ -635,6 +635,31 @@ pub(crate) fn unreadable_is_invalid_argument(status: Status) -> Status {
     }
 }
 
+/// Runs `feed` — what sends a streaming answer's items on `tx` — on a task
+/// of its own. Should it panic, the stream ends `INTERNAL` instead of OK
+/// (all a dropped sender would say), so no client takes an answer cut
+/// short for a whole one: an audit query's last page, an export's bundle.
+pub(crate) fn spawn_feed<T, F>(
+    what: &'static str,
+    tx: tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+    feed: impl FnOnce(tokio::sync::mpsc::Sender<Result<T, tonic::Status>>) -> F,
+) where
+    T: Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let job = tokio::spawn(feed(tx.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = job.await {
+            if e.is_panic() {
+                tracing::error!(what, "a streaming answer failed midway (a bug: please report it)");
+                let failed =
+                    format!("{what} failed midway on the node; what came before is not the whole answer");
+                let _ = tx.send(Err(tonic::Status::internal(failed))).await;
+            }
+        }
+    });
+}
+
 /// The next item of `stream` if it is here already: polled once, never
 /// waited for. `None`: nothing yet; `Some(None)`: the stream ended. The
 /// caller awaits the stream again before it sleeps, which registers its
@@ -720,6 +745,31 @@ fn conn_limit(shared: &state::Shared, name: &'static str) -> Arc<net::ConnLimit>
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_feed_that_panics_ends_its_stream_internal_not_ok() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<u32, tonic::Status>>(4);
+        super::spawn_feed("a test answer", tx, |tx| async move {
+            tx.send(Ok(1)).await.unwrap();
+            panic!("midway");
+        });
+        assert_eq!(rx.recv().await.unwrap().unwrap(), 1);
+        let status = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(
+            status.message().contains("a test answer failed midway"),
+            "{status:?}"
+        );
+        assert!(rx.recv().await.is_none());
+
+        // One that ends ends the stream OK, after its items.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<u32, tonic::Status>>(4);
+        super::spawn_feed("a test answer", tx, |tx| async move {
+            tx.send(Ok(2)).await.unwrap();
+        });
+        assert_eq!(rx.recv().await.unwrap().unwrap(), 2);
+        assert!(rx.recv().await.is_none());
+    }
+
     use super::status_chain;
 
     #[test]

@@ -49,6 +49,10 @@ enum Plan<R = Issued> {
     Reject {
         reason: String,
         receipt: Option<R>,
+        /// For a verified envelope to relay that the routes as they are
+        /// now refuse (`loop`, `no_route`): its `envelope` seen key. One
+        /// this node relayed before is answered as relayed before.
+        relayed: Option<Vec<u8>>,
     },
     /// Delivered here: the envelope, the transfer, the sending node's
     /// identity and the DELIVERED receipt.
@@ -79,9 +83,14 @@ impl Plan<Receipt> {
 
     fn sign_with(self, mut sign: impl FnMut(Receipt) -> Issued) -> Plan {
         match self {
-            Self::Reject { reason, receipt } => Plan::Reject {
+            Self::Reject {
+                reason,
+                receipt,
+                relayed,
+            } => Plan::Reject {
                 reason,
                 receipt: receipt.map(sign),
+                relayed,
             },
             Self::Deliver(v, et, identity, r) => Plan::Deliver(v, et, identity, Box::new(sign(*r))),
             Self::RefuseUnlessHeld {
@@ -157,20 +166,23 @@ impl Peer for PeerService {
         let mut batches = req.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        crate::spawn_feed("Peer.Transfer", tx, |tx| async move {
             loop {
                 let next = tokio::select! {
                     b = batches.next() => b,
                     _ = shared.shutdown.cancelled() => return,
                 };
                 let admit = |batch: &TransferBatch| {
-                    peer_room(&shared, from.agency.as_str(), batch)?;
-                    peer_rate(
-                        &shared,
-                        from.agency.as_str(),
-                        batch.items.len(),
-                        "a transfer batch",
-                    )
+                    peer_room(&shared, from.agency.as_str(), batch)
+                        .and_then(|()| {
+                            peer_rate(
+                                &shared,
+                                from.agency.as_str(),
+                                batch.items.len(),
+                                "a transfer batch",
+                            )
+                        })
+                        .map_err(not_taken)
                 };
                 let (taken, end) = gather(from.agency.as_str(), &mut batches, next, admit);
                 if !taken.is_empty() {
@@ -200,6 +212,23 @@ impl Peer for PeerService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Trailer of a `Transfer` refusal after which the sender knows what this
+/// node holds of the batches still unacked: none of them. The refused
+/// batch and every one behind it on the stream were not looked at; every
+/// batch before it was answered first. So their envelopes are not in
+/// doubt at the sender: they expire there as if never sent
+/// (`forward::run`). Value `1`; a node that does not set it leaves them in
+/// doubt, as before.
+pub(crate) const NOT_TAKEN: &str = "antar-not-taken";
+
+/// Marks `status` as [`NOT_TAKEN`].
+fn not_taken(mut status: Status) -> Status {
+    status
+        .metadata_mut()
+        .insert(NOT_TAKEN, tonic::metadata::MetadataValue::from_static("1"));
+    status
 }
 
 /// Charges `items` to `peer`'s `limits.peer_items_per_sec`; over it, the
@@ -393,6 +422,7 @@ fn reject(shared: &Shared, reason: &str, env: Option<(&Envelope, &[u8])>) -> Pla
     Plan::Reject {
         reason: reason.to_owned(),
         receipt: env.map(|(e, bytes)| rejected(shared, e, bytes, reason)),
+        relayed: None,
     }
 }
 
@@ -510,13 +540,18 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
                 let delivered = shared.delivered(&verified.envelope, &signed.envelope);
                 Plan::Deliver(Box::new(verified), et, identity, Box::new(delivered))
             } else {
+                let unroutable = |reason: &str| Plan::Reject {
+                    reason: reason.to_owned(),
+                    receipt: claimed.map(|(e, bytes)| rejected(shared, e, bytes, reason)),
+                    relayed: Some(seen_key(verified.sender.as_str(), &verified.id)),
+                };
                 match shared.policy().next_hop(verified.recipient.as_str()) {
                     // Straight back where it came from: a loop (and work
                     // queued for the peer that sent it, which `peer_room`
                     // would not count).
-                    Some(next) if next.as_str() == from.agency.as_str() => reject(shared, "loop", claimed),
+                    Some(next) if next.as_str() == from.agency.as_str() => unroutable("loop"),
                     Some(next) => Plan::Relay(Box::new(verified), et, next),
-                    None => reject(shared, "no_route", claimed),
+                    None => unroutable("no_route"),
                 }
             }
         }
@@ -745,10 +780,30 @@ fn holds_envelope(tx: &Tx<'_>, receipt: &Receipt) -> Result<bool, TxError> {
             .is_some_and(|e| antar_core::envelope::sha256(&e.envelope).as_slice() == receipt.envelope_sha256))
 }
 
+/// How an envelope to relay whose `envelope` seen key (`key`) is marked
+/// settles: relayed before (a duplicate), or refused for good: the same
+/// answer whatever the limits and routes are now.
+fn relayed_before(tx: &Tx<'_>, key: &[u8]) -> Result<Settled, TxError> {
+    Ok(match tx.noted(REFUSED, key)? {
+        Some(reason) => Settled::Rejected(String::from_utf8_lossy(&reason).into_owned()),
+        None => Settled::Duplicate,
+    })
+}
+
 /// Applies one plan inside the batch's transaction.
 fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError> {
     match plan {
-        Plan::Reject { reason, receipt } => {
+        Plan::Reject {
+            reason,
+            receipt,
+            relayed,
+        } => {
+            // Relayed before, under routes since changed: the answer it had.
+            if let Some(key) = relayed {
+                if tx.seen("envelope", key)? {
+                    return relayed_before(tx, key);
+                }
+            }
             if let Some(issued) = receipt {
                 if holds_envelope(tx, &issued.receipt)? {
                     return Ok(Settled::Duplicate);
@@ -812,12 +867,7 @@ fn settle(shared: &Shared, tx: &Tx<'_>, plan: &Plan) -> Result<Settled, TxError>
                 None => tx.mark_seen("envelope", &key)?,
             };
             if seen {
-                // Relayed before (a duplicate), or refused for good: the
-                // same answer whatever the limits are now.
-                return Ok(match tx.noted(REFUSED, &key)? {
-                    Some(reason) => Settled::Rejected(String::from_utf8_lossy(&reason).into_owned()),
-                    None => Settled::Duplicate,
-                });
+                return relayed_before(tx, &key);
             }
             if let Some(over) = over {
                 tracing::warn!(id = %v.id, sender = %v.sender, %over, "envelope to relay over this node's limits");

@@ -14,6 +14,11 @@
 //! again), and an item queued since is sent or expires as usual. A clean
 //! stop records the exact marks, so the cost stays with crashes.
 //!
+//! A peer that refuses a batch saying it took nothing unacked
+//! ([`crate::peer::NOT_TAKEN`]: over its ceiling or its rate) puts the mark
+//! back where it was when that stream began ([`SentMarks::not_taken`]): so
+//! envelopes a full peer keeps refusing still expire at their TTL.
+//!
 //! Sequence numbers are node-wide (outbox items, inbox entries, receipt
 //! cursors), so a reservation covers fewer than [`RESERVE`] of one peer's
 //! items. One forwarder per peer marks and reserves. An administrator's
@@ -133,6 +138,18 @@ impl SentMarks {
         (held < seq).then(|| seq.saturating_add(RESERVE))
     }
 
+    /// Puts `peer`'s mark back to `before`, what it was when a stream
+    /// began, once the peer refused a batch of it saying it took none of
+    /// what that stream left unacked ([`crate::peer::NOT_TAKEN`]): an item
+    /// the stream sent was either acked (and is out of the outbox) or not
+    /// taken, and one sent before it stays in doubt. Never raises the mark
+    /// (the store's reservation stays: it only bounds the mark from above).
+    pub(crate) fn not_taken(&mut self, peer: &str, before: Option<u64>) {
+        if let Some(mark) = self.0.get_mut(peer) {
+            mark.upto = mark.upto.min(before.unwrap_or(0));
+        }
+    }
+
     /// The store holds `reserved` for `peer`, whose items up to some
     /// number were marked ([`SentMarks::mark_sending`]).
     pub(crate) fn reserved(&mut self, peer: &str, reserved: u64) {
@@ -215,6 +232,29 @@ mod tests {
         // A lower mark after a failed session's restart from the top keeps the higher one.
         marks.mark_sending("hub", 5);
         assert_eq!(marks.upto("hub"), Some(13 + RESERVE));
+    }
+
+    #[test]
+    fn a_refusal_that_took_nothing_puts_the_mark_back_never_up() {
+        let mut marks = SentMarks::default();
+        marks.mark_sending("hub", 40);
+        marks.reserved("hub", 40 + RESERVE);
+        // A stream began at 40, sent up to 90, was refused taking nothing.
+        marks.mark_sending("hub", 90);
+        marks.not_taken("hub", Some(40));
+        assert_eq!(marks.upto("hub"), Some(40));
+        assert!(may_hold(marks.upto("hub"), 40) && !may_hold(marks.upto("hub"), 41));
+        // Its reservation stands: the next send below it asks for none.
+        assert_eq!(marks.mark_sending("hub", 60), None);
+        // A stream that began with no mark leaves nothing in doubt.
+        marks.not_taken("hub", None);
+        assert_eq!(marks.upto("hub"), Some(0));
+        assert!(!may_hold(marks.upto("hub"), 1));
+        // Never up, and a peer without a mark gets none.
+        marks.not_taken("hub", Some(500));
+        assert_eq!(marks.upto("hub"), Some(0));
+        marks.not_taken("registry", Some(7));
+        assert_eq!(marks.upto("registry"), None);
     }
 
     fn store_config(dir: &tempfile::TempDir) -> antar_store::StoreConfig {

@@ -491,6 +491,12 @@ impl Shared {
         lock(&self.sent).mark_sending(peer, seq)
     }
 
+    /// `peer` took none of the items sent to it since its mark was
+    /// `before` and not acked ([`crate::sent::SentMarks::not_taken`]).
+    pub(crate) fn not_taken(&self, peer: &str, before: Option<u64>) {
+        lock(&self.sent).not_taken(peer, before);
+    }
+
     /// The store holds `reserved` for `peer`
     /// ([`crate::sent::SentMarks::reserved`]).
     pub(crate) fn reserved_sent(&self, peer: &str, reserved: u64) {
