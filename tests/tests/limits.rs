@@ -298,17 +298,21 @@ async fn a_peer_cannot_fill_a_store_past_twice_its_quota_and_nothing_is_lost() {
 }
 
 /// A peer past its ceiling refuses a batch saying it took nothing of it
-/// (`antar-not-taken`): so the envelope is not in doubt at its sender, and
-/// expires there at its TTL, with an `EXPIRED` receipt, instead of staying
-/// queued for as long as the peer refuses. It never reaches the peer's app.
+/// (`antar-not-taken`): so the envelopes are not in doubt at their sender,
+/// and expire there at their TTL, each with an `EXPIRED` receipt, instead
+/// of staying queued for as long as the peer refuses. Also with a backlog:
+/// batches in flight behind the refused one, and more waiting to go. None
+/// reaches the peer's app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_envelope_a_full_peer_keeps_refusing_expires_at_its_ttl() {
+async fn envelopes_a_full_peer_keeps_refusing_expire_at_their_ttl() {
     let fed = Federation::standard();
     let nodes = fed
         .start_all_with(&["finance", "health"], |agency, config| {
             if agency == "health" {
                 config.limits.max_queued_bytes = 64 * 1024;
             } else {
+                config.limits.batch_size = 2;
+                config.limits.transfer_window = 4;
                 config.limits.retry_initial_ms = 50;
                 config.limits.retry_max_ms = 300;
                 config.limits.sweep_interval_ms = 100;
@@ -319,33 +323,39 @@ async fn an_envelope_a_full_peer_keeps_refusing_expires_at_its_ttl() {
     // Alone past health's ceiling for peers' envelopes (twice 64 KiB).
     let big = send(&finance, notice("health", "tax.notice", &vec![1; 140 * 1024])).await;
     until_state(&finance, &big, wire::MessageState::Delivered, 15).await;
-    let late = send(
-        &finance,
-        wire::SendRequest {
-            ttl: Some(antar_proto::prost_types::Duration { seconds: 2, nanos: 0 }),
-            ..notice("health", "tax.notice", b"refused until it expires")
-        },
-    )
-    .await;
+    let mut late = Vec::new();
+    for i in 0..24u32 {
+        let request = wire::SendRequest {
+            // Long enough to see the refusal first on a slow host.
+            ttl: Some(antar_proto::prost_types::Duration { seconds: 4, nanos: 0 }),
+            ..notice("health", "tax.notice", &i.to_be_bytes())
+        };
+        late.push(send(&finance, request).await);
+    }
     let admin = fed.admin("finance").await;
-    eventually(10, "health refuses the second", || async {
+    eventually(10, "health refuses them", || async {
         peer_status(&admin, "health")
             .await
             .filter(|p| p.last_error.contains("ceiling"))
     })
     .await;
 
-    let t = until_state(&finance, &late, wire::MessageState::Expired, 15).await;
-    let statuses: Vec<i32> = verified_statuses(&fed, &t).into_iter().map(|s| s.0).collect();
-    assert!(
-        statuses.contains(&(wire::ReceiptStatus::Expired as i32)),
-        "{statuses:?}"
-    );
+    for id in &late {
+        let t = until_state(&finance, id, wire::MessageState::Expired, 15).await;
+        let statuses: Vec<i32> = verified_statuses(&fed, &t).into_iter().map(|s| s.0).collect();
+        assert_eq!(
+            statuses,
+            [
+                wire::ReceiptStatus::Accepted as i32,
+                wire::ReceiptStatus::Expired as i32
+            ]
+        );
+    }
     assert_eq!(backlog(&admin, "health").await, 0);
     let status = peer_status(&admin, "health").await.unwrap();
     assert_eq!(status.in_doubt, 0, "{status:?}");
 
-    // Health's app drains its inbox: the first arrives, the expired one never.
+    // Health's app drains its inbox: the first arrives, the expired ones never.
     let health = fed.app("health").await;
     receive_exactly(&health, std::slice::from_ref(&big), 10).await;
     assert!(receive(&health, 1, 2, true).await.is_empty());

@@ -246,9 +246,11 @@ async fn session(
                 // crash (a DELIVERED receipt issued twice, an envelope whose
                 // Send the app saw fail delivered anyway).
                 shared.store.durable().await?;
-                tx.send(batch)
-                    .await
-                    .map_err(|_| SessionError::from("stream closed"))?;
+                if tx.send(batch).await.is_err() {
+                    // The peer ended the stream (its answer ends the
+                    // request body too): what it said is in the acks.
+                    return Err(last_word(shared, peer, &mut acks, &mut in_flight, ack_timeout).await);
+                }
                 in_flight.push_back((Instant::now(), seqs));
                 continue;
             }
@@ -398,7 +400,9 @@ async fn reroute_queue(
             }
         }
         // What `peer` may hold stays (checked again under the lock: the
-        // mark may have grown; it shrinks only by a release, `release`).
+        // mark may have grown; it shrinks only by a release, `release`, or
+        // a refusal that took nothing, `SentMarks::not_taken`: then this
+        // keeps more than it must, for one pass).
         let in_doubt = |moves: &mut Vec<Move>| {
             let sent = shared.sent_upto(peer);
             let before = moves.len();
@@ -589,6 +593,25 @@ async fn drain(
     Ok(())
 }
 
+/// The rest of a stream the peer ended: its acks settled, then how it
+/// ended (its status, with [`crate::peer::NOT_TAKEN`] if it said so).
+async fn last_word(
+    shared: &Shared,
+    peer: &str,
+    acks: &mut tonic::Streaming<TransferAck>,
+    in_flight: &mut VecDeque<(Instant, Vec<u64>)>,
+    ack_timeout: Duration,
+) -> SessionError {
+    loop {
+        let Ok(ack) = tokio::time::timeout(ack_timeout, acks.message()).await else {
+            return stall_error(ack_timeout);
+        };
+        if let Err(end) = settle(shared, peer, ack, acks, in_flight).await {
+            return end;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SessionError {
     text: String,
@@ -655,7 +678,7 @@ async fn settle(
                 end = Some(SessionError {
                     text: crate::status_chain(&s),
                     not_taken: s.code() == tonic::Code::ResourceExhausted
-                        && s.metadata().get(crate::peer::NOT_TAKEN).is_some(),
+                        && s.metadata().get(crate::peer::NOT_TAKEN).is_some_and(|v| v == "1"),
                 });
                 break;
             }

@@ -651,7 +651,7 @@ pub(crate) fn spawn_feed<T, F>(
     tokio::spawn(async move {
         if let Err(e) = job.await {
             if e.is_panic() {
-                tracing::error!(what, "a streaming answer failed midway (a bug: please report it)");
+                tracing::error!(what, error = %e, "a streaming answer failed midway (a bug: please report it)");
                 let failed =
                     format!("{what} failed midway on the node; what came before is not the whole answer");
                 let _ = tx.send(Err(tonic::Status::internal(failed))).await;
