@@ -326,7 +326,8 @@ async fn envelopes_a_full_peer_keeps_refusing_expire_at_their_ttl() {
     let mut late = Vec::new();
     for i in 0..24u32 {
         let request = wire::SendRequest {
-            // Long enough to see the refusal first on a slow host.
+            // Long enough for each to be sent, and refused, before it
+            // expires, on a slow host.
             ttl: Some(antar_proto::prost_types::Duration { seconds: 4, nanos: 0 }),
             ..notice("health", "tax.notice", &i.to_be_bytes())
         };

@@ -577,13 +577,16 @@ fn stall_error(timeout: Duration) -> SessionError {
 }
 
 /// On shutdown, waits briefly for the acks of batches already sent.
+/// The longest [`drain`] and [`last_word`] wait for what is left of a stream.
+const LAST_WORD: Duration = Duration::from_secs(5);
+
 async fn drain(
     shared: &Shared,
     peer: &str,
     acks: &mut tonic::Streaming<TransferAck>,
     in_flight: &mut VecDeque<(Instant, Vec<u64>)>,
 ) -> Result<(), SessionError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + LAST_WORD;
     while !in_flight.is_empty() {
         match tokio::time::timeout_at(deadline, acks.message()).await {
             Ok(ack) => settle(shared, peer, ack, acks, in_flight).await?,
@@ -595,6 +598,8 @@ async fn drain(
 
 /// The rest of a stream the peer ended: its acks settled, then how it
 /// ended (its status, with [`crate::peer::NOT_TAKEN`] if it said so).
+/// Already on its way, so read within [`LAST_WORD`] in all (as [`drain`]
+/// does: a stop waits for the forwarder).
 async fn last_word(
     shared: &Shared,
     peer: &str,
@@ -602,9 +607,11 @@ async fn last_word(
     in_flight: &mut VecDeque<(Instant, Vec<u64>)>,
     ack_timeout: Duration,
 ) -> SessionError {
+    let wait = ack_timeout.min(LAST_WORD);
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let Ok(ack) = tokio::time::timeout(ack_timeout, acks.message()).await else {
-            return stall_error(ack_timeout);
+        let Ok(ack) = tokio::time::timeout_at(deadline, acks.message()).await else {
+            return stall_error(wait);
         };
         if let Err(end) = settle(shared, peer, ack, acks, in_flight).await {
             return end;
