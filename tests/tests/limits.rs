@@ -297,6 +297,30 @@ async fn a_peer_cannot_fill_a_store_past_twice_its_quota_and_nothing_is_lost() {
     }
 }
 
+/// Sends health one envelope that alone takes it past its ceiling for
+/// peers' envelopes (twice a quota of 64 KiB) and waits for its delivery.
+async fn fill_health(finance: &Client) -> String {
+    let big = send(finance, notice("health", "tax.notice", &vec![1; 140 * 1024])).await;
+    until_state(finance, &big, wire::MessageState::Delivered, 15).await;
+    big
+}
+
+/// Sends health `n` small notices with a TTL of `secs`; their ids.
+async fn notices_with_ttl(finance: &Client, n: u32, secs: i64) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let request = wire::SendRequest {
+            ttl: Some(antar_proto::prost_types::Duration {
+                seconds: secs,
+                nanos: 0,
+            }),
+            ..notice("health", "tax.notice", &i.to_be_bytes())
+        };
+        ids.push(send(finance, request).await);
+    }
+    ids
+}
+
 /// A peer past its ceiling refuses a batch saying it took nothing of it
 /// (`antar-not-taken`): so the envelopes are not in doubt at their sender,
 /// and expire there at their TTL, each with an `EXPIRED` receipt, instead
@@ -320,19 +344,10 @@ async fn envelopes_a_full_peer_keeps_refusing_expire_at_their_ttl() {
         })
         .await;
     let finance = fed.app("finance").await;
-    // Alone past health's ceiling for peers' envelopes (twice 64 KiB).
-    let big = send(&finance, notice("health", "tax.notice", &vec![1; 140 * 1024])).await;
-    until_state(&finance, &big, wire::MessageState::Delivered, 15).await;
-    let mut late = Vec::new();
-    for i in 0..24u32 {
-        let request = wire::SendRequest {
-            // Long enough for each to be sent, and refused, before it
-            // expires, on a slow host.
-            ttl: Some(antar_proto::prost_types::Duration { seconds: 4, nanos: 0 }),
-            ..notice("health", "tax.notice", &i.to_be_bytes())
-        };
-        late.push(send(&finance, request).await);
-    }
+    let big = fill_health(&finance).await;
+    // Long enough for each to be sent, and refused, before it expires, on
+    // a slow host.
+    let late = notices_with_ttl(&finance, 24, 4).await;
     let admin = fed.admin("finance").await;
     eventually(10, "health refuses them", || async {
         peer_status(&admin, "health")
@@ -363,6 +378,45 @@ async fn envelopes_a_full_peer_keeps_refusing_expire_at_their_ttl() {
     for n in nodes {
         n.stop().await.unwrap();
     }
+}
+
+/// A refused stream's last word is read even when the forwarder was still
+/// writing to it: 100 envelopes queued while the link is cut go out at
+/// once, a batch each, 64 in flight, when it comes back; health refuses
+/// the first, which ends the stream under the forwarder's writes. Each
+/// still expires at its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_refused_while_their_sender_still_writes_expire_at_their_ttl() {
+    let fed = Federation::standard();
+    let health_node = fed
+        .start_with({
+            let mut c = fed.config("health");
+            c.limits.max_queued_bytes = 64 * 1024;
+            c
+        })
+        .await;
+    let proxy = LinkProxy::start(fed.addrs["health"].peer).await;
+    let mut config = fed.config("finance");
+    for p in &mut config.peers {
+        if p.agency == "health" {
+            p.addr = proxy.addr.to_string();
+        }
+    }
+    config.limits.batch_size = 1;
+    config.limits.transfer_window = 64;
+    config.limits.retry_max_ms = 300;
+    config.limits.sweep_interval_ms = 100;
+    let finance_node = fed.start_with(config).await;
+    let finance = fed.app("finance").await;
+    fill_health(&finance).await;
+    proxy.set(LinkMode::Cut);
+    let late = notices_with_ttl(&finance, 100, 8).await;
+    proxy.set(LinkMode::Up);
+    for id in &late {
+        until_state(&finance, id, wire::MessageState::Expired, 20).await;
+    }
+    finance_node.stop().await.unwrap();
+    health_node.stop().await.unwrap();
 }
 
 /// What waits to go to a peer does not count against taking that peer's
