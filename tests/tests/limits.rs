@@ -337,7 +337,6 @@ async fn envelopes_a_full_peer_keeps_refusing_expire_at_their_ttl() {
             } else {
                 config.limits.batch_size = 2;
                 config.limits.transfer_window = 4;
-                config.limits.retry_initial_ms = 50;
                 config.limits.retry_max_ms = 300;
                 config.limits.sweep_interval_ms = 100;
             }

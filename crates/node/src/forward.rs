@@ -576,10 +576,10 @@ fn stall_error(timeout: Duration) -> SessionError {
     ))
 }
 
-/// On shutdown, waits briefly for the acks of batches already sent.
 /// The longest [`drain`] and [`last_word`] wait for what is left of a stream.
 const LAST_WORD: Duration = Duration::from_secs(5);
 
+/// On shutdown, waits briefly for the acks of batches already sent.
 async fn drain(
     shared: &Shared,
     peer: &str,

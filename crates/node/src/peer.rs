@@ -81,6 +81,15 @@ impl Plan<Receipt> {
         }
     }
 
+    /// This refusal, of an envelope to relay whose `envelope` seen key is
+    /// `key` (`Plan::Reject::relayed`).
+    fn of_relay(mut self, key: Vec<u8>) -> Self {
+        if let Self::Reject { relayed, .. } = &mut self {
+            *relayed = Some(key);
+        }
+        self
+    }
+
     fn sign_with(self, mut sign: impl FnMut(Receipt) -> Issued) -> Plan {
         match self {
             Self::Reject {
@@ -540,10 +549,8 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
                 let delivered = shared.delivered(&verified.envelope, &signed.envelope);
                 Plan::Deliver(Box::new(verified), et, identity, Box::new(delivered))
             } else {
-                let unroutable = |reason: &str| Plan::Reject {
-                    reason: reason.to_owned(),
-                    receipt: claimed.map(|(e, bytes)| rejected(shared, e, bytes, reason)),
-                    relayed: Some(seen_key(verified.sender.as_str(), &verified.id)),
+                let unroutable = |reason| {
+                    reject(shared, reason, claimed).of_relay(seen_key(verified.sender.as_str(), &verified.id))
                 };
                 match shared.policy().next_hop(verified.recipient.as_str()) {
                     // Straight back where it came from: a loop (and work
