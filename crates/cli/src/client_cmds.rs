@@ -292,7 +292,7 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|r| {
                 json!({ "status": status_name(r.status), "issuer": r.issuer, "reason": r.reason,
-                             "at": r.at.map(|t| t.seconds), "outcome": r.outcome })
+                             "at": r.at.map(|t| t.seconds), "outcome": outcome_name(r.outcome) })
             })
             .collect();
         println!(
@@ -307,10 +307,15 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
             optional(" (", &resp.reason, ")")
         );
         for r in &receipts {
+            let outcome = match Outcome::try_from(r.outcome) {
+                Ok(Outcome::Unspecified) => "",
+                _ => outcome_name(r.outcome),
+            };
             println!(
-                "  {} by {}{}",
+                "  {} by {}{}{}",
                 status_name(r.status),
                 r.issuer,
+                optional(" (", outcome, ")"),
                 optional(": ", &r.reason, "")
             );
         }
@@ -695,6 +700,14 @@ pub(crate) fn status_name(s: i32) -> &'static str {
     ReceiptStatus::try_from(s)
         .map(|s| s.as_str_name())
         .unwrap_or("RECEIPT_STATUS_UNKNOWN")
+}
+
+/// A receipt's outcome by its proto name (`OUTCOME_COMMITTED`), as `--json`
+/// prints it.
+pub(crate) fn outcome_name(o: i32) -> &'static str {
+    Outcome::try_from(o)
+        .map(|o| o.as_str_name())
+        .unwrap_or("OUTCOME_UNKNOWN")
 }
 
 /// `before value after`, or nothing when `value` is empty: optional parts of a line.

@@ -11,7 +11,9 @@ use tokio_stream::StreamExt as _;
 use antar_client::wire;
 use antar_client::ClientRole;
 
-use crate::client_cmds::{optional, parse_header, print_delivery, status_err, status_name, PayloadArgs};
+use crate::client_cmds::{
+    optional, outcome_name, parse_header, print_delivery, status_err, status_name, PayloadArgs,
+};
 use crate::conn::ConnArgs;
 
 /// `antar call`.
@@ -154,7 +156,7 @@ pub async fn receipts(args: ReceiptsArgs) -> anyhow::Result<ExitCode> {
                 "{}",
                 json!({ "cursor": event.cursor, "message_id": r.message_id, "status": status_name(r.status),
                         "issuer": r.issuer, "sender": r.sender, "recipient": r.recipient,
-                        "reason": r.reason, "outcome": r.outcome, "at": r.at.map(|t| t.seconds) })
+                        "reason": r.reason, "outcome": outcome_name(r.outcome), "at": r.at.map(|t| t.seconds) })
             );
         } else {
             println!(

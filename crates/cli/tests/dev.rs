@@ -198,28 +198,74 @@ fn antar_dev_runs_the_readme_tour_and_stops_cleanly() {
     assert_eq!(got[0]["payload_base64"], "aGVsbG8gcmVnaXN0cnk=");
     assert_eq!(got[0]["sender_identity"], "spiffe://gov.example/agency/finance");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let track = loop {
-        let t = json_lines(&cli(&fed, "finance", &["track", &id])).remove(0);
-        if t["state"] == "MESSAGE_STATE_PROCESSED" {
-            break t;
+    let processed = |id: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let t = json_lines(&cli(&fed, "finance", &["track", id])).remove(0);
+            if t["state"] == "MESSAGE_STATE_PROCESSED" {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "never PROCESSED: {t}");
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(Instant::now() < deadline, "never PROCESSED: {t}");
-        std::thread::sleep(Duration::from_millis(200));
     };
-    let statuses: Vec<&str> = track["receipts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_str().unwrap())
-        .collect();
+    let track = processed(&id);
+    let receipts = |track: &serde_json::Value, field: &str| -> Vec<String> {
+        let list = track["receipts"].as_array().unwrap();
+        list.iter()
+            .map(|r| r[field].as_str().unwrap().to_owned())
+            .collect()
+    };
     assert_eq!(
-        statuses,
+        receipts(&track, "status"),
         [
             "RECEIPT_STATUS_ACCEPTED",
             "RECEIPT_STATUS_DELIVERED",
             "RECEIPT_STATUS_PROCESSED"
         ]
+    );
+
+    // A transaction acked `--outcome rejected`: its PROCESSED receipt says
+    // so, by name.
+    let sent = cli(
+        &fed,
+        "finance",
+        &[
+            "send",
+            "--kind",
+            "transaction",
+            "--idempotency-key",
+            "pay-0001",
+            "--to",
+            "registry",
+            "--service",
+            "birth.lookup",
+            "--data",
+            "pay",
+        ],
+    );
+    let tx = json_lines(&sent)[0]["message_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let got = cli(
+        &fed,
+        "registry",
+        &[
+            "inbox",
+            "--ack",
+            "--outcome",
+            "rejected",
+            "--count",
+            "1",
+            "--wait",
+            "20",
+        ],
+    );
+    assert_eq!(json_lines(&got)[0]["id"], tx.as_str());
+    assert_eq!(
+        receipts(&processed(&tx), "outcome"),
+        ["OUTCOME_UNSPECIFIED", "OUTCOME_UNSPECIFIED", "OUTCOME_REJECTED"]
     );
 
     // An auditor proves the message's entries in finance's log, under a
