@@ -94,6 +94,65 @@ async fn a_peer_streaming_garbage_is_refused_and_real_peers_carry_on() {
     }
 }
 
+/// A flood of calls that send nothing (`Track`, `Ack`: a store read each)
+/// is cut at `limits.app_calls_per_sec`, with `RESOURCE_EXHAUSTED` naming
+/// the key, while the same app's sends (their own bucket) and another
+/// app's calls are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_flooding_calls_is_limited_apart_from_its_sends_and_other_apps() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.app_calls_per_sec = 20;
+    let node = fed.start_with(config).await;
+    let flood = fed.app("finance").await;
+    let unknown = "0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f".to_owned();
+    let track = |client: Client| {
+        let id = unknown.clone();
+        async move {
+            let asked = wire::TrackRequest { message_id: id };
+            client.agency().track(asked).await.map(|_| ())
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        let (flood, id) = (flood.clone(), unknown.clone());
+        if i % 2 == 0 {
+            tasks.spawn(track(flood));
+        } else {
+            tasks.spawn(async move {
+                let ack = wire::AckRequest {
+                    message_id: id,
+                    ..Default::default()
+                };
+                flood.agency().ack(ack).await.map(|_| ())
+            });
+        }
+    }
+    let (mut served, mut limited) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let st = r.unwrap().unwrap_err();
+        if st.code() == Code::ResourceExhausted {
+            assert!(st.message().contains("limits.app_calls_per_sec = 20"), "{st:?}");
+            limited += 1;
+        } else {
+            assert_eq!(st.code(), Code::NotFound, "{st:?}");
+            served += 1;
+        }
+    }
+    assert!(limited >= 150, "only {limited} of 200 refused ({served} served)");
+    assert!(served >= 20, "the first second's burst is served: {served}");
+    // Its sends are not charged to its calls, and another app has its own bucket.
+    send(&flood, notice("health", "tax.notice", b"sends are apart")).await;
+    let other = fed.named_app("finance", "payroll").await;
+    let st = track(other).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
+    // The flooding app is served again once its bucket refills.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let st = track(flood.clone()).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
+    node.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_app_is_limited_and_other_apps_are_served() {
     let fed = Federation::standard();

@@ -187,6 +187,7 @@ async fn start_nodes(
         // A queue test holds far more than the default quota; sends must not be refused.
         config.limits.max_queued_bytes = u64::MAX;
         config.limits.app_sends_per_sec = 0;
+        config.limits.app_calls_per_sec = 0;
         config.receipts.batch_signatures = batch_signatures;
         config.envelopes.batch_signatures = batch_envelopes;
         let listeners = Listeners {

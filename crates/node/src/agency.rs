@@ -869,6 +869,21 @@ async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) ->
 }
 
 impl AgencyService {
+    /// The app making a call that sends nothing of its own, charged one
+    /// token of `limits.app_calls_per_sec` (its sends have their own
+    /// bucket, `limits.app_sends_per_sec`, so a flood of these does not
+    /// take the app's sends away, nor another app's calls).
+    fn calling_app<T>(&self, req: &Request<T>) -> Result<String, NodeError> {
+        let app = auth::app(&self.shared, req)?;
+        if !self.shared.app_calls.allow(&app, 1) {
+            return Err(NodeError::RateLimited(format!(
+                "app {app} is over limits.app_calls_per_sec = {}; slow down and retry",
+                self.shared.limits().app_calls_per_sec
+            )));
+        }
+        Ok(app)
+    }
+
     fn services_of(&self, app: &str) -> Result<Services, NodeError> {
         self.shared.policy().app(app).cloned().ok_or_else(|| {
             NodeError::PermissionDenied(format!("app {app} is not configured on this node ([[apps]])"))
@@ -965,7 +980,7 @@ impl Agency for AgencyService {
     type ReceiveStream = BoxStream<Delivery>;
 
     async fn receive(&self, req: Request<ReceiveRequest>) -> Result<Response<Self::ReceiveStream>, Status> {
-        let app = auth::app(&self.shared, &req)?;
+        let app = self.calling_app(&req)?;
         let owned = self.services_of(&app)?;
         let r = req.into_inner();
         let mut wanted = Vec::new();
@@ -1024,7 +1039,7 @@ impl Agency for AgencyService {
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        let app = auth::app(&self.shared, &req)?;
+        let app = self.calling_app(&req)?;
         let services = self.services_of(&app)?;
         ack_request(&self.shared, &services, req.into_inner()).await?;
         Ok(Response::new(AckResponse {}))
@@ -1058,7 +1073,7 @@ impl Agency for AgencyService {
     }
 
     async fn ack_batch(&self, req: Request<AckBatchRequest>) -> Result<Response<AckBatchResponse>, Status> {
-        let app = auth::app(&self.shared, &req)?;
+        let app = self.calling_app(&req)?;
         let services = self.services_of(&app)?;
         let acks = req.into_inner().acks;
         check_batch("acks", acks.len())?;
@@ -1076,7 +1091,7 @@ impl Agency for AgencyService {
     }
 
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<SendResponse>, Status> {
-        let app = auth::app(&self.shared, &req)?;
+        let app = self.calling_app(&req)?;
         let services = self.services_of(&app)?;
         let started = Instant::now();
         let traceparent = trace::from_metadata(req.metadata());
@@ -1144,7 +1159,7 @@ impl Agency for AgencyService {
     }
 
     async fn track(&self, req: Request<TrackRequest>) -> Result<Response<TrackResponse>, Status> {
-        let _app = auth::app(&self.shared, &req)?;
+        self.calling_app(&req)?;
         let id = parse_id("message_id", &req.get_ref().message_id)?;
         let record = self
             .shared
@@ -1166,7 +1181,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<WatchReceiptsRequest>,
     ) -> Result<Response<Self::WatchReceiptsStream>, Status> {
-        let _app = auth::app(&self.shared, &req)?;
+        self.calling_app(&req)?;
         let mut cursor = req.get_ref().after_cursor;
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(256);

@@ -226,6 +226,10 @@ pub struct Limits {
     pub max_connections_per_ip: u32,
     /// Envelopes one app may send per second (burst: one second's worth); 0: unlimited.
     pub app_sends_per_sec: u64,
+    /// Calls one app may make per second that send nothing of their own
+    /// (`Receive`, `Ack`, `AckBatch`, `Reply`, `Track`, `WatchReceipts`;
+    /// burst: one second's worth); 0: unlimited.
+    pub app_calls_per_sec: u64,
     /// Items one peer may transfer per second (burst: one second's worth); 0: unlimited.
     pub peer_items_per_sec: u64,
     /// Seconds between signed checkpoints of the Merkle log (when it grew).
@@ -258,6 +262,7 @@ impl Default for Limits {
             max_connections: 1024,
             max_connections_per_ip: 256,
             app_sends_per_sec: 10_000,
+            app_calls_per_sec: 10_000,
             peer_items_per_sec: 50_000,
             checkpoint_interval_secs: 60,
             payload_retention_secs: 0,

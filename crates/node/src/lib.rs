@@ -311,6 +311,7 @@ impl Node {
             tls_key,
             crls: RwLock::new(crls),
             app_rate: rate::RateLimiter::new(config.limits.app_sends_per_sec),
+            app_calls: rate::RateLimiter::new(config.limits.app_calls_per_sec),
             peer_rate: rate::RateLimiter::new(config.limits.peer_items_per_sec),
             peer_tls: RwLock::new(peer_tls),
             api_tls: RwLock::new(api_tls),

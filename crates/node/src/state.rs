@@ -430,8 +430,10 @@ pub(crate) struct Shared {
     pub(crate) api_identity: ApiIdentity,
     /// Held by a reload from reading the file to its last swap.
     pub(crate) reloading: Mutex<()>,
-    /// Per-app and per-peer rate limits.
+    /// Per-app and per-peer rate limits: an app's envelopes, its other
+    /// calls, a peer's items.
     pub(crate) app_rate: crate::rate::RateLimiter,
+    pub(crate) app_calls: crate::rate::RateLimiter,
     pub(crate) peer_rate: crate::rate::RateLimiter,
     /// Cancelled at shutdown: ends streams so connections can close.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
