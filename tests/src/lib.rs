@@ -312,16 +312,33 @@ impl ChildNode {
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        match self.exited_within(Duration::from_secs(10)) {
+            Some(status) => status,
+            None => panic!("{} did not stop within 10 s of SIGTERM", self.agency),
+        }
+    }
+
+    /// Sends the signal named (`TERM`, `HUP`, `INT`) with `kill`.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        for _ in 0..400 {
+        let sent = Command::new("kill").args([&format!("-{name}"), &pid]).status();
+        assert!(sent.unwrap().success(), "kill -{name} {pid}");
+    }
+
+    /// The exit status, once the process has ended; None if it still runs
+    /// after `within` (polled every 25 ms).
+    pub fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        self.child.kill().unwrap();
-        panic!("{} did not stop within 10 s of SIGTERM", self.agency);
     }
 }
 

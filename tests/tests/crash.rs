@@ -148,3 +148,67 @@ async fn sigkill_loses_no_acknowledged_envelope_and_redelivers_nothing_acked() {
     drop(finance);
     drop(health);
 }
+
+/// A second SIGTERM while a stop waits for a stalled peer's custody acks
+/// ends the process at once, exit status 130, saying so; like a `kill -9`,
+/// it loses nothing acknowledged: after a restart every envelope is
+/// delivered, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_a_slow_stop_at_once_and_loses_nothing() {
+    let fed = pair();
+    let health = fed.start("health").await;
+    let proxy = LinkProxy::start(fed.addrs["health"].peer).await;
+    let mut config = fed.config("finance");
+    for p in &mut config.peers {
+        p.addr = proxy.addr.to_string();
+    }
+    let mut finance = fed.spawn_with(config.clone());
+    let app = fed.app("finance").await;
+    let inbox = fed.app("health").await;
+    let first = send(&app, notice("health", "tax.notice", b"before the stall")).await;
+    receive_exactly(&inbox, std::slice::from_ref(&first), 20).await;
+
+    // Batches on their way (as many as the transfer window holds) that the
+    // peer never answers: the stop waits up to 5 s for their acks.
+    proxy.set(LinkMode::Stall);
+    let mut ids = Vec::new();
+    for i in 0..20u32 {
+        ids.push(send(&app, notice("health", "tax.notice", &i.to_be_bytes())).await);
+    }
+    let admin = fed.admin("finance").await;
+    eventually(10, "the envelopes to be on their way", || async {
+        let status = peer_status(&admin, "health").await?;
+        (status.backlog == 20 && status.in_doubt > 0).then_some(())
+    })
+    .await;
+    drop((app, admin));
+
+    finance.signal("TERM");
+    assert!(
+        finance.exited_within(Duration::from_millis(1_000)).is_none(),
+        "the stop should wait for the stalled acks"
+    );
+    let asked = std::time::Instant::now();
+    finance.signal("TERM");
+    let status = finance
+        .exited_within(Duration::from_secs(2))
+        .expect("a second SIGTERM ends the stop at once");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(asked.elapsed() < Duration::from_secs(2));
+    let log = fed.log("finance");
+    assert!(
+        log.contains("second signal during the stop: exiting now"),
+        "{log}"
+    );
+
+    // Nothing acknowledged was lost, nothing comes twice.
+    proxy.set(LinkMode::Up);
+    let finance = fed.spawn_with(config);
+    receive_exactly(&inbox, &ids, 30).await;
+    assert!(
+        receive(&inbox, 1, 2, true).await.is_empty(),
+        "a message came twice"
+    );
+    assert_eq!(finance.terminate().code(), Some(0));
+    health.stop().await.unwrap();
+}

@@ -94,16 +94,23 @@ async fn a_peer_streaming_garbage_is_refused_and_real_peers_carry_on() {
     }
 }
 
-/// A flood of calls that send nothing (`Track`, `Ack`: a store read each)
-/// is cut at `limits.app_calls_per_sec`, with `RESOURCE_EXHAUSTED` naming
-/// the key, while the same app's sends (their own bucket) and another
-/// app's calls are served.
+/// A flood of calls under `limits.app_calls_per_sec` (here `Track` and
+/// `Ack`s of a message nobody holds) is cut at the limit with
+/// `RESOURCE_EXHAUSTED` naming the key, while the same app's sends (their
+/// own bucket) and another app's calls are served. Acks that settle a
+/// message cost nothing; wasted ones are paid for, and every call under
+/// the limit waits for the debt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_flooding_calls_is_limited_apart_from_its_sends_and_other_apps() {
     let fed = Federation::standard();
     let mut config = fed.config("finance");
-    config.limits.app_calls_per_sec = 20;
-    let node = fed.start_with(config).await;
+    config.limits.app_calls_per_sec = 1;
+    let nodes = vec![fed.start_with(config).await, fed.start("health").await];
+    let from_health = fed.app("health").await;
+    let mut delivered = Vec::new();
+    for i in 0..3u8 {
+        delivered.push(send(&from_health, notice("finance", "tax.notice", &[i])).await);
+    }
     let flood = fed.app("finance").await;
     let unknown = "0190f3c2-5b1a-7c3e-9d2f-4a5b6c7d8e9f".to_owned();
     let track = |client: Client| {
@@ -113,26 +120,28 @@ async fn an_app_flooding_calls_is_limited_apart_from_its_sends_and_other_apps() 
             client.agency().track(asked).await.map(|_| ())
         }
     };
+    let ack = |client: Client, id: String| async move {
+        let ack = wire::AckRequest {
+            message_id: id,
+            ..Default::default()
+        };
+        client.agency().ack(ack).await.map(|_| ())
+    };
+    let over = |st: &tonic::Status| {
+        st.code() == Code::ResourceExhausted && st.message().contains("limits.app_calls_per_sec = 1;")
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200u32 {
-        let (flood, id) = (flood.clone(), unknown.clone());
         if i % 2 == 0 {
-            tasks.spawn(track(flood));
+            tasks.spawn(track(flood.clone()));
         } else {
-            tasks.spawn(async move {
-                let ack = wire::AckRequest {
-                    message_id: id,
-                    ..Default::default()
-                };
-                flood.agency().ack(ack).await.map(|_| ())
-            });
+            tasks.spawn(ack(flood.clone(), unknown.clone()));
         }
     }
     let (mut served, mut limited) = (0, 0);
     while let Some(r) = tasks.join_next().await {
         let st = r.unwrap().unwrap_err();
-        if st.code() == Code::ResourceExhausted {
-            assert!(st.message().contains("limits.app_calls_per_sec = 20"), "{st:?}");
+        if over(&st) {
             limited += 1;
         } else {
             assert_eq!(st.code(), Code::NotFound, "{st:?}");
@@ -140,16 +149,119 @@ async fn an_app_flooding_calls_is_limited_apart_from_its_sends_and_other_apps() 
         }
     }
     assert!(limited >= 150, "only {limited} of 200 refused ({served} served)");
-    assert!(served >= 20, "the first second's burst is served: {served}");
-    // Its sends are not charged to its calls, and another app has its own bucket.
-    send(&flood, notice("health", "tax.notice", b"sends are apart")).await;
+    assert!(served >= 1, "the first second's burst is served");
+
+    // Its sends have their own bucket: ten in a row, a batch, and a Call
+    // answered for its own fault.
+    for i in 0..10u8 {
+        send(&flood, notice("health", "tax.notice", &[i])).await;
+    }
+    let batch = wire::SendBatchRequest {
+        requests: vec![notice("health", "tax.notice", b"batched")],
+    };
+    let sent = flood.agency().send_batch(batch).await.unwrap().into_inner();
+    assert!(
+        matches!(sent.results[0].result, Some(wire::send_result::Result::Sent(_))),
+        "{sent:?}"
+    );
+    let call = notice("health", "tax.notice", b"a Call sends a REQUEST");
+    let st = flood.agency().call(call).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    // Another app has its own bucket.
     let other = fed.named_app("finance", "payroll").await;
     let st = track(other).await.unwrap_err();
     assert_eq!(st.code(), Code::NotFound, "{st:?}");
-    // The flooding app is served again once its bucket refills.
+
+    // Acks that settle their message give their token back: three in a
+    // row pass a bucket of one.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let st = track(flood.clone()).await.unwrap_err();
+    let got = receive(&flood, 3, 20, false).await;
+    let mut got: Vec<String> = got.iter().map(|d| envelope_of(d).id).collect();
+    got.sort();
+    delivered.sort();
+    assert_eq!(got, delivered);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for id in got {
+        ack(flood.clone(), id).await.unwrap();
+    }
+    // Wasted ones are paid for: an AckBatch of three acks of nothing puts
+    // the bucket two tokens in debt, so every call under the limit is still
+    // refused 1.2 s later (a bucket merely empty would have refilled).
+    let acks = vec![
+        wire::AckRequest {
+            message_id: unknown.clone(),
+            ..Default::default()
+        };
+        3
+    ];
+    let answered = flood.agency().ack_batch(wire::AckBatchRequest { acks }).await;
+    assert_eq!(answered.unwrap().into_inner().results.len(), 3);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let mut agency = flood.agency();
+    let refused = [
+        agency.receive(wire::ReceiveRequest::default()).await.map(|_| ()),
+        agency.ack(wire::AckRequest::default()).await.map(|_| ()),
+        agency
+            .ack_batch(wire::AckBatchRequest::default())
+            .await
+            .map(|_| ()),
+        agency.reply(wire::ReplyRequest::default()).await.map(|_| ()),
+        agency.track(wire::TrackRequest::default()).await.map(|_| ()),
+        agency
+            .watch_receipts(wire::WatchReceiptsRequest::default())
+            .await
+            .map(|_| ()),
+    ];
+    for (i, r) in refused.into_iter().enumerate() {
+        let st = r.unwrap_err();
+        assert!(over(&st), "call {i}: {st:?}");
+    }
+    // The flooding app is served again once its bucket refills.
+    let st = eventually(10, "the bucket to refill", || async {
+        track(flood.clone()).await.err().filter(|st| !over(st))
+    })
+    .await;
     assert_eq!(st.code(), Code::NotFound, "{st:?}");
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
+/// `WatchReceipts` streams are bounded per app like `Receive` streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_holds_a_bounded_number_of_watch_streams() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.max_watch_streams_per_app = 2;
+    let node = fed.start_with(config).await;
+    let app = fed.app("finance").await;
+    let watch = |client: Client| async move {
+        let asked = wire::WatchReceiptsRequest::default();
+        client
+            .agency()
+            .watch_receipts(asked)
+            .await
+            .map(|r| r.into_inner())
+    };
+    let mut streams = vec![
+        watch(app.clone()).await.unwrap(),
+        watch(app.clone()).await.unwrap(),
+    ];
+    let st = watch(app.clone()).await.unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert!(
+        st.message()
+            .contains("holds 2 WatchReceipts streams, limits.max_watch_streams_per_app = 2"),
+        "{st:?}"
+    );
+    // Another app has its own count; a closed stream gives its place back.
+    let payroll = fed.named_app("finance", "payroll").await;
+    watch(payroll).await.unwrap();
+    drop(streams.pop());
+    eventually(10, "a stream's place back", || async {
+        watch(app.clone()).await.ok()
+    })
+    .await;
     node.stop().await.unwrap();
 }
 

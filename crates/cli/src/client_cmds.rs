@@ -307,15 +307,11 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
             optional(" (", &resp.reason, ")")
         );
         for r in &receipts {
-            let outcome = match Outcome::try_from(r.outcome) {
-                Ok(Outcome::Unspecified) => "",
-                _ => outcome_name(r.outcome),
-            };
             println!(
                 "  {} by {}{}{}",
                 status_name(r.status),
                 r.issuer,
-                optional(" (", outcome, ")"),
+                optional(" (", outcome_shown(r.outcome), ")"),
                 optional(": ", &r.reason, "")
             );
         }
@@ -708,6 +704,15 @@ pub(crate) fn outcome_name(o: i32) -> &'static str {
     Outcome::try_from(o)
         .map(|o| o.as_str_name())
         .unwrap_or("OUTCOME_UNKNOWN")
+}
+
+/// [`outcome_name`] for text output: nothing when unspecified (every
+/// receipt but a TRANSACTION's PROCESSED).
+pub(crate) fn outcome_shown(o: i32) -> &'static str {
+    match Outcome::try_from(o) {
+        Ok(Outcome::Unspecified) => "",
+        _ => outcome_name(o),
+    }
 }
 
 /// `before value after`, or nothing when `value` is empty: optional parts of a line.

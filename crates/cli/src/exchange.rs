@@ -12,7 +12,7 @@ use antar_client::wire;
 use antar_client::ClientRole;
 
 use crate::client_cmds::{
-    optional, outcome_name, parse_header, print_delivery, status_err, status_name, PayloadArgs,
+    optional, outcome_name, outcome_shown, parse_header, print_delivery, status_err, status_name, PayloadArgs,
 };
 use crate::conn::ConnArgs;
 
@@ -160,13 +160,14 @@ pub async fn receipts(args: ReceiptsArgs) -> anyhow::Result<ExitCode> {
             );
         } else {
             println!(
-                "{:>6} {} {} by {} ({} -> {}){}",
+                "{:>6} {} {} by {} ({} -> {}){}{}",
                 event.cursor,
                 r.message_id,
                 status_name(r.status),
                 r.issuer,
                 r.sender,
                 r.recipient,
+                optional(" ", outcome_shown(r.outcome), ""),
                 optional(": ", &r.reason, "")
             );
         }

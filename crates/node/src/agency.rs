@@ -24,7 +24,7 @@ use antar_core::{AgencyId, Draft, MessageId, Sealed, ServiceName};
 use antar_store::{MessageRecord, Tx, TxError};
 
 use crate::error::NodeError;
-use crate::state::{expires_ms, Issued, Lease, Leases, Services, Shared};
+use crate::state::{expires_ms, Issued, Lease, Leases, OpenStream, Services, Shared};
 use crate::{auth, trace};
 
 /// The Agency service of one node.
@@ -696,7 +696,8 @@ fn item_error(e: NodeError) -> ItemError {
 }
 
 /// One `AckRequest`, checked and applied.
-async fn ack_request(shared: &Shared, services: &Services, r: AckRequest) -> Result<(), NodeError> {
+/// An `Ack`; true when it settled the message (not acked before).
+async fn ack_request(shared: &Shared, services: &Services, r: AckRequest) -> Result<bool, NodeError> {
     let (id, outcome) = parse_ack(&r)?;
     ack(shared, services, id, outcome, &r.result).await
 }
@@ -707,17 +708,17 @@ fn parse_ack(r: &AckRequest) -> Result<(MessageId, Outcome), NodeError> {
     Ok((id, outcome))
 }
 
-/// Takes `id` out of the inbox for good and routes a PROCESSED receipt.
-/// Acking again is a no-op.
+/// Takes `id` out of the inbox for good and routes a PROCESSED receipt;
+/// true. Acking again is a no-op: false.
 async fn ack(
     shared: &Shared,
     services: &Services,
     id: MessageId,
     outcome: Outcome,
     result: &[u8],
-) -> Result<(), NodeError> {
+) -> Result<bool, NodeError> {
     let Some(draft) = check_ack(shared, services, &id, outcome, result)? else {
-        return Ok(());
+        return Ok(false);
     };
     let processed = shared.sign_together(vec![draft.clone()]).await.take(draft);
     let new = shared
@@ -727,7 +728,7 @@ async fn ack(
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
     acked(shared, std::slice::from_ref(&id), usize::from(new));
-    Ok(())
+    Ok(true)
 }
 
 /// Checks an ack of `id` by an app owning `services` and drafts its
@@ -824,7 +825,13 @@ fn acked(shared: &Shared, ids: &[MessageId], new: usize) {
 /// The acks of one `AckBatch`: each checked apart (an item refused is
 /// refused alone, as its unary `Ack` would be), their receipts signed
 /// together, and all the others written by `write_all`.
-async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) -> Vec<Result<(), ItemError>> {
+/// An `AckBatch`: each ack's result, and how many settled their message
+/// (the rest failed or were acked before).
+async fn ack_all(
+    shared: &Shared,
+    services: &Services,
+    acks: Vec<AckRequest>,
+) -> (Vec<Result<(), ItemError>>, usize) {
     let mut results = Vec::with_capacity(acks.len());
     let mut ready = Vec::new();
     for (i, r) in acks.into_iter().enumerate() {
@@ -841,7 +848,7 @@ async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) ->
         }
     }
     if ready.is_empty() {
-        return results;
+        return (results, 0);
     }
     let drafts = ready.iter().map(|(_, _, draft)| draft.clone()).collect();
     let mut signed = shared.sign_together(drafts).await;
@@ -865,14 +872,25 @@ async fn ack_all(shared: &Shared, services: &Services, acks: Vec<AckRequest>) ->
         }
     }
     acked(shared, &done, new);
-    results
+    (results, done.len())
+}
+
+/// The streams an app holds a bounded number of.
+#[derive(Debug, Clone, Copy)]
+enum StreamKind {
+    Receive,
+    WatchReceipts,
 }
 
 impl AgencyService {
-    /// The app making a call that sends nothing of its own, charged one
-    /// token of `limits.app_calls_per_sec` (its sends have their own
-    /// bucket, `limits.app_sends_per_sec`, so a flood of these does not
-    /// take the app's sends away, nor another app's calls).
+    /// The app making a call under `limits.app_calls_per_sec` (`Receive`,
+    /// `Ack`, `AckBatch`, `Reply`, `Track`, `WatchReceipts`), charged one
+    /// token of its bucket; refused while the bucket is empty. An ack or
+    /// reply that settles a message gets its token back
+    /// ([`Self::settled`]): those are bounded by what the node delivered,
+    /// and a RESPONSE is charged to the sends. Sends have their own bucket,
+    /// `limits.app_sends_per_sec`, so a flood of these calls does not take
+    /// the app's sends away, nor another app's calls.
     fn calling_app<T>(&self, req: &Request<T>) -> Result<String, NodeError> {
         let app = auth::app(&self.shared, req)?;
         if !self.shared.app_calls.allow(&app, 1) {
@@ -882,6 +900,115 @@ impl AgencyService {
             )));
         }
         Ok(app)
+    }
+
+    /// Settles the calls bucket after a call of `items` acks or replies of
+    /// which `settled` settled their message: those get their share back,
+    /// the others (failed, or acked before) each cost a token, the one
+    /// taken on the way in first.
+    fn settled(&self, app: &str, items: usize, settled: usize) {
+        let wasted = items.saturating_sub(settled) as i64;
+        self.shared.app_calls.settle(app, wasted - 1);
+    }
+
+    /// A `Reply` from `app`, and whether it sent a RESPONSE (false: the
+    /// REQUEST was answered before, and the first answer's id comes back).
+    async fn answer(
+        &self,
+        app: &str,
+        req: Request<ReplyRequest>,
+    ) -> Result<(Response<SendResponse>, bool), Status> {
+        let services = self.services_of(app)?;
+        let started = Instant::now();
+        let traceparent = trace::from_metadata(req.metadata());
+        let r = req.into_inner();
+        let request_id = parse_id("request_id", &r.request_id)?;
+        let record = self
+            .shared
+            .store
+            .message(&request_id)
+            .map_err(NodeError::from)?
+            .ok_or_else(|| NodeError::NotFound(format!("request {request_id} is not held by this node")))?;
+        let env =
+            Envelope::decode(record.envelope.unwrap_or_default().envelope.as_slice()).unwrap_or_default();
+        if env.kind != Kind::Request as i32 || env.recipient != self.shared.agency.as_str() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "{request_id} is not a REQUEST received by this node"
+            ))
+            .into());
+        }
+        if !services.contains(&env.service) {
+            return Err(NodeError::PermissionDenied(format!(
+                "app {app} does not own service {}",
+                env.service
+            ))
+            .into());
+        }
+        // The REQUEST is settled with its answer, as an Ack would: the
+        // RESPONSE and the REQUEST's PROCESSED receipt are one transaction.
+        // No result digest: an unsalted hash of a short answer could be
+        // guessed from the log (the RESPONSE's own envelope links them).
+        let processed = check_ack(&self.shared, &services, &request_id, Outcome::Unspecified, &[])?;
+        let send_req = SendRequest {
+            kind: Kind::Response as i32,
+            recipients: vec![env.sender.clone()],
+            service: env.service.clone(),
+            payload: r.payload,
+            content_type: r.content_type,
+            headers: r.headers,
+            idempotency_key: String::new(),
+            ttl: None,
+        };
+        let mut v = validate_send(
+            &self.shared,
+            app,
+            send_req,
+            Some(request_id.to_string()),
+            traceparent,
+        )?;
+        // One answer per REQUEST: a Reply repeated (a retry after a lost
+        // answer, two racing) answers the first RESPONSE's id, sends none.
+        v.idempotency_key = Some(request_id.to_string());
+        let (ids, sent) = match answered(&self.shared, [&v])?.pop().flatten() {
+            Some(ids) => (ids, false),
+            None => {
+                let sealed = seal_all(&self.shared, [&v]).await;
+                // An acked REQUEST has nothing left to settle.
+                let ack = processed.map(|draft| (request_id, draft));
+                (accept_acking(&self.shared, v, sealed, ack).await?, true)
+            }
+        };
+        self.shared.metrics.send_seconds.observe(started.elapsed());
+        let response = Response::new(SendResponse {
+            message_ids: ids.iter().map(ToString::to_string).collect(),
+        });
+        Ok((response, sent))
+    }
+
+    /// Counts a new stream of `app` until the slot drops; refused past
+    /// its limit, naming the key.
+    fn open_stream(&self, app: &str, kind: StreamKind) -> Result<OpenStream, NodeError> {
+        let limits = self.shared.limits();
+        let (counts, most, what, key) = match kind {
+            StreamKind::Receive => (
+                &self.shared.receive_streams,
+                limits.max_receive_streams_per_app,
+                "Receive",
+                "max_receive_streams_per_app",
+            ),
+            StreamKind::WatchReceipts => (
+                &self.shared.watch_streams,
+                limits.max_watch_streams_per_app,
+                "WatchReceipts",
+                "max_watch_streams_per_app",
+            ),
+        };
+        counts.open(app, most).map_err(|open| {
+            tracing::warn!(%app, open, "app over its {what} streams; one more refused");
+            NodeError::RateLimited(format!(
+                "app {app} holds {open} {what} streams, limits.{key} = {most}; close one or read from one stream"
+            ))
+        })
     }
 
     fn services_of(&self, app: &str) -> Result<Services, NodeError> {
@@ -1003,23 +1130,13 @@ impl Agency for AgencyService {
         } else {
             r.max_in_flight.min(10_000)
         };
-        let most = self.shared.limits().max_receive_streams_per_app;
-        let opened = self
+        let slot = self.open_stream(&app, StreamKind::Receive)?;
+        let stream = self
             .shared
             .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .open_stream(&app, most);
-        let stream = opened.map_err(|open| {
-            tracing::warn!(%app, open, "app over its Receive streams; one more refused");
-            NodeError::RateLimited(format!(
-                "app {app} holds {open} Receive streams, limits.max_receive_streams_per_app = {most}; close one or read from one stream"
-            ))
-        })?;
-        let slot = StreamSlot {
-            shared: self.shared.clone(),
-            app,
-        };
+            .next_stream();
         let (tx, rx) = mpsc::channel(max as usize);
         let unread = Arc::new(Unread::default());
         let shared = self.shared.clone();
@@ -1041,7 +1158,9 @@ impl Agency for AgencyService {
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let app = self.calling_app(&req)?;
         let services = self.services_of(&app)?;
-        ack_request(&self.shared, &services, req.into_inner()).await?;
+        let acked = ack_request(&self.shared, &services, req.into_inner()).await;
+        self.settled(&app, 1, usize::from(matches!(acked, Ok(true))));
+        acked?;
         Ok(Response::new(AckResponse {}))
     }
 
@@ -1077,7 +1196,9 @@ impl Agency for AgencyService {
         let services = self.services_of(&app)?;
         let acks = req.into_inner().acks;
         check_batch("acks", acks.len())?;
-        let results = ack_all(&self.shared, &services, acks).await;
+        let items = acks.len();
+        let (results, settled) = ack_all(&self.shared, &services, acks).await;
+        self.settled(&app, items, settled);
         let results = results
             .into_iter()
             .map(|r| AckResult {
@@ -1092,70 +1213,9 @@ impl Agency for AgencyService {
 
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<SendResponse>, Status> {
         let app = self.calling_app(&req)?;
-        let services = self.services_of(&app)?;
-        let started = Instant::now();
-        let traceparent = trace::from_metadata(req.metadata());
-        let r = req.into_inner();
-        let request_id = parse_id("request_id", &r.request_id)?;
-        let record = self
-            .shared
-            .store
-            .message(&request_id)
-            .map_err(NodeError::from)?
-            .ok_or_else(|| NodeError::NotFound(format!("request {request_id} is not held by this node")))?;
-        let env =
-            Envelope::decode(record.envelope.unwrap_or_default().envelope.as_slice()).unwrap_or_default();
-        if env.kind != Kind::Request as i32 || env.recipient != self.shared.agency.as_str() {
-            return Err(NodeError::FailedPrecondition(format!(
-                "{request_id} is not a REQUEST received by this node"
-            ))
-            .into());
-        }
-        if !services.contains(&env.service) {
-            return Err(NodeError::PermissionDenied(format!(
-                "app {app} does not own service {}",
-                env.service
-            ))
-            .into());
-        }
-        // The REQUEST is settled with its answer, as an Ack would: the
-        // RESPONSE and the REQUEST's PROCESSED receipt are one transaction.
-        // No result digest: an unsalted hash of a short answer could be
-        // guessed from the log (the RESPONSE's own envelope links them).
-        let processed = check_ack(&self.shared, &services, &request_id, Outcome::Unspecified, &[])?;
-        let send_req = SendRequest {
-            kind: Kind::Response as i32,
-            recipients: vec![env.sender.clone()],
-            service: env.service.clone(),
-            payload: r.payload,
-            content_type: r.content_type,
-            headers: r.headers,
-            idempotency_key: String::new(),
-            ttl: None,
-        };
-        let mut v = validate_send(
-            &self.shared,
-            &app,
-            send_req,
-            Some(request_id.to_string()),
-            traceparent,
-        )?;
-        // One answer per REQUEST: a Reply repeated (a retry after a lost
-        // answer, two racing) answers the first RESPONSE's id, sends none.
-        v.idempotency_key = Some(request_id.to_string());
-        let ids = match answered(&self.shared, [&v])?.pop().flatten() {
-            Some(ids) => ids,
-            None => {
-                let sealed = seal_all(&self.shared, [&v]).await;
-                // An acked REQUEST has nothing left to settle.
-                let ack = processed.map(|draft| (request_id, draft));
-                accept_acking(&self.shared, v, sealed, ack).await?
-            }
-        };
-        self.shared.metrics.send_seconds.observe(started.elapsed());
-        Ok(Response::new(SendResponse {
-            message_ids: ids.iter().map(ToString::to_string).collect(),
-        }))
+        let answered = self.answer(&app, req).await;
+        self.settled(&app, 1, usize::from(matches!(answered, Ok((_, true)))));
+        answered.map(|(response, _)| response)
     }
 
     async fn track(&self, req: Request<TrackRequest>) -> Result<Response<TrackResponse>, Status> {
@@ -1181,11 +1241,13 @@ impl Agency for AgencyService {
         &self,
         req: Request<WatchReceiptsRequest>,
     ) -> Result<Response<Self::WatchReceiptsStream>, Status> {
-        self.calling_app(&req)?;
+        let app = self.calling_app(&req)?;
+        let slot = self.open_stream(&app, StreamKind::WatchReceipts)?;
         let mut cursor = req.get_ref().after_cursor;
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(256);
         crate::spawn_feed("Agency.WatchReceipts", tx, |tx| async move {
+            let _slot = slot;
             let notify = shared.store.receipt_notify();
             loop {
                 let notified = notify.notified();
@@ -1274,22 +1336,6 @@ impl Sent {
         self.unread.items.fetch_add(1, Relaxed);
         self.unread.bytes.fetch_add(bytes, Relaxed);
         self.tx.send((Ok(delivery), bytes)).await.is_ok()
-    }
-}
-
-/// One of an app's open `Receive` streams, counted until dropped.
-struct StreamSlot {
-    shared: Arc<Shared>,
-    app: String,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.shared
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .close_stream(&self.app);
     }
 }
 

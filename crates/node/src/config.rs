@@ -200,6 +200,9 @@ pub struct Limits {
     /// `Receive` streams one app certificate may hold open at once (all
     /// its connections together); one more is `RESOURCE_EXHAUSTED`. Default 64.
     pub max_receive_streams_per_app: u32,
+    /// `WatchReceipts` streams one app may hold open at once (all its
+    /// connections together); one more is `RESOURCE_EXHAUSTED`. Default 64.
+    pub max_watch_streams_per_app: u32,
     /// Most items in one transfer batch. Default 256.
     pub batch_size: usize,
     /// Batches a forwarder keeps in flight before it waits for acks. Default 4.
@@ -250,6 +253,7 @@ impl Default for Limits {
             visibility_timeout_ms: 30_000,
             max_in_flight: 64,
             max_receive_streams_per_app: 64,
+            max_watch_streams_per_app: 64,
             batch_size: 256,
             transfer_window: 4,
             transfer_ack_timeout_ms: 30_000,
@@ -498,6 +502,10 @@ impl NodeConfig {
             (
                 "limits.max_receive_streams_per_app",
                 u64::from(l.max_receive_streams_per_app),
+            ),
+            (
+                "limits.max_watch_streams_per_app",
+                u64::from(l.max_watch_streams_per_app),
             ),
             ("limits.visibility_timeout_ms", l.visibility_timeout_ms),
             ("limits.retry_initial_ms", l.retry_initial_ms),

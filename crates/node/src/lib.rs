@@ -303,6 +303,8 @@ impl Node {
             verifier,
             store,
             leases: Mutex::default(),
+            receive_streams: state::StreamCounts::default(),
+            watch_streams: state::StreamCounts::default(),
             peer_health: Mutex::default(),
             draining: AtomicBool::new(false),
             started: Instant::now(),

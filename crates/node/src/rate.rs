@@ -27,8 +27,32 @@ impl RateLimiter {
     /// passes): a transfer batch larger than a low rate is slowed to it,
     /// never refused for good.
     pub(crate) fn allow(&self, key: &str, n: usize) -> bool {
+        self.with_bucket(key, |tokens, rate| {
+            if *tokens >= (n as f64).min(rate) {
+                *tokens -= n as f64;
+                true
+            } else {
+                false
+            }
+        })
+        .unwrap_or(true)
+    }
+
+    /// Settles a call after the fact: takes `n` more tokens from `key`'s
+    /// bucket (into debt, if need be) for work the call wasted, or gives
+    /// back `-n` (never past a full bucket) for a call that turned out to
+    /// cost nothing of its own.
+    pub(crate) fn settle(&self, key: &str, n: i64) {
+        if n != 0 {
+            self.with_bucket(key, |tokens, rate| *tokens = (*tokens - n as f64).min(rate));
+        }
+    }
+
+    /// Runs `f` on `key`'s bucket (tokens, rate), refilled to now; None
+    /// when unlimited.
+    fn with_bucket<T>(&self, key: &str, f: impl FnOnce(&mut f64, f64) -> T) -> Option<T> {
         if self.rate <= 0.0 {
-            return true;
+            return None;
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -38,12 +62,7 @@ impl RateLimiter {
         let (tokens, at) = buckets.entry(key.to_owned()).or_insert((self.rate, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
         *at = now;
-        if *tokens >= (n as f64).min(self.rate) {
-            *tokens -= n as f64;
-            true
-        } else {
-            false
-        }
+        Some(f(tokens, self.rate))
     }
 }
 
@@ -58,6 +77,23 @@ mod tests {
         assert!((10..=11).contains(&granted), "{granted}");
         assert!(l.allow("quiet", 1));
         assert!(RateLimiter::new(0).allow("any", 1_000_000));
+    }
+
+    #[test]
+    fn a_settled_call_takes_more_or_gives_back_but_never_past_full() {
+        let l = RateLimiter::new(10);
+        assert!(l.allow("app", 1));
+        l.settle("app", -5);
+        let granted = (0..100).filter(|_| l.allow("app", 1)).count();
+        assert!(
+            (10..=11).contains(&granted),
+            "a refund never fills past the rate: {granted}"
+        );
+        let l = RateLimiter::new(10);
+        assert!(l.allow("app", 1));
+        l.settle("app", 30);
+        assert!(!l.allow("app", 1), "wasted work is paid back first");
+        RateLimiter::new(0).settle("any", 1_000_000);
     }
 
     #[test]

@@ -151,36 +151,54 @@ pub(crate) struct Leases {
     /// The last stream id handed out: one count per node, whichever
     /// listener (API or admin) the stream came in on.
     pub(crate) last_stream: u64,
-    /// `Receive` streams open per app (`limits.max_receive_streams_per_app`).
-    pub(crate) open: HashMap<String, u32>,
 }
 
 impl Leases {
-    /// A new `Receive` stream's id, unique in this node's life, counted as
-    /// one of `app`'s open streams; `Err` with the count when `app` holds
-    /// `most` already. [`Leases::close_stream`] undoes the count.
-    pub(crate) fn open_stream(&mut self, app: &str, most: u32) -> Result<u64, u32> {
-        let open = self.open.entry(app.to_owned()).or_default();
-        if *open >= most {
-            return Err(*open);
-        }
-        *open += 1;
-        Ok(self.next_stream())
-    }
-
-    /// A new lease stream id, unique in this node's life (a `Call`'s, not
-    /// counted as a `Receive` stream).
+    /// A new lease stream id, unique in this node's life (a `Receive`
+    /// stream's or a `Call`'s).
     pub(crate) fn next_stream(&mut self) -> u64 {
         self.last_stream += 1;
         self.last_stream
     }
+}
 
-    /// One of `app`'s streams ended.
-    pub(crate) fn close_stream(&mut self, app: &str) {
-        if let Some(open) = self.open.get_mut(app) {
+/// Streams of one kind each app holds open (`Receive`:
+/// `limits.max_receive_streams_per_app`; `WatchReceipts`:
+/// `limits.max_watch_streams_per_app`), over all its connections.
+#[derive(Debug, Default)]
+pub(crate) struct StreamCounts(Arc<Mutex<HashMap<String, u32>>>);
+
+impl StreamCounts {
+    /// Counts one more of `app`'s streams until the [`OpenStream`] drops;
+    /// `Err` with the count when `app` holds `most` already.
+    pub(crate) fn open(&self, app: &str, most: u32) -> Result<OpenStream, u32> {
+        let mut counts = lock(&self.0);
+        let open = counts.entry(app.to_owned()).or_default();
+        if *open >= most {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(OpenStream {
+            counts: self.0.clone(),
+            app: app.to_owned(),
+        })
+    }
+}
+
+/// One of an app's open streams, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct OpenStream {
+    counts: Arc<Mutex<HashMap<String, u32>>>,
+    app: String,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.counts);
+        if let Some(open) = counts.get_mut(&self.app) {
             *open -= 1;
             if *open == 0 {
-                self.open.remove(app);
+                counts.remove(&self.app);
             }
         }
     }
@@ -411,6 +429,9 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) policy: RwLock<Arc<Policy>>,
     pub(crate) leases: Mutex<Leases>,
+    /// `Receive` and `WatchReceipts` streams open per app.
+    pub(crate) receive_streams: StreamCounts,
+    pub(crate) watch_streams: StreamCounts,
     pub(crate) peer_health: Mutex<HashMap<String, PeerHealth>>,
     pub(crate) draining: AtomicBool,
     pub(crate) started: Instant,
