@@ -167,6 +167,11 @@ async fn a_second_sigterm_ends_a_slow_stop_at_once_and_loses_nothing() {
     let inbox = fed.app("health").await;
     let first = send(&app, notice("health", "tax.notice", b"before the stall")).await;
     receive_exactly(&inbox, std::slice::from_ref(&first), 20).await;
+    let admin = fed.admin("finance").await;
+    eventually(20, "its custody ack", || async {
+        (peer_status(&admin, "health").await?.backlog == 0).then_some(())
+    })
+    .await;
 
     // Batches on their way (as many as the transfer window holds) that the
     // peer never answers: the stop waits up to 5 s for their acks.
@@ -175,7 +180,6 @@ async fn a_second_sigterm_ends_a_slow_stop_at_once_and_loses_nothing() {
     for i in 0..20u32 {
         ids.push(send(&app, notice("health", "tax.notice", &i.to_be_bytes())).await);
     }
-    let admin = fed.admin("finance").await;
     eventually(10, "the envelopes to be on their way", || async {
         let status = peer_status(&admin, "health").await?;
         (status.backlog == 20 && status.in_doubt > 0).then_some(())

@@ -9,7 +9,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use antar_core::envelope::sha256;
 use antar_core::wire::agency_server::Agency;
@@ -728,7 +728,7 @@ async fn ack(
         .map_err(NodeError::from)?;
     shared.store.durable().await?;
     acked(shared, std::slice::from_ref(&id), usize::from(new));
-    Ok(true)
+    Ok(new)
 }
 
 /// Checks an ack of `id` by an app owning `services` and drafts its
@@ -825,13 +825,13 @@ fn acked(shared: &Shared, ids: &[MessageId], new: usize) {
 /// The acks of one `AckBatch`: each checked apart (an item refused is
 /// refused alone, as its unary `Ack` would be), their receipts signed
 /// together, and all the others written by `write_all`.
-/// An `AckBatch`: each ack's result, and how many settled their message
-/// (the rest failed or were acked before).
+/// An `AckBatch`: each ack's result, `Ok(true)` when it settled its
+/// message, `Ok(false)` when the message was acked before.
 async fn ack_all(
     shared: &Shared,
     services: &Services,
     acks: Vec<AckRequest>,
-) -> (Vec<Result<(), ItemError>>, usize) {
+) -> Vec<Result<bool, ItemError>> {
     let mut results = Vec::with_capacity(acks.len());
     let mut ready = Vec::new();
     for (i, r) in acks.into_iter().enumerate() {
@@ -841,14 +841,14 @@ async fn ack_all(
         });
         match checked {
             Ok(item) => {
+                results.push(Ok(item.is_some()));
                 ready.extend(item);
-                results.push(Ok(()));
             }
             Err(e) => results.push(Err(item_error(e))),
         }
     }
     if ready.is_empty() {
-        return (results, 0);
+        return results;
     }
     let drafts = ready.iter().map(|(_, _, draft)| draft.clone()).collect();
     let mut signed = shared.sign_together(drafts).await;
@@ -867,12 +867,22 @@ async fn ack_all(
             Ok(now) => {
                 new += usize::from(now);
                 done.push(id);
+                results[i] = Ok(now);
             }
             Err(e) => results[i] = Err(e),
         }
     }
     acked(shared, &done, new);
-    (results, done.len())
+    results
+}
+
+/// Whether a call that failed with `code` failed by the caller's doing
+/// (what it asked for), not the node's (a storage failure, a stop).
+fn app_fault(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::Internal | Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+    )
 }
 
 /// The streams an app holds a bounded number of.
@@ -885,10 +895,11 @@ enum StreamKind {
 impl AgencyService {
     /// The app making a call under `limits.app_calls_per_sec` (`Receive`,
     /// `Ack`, `AckBatch`, `Reply`, `Track`, `WatchReceipts`), charged one
-    /// token of its bucket; refused while the bucket is empty. An ack or
-    /// reply that settles a message gets its token back
-    /// ([`Self::settled`]): those are bounded by what the node delivered,
-    /// and a RESPONSE is charged to the sends. Sends have their own bucket,
+    /// token of its bucket; refused while the bucket is empty. Acks and
+    /// replies are settled once answered ([`Self::settled`]): one that
+    /// settles a message gets its token back (a message is settled once,
+    /// so those are bounded by what the node delivered, and a RESPONSE is
+    /// charged to the sends). Sends have their own bucket,
     /// `limits.app_sends_per_sec`, so a flood of these calls does not take
     /// the app's sends away, nor another app's calls.
     fn calling_app<T>(&self, req: &Request<T>) -> Result<String, NodeError> {
@@ -902,13 +913,15 @@ impl AgencyService {
         Ok(app)
     }
 
-    /// Settles the calls bucket after a call of `items` acks or replies of
-    /// which `settled` settled their message: those get their share back,
-    /// the others (failed, or acked before) each cost a token, the one
-    /// taken on the way in first.
-    fn settled(&self, app: &str, items: usize, settled: usize) {
-        let wasted = items.saturating_sub(settled) as i64;
-        self.shared.app_calls.settle(app, wasted - 1);
+    /// Settles the calls bucket once a call of acks or replies is
+    /// answered, having paid `paid` tokens: it costs one for each of them
+    /// that did nothing by the app's fault (`wasted`: refused, or acked or
+    /// answered before), and at least one when none settled a message (a
+    /// node fault is not the app's, but the call still costs its entry).
+    /// The difference goes back, or is taken into debt.
+    fn settled(&self, app: &str, paid: usize, wasted: usize, settled: usize) {
+        let cost = if settled == 0 { wasted.max(1) } else { wasted };
+        self.shared.app_calls.settle(app, cost as i64 - paid as i64);
     }
 
     /// A `Reply` from `app`, and whether it sent a RESPONSE (false: the
@@ -1159,7 +1172,11 @@ impl Agency for AgencyService {
         let app = self.calling_app(&req)?;
         let services = self.services_of(&app)?;
         let acked = ack_request(&self.shared, &services, req.into_inner()).await;
-        self.settled(&app, 1, usize::from(matches!(acked, Ok(true))));
+        let (wasted, settled) = match &acked {
+            Ok(settled) => (usize::from(!settled), usize::from(*settled)),
+            Err(e) => (usize::from(app_fault(e.code())), 0),
+        };
+        self.settled(&app, 1, wasted, settled);
         acked?;
         Ok(Response::new(AckResponse {}))
     }
@@ -1196,14 +1213,25 @@ impl Agency for AgencyService {
         let services = self.services_of(&app)?;
         let acks = req.into_inner().acks;
         check_batch("acks", acks.len())?;
-        let items = acks.len();
-        let (results, settled) = ack_all(&self.shared, &services, acks).await;
-        self.settled(&app, items, settled);
+        // Paid for in full before any of it runs, as if every ack were
+        // wasted: a call cancelled midway keeps what it cost.
+        let paid = acks.len().max(1);
+        self.shared.app_calls.settle(&app, paid as i64 - 1);
+        let results = ack_all(&self.shared, &services, acks).await;
+        let settled = results.iter().filter(|r| matches!(r, Ok(true))).count();
+        let wasted = results
+            .iter()
+            .filter(|r| match r {
+                Ok(settled) => !settled,
+                Err(e) => app_fault(Code::from(e.code)),
+            })
+            .count();
+        self.settled(&app, paid, wasted, settled);
         let results = results
             .into_iter()
             .map(|r| AckResult {
                 result: Some(match r {
-                    Ok(()) => ack_result::Result::Acked(AckResponse {}),
+                    Ok(_) => ack_result::Result::Acked(AckResponse {}),
                     Err(e) => ack_result::Result::Error(e),
                 }),
             })
@@ -1214,7 +1242,11 @@ impl Agency for AgencyService {
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<SendResponse>, Status> {
         let app = self.calling_app(&req)?;
         let answered = self.answer(&app, req).await;
-        self.settled(&app, 1, usize::from(matches!(answered, Ok((_, true)))));
+        let (wasted, settled) = match &answered {
+            Ok((_, sent)) => (usize::from(!sent), usize::from(*sent)),
+            Err(st) => (usize::from(app_fault(st.code())), 0),
+        };
+        self.settled(&app, 1, wasted, settled);
         answered.map(|(response, _)| response)
     }
 

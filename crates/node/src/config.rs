@@ -197,11 +197,13 @@ pub struct Limits {
     pub visibility_timeout_ms: u64,
     /// Unacked deliveries per `Receive` stream when the app asks for 0. Default 64.
     pub max_in_flight: u32,
-    /// `Receive` streams one app certificate may hold open at once (all
-    /// its connections together); one more is `RESOURCE_EXHAUSTED`. Default 64.
+    /// `Receive` streams one app (every certificate of its name) may hold
+    /// open at once, all its connections together; one more is
+    /// `RESOURCE_EXHAUSTED`. Default 64.
     pub max_receive_streams_per_app: u32,
-    /// `WatchReceipts` streams one app may hold open at once (all its
-    /// connections together); one more is `RESOURCE_EXHAUSTED`. Default 64.
+    /// `WatchReceipts` streams one app (every certificate of its name) may
+    /// hold open at once, all its connections together; one more is
+    /// `RESOURCE_EXHAUSTED`. Default 64.
     pub max_watch_streams_per_app: u32,
     /// Most items in one transfer batch. Default 256.
     pub batch_size: usize,
@@ -229,9 +231,10 @@ pub struct Limits {
     pub max_connections_per_ip: u32,
     /// Envelopes one app may send per second (burst: one second's worth); 0: unlimited.
     pub app_sends_per_sec: u64,
-    /// Calls one app may make per second that send nothing of their own
-    /// (`Receive`, `Ack`, `AckBatch`, `Reply`, `Track`, `WatchReceipts`;
-    /// burst: one second's worth); 0: unlimited.
+    /// Calls one app may make per second that are not sends (`Receive`,
+    /// `Ack`, `AckBatch`, `Reply`, `Track`, `WatchReceipts`; burst: one
+    /// second's worth); an ack or reply that settles a message gives its
+    /// token back, an `AckBatch` pays for each of its acks; 0: unlimited.
     pub app_calls_per_sec: u64,
     /// Items one peer may transfer per second (burst: one second's worth); 0: unlimited.
     pub peer_items_per_sec: u64,
