@@ -150,6 +150,10 @@ async fn an_app_flooding_calls_is_limited_apart_from_its_sends_and_other_apps() 
     }
     assert!(limited >= 150, "only {limited} of 200 refused ({served} served)");
     assert!(served >= 1, "the first second's burst is served");
+    // Each refusal is counted for the operator, by limit and app.
+    let m = scrape(&fed, "finance").await;
+    let series = r#"antar_limited_total{limit="app_calls_per_sec",caller="dev"}"#;
+    assert_eq!(get(&m, series), f64::from(limited));
 
     // Its sends have their own bucket: ten in a row, a batch, and a Call
     // answered for its own fault.
@@ -261,6 +265,9 @@ async fn an_app_holds_a_bounded_number_of_watch_streams() {
             .contains("holds 2 WatchReceipts streams, limits.max_watch_streams_per_app = 2"),
         "{st:?}"
     );
+    let m = scrape(&fed, "finance").await;
+    let series = r#"antar_limited_total{limit="max_watch_streams_per_app",caller="dev"}"#;
+    assert_eq!(get(&m, series), 1.0);
     // Another app has its own count; a closed stream gives its place back.
     let payroll = fed.named_app("finance", "payroll").await;
     watch(payroll).await.unwrap();

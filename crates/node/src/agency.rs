@@ -83,6 +83,7 @@ fn validate_send(
         ));
     }
     if !shared.app_rate.allow(app, req.recipients.len().max(1)) {
+        shared.metrics.limited("app_sends_per_sec", app);
         return Err(NodeError::RateLimited(format!(
             "app {app} is over limits.app_sends_per_sec = {}; slow down and retry",
             shared.limits().app_sends_per_sec
@@ -905,6 +906,7 @@ impl AgencyService {
     fn calling_app<T>(&self, req: &Request<T>) -> Result<String, NodeError> {
         let app = auth::app(&self.shared, req)?;
         if !self.shared.app_calls.allow(&app, 1) {
+            self.shared.metrics.limited("app_calls_per_sec", &app);
             return Err(NodeError::RateLimited(format!(
                 "app {app} is over limits.app_calls_per_sec = {}; slow down and retry",
                 self.shared.limits().app_calls_per_sec
@@ -1017,7 +1019,7 @@ impl AgencyService {
             ),
         };
         counts.open(app, most).map_err(|open| {
-            tracing::warn!(%app, open, "app over its {what} streams; one more refused");
+            self.shared.metrics.limited(key, app);
             NodeError::RateLimited(format!(
                 "app {app} holds {open} {what} streams, limits.{key} = {most}; close one or read from one stream"
             ))

@@ -30,6 +30,17 @@ impl Counter {
     }
 }
 
+/// How often a refusal by one limit of one caller is logged at most.
+const LIMITED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The refusals of one caller by one limit.
+#[derive(Debug, Default)]
+struct Limited {
+    refused: u64,
+    logged: Option<std::time::Instant>,
+    quiet: u64,
+}
+
 /// Every counter the node keeps.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -48,6 +59,10 @@ pub(crate) struct Metrics {
     /// An envelope's `created_at` to its storage in this node's inbox.
     pub(crate) delivery_seconds: Histogram,
     rejections: Mutex<BTreeMap<String, u64>>,
+    /// Calls refused by a per-caller limit, by the limit's key and the
+    /// caller: how many, when a refusal was last logged, and how many
+    /// since.
+    limited: Mutex<BTreeMap<(&'static str, String), Limited>>,
     /// The connection counts of every TLS listener.
     pub(crate) listeners: Mutex<Vec<Arc<crate::net::ConnLimit>>>,
     /// Unix seconds of the newest checkpoint seen by the checkpointer, and its cosignature count.
@@ -63,6 +78,28 @@ impl Metrics {
         self.checkpoint_at.store(now, Ordering::Relaxed);
         self.checkpoint_cosignatures
             .store(cp.cosignatures.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A call of `caller` (an app's name, a peer agency) refused by
+    /// `limits.<limit>`: counted, and logged at most every
+    /// [`LIMITED_LOG_EVERY`] for each limit and caller, with how many were
+    /// refused in between.
+    pub(crate) fn limited(&self, limit: &'static str, caller: &str) {
+        let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
+        let l = limited.entry((limit, caller.to_owned())).or_default();
+        l.refused += 1;
+        if l.logged.is_some_and(|at| at.elapsed() < LIMITED_LOG_EVERY) {
+            l.quiet += 1;
+            return;
+        }
+        tracing::warn!(
+            limit = %format_args!("limits.{limit}"),
+            caller,
+            also_refused = l.quiet,
+            "refused: the caller is over limits.{limit} (it should slow down and retry; raise the limit if this is its normal load)"
+        );
+        l.logged = Some(std::time::Instant::now());
+        l.quiet = 0;
     }
 
     pub(crate) fn rejected(&self, reason: &str) {
@@ -193,6 +230,14 @@ impl Metrics {
         for (reason, n) in self.rejections.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "antar_rejected_total{{reason=\"{reason}\"}} {n}");
         }
+        out.push_str("# HELP antar_limited_total Calls refused by a per-caller limit (limits.<limit>), by limit and caller (an app's name or a peer agency).\n# TYPE antar_limited_total counter\n");
+        for ((limit, caller), l) in self.limited.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "antar_limited_total{{limit=\"{limit}\",caller=\"{caller}\"}} {}",
+                l.refused
+            );
+        }
         out.push_str(
             "# HELP antar_outbox_depth Items waiting for a peer.\n# TYPE antar_outbox_depth gauge\n",
         );
@@ -249,5 +294,29 @@ pub(crate) async fn serve(
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), scrape).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_all_counted_and_logged_once_in_a_while_for_each_caller() {
+        let m = Metrics::default();
+        for _ in 0..5 {
+            m.limited("app_calls_per_sec", "dev");
+        }
+        m.limited("app_calls_per_sec", "payroll");
+        let limited = m.limited.lock().unwrap();
+        let dev = &limited[&("app_calls_per_sec", "dev".to_owned())];
+        assert_eq!((dev.refused, dev.quiet), (5, 4), "logged once, four held back");
+        assert!(dev.logged.is_some());
+        let payroll = &limited[&("app_calls_per_sec", "payroll".to_owned())];
+        assert_eq!(
+            (payroll.refused, payroll.quiet),
+            (1, 0),
+            "another caller is logged apart"
+        );
     }
 }

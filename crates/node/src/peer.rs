@@ -247,7 +247,7 @@ fn peer_rate(shared: &Shared, peer: &str, items: usize, what: &str) -> Result<()
         return Ok(());
     }
     let limit = shared.limits().peer_items_per_sec;
-    tracing::warn!(peer, limit, items, "peer over its rate; {what} refused");
+    shared.metrics.limited("peer_items_per_sec", peer);
     Err(NodeError::RateLimited(format!(
         "peer {peer} is over limits.peer_items_per_sec = {limit} ({what} counts {items} items); retry with backoff"
     ))
