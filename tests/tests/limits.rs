@@ -308,6 +308,9 @@ async fn a_flooding_app_is_limited_and_other_apps_are_served() {
         }
     }
     assert!(limited >= 150, "only {limited} of 200 refused ({ok} accepted)");
+    let m = scrape(&fed, "finance").await;
+    let series = r#"antar_limited_total{limit="app_sends_per_sec",caller="dev"}"#;
+    assert_eq!(get(&m, series), f64::from(limited));
     assert!(ok >= 20, "the first second's burst is served: {ok}");
     // Another app of the same agency has its own bucket.
     let other = fed.named_app("finance", "payroll").await;
@@ -671,6 +674,9 @@ async fn a_peer_asking_for_witnesses_in_a_flood_is_limited_like_its_transfers() 
         (4..=5 + refilled).contains(&answered) && limited > 0,
         "{answered} let through, {limited} limited"
     );
+    let m = scrape(&fed, "health").await;
+    let series = r#"antar_limited_total{limit="peer_items_per_sec",caller="finance"}"#;
+    assert_eq!(get(&m, series), f64::from(limited));
     // Another peer has its own bucket.
     let st = fed
         .peer_as("hub", "health")
@@ -718,6 +724,9 @@ async fn an_app_holds_a_bounded_number_of_receive_streams_each_a_bounded_number_
             .contains("holds 3 Receive streams, limits.max_receive_streams_per_app = 3"),
         "{st:?}"
     );
+    let m = scrape(&fed, "health").await;
+    let series = r#"antar_limited_total{limit="max_receive_streams_per_app",caller="dev"}"#;
+    assert_eq!(get(&m, series), 1.0);
     // Another app has its own count.
     let payroll = fed.named_app("health", "payroll").await;
     drop(

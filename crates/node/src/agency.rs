@@ -83,11 +83,10 @@ fn validate_send(
         ));
     }
     if !shared.app_rate.allow(app, req.recipients.len().max(1)) {
-        shared.metrics.limited("app_sends_per_sec", app);
-        return Err(NodeError::RateLimited(format!(
-            "app {app} is over limits.app_sends_per_sec = {}; slow down and retry",
-            shared.limits().app_sends_per_sec
-        )));
+        let key = "app_sends_per_sec";
+        let most = shared.limits().app_sends_per_sec;
+        let refusal = format!("app {app} is over limits.{key} = {most}; slow down and retry");
+        return Err(shared.limited(key, app, refusal));
     }
     let kind = Kind::try_from(req.kind).unwrap_or(Kind::Unspecified);
     match (kind, &correlation) {
@@ -906,11 +905,10 @@ impl AgencyService {
     fn calling_app<T>(&self, req: &Request<T>) -> Result<String, NodeError> {
         let app = auth::app(&self.shared, req)?;
         if !self.shared.app_calls.allow(&app, 1) {
-            self.shared.metrics.limited("app_calls_per_sec", &app);
-            return Err(NodeError::RateLimited(format!(
-                "app {app} is over limits.app_calls_per_sec = {}; slow down and retry",
-                self.shared.limits().app_calls_per_sec
-            )));
+            let key = "app_calls_per_sec";
+            let most = self.shared.limits().app_calls_per_sec;
+            let refusal = format!("app {app} is over limits.{key} = {most}; slow down and retry");
+            return Err(self.shared.limited(key, &app, refusal));
         }
         Ok(app)
     }
@@ -1019,10 +1017,10 @@ impl AgencyService {
             ),
         };
         counts.open(app, most).map_err(|open| {
-            self.shared.metrics.limited(key, app);
-            NodeError::RateLimited(format!(
+            let refusal = format!(
                 "app {app} holds {open} {what} streams, limits.{key} = {most}; close one or read from one stream"
-            ))
+            );
+            self.shared.limited(key, app, refusal)
         })
     }
 

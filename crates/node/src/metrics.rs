@@ -80,26 +80,34 @@ impl Metrics {
             .store(cp.cosignatures.len() as u64, Ordering::Relaxed);
     }
 
-    /// A call of `caller` (an app's name, a peer agency) refused by
-    /// `limits.<limit>`: counted, and logged at most every
-    /// [`LIMITED_LOG_EVERY`] for each limit and caller, with how many were
-    /// refused in between.
-    pub(crate) fn limited(&self, limit: &'static str, caller: &str) {
-        let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
-        let l = limited.entry((limit, caller.to_owned())).or_default();
-        l.refused += 1;
-        if l.logged.is_some_and(|at| at.elapsed() < LIMITED_LOG_EVERY) {
-            l.quiet += 1;
-            return;
-        }
+    /// A refusal of `caller` (an app's name, a peer agency) by
+    /// `limits.<limit>`, answered with `refusal`: counted, and logged with
+    /// that answer at most every [`LIMITED_LOG_EVERY`] for each limit and
+    /// caller, with how many were refused since the last line for them.
+    /// (Names of apps and agencies are `[a-z0-9._-]` by their parsers, so
+    /// they need no escaping as label values.)
+    pub(crate) fn limited(&self, limit: &'static str, caller: &str, refusal: &str) {
+        let (quiet, since) = {
+            let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (limit, caller.to_owned());
+            let l = limited.entry(key).or_default();
+            l.refused += 1;
+            if l.logged.is_some_and(|at| at.elapsed() < LIMITED_LOG_EVERY) {
+                l.quiet += 1;
+                return;
+            }
+            let since = l.logged.map(|at| at.elapsed().as_secs());
+            let quiet = std::mem::take(&mut l.quiet);
+            l.logged = Some(std::time::Instant::now());
+            (quiet, since)
+        };
         tracing::warn!(
-            limit = %format_args!("limits.{limit}"),
+            limit,
             caller,
-            also_refused = l.quiet,
-            "refused: the caller is over limits.{limit} (it should slow down and retry; raise the limit if this is its normal load)"
+            also_refused = quiet,
+            since_last_line_s = since,
+            "refused: {refusal} (logged at most every 10 s for each limit and caller; antar_limited_total counts every refusal)"
         );
-        l.logged = Some(std::time::Instant::now());
-        l.quiet = 0;
     }
 
     pub(crate) fn rejected(&self, reason: &str) {
@@ -230,7 +238,7 @@ impl Metrics {
         for (reason, n) in self.rejections.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "antar_rejected_total{{reason=\"{reason}\"}} {n}");
         }
-        out.push_str("# HELP antar_limited_total Calls refused by a per-caller limit (limits.<limit>), by limit and caller (an app's name or a peer agency).\n# TYPE antar_limited_total counter\n");
+        out.push_str("# HELP antar_limited_total Refusals by a per-caller limit (limits.<limit>): sends, SendBatch items and calls of an app (caller: its name), transfer streams and Witness calls of a peer (caller: its agency).\n# TYPE antar_limited_total counter\n");
         for ((limit, caller), l) in self.limited.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(
                 out,
@@ -305,18 +313,28 @@ mod tests {
     fn refusals_are_all_counted_and_logged_once_in_a_while_for_each_caller() {
         let m = Metrics::default();
         for _ in 0..5 {
-            m.limited("app_calls_per_sec", "dev");
+            m.limited("app_calls_per_sec", "dev", "over");
         }
-        m.limited("app_calls_per_sec", "payroll");
+        m.limited("app_calls_per_sec", "payroll", "over");
+        let dev = ("app_calls_per_sec", "dev".to_owned());
+        {
+            let mut limited = m.limited.lock().unwrap();
+            let l = &limited[&dev];
+            assert_eq!((l.refused, l.quiet), (5, 4), "logged once, four held back");
+            let payroll = &limited[&("app_calls_per_sec", "payroll".to_owned())];
+            assert_eq!(
+                (payroll.refused, payroll.quiet),
+                (1, 0),
+                "another caller is logged apart"
+            );
+            // Ten seconds on, the next refusal is logged, with the four.
+            let l = limited.get_mut(&dev).unwrap();
+            l.logged = Some(std::time::Instant::now() - LIMITED_LOG_EVERY);
+        }
+        m.limited("app_calls_per_sec", "dev", "over");
         let limited = m.limited.lock().unwrap();
-        let dev = &limited[&("app_calls_per_sec", "dev".to_owned())];
-        assert_eq!((dev.refused, dev.quiet), (5, 4), "logged once, four held back");
-        assert!(dev.logged.is_some());
-        let payroll = &limited[&("app_calls_per_sec", "payroll".to_owned())];
-        assert_eq!(
-            (payroll.refused, payroll.quiet),
-            (1, 0),
-            "another caller is logged apart"
-        );
+        let l = &limited[&dev];
+        assert_eq!((l.refused, l.quiet), (6, 0));
+        assert!(l.logged.unwrap().elapsed() < LIMITED_LOG_EVERY);
     }
 }

@@ -246,12 +246,12 @@ fn peer_rate(shared: &Shared, peer: &str, items: usize, what: &str) -> Result<()
     if shared.peer_rate.allow(peer, items) {
         return Ok(());
     }
-    let limit = shared.limits().peer_items_per_sec;
-    shared.metrics.limited("peer_items_per_sec", peer);
-    Err(NodeError::RateLimited(format!(
-        "peer {peer} is over limits.peer_items_per_sec = {limit} ({what} counts {items} items); retry with backoff"
-    ))
-    .into())
+    let key = "peer_items_per_sec";
+    let most = shared.limits().peer_items_per_sec;
+    let refusal = format!(
+        "peer {peer} is over limits.{key} = {most} ({what} counts {items} items); retry with backoff"
+    );
+    Err(shared.limited(key, peer, refusal).into())
 }
 
 /// Refuses a batch holding envelopes once the store is past its ceiling

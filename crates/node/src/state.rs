@@ -542,6 +542,18 @@ impl Shared {
         lock(&self.sent).forget(peer);
     }
 
+    /// The refusal of `caller` by `limits.<key>`, saying `refusal`:
+    /// counted and logged ([`crate::metrics::Metrics::limited`]).
+    pub(crate) fn limited(
+        &self,
+        key: &'static str,
+        caller: &str,
+        refusal: String,
+    ) -> crate::error::NodeError {
+        self.metrics.limited(key, caller, &refusal);
+        crate::error::NodeError::RateLimited(refusal)
+    }
+
     pub(crate) fn limits(&self) -> &Limits {
         &self.config.limits
     }
