@@ -274,6 +274,9 @@ async fn a_full_store_refuses_new_sends_and_keeps_accepted_work() {
     assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
     assert!(st.message().contains("max_queued_bytes"), "{st:?}");
     assert!(accepted.len() >= 10, "only {} sends fit", accepted.len());
+    let m = scrape(&fed, "finance").await;
+    let series = r#"antar_limited_total{limit="max_queued_bytes",caller="dev"}"#;
+    assert_eq!(get(&m, series), 1.0);
 
     // Every accepted envelope is still delivered once health comes up.
     let health = fed.start("health").await;

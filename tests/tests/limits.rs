@@ -542,6 +542,10 @@ async fn envelopes_a_full_peer_keeps_refusing_expire_at_their_ttl() {
             .filter(|p| p.last_error.contains("ceiling"))
     })
     .await;
+    // Counted at health, by the refused peer.
+    let m = scrape(&fed, "health").await;
+    let series = r#"antar_limited_total{limit="max_queued_bytes",caller="finance"}"#;
+    assert!(get(&m, series) >= 1.0, "{m:?}");
 
     for id in &late {
         let t = until_state(&finance, id, wire::MessageState::Expired, 15).await;

@@ -187,10 +187,11 @@ fn validate_send(
         });
     }
     if shared.store.over_quota() {
-        return Err(NodeError::StoreFull {
+        let full = NodeError::StoreFull {
             queued: shared.store.queued_bytes(),
             quota: limits.max_queued_bytes,
-        });
+        };
+        return Err(shared.refused("max_queued_bytes", app, full));
     }
     Ok(Validated {
         drafts,

@@ -238,7 +238,7 @@ impl Metrics {
         for (reason, n) in self.rejections.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "antar_rejected_total{{reason=\"{reason}\"}} {n}");
         }
-        out.push_str("# HELP antar_limited_total Refusals by a per-caller limit (limits.<limit>): sends, SendBatch items and calls of an app (caller: its name), transfer streams and Witness calls of a peer (caller: its agency).\n# TYPE antar_limited_total counter\n");
+        out.push_str("# HELP antar_limited_total Refusals by a limit (limits.<limit>): sends, SendBatch items and calls of an app (caller: its name), transfer streams and Witness calls of a peer (caller: its agency); max_queued_bytes: sends refused at the store's quota, transfer streams at its ceiling for peers' envelopes.\n# TYPE antar_limited_total counter\n");
         for ((limit, caller), l) in self.limited.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(
                 out,

@@ -283,13 +283,8 @@ fn peer_room(shared: &Shared, peer: &str, batch: &TransferBatch) -> Result<(), S
     if queued < ceiling || !envelopes() {
         return Ok(());
     }
-    tracing::warn!(
-        peer,
-        queued,
-        ceiling,
-        "store past its ceiling for peers' envelopes; transfer refused, the peer keeps them"
-    );
-    Err(NodeError::PeersFull { queued, ceiling }.into())
+    let full = NodeError::PeersFull { queued, ceiling };
+    Err(shared.refused("max_queued_bytes", peer, full).into())
 }
 
 /// Bytes of batches handled together past which no more are taken (the

@@ -550,8 +550,19 @@ impl Shared {
         caller: &str,
         refusal: String,
     ) -> crate::error::NodeError {
-        self.metrics.limited(key, caller, &refusal);
-        crate::error::NodeError::RateLimited(refusal)
+        self.refused(key, caller, crate::error::NodeError::RateLimited(refusal))
+    }
+
+    /// `refusal` of `caller` by `limits.<key>`, counted and logged as
+    /// [`Shared::limited`] does.
+    pub(crate) fn refused(
+        &self,
+        key: &'static str,
+        caller: &str,
+        refusal: crate::error::NodeError,
+    ) -> crate::error::NodeError {
+        self.metrics.limited(key, caller, &refusal.to_string());
+        refusal
     }
 
     pub(crate) fn limits(&self) -> &Limits {
