@@ -208,6 +208,8 @@ fn main() {
                     line: cosign(cp, &origin(FED, "health"), &health, 1_700_000_000),
                     cert: health.cert_der().to_vec(),
                 }],
+                // Empty in a bundle, which carries `certificates`.
+                signer_cert: Vec::new(),
             })
             .collect(),
         consistency: sizes
@@ -291,6 +293,7 @@ fn receipt_draft(s: &Sealed, status: ReceiptStatus) -> Receipt {
             Outcome::Unspecified as i32
         },
         result_digest: Vec::new(),
+        duplicate_of: String::new(),
     }
 }
 

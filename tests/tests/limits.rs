@@ -882,3 +882,77 @@ async fn a_stream_that_stops_reading_does_not_pile_up_copies() {
         n.stop().await.unwrap();
     }
 }
+
+/// One connection holds at most 1,024 streams at once: the node sets
+/// HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS` on every listener (left
+/// unset, tonic switches off hyper's own bound, and a connection could
+/// open streams without end). Past it a client's further calls wait for
+/// one of its streams to end, while another connection is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_holds_at_most_1024_streams_and_another_is_served() {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    const LIMIT: usize = 1024;
+    const OVER: usize = 40;
+    let fed = Federation::standard();
+    let node = fed.start("finance").await;
+    let app = fed.app("finance").await;
+    let asked = || HealthCheckRequest {
+        service: "antar.v1.Agency".into(),
+    };
+    // Streams that stay open (`Health.Watch` answers the status, then
+    // waits for a change), all on the app's one connection; each task
+    // reports when its stream got its first answer and then holds it.
+    let (served, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let holders: Vec<_> = (0..LIMIT + OVER)
+        .map(|i| {
+            let (mut health, served) = (HealthClient::new(app.channel()), served.clone());
+            tokio::spawn(async move {
+                let mut stream = health.watch(asked()).await.unwrap().into_inner();
+                stream.message().await.unwrap().unwrap();
+                served.send(i).unwrap();
+                std::future::pending::<()>().await;
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held.len() < LIMIT {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, answers.recv()).await {
+            Ok(Some(i)) => held.push(i),
+            _ => panic!("only {} of {LIMIT} streams were answered in 60 s", held.len()),
+        }
+    }
+    // The rest wait: none is answered while the first 1,024 stay open.
+    let more = tokio::time::timeout(Duration::from_secs(2), answers.recv()).await;
+    assert!(
+        more.is_err(),
+        "stream {more:?} was answered past {LIMIT} open ones"
+    );
+    // Another connection, even of the same app, is served meanwhile.
+    let other = fed.app("finance").await;
+    let status = HealthClient::new(other.channel())
+        .check(asked())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    send(&other, notice("health", "tax.notice", b"served")).await;
+    // Streams that end give their places to the waiting ones.
+    for i in &held[..OVER] {
+        holders[*i].abort();
+    }
+    for n in 0..OVER {
+        let next = tokio::time::timeout(Duration::from_secs(20), answers.recv()).await;
+        assert!(
+            matches!(next, Ok(Some(_))),
+            "{n} of the {OVER} waiting streams were answered once {OVER} ended"
+        );
+    }
+    holders.iter().for_each(tokio::task::JoinHandle::abort);
+    node.stop().await.unwrap();
+}
