@@ -1,6 +1,6 @@
 //! Hostile clients and peers (issue 7): silent connections on both
 //! listeners, a peer streaming garbage, a flooding app, a peer filling the
-//! store, connection floods. Each is refused on
+//! store, connection floods, HTTP/2 stream floods and resets. Each is refused on
 //! its own and the node keeps serving everyone else.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -955,4 +955,133 @@ async fn one_connection_holds_at_most_1024_streams_and_another_is_served() {
     }
     holders.iter().for_each(tokio::task::JoinHandle::abort);
     node.stop().await.unwrap();
+}
+
+/// A connection that keeps making the node reset its streams is closed:
+/// past 1,024 streams the node reset for the client's errors, GOAWAY with
+/// ENHANCE_YOUR_CALM (hyper's guard of RUSTSEC-2024-0003, which tonic
+/// switches off unless it is set). Each stream here is a request without
+/// `:scheme` or `:path`, which HTTP/2 calls malformed. Another connection
+/// is served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_keeps_making_the_node_reset_streams_is_closed() {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_rustls::rustls::pki_types::ServerName;
+    const STREAMS: u32 = 1100;
+    let fed = Federation::standard();
+    let node = fed.start("finance").await;
+    let certs = fed.certs("finance");
+    let (cert, key) = certs.client_files(&antar_pki::Role::App("dev".into())).unwrap();
+    let config = antar_pki::tls::api_client_config(
+        &antar_pki::read_cert_der(&certs.local_ca_cert()).unwrap(),
+        antar_pki::read_certs_der(&cert).unwrap(),
+        antar_pki::read_key_der(&key).unwrap(),
+    )
+    .unwrap();
+    let addr = fed.addrs["finance"].api;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap();
+    let mut frames = Frames::default();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    // The node's own settings first, acknowledged.
+    loop {
+        let (kind, flags, ..) = frames.next(&mut tls).await.expect("no SETTINGS from the node");
+        if kind == SETTINGS && flags & ACK == 0 {
+            break;
+        }
+    }
+    let mut requests = frame(SETTINGS, ACK, 0, &[]);
+    for i in 0..STREAMS {
+        // HEADERS, END_STREAM | END_HEADERS: `:method: POST` alone (HPACK
+        // static entry 3).
+        requests.extend(frame(HEADERS, 0x1 | 0x4, 2 * i + 1, &[0x80 | 3]));
+    }
+    tls.write_all(&requests).await.unwrap();
+    // Resets the node had queued may go unsent once it goes away.
+    let (mut resets, mut goaway) = (Vec::new(), None);
+    while let Some((kind, _, stream, payload)) = frames.next(&mut tls).await {
+        match kind {
+            RST_STREAM => resets.push((stream, payload)),
+            GOAWAY => {
+                let word = |i: usize| u32::from_be_bytes(payload[i..i + 4].try_into().unwrap());
+                let data = String::from_utf8_lossy(&payload[8..]).into_owned();
+                goaway = Some((word(0), word(4), data));
+                break;
+            }
+            _ => {}
+        }
+    }
+    // The last stream it took is the 1,024th (odd ids from 1): the next
+    // one's reset was one too many.
+    assert_eq!(
+        goaway,
+        Some((2 * 1024 - 1, 0xb, "too_many_internal_resets".to_owned())),
+        "GOAWAY (last stream, ENHANCE_YOUR_CALM) expected; {} resets seen, the last {:?}",
+        resets.len(),
+        resets.last()
+    );
+    // Each one sent was for a malformed request: PROTOCOL_ERROR.
+    let protocol_error = 1u32.to_be_bytes().to_vec();
+    assert!(
+        resets.len() <= 1024 && resets.iter().all(|(_, code)| *code == protocol_error),
+        "{resets:?}"
+    );
+    send(
+        &fed.app("finance").await,
+        notice("health", "tax.notice", b"served"),
+    )
+    .await;
+    node.stop().await.unwrap();
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const ACK: u8 = 0x1;
+
+/// An HTTP/2 frame: length, type, flags, stream, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = len[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// Frames read off a connection, each at most 10 s apart.
+#[derive(Default)]
+struct Frames {
+    buf: Vec<u8>,
+}
+
+impl Frames {
+    /// The next frame (type, flags, stream, payload); `None` once the
+    /// connection ends or says nothing for 10 s.
+    async fn next(
+        &mut self,
+        conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Option<(u8, u8, u32, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                if self.buf.len() >= 9 + len {
+                    let head: Vec<u8> = self.buf.drain(..9).collect();
+                    let payload = self.buf.drain(..len).collect();
+                    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    return Some((head[3], head[4], stream, payload));
+                }
+            }
+            let mut chunk = [0u8; 16 << 10];
+            match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
 }
