@@ -966,35 +966,11 @@ async fn one_connection_holds_at_most_1024_streams_and_another_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_keeps_making_the_node_reset_streams_is_closed() {
     use tokio::io::AsyncWriteExt as _;
-    use tokio_rustls::rustls::pki_types::ServerName;
     const STREAMS: u32 = 1100;
     let fed = Federation::standard();
     let node = fed.start("finance").await;
-    let certs = fed.certs("finance");
-    let (cert, key) = certs.client_files(&antar_pki::Role::App("dev".into())).unwrap();
-    let config = antar_pki::tls::api_client_config(
-        &antar_pki::read_cert_der(&certs.local_ca_cert()).unwrap(),
-        antar_pki::read_certs_der(&cert).unwrap(),
-        antar_pki::read_key_der(&key).unwrap(),
-    )
-    .unwrap();
-    let addr = fed.addrs["finance"].api;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await
-        .unwrap();
-    let mut frames = Frames::default();
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
-    // The node's own settings first, acknowledged.
-    loop {
-        let (kind, flags, ..) = frames.next(&mut tls).await.expect("no SETTINGS from the node");
-        if kind == SETTINGS && flags & ACK == 0 {
-            break;
-        }
-    }
-    let mut requests = frame(SETTINGS, ACK, 0, &[]);
+    let (mut tls, mut frames) = raw_h2(&fed, "finance").await;
+    let mut requests = Vec::new();
     for i in 0..STREAMS {
         // HEADERS, END_STREAM | END_HEADERS: `:method: POST` alone (HPACK
         // static entry 3).
@@ -1038,9 +1014,46 @@ async fn a_connection_that_keeps_making_the_node_reset_streams_is_closed() {
     node.stop().await.unwrap();
 }
 
+/// An HTTP/2 connection spoken by hand to `agency`'s API listener, as its
+/// app `dev`: TLS, the preface, empty SETTINGS, the node's SETTINGS read
+/// and acknowledged; and the frames it sends next.
+async fn raw_h2(
+    fed: &Federation,
+    agency: &str,
+) -> (tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Frames) {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_rustls::rustls::pki_types::ServerName;
+    let certs = fed.certs(agency);
+    let (cert, key) = certs.client_files(&antar_pki::Role::App("dev".into())).unwrap();
+    let config = antar_pki::tls::api_client_config(
+        &antar_pki::read_cert_der(&certs.local_ca_cert()).unwrap(),
+        antar_pki::read_certs_der(&cert).unwrap(),
+        antar_pki::read_key_der(&key).unwrap(),
+    )
+    .unwrap();
+    let addr = fed.addrs[agency].api;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap();
+    let mut frames = Frames::default();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    loop {
+        let (kind, flags, ..) = frames.next(&mut tls).await.expect("no SETTINGS from the node");
+        if kind == SETTINGS && flags & ACK == 0 {
+            break;
+        }
+    }
+    tls.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
+    (tls, frames)
+}
+
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const ACK: u8 = 0x1;
 
@@ -1084,4 +1097,39 @@ impl Frames {
             }
         }
     }
+}
+
+/// A client or peer that vanished without closing (its connection open,
+/// nothing answering) is found by the node's HTTP/2 keepalive: a PING
+/// after `limits.keepalive_interval_ms` of silence, and the connection
+/// closed once `limits.keepalive_timeout_ms` passes without the answer,
+/// which frees its slot of `limits.max_connections`. A client that
+/// answers, as every HTTP/2 client does, keeps its idle connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_pings_is_closed() {
+    let fed = Federation::standard();
+    let mut config = fed.config("finance");
+    config.limits.keepalive_interval_ms = 300;
+    config.limits.keepalive_timeout_ms = 300;
+    let node = fed.start_with(config).await;
+    let app = fed.app("finance").await;
+    send(&app, notice("health", "tax.notice", b"before")).await;
+    let started = Instant::now();
+    let (mut silent, mut frames) = raw_h2(&fed, "finance").await;
+    until_open(&fed, "api", 2.0).await;
+    let mut pings = 0;
+    while let Some((kind, ..)) = frames.next(&mut silent).await {
+        pings += usize::from(kind == PING);
+    }
+    let closed_after = started.elapsed();
+    assert_eq!(pings, 1, "PINGs before the node closed the connection");
+    assert!(
+        closed_after < Duration::from_secs(5),
+        "closed after {closed_after:?}, not within the keepalive's 0.6 s (and slack)"
+    );
+    until_open(&fed, "api", 1.0).await;
+    // The app, idle meanwhile, answered its PINGs and is served as before.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send(&app, notice("health", "tax.notice", b"after")).await;
+    node.stop().await.unwrap();
 }

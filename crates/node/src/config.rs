@@ -225,6 +225,13 @@ pub struct Limits {
     pub sweep_interval_ms: u64,
     /// Longest a TLS handshake may take before the connection is dropped, ms. Default 10000.
     pub handshake_timeout_ms: u64,
+    /// How long a connection to any listener may stay silent before the
+    /// node sends it an HTTP/2 PING, ms. Default 60000.
+    pub keepalive_interval_ms: u64,
+    /// How long the node waits for the answer to that PING before it
+    /// closes the connection, freeing its slot of `max_connections`, ms.
+    /// Default 20000.
+    pub keepalive_timeout_ms: u64,
     /// Connections each listener holds open at once (handshakes included). Default 1024.
     pub max_connections: u32,
     /// Connections one remote IP address may hold open on each listener; 0: no limit. Default 256.
@@ -266,6 +273,8 @@ impl Default for Limits {
             journal_segment_bytes: antar_store::DEFAULT_JOURNAL_SEGMENT_BYTES,
             sweep_interval_ms: 1_000,
             handshake_timeout_ms: 10_000,
+            keepalive_interval_ms: 60_000,
+            keepalive_timeout_ms: 20_000,
             max_connections: 1024,
             max_connections_per_ip: 256,
             app_sends_per_sec: 10_000,
@@ -514,6 +523,8 @@ impl NodeConfig {
             ("limits.retry_initial_ms", l.retry_initial_ms),
             ("limits.sweep_interval_ms", l.sweep_interval_ms),
             ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.keepalive_interval_ms", l.keepalive_interval_ms),
+            ("limits.keepalive_timeout_ms", l.keepalive_timeout_ms),
             ("limits.transfer_ack_timeout_ms", l.transfer_ack_timeout_ms),
             ("limits.max_connections", u64::from(l.max_connections)),
             ("limits.checkpoint_interval_secs", l.checkpoint_interval_secs),

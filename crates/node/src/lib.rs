@@ -119,14 +119,14 @@ fn pki_err(e: impl std::fmt::Display) -> RunError {
 /// are bounded (each may hold a decode buffer before any rate check), a
 /// connection that keeps making the node reset streams is closed
 /// (RUSTSEC-2024-0003's guard), and keepalive pings find dead peers and
-/// clients so their connections stop holding a slot of
-/// `limits.max_connections`.
-fn http2_limits(server: Server) -> Server {
+/// clients (`limits.keepalive_interval_ms`, `limits.keepalive_timeout_ms`)
+/// so their connections stop holding a slot of `limits.max_connections`.
+fn http2_limits(server: Server, limits: &config::Limits) -> Server {
     server
         .max_concurrent_streams(1024)
         .http2_max_local_error_reset_streams(Some(1024))
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
 }
 
 /// A certificate or key file named by `tls.<key>` that could not be read:
@@ -378,7 +378,7 @@ impl Node {
             max_payload: limits.max_payload_bytes,
         };
         let api_router = |shared: &Arc<state::Shared>| {
-            http2_limits(Server::builder())
+            http2_limits(Server::builder(), &limits)
                 .layer(tower::util::MapResponseLayer::new(move |response| {
                     unreadable_is_invalid_argument_http(response, Some(agency_cap))
                 }))
@@ -417,7 +417,7 @@ impl Node {
                 router.serve_with_incoming_shutdown(incoming, t.cancelled_owned()),
             ));
         }
-        let peer_router = http2_limits(Server::builder())
+        let peer_router = http2_limits(Server::builder(), &limits)
             .layer(tower::util::MapResponseLayer::new(|response| {
                 unreadable_is_invalid_argument_http(response, None)
             }))
