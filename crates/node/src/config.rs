@@ -162,6 +162,9 @@ pub struct Access {
     pub allow: Vec<String>,
 }
 
+/// Least `limits.keepalive_interval_ms` and `limits.keepalive_timeout_ms`.
+pub const MIN_KEEPALIVE_MS: u64 = 100;
+
 /// The default `limits.max_payload_bytes`: 4 MiB, the most a stock gRPC
 /// client (Go, Java, Python, C++, tonic) receives in one message, less 64
 /// KiB for the rest of a `Delivery` — the envelope with its headers (at
@@ -225,12 +228,14 @@ pub struct Limits {
     pub sweep_interval_ms: u64,
     /// Longest a TLS handshake may take before the connection is dropped, ms. Default 10000.
     pub handshake_timeout_ms: u64,
-    /// How long a connection to any listener may stay silent before the
-    /// node sends it an HTTP/2 PING, ms. Default 60000.
+    /// How long an HTTP/2 connection to the api, admin or peer listener
+    /// may go without sending a request's data (or answering a PING)
+    /// before the node sends it a PING, ms: a healthy idle connection
+    /// answers one every interval. Default 60000; at least 100.
     pub keepalive_interval_ms: u64,
     /// How long the node waits for the answer to that PING before it
     /// closes the connection, freeing its slot of `max_connections`, ms.
-    /// Default 20000.
+    /// Default 20000; at least 100.
     pub keepalive_timeout_ms: u64,
     /// Connections each listener holds open at once (handshakes included). Default 1024.
     pub max_connections: u32,
@@ -523,8 +528,6 @@ impl NodeConfig {
             ("limits.retry_initial_ms", l.retry_initial_ms),
             ("limits.sweep_interval_ms", l.sweep_interval_ms),
             ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
-            ("limits.keepalive_interval_ms", l.keepalive_interval_ms),
-            ("limits.keepalive_timeout_ms", l.keepalive_timeout_ms),
             ("limits.transfer_ack_timeout_ms", l.transfer_ack_timeout_ms),
             ("limits.max_connections", u64::from(l.max_connections)),
             ("limits.checkpoint_interval_secs", l.checkpoint_interval_secs),
@@ -532,6 +535,16 @@ impl NodeConfig {
         ] {
             if v == 0 {
                 problems.push(format!("{key}: must be at least 1"));
+            }
+        }
+        // Shorter PINGs than this would be a storm on every idle
+        // connection, or close peers whose round trip is longer.
+        for (key, v) in [
+            ("limits.keepalive_interval_ms", l.keepalive_interval_ms),
+            ("limits.keepalive_timeout_ms", l.keepalive_timeout_ms),
+        ] {
+            if v < MIN_KEEPALIVE_MS {
+                problems.push(format!("{key}: must be at least {MIN_KEEPALIVE_MS} (ms)"));
             }
         }
         let segment = antar_store::MIN_JOURNAL_SEGMENT_BYTES..=antar_store::MAX_JOURNAL_SEGMENT_BYTES;
@@ -739,6 +752,20 @@ api_key = "api.key"
                     "limits.journal_segment_bytes: must be between 65536 (64 KiB) and 1073741824 (1 GiB)"
                 ),
                 "{bad}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn keepalive_under_100_ms_is_refused() {
+        let with =
+            |key: &str, ms: u64| NodeConfig::from_toml(&format!("{MINIMAL}\n[limits]\n{key} = {ms}\n"));
+        for key in ["keepalive_interval_ms", "keepalive_timeout_ms"] {
+            assert!(with(key, 100).is_ok(), "{key} = 100");
+            let msg = with(key, 99).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("limits.{key}: must be at least 100 (ms)")),
+                "{msg}"
             );
         }
     }
