@@ -346,7 +346,7 @@ impl Node {
             reload: reload.clone(),
         };
         let limits = shared.limits().clone();
-        let handshake = Duration::from_millis(limits.handshake_timeout_ms);
+        let tcp = net::Tcp::of(&limits);
         let (health_reporter, health) = tonic_health::server::health_reporter();
         for name in [
             "",
@@ -410,7 +410,7 @@ impl Node {
                 let shared = shared.clone();
                 move || shared.api_tls.read().unwrap_or_else(|p| p.into_inner()).clone()
             };
-            let incoming = net::tls_incoming(l, api_tls, handshake, conn_limit(&shared, name), token.clone());
+            let incoming = net::tls_incoming(l, api_tls, tcp, conn_limit(&shared, name), token.clone());
             let router = api_router(&shared);
             let t = token.clone();
             node.servers.push(tokio::spawn(
@@ -437,7 +437,7 @@ impl Node {
         let incoming = net::tls_incoming(
             listeners.peer,
             peer_tls,
-            handshake,
+            tcp,
             conn_limit(&shared, "peer"),
             token.clone(),
         );

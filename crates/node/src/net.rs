@@ -22,6 +22,43 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 
+/// How the node sets up each TCP connection it accepts or opens.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tcp {
+    /// The TLS handshake (and, dialing, the TCP connect before it) may take
+    /// at most this (`limits.handshake_timeout_ms`).
+    pub handshake_timeout: Duration,
+    /// A connection opened to a peer gets a PING after this long without
+    /// frames, and is closed when the answer takes longer than
+    /// `keepalive_timeout` (`limits.keepalive_interval_ms`, as the
+    /// listeners').
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered (`limits.keepalive_timeout_ms`),
+    /// and also how long bytes this node sent may go unacknowledged by the
+    /// other end's TCP before the kernel closes the connection
+    /// (`TCP_USER_TIMEOUT`): an end that vanished while the node had
+    /// something to send to it, even the GOAWAY of a failed keepalive,
+    /// lets go of its slot then, not after TCP's own ~15 minutes of
+    /// retransmissions.
+    pub keepalive_timeout: Duration,
+}
+
+impl Tcp {
+    pub(crate) fn of(limits: &crate::config::Limits) -> Self {
+        Self {
+            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+            keepalive_interval: Duration::from_millis(limits.keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(limits.keepalive_timeout_ms),
+        }
+    }
+
+    /// Sets `tcp` up: no Nagle delay, and the user timeout.
+    fn tune(&self, tcp: &TcpStream) -> io::Result<()> {
+        tcp.set_nodelay(true)?;
+        socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(self.keepalive_timeout))
+    }
+}
+
 /// The connections one listener holds open — in all, and per remote IP
 /// address — counted from accept (before the TLS handshake, so slow-loris
 /// connections count) to close. One flooding client reaches its per-address
@@ -234,14 +271,14 @@ impl<T: Connected> Connected for Counted<T> {
 }
 
 /// Accepts TCP connections within `limit` and runs each TLS handshake on its
-/// own task, under `handshake_timeout`, so a slow or silent client never
+/// own task, under `tcp_setup.handshake_timeout`, so a slow or silent client never
 /// stalls the others. Refused connections are closed at once; failed
 /// handshakes are logged and dropped. `config` is asked for each
 /// connection, so a reloaded revocation list applies to the next handshake.
 pub(crate) fn tls_incoming(
     listener: TcpListener,
     config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
-    handshake_timeout: Duration,
+    tcp_setup: Tcp,
     limit: Arc<ConnLimit>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<Counted<TlsStream<TcpStream>>, io::Error>> {
@@ -253,11 +290,13 @@ pub(crate) fn tls_incoming(
                 _ = shutdown.cancelled() => break,
                 a = accept_admitted(&listener, &limit) => a,
             };
-            let _ = tcp.set_nodelay(true);
+            if let Err(e) = tcp_setup.tune(&tcp) {
+                tracing::warn!(listener = name, %remote, error = %e, "setting TCP options failed");
+            }
             let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(tcp_setup.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(Counted { io: tls, _slot: slot })).await;
                     }
@@ -273,19 +312,19 @@ pub(crate) fn tls_incoming(
 }
 
 /// A lazily connecting gRPC channel to `addr` over TLS with `config`; TCP
-/// connect and TLS handshake together may take at most `handshake_timeout`
-/// (a stalled link must not hang a dial).
+/// connect and TLS handshake together may take at most
+/// `tcp_setup.handshake_timeout` (a stalled link must not hang a dial).
 pub(crate) fn dial(
     addr: &str,
     config: Arc<rustls::ClientConfig>,
-    handshake_timeout: Duration,
+    tcp_setup: Tcp,
 ) -> Result<Channel, io::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .http2_keep_alive_interval(tcp_setup.keepalive_interval)
+        .keep_alive_timeout(tcp_setup.keepalive_timeout);
     let addr = addr.to_owned();
     let host = addr
         .rsplit_once(':')
@@ -299,10 +338,10 @@ pub(crate) fn dial(
         async move {
             let connect = async {
                 let tcp = TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
+                tcp_setup.tune(&tcp)?;
                 connector.connect(server_name, tcp).await
             };
-            let tls = tokio::time::timeout(handshake_timeout, connect)
+            let tls = tokio::time::timeout(tcp_setup.handshake_timeout, connect)
                 .await
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::TimedOut, "TCP connect and TLS handshake timed out")
@@ -326,8 +365,7 @@ pub(crate) fn peer_channel(shared: &crate::state::Shared, peer: &str, addr: &str
         crls,
     )
     .map_err(|e| e.to_string())?;
-    let handshake = Duration::from_millis(shared.limits().handshake_timeout_ms);
-    dial(addr, config, handshake).map_err(|e| e.to_string())
+    dial(addr, config, Tcp::of(shared.limits())).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -358,5 +396,24 @@ mod tests {
         assert!(limit.admit(ip("2001:db8::3")).is_ok(), "places given back");
         assert_eq!(limit.open(), 1);
         drop(other);
+    }
+
+    #[tokio::test]
+    async fn tuned_connections_have_no_nagle_delay_and_the_keepalive_timeout_as_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialed = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let setup = Tcp {
+            handshake_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_millis(1_234),
+        };
+        let user_timeout = |s: &TcpStream| socket2::SockRef::from(s).tcp_user_timeout().unwrap();
+        assert_eq!(user_timeout(&accepted), None, "the kernel's default before");
+        for s in [&accepted, &dialed] {
+            setup.tune(s).unwrap();
+            assert_eq!(user_timeout(s), Some(Duration::from_millis(1_234)));
+            assert!(s.nodelay().unwrap());
+        }
     }
 }
