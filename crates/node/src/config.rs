@@ -164,6 +164,9 @@ pub struct Access {
 
 /// Least `limits.keepalive_interval_ms` and `limits.keepalive_timeout_ms`.
 pub const MIN_KEEPALIVE_MS: u64 = 100;
+/// Most of either: one day. The kernel refuses a TCP user timeout past
+/// `i32::MAX` ms (~24.8 days), and a longer keepalive is no keepalive.
+pub const MAX_KEEPALIVE_MS: u64 = 86_400_000;
 
 /// The default `limits.max_payload_bytes`: 4 MiB, the most a stock gRPC
 /// client (Go, Java, Python, C++, tonic) receives in one message, less 64
@@ -231,11 +234,14 @@ pub struct Limits {
     /// How long an HTTP/2 connection to the api, admin or peer listener
     /// may go without sending a request's data (or answering a PING)
     /// before the node sends it a PING, ms: a healthy idle connection
-    /// answers one every interval. Default 60000; at least 100.
+    /// answers one every interval. Also the PING interval of the
+    /// connections this node opens to its peers, while a call is open.
+    /// Default 60000; 100 to 86400000.
     pub keepalive_interval_ms: u64,
     /// How long the node waits for the answer to that PING before it
-    /// closes the connection, freeing its slot of `max_connections`, ms.
-    /// Default 20000; at least 100.
+    /// closes the connection, freeing its slot of `max_connections`, ms;
+    /// also the `TCP_USER_TIMEOUT` of those connections (at least 5 s).
+    /// Default 20000; 100 to 86400000.
     pub keepalive_timeout_ms: u64,
     /// Connections each listener holds open at once (handshakes included). Default 1024.
     pub max_connections: u32,
@@ -545,6 +551,8 @@ impl NodeConfig {
         ] {
             if v < MIN_KEEPALIVE_MS {
                 problems.push(format!("{key}: must be at least {MIN_KEEPALIVE_MS} (ms)"));
+            } else if v > MAX_KEEPALIVE_MS {
+                problems.push(format!("{key}: must be at most {MAX_KEEPALIVE_MS} (ms, one day)"));
             }
         }
         let segment = antar_store::MIN_JOURNAL_SEGMENT_BYTES..=antar_store::MAX_JOURNAL_SEGMENT_BYTES;
@@ -757,14 +765,20 @@ api_key = "api.key"
     }
 
     #[test]
-    fn keepalive_under_100_ms_is_refused() {
+    fn keepalive_under_100_ms_or_over_a_day_is_refused() {
         let with =
             |key: &str, ms: u64| NodeConfig::from_toml(&format!("{MINIMAL}\n[limits]\n{key} = {ms}\n"));
         for key in ["keepalive_interval_ms", "keepalive_timeout_ms"] {
             assert!(with(key, 100).is_ok(), "{key} = 100");
+            assert!(with(key, 86_400_000).is_ok(), "{key}: a day");
             let msg = with(key, 99).unwrap_err().to_string();
             assert!(
                 msg.contains(&format!("limits.{key}: must be at least 100 (ms)")),
+                "{msg}"
+            );
+            let msg = with(key, 86_400_001).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("limits.{key}: must be at most 86400000 (ms, one day)")),
                 "{msg}"
             );
         }

@@ -22,26 +22,28 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 
-/// How the node sets up each TCP connection it accepts or opens.
+/// How the node sets up each TCP connection of its api, admin and peer
+/// listeners, and each it opens to a peer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tcp {
     /// The TLS handshake (and, dialing, the TCP connect before it) may take
     /// at most this (`limits.handshake_timeout_ms`).
     pub handshake_timeout: Duration,
     /// A connection opened to a peer gets a PING after this long without
-    /// frames, and is closed when the answer takes longer than
+    /// frames while a call is open on it (a forwarder's `Transfer` always
+    /// is), and is closed when the answer takes longer than
     /// `keepalive_timeout` (`limits.keepalive_interval_ms`, as the
     /// listeners').
     pub keepalive_interval: Duration,
-    /// How long a PING may go unanswered (`limits.keepalive_timeout_ms`),
-    /// and also how long bytes this node sent may go unacknowledged by the
-    /// other end's TCP before the kernel closes the connection
-    /// (`TCP_USER_TIMEOUT`): an end that vanished while the node had
-    /// something to send to it, even the GOAWAY of a failed keepalive,
-    /// lets go of its slot then, not after TCP's own ~15 minutes of
-    /// retransmissions.
+    /// How long a PING may go unanswered (`limits.keepalive_timeout_ms`).
     pub keepalive_timeout: Duration,
 }
+
+/// The least `TCP_USER_TIMEOUT` the node sets, whatever the keepalive
+/// timeout: Linux checks it only when a retransmission timer fires (200 ms
+/// at the soonest, a second or more across a WAN), so a shorter one would
+/// close a connection at its first lost segment.
+const MIN_USER_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Tcp {
     pub(crate) fn of(limits: &crate::config::Limits) -> Self {
@@ -52,11 +54,49 @@ impl Tcp {
         }
     }
 
-    /// Sets `tcp` up: no Nagle delay, and the user timeout.
+    /// How long bytes this node sent may go unacknowledged by the other
+    /// end's TCP before the kernel closes the connection
+    /// (`TCP_USER_TIMEOUT`): the keepalive timeout, at least
+    /// [`MIN_USER_TIMEOUT`]. An end that vanished while the node had
+    /// something for it (the GOAWAY a listener writes when a keepalive
+    /// fails, among others) lets go of its slot then, not after TCP's own
+    /// ~15 minutes of retransmissions.
+    pub(crate) fn user_timeout(&self) -> Duration {
+        self.keepalive_timeout.max(MIN_USER_TIMEOUT)
+    }
+
+    /// Sets `tcp` up: no Nagle delay, and (on Linux) the user timeout.
     fn tune(&self, tcp: &TcpStream) -> io::Result<()> {
         tcp.set_nodelay(true)?;
-        socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(self.keepalive_timeout))
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(self.user_timeout()))?;
+        Ok(())
     }
+
+    /// [`Tcp::tune`], a failure logged: the connection is still of use.
+    fn tune_or_warn(&self, tcp: &TcpStream, what: &str, remote: &dyn std::fmt::Display) {
+        if let Err(e) = self.tune(tcp) {
+            tracing::warn!(what, %remote, error = %e, "setting TCP options failed");
+        }
+    }
+}
+
+/// [`accept_admitted`], the connection set up by `tcp_setup`.
+async fn accept_tuned(
+    listener: &TcpListener,
+    limit: &Arc<ConnLimit>,
+    tcp_setup: &Tcp,
+) -> (TcpStream, std::net::SocketAddr, Slot) {
+    let (tcp, remote, slot) = accept_admitted(listener, limit).await;
+    tcp_setup.tune_or_warn(&tcp, limit.listener(), &remote);
+    (tcp, remote, slot)
+}
+
+/// A TCP connection to `addr`, set up by `tcp_setup`.
+async fn connect_tuned(addr: &str, tcp_setup: &Tcp) -> io::Result<TcpStream> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp_setup.tune_or_warn(&tcp, "dial", &addr);
+    Ok(tcp)
 }
 
 /// The connections one listener holds open — in all, and per remote IP
@@ -288,11 +328,8 @@ pub(crate) fn tls_incoming(
         loop {
             let (tcp, remote, slot) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                a = accept_admitted(&listener, &limit) => a,
+                a = accept_tuned(&listener, &limit, &tcp_setup) => a,
             };
-            if let Err(e) = tcp_setup.tune(&tcp) {
-                tracing::warn!(listener = name, %remote, error = %e, "setting TCP options failed");
-            }
             let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -321,8 +358,7 @@ pub(crate) fn dial(
 ) -> Result<Channel, io::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
+        .connect_timeout(tcp_setup.handshake_timeout)
         .http2_keep_alive_interval(tcp_setup.keepalive_interval)
         .keep_alive_timeout(tcp_setup.keepalive_timeout);
     let addr = addr.to_owned();
@@ -337,8 +373,7 @@ pub(crate) fn dial(
         let (addr, connector, server_name) = (addr.clone(), connector.clone(), server_name.clone());
         async move {
             let connect = async {
-                let tcp = TcpStream::connect(&addr).await?;
-                tcp_setup.tune(&tcp)?;
+                let tcp = connect_tuned(&addr, &tcp_setup).await?;
                 connector.connect(server_name, tcp).await
             };
             let tls = tokio::time::timeout(tcp_setup.handshake_timeout, connect)
@@ -398,22 +433,27 @@ mod tests {
         drop(other);
     }
 
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[tokio::test]
-    async fn tuned_connections_have_no_nagle_delay_and_the_keepalive_timeout_as_user_timeout() {
+    async fn accepted_and_dialed_connections_get_no_nagle_delay_and_a_user_timeout() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dialed = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        let setup = Tcp {
+        let addr = listener.local_addr().unwrap().to_string();
+        let setup = |timeout_ms: u64| Tcp {
             handshake_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(2),
-            keepalive_timeout: Duration::from_millis(1_234),
+            keepalive_timeout: Duration::from_millis(timeout_ms),
         };
         let user_timeout = |s: &TcpStream| socket2::SockRef::from(s).tcp_user_timeout().unwrap();
-        assert_eq!(user_timeout(&accepted), None, "the kernel's default before");
-        for s in [&accepted, &dialed] {
-            setup.tune(s).unwrap();
-            assert_eq!(user_timeout(s), Some(Duration::from_millis(1_234)));
-            assert!(s.nodelay().unwrap());
-        }
+        let limit = ConnLimit::new("test", 10, 0);
+        let plain = TcpStream::connect(&addr).await.unwrap();
+        assert_eq!(user_timeout(&plain), None, "the kernel's default, untuned");
+        assert!(!plain.nodelay().unwrap());
+        let (accepted, _, _slot) = accept_tuned(&listener, &limit, &setup(12_345)).await;
+        assert_eq!(user_timeout(&accepted), Some(Duration::from_millis(12_345)));
+        assert!(accepted.nodelay().unwrap());
+        // Below the floor: the floor.
+        let dialed = connect_tuned(&addr, &setup(100)).await.unwrap();
+        assert_eq!(user_timeout(&dialed), Some(MIN_USER_TIMEOUT));
+        assert!(dialed.nodelay().unwrap());
     }
 }
