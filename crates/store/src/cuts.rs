@@ -98,11 +98,22 @@ pub(crate) fn whole(value: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Where `part` first occurs in `value`. Only the places that hold its
+/// first byte are compared whole: comparing at every offset called
+/// `memcmp` a thousand times to find a certificate in a 2 KB envelope,
+/// 2.5 % of the node's CPU under load.
 fn find(value: &[u8], part: &[u8]) -> Option<usize> {
-    if part.is_empty() {
-        return None;
+    let (&first, rest) = part.split_first()?;
+    let last = value.len().checked_sub(part.len())?;
+    let mut from = 0;
+    while from <= last {
+        let at = from + value[from..=last].iter().position(|&b| b == first)?;
+        if value[at + 1..at + part.len()] == *rest {
+            return Some(at);
+        }
+        from = at + 1;
     }
-    value.windows(part.len()).position(|w| w == part)
+    None
 }
 
 /// A part looked up by its reference: absent, or a storage failure.
@@ -275,6 +286,31 @@ fn fill<'s, P: AsRef<[u8]>, E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_is_found_where_it_first_occurs() {
+        let value = b"xaab\x30\x30\x31ab\x30\x31z";
+        assert_eq!(
+            find(value, b"\x30\x31"),
+            Some(5),
+            "past a first byte that did not lead on"
+        );
+        assert_eq!(find(value, b"x"), Some(0), "at the start");
+        assert_eq!(find(value, b"\x31z"), Some(10), "at the end");
+        assert_eq!(find(value, value), Some(0), "the whole value");
+        assert_eq!(find(value, b"\x31y"), None, "absent");
+        assert_eq!(find(value, b""), None, "empty");
+        assert_eq!(find(b"ab", b"abc"), None, "longer than the value");
+        assert_eq!(find(b"", b"a"), None);
+        let naive = |v: &[u8], p: &[u8]| v.windows(p.len()).position(|w| w == p);
+        let bytes: Vec<u8> = (0..600u32).map(|i| (i * 7 % 5) as u8).collect();
+        for len in 1..6 {
+            for at in 0..bytes.len() - len {
+                let part = &bytes[at..at + len];
+                assert_eq!(find(&bytes, part), naive(&bytes, part), "part {part:?}");
+            }
+        }
+    }
 
     fn fill_with(stored: &[u8], cert: &[u8], receipt: &[u8]) -> Result<Vec<u8>, String> {
         fill(
