@@ -429,11 +429,9 @@ async fn exports_verify_and_any_tampering_is_named() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let said = String::from_utf8_lossy(&ok.stdout);
     assert!(said.starts_with("OK: finance's log"), "{said}");
-    let root_sha256: String =
-        antar_core::envelope::sha256(&antar_pki::read_cert_der(&fed.file.root_ca).unwrap())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+    let root_sha256 = hex(&antar_core::envelope::sha256(
+        &antar_pki::read_cert_der(&fed.file.root_ca).unwrap(),
+    ));
     assert!(
         said.contains(&format!("(SHA-256 {root_sha256})")),
         "the root trusted is named: {said}"
@@ -528,6 +526,23 @@ fn rewrite_history(data_dir: &std::path::Path, n: u64) {
         }
     }
     db.flush().unwrap();
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `antar audit verify FILE --federation … --extends E` for each of `extends`.
+fn verify_cli(fed: &Federation, file: &std::path::Path, extends: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(antar_bin());
+    cmd.args(["audit", "verify"])
+        .arg(file)
+        .arg("--federation")
+        .arg(fed.layout.federation_json());
+    for e in extends {
+        cmd.args(["--extends", e]);
+    }
+    cmd.output().unwrap()
 }
 
 async fn latest_checkpoint(fed: &Federation, agency: &str) -> wire::Checkpoint {
@@ -702,6 +717,43 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
     }
     assert_eq!(receive(&health, 3, 10, true).await.len(), 3);
     let auditor = fed.client("finance", ClientRole::Auditor).await;
+    // An auditor keeps an export, and the newest size and root its
+    // verification printed; a later export extends both.
+    let dir = tempfile::tempdir().unwrap();
+    let before = dir.path().join("before.bundle");
+    std::fs::write(&before, export(&auditor).await).unwrap();
+    let earlier = verify_bundle(&std::fs::read(&before).unwrap(), &fed.verifier()).unwrap();
+    let earlier_root = format!("{}:{}", earlier.latest.0, hex(&earlier.latest.1));
+    send(&finance, notice("health", "tax.notice", &[3])).await;
+    assert_eq!(receive(&health, 1, 10, true).await.len(), 1);
+    let grown = dir.path().join("grown.bundle");
+    std::fs::write(&grown, export(&auditor).await).unwrap();
+    let grown_view = verify_bundle(&std::fs::read(&grown).unwrap(), &fed.verifier()).unwrap();
+    assert!(grown_view.latest.0 > earlier.latest.0);
+    let ok = verify_cli(&fed, &grown, &[before.to_str().unwrap(), &earlier_root]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(
+        said.matches(&format!("OK: extends the earlier log {earlier_root} "))
+            .count(),
+        2,
+        "{said}"
+    );
+    // The other way round, the earlier log lacks the newer entries.
+    let grown_root = format!("{}:{}", grown_view.latest.0, hex(&grown_view.latest.1));
+    let shorter = verify_cli(&fed, &before, &[&grown_root]);
+    assert_eq!(shorter.status.code(), Some(1), "{shorter:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&shorter.stderr).trim(),
+        format!(
+            "FAILED: does not extend the earlier log of size {} (root {}): this log holds {} entries, fewer than the earlier {}: entries were dropped since",
+            grown_view.latest.0,
+            hex(&grown_view.latest.1),
+            earlier.latest.0,
+            grown_view.latest.0
+        )
+    );
+
     eventually(20, "finance's log witnessed by health", || {
         let mut audit = auditor.audit();
         async move {
@@ -722,6 +774,11 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
         .unwrap()
         .into_inner();
     assert!(status.split_views.is_empty());
+    // The newest view before the rewrite, as an auditor keeps it.
+    let last = dir.path().join("last.bundle");
+    std::fs::write(&last, export(&auditor).await).unwrap();
+    let last_view = verify_bundle(&std::fs::read(&last).unwrap(), &fed.verifier()).unwrap();
+    let last_root = format!("{}:{}", last_view.latest.0, hex(&last_view.latest.1));
 
     // finance's operator rewrites history on disk, then carries on.
     finance_node.stop().await.unwrap();
@@ -754,6 +811,59 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
     assert!(text.contains("antar_split_view{log=\"finance\"} 1"), "{text}");
     // Witnessing never blocks traffic: the new envelopes still arrive.
     assert_eq!(receive(&health, 3, 10, true).await.len(), 3);
+
+    // An auditor holding an earlier export sees it too, offline: the new
+    // export verifies on its own, but not as an extension of either
+    // earlier view.
+    let auditor = fed.client("finance", ClientRole::Auditor).await;
+    let after = dir.path().join("after.bundle");
+    std::fs::write(&after, export(&auditor).await).unwrap();
+    let alone = verify_cli(&fed, &after, &[]);
+    assert!(
+        alone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+    let after_view = verify_bundle(&std::fs::read(&after).unwrap(), &fed.verifier()).unwrap();
+    for view in [last.to_str().unwrap(), &last_root] {
+        let rewritten = verify_cli(&fed, &after, &[view]);
+        assert_eq!(rewritten.status.code(), Some(1), "{rewritten:?}");
+        let stderr = String::from_utf8_lossy(&rewritten.stderr);
+        let why = if after_view.latest.0 >= last_view.latest.0 {
+            format!("the root of this log's first {} entries is ", last_view.latest.0)
+        } else {
+            format!("this log holds {} entries, fewer than", after_view.latest.0)
+        };
+        assert!(
+            stderr.starts_with(&format!(
+                "FAILED: does not extend the earlier log of size {} (root {}): {why}",
+                last_view.latest.0,
+                hex(&last_view.latest.1),
+            )),
+            "{stderr}"
+        );
+    }
+    // The two entries dropped came after the first export: it is still
+    // a prefix of the new history.
+    let prefix = verify_cli(&fed, &after, &[before.to_str().unwrap()]);
+    assert!(
+        prefix.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prefix.stderr)
+    );
+    // Another node's log is not an earlier view of this one.
+    let health_log = dir.path().join("health.bundle");
+    let health_auditor = fed.client("health", ClientRole::Auditor).await;
+    std::fs::write(&health_log, export(&health_auditor).await).unwrap();
+    let other = verify_cli(&fed, &grown, &[health_log.to_str().unwrap()]);
+    assert_eq!(other.status.code(), Some(1), "{other:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&other.stderr).trim(),
+        format!(
+            "FAILED: the earlier bundle {} is health's log, this is finance's",
+            health_log.display()
+        )
+    );
     for n in [finance_node, health_node] {
         n.stop().await.unwrap();
     }

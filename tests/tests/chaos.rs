@@ -6,7 +6,9 @@
 //! SIGKILLs and restarts any node, or cuts or stalls a link for a while. The
 //! checker then proves: every send the node acknowledged reached the app
 //! and was acked; nothing was delivered again after its ack succeeded; every
-//! receipt chain is complete and verifies; every node's log export verifies.
+//! receipt chain is complete and verifies; every node's log export verifies,
+//! and extends each export taken of it during the run (before kills): no
+//! kill lost or rewrote an entry a node had exported.
 //!
 //! `ANTAR_CHAOS_SECS` (default 12) and `ANTAR_CHAOS_SEED` lengthen or replay
 //! a run; the long run and its result are in docs/reliability.md.
@@ -22,6 +24,37 @@ use antar_node::dev::AgencySpec;
 use antar_tests::*;
 use rand::{Rng as _, SeedableRng as _};
 use tokio_stream::StreamExt as _;
+
+/// `agency`'s log, exported and verified, as (size, root) of its newest
+/// checkpoint; `None` when the node did not answer it whole in time
+/// (killed before or during the export, or still starting).
+async fn view(fed: &Federation, agency: &str) -> Option<(u64, antar_core::merkle::Hash)> {
+    let bundle = tokio::time::timeout(Duration::from_secs(5), async {
+        let auditor = antar_client::Client::from_federation(&fed.file, agency, ClientRole::Auditor)
+            .await
+            .ok()?;
+        let mut stream = auditor
+            .audit()
+            .export(wire::ExportRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.ok()?.data);
+        }
+        Some(out)
+    })
+    .await
+    .ok()??;
+    // Off the runtime's workers: the sender and the receiver run there.
+    let verifier = fed.verifier();
+    let v = tokio::task::spawn_blocking(move || antar_core::audit::verify_bundle(&bundle, &verifier))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{agency}'s export during the run: {e}"));
+    Some(v.latest)
+}
 
 /// Journal segment size of the nodes (`limits.journal_segment_bytes`).
 const SEGMENT_BYTES: u64 = 256 << 10;
@@ -241,6 +274,24 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let (mut kills, mut link_faults) = (0, 0);
     let mut starts: HashMap<&str, u64> = agencies.iter().map(|a| (*a, 1)).collect();
+    // Meanwhile an auditor exports the nodes' logs in turn, whatever the
+    // schedule does (a kill may land in the middle of an export).
+    let exporter = {
+        let (fed, stop) = (fed.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut views = Vec::new();
+            for agency in agencies.iter().cycle() {
+                if stop.is_cancelled() {
+                    break;
+                }
+                if let Some(v) = view(&fed, agency).await {
+                    views.push((*agency, v));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            views
+        })
+    };
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
         let down_for = Duration::from_millis(rng.random_range(100..1500));
@@ -264,6 +315,7 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
         }
     }
     stop.cancel();
+    let views = exporter.await.unwrap();
     let batch_sent = sender.await.unwrap();
     let sent: Vec<String> = sent.lock().unwrap().clone();
     assert_eq!(
@@ -371,12 +423,24 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
         );
     }
 
-    // And every node's log still verifies after all the kills.
+    // And every node's log still verifies after all the kills, and holds
+    // every entry it had exported before them, unchanged and in place.
     for a in agencies {
         let auditor = fed.client(a, ClientRole::Auditor).await;
         let bundle = export(&auditor).await;
-        antar_core::audit::verify_bundle(&bundle, &verifier).unwrap_or_else(|e| panic!("{a}: {e}"));
+        let earlier: Vec<_> = views.iter().filter(|(v, _)| *v == a).map(|(_, v)| *v).collect();
+        antar_core::audit::verify_bundle_extending(&bundle, &verifier, &earlier)
+            .unwrap_or_else(|e| panic!("{a}: {e}"));
     }
+    let exported: Vec<usize> = agencies
+        .iter()
+        .map(|a| views.iter().filter(|(v, _)| v == a).count())
+        .collect();
+    eprintln!("chaos: exports taken during the run, by node {agencies:?}: {exported:?}");
+    assert!(
+        exported.iter().all(|n| *n > 0),
+        "a node was never exported during the run: {exported:?}"
+    );
     // The journals went through segments. A node numbers its first segment
     // 0 and each next one, at a rollover or a start after a kill, one past
     // the newest on disk; so the newest number, less the starts after the

@@ -44,7 +44,7 @@ pub enum AuditCommand {
     Export(ExportArgs),
     /// Verify a bundle offline: every signature, certificate chain, checkpoint and consistency proof.
     #[command(
-        after_help = "Examples:\n  antar audit verify registry.bundle --root .antar-dev/federation/root.crt\n  antar audit verify registry.bundle --federation .antar-dev/federation.json   # root_ca from the file\n\nThe result names the root it verified against (path and SHA-256 of its DER): check it is your federation's.\n\nExit code 0: every check passed; 1: a check failed, the first failure is printed, naming the entry or checkpoint; 2: nothing was verified (a file could not be read, or the arguments do not name a root)."
+        after_help = "Examples:\n  antar audit verify registry.bundle --root .antar-dev/federation/root.crt\n  antar audit verify registry.bundle --federation .antar-dev/federation.json   # root_ca from the file\n  antar audit verify june.bundle --federation F --extends may.bundle   # may.bundle's entries unchanged\n  antar audit verify june.bundle --federation F --extends 1042:ROOT      # ROOT: 64 hex digits, as printed\n\nThe result names the root it verified against (path and SHA-256 of its DER): check it is your federation's.\nKeep the `newest size N root R` of each verification: a later export of the same node must --extends N:R.\n\nExit code 0: every check passed; 1: a check failed, the first failure is printed, naming the entry or checkpoint, or the earlier log this one does not extend; 2: nothing was verified (a file could not be read, or the arguments do not name a root)."
     )]
     Verify(VerifyArgs),
 }
@@ -113,9 +113,35 @@ pub struct VerifyArgs {
     /// federation.json, unless --root is given.
     #[arg(long, env = "ANTAR_FEDERATION")]
     federation: Option<PathBuf>,
+    /// An earlier view of the same node's log that this one must extend
+    /// (every entry it held still there, unchanged, in its place): an
+    /// earlier export of the node (a bundle file, verified too), or
+    /// `SIZE:ROOT`, the newest size and hex root an earlier verification
+    /// printed. May be given more than once.
+    #[arg(long, value_name = "BUNDLE|SIZE:ROOT")]
+    extends: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// An earlier view of a log, as `--extends` names it.
+enum Earlier {
+    /// `SIZE:ROOT`.
+    Root(u64, merkle::Hash),
+    /// An earlier export.
+    Bundle(PathBuf),
+}
+
+impl Earlier {
+    fn parse(s: &str) -> Earlier {
+        let root = s.split_once(':').and_then(|(size, root)| {
+            let size = size.parse().ok()?;
+            let root = hex::decode(root).ok()?.try_into().ok()?;
+            Some(Earlier::Root(size, root))
+        });
+        root.unwrap_or_else(|| Earlier::Bundle(PathBuf::from(s)))
+    }
 }
 
 fn timestamp(flag: &str, s: &Option<String>) -> anyhow::Result<Option<prost_types::Timestamp>> {
@@ -529,15 +555,53 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let anchor =
         antar_core::TrustAnchor::new(&federation, root).context("the root certificate is not a CA")?;
     let verifier = antar_core::Verifier::new(anchor, antar_core::Revocations::none());
-    match antar_core::audit::verify_bundle(&bytes, &verifier) {
+    let mut earlier = Vec::new();
+    for e in a.extends.iter().map(|e| Earlier::parse(e)) {
+        match e {
+            Earlier::Root(size, root) => earlier.push((size, root)),
+            Earlier::Bundle(path) => {
+                let old = std::fs::read(&path).with_context(|| {
+                    format!(
+                        "cannot read {} (--extends takes an earlier bundle or SIZE:ROOT, e.g. 1042:0f2a…, 64 hex digits)",
+                        path.display()
+                    )
+                })?;
+                let checked = antar_core::audit::verify_bundle(&old, &verifier)
+                    .map_err(|e| format!("the earlier bundle {}: {e}", path.display()))
+                    .and_then(|v| {
+                        let agency = wire::AuditBundle::decode(bytes.as_slice())
+                            .map(|b| b.agency)
+                            .unwrap_or_default();
+                        if agency.is_empty() || v.agency == agency {
+                            Ok(v.latest)
+                        } else {
+                            Err(format!(
+                                "the earlier bundle {} is {}'s log, this is {agency}'s",
+                                path.display(),
+                                v.agency
+                            ))
+                        }
+                    });
+                match checked {
+                    Ok(latest) => earlier.push(latest),
+                    Err(e) => return Ok(failed(a.json, &e)),
+                }
+            }
+        }
+    }
+    match antar_core::audit::verify_bundle_extending(&bytes, &verifier, &earlier) {
         Ok(v) => {
+            let extends: Vec<String> = earlier
+                .iter()
+                .map(|(size, root)| format!("{size}:{}", hex::encode(root)))
+                .collect();
             if a.json {
                 println!(
                     "{}",
                     json!({ "ok": true, "agency": v.agency, "entries": v.entries, "envelopes": v.envelopes,
                             "receipts": v.receipts, "checkpoints": v.checkpoints, "cosignatures": v.cosignatures,
                             "tree_size": v.latest.0,
-                            "root": hex::encode(v.latest.1),
+                            "root": hex::encode(v.latest.1), "extends": extends,
                             "federation_root": root_path, "federation_root_sha256": root_sha256 })
                 );
             } else {
@@ -553,18 +617,24 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                     hex::encode(v.latest.1),
                     root_path.display()
                 );
+                for e in &extends {
+                    println!("OK: extends the earlier log {e} (its entries unchanged, in their places)");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
-            if a.json {
-                println!("{}", json!({ "ok": false, "error": e.to_string() }));
-            } else {
-                eprintln!("FAILED: {e}");
-            }
-            Ok(ExitCode::FAILURE)
-        }
+        Err(e) => Ok(failed(a.json, &e.to_string())),
     }
+}
+
+/// Prints a failed check; exit code 1.
+fn failed(json: bool, error: &str) -> ExitCode {
+    if json {
+        println!("{}", json!({ "ok": false, "error": error }));
+    } else {
+        eprintln!("FAILED: {error}");
+    }
+    ExitCode::FAILURE
 }
 
 #[cfg(test)]

@@ -49,6 +49,17 @@ pub enum AuditError {
         /// What failed.
         detail: String,
     },
+    /// The log does not extend an earlier view of it: entries were
+    /// dropped, altered or reordered since.
+    #[error("does not extend the earlier log of size {size} (root {root}): {detail}")]
+    Earlier {
+        /// The earlier log's size.
+        size: u64,
+        /// Its root, hex.
+        root: String,
+        /// What differs.
+        detail: String,
+    },
 }
 
 /// What a verified bundle holds.
@@ -79,6 +90,49 @@ fn bundle_err(s: impl Into<String>) -> AuditError {
 /// # Errors
 /// The first [`AuditError`] found.
 pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, AuditError> {
+    verify_bundle_extending(bytes, verifier, &[])
+}
+
+/// Verifies an exported bundle as [`verify_bundle`] does, and that its log
+/// extends each `earlier` view of the same log: the newest size and root
+/// of an earlier export's verification ([`Verified::latest`]). The root of
+/// the bundle's first `size` entries must be that root, so every entry the
+/// earlier view held is still there, unchanged and in its place.
+///
+/// # Errors
+/// The first [`AuditError`] found; [`AuditError::Earlier`] for an earlier
+/// view the log does not extend.
+pub fn verify_bundle_extending(
+    bytes: &[u8],
+    verifier: &Verifier,
+    earlier: &[(u64, Hash)],
+) -> Result<Verified, AuditError> {
+    let (verified, leaves) = verify_leaves(bytes, verifier)?;
+    for &(size, root) in earlier {
+        let err = |detail: String| AuditError::Earlier {
+            size,
+            root: hex::encode(root),
+            detail,
+        };
+        if size > leaves.len() as u64 {
+            return Err(err(format!(
+                "this log holds {} entries, fewer than the earlier {size}: entries were dropped since",
+                leaves.len()
+            )));
+        }
+        let now = merkle::root(&leaves[..size as usize]);
+        if now != root {
+            return Err(err(format!(
+                "the root of this log's first {size} entries is {}: entries were dropped, altered or reordered since",
+                hex::encode(now)
+            )));
+        }
+    }
+    Ok(verified)
+}
+
+/// [`verify_bundle`], and the leaf hashes of the bundle's entries.
+fn verify_leaves(bytes: &[u8], verifier: &Verifier) -> Result<(Verified, Vec<Hash>), AuditError> {
     let bundle = AuditBundle::decode(bytes)
         .map_err(|e| bundle_err(format!("does not decode as an AuditBundle: {e}")))?;
     if bundle.encode_to_vec() != bytes {
@@ -270,7 +324,7 @@ pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, Audi
             leaves.len() as u64 - size.min(leaves.len() as u64)
         )));
     }
-    Ok(Verified {
+    let verified = Verified {
         agency: agency.to_string(),
         entries: leaves.len(),
         envelopes,
@@ -278,5 +332,6 @@ pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, Audi
         checkpoints: bundle.checkpoints.len(),
         latest: (size, root),
         cosignatures,
-    })
+    };
+    Ok((verified, leaves))
 }
