@@ -495,15 +495,19 @@ pub async fn backlog(admin: &Client, peer: &str) -> u64 {
     peer_status(admin, peer).await.map_or(0, |p| p.backlog)
 }
 
-/// What `Status` says of the queue for `peer`, if it lists one.
-pub async fn peer_status(admin: &Client, peer: &str) -> Option<wire::PeerStatus> {
-    let s = admin
+/// `Admin.Status` of `admin`'s node.
+pub async fn status(admin: &Client) -> wire::StatusResponse {
+    admin
         .admin()
         .status(wire::StatusRequest {})
         .await
         .unwrap()
-        .into_inner();
-    s.peers.into_iter().find(|p| p.agency == peer)
+        .into_inner()
+}
+
+/// What `Status` says of the queue for `peer`, if it lists one.
+pub async fn peer_status(admin: &Client, peer: &str) -> Option<wire::PeerStatus> {
+    status(admin).await.peers.into_iter().find(|p| p.agency == peer)
 }
 
 /// Sends raw bytes as a gRPC message: what a broken client in any language can do.

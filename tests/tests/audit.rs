@@ -133,18 +133,7 @@ async fn exports_verify_and_any_tampering_is_named() {
     // checkpoint, cosigned by registry's peer, the hub.
     let registry_auditor = fed.client("registry", ClientRole::Auditor).await;
     let mut audit = registry_auditor.audit();
-    let checkpoint = eventually(20, "a checkpoint of registry cosigned by the hub", || {
-        let mut audit = audit.clone();
-        async move {
-            let c = audit
-                .latest_checkpoint(wire::LatestCheckpointRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            c.cosignatures.iter().any(|c| c.witness == "hub").then_some(c)
-        }
-    })
-    .await;
+    let checkpoint = witnessed(&registry_auditor, "hub", 0).await;
     let hub_cosig = checkpoint
         .cosignatures
         .iter()
@@ -545,6 +534,27 @@ fn verify_cli(fed: &Federation, file: &std::path::Path, extends: &[&str]) -> std
     cmd.output().unwrap()
 }
 
+/// Waits until the newest checkpoint of `auditor`'s node, of a size past
+/// `past`, carries a cosignature by `witness`, and returns it.
+async fn witnessed(auditor: &antar_client::Client, witness: &str, past: u64) -> wire::Checkpoint {
+    eventually(
+        20,
+        &format!("the log witnessed by {witness} past size {past}"),
+        || {
+            let mut audit = auditor.audit();
+            async move {
+                let c = audit
+                    .latest_checkpoint(wire::LatestCheckpointRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                (c.tree_size > past && c.cosignatures.iter().any(|c| c.witness == witness)).then_some(c)
+            }
+        },
+    )
+    .await
+}
+
 async fn latest_checkpoint(fed: &Federation, agency: &str) -> wire::Checkpoint {
     fed.client(agency, ClientRole::Auditor)
         .await
@@ -754,26 +764,9 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
         )
     );
 
-    eventually(20, "finance's log witnessed by health", || {
-        let mut audit = auditor.audit();
-        async move {
-            let c = audit
-                .latest_checkpoint(wire::LatestCheckpointRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            c.cosignatures.iter().any(|c| c.witness == "health").then_some(())
-        }
-    })
-    .await;
+    witnessed(&auditor, "health", 0).await;
     let health_admin = fed.admin("health").await;
-    let status = health_admin
-        .admin()
-        .status(wire::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(status.split_views.is_empty());
+    assert!(status(&health_admin).await.split_views.is_empty());
     // The newest view before the rewrite, as an auditor keeps it.
     let last = dir.path().join("last.bundle");
     std::fs::write(&last, export(&auditor).await).unwrap();
@@ -790,12 +783,8 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
     }
 
     // Health's witness catches it at the next checkpoint: Admin status, metrics.
-    eventually(20, "health flags a split view of finance's log", || {
-        let mut admin = health_admin.admin();
-        async move {
-            let s = admin.status(wire::StatusRequest {}).await.unwrap().into_inner();
-            (s.split_views == ["finance"]).then_some(())
-        }
+    eventually(20, "health flags a split view of finance's log", || async {
+        (status(&health_admin).await.split_views == ["finance"]).then_some(())
     })
     .await;
     let mut conn = tokio::net::TcpStream::connect(fed.addrs["health"].metrics)
@@ -845,6 +834,7 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
     }
     // The two entries dropped came after the first export: it is still
     // a prefix of the new history.
+    assert!(last_view.latest.0 >= earlier.latest.0 + 2);
     let prefix = verify_cli(&fed, &after, &[before.to_str().unwrap()]);
     assert!(
         prefix.status.success(),
@@ -863,6 +853,59 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
             "FAILED: the earlier bundle {} is health's log, this is finance's",
             health_log.display()
         )
+    );
+
+    // The operators settle it (say finance was restored from a backup):
+    // health's administrator clears the flag, and health witnesses
+    // finance's log again from its next checkpoint.
+    let admin_cli = |log: &str| {
+        Command::new(antar_bin())
+            .args([
+                "admin",
+                "clear-split-view",
+                log,
+                "--agency",
+                "health",
+                "--json",
+                "--federation",
+            ])
+            .arg(fed.layout.federation_json())
+            .output()
+            .unwrap()
+    };
+    let cleared = admin_cli("finance");
+    assert!(
+        cleared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleared.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&cleared.stdout).unwrap();
+    let (size, root) = (
+        said["forgotten_size"].as_u64().unwrap(),
+        said["forgotten_root"].as_str().unwrap(),
+    );
+    assert!(size > 0 && root.len() == 64, "{said}");
+    assert!(
+        said["found"].as_str().unwrap().contains(&format!(
+            " is not consistent with size {size} root {root} witnessed before ("
+        )),
+        "{said}"
+    );
+    let split_views = status(&health_admin).await.split_views;
+    assert!(split_views.is_empty(), "{split_views:?}");
+    assert!(!scrape(&fed, "health")
+        .await
+        .contains_key("antar_split_view{log=\"finance\"}"));
+    let finance = fed.app("finance").await;
+    send(&finance, notice("health", "tax.notice", &[20])).await;
+    assert_eq!(receive(&health, 1, 10, true).await.len(), 1);
+    witnessed(&auditor, "health", after_view.latest.0).await;
+    // Nothing is flagged any more: nothing to clear.
+    let again = admin_cli("finance");
+    assert!(!again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "error: the node answered NotFound: no split view of finance's log is flagged on this node"
     );
     for n in [finance_node, health_node] {
         n.stop().await.unwrap();

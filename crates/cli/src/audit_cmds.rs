@@ -555,76 +555,85 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let anchor =
         antar_core::TrustAnchor::new(&federation, root).context("the root certificate is not a CA")?;
     let verifier = antar_core::Verifier::new(anchor, antar_core::Revocations::none());
+    // Earlier bundles are read before anything is verified: one that
+    // cannot be read is a mistake in the arguments (exit 2), not a check
+    // that failed.
     let mut earlier = Vec::new();
-    for e in a.extends.iter().map(|e| Earlier::parse(e)) {
-        match e {
-            Earlier::Root(size, root) => earlier.push((size, root)),
-            Earlier::Bundle(path) => {
-                let old = std::fs::read(&path).with_context(|| {
-                    format!(
-                        "cannot read {} (--extends takes an earlier bundle or SIZE:ROOT, e.g. 1042:0f2a…, 64 hex digits)",
-                        path.display()
-                    )
-                })?;
-                let checked = antar_core::audit::verify_bundle(&old, &verifier)
-                    .map_err(|e| format!("the earlier bundle {}: {e}", path.display()))
-                    .and_then(|v| {
-                        let agency = wire::AuditBundle::decode(bytes.as_slice())
-                            .map(|b| b.agency)
-                            .unwrap_or_default();
-                        if agency.is_empty() || v.agency == agency {
-                            Ok(v.latest)
-                        } else {
-                            Err(format!(
-                                "the earlier bundle {} is {}'s log, this is {agency}'s",
-                                path.display(),
-                                v.agency
-                            ))
-                        }
-                    });
-                match checked {
-                    Ok(latest) => earlier.push(latest),
-                    Err(e) => return Ok(failed(a.json, &e)),
-                }
-            }
-        }
+    for given in &a.extends {
+        let view = match Earlier::parse(given) {
+            Earlier::Root(size, root) => Ok((size, root)),
+            Earlier::Bundle(path) => std::fs::read(&path).map(Err).with_context(|| {
+                format!(
+                    "cannot read {} (--extends takes an earlier bundle or SIZE:ROOT, e.g. 1042:0f2a…, 64 hex digits)",
+                    path.display()
+                )
+            })?,
+        };
+        earlier.push((given, view));
     }
-    match antar_core::audit::verify_bundle_extending(&bytes, &verifier, &earlier) {
-        Ok(v) => {
-            let extends: Vec<String> = earlier
-                .iter()
-                .map(|(size, root)| format!("{size}:{}", hex::encode(root)))
-                .collect();
-            if a.json {
-                println!(
-                    "{}",
-                    json!({ "ok": true, "agency": v.agency, "entries": v.entries, "envelopes": v.envelopes,
-                            "receipts": v.receipts, "checkpoints": v.checkpoints, "cosignatures": v.cosignatures,
-                            "tree_size": v.latest.0,
-                            "root": hex::encode(v.latest.1), "extends": extends,
-                            "federation_root": root_path, "federation_root_sha256": root_sha256 })
-                );
-            } else {
-                println!(
-                    "OK: {}'s log, {} entries ({} envelopes, {} receipts), {} checkpoints consistent, {} peer cosignatures; newest size {} root {}; against the federation root {} (SHA-256 {root_sha256})",
-                    v.agency,
-                    v.entries,
-                    v.envelopes,
-                    v.receipts,
-                    v.checkpoints,
-                    v.cosignatures,
-                    v.latest.0,
-                    hex::encode(v.latest.1),
-                    root_path.display()
-                );
-                for e in &extends {
-                    println!("OK: extends the earlier log {e} (its entries unchanged, in their places)");
+    let log = match antar_core::audit::verify_log(&bytes, &verifier) {
+        Ok(log) => log,
+        Err(e) => return Ok(failed(a.json, &e.to_string())),
+    };
+    let mut extends = Vec::new();
+    for (given, view) in earlier {
+        let (size, root) = match view {
+            Ok(root) => root,
+            Err(old) => match antar_core::audit::verify_bundle(&old, &verifier) {
+                Ok(v) if v.agency == log.verified.agency => v.latest,
+                Ok(v) => {
+                    let this = &log.verified.agency;
+                    let e = format!(
+                        "the earlier bundle {given} is {}'s log, this is {this}'s",
+                        v.agency
+                    );
+                    return Ok(failed(a.json, &e));
                 }
-            }
-            Ok(ExitCode::SUCCESS)
+                Err(e) => return Ok(failed(a.json, &format!("the earlier bundle {given}: {e}"))),
+            },
+        };
+        if let Err(e) = log.extends((size, root)) {
+            return Ok(failed(a.json, &e.to_string()));
         }
-        Err(e) => Ok(failed(a.json, &e.to_string())),
+        extends.push((given, size, hex::encode(root)));
     }
+    let v = log.verified;
+    if a.json {
+        let extends: Vec<_> = extends
+            .iter()
+            .map(|(given, size, root)| json!({ "given": given, "size": size, "root": root }))
+            .collect();
+        println!(
+            "{}",
+            json!({ "ok": true, "agency": v.agency, "entries": v.entries, "envelopes": v.envelopes,
+                    "receipts": v.receipts, "checkpoints": v.checkpoints, "cosignatures": v.cosignatures,
+                    "tree_size": v.latest.0, "root": hex::encode(v.latest.1), "extends": extends,
+                    "federation_root": root_path, "federation_root_sha256": root_sha256 })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "OK: {}'s log, {} entries ({} envelopes, {} receipts), {} checkpoints consistent, {} peer cosignatures; newest size {} root {}; against the federation root {} (SHA-256 {root_sha256})",
+        v.agency,
+        v.entries,
+        v.envelopes,
+        v.receipts,
+        v.checkpoints,
+        v.cosignatures,
+        v.latest.0,
+        hex::encode(v.latest.1),
+        root_path.display()
+    );
+    for (given, size, root) in &extends {
+        let view = format!("{size}:{root}");
+        let from = if **given == view {
+            String::new()
+        } else {
+            format!(" of {given}")
+        };
+        println!("OK: extends the earlier log {view}{from} (its entries unchanged, in their places)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints a failed check; exit code 1.

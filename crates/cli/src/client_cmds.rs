@@ -372,6 +372,30 @@ pub enum AdminCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Clear a split view this node flagged, once it is settled: the log's next checkpoint is taken as it is.
+    ///
+    /// This node, as a peer's witness, flagged that peer's log (`antar
+    /// admin status`: SPLIT VIEW of …) for presenting a checkpoint that
+    /// does not extend one it cosigned before, and since refuses to cosign
+    /// any that does not. Once the operators concerned have settled why
+    /// (a node restored from a backup forks from what it showed; a rewrite
+    /// is a matter for the federation), this forgets the flag and the
+    /// checkpoint witnessed last: the peer's next checkpoint is taken as it
+    /// is, as its first one was, and witnessed from there. Prints what was
+    /// found and the size and root forgotten; the node logs it (WARN, with
+    /// the admin's name). Exported checkpoints keep their cosignatures.
+    #[command(
+        name = "clear-split-view",
+        after_help = "Example (health flagged finance's log):\n  antar admin clear-split-view finance --federation f.json --agency health"
+    )]
+    ClearSplitView {
+        /// The agency whose log was caught, as `antar admin status` lists it
+        /// (`--agency` names the node's own agency, as for every command).
+        #[arg(value_name = "LOG")]
+        log: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Envelopes that expired or were refused: list, retry or purge them.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLetterCommand),
@@ -552,6 +576,29 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
                     items(r.released),
                     r.moved,
                     r.unroutable
+                );
+            }
+        }
+        AdminCommand::ClearSplitView { log, conn } => {
+            let r = conn
+                .connect(ClientRole::Admin)
+                .await?
+                .admin()
+                .clear_split_view(wire::ClearSplitViewRequest { agency: log.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let root = hex::encode(&r.forgotten_root);
+            if conn.json {
+                println!(
+                    "{}",
+                    json!({ "agency": log, "found": r.found, "forgotten_size": r.forgotten_size, "forgotten_root": root })
+                );
+            } else {
+                println!(
+                    "{log}: split view cleared; it was: {}. Forgotten: the checkpoint of size {} root {root} witnessed \
+                     last; {log}'s next checkpoint is taken as it is",
+                    r.found, r.forgotten_size
                 );
             }
         }

@@ -90,14 +90,11 @@ fn bundle_err(s: impl Into<String>) -> AuditError {
 /// # Errors
 /// The first [`AuditError`] found.
 pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, AuditError> {
-    verify_bundle_extending(bytes, verifier, &[])
+    verify_log(bytes, verifier).map(|log| log.verified)
 }
 
 /// Verifies an exported bundle as [`verify_bundle`] does, and that its log
-/// extends each `earlier` view of the same log: the newest size and root
-/// of an earlier export's verification ([`Verified::latest`]). The root of
-/// the bundle's first `size` entries must be that root, so every entry the
-/// earlier view held is still there, unchanged and in its place.
+/// extends each `earlier` view of the same log ([`Log::extends`]).
 ///
 /// # Errors
 /// The first [`AuditError`] found; [`AuditError::Earlier`] for an earlier
@@ -107,32 +104,61 @@ pub fn verify_bundle_extending(
     verifier: &Verifier,
     earlier: &[(u64, Hash)],
 ) -> Result<Verified, AuditError> {
-    let (verified, leaves) = verify_leaves(bytes, verifier)?;
-    for &(size, root) in earlier {
+    let log = verify_log(bytes, verifier)?;
+    for &view in earlier {
+        log.extends(view)?;
+    }
+    Ok(log.verified)
+}
+
+/// A verified bundle's log: what [`verify_bundle`] answers, and the leaf
+/// hashes of its entries, to check earlier views of it against.
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// What the bundle holds.
+    pub verified: Verified,
+    leaves: Vec<Hash>,
+}
+
+impl Log {
+    /// Checks that this log extends an earlier view of it: the newest size
+    /// and root of an earlier export's verification ([`Verified::latest`]).
+    /// The root of this log's first `size` entries must be that root, so
+    /// every entry the earlier view held is still there, unchanged and in
+    /// its place.
+    ///
+    /// # Errors
+    /// [`AuditError::Earlier`], saying whether entries are missing or the
+    /// history differs.
+    pub fn extends(&self, (size, root): (u64, Hash)) -> Result<(), AuditError> {
         let err = |detail: String| AuditError::Earlier {
             size,
             root: hex::encode(root),
             detail,
         };
-        if size > leaves.len() as u64 {
+        if size > self.leaves.len() as u64 {
             return Err(err(format!(
                 "this log holds {} entries, fewer than the earlier {size}: entries were dropped since",
-                leaves.len()
+                self.leaves.len()
             )));
         }
-        let now = merkle::root(&leaves[..size as usize]);
+        let now = merkle::root(&self.leaves[..size as usize]);
         if now != root {
             return Err(err(format!(
-                "the root of this log's first {size} entries is {}: entries were dropped, altered or reordered since",
+                "the root of this log's first {size} entries is {}: entries were dropped, altered or reordered since (or that root is not of this node's log)",
                 hex::encode(now)
             )));
         }
+        Ok(())
     }
-    Ok(verified)
 }
 
-/// [`verify_bundle`], and the leaf hashes of the bundle's entries.
-fn verify_leaves(bytes: &[u8], verifier: &Verifier) -> Result<(Verified, Vec<Hash>), AuditError> {
+/// Verifies an exported bundle as [`verify_bundle`] does, keeping what
+/// [`Log::extends`] needs.
+///
+/// # Errors
+/// The first [`AuditError`] found.
+pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> {
     let bundle = AuditBundle::decode(bytes)
         .map_err(|e| bundle_err(format!("does not decode as an AuditBundle: {e}")))?;
     if bundle.encode_to_vec() != bytes {
@@ -333,5 +359,5 @@ fn verify_leaves(bytes: &[u8], verifier: &Verifier) -> Result<(Verified, Vec<Has
         latest: (size, root),
         cosignatures,
     };
-    Ok((verified, leaves))
+    Ok(Log { verified, leaves })
 }

@@ -10,11 +10,11 @@ use tonic::{Request, Response, Status};
 use antar_core::time::{to_timestamp, unix_millis};
 use antar_core::wire::admin_server::Admin;
 use antar_core::wire::{
-    transfer_item, DeadLetter as WireDeadLetter, DrainRequest, DrainResponse, Envelope,
-    ListDeadLettersRequest, ListDeadLettersResponse, ListPeersRequest, ListPeersResponse, Outcome,
-    PeerStatus, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth, ReceiptStatus,
-    ReleaseQueueRequest, ReleaseQueueResponse, ReloadRequest, ReloadResponse, RetryDeadLettersRequest,
-    RetryDeadLettersResponse, StatusRequest, StatusResponse, TransferItem,
+    transfer_item, ClearSplitViewRequest, ClearSplitViewResponse, DeadLetter as WireDeadLetter, DrainRequest,
+    DrainResponse, Envelope, ListDeadLettersRequest, ListDeadLettersResponse, ListPeersRequest,
+    ListPeersResponse, Outcome, PeerStatus, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueDepth,
+    ReceiptStatus, ReleaseQueueRequest, ReleaseQueueResponse, ReloadRequest, ReloadResponse,
+    RetryDeadLettersRequest, RetryDeadLettersResponse, StatusRequest, StatusResponse, TransferItem,
 };
 use antar_core::{AgencyId, MessageId};
 use antar_store::{DeadLetter, Tx, TxError};
@@ -338,6 +338,23 @@ impl Admin for AdminService {
             released: done.released,
             moved: done.rerouted.moved,
             unroutable: done.rerouted.unroutable,
+        }))
+    }
+
+    async fn clear_split_view(
+        &self,
+        req: Request<ClearSplitViewRequest>,
+    ) -> Result<Response<ClearSplitViewResponse>, Status> {
+        let by = auth::admin(&self.shared, &req)?;
+        let agency = AgencyId::parse(&req.get_ref().agency).map_err(|e| NodeError::invalid("agency", e))?;
+        let cleared = crate::witness::clear_split_view(&self.shared, agency.as_str(), &by).await?;
+        let (forgotten_size, forgotten_root) = cleared
+            .forgotten
+            .map_or((0, Vec::new()), |(s, r)| (s, r.to_vec()));
+        Ok(Response::new(ClearSplitViewResponse {
+            found: cleared.found,
+            forgotten_size,
+            forgotten_root,
         }))
     }
 

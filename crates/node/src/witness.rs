@@ -66,6 +66,52 @@ fn seen_checkpoint(agency: &str, stored: &[u8]) -> Result<(u64, Hash), NodeError
     Ok((note.size, note.root))
 }
 
+/// The size and root of `agency`'s checkpoint witnessed last, if any.
+fn last_seen(shared: &Shared, agency: &str) -> Result<Option<(u64, Hash)>, NodeError> {
+    match shared.store.audit_meta(&key(SEEN, agency))? {
+        Some(b) => Ok(Some(seen_checkpoint(agency, &b)?)),
+        None => Ok(None),
+    }
+}
+
+/// What `Admin.ClearSplitView` forgot.
+pub(crate) struct Cleared {
+    /// What the witness had found.
+    pub(crate) found: String,
+    /// The checkpoint witnessed last.
+    pub(crate) forgotten: Option<(u64, Hash)>,
+}
+
+/// Forgets the split view of `agency`'s log flagged here and the
+/// checkpoint of it witnessed last (both at once, synced), at the word of
+/// the administrator `by`: its next checkpoint is taken as it is.
+pub(crate) async fn clear_split_view(
+    shared: &Shared,
+    agency: &str,
+    by: &impl std::fmt::Display,
+) -> Result<Cleared, NodeError> {
+    let _alone = shared.witnessed.lock().await;
+    let found = shared.store.audit_meta(&key(SPLIT, agency))?.ok_or_else(|| {
+        NodeError::NotFound(format!("no split view of {agency}'s log is flagged on this node"))
+    })?;
+    let found = String::from_utf8_lossy(&found).into_owned();
+    let forgotten = last_seen(shared, agency)?;
+    shared
+        .store
+        .remove_audit_meta(&[&key(SPLIT, agency), &key(SEEN, agency)])
+        .await?;
+    let (size, root) = forgotten.map_or((0, String::new()), |(s, r)| (s, hex::encode(r)));
+    tracing::warn!(
+        log = agency,
+        by = %by,
+        %found,
+        forgotten_size = size,
+        forgotten_root = %root,
+        "split view cleared by an administrator: the next checkpoint of this log is taken as it is"
+    );
+    Ok(Cleared { found, forgotten })
+}
+
 /// Serves `Peer.Witness` for the node `from`.
 pub(crate) async fn serve(
     shared: &Shared,
@@ -109,10 +155,8 @@ pub(crate) async fn serve(
             ),
         ));
     }
-    let seen = match shared.store.audit_meta(&key(SEEN, agency))? {
-        Some(b) => Some(seen_checkpoint(agency, &b)?),
-        None => None,
-    };
+    let _alone = shared.witnessed.lock().await;
+    let seen = last_seen(shared, agency)?;
     let known = seen.as_ref().map_or(0, |(size, _)| *size);
     if r.old_size != known {
         return Ok(WitnessResponse {

@@ -1018,6 +1018,22 @@ impl Store {
         self.durable().await
     }
 
+    /// Removes values of the log's metadata, all or none, and flushes.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure.
+    pub async fn remove_audit_meta(&self, names: &[&[u8]]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for name in names {
+            batch.remove(*name);
+        }
+        self.inner.commit.writes().begin();
+        let applied = self.inner.trees[keys::AUDIT_META].apply_batch(batch);
+        self.inner.commit.writes().end();
+        applied?;
+        self.durable().await
+    }
+
     /// The newest stored checkpoint (encoded `Checkpoint`), if any.
     ///
     /// # Errors
