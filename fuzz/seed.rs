@@ -223,17 +223,29 @@ fn main() {
             })
             .collect(),
         root_ca: root.cert_der(),
+        ..AuditBundle::default()
     };
+    let verifier = antar_core::Verifier::new(
+        antar_core::TrustAnchor::new(FED, root.cert_der()).expect("anchor"),
+        antar_core::Revocations::none(),
+    );
     let bytes = bundle.encode_to_vec();
-    antar_core::audit::verify_bundle(
-        &bytes,
-        &antar_core::Verifier::new(
-            antar_core::TrustAnchor::new(FED, root.cert_der()).expect("anchor"),
-            antar_core::Revocations::none(),
-        ),
-    )
-    .expect("the seed bundle verifies");
+    antar_core::audit::verify_bundle(&bytes, &verifier).expect("the seed bundle verifies");
     write(&dir.join("bundle"), "seed-0", &bytes);
+    // The same log exported from its second checkpoint's size on: the
+    // entries after, the checkpoints from there, the frontier before.
+    let from = sizes[1];
+    let partial = AuditBundle {
+        entries: entries[from..].to_vec(),
+        checkpoints: bundle.checkpoints[1..].to_vec(),
+        consistency: bundle.consistency[1..].to_vec(),
+        first_index: from as u64,
+        prefix: merkle::frontier(&leaves[..from]).iter().map(|h| h.to_vec()).collect(),
+        ..bundle.clone()
+    };
+    let bytes = partial.encode_to_vec();
+    antar_core::audit::verify_bundle(&bytes, &verifier).expect("the partial seed bundle verifies");
+    write(&dir.join("bundle"), "seed-from-5", &bytes);
 
     // Checkpoint notes, each followed by a cosignature line; proof inputs
     // in the target's layout (two little-endian sizes, then hashes).

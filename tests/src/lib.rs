@@ -588,7 +588,7 @@ pub async fn export(client: &Client) -> Vec<u8> {
     use tokio_stream::StreamExt as _;
     let mut stream = client
         .audit()
-        .export(wire::ExportRequest {})
+        .export(wire::ExportRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -885,6 +885,15 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
         said["forgotten_root"].as_str().unwrap(),
     );
     assert!(size > 0 && root.len() == 64, "{said}");
+    // The peer's own signed note for the history it showed before, handed
+    // over to keep.
+    assert!(
+        said["forgotten_note"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}\n{size}\n", origin(DEV_FEDERATION, "finance"))),
+        "{said}"
+    );
     assert!(
         said["found"].as_str().unwrap().contains(&format!(
             " is not consistent with size {size} root {root} witnessed before ("
@@ -996,6 +1005,138 @@ async fn after_a_payload_purge_every_proof_still_verifies() {
     assert!(record.payload.is_none());
     assert!(record.envelope.is_some());
     assert_eq!(record.receipts.len(), 3);
+}
+
+/// An auditor who verified an export takes only what came after it
+/// (`antar audit export --from-size N`): the smaller bundle verifies with
+/// `--extends` the earlier export or its N:ROOT, and not alone; a view it
+/// does not reach is refused; an altered prefix fails; a size past the
+/// log is INVALID_ARGUMENT naming `from_size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
+    let fed = Federation::standard();
+    let health_node = fed.start("health").await;
+    let finance_node = fed.start("finance").await;
+    let finance = fed.app("finance").await;
+    let health = fed.app("health").await;
+    let dir = tempfile::tempdir().unwrap();
+    let export_cli = |out: &std::path::Path, from: u64| {
+        Command::new(antar_bin())
+            .args([
+                "audit",
+                "export",
+                "--agency",
+                "finance",
+                "--from-size",
+                &from.to_string(),
+                "--out",
+            ])
+            .arg(out)
+            .arg("--federation")
+            .arg(fed.layout.federation_json())
+            .output()
+            .unwrap()
+    };
+    for i in 0..5u8 {
+        send(&finance, notice("health", "tax.notice", &[i])).await;
+    }
+    assert_eq!(receive(&health, 5, 10, true).await.len(), 5);
+    let may = dir.path().join("may.bundle");
+    assert!(export_cli(&may, 0).status.success());
+    let may_view = verify_bundle(&std::fs::read(&may).unwrap(), &fed.verifier()).unwrap();
+    let (n, r) = (may_view.latest.0, hex(&may_view.latest.1));
+    for i in 5..10u8 {
+        send(&finance, notice("health", "tax.notice", &[i])).await;
+    }
+    assert_eq!(receive(&health, 5, 10, true).await.len(), 5);
+    let june = dir.path().join("june.bundle");
+    let wrote = export_cli(&june, n);
+    assert!(
+        wrote.status.success(),
+        "{}",
+        String::from_utf8_lossy(&wrote.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&wrote.stdout).contains(&format!(
+            "--root ROOT_CA --extends EARLIER (the export of {n} entries it continues, or {n}:ROOT)"
+        )),
+        "{}",
+        String::from_utf8_lossy(&wrote.stdout)
+    );
+    let whole = dir.path().join("whole.bundle");
+    assert!(export_cli(&whole, 0).status.success());
+    let (june_bytes, whole_bytes) = (std::fs::read(&june).unwrap(), std::fs::read(&whole).unwrap());
+    let bundle = wire::AuditBundle::decode(june_bytes.as_slice()).unwrap();
+    assert_eq!(bundle.first_index, n);
+    assert_eq!(bundle.prefix.len(), n.count_ones() as usize);
+    let whole_bundle = wire::AuditBundle::decode(whole_bytes.as_slice()).unwrap();
+    assert_eq!(
+        bundle.entries[..],
+        whole_bundle.entries[n as usize..bundle.entries.len() + n as usize]
+    );
+    assert!(bundle.checkpoints.iter().all(|c| c.tree_size >= n));
+    assert!(june_bytes.len() < whole_bytes.len());
+
+    for view in [may.to_str().unwrap(), &format!("{n}:{r}")] {
+        let ok = verify_cli(&fed, &june, &[view]);
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        let said = String::from_utf8_lossy(&ok.stdout);
+        assert!(
+            said.starts_with(&format!(
+                "OK: finance's log from entry {n}, {} entries (",
+                bundle.entries.len()
+            )),
+            "{said}"
+        );
+        assert!(
+            said.contains(&format!("OK: extends the earlier log {n}:{r}")),
+            "{said}"
+        );
+    }
+    // Alone it proves nothing about what it continues: not verified.
+    let alone = verify_cli(&fed, &june, &[]);
+    assert_eq!(alone.status.code(), Some(2), "{alone:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&alone.stderr).trim(),
+        format!(
+            "error: {} holds the log from entry {n} on: verify it with --extends the earlier export it continues (or its {n}:ROOT, or a later view)",
+            june.display()
+        )
+    );
+    // A view that ends before the bundle starts cannot be checked with it.
+    let short = verify_cli(&fed, &june, &[&format!("{}:{r}", n - 1)]);
+    assert_eq!(short.status.code(), Some(1), "{short:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&short.stderr).trim(),
+        format!(
+            "FAILED: does not extend the earlier log of size {} (root {r}): this bundle starts at entry {n}, after the earlier view's end: export the log from entry {} or before to check it",
+            n - 1,
+            n - 1
+        )
+    );
+    // The prefix stands for the entries before: altered, the checkpoint
+    // at n no longer matches.
+    let mut altered = bundle.clone();
+    altered.prefix[0][0] ^= 1;
+    let bad = dir.path().join("altered.bundle");
+    std::fs::write(&bad, altered.encode_to_vec()).unwrap();
+    let failed = verify_cli(&fed, &bad, &[may.to_str().unwrap()]);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&failed.stderr).trim(),
+        format!("FAILED: checkpoint 0 (size {n}): root does not match entries 0..{n}: the log was rewritten or the checkpoint comes from another history")
+    );
+    // Past the log's end.
+    let past = export_cli(&dir.path().join("past.bundle"), 1_000_000);
+    assert!(!past.status.success());
+    let stderr = String::from_utf8_lossy(&past.stderr);
+    assert!(
+        stderr.contains("InvalidArgument: from_size: 1000000 is past the log's "),
+        "{stderr}"
+    );
+    for node in [finance_node, health_node] {
+        node.stop().await.unwrap();
+    }
 }
 
 /// An export is read and sent a page of entries at a time (1,024), in

@@ -20,29 +20,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use antar_client::ClientRole;
+use antar_core::merkle;
 use antar_node::dev::AgencySpec;
 use antar_tests::*;
 use rand::{Rng as _, SeedableRng as _};
 use tokio_stream::StreamExt as _;
 
 /// `agency`'s log as an auditor exports it mid-run: the size and root of
-/// the bundle's newest checkpoint; `None` when the node did not answer it
-/// whole (killed before or during the export, or still starting) or
-/// `stop` came first. Not verified here: the final export is verified in
-/// full and must extend this view, so every entry this one held is
-/// checked there, unchanged and in its place.
+/// the bundle's newest checkpoint, which must be the root of all its
+/// entries; `None` when the node did not answer it whole (killed before or
+/// during the export, or still starting) or `stop` came first. Signatures
+/// are not checked here: the final export is verified in full and must
+/// extend this view, so every entry this one held is checked there,
+/// unchanged and in its place.
 async fn view(
     fed: &Federation,
     agency: &str,
     stop: &tokio_util::sync::CancellationToken,
-) -> Option<(u64, antar_core::merkle::Hash)> {
+) -> Option<(u64, merkle::Hash)> {
     let export = async {
         let auditor = antar_client::Client::from_federation(&fed.file, agency, ClientRole::Auditor)
             .await
             .ok()?;
         let mut stream = auditor
             .audit()
-            .export(wire::ExportRequest {})
+            .export(wire::ExportRequest::default())
             .await
             .ok()?
             .into_inner();
@@ -56,11 +58,19 @@ async fn view(
         b = tokio::time::timeout(Duration::from_secs(5), export) => b.ok()??,
         () = stop.cancelled() => return None,
     };
-    let newest = prost::Message::decode(bundle.as_slice())
-        .map(|b: wire::AuditBundle| b.checkpoints.last().cloned())
-        .unwrap_or_else(|e| panic!("{agency}'s export during the run does not decode: {e}"))
+    let bundle: wire::AuditBundle = prost::Message::decode(bundle.as_slice())
+        .unwrap_or_else(|e| panic!("{agency}'s export during the run does not decode: {e}"));
+    let newest = bundle
+        .checkpoints
+        .last()
         .unwrap_or_else(|| panic!("{agency}'s export during the run holds no checkpoint"));
-    let root = newest.root_hash.as_slice().try_into().expect("a 32-byte root");
+    let leaves: Vec<_> = bundle.entries.iter().map(|e| merkle::leaf_hash(e)).collect();
+    let root = merkle::root(&leaves);
+    assert_eq!(
+        (newest.tree_size, newest.root_hash.as_slice()),
+        (leaves.len() as u64, root.as_slice()),
+        "{agency}'s export during the run: its newest checkpoint is not of all its entries"
+    );
     Some((newest.tree_size, root))
 }
 
@@ -464,10 +474,11 @@ async fn random_kills_lose_nothing_and_deliver_nothing_twice() {
     eprintln!(
         "chaos: exports taken during the run, by node {agencies:?}: {exported:?}; {before_kills} of them before a kill of their node"
     );
+    // True by the first round of exports above; this keeps it so.
     assert_eq!(
         before_kills > 0,
         kills > 0,
-        "every node was exported before the first fault, so each kill comes after an export"
+        "every node is exported before the first fault, so each kill comes after an export"
     );
     // The journals went through segments. A node numbers its first segment
     // 0 and each next one, at a rollover or a start after a kill, one past

@@ -37,9 +37,9 @@ pub enum AuditCommand {
         after_help = "Example:\n  antar audit proof 01a221aa-ea26-74f5-bc27-02bd702a59be --federation .antar-dev/federation.json --agency registry"
     )]
     Proof(ProofArgs),
-    /// Write the node's whole log as a self-contained bundle (entries, checkpoints, proofs, certificates).
+    /// Write the node's log as a self-contained bundle (entries, checkpoints, proofs, certificates): all of it, or from an earlier export's size on.
     #[command(
-        after_help = "Example:\n  antar audit export --federation .antar-dev/federation.json --agency registry --out registry.bundle"
+        after_help = "Examples:\n  antar audit export --federation .antar-dev/federation.json --agency registry --out registry.bundle\n  antar audit export ... --out june.bundle --from-size 1042   # only what came after May's 1042 entries\n  antar audit verify june.bundle --federation F --extends may.bundle"
     )]
     Export(ExportArgs),
     /// Verify a bundle offline: every signature, certificate chain, checkpoint and consistency proof.
@@ -99,6 +99,12 @@ pub struct ExportArgs {
     /// /dev/stdout) is written through.
     #[arg(long)]
     out: PathBuf,
+    /// Only the entries from this index on: the size of an earlier export
+    /// you verified (its `newest size N`). The bundle is then checked with
+    /// `antar audit verify --extends` that earlier export or N:ROOT, and
+    /// proves the log still holds it, without carrying it again.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    from_size: u64,
 }
 
 /// `antar audit verify`.
@@ -458,7 +464,9 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let client = a.conn.connect(ClientRole::Auditor).await?;
     let mut stream = client
         .audit()
-        .export(wire::ExportRequest {})
+        .export(wire::ExportRequest {
+            from_size: a.from_size,
+        })
         .await
         .map_err(status_err)?
         .into_inner();
@@ -513,10 +521,14 @@ async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     }
     // Said on stderr when the bundle itself may be on stdout.
     let said = if a.conn.json {
-        json!({ "out": a.out, "bytes": bytes }).to_string()
+        json!({ "out": a.out, "bytes": bytes, "from_size": a.from_size }).to_string()
     } else {
+        let earlier = match a.from_size {
+            0 => String::new(),
+            n => format!(" --extends EARLIER (the export of {n} entries it continues, or {n}:ROOT)"),
+        };
         format!(
-            "wrote {} ({bytes} bytes); check it anywhere with: antar audit verify {} --root ROOT_CA",
+            "wrote {} ({bytes} bytes); check it anywhere with: antar audit verify {} --root ROOT_CA{earlier}",
             a.out.display(),
             a.out.display()
         )
@@ -577,10 +589,15 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let mut extends = Vec::new();
     for (given, view) in earlier {
+        // How the OK line names it: a bundle by its path.
+        let mut from = String::new();
         let (size, root) = match view {
             Ok(root) => root,
             Err(old) => match antar_core::audit::verify_bundle(&old, &verifier) {
-                Ok(v) if v.agency == log.verified.agency => v.latest,
+                Ok(v) if v.agency == log.verified.agency => {
+                    from = format!(" of {given}");
+                    v.latest
+                }
                 Ok(v) => {
                     let this = &log.verified.agency;
                     let e = format!(
@@ -595,25 +612,39 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         if let Err(e) = log.extends((size, root)) {
             return Ok(failed(a.json, &e.to_string()));
         }
-        extends.push((given, size, hex::encode(root)));
+        extends.push((given, size, hex::encode(root), from));
     }
     let v = log.verified;
+    if v.first > 0 && !extends.iter().any(|(_, size, ..)| *size >= v.first) {
+        // Its entries verified, but not what they continue.
+        anyhow::bail!(
+            "{} holds the log from entry {} on: verify it with --extends the earlier export it continues \
+             (or its {}:ROOT, or a later view)",
+            a.file.display(),
+            v.first,
+            v.first
+        );
+    }
     if a.json {
         let extends: Vec<_> = extends
             .iter()
-            .map(|(given, size, root)| json!({ "given": given, "size": size, "root": root }))
+            .map(|(given, size, root, _)| json!({ "given": given, "size": size, "root": root }))
             .collect();
         println!(
             "{}",
             json!({ "ok": true, "agency": v.agency, "entries": v.entries, "envelopes": v.envelopes,
                     "receipts": v.receipts, "checkpoints": v.checkpoints, "cosignatures": v.cosignatures,
-                    "tree_size": v.latest.0, "root": hex::encode(v.latest.1), "extends": extends,
+                    "first_index": v.first, "tree_size": v.latest.0, "root": hex::encode(v.latest.1), "extends": extends,
                     "federation_root": root_path, "federation_root_sha256": root_sha256 })
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let from = match v.first {
+        0 => String::new(),
+        n => format!(" from entry {n}"),
+    };
     println!(
-        "OK: {}'s log, {} entries ({} envelopes, {} receipts), {} checkpoints consistent, {} peer cosignatures; newest size {} root {}; against the federation root {} (SHA-256 {root_sha256})",
+        "OK: {}'s log{from}, {} entries ({} envelopes, {} receipts), {} checkpoints consistent, {} peer cosignatures; newest size {} root {}; against the federation root {} (SHA-256 {root_sha256})",
         v.agency,
         v.entries,
         v.envelopes,
@@ -624,14 +655,8 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         hex::encode(v.latest.1),
         root_path.display()
     );
-    for (given, size, root) in &extends {
-        let view = format!("{size}:{root}");
-        let from = if **given == view {
-            String::new()
-        } else {
-            format!(" of {given}")
-        };
-        println!("OK: extends the earlier log {view}{from} (its entries unchanged, in their places)");
+    for (_, size, root, from) in &extends {
+        println!("OK: extends the earlier log {size}:{root}{from} (its entries unchanged, in their places)");
     }
     Ok(ExitCode::SUCCESS)
 }

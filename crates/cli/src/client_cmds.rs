@@ -382,8 +382,10 @@ pub enum AdminCommand {
     /// is a matter for the federation), this forgets the flag and the
     /// checkpoint witnessed last: the peer's next checkpoint is taken as it
     /// is, as its first one was, and witnessed from there. Prints what was
-    /// found and the size and root forgotten; the node logs it (WARN, with
-    /// the admin's name). Exported checkpoints keep their cosignatures.
+    /// found and the checkpoint forgotten (size, root and the peer's signed
+    /// note: keep it); the node logs it (WARN, with the admin's name) and
+    /// keeps a record in its store. Checkpoints cosigned before keep their
+    /// cosignatures. Each witness clears its own flag.
     #[command(
         name = "clear-split-view",
         after_help = "Example (health flagged finance's log):\n  antar admin clear-split-view finance --federation f.json --agency health"
@@ -592,13 +594,22 @@ pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
             if conn.json {
                 println!(
                     "{}",
-                    json!({ "agency": log, "found": r.found, "forgotten_size": r.forgotten_size, "forgotten_root": root })
+                    json!({ "agency": log, "found": r.found, "forgotten_size": r.forgotten_size,
+                            "forgotten_root": root, "forgotten_note": r.forgotten_note })
                 );
             } else {
+                let forgotten = if r.forgotten_note.is_empty() {
+                    "no checkpoint of it was kept".to_owned()
+                } else {
+                    format!(
+                        "the checkpoint of size {} root {root} witnessed last, whose signed note was:\n{}",
+                        r.forgotten_size,
+                        r.forgotten_note.trim_end()
+                    )
+                };
                 println!(
-                    "{log}: split view cleared; it was: {}. Forgotten: the checkpoint of size {} root {root} witnessed \
-                     last; {log}'s next checkpoint is taken as it is",
-                    r.found, r.forgotten_size
+                    "{log}: split view cleared; it was: {}. Its next checkpoint is taken as it is. Forgotten: {forgotten}",
+                    r.found
                 );
             }
         }

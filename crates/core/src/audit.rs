@@ -20,7 +20,7 @@ pub enum AuditError {
     /// One log entry.
     #[error("entry {index}: {detail}")]
     Entry {
-        /// Its position in the bundle.
+        /// Its index in the log (its position in a whole export).
         index: usize,
         /// What failed.
         detail: String,
@@ -67,6 +67,10 @@ pub enum AuditError {
 pub struct Verified {
     /// The node whose log it is.
     pub agency: String,
+    /// The log index of the bundle's first entry: 0 for a whole export.
+    /// A bundle that starts later proves only that the log extends an
+    /// earlier view of it of at least this many entries ([`Log::extends`]).
+    pub first: u64,
     /// Entries, each signature and certificate checked.
     pub entries: usize,
     /// Envelopes among them.
@@ -117,6 +121,9 @@ pub fn verify_bundle_extending(
 pub struct Log {
     /// What the bundle holds.
     pub verified: Verified,
+    /// The roots of the perfect subtrees covering the entries before the
+    /// bundle's first (`AuditBundle.prefix`).
+    prefix: Vec<Hash>,
     leaves: Vec<Hash>,
 }
 
@@ -136,13 +143,21 @@ impl Log {
             root: hex::encode(root),
             detail,
         };
-        if size > self.leaves.len() as u64 {
+        let (first, end) = (
+            self.verified.first,
+            self.verified.first + self.leaves.len() as u64,
+        );
+        if size > end {
             return Err(err(format!(
-                "this log holds {} entries, fewer than the earlier {size}: entries were dropped since",
-                self.leaves.len()
+                "this log holds {end} entries, fewer than the earlier {size}: entries were dropped since"
             )));
         }
-        let now = merkle::root(&self.leaves[..size as usize]);
+        if size < first {
+            return Err(err(format!(
+                "this bundle starts at entry {first}, after the earlier view's end: export the log from entry {size} or before to check it"
+            )));
+        }
+        let now = root_at(&self.prefix, first, &self.leaves, size);
         if now != root {
             return Err(err(format!(
                 "the root of this log's first {size} entries is {}: entries were dropped, altered or reordered since (or that root is not of this node's log)",
@@ -196,13 +211,39 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
         return Err(bundle_err("holds no signing certificate of the node"));
     }
 
+    // A bundle from entry `first` on stands on the roots of the subtrees
+    // before it, which only an earlier view can vouch for.
+    let first = bundle.first_index;
+    if first.checked_add(bundle.entries.len() as u64).is_none() {
+        return Err(bundle_err(format!(
+            "starts at entry {first}, too large for its {} entries",
+            bundle.entries.len()
+        )));
+    }
+    let prefix = bundle
+        .prefix
+        .iter()
+        .map(|h| Hash::try_from(h.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bundle_err("a prefix hash is not 32 bytes"))?;
+    if prefix.len() != first.count_ones() as usize {
+        return Err(bundle_err(format!(
+            "starts at entry {first} with {} prefix hashes, where {} cover the entries before",
+            prefix.len(),
+            first.count_ones()
+        )));
+    }
     let (mut envelopes, mut receipts) = (0, 0);
     let mut leaves = Vec::with_capacity(bundle.entries.len());
     for (i, raw) in bundle.entries.iter().enumerate() {
-        let entry_err = |detail: String| AuditError::Entry { index: i, detail };
+        let at = first + i as u64;
+        let entry_err = |detail: String| AuditError::Entry {
+            index: at as usize,
+            detail,
+        };
         let entry = LogEntry::decode(raw.as_slice())
             .map_err(|e| entry_err(format!("does not decode as a LogEntry: {e}")))?;
-        if entry.index != i as u64 {
+        if entry.index != at {
             return Err(entry_err(format!(
                 "says it is entry {}: entries were dropped, inserted or reordered",
                 entry.index
@@ -301,14 +342,16 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
                 .map_err(|e| cp_err(format!("cosignature {j} by {}: {e}", cosig.witness)))?;
             cosignatures += 1;
         }
-        let size = note.size as usize;
-        if size > leaves.len() {
+        let (size, end) = (note.size, first + leaves.len() as u64);
+        if size > end {
+            return Err(cp_err(format!("covers {size} entries, the bundle has {end}")));
+        }
+        if size < first {
             return Err(cp_err(format!(
-                "covers {size} entries, the bundle has {}",
-                leaves.len()
+                "covers {size} entries, before the bundle's first entry {first}"
             )));
         }
-        if merkle::root(&leaves[..size]) != note.root {
+        if root_at(&prefix, first, &leaves, size) != note.root {
             return Err(cp_err(format!(
                 "root does not match entries 0..{size}: the log was rewritten or the checkpoint comes from another history"
             )));
@@ -344,14 +387,16 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
             "the number of consistency proofs does not match the checkpoints",
         ));
     }
-    if size as usize != leaves.len() {
+    let end = first + leaves.len() as u64;
+    if size != end {
         return Err(bundle_err(format!(
             "{} entries are not covered by the newest checkpoint (size {size})",
-            leaves.len() as u64 - size.min(leaves.len() as u64)
+            end - size.min(end)
         )));
     }
     let verified = Verified {
         agency: agency.to_string(),
+        first,
         entries: leaves.len(),
         envelopes,
         receipts,
@@ -359,5 +404,21 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
         latest: (size, root),
         cosignatures,
     };
-    Ok(Log { verified, leaves })
+    Ok(Log {
+        verified,
+        prefix,
+        leaves,
+    })
+}
+
+/// The root of the log's first `size` entries (`first <= size <= first +
+/// leaves.len()`), from the `prefix` of the entries before `first` and
+/// the hashes of those from `first` on.
+fn root_at(prefix: &[Hash], first: u64, leaves: &[Hash], size: u64) -> Hash {
+    let leaves = &leaves[..(size - first) as usize];
+    match merkle::root_after(prefix, first, leaves) {
+        Ok(h) => h,
+        // `verify_log` checked that the prefix has a hash for each bit of `first`.
+        Err(_) => unreachable!("a prefix of the right length"),
+    }
 }

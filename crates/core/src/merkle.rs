@@ -140,6 +140,71 @@ pub fn root_and_proofs(leaves: &[Hash]) -> (Hash, Vec<Vec<Hash>>) {
     (level[0], proofs)
 }
 
+/// The MTH of each perfect subtree that together cover the first `size`
+/// leaves of `t`, largest first: one for each bit set in `size`. With
+/// them, the leaves after give the root of every larger tree
+/// ([`root_after`]), so a log can be continued from a size without the
+/// leaves before it.
+///
+/// # Errors
+/// [`ProofError::Unavailable`] when a subtree cannot be read.
+pub fn frontier_of(t: &mut impl Subtrees, size: u64) -> Result<Vec<Hash>, ProofError> {
+    let mut start = 0;
+    let mut out = Vec::with_capacity(size.count_ones() as usize);
+    for level in (0..64).rev().filter(|l| size >> l & 1 == 1) {
+        out.push(t.perfect(level, start >> level)?);
+        start += 1 << level;
+    }
+    Ok(out)
+}
+
+/// [`frontier_of`] the tree of `leaves`.
+pub fn frontier(leaves: &[Hash]) -> Vec<Hash> {
+    match frontier_of(&mut Leaves(leaves), leaves.len() as u64) {
+        Ok(f) => f,
+        // Every subtree asked for lies within `leaves`.
+        Err(_) => unreachable!("a slice has every leaf of its own tree"),
+    }
+}
+
+/// The root of the tree of `size + leaves.len()` leaves, from the
+/// [`frontier_of`] its first `size` leaves and the hashes of the leaves
+/// after them.
+///
+/// # Errors
+/// [`ProofError::OutOfRange`] when `frontier` does not hold one hash for
+/// each bit set in `size`.
+pub fn root_after(frontier: &[Hash], size: u64, leaves: &[Hash]) -> Result<Hash, ProofError> {
+    if frontier.len() != size.count_ones() as usize {
+        return Err(ProofError::OutOfRange(format!(
+            "{} frontier hashes for a tree of {size} leaves, which has {}",
+            frontier.len(),
+            size.count_ones()
+        )));
+    }
+    // (level, MTH) of perfect subtrees left to right, merged as a binary
+    // counter adds one: two of a level make one of the next.
+    let levels = (0..64u32).rev().filter(|l| size >> l & 1 == 1);
+    let mut stack: Vec<(u32, Hash)> = levels.zip(frontier.iter().copied()).collect();
+    for leaf in leaves {
+        stack.push((0, *leaf));
+        while let [.., (a, left), (b, right)] = stack[..] {
+            if a != b {
+                break;
+            }
+            stack.truncate(stack.len() - 2);
+            stack.push((a + 1, node_hash(&left, &right)));
+        }
+    }
+    // RFC 9162 splits at the largest power of two: the subtrees fold from
+    // the right.
+    let mut hashes = stack.into_iter().rev().map(|(_, h)| h);
+    let Some(last) = hashes.next() else {
+        return Ok(sha256(b""));
+    };
+    Ok(hashes.fold(last, |right, left| node_hash(&left, &right)))
+}
+
 /// The root of the tree of the first `size` leaves of `t`.
 ///
 /// # Errors
@@ -390,6 +455,31 @@ mod tests {
                 verify_inclusion(&l[i], i as u64, n as u64, p, &r).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn a_tree_continued_from_its_frontier_has_the_roots_of_the_whole() {
+        let l = leaves(70);
+        for n in 0..=l.len() {
+            let frontier = frontier(&l[..n]);
+            assert_eq!(frontier, frontier_of(&mut Leaves(&l), n as u64).unwrap());
+            assert_eq!(frontier.len(), (n as u64).count_ones() as usize);
+            for m in n..=l.len() {
+                assert_eq!(
+                    root_after(&frontier, n as u64, &l[n..m]).unwrap(),
+                    root(&l[..m]),
+                    "{n} then to {m}"
+                );
+            }
+        }
+        let frontier = frontier_of(&mut Leaves(&l), 12).unwrap();
+        assert!(
+            root_after(&frontier, 13, &[]).is_err(),
+            "12 has two bits set, 13 three"
+        );
+        let mut wrong = frontier.clone();
+        wrong[0][0] ^= 1;
+        assert_ne!(root_after(&wrong, 12, &l[12..20]).unwrap(), root(&l[..20]));
     }
 
     #[test]

@@ -348,13 +348,14 @@ impl Admin for AdminService {
         let by = auth::admin(&self.shared, &req)?;
         let agency = AgencyId::parse(&req.get_ref().agency).map_err(|e| NodeError::invalid("agency", e))?;
         let cleared = crate::witness::clear_split_view(&self.shared, agency.as_str(), &by).await?;
-        let (forgotten_size, forgotten_root) = cleared
+        let (forgotten_size, forgotten_root, forgotten_note) = cleared
             .forgotten
-            .map_or((0, Vec::new()), |(s, r)| (s, r.to_vec()));
+            .map_or((0, Vec::new(), String::new()), |(s, r, n)| (s, r.to_vec(), n));
         Ok(Response::new(ClearSplitViewResponse {
             found: cleared.found,
             forgotten_size,
             forgotten_root,
+            forgotten_note,
         }))
     }
 

@@ -377,15 +377,17 @@ impl Audit for AuditService {
 
     async fn export(&self, req: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
         auth::auditor(&self.shared, &req)?;
-        let (bundle, size) = export_bundle(&self.shared).await?;
+        let from = req.get_ref().from_size;
+        let (bundle, size) = export_bundle(&self.shared, from).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let shared = self.shared.clone();
         crate::spawn_feed("Audit.Export", tx, |tx| async move {
             let sent = stream_bundle(&shared, bundle, size, &tx).await;
             match sent {
-                Ok(Some(bytes)) => tracing::info!(bytes, entries = size, "audit export"),
+                Ok(Some(bytes)) => tracing::info!(bytes, from, entries = size - from, "audit export"),
                 Ok(None) => tracing::info!(
-                    entries = size,
+                    from,
+                    entries = size - from,
                     "audit export: the auditor went away before its end"
                 ),
                 Err(e) => {
@@ -403,7 +405,7 @@ impl Audit for AuditService {
 /// Log entries read from the store at a time for an export.
 const EXPORT_PAGE: usize = 1_024;
 
-/// Sends `bundle` with the first `size` log entries as its `entries`, in
+/// Sends `bundle` with the log entries from its `first_index` up to `size` as its `entries`, in
 /// chunks of [`CHUNK`] bytes: byte for byte what `encode_to_vec` of the
 /// whole would give (fields in number order), but read and encoded a page
 /// of entries at a time, so a log of any length costs a few pages of
@@ -416,15 +418,17 @@ async fn stream_bundle(
     tx: &tokio::sync::mpsc::Sender<Result<ExportChunk, Status>>,
 ) -> Result<Option<u64>, NodeError> {
     let mut sent = 0u64;
-    // Fields 1 to 3, then 4 (entries) a page at a time, then 5 to 7.
+    // Fields 1 to 3, then 4 (entries) a page at a time, then 5 to 9.
     let tail = AuditBundle {
         checkpoints: std::mem::take(&mut bundle.checkpoints),
         consistency: std::mem::take(&mut bundle.consistency),
         root_ca: std::mem::take(&mut bundle.root_ca),
+        first_index: std::mem::take(&mut bundle.first_index),
+        prefix: std::mem::take(&mut bundle.prefix),
         ..AuditBundle::default()
     };
+    let mut from = tail.first_index;
     let mut buf = bundle.encode_to_vec();
-    let mut from = 0u64;
     while from < size {
         let want = (size - from).min(EXPORT_PAGE as u64) as usize;
         let page = shared.store.audit_entries(from, want)?;
@@ -474,17 +478,25 @@ async fn send_chunks(
     true
 }
 
-/// Everything an auditor needs to verify this node's log offline, but its
-/// entries (see [`stream_bundle`]), and the log size it covers.
-pub(crate) async fn export_bundle(shared: &Shared) -> Result<(AuditBundle, u64), NodeError> {
+/// Everything an auditor needs to verify this node's log offline from
+/// entry `from` on, but those entries (see [`stream_bundle`]), and the log
+/// size it covers.
+pub(crate) async fn export_bundle(shared: &Shared, from: u64) -> Result<(AuditBundle, u64), NodeError> {
     let latest = checkpoint_now(shared).await?;
     let size = latest.tree_size;
+    if from > size {
+        return Err(NodeError::invalid(
+            "from_size",
+            format!("{from} is past the log's {size} entries"),
+        ));
+    }
     // The checkpointer may store a newer one meanwhile: export up to `latest`.
     let checkpoints: Vec<Checkpoint> = stored_checkpoints(shared)?
         .into_iter()
-        .filter(|c| c.tree_size <= size)
+        .filter(|c| (from..=size).contains(&c.tree_size))
         .collect();
     let mut tree = shared.store.audit_tree(size)?;
+    let prefix = merkle::frontier_of(&mut tree, from).map_err(proof_failure)?;
     let mut consistency = Vec::new();
     for pair in checkpoints.windows(2) {
         let old = pair[0].tree_size;
@@ -505,6 +517,8 @@ pub(crate) async fn export_bundle(shared: &Shared) -> Result<(AuditBundle, u64),
         checkpoints,
         consistency,
         root_ca: shared.verifier.anchor().root_der().to_vec(),
+        first_index: from,
+        prefix: proof_hashes(prefix),
     };
     Ok((bundle, size))
 }

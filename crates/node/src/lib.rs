@@ -329,7 +329,7 @@ impl Node {
             sent: Mutex::new(sent),
             sending: tokio::sync::RwLock::default(),
             checkpoints: tokio::sync::Mutex::default(),
-            witnessed: tokio::sync::Mutex::default(),
+            witnessed: Mutex::default(),
             forwarders: Mutex::default(),
             reloads: tokio::sync::watch::Sender::new(0),
         });

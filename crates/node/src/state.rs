@@ -481,11 +481,13 @@ pub(crate) struct Shared {
     /// stores the cosignatures it gathered, so neither overwrites the
     /// other's with a copy read before it.
     pub(crate) checkpoints: tokio::sync::Mutex<()>,
-    /// Held while the witness state of peers' logs (the checkpoint witnessed
-    /// last, a split view flagged) is read and written: by `Peer.Witness`
-    /// and by `Admin.ClearSplitView`, so a clearing cannot be undone by a
-    /// request checked against what it cleared.
-    pub(crate) witnessed: tokio::sync::Mutex<()>,
+    /// One lock per agency whose log this node witnesses, held while its
+    /// witness state (the checkpoint witnessed last, a split view flagged)
+    /// is read and written: by `Peer.Witness` and by
+    /// `Admin.ClearSplitView`, so a clearing cannot be undone by a request
+    /// checked against what it cleared, and a peer that keeps asking holds
+    /// up only its own (`witness::lock_of`).
+    pub(crate) witnessed: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The forwarder of each peer (`forward::start`); one removes itself
     /// when its peer leaves the policy.
     pub(crate) forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,

@@ -18,10 +18,12 @@ use crate::error::NodeError;
 use crate::state::Shared;
 
 /// Metadata keys: the newest checkpoint witnessed per agency, the size last
-/// cosigned per peer, and split views found per agency.
+/// cosigned per peer, split views found per agency, and what an
+/// administrator cleared (per agency and time).
 const SEEN: &[u8] = b"seen\0";
 const COSIGNED: &[u8] = b"wit\0";
 const SPLIT: &[u8] = b"split\0";
+const CLEARED: &[u8] = b"cleared\0";
 
 fn key(prefix: &[u8], agency: &str) -> Vec<u8> {
     [prefix, agency.as_bytes()].concat()
@@ -74,41 +76,76 @@ fn last_seen(shared: &Shared, agency: &str) -> Result<Option<(u64, Hash)>, NodeE
     }
 }
 
+/// The lock of `agency`'s witness state ([`Shared::witnessed`]).
+async fn lock_of(shared: &Shared, agency: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    let lock = crate::state::lock(&shared.witnessed)
+        .entry(agency.to_owned())
+        .or_default()
+        .clone();
+    lock.lock_owned().await
+}
+
 /// What `Admin.ClearSplitView` forgot.
 pub(crate) struct Cleared {
     /// What the witness had found.
     pub(crate) found: String,
-    /// The checkpoint witnessed last.
-    pub(crate) forgotten: Option<(u64, Hash)>,
+    /// The checkpoint witnessed last: its size and root, and its signed
+    /// note, as the peer sent it.
+    pub(crate) forgotten: Option<(u64, Hash, String)>,
 }
 
 /// Forgets the split view of `agency`'s log flagged here and the
-/// checkpoint of it witnessed last (both at once, synced), at the word of
-/// the administrator `by`: its next checkpoint is taken as it is.
+/// checkpoint of it witnessed last, at the word of the administrator `by`:
+/// its next checkpoint is taken as it is. In the same synced batch, what
+/// they held is recorded under `cleared\0<agency>\0<ms>` (what was found,
+/// the signed note witnessed last, who cleared them), so the evidence
+/// stays in the store.
 pub(crate) async fn clear_split_view(
     shared: &Shared,
     agency: &str,
     by: &impl std::fmt::Display,
 ) -> Result<Cleared, NodeError> {
-    let _alone = shared.witnessed.lock().await;
+    let _alone = lock_of(shared, agency).await;
     let found = shared.store.audit_meta(&key(SPLIT, agency))?.ok_or_else(|| {
         NodeError::NotFound(format!("no split view of {agency}'s log is flagged on this node"))
     })?;
     let found = String::from_utf8_lossy(&found).into_owned();
-    let forgotten = last_seen(shared, agency)?;
-    shared
-        .store
-        .remove_audit_meta(&[&key(SPLIT, agency), &key(SEEN, agency)])
-        .await?;
-    let (size, root) = forgotten.map_or((0, String::new()), |(s, r)| (s, hex::encode(r)));
+    // A checkpoint kept that does not read is cleared too: that is what
+    // this is for.
+    let seen = shared.store.audit_meta(&key(SEEN, agency))?;
+    let forgotten = seen.as_deref().and_then(|b| match seen_checkpoint(agency, b) {
+        Ok((size, root)) => {
+            let note = Checkpoint::decode(b).map(|c| c.note).unwrap_or_default();
+            Some((size, root, note))
+        }
+        Err(e) => {
+            tracing::warn!(log = agency, error = %e, "the checkpoint witnessed last does not read");
+            None
+        }
+    });
+    let (size, root, note) = forgotten.as_ref().map_or((0, String::new(), ""), |(s, r, n)| {
+        (*s, hex::encode(r), n.as_str())
+    });
+    // Said before it is done: a crash between the two leaves this line.
     tracing::warn!(
         log = agency,
         by = %by,
         %found,
         forgotten_size = size,
         forgotten_root = %root,
-        "split view cleared by an administrator: the next checkpoint of this log is taken as it is"
+        forgotten_note = %note,
+        "clearing a split view at an administrator's word: the next checkpoint of this log is taken as it is"
     );
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let record = format!("cleared by {by}\nfound: {found}\nwitnessed last:\n{note}");
+    let cleared = [key(CLEARED, agency), vec![0], at.to_be_bytes().to_vec()].concat();
+    let (split, seen) = (key(SPLIT, agency), key(SEEN, agency));
+    shared
+        .store
+        .update_audit_meta(&[(&cleared, Some(record.as_bytes())), (&split, None), (&seen, None)])
+        .await?;
     Ok(Cleared { found, forgotten })
 }
 
@@ -155,7 +192,7 @@ pub(crate) async fn serve(
             ),
         ));
     }
-    let _alone = shared.witnessed.lock().await;
+    let _alone = lock_of(shared, agency).await;
     let seen = last_seen(shared, agency)?;
     let known = seen.as_ref().map_or(0, |(size, _)| *size);
     if r.old_size != known {
@@ -176,26 +213,34 @@ pub(crate) async fn serve(
                 hex::encode(old_root)
             );
             tracing::error!(log = agency, %what, "SPLIT VIEW: a peer's log was rewritten or forked");
-            shared
-                .store
-                .put_audit_meta(&key(SPLIT, agency), what.as_bytes())
-                .await?;
+            // The first finding is kept: later ones say the same of later
+            // checkpoints.
+            if shared.store.audit_meta(&key(SPLIT, agency))?.is_none() {
+                shared
+                    .store
+                    .put_audit_meta(&key(SPLIT, agency), what.as_bytes())
+                    .await?;
+            }
             return Err(NodeError::FailedPrecondition(format!(
                 "split view of {agency}'s log: {what}"
             )));
         }
     }
-    let witnessed = Checkpoint {
-        note: cp.note.clone(),
-        tree_size: note.size,
-        root_hash: note.root.to_vec(),
-        cosignatures: Vec::new(),
-        signer_cert: Vec::new(),
-    };
-    shared
-        .store
-        .put_audit_meta(&key(SEEN, agency), &witnessed.encode_to_vec())
-        .await?;
+    // A checkpoint asked for again (its cosignature lost on the way back)
+    // is witnessed already: nothing to write, nor to wait for.
+    if seen != Some((note.size, note.root)) {
+        let witnessed = Checkpoint {
+            note: cp.note.clone(),
+            tree_size: note.size,
+            root_hash: note.root.to_vec(),
+            cosignatures: Vec::new(),
+            signer_cert: Vec::new(),
+        };
+        shared
+            .store
+            .put_audit_meta(&key(SEEN, agency), &witnessed.encode_to_vec())
+            .await?;
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

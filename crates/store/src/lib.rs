@@ -1018,14 +1018,18 @@ impl Store {
         self.durable().await
     }
 
-    /// Removes values of the log's metadata, all or none, and flushes.
+    /// Sets (`Some`) and removes (`None`) values of the log's metadata,
+    /// all or none, and flushes.
     ///
     /// # Errors
     /// [`StoreError`] on a storage failure.
-    pub async fn remove_audit_meta(&self, names: &[&[u8]]) -> Result<(), StoreError> {
+    pub async fn update_audit_meta(&self, changes: &[(&[u8], Option<&[u8]>)]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for name in names {
-            batch.remove(*name);
+        for (name, value) in changes {
+            match value {
+                Some(v) => batch.insert(*name, *v),
+                None => batch.remove(*name),
+            }
         }
         self.inner.commit.writes().begin();
         let applied = self.inner.trees[keys::AUDIT_META].apply_batch(batch);
