@@ -244,7 +244,9 @@ fn main() {
         ..bundle.clone()
     };
     let bytes = partial.encode_to_vec();
-    antar_core::audit::verify_bundle(&bytes, &verifier).expect("the partial seed bundle verifies");
+    let view = (sizes[1] as u64, merkle::root(&leaves[..sizes[1]]));
+    antar_core::audit::verify_bundle_extending(&bytes, &verifier, &[view])
+        .expect("the partial seed bundle verifies against the view it continues");
     write(&dir.join("bundle"), "seed-from-5", &bytes);
 
     // Checkpoint notes, each followed by a cosignature line; proof inputs

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use antar_client::ClientRole;
-use antar_core::audit::{verify_bundle, AuditError};
+use antar_core::audit::{verify_bundle, verify_bundle_extending, AuditError};
 use antar_core::checkpoint::{origin, Checkpoint as Note};
 use antar_core::merkle;
 use antar_node::dev::DEV_FEDERATION;
@@ -1126,6 +1126,104 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
         String::from_utf8_lossy(&failed.stderr).trim(),
         format!("FAILED: checkpoint 0 (size {n}): root does not match entries 0..{n}: the log was rewritten or the checkpoint comes from another history")
     );
+    // A node that forges the roots it stands on, and signs a checkpoint
+    // over them, makes a bundle that holds together on its own: only the
+    // earlier view catches it.
+    let mut forged = bundle.clone();
+    forged.prefix[0][0] ^= 1;
+    let prefix: Vec<merkle::Hash> = forged
+        .prefix
+        .iter()
+        .map(|h| h.as_slice().try_into().unwrap())
+        .collect();
+    let leaves: Vec<merkle::Hash> = forged.entries.iter().map(|e| merkle::leaf_hash(e)).collect();
+    let size = n + leaves.len() as u64;
+    let root = merkle::root_after(&prefix, n, &leaves).unwrap();
+    let note = Note {
+        origin: origin(DEV_FEDERATION, "finance"),
+        size,
+        root,
+    }
+    .sign(&fed.signer("finance"));
+    forged.checkpoints = vec![wire::Checkpoint {
+        note,
+        tree_size: size,
+        root_hash: root.to_vec(),
+        ..Default::default()
+    }];
+    forged.consistency.clear();
+    let forged_bytes = forged.encode_to_vec();
+    let on_its_own = antar_core::audit::verify_log(&forged_bytes, &fed.verifier()).unwrap();
+    assert_eq!(on_its_own.verified.first, n);
+    assert!(
+        matches!(verify_bundle(&forged_bytes, &fed.verifier()),
+            Err(AuditError::Bundle(m)) if m.starts_with(&format!("starts at entry {n}: "))),
+        "not without a view"
+    );
+    let forged_file = dir.path().join("forged.bundle");
+    std::fs::write(&forged_file, &forged_bytes).unwrap();
+    for view in [may.to_str().unwrap(), &format!("{n}:{r}")] {
+        let caught = verify_cli(&fed, &forged_file, &[view]);
+        assert_eq!(caught.status.code(), Some(1), "{caught:?}");
+        let stderr = String::from_utf8_lossy(&caught.stderr);
+        assert!(
+            stderr.starts_with(&format!(
+                "FAILED: does not extend the earlier log of size {n} (root {r}): the root of this log's first {n} entries is "
+            )),
+            "{stderr}"
+        );
+    }
+
+    // Exports from an earlier size on chain: July's continues June's,
+    // which continues May's; June's counts as a view only with May's.
+    let june_view = verify_bundle_extending(&june_bytes, &fed.verifier(), &[may_view.latest]).unwrap();
+    for i in 10..12u8 {
+        send(&finance, notice("health", "tax.notice", &[i])).await;
+    }
+    assert_eq!(receive(&health, 2, 10, true).await.len(), 2);
+    let july = dir.path().join("july.bundle");
+    assert!(export_cli(&july, june_view.latest.0).status.success());
+    let unvouched = verify_cli(&fed, &july, &[june.to_str().unwrap()]);
+    assert_eq!(unvouched.status.code(), Some(2), "{unvouched:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&unvouched.stderr).trim(),
+        format!(
+            "error: the earlier bundle {} holds the log from entry {n} on: give also --extends a view it continues (the export before it, or its {n}:ROOT)",
+            june.display()
+        )
+    );
+    let chained = verify_cli(&fed, &july, &[june.to_str().unwrap(), may.to_str().unwrap()]);
+    assert!(
+        chained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chained.stderr)
+    );
+    let said = String::from_utf8_lossy(&chained.stdout);
+    assert!(
+        said.contains(&format!(
+            "OK: extends the earlier log {}:{} of {} (",
+            june_view.latest.0,
+            hex(&june_view.latest.1),
+            june.display()
+        )),
+        "{said}"
+    );
+    // A forged June does not pass for a view, even with May's beside it.
+    let forged_june = verify_cli(
+        &fed,
+        &july,
+        &[forged_file.to_str().unwrap(), may.to_str().unwrap()],
+    );
+    assert_eq!(forged_june.status.code(), Some(1), "{forged_june:?}");
+    assert!(
+        String::from_utf8_lossy(&forged_june.stderr).starts_with(&format!(
+            "FAILED: the earlier bundle {}: does not extend the earlier log of size {n}",
+            forged_file.display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&forged_june.stderr)
+    );
+
     // Past the log's end.
     let past = export_cli(&dir.path().join("past.bundle"), 1_000_000);
     assert!(!past.status.success());

@@ -587,33 +587,67 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         Ok(log) => log,
         Err(e) => return Ok(failed(a.json, &e.to_string())),
     };
-    let mut extends = Vec::new();
-    for (given, view) in earlier {
-        // How the OK line names it: a bundle by its path.
-        let mut from = String::new();
-        let (size, root) = match view {
-            Ok(root) => root,
-            Err(old) => match antar_core::audit::verify_bundle(&old, &verifier) {
-                Ok(v) if v.agency == log.verified.agency => {
-                    from = format!(" of {given}");
-                    v.latest
-                }
-                Ok(v) => {
+    // The earlier views: each N:ROOT as given; an earlier bundle once
+    // verified, and, if it was itself exported from an earlier size on,
+    // once another view reaching its first entry vouches for what it
+    // stands on (a chain of such exports, given together, vouches link by
+    // link).
+    let mut views = Vec::new();
+    let mut pending = Vec::new();
+    for (given, view) in &earlier {
+        match view {
+            Ok((size, root)) => views.push(View::new(given, *size, *root, String::new())),
+            Err(old) => match antar_core::audit::verify_log(old, &verifier) {
+                Ok(l) if l.verified.agency == log.verified.agency => pending.push((given.as_str(), l)),
+                Ok(l) => {
                     let this = &log.verified.agency;
                     let e = format!(
                         "the earlier bundle {given} is {}'s log, this is {this}'s",
-                        v.agency
+                        l.verified.agency
                     );
                     return Ok(failed(a.json, &e));
                 }
                 Err(e) => return Ok(failed(a.json, &format!("the earlier bundle {given}: {e}"))),
             },
-        };
-        if let Err(e) = log.extends((size, root)) {
-            return Ok(failed(a.json, &e.to_string()));
         }
-        extends.push((given, size, hex::encode(root), from));
     }
+    match vouch(&mut views, pending) {
+        Ok(()) => {}
+        Err(Refused::Failed(e)) => return Ok(failed(a.json, &e)),
+        Err(Refused::Unchecked(e)) => anyhow::bail!(e),
+    }
+    // This log must extend every view: directly each it reaches, and
+    // through the chain those before its first entry that vouched for one.
+    let mut linked = vec![false; views.len()];
+    let mut chain = Vec::new();
+    for (k, view) in views.iter().enumerate() {
+        if view.size >= log.verified.first {
+            if let Err(e) = log.extends((view.size, view.root)) {
+                return Ok(failed(a.json, &e.to_string()));
+            }
+            linked[k] = true;
+            chain.push(k);
+        }
+    }
+    while let Some(k) = chain.pop() {
+        for &j in &views[k].vouched_by {
+            if !std::mem::replace(&mut linked[j], true) {
+                chain.push(j);
+            }
+        }
+    }
+    if let Some(k) = linked.iter().position(|l| !l) {
+        let e = log
+            .extends((views[k].size, views[k].root))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        return Ok(failed(a.json, &e));
+    }
+    let extends: Vec<_> = views
+        .into_iter()
+        .map(|v| (v.given, v.size, hex::encode(v.root), v.from))
+        .collect();
     let v = log.verified;
     if v.first > 0 && !extends.iter().any(|(_, size, ..)| *size >= v.first) {
         // Its entries verified, but not what they continue.
@@ -659,6 +693,80 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         println!("OK: extends the earlier log {size}:{root}{from} (its entries unchanged, in their places)");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An earlier view of the log: given as N:ROOT, or where an earlier bundle
+/// ended.
+struct View<'a> {
+    given: &'a str,
+    size: u64,
+    root: merkle::Hash,
+    /// How the OK line names it: " of FILE" for a bundle.
+    from: String,
+    /// The views that vouched for this one, a bundle exported from an
+    /// earlier size on, each checked against it.
+    vouched_by: Vec<usize>,
+}
+
+impl<'a> View<'a> {
+    fn new(given: &'a str, size: u64, root: merkle::Hash, from: String) -> Self {
+        View {
+            given,
+            size,
+            root,
+            from,
+            vouched_by: Vec::new(),
+        }
+    }
+}
+
+/// Why earlier views were not taken.
+enum Refused {
+    /// A check failed (exit 1).
+    Failed(String),
+    /// Nothing could be checked (exit 2).
+    Unchecked(String),
+}
+
+/// Adds to `views` each earlier bundle in `pending`: a whole one as it is,
+/// one exported from an earlier size on once views reaching its first
+/// entry vouch for it (it extends each view that falls within it).
+fn vouch<'a>(
+    views: &mut Vec<View<'a>>,
+    mut pending: Vec<(&'a str, antar_core::audit::Log)>,
+) -> Result<(), Refused> {
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut waiting = Vec::new();
+        for (given, l) in pending {
+            let (first, end) = (l.verified.first, l.verified.first + l.verified.entries as u64);
+            let within: Vec<usize> = (0..views.len())
+                .filter(|&k| (first..=end).contains(&views[k].size))
+                .collect();
+            if first > 0 && within.is_empty() {
+                waiting.push((given, l));
+                continue;
+            }
+            for &k in &within {
+                l.extends((views[k].size, views[k].root))
+                    .map_err(|e| Refused::Failed(format!("the earlier bundle {given}: {e}")))?;
+            }
+            let (size, root) = l.verified.latest;
+            let mut view = View::new(given, size, root, format!(" of {given}"));
+            view.vouched_by = within;
+            views.push(view);
+        }
+        if waiting.len() == before {
+            let (given, l) = &waiting[0];
+            return Err(Refused::Unchecked(format!(
+                "the earlier bundle {given} holds the log from entry {} on: give also --extends a view it continues \
+                 (the export before it, or its {}:ROOT)",
+                l.verified.first, l.verified.first
+            )));
+        }
+        pending = waiting;
+    }
+    Ok(())
 }
 
 /// Prints a failed check; exit code 1.

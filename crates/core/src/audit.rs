@@ -89,12 +89,15 @@ fn bundle_err(s: impl Into<String>) -> AuditError {
     AuditError::Bundle(s.into())
 }
 
-/// Verifies an exported bundle against `verifier`'s federation root.
+/// Verifies an exported bundle against `verifier`'s federation root. A
+/// bundle exported from an earlier size on (`first_index` > 0) is refused:
+/// it proves something only against an earlier view of the log
+/// ([`verify_bundle_extending`]).
 ///
 /// # Errors
 /// The first [`AuditError`] found.
 pub fn verify_bundle(bytes: &[u8], verifier: &Verifier) -> Result<Verified, AuditError> {
-    verify_log(bytes, verifier).map(|log| log.verified)
+    verify_bundle_extending(bytes, verifier, &[])
 }
 
 /// Verifies an exported bundle as [`verify_bundle`] does, and that its log
@@ -111,6 +114,12 @@ pub fn verify_bundle_extending(
     let log = verify_log(bytes, verifier)?;
     for &view in earlier {
         log.extends(view)?;
+    }
+    let first = log.verified.first;
+    if first > 0 && !earlier.iter().any(|(size, _)| *size >= first) {
+        return Err(bundle_err(format!(
+            "starts at entry {first}: the roots it stands on for the entries before are only the node's word until an earlier view of {first} entries or more vouches for them"
+        )));
     }
     Ok(log.verified)
 }
@@ -169,7 +178,10 @@ impl Log {
 }
 
 /// Verifies an exported bundle as [`verify_bundle`] does, keeping what
-/// [`Log::extends`] needs.
+/// [`Log::extends`] needs, but takes a bundle exported from an earlier
+/// size on as it is: the caller must then check it extends a view of
+/// [`Verified::first`] entries or more, which alone vouches for the roots
+/// it stands on (`prefix`).
 ///
 /// # Errors
 /// The first [`AuditError`] found.

@@ -105,22 +105,30 @@ pub(crate) async fn clear_split_view(
     agency: &str,
     by: &impl std::fmt::Display,
 ) -> Result<Cleared, NodeError> {
+    let flagged = || -> Result<Vec<u8>, NodeError> {
+        shared.store.audit_meta(&key(SPLIT, agency))?.ok_or_else(|| {
+            NodeError::NotFound(format!("no split view of {agency}'s log is flagged on this node"))
+        })
+    };
+    // Asked first outside the lock, so a name never flagged adds no lock.
+    flagged()?;
     let _alone = lock_of(shared, agency).await;
-    let found = shared.store.audit_meta(&key(SPLIT, agency))?.ok_or_else(|| {
-        NodeError::NotFound(format!("no split view of {agency}'s log is flagged on this node"))
-    })?;
-    let found = String::from_utf8_lossy(&found).into_owned();
-    // A checkpoint kept that does not read is cleared too: that is what
-    // this is for.
+    let found = String::from_utf8_lossy(&flagged()?).into_owned();
+    // A checkpoint kept that does not read is cleared too (that is what
+    // this is for), its bytes kept in the record.
     let seen = shared.store.audit_meta(&key(SEEN, agency))?;
-    let forgotten = seen.as_deref().and_then(|b| match seen_checkpoint(agency, b) {
+    let forgotten = seen.as_deref().map(|b| match seen_checkpoint(agency, b) {
         Ok((size, root)) => {
             let note = Checkpoint::decode(b).map(|c| c.note).unwrap_or_default();
-            Some((size, root, note))
+            (size, root, note)
         }
         Err(e) => {
             tracing::warn!(log = agency, error = %e, "the checkpoint witnessed last does not read");
-            None
+            let note = format!(
+                "(a record that does not read: {e}; its bytes: {})",
+                hex::encode(b)
+            );
+            (0, [0; 32], note)
         }
     });
     let (size, root, note) = forgotten.as_ref().map_or((0, String::new(), ""), |(s, r, n)| {
@@ -136,11 +144,17 @@ pub(crate) async fn clear_split_view(
         forgotten_note = %note,
         "clearing a split view at an administrator's word: the next checkpoint of this log is taken as it is"
     );
-    let at = SystemTime::now()
+    let mut at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let record = format!("cleared by {by}\nfound: {found}\nwitnessed last:\n{note}");
-    let cleared = [key(CLEARED, agency), vec![0], at.to_be_bytes().to_vec()].concat();
+    let cleared_at = |at: u64| [key(CLEARED, agency), vec![0], at.to_be_bytes().to_vec()].concat();
+    // Never over an earlier record (a clock stepped back): the next free
+    // millisecond, past at most as many as this agency has records.
+    while shared.store.audit_meta(&cleared_at(at))?.is_some() {
+        at += 1;
+    }
+    let cleared = cleared_at(at);
     let (split, seen) = (key(SPLIT, agency), key(SEEN, agency));
     shared
         .store
@@ -240,6 +254,9 @@ pub(crate) async fn serve(
             .store
             .put_audit_meta(&key(SEEN, agency), &witnessed.encode_to_vec())
             .await?;
+    } else {
+        // Written before, though maybe not synced yet if that flush failed.
+        shared.store.durable().await?;
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
