@@ -637,12 +637,16 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(k) = linked.iter().position(|l| !l) {
-        let e = log
-            .extends((views[k].size, views[k].root))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        return Ok(failed(a.json, &e));
+        // Not contradicted: not checked.
+        let (view, first) = (&views[k], log.verified.first);
+        anyhow::bail!(
+            "the earlier log {}:{}{} ends before this bundle's first entry {first}, and no other view given links the two: \
+             export the log from entry {} or before, or give the exports between",
+            view.size,
+            hex::encode(view.root),
+            view.from,
+            view.size
+        );
     }
     let extends: Vec<_> = views
         .into_iter()
@@ -735,6 +739,7 @@ fn vouch<'a>(
     views: &mut Vec<View<'a>>,
     mut pending: Vec<(&'a str, antar_core::audit::Log)>,
 ) -> Result<(), Refused> {
+    let mut taken = Vec::new();
     while !pending.is_empty() {
         let before = pending.len();
         let mut waiting = Vec::new();
@@ -755,6 +760,7 @@ fn vouch<'a>(
             let mut view = View::new(given, size, root, format!(" of {given}"));
             view.vouched_by = within;
             views.push(view);
+            taken.push((views.len() - 1, l));
         }
         if waiting.len() == before {
             let (given, l) = &waiting[0];
@@ -765,6 +771,19 @@ fn vouch<'a>(
             )));
         }
         pending = waiting;
+    }
+    // Views taken after a bundle that fall within it are links too,
+    // whatever the order they were given in.
+    for (b, l) in &taken {
+        let (first, end) = (l.verified.first, l.verified.first + l.verified.entries as u64);
+        for k in 0..views.len() {
+            let within = k != *b && (first..=end).contains(&views[k].size);
+            if within && !views[*b].vouched_by.contains(&k) {
+                l.extends((views[k].size, views[k].root))
+                    .map_err(|e| Refused::Failed(format!("the earlier bundle {}: {e}", views[*b].given)))?;
+                views[*b].vouched_by.push(k);
+            }
+        }
     }
     Ok(())
 }
