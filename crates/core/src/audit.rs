@@ -130,9 +130,9 @@ pub fn verify_bundle_extending(
 pub struct Log {
     /// What the bundle holds.
     pub verified: Verified,
-    /// The roots of the perfect subtrees covering the entries before the
-    /// bundle's first (`AuditBundle.prefix`).
-    prefix: Vec<Hash>,
+    /// The tree of the entries before the bundle's first, as its
+    /// `AuditBundle.prefix` gives it.
+    start: merkle::Frontier,
     leaves: Vec<Hash>,
 }
 
@@ -166,7 +166,7 @@ impl Log {
                 "this bundle starts at entry {first}, after the earlier view's end: export the log from entry {size} or before to check it"
             )));
         }
-        let now = root_at(&self.prefix, first, &self.leaves, size);
+        let now = root_at(&self.start, &self.leaves, size);
         if now != root {
             return Err(err(format!(
                 "the root of this log's first {size} entries is {}: entries were dropped, altered or reordered since (or that root is not of this node's log)",
@@ -238,13 +238,13 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
         .map(|h| Hash::try_from(h.as_slice()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| bundle_err("a prefix hash is not 32 bytes"))?;
-    if prefix.len() != first.count_ones() as usize {
-        return Err(bundle_err(format!(
+    let start = merkle::Frontier::new(&prefix, first).map_err(|_| {
+        bundle_err(format!(
             "starts at entry {first} with {} prefix hashes, where {} cover the entries before",
             prefix.len(),
             first.count_ones()
-        )));
-    }
+        ))
+    })?;
     let (mut envelopes, mut receipts) = (0, 0);
     let mut leaves = Vec::with_capacity(bundle.entries.len());
     for (i, raw) in bundle.entries.iter().enumerate() {
@@ -289,6 +289,26 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
             )));
         }
         leaves.push(merkle::leaf_hash(raw));
+    }
+
+    // The root at every checkpoint's size, in one pass over the entries: a
+    // root from scratch for each would cost entries × checkpoints.
+    let end = first + leaves.len() as u64;
+    let mut sizes: Vec<u64> = bundle
+        .checkpoints
+        .iter()
+        .map(|c| c.tree_size)
+        .filter(|s| (first..=end).contains(s))
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut grown = start.clone();
+    let mut roots = std::collections::HashMap::with_capacity(sizes.len());
+    for size in sizes {
+        for leaf in &leaves[(grown.size() - first) as usize..(size - first) as usize] {
+            grown.push(leaf);
+        }
+        roots.insert(size, grown.root());
     }
 
     let want_origin = origin(federation, agency.as_str());
@@ -354,7 +374,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
                 .map_err(|e| cp_err(format!("cosignature {j} by {}: {e}", cosig.witness)))?;
             cosignatures += 1;
         }
-        let (size, end) = (note.size, first + leaves.len() as u64);
+        let size = note.size;
         if size > end {
             return Err(cp_err(format!("covers {size} entries, the bundle has {end}")));
         }
@@ -363,7 +383,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
                 "covers {size} entries, before the bundle's first entry {first}"
             )));
         }
-        if root_at(&prefix, first, &leaves, size) != note.root {
+        if roots.get(&size) != Some(&note.root) {
             return Err(cp_err(format!(
                 "root does not match entries 0..{size}: the log was rewritten or the checkpoint comes from another history"
             )));
@@ -399,7 +419,6 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
             "the number of consistency proofs does not match the checkpoints",
         ));
     }
-    let end = first + leaves.len() as u64;
     if size != end {
         return Err(bundle_err(format!(
             "{} entries are not covered by the newest checkpoint (size {size})",
@@ -418,19 +437,18 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
     };
     Ok(Log {
         verified,
-        prefix,
+        start,
         leaves,
     })
 }
 
-/// The root of the log's first `size` entries (`first <= size <= first +
-/// leaves.len()`), from the `prefix` of the entries before `first` and
-/// the hashes of those from `first` on.
-fn root_at(prefix: &[Hash], first: u64, leaves: &[Hash], size: u64) -> Hash {
-    let leaves = &leaves[..(size - first) as usize];
-    match merkle::root_after(prefix, first, leaves) {
-        Ok(h) => h,
-        // `verify_log` checked that the prefix has a hash for each bit of `first`.
-        Err(_) => unreachable!("a prefix of the right length"),
+/// The root of the log's first `size` entries, from the tree of those
+/// before the bundle (`start`) and the hashes of the bundle's entries
+/// (`start.size() <= size <= start.size() + leaves.len()`).
+fn root_at(start: &merkle::Frontier, leaves: &[Hash], size: u64) -> Hash {
+    let mut tree = start.clone();
+    for leaf in &leaves[..(size - start.size()) as usize] {
+        tree.push(leaf);
     }
+    tree.root()
 }

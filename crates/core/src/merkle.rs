@@ -175,34 +175,69 @@ pub fn frontier(leaves: &[Hash]) -> Vec<Hash> {
 /// [`ProofError::OutOfRange`] when `frontier` does not hold one hash for
 /// each bit set in `size`.
 pub fn root_after(frontier: &[Hash], size: u64, leaves: &[Hash]) -> Result<Hash, ProofError> {
-    if frontier.len() != size.count_ones() as usize {
-        return Err(ProofError::OutOfRange(format!(
-            "{} frontier hashes for a tree of {size} leaves, which has {}",
-            frontier.len(),
-            size.count_ones()
-        )));
+    let mut f = Frontier::new(frontier, size)?;
+    leaves.iter().for_each(|l| f.push(l));
+    Ok(f.root())
+}
+
+/// A tree being grown a leaf at a time: the perfect subtrees that cover
+/// it, so its root at every size costs O(log n), and the roots at many
+/// sizes one pass over the leaves.
+#[derive(Debug, Clone)]
+pub struct Frontier {
+    /// (level, MTH) of the perfect subtrees, left to right, levels
+    /// strictly decreasing.
+    stack: Vec<(u32, Hash)>,
+    size: u64,
+}
+
+impl Frontier {
+    /// The tree of `size` leaves whose [`frontier_of`] is `frontier`.
+    ///
+    /// # Errors
+    /// [`ProofError::OutOfRange`] when `frontier` does not hold one hash
+    /// for each bit set in `size`.
+    pub fn new(frontier: &[Hash], size: u64) -> Result<Self, ProofError> {
+        if frontier.len() != size.count_ones() as usize {
+            return Err(ProofError::OutOfRange(format!(
+                "{} frontier hashes for a tree of {size} leaves, which has {}",
+                frontier.len(),
+                size.count_ones()
+            )));
+        }
+        let levels = (0..64u32).rev().filter(|l| size >> l & 1 == 1);
+        let stack = levels.zip(frontier.iter().copied()).collect();
+        Ok(Frontier { stack, size })
     }
-    // (level, MTH) of perfect subtrees left to right, merged as a binary
-    // counter adds one: two of a level make one of the next.
-    let levels = (0..64u32).rev().filter(|l| size >> l & 1 == 1);
-    let mut stack: Vec<(u32, Hash)> = levels.zip(frontier.iter().copied()).collect();
-    for leaf in leaves {
-        stack.push((0, *leaf));
-        while let [.., (a, left), (b, right)] = stack[..] {
+
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Adds a leaf: two subtrees of a level make one of the next, as a
+    /// binary counter adds one.
+    pub fn push(&mut self, leaf: &Hash) {
+        self.stack.push((0, *leaf));
+        self.size += 1;
+        while let [.., (a, left), (b, right)] = self.stack[..] {
             if a != b {
                 break;
             }
-            stack.truncate(stack.len() - 2);
-            stack.push((a + 1, node_hash(&left, &right)));
+            self.stack.truncate(self.stack.len() - 2);
+            self.stack.push((a + 1, node_hash(&left, &right)));
         }
     }
-    // RFC 9162 splits at the largest power of two: the subtrees fold from
-    // the right.
-    let mut hashes = stack.into_iter().rev().map(|(_, h)| h);
-    let Some(last) = hashes.next() else {
-        return Ok(sha256(b""));
-    };
-    Ok(hashes.fold(last, |right, left| node_hash(&left, &right)))
+
+    /// The root now. RFC 9162 splits at the largest power of two: the
+    /// subtrees fold from the right.
+    pub fn root(&self) -> Hash {
+        let mut hashes = self.stack.iter().rev().map(|(_, h)| *h);
+        let Some(last) = hashes.next() else {
+            return sha256(b"");
+        };
+        hashes.fold(last, |right, left| node_hash(&left, &right))
+    }
 }
 
 /// The root of the tree of the first `size` leaves of `t`.
