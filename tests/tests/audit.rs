@@ -521,6 +521,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The stderr of a command that exited with `code`, trimmed.
+fn stderr_of(out: &std::process::Output, code: i32) -> String {
+    assert_eq!(out.status.code(), Some(code), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).trim().to_owned()
+}
+
 /// `antar audit verify FILE --federation … --extends E` for each of `extends`.
 fn verify_cli(fed: &Federation, file: &std::path::Path, extends: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(antar_bin());
@@ -752,9 +758,8 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
     // The other way round, the earlier log lacks the newer entries.
     let grown_root = format!("{}:{}", grown_view.latest.0, hex(&grown_view.latest.1));
     let shorter = verify_cli(&fed, &before, &[&grown_root]);
-    assert_eq!(shorter.status.code(), Some(1), "{shorter:?}");
     assert_eq!(
-        String::from_utf8_lossy(&shorter.stderr).trim(),
+        stderr_of(&shorter, 1),
         format!(
             "FAILED: does not extend the earlier log of size {} (root {}): this log holds {} entries, fewer than the earlier {}: entries were dropped since",
             grown_view.latest.0,
@@ -816,8 +821,7 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
     let after_view = verify_bundle(&std::fs::read(&after).unwrap(), &fed.verifier()).unwrap();
     for view in [last.to_str().unwrap(), &last_root] {
         let rewritten = verify_cli(&fed, &after, &[view]);
-        assert_eq!(rewritten.status.code(), Some(1), "{rewritten:?}");
-        let stderr = String::from_utf8_lossy(&rewritten.stderr);
+        let stderr = stderr_of(&rewritten, 1);
         let why = if after_view.latest.0 >= last_view.latest.0 {
             format!("the root of this log's first {} entries is ", last_view.latest.0)
         } else {
@@ -846,9 +850,8 @@ async fn a_rewritten_log_is_caught_by_the_peers_witness() {
     let health_auditor = fed.client("health", ClientRole::Auditor).await;
     std::fs::write(&health_log, export(&health_auditor).await).unwrap();
     let other = verify_cli(&fed, &grown, &[health_log.to_str().unwrap()]);
-    assert_eq!(other.status.code(), Some(1), "{other:?}");
     assert_eq!(
-        String::from_utf8_lossy(&other.stderr).trim(),
+        stderr_of(&other, 1),
         format!(
             "FAILED: the earlier bundle {} is health's log, this is finance's",
             health_log.display()
@@ -1095,9 +1098,8 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     }
     // Alone it proves nothing about what it continues: not verified.
     let alone = verify_cli(&fed, &june, &[]);
-    assert_eq!(alone.status.code(), Some(2), "{alone:?}");
     assert_eq!(
-        String::from_utf8_lossy(&alone.stderr).trim(),
+        stderr_of(&alone, 2),
         format!(
             "error: {} holds the log from entry {n} on: verify it with --extends the earlier export it continues (or its {n}:ROOT, or a later view)",
             june.display()
@@ -1106,9 +1108,8 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     // A view that ends before the bundle starts cannot be checked with it:
     // not verified, rather than failed.
     let short = verify_cli(&fed, &june, &[&format!("{}:{r}", n - 1)]);
-    assert_eq!(short.status.code(), Some(2), "{short:?}");
     assert_eq!(
-        String::from_utf8_lossy(&short.stderr).trim(),
+        stderr_of(&short, 2),
         format!(
             "error: the earlier log {}:{r} ends before this bundle's first entry {n}, and no other view given links the two: export the log from entry {} or before, or give the exports between",
             n - 1,
@@ -1122,9 +1123,8 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     let bad = dir.path().join("altered.bundle");
     std::fs::write(&bad, altered.encode_to_vec()).unwrap();
     let failed = verify_cli(&fed, &bad, &[may.to_str().unwrap()]);
-    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
     assert_eq!(
-        String::from_utf8_lossy(&failed.stderr).trim(),
+        stderr_of(&failed, 1),
         format!("FAILED: checkpoint 0 (size {n}): root does not match entries 0..{n}: the log was rewritten or the checkpoint comes from another history")
     );
     // A node that forges the roots it stands on, and signs a checkpoint
@@ -1165,8 +1165,7 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     std::fs::write(&forged_file, &forged_bytes).unwrap();
     for view in [may.to_str().unwrap(), &format!("{n}:{r}")] {
         let caught = verify_cli(&fed, &forged_file, &[view]);
-        assert_eq!(caught.status.code(), Some(1), "{caught:?}");
-        let stderr = String::from_utf8_lossy(&caught.stderr);
+        let stderr = stderr_of(&caught, 1);
         assert!(
             stderr.starts_with(&format!(
                 "FAILED: does not extend the earlier log of size {n} (root {r}): the root of this log's first {n} entries is "
@@ -1185,9 +1184,8 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     let july = dir.path().join("july.bundle");
     assert!(export_cli(&july, june_view.latest.0).status.success());
     let unvouched = verify_cli(&fed, &july, &[june.to_str().unwrap()]);
-    assert_eq!(unvouched.status.code(), Some(2), "{unvouched:?}");
     assert_eq!(
-        String::from_utf8_lossy(&unvouched.stderr).trim(),
+        stderr_of(&unvouched, 2),
         format!(
             "error: the earlier bundle {} holds the log from entry {n} on: give also --extends a view it continues (the export before it, or its {n}:ROOT)",
             june.display()
@@ -1215,14 +1213,13 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
         &july,
         &[forged_file.to_str().unwrap(), may.to_str().unwrap()],
     );
-    assert_eq!(forged_june.status.code(), Some(1), "{forged_june:?}");
+    let stderr = stderr_of(&forged_june, 1);
     assert!(
-        String::from_utf8_lossy(&forged_june.stderr).starts_with(&format!(
+        stderr.starts_with(&format!(
             "FAILED: the earlier bundle {}: does not extend the earlier log of size {n}",
             forged_file.display()
         )),
-        "{}",
-        String::from_utf8_lossy(&forged_june.stderr)
+        "{stderr}"
     );
 
     // Past the log's end.

@@ -135,18 +135,25 @@ pub struct VerifyArgs {
 enum Earlier {
     /// `SIZE:ROOT`.
     Root(u64, merkle::Hash),
-    /// An earlier export.
-    Bundle(PathBuf),
+    /// The bytes of an earlier export.
+    Bundle(Vec<u8>),
 }
 
 impl Earlier {
-    fn parse(s: &str) -> Earlier {
+    /// `SIZE:ROOT`, else the bundle file of that name, read. One that
+    /// cannot be read is a mistake in the arguments, not a failed check.
+    fn read(s: &str) -> anyhow::Result<Earlier> {
         let root = s.split_once(':').and_then(|(size, root)| {
             let size = size.parse().ok()?;
             let root = hex::decode(root).ok()?.try_into().ok()?;
             Some(Earlier::Root(size, root))
         });
-        root.unwrap_or_else(|| Earlier::Bundle(PathBuf::from(s)))
+        match root {
+            Some(root) => Ok(root),
+            None => std::fs::read(s).map(Earlier::Bundle).with_context(|| {
+                format!("cannot read {s} (--extends takes an earlier bundle or SIZE:ROOT, e.g. 1042:0f2a…, 64 hex digits)")
+            }),
+        }
     }
 }
 
@@ -570,19 +577,11 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     // Earlier bundles are read before anything is verified: one that
     // cannot be read is a mistake in the arguments (exit 2), not a check
     // that failed.
-    let mut earlier = Vec::new();
-    for given in &a.extends {
-        let view = match Earlier::parse(given) {
-            Earlier::Root(size, root) => Ok((size, root)),
-            Earlier::Bundle(path) => std::fs::read(&path).map(Err).with_context(|| {
-                format!(
-                    "cannot read {} (--extends takes an earlier bundle or SIZE:ROOT, e.g. 1042:0f2a…, 64 hex digits)",
-                    path.display()
-                )
-            })?,
-        };
-        earlier.push((given, view));
-    }
+    let earlier = a
+        .extends
+        .iter()
+        .map(|given| Ok((given, Earlier::read(given)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let log = match antar_core::audit::verify_log(&bytes, &verifier) {
         Ok(log) => log,
         Err(e) => return Ok(failed(a.json, &e.to_string())),
@@ -596,8 +595,8 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut pending = Vec::new();
     for (given, view) in &earlier {
         match view {
-            Ok((size, root)) => views.push(View::new(given, *size, *root, String::new())),
-            Err(old) => match antar_core::audit::verify_log(old, &verifier) {
+            Earlier::Root(size, root) => views.push(View::new(given, *size, *root, String::new())),
+            Earlier::Bundle(old) => match antar_core::audit::verify_log(old, &verifier) {
                 Ok(l) if l.verified.agency == log.verified.agency => pending.push((given.as_str(), l)),
                 Ok(l) => {
                     let this = &log.verified.agency;
@@ -653,7 +652,8 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         .map(|v| (v.given, v.size, hex::encode(v.root), v.from))
         .collect();
     let v = log.verified;
-    if v.first > 0 && !extends.iter().any(|(_, size, ..)| *size >= v.first) {
+    // Every view is linked, through one it reaches: any at all will do.
+    if v.first > 0 && extends.is_empty() {
         // Its entries verified, but not what they continue.
         anyhow::bail!(
             "{} holds the log from entry {} on: verify it with --extends the earlier export it continues \
@@ -733,33 +733,25 @@ enum Refused {
 }
 
 /// Adds to `views` each earlier bundle in `pending`: a whole one as it is,
-/// one exported from an earlier size on once views reaching its first
-/// entry vouch for it (it extends each view that falls within it).
+/// one exported from an earlier size on once a view falls within it. Then
+/// each bundle taken must extend every view within it, whatever the order
+/// they came in: those are its links (`vouched_by`).
 fn vouch<'a>(
     views: &mut Vec<View<'a>>,
     mut pending: Vec<(&'a str, antar_core::audit::Log)>,
 ) -> Result<(), Refused> {
+    let span = |l: &antar_core::audit::Log| l.verified.first..=l.verified.first + l.verified.entries as u64;
     let mut taken = Vec::new();
     while !pending.is_empty() {
         let before = pending.len();
         let mut waiting = Vec::new();
         for (given, l) in pending {
-            let (first, end) = (l.verified.first, l.verified.first + l.verified.entries as u64);
-            let within: Vec<usize> = (0..views.len())
-                .filter(|&k| (first..=end).contains(&views[k].size))
-                .collect();
-            if first > 0 && within.is_empty() {
+            if l.verified.first > 0 && !views.iter().any(|v| span(&l).contains(&v.size)) {
                 waiting.push((given, l));
                 continue;
             }
-            for &k in &within {
-                l.extends((views[k].size, views[k].root))
-                    .map_err(|e| Refused::Failed(format!("the earlier bundle {given}: {e}")))?;
-            }
             let (size, root) = l.verified.latest;
-            let mut view = View::new(given, size, root, format!(" of {given}"));
-            view.vouched_by = within;
-            views.push(view);
+            views.push(View::new(given, size, root, format!(" of {given}")));
             taken.push((views.len() - 1, l));
         }
         if waiting.len() == before {
@@ -772,13 +764,9 @@ fn vouch<'a>(
         }
         pending = waiting;
     }
-    // Views taken after a bundle that fall within it are links too,
-    // whatever the order they were given in.
     for (b, l) in &taken {
-        let (first, end) = (l.verified.first, l.verified.first + l.verified.entries as u64);
         for k in 0..views.len() {
-            let within = k != *b && (first..=end).contains(&views[k].size);
-            if within && !views[*b].vouched_by.contains(&k) {
+            if k != *b && span(l).contains(&views[k].size) {
                 l.extends((views[k].size, views[k].root))
                     .map_err(|e| Refused::Failed(format!("the earlier bundle {}: {e}", views[*b].given)))?;
                 views[*b].vouched_by.push(k);

@@ -115,8 +115,9 @@ pub fn verify_bundle_extending(
     for &view in earlier {
         log.extends(view)?;
     }
+    // A view before its first entry failed above: any left reach it.
     let first = log.verified.first;
-    if first > 0 && !earlier.iter().any(|(size, _)| *size >= first) {
+    if first > 0 && earlier.is_empty() {
         return Err(bundle_err(format!(
             "starts at entry {first}: the roots it stands on for the entries before are only the node's word until an earlier view of {first} entries or more vouches for them"
         )));
@@ -305,9 +306,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
     let mut grown = start.clone();
     let mut roots = std::collections::HashMap::with_capacity(sizes.len());
     for size in sizes {
-        for leaf in &leaves[(grown.size() - first) as usize..(size - first) as usize] {
-            grown.push(leaf);
-        }
+        grown.extend(&leaves[(grown.size() - first) as usize..(size - first) as usize]);
         roots.insert(size, grown.root());
     }
 
@@ -447,8 +446,6 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
 /// (`start.size() <= size <= start.size() + leaves.len()`).
 fn root_at(start: &merkle::Frontier, leaves: &[Hash], size: u64) -> Hash {
     let mut tree = start.clone();
-    for leaf in &leaves[..(size - start.size()) as usize] {
-        tree.push(leaf);
-    }
+    tree.extend(&leaves[..(size - start.size()) as usize]);
     tree.root()
 }

@@ -151,11 +151,17 @@ pub fn root_and_proofs(leaves: &[Hash]) -> (Hash, Vec<Vec<Hash>>) {
 pub fn frontier_of(t: &mut impl Subtrees, size: u64) -> Result<Vec<Hash>, ProofError> {
     let mut start = 0;
     let mut out = Vec::with_capacity(size.count_ones() as usize);
-    for level in (0..64).rev().filter(|l| size >> l & 1 == 1) {
+    for level in levels(size) {
         out.push(t.perfect(level, start >> level)?);
         start += 1 << level;
     }
     Ok(out)
+}
+
+/// The levels of the perfect subtrees that cover `size` leaves, largest
+/// first: the bits set in `size`.
+fn levels(size: u64) -> impl Iterator<Item = u32> {
+    (0..64u32).rev().filter(move |l| size >> l & 1 == 1)
 }
 
 /// [`frontier_of`] the tree of `leaves`.
@@ -176,7 +182,7 @@ pub fn frontier(leaves: &[Hash]) -> Vec<Hash> {
 /// each bit set in `size`.
 pub fn root_after(frontier: &[Hash], size: u64, leaves: &[Hash]) -> Result<Hash, ProofError> {
     let mut f = Frontier::new(frontier, size)?;
-    leaves.iter().for_each(|l| f.push(l));
+    f.extend(leaves);
     Ok(f.root())
 }
 
@@ -205,8 +211,7 @@ impl Frontier {
                 size.count_ones()
             )));
         }
-        let levels = (0..64u32).rev().filter(|l| size >> l & 1 == 1);
-        let stack = levels.zip(frontier.iter().copied()).collect();
+        let stack = levels(size).zip(frontier.iter().copied()).collect();
         Ok(Frontier { stack, size })
     }
 
@@ -227,6 +232,11 @@ impl Frontier {
             self.stack.truncate(self.stack.len() - 2);
             self.stack.push((a + 1, node_hash(&left, &right)));
         }
+    }
+
+    /// Adds `leaves`, in order.
+    pub fn extend(&mut self, leaves: &[Hash]) {
+        leaves.iter().for_each(|l| self.push(l));
     }
 
     /// The root now. RFC 9162 splits at the largest power of two: the

@@ -1011,11 +1011,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure.
     pub async fn put_audit_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.inner.commit.writes().begin();
-        let inserted = self.inner.trees[keys::AUDIT_META].insert(key, value);
-        self.inner.commit.writes().end();
-        inserted?;
-        self.durable().await
+        self.update_audit_meta(&[(key, Some(value))]).await
     }
 
     /// Sets (`Some`) and removes (`None`) values of the log's metadata,
