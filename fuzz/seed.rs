@@ -87,7 +87,7 @@ fn main() {
 
     // The same envelopes signed as one batch (ADR 0008).
     let batched = finance.sign_envelopes(
-        sealed.iter().map(|s| s.envelope.envelope.clone()).collect(),
+        sealed.iter().map(|s| s.envelope.envelope.to_vec()).collect(),
         "finance",
         to_timestamp(SystemTime::now()),
     );
@@ -161,17 +161,18 @@ fn main() {
     }
 
     // A log of envelopes and receipts with three checkpoints, each cosigned.
-    let mut entries = Vec::new();
+    let mut entries: Vec<prost::bytes::Bytes> = Vec::new();
     let mut log = |kind: EntryKind, id: &str, data: Vec<u8>| {
         entries.push(
             LogEntry {
                 index: entries.len() as u64,
                 kind: kind as i32,
-                data,
+                data: data.into(),
                 message_id: id.to_string(),
                 logged_at: Some(to_timestamp(SystemTime::now())),
             }
-            .encode_to_vec(),
+            .encode_to_vec()
+            .into(),
         );
     };
     for (s, r) in sealed.iter().zip(&receipts) {
@@ -195,21 +196,21 @@ fn main() {
     let bundle = AuditBundle {
         federation: FED.into(),
         agency: "finance".into(),
-        certificates: vec![finance.cert_der().to_vec()],
+        certificates: vec![finance.cert_bytes()],
         entries: entries.clone(),
         checkpoints: checkpoints
             .iter()
             .map(|(cp, note)| WireCheckpoint {
                 note: note.clone(),
                 tree_size: cp.size,
-                root_hash: cp.root.to_vec(),
+                root_hash: cp.root.to_vec().into(),
                 cosignatures: vec![Cosignature {
                     witness: "health".into(),
                     line: cosign(cp, &origin(FED, "health"), &health, 1_700_000_000),
-                    cert: health.cert_der().to_vec(),
+                    cert: health.cert_bytes(),
                 }],
                 // Empty in a bundle, which carries `certificates`.
-                signer_cert: Vec::new(),
+                signer_cert: Default::default(),
             })
             .collect(),
         consistency: sizes
@@ -218,11 +219,11 @@ fn main() {
                 path: merkle::consistency_proof(w[0], &leaves[..w[1]])
                     .expect("consistency proof")
                     .iter()
-                    .map(|h| h.to_vec())
+                    .map(|h| h.to_vec().into())
                     .collect(),
             })
             .collect(),
-        root_ca: root.cert_der(),
+        root_ca: root.cert_der().into(),
         ..AuditBundle::default()
     };
     let verifier = antar_core::Verifier::new(
@@ -240,7 +241,10 @@ fn main() {
         checkpoints: bundle.checkpoints[1..].to_vec(),
         consistency: bundle.consistency[1..].to_vec(),
         first_index: from as u64,
-        prefix: merkle::frontier(&leaves[..from]).iter().map(|h| h.to_vec()).collect(),
+        prefix: merkle::frontier(&leaves[..from])
+            .iter()
+            .map(|h| h.to_vec().into())
+            .collect(),
         ..bundle.clone()
     };
     let bytes = partial.encode_to_vec();
@@ -290,7 +294,7 @@ fn receipt(s: &Sealed, status: ReceiptStatus, issuer: &Signer) -> SignedReceipt 
 fn receipt_draft(s: &Sealed, status: ReceiptStatus) -> Receipt {
     Receipt {
         message_id: s.id.to_string(),
-        envelope_sha256: antar_core::envelope::sha256(&s.envelope.envelope).to_vec(),
+        envelope_sha256: antar_core::envelope::sha256(&s.envelope.envelope).to_vec().into(),
         sender: "finance".into(),
         recipient: "health".into(),
         status: status as i32,
@@ -306,7 +310,7 @@ fn receipt_draft(s: &Sealed, status: ReceiptStatus) -> Receipt {
         } else {
             Outcome::Unspecified as i32
         },
-        result_digest: Vec::new(),
+        result_digest: Default::default(),
         duplicate_of: String::new(),
     }
 }

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         match item.item {
             Some(transfer_item::Item::Envelope(et)) => {
                 if let Some(signed) = et.envelope {
-                    let _ = Envelope::decode(signed.envelope.as_slice());
+                    let _ = Envelope::decode(&signed.envelope[..]);
                     if let Ok(v) = common::verifier().verify_envelope(&signed) {
                         let _ = v.check_payload(&et.payload.unwrap_or_default());
                     }
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Some(transfer_item::Item::Receipt(rt)) => {
                 if let Some(signed) = rt.receipt {
-                    let _ = Receipt::decode(signed.receipt.as_slice());
+                    let _ = Receipt::decode(&signed.receipt[..]);
                     let _ = common::verifier().verify_receipt(&signed);
                 }
             }

@@ -449,7 +449,15 @@ pub async fn receive_exactly(app: &Client, ids: &[String], secs: u64) {
 /// The decoded header of a delivery.
 pub fn envelope_of(d: &wire::Delivery) -> wire::Envelope {
     use prost::Message as _;
-    wire::Envelope::decode(d.envelope.as_ref().unwrap().envelope.as_slice()).unwrap()
+    wire::Envelope::decode(d.envelope.as_ref().unwrap().envelope.clone()).unwrap()
+}
+
+/// Flips the bits `mask` of byte `at` of `bytes` (a field of a received
+/// message: tampering with it as a hostile peer would).
+pub fn flip(bytes: &mut prost::bytes::Bytes, at: usize, mask: u8) {
+    let mut v = bytes.to_vec();
+    v[at] ^= mask;
+    *bytes = v.into();
 }
 
 /// A NOTICE to one agency.
@@ -458,7 +466,7 @@ pub fn notice(to: &str, service: &str, payload: &[u8]) -> wire::SendRequest {
         kind: wire::Kind::Notice as i32,
         recipients: vec![to.to_owned()],
         service: service.to_owned(),
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
         ..Default::default()
     }
 }

@@ -68,7 +68,7 @@ async fn traffic(fed: &Federation) -> String {
                     agency
                         .reply(wire::ReplyRequest {
                             request_id: e.id.clone(),
-                            payload: b"born 2001".to_vec(),
+                            payload: b"born 2001".to_vec().into(),
                             ..Default::default()
                         })
                         .await
@@ -82,7 +82,7 @@ async fn traffic(fed: &Federation) -> String {
                         } else {
                             0
                         },
-                        result: vec![],
+                        result: vec![].into(),
                     })
                     .await
                     .unwrap();
@@ -105,8 +105,8 @@ async fn traffic(fed: &Federation) -> String {
 }
 
 /// A proof's path as hashes.
-fn hashes(path: &[Vec<u8>]) -> Vec<merkle::Hash> {
-    path.iter().map(|h| h.as_slice().try_into().unwrap()).collect()
+fn hashes(path: &[prost::bytes::Bytes]) -> Vec<merkle::Hash> {
+    path.iter().map(|h| h[..].try_into().unwrap()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +173,7 @@ async fn exports_verify_and_any_tampering_is_named() {
         "one DELIVERED receipt for the payment: {entries:?}"
     );
     let delivered = &entries[0];
-    let signed = wire::SignedReceipt::decode(delivered.data.as_slice()).unwrap();
+    let signed = wire::SignedReceipt::decode(&delivered.data[..]).unwrap();
     let r = verifier.verify_receipt(&signed).unwrap().receipt;
     assert_eq!(
         (r.status, r.issuer.as_str()),
@@ -292,7 +292,7 @@ async fn exports_verify_and_any_tampering_is_named() {
     *forked_bundle.checkpoints.last_mut().unwrap() = wire::Checkpoint {
         note: forked.sign(&finance_signer),
         tree_size: last.tree_size,
-        root_hash: forked_root.to_vec(),
+        root_hash: forked_root.to_vec().into(),
         ..Default::default()
     };
     let err = verify_bundle(&forked_bundle.encode_to_vec(), &verifier).unwrap_err();
@@ -306,14 +306,14 @@ async fn exports_verify_and_any_tampering_is_named() {
     let note = Note {
         origin: origin("gov.example", "finance"),
         size: last.tree_size,
-        root: last.root_hash.as_slice().try_into().unwrap(),
+        root: last.root_hash[..].try_into().unwrap(),
     };
     let cosigned_by = |agency: &str| {
         let signer = fed.signer(agency);
         wire::Cosignature {
             witness: agency.into(),
             line: antar_core::checkpoint::cosign(&note, &origin("gov.example", agency), &signer, 1),
-            cert: signer.cert_der().to_vec(),
+            cert: signer.cert_der().to_vec().into(),
         }
     };
     let with = |extra: Vec<wire::Cosignature>| {
@@ -670,12 +670,12 @@ async fn a_witness_takes_only_what_the_note_signs() {
         }
         .sign(&finance),
         tree_size: size,
-        root_hash: vec![root; 32],
+        root_hash: vec![root; 32].into(),
         ..Default::default()
     };
     let ask = |checkpoint: wire::Checkpoint, old_size: u64| wire::WitnessRequest {
         checkpoint: Some(checkpoint),
-        signer_cert: finance.cert_der().to_vec(),
+        signer_cert: finance.cert_der().to_vec().into(),
         old_size,
         proof: Vec::new(),
     };
@@ -705,7 +705,7 @@ async fn a_witness_takes_only_what_the_note_signs() {
         let db = sled::open(fed.layout.data_dir("health")).unwrap();
         let lied = wire::Checkpoint {
             tree_size: 0,
-            root_hash: vec![9; 32],
+            root_hash: vec![9; 32].into(),
             ..signed(100, 1)
         };
         db.open_tree("audit_meta")
@@ -961,7 +961,7 @@ async fn after_a_payload_purge_every_proof_still_verifies() {
         .await
         .unwrap()
         .into_inner();
-    let root: merkle::Hash = cp.root_hash.as_slice().try_into().unwrap();
+    let root: merkle::Hash = cp.root_hash[..].try_into().unwrap();
     let entries: Vec<wire::LogEntry> = audit
         .query(wire::QueryRequest {
             message_id: ids[0].clone(),
@@ -1119,7 +1119,7 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     // The prefix stands for the entries before: altered, the checkpoint
     // at n no longer matches.
     let mut altered = bundle.clone();
-    altered.prefix[0][0] ^= 1;
+    flip(&mut altered.prefix[0], 0, 1);
     let bad = dir.path().join("altered.bundle");
     std::fs::write(&bad, altered.encode_to_vec()).unwrap();
     let failed = verify_cli(&fed, &bad, &[may.to_str().unwrap()]);
@@ -1131,12 +1131,8 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     // over them, makes a bundle that holds together on its own: only the
     // earlier view catches it.
     let mut forged = bundle.clone();
-    forged.prefix[0][0] ^= 1;
-    let prefix: Vec<merkle::Hash> = forged
-        .prefix
-        .iter()
-        .map(|h| h.as_slice().try_into().unwrap())
-        .collect();
+    flip(&mut forged.prefix[0], 0, 1);
+    let prefix: Vec<merkle::Hash> = forged.prefix.iter().map(|h| h[..].try_into().unwrap()).collect();
     let leaves: Vec<merkle::Hash> = forged.entries.iter().map(|e| merkle::leaf_hash(e)).collect();
     let size = n + leaves.len() as u64;
     let root = merkle::root_after(&prefix, n, &leaves).unwrap();
@@ -1149,7 +1145,7 @@ async fn an_export_from_an_earlier_size_carries_only_what_came_after() {
     forged.checkpoints = vec![wire::Checkpoint {
         note,
         tree_size: size,
-        root_hash: root.to_vec(),
+        root_hash: root.to_vec().into(),
         ..Default::default()
     }];
     forged.consistency.clear();

@@ -319,7 +319,7 @@ async fn the_largest_send_by_default_reaches_a_stock_client() {
     let largest = wire::SendRequest {
         headers: (0..MAX_HEADERS).map(|i| (name(i), value(i))).collect(),
         content_type: "t".repeat(256),
-        payload: vec![7u8; max],
+        payload: vec![7u8; max].into(),
         ..notice("health", "tax.notice", b"")
     };
     assert_eq!(
@@ -332,14 +332,14 @@ async fn the_largest_send_by_default_reaches_a_stock_client() {
     );
 
     let mut over = largest.clone();
-    over.payload.push(7);
+    over.payload = vec![7u8; max + 1].into();
     let st = send_err(&finance, over).await;
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("max_payload_bytes"), "{st:?}");
     // Past what the node reads at all (the limit plus 1 MiB): refused
     // before it is read, naming the limit all the same.
     let mut far = largest.clone();
-    far.payload = vec![7u8; max + (1 << 20)];
+    far.payload = vec![7u8; max + (1 << 20)].into();
     let st = send_err(&finance, far).await;
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(
@@ -415,7 +415,7 @@ async fn an_envelope_over_the_recipients_limits_is_rejected_too_large() {
     let id = send(
         &finance,
         wire::SendRequest {
-            payload: vec![1u8; 5 << 20],
+            payload: vec![1u8; 5 << 20].into(),
             ..notice("health", "tax.notice", b"")
         },
     )
@@ -449,7 +449,7 @@ async fn an_envelope_over_a_relays_limits_is_rejected_too_large_by_the_relay() {
     let id = send(
         &finance,
         wire::SendRequest {
-            payload: vec![1u8; 128 << 10],
+            payload: vec![1u8; 128 << 10].into(),
             ..notice("registry", "birth.notice", b"")
         },
     )
@@ -479,7 +479,7 @@ async fn an_envelope_held_before_the_limits_or_policy_changed_is_a_duplicate() {
     let id = send(
         &finance,
         wire::SendRequest {
-            payload: vec![2u8; 2 << 20],
+            payload: vec![2u8; 2 << 20].into(),
             ..notice("health", "tax.notice", b"")
         },
     )

@@ -67,7 +67,7 @@ async fn view(
     let leaves: Vec<_> = bundle.entries.iter().map(|e| merkle::leaf_hash(e)).collect();
     let root = merkle::root(&leaves);
     assert_eq!(
-        (newest.tree_size, newest.root_hash.as_slice()),
+        (newest.tree_size, &newest.root_hash[..]),
         (leaves.len() as u64, root.as_slice()),
         "{agency}'s export during the run: its newest checkpoint is not of all its entries"
     );

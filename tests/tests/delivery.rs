@@ -404,7 +404,7 @@ async fn send_batch_and_ack_batch_answer_each_item_as_its_unary_call_would() {
     let ack = |id: &String, outcome: wire::Outcome| wire::AckRequest {
         message_id: id.clone(),
         outcome: outcome as i32,
-        result: Vec::new(),
+        result: Default::default(),
     };
     let unknown = antar_core::MessageId::new().to_string();
     let acks = vec![

@@ -138,9 +138,9 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
     let [mut payload_altered, mut salt_altered, mut resigned, mut bytes_altered, mut sig_altered] =
         <[EnvelopeTransfer; 5]>::try_from(envelopes).unwrap();
 
-    payload_altered.payload.as_mut().unwrap().data[0] ^= 1;
-    salt_altered.payload.as_mut().unwrap().salt[31] ^= 0x80;
-    sig_altered.envelope.as_mut().unwrap().signature[10] ^= 4;
+    flip(&mut payload_altered.payload.as_mut().unwrap().data, 0, 1);
+    flip(&mut salt_altered.payload.as_mut().unwrap().salt, 31, 0x80);
+    flip(&mut sig_altered.envelope.as_mut().unwrap().signature, 10, 4);
 
     let hub_signer = antar_core::Signer::from_pkcs8(
         &antar_pki::read_key_der(&hub_certs.signing_key()).unwrap(),
@@ -148,15 +148,11 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
     )
     .unwrap();
     let genuine = resigned.envelope.clone().unwrap();
-    resigned.envelope = Some(hub_signer.sign_envelope_bytes(genuine.envelope));
+    resigned.envelope = Some(hub_signer.sign_envelope_bytes(genuine.envelope.to_vec()));
 
     // An unknown field appended: decodes to the same header, but not the signed bytes.
-    bytes_altered
-        .envelope
-        .as_mut()
-        .unwrap()
-        .envelope
-        .extend_from_slice(&[0x98, 0x06, 0x01]);
+    let signed = bytes_altered.envelope.as_mut().unwrap();
+    signed.envelope = [&signed.envelope[..], &[0x98, 0x06, 0x01]].concat().into();
 
     let items = [
         payload_altered,
@@ -216,7 +212,7 @@ async fn tampered_envelopes_are_rejected_with_their_reason_back_to_the_sender() 
 
 fn envelope_id(e: &EnvelopeTransfer) -> String {
     use prost::Message as _;
-    wire::Envelope::decode(e.envelope.as_ref().unwrap().envelope.as_slice())
+    wire::Envelope::decode(e.envelope.as_ref().unwrap().envelope.clone())
         .unwrap()
         .id
 }
@@ -272,11 +268,7 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
     assert_eq!(got.len(), 1, "{got:?}");
     let (envelope, payload) = (envelope_of(&got[0]), got[0].payload.clone().unwrap());
     assert_eq!(
-        (
-            envelope.id.as_str(),
-            envelope.sender.as_str(),
-            payload.data.as_slice()
-        ),
+        (envelope.id.as_str(), envelope.sender.as_str(), &payload.data[..]),
         (genuine.as_str(), "finance", b"genuine".as_slice())
     );
     // Finance's envelope again, from finance: a duplicate, not a second delivery.
@@ -295,7 +287,7 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
     // Health's own message is still its own.
     let t = track(&health, &own).await;
     let envelope: wire::Envelope =
-        prost::Message::decode(t.envelope.as_ref().unwrap().envelope.as_slice()).unwrap();
+        prost::Message::decode(t.envelope.as_ref().unwrap().envelope.clone()).unwrap();
     assert_eq!(
         (envelope.sender.as_str(), envelope.recipient.as_str()),
         ("health", "finance")
@@ -325,7 +317,7 @@ async fn an_envelope_reusing_a_message_id_is_refused_not_overwritten() {
                 id.as_str()
             )
         );
-        assert_eq!(r.envelope_sha256, antar_core::envelope::sha256(bytes));
+        assert_eq!(r.envelope_sha256, &antar_core::envelope::sha256(bytes)[..]);
     }
     finance_node.stop().await.unwrap();
 }
@@ -402,7 +394,7 @@ async fn a_transaction_key_replayed_under_a_new_id_is_a_duplicate_at_the_recipie
     assert_eq!(r.duplicate_of, original);
     assert_eq!(
         r.envelope_sha256,
-        antar_core::envelope::sha256(&replay.envelope.as_ref().unwrap().envelope)
+        &antar_core::envelope::sha256(&replay.envelope.as_ref().unwrap().envelope)[..]
     );
 }
 
@@ -511,7 +503,7 @@ async fn a_refusal_of_an_altered_copy_does_not_undo_a_delivery() {
     until_state(&finance, &id, wire::MessageState::Delivered, 15).await;
     let got = receive(&fed.app("registry").await, 1, 5, false).await;
     let mut altered = got[0].envelope.clone().unwrap();
-    altered.envelope.extend_from_slice(&[0x98, 0x06, 0x01]);
+    altered.envelope = [&altered.envelope[..], &[0x98, 0x06, 0x01]].concat().into();
     let item = TransferItem {
         seq: 1,
         item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
@@ -565,8 +557,8 @@ async fn a_copy_refused_before_the_genuine_envelope_arrives_does_not_hide_its_de
         item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
             envelope: Some(genuine),
             payload: Some(wire::Payload {
-                data: b"forged".to_vec(),
-                salt: vec![0; 32],
+                data: b"forged".to_vec().into(),
+                salt: vec![0; 32].into(),
             }),
             hops: vec!["finance".into(), "hub".into()],
             traceparent: String::new(),
@@ -596,7 +588,7 @@ async fn a_copy_refused_before_the_genuine_envelope_arrives_does_not_hide_its_de
     assert_eq!(t.state(), wire::MessageState::Delivered);
     let got = receive(&fed.app("registry").await, 2, 3, false).await;
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].payload.as_ref().unwrap().data, b"genuine");
+    assert_eq!(got[0].payload.as_ref().unwrap().data, &b"genuine"[..]);
     for n in [hub_node, registry_node, finance_node] {
         n.stop().await.unwrap();
     }
@@ -617,7 +609,7 @@ async fn a_delivery_receipt_from_anyone_but_the_recipient_changes_nothing() {
     let genuine = track(&finance, &id).await.envelope.unwrap();
     let fake = |recipient: &str| wire::Receipt {
         message_id: id.clone(),
-        envelope_sha256: antar_core::envelope::sha256(&genuine.envelope).to_vec(),
+        envelope_sha256: antar_core::envelope::sha256(&genuine.envelope).to_vec().into(),
         sender: "finance".into(),
         recipient: recipient.into(),
         status: wire::ReceiptStatus::Delivered as i32,

@@ -128,12 +128,12 @@ impl Responder {
                 .unwrap();
             let e = envelope_of(&d);
             assert_eq!(e.kind, wire::Kind::Request as i32);
-            let mut answer = d.payload.unwrap().data;
+            let mut answer = d.payload.unwrap().data.to_vec();
             answer.reverse();
             self.agency
                 .reply(wire::ReplyRequest {
                     request_id: e.id.clone(),
-                    payload: answer,
+                    payload: answer.into(),
                     ..Default::default()
                 })
                 .await
@@ -179,7 +179,7 @@ async fn call_answers_within_its_deadline_or_fails_and_the_late_response_still_a
     responder.await.unwrap();
     let e = envelope_of(&answer);
     assert_eq!(e.kind, wire::Kind::Response as i32);
-    assert_eq!(answer.payload.unwrap().data, b"4321");
+    assert_eq!(answer.payload.unwrap().data, &b"4321"[..]);
     let request_id = e.correlation_id.clone();
     assert_eq!(
         until_state(&finance, &request_id, wire::MessageState::Processed, 10)
@@ -199,7 +199,7 @@ async fn call_answers_within_its_deadline_or_fails_and_the_late_response_still_a
     assert_eq!(late.len(), 1, "the late response must reach the inbox");
     let e = envelope_of(&late[0]);
     assert_eq!(e.kind, wire::Kind::Response as i32);
-    assert_eq!(late[0].payload.as_ref().unwrap().data, b"cba");
+    assert_eq!(late[0].payload.as_ref().unwrap().data, &b"cba"[..]);
     // The timed-out request is still tracked to the end: its PROCESSED
     // receipt (registry acked it after replying) follows the response.
     until_state(&finance, &e.correlation_id, wire::MessageState::Processed, 15).await;
@@ -240,7 +240,7 @@ async fn a_call_to_its_own_agency_is_answered_and_no_receive_stream_gets_the_res
     let response = envelope_of(&answer);
     assert_eq!(response.kind, wire::Kind::Response as i32);
     assert_eq!(response.correlation_id, request.id);
-    assert_eq!(answer.payload.unwrap().data, b"gnip");
+    assert_eq!(answer.payload.unwrap().data, &b"gnip"[..]);
     let more = tokio::time::timeout(Duration::from_secs(1), responder.stream.next()).await;
     assert!(
         more.is_err(),
@@ -396,7 +396,7 @@ async fn a_reply_settles_the_request_it_answers() {
         assert_eq!(envelope_of(&d).id, request);
         let answer = wire::ReplyRequest {
             request_id: request.clone(),
-            payload: b"born 2001".to_vec(),
+            payload: b"born 2001".to_vec().into(),
             ..Default::default()
         };
         let first = responder.agency.reply(answer.clone()).await.unwrap().into_inner();
@@ -528,7 +528,7 @@ async fn a_request_acked_first_is_still_answered_and_processed_once() {
         .agency()
         .reply(wire::ReplyRequest {
             request_id: request.clone(),
-            payload: b"born 2001".to_vec(),
+            payload: b"born 2001".to_vec().into(),
             ..Default::default()
         })
         .await
@@ -541,7 +541,7 @@ async fn a_request_acked_first_is_still_answered_and_processed_once() {
         (
             envelope.id.as_str(),
             envelope.correlation_id.as_str(),
-            response[0].payload.as_ref().unwrap().data.as_slice()
+            &response[0].payload.as_ref().unwrap().data[..]
         ),
         (
             answered.message_ids[0].as_str(),
@@ -667,7 +667,7 @@ async fn a_sender_restored_from_a_backup_cannot_deliver_a_transaction_twice() {
         .ack(wire::AckRequest {
             message_id: original.clone(),
             outcome: wire::Outcome::Committed as i32,
-            result: Vec::new(),
+            result: Vec::new().into(),
         })
         .await
         .unwrap();
@@ -762,7 +762,7 @@ async fn a_transaction_key_is_delivered_once_across_repeats_and_a_sender_restart
         .ack(wire::AckRequest {
             message_id: id.clone(),
             outcome: wire::Outcome::Committed as i32,
-            result: b"registry receipt no. 77".to_vec(),
+            result: b"registry receipt no. 77".to_vec().into(),
         })
         .await
         .unwrap();
@@ -901,7 +901,7 @@ async fn an_envelope_past_its_ttl_is_expired_by_the_forwarder_not_sent() {
         .map(|d| {
             assert_eq!(d.reason, "expired");
             let signed = d.envelope.expect("a dead letter holds its envelope");
-            <wire::Envelope as prost::Message>::decode(signed.envelope.as_slice())
+            <wire::Envelope as prost::Message>::decode(&signed.envelope[..])
                 .unwrap()
                 .id
         })
@@ -999,10 +999,10 @@ async fn a_send_batch_is_sealed_together_and_each_envelope_reaches_its_own_recip
         let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
         let signed = t.envelope.as_ref().unwrap();
         fed.verifier().verify_envelope(signed).unwrap();
-        let e = wire::Envelope::decode(signed.envelope.as_slice()).unwrap();
+        let e = wire::Envelope::decode(&signed.envelope[..]).unwrap();
         assert_eq!((&e.id, e.recipient.as_str()), (id, agency));
         let batch = signed.batch.as_ref().expect("batch-signed");
-        let header = wire::EnvelopeBatch::decode(batch.header.as_slice()).unwrap();
+        let header = wire::EnvelopeBatch::decode(&batch.header[..]).unwrap();
         assert_eq!((header.size, header.sender.as_str()), (3, "finance"));
         signatures.push(signed.signature.clone());
         let statuses = [
@@ -1064,7 +1064,7 @@ async fn a_notice_to_several_agencies_is_one_envelope_and_one_receipt_chain_each
         let signed = got[0].envelope.as_ref().unwrap();
         fed.verifier().verify_envelope(signed).unwrap();
         let batch = signed.batch.as_ref().expect("one batch for both envelopes");
-        let header = wire::EnvelopeBatch::decode(batch.header.as_slice()).unwrap();
+        let header = wire::EnvelopeBatch::decode(&batch.header[..]).unwrap();
         assert_eq!((header.size, header.sender.as_str()), (2, "finance"));
         signatures.push(signed.signature.clone());
         let t = until_state(&finance, id, wire::MessageState::Processed, 15).await;
@@ -1137,10 +1137,13 @@ async fn batch_signed_envelopes_and_receipts_verify_alone_end_to_end_and_in_the_
         let verified = fed.verifier().verify_envelope(signed).unwrap();
         verified.check_payload(d.payload.as_ref().unwrap()).unwrap();
         if let Some(batch) = &signed.batch {
-            let header = wire::EnvelopeBatch::decode(batch.header.as_slice()).unwrap();
+            let header = wire::EnvelopeBatch::decode(&batch.header[..]).unwrap();
             assert!(header.size >= 2 && batch.index < header.size, "{header:?}");
             assert_eq!(header.sender, "finance");
-            batches.entry(batch.header.clone()).or_default().push(batch.index);
+            batches
+                .entry(batch.header.to_vec())
+                .or_default()
+                .push(batch.index);
             batched_envelopes += 1;
         }
     }
@@ -1179,7 +1182,7 @@ async fn batch_signed_envelopes_and_receipts_verify_alone_end_to_end_and_in_the_
         assert_eq!(verified_statuses(&fed, &t), finance_to_registry_chain());
         let delivered = &t.receipts[1];
         if let Some(batch) = &delivered.batch {
-            let header = wire::ReceiptBatch::decode(batch.header.as_slice()).unwrap();
+            let header = wire::ReceiptBatch::decode(&batch.header[..]).unwrap();
             assert!(header.size >= 2 && batch.index < header.size, "{header:?}");
             assert_eq!(header.issuer, "registry");
             batched += 1;
@@ -1230,7 +1233,7 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
     // Receipts health's node signs anew: other bytes, so other digests.
     let health_signer = fed.signer("health");
     let variant = |n: i64| {
-        let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
+        let mut r = wire::Receipt::decode(&delivered.receipt[..]).unwrap();
         r.at.as_mut().unwrap().nanos = 0;
         r.at.as_mut().unwrap().seconds += n;
         health_signer.sign_receipt(&r)
@@ -1240,7 +1243,7 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
     // upgrade, and one two days after it (by its UUIDv7 time), whose
     // receipts the old keys cannot hold, so they are not read.
     let about = |id: antar_core::MessageId| {
-        let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
+        let mut r = wire::Receipt::decode(&delivered.receipt[..]).unwrap();
         r.message_id = id.to_string();
         health_signer.sign_receipt(&r)
     };
@@ -1260,7 +1263,7 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
     let message = antar_core::MessageId::parse(&id).unwrap();
     store
         .transact(|tx| {
-            let cursor = tx.log_receipt(&old_seen.encode_to_vec(), &old_seen.signer_cert)?;
+            let cursor = tx.log_receipt(old_seen.encode_to_vec().into(), &old_seen.signer_cert)?;
             tx.update_message(&message, |record| {
                 record.receipt_cursors.push(cursor);
                 record.receipt_digests.clear();
@@ -1288,7 +1291,7 @@ async fn a_receipt_handed_over_again_is_a_duplicate_even_one_an_older_build_saw(
 
     // A receipt for finance that registry hands the hub to relay.
     let hub_node = fed.start("hub").await;
-    let mut r = wire::Receipt::decode(delivered.receipt.as_slice()).unwrap();
+    let mut r = wire::Receipt::decode(&delivered.receipt[..]).unwrap();
     r.issuer = "registry".into();
     r.recipient = "registry".into();
     let relayed = fed.signer("registry").sign_receipt(&r);
@@ -1357,7 +1360,7 @@ async fn a_receipt_naming_this_node_sender_of_a_message_it_received_is_audited_o
     let t = until_state(&finance, &id, wire::MessageState::Processed, 15).await;
 
     // finance's node claims health sent the message and finance got it.
-    let mut r = wire::Receipt::decode(t.receipts[1].receipt.as_slice()).unwrap();
+    let mut r = wire::Receipt::decode(t.receipts[1].receipt.clone()).unwrap();
     r.sender = "health".into();
     r.issuer = "finance".into();
     r.recipient = "finance".into();

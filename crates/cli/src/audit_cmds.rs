@@ -172,9 +172,9 @@ fn describe(e: &wire::LogEntry) -> (String, serde_json::Value) {
     let at = e.logged_at.map(|t| t.seconds).unwrap_or_default();
     match EntryKind::try_from(e.kind) {
         Ok(EntryKind::Envelope) => {
-            let env = wire::SignedEnvelope::decode(e.data.as_slice())
+            let env = wire::SignedEnvelope::decode(&e.data[..])
                 .ok()
-                .and_then(|s| wire::Envelope::decode(s.envelope.as_slice()).ok())
+                .and_then(|s| wire::Envelope::decode(&s.envelope[..]).ok())
                 .unwrap_or_default();
             (
                 format!(
@@ -191,9 +191,9 @@ fn describe(e: &wire::LogEntry) -> (String, serde_json::Value) {
             )
         }
         _ => {
-            let r = wire::SignedReceipt::decode(e.data.as_slice())
+            let r = wire::SignedReceipt::decode(&e.data[..])
                 .ok()
-                .and_then(|s| wire::Receipt::decode(s.receipt.as_slice()).ok())
+                .and_then(|s| wire::Receipt::decode(&s.receipt[..]).ok())
                 .unwrap_or_default();
             (
                 format!(
@@ -276,7 +276,7 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
         .map_err(status_err)?
         .into_inner();
     let root =
-        merkle::Hash::try_from(checkpoint.root_hash.as_slice()).context("checkpoint root is not 32 bytes")?;
+        merkle::Hash::try_from(&checkpoint.root_hash[..]).context("checkpoint root is not 32 bytes")?;
     let mut entries = audit
         .query(wire::QueryRequest {
             message_id: a.id.clone(),
@@ -327,7 +327,7 @@ async fn proof(a: ProofArgs) -> anyhow::Result<ExitCode> {
             .path;
         let hashes = path
             .iter()
-            .map(|h| merkle::Hash::try_from(h.as_slice()))
+            .map(|h| merkle::Hash::try_from(&h[..]))
             .collect::<Result<Vec<_>, _>>()
             .context("a proof hash is not 32 bytes")?;
         let leaf = merkle::leaf_hash(&e.encode_to_vec());
@@ -448,10 +448,10 @@ impl Trust {
     /// checks every entry of a bundle.
     fn check_entry(&self, e: &wire::LogEntry, id: &str) -> anyhow::Result<()> {
         let signs = match EntryKind::try_from(e.kind) {
-            Ok(EntryKind::Envelope) => wire::SignedEnvelope::decode(e.data.as_slice())
+            Ok(EntryKind::Envelope) => wire::SignedEnvelope::decode(&e.data[..])
                 .map_err(anyhow::Error::from)
                 .and_then(|s| Ok(self.verifier.verify_envelope(&s)?.id)),
-            Ok(EntryKind::Receipt) => wire::SignedReceipt::decode(e.data.as_slice())
+            Ok(EntryKind::Receipt) => wire::SignedReceipt::decode(&e.data[..])
                 .map_err(anyhow::Error::from)
                 .and_then(|s| Ok(self.verifier.verify_receipt(&s)?.message_id)),
             _ => Err(anyhow::anyhow!("unknown kind {}", e.kind)),
@@ -847,8 +847,8 @@ mod tests {
             }
             .sign(by),
             tree_size: 5,
-            root_hash: root.to_vec(),
-            signer_cert: cert_of.cert_der().to_vec(),
+            root_hash: prost::bytes::Bytes::copy_from_slice(&root),
+            signer_cert: cert_of.cert_bytes(),
             ..Default::default()
         };
         let check = |cp: &wire::Checkpoint| {
@@ -880,7 +880,7 @@ mod tests {
             ),
             (
                 wire::Checkpoint {
-                    signer_cert: Vec::new(),
+                    signer_cert: Default::default(),
                     ..checkpoint("finance", 5, &finance, &finance)
                 },
                 "the node gave no signing certificate with its checkpoint",
@@ -905,7 +905,8 @@ mod tests {
                     at: Some(antar_core::time::to_timestamp(std::time::SystemTime::now())),
                     ..Default::default()
                 })
-                .encode_to_vec(),
+                .encode_to_vec()
+                .into(),
             message_id: id.into(),
             ..Default::default()
         };
@@ -914,8 +915,10 @@ mod tests {
         let err = format!("{:#}", trust.check_entry(&receipt(other), id).unwrap_err());
         assert!(err.contains(&format!("signs message {other}, NOT {id}")), "{err}");
         let mut forged = receipt(id);
-        let at = forged.data.len() / 3;
-        forged.data[at] ^= 1;
+        let mut data = forged.data.to_vec();
+        let at = data.len() / 3;
+        data[at] ^= 1;
+        forged.data = data.into();
         let err = format!("{:#}", trust.check_entry(&forged, id).unwrap_err());
         assert!(err.starts_with("entry 3 is NOT a validly signed"), "{err}");
     }

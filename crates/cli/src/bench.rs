@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use prost::bytes::Bytes;
 use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -272,7 +273,7 @@ fn delivered(
     progress: &Progress,
     hist: Option<&Mutex<Latencies>>,
 ) -> anyhow::Result<wire::Envelope> {
-    let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope.as_slice())?;
+    let env = wire::Envelope::decode(d.envelope.unwrap_or_default().envelope)?;
     if let Some(hist) = hist {
         let ts = env.headers.get("bench-ts").and_then(|t| t.parse::<u64>().ok());
         if let Some(ts) = ts.filter(|&ts| progress.measured(ts)) {
@@ -292,7 +293,7 @@ fn ack_of(env: &wire::Envelope) -> wire::AckRequest {
     wire::AckRequest {
         message_id: env.id.clone(),
         outcome,
-        result: Vec::new(),
+        result: Default::default(),
     }
 }
 
@@ -384,7 +385,7 @@ async fn watch_receipts(
             Ok(Some(e)) => e?,
         };
         let signed = event.receipt.unwrap_or_default();
-        let receipt = wire::Receipt::decode(signed.receipt.as_slice())?;
+        let receipt = wire::Receipt::decode(&signed.receipt[..])?;
         if receipt.status == status as i32 && seen.insert(receipt.message_id.clone()) {
             arrivals.push((receipt.message_id, now_ns()));
             progress.done.fetch_add(1, Ordering::Relaxed);
@@ -487,9 +488,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         })
     };
 
-    let payload = vec![0x5au8; args.size];
+    // Shared by every request: the load generator copies no payload.
+    let payload = Bytes::from(vec![0x5au8; args.size]);
     let transaction = args.kind == "transaction";
-    let request = move |i: u64, ts: u64, payload: Vec<u8>| wire::SendRequest {
+    let request = move |i: u64, ts: u64, payload: Bytes| wire::SendRequest {
         kind: if transaction {
             Kind::Transaction
         } else {

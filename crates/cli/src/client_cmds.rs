@@ -108,7 +108,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
             kind: kind as i32,
             recipients: args.to.clone(),
             service: args.service.clone(),
-            payload,
+            payload: payload.into(),
             content_type: args.payload.content_type(),
             headers: args.headers.into_iter().collect(),
             idempotency_key: args.idempotency_key.unwrap_or_default(),
@@ -204,7 +204,7 @@ pub async fn inbox(args: InboxArgs) -> anyhow::Result<ExitCode> {
                 .ack(wire::AckRequest {
                     message_id: env.id.clone(),
                     outcome: outcome as i32,
-                    result: Vec::new(),
+                    result: Default::default(),
                 })
                 .await
                 .map_err(status_err)?;
@@ -227,7 +227,7 @@ pub async fn inbox(args: InboxArgs) -> anyhow::Result<ExitCode> {
 /// Prints one delivery (a line, or a JSON object with --json); returns its header.
 pub(crate) fn print_delivery(delivery: &wire::Delivery, json: bool) -> wire::Envelope {
     let signed = delivery.envelope.clone().unwrap_or_default();
-    let env = wire::Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
+    let env = wire::Envelope::decode(&signed.envelope[..]).unwrap_or_default();
     let data = delivery.payload.clone().unwrap_or_default().data;
     if json {
         println!(
@@ -284,7 +284,7 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     let receipts: Vec<_> = resp
         .receipts
         .iter()
-        .map(|r| wire::Receipt::decode(r.receipt.as_slice()).unwrap_or_default())
+        .map(|r| wire::Receipt::decode(&r.receipt[..]).unwrap_or_default())
         .collect();
     let state = MessageState::try_from(resp.state).unwrap_or(MessageState::Unspecified);
     if args.conn.json {
@@ -646,9 +646,8 @@ async fn dead_letters(cmd: DeadLetterCommand) -> anyhow::Result<()> {
                     break;
                 }
                 for d in &page {
-                    let env =
-                        wire::Envelope::decode(d.envelope.clone().unwrap_or_default().envelope.as_slice())
-                            .unwrap_or_default();
+                    let env = wire::Envelope::decode(d.envelope.clone().unwrap_or_default().envelope)
+                        .unwrap_or_default();
                     let at = d.at.map(|t| t.seconds).unwrap_or_default();
                     if conn.json {
                         println!(

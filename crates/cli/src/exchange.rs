@@ -49,7 +49,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<ExitCode> {
         kind: wire::Kind::Request as i32,
         recipients: vec![args.to.clone()],
         service: args.service.clone(),
-        payload: args.payload.read()?,
+        payload: args.payload.read()?.into(),
         content_type: args.payload.content_type(),
         headers: args.headers.into_iter().collect(),
         ..Default::default()
@@ -95,7 +95,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<ExitCode> {
         .agency()
         .reply(wire::ReplyRequest {
             request_id: args.request_id.clone(),
-            payload: args.payload.read()?,
+            payload: args.payload.read()?.into(),
             content_type: args.payload.content_type(),
             headers: args.headers.into_iter().collect(),
         })
@@ -149,8 +149,7 @@ pub async fn receipts(args: ReceiptsArgs) -> anyhow::Result<ExitCode> {
         };
         let Some(event) = next else { break };
         let event = event.map_err(status_err)?;
-        let r =
-            wire::Receipt::decode(event.receipt.unwrap_or_default().receipt.as_slice()).unwrap_or_default();
+        let r = wire::Receipt::decode(event.receipt.unwrap_or_default().receipt).unwrap_or_default();
         if args.conn.json {
             println!(
                 "{}",

@@ -206,7 +206,7 @@ impl Client {
                 kind: wire::Kind::Notice as i32,
                 recipients: vec![to.to_owned()],
                 service: service.to_owned(),
-                payload,
+                payload: payload.into(),
                 ..Default::default()
             })
             .await?

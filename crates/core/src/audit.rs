@@ -236,7 +236,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
     let prefix = bundle
         .prefix
         .iter()
-        .map(|h| Hash::try_from(h.as_slice()))
+        .map(|h| Hash::try_from(&h[..]))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| bundle_err("a prefix hash is not 32 bytes"))?;
     let start = merkle::Frontier::new(&prefix, first).map_err(|_| {
@@ -254,7 +254,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
             index: at as usize,
             detail,
         };
-        let entry = LogEntry::decode(raw.as_slice())
+        let entry = LogEntry::decode(&raw[..])
             .map_err(|e| entry_err(format!("does not decode as a LogEntry: {e}")))?;
         if entry.index != at {
             return Err(entry_err(format!(
@@ -264,7 +264,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
         }
         let message_id = match EntryKind::try_from(entry.kind) {
             Ok(EntryKind::Envelope) => {
-                let signed = SignedEnvelope::decode(entry.data.as_slice())
+                let signed = SignedEnvelope::decode(&entry.data[..])
                     .map_err(|e| entry_err(format!("envelope does not decode: {e}")))?;
                 envelopes += 1;
                 verifier
@@ -273,7 +273,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
                     .id
             }
             Ok(EntryKind::Receipt) => {
-                let signed = SignedReceipt::decode(entry.data.as_slice())
+                let signed = SignedReceipt::decode(&entry.data[..])
                     .map_err(|e| entry_err(format!("receipt does not decode: {e}")))?;
                 receipts += 1;
                 verifier
@@ -340,7 +340,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
                 note.origin
             )));
         }
-        if note.size != c.tree_size || note.root.as_slice() != c.root_hash.as_slice() {
+        if note.size != c.tree_size || note.root.as_slice() != &c.root_hash[..] {
             return Err(cp_err(
                 "tree_size or root_hash differ from the signed note".into(),
             ));
@@ -402,7 +402,7 @@ pub fn verify_log(bytes: &[u8], verifier: &Verifier) -> Result<Log, AuditError> 
             let path = proof
                 .path
                 .iter()
-                .map(|h| Hash::try_from(h.as_slice()))
+                .map(|h| Hash::try_from(&h[..]))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| cons_err("a proof hash is not 32 bytes".into()))?;
             merkle::verify_consistency(old_size, note.size, &path, &old_root, &note.root)

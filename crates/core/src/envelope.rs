@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -86,23 +87,23 @@ impl Prepared {
 
 impl Draft {
     /// Builds the envelope with a fresh id and a fresh 32-byte salt, and signs it.
-    pub fn seal(self, data: Vec<u8>, signer: &Signer) -> Sealed {
+    pub fn seal(self, data: impl Into<Bytes>, signer: &Signer) -> Sealed {
         self.prepare(data).sign(signer)
     }
 
     /// Builds the envelope with a fresh id and a fresh 32-byte salt, unsigned.
-    pub fn prepare(self, data: Vec<u8>) -> Prepared {
+    pub fn prepare(self, data: impl Into<Bytes>) -> Prepared {
         let mut salt = vec![0u8; 32];
         rand::rng().fill_bytes(&mut salt);
-        self.prepare_with(MessageId::new(), salt, data)
+        self.prepare_with(MessageId::new(), salt, data.into())
     }
 
     /// Like [`Draft::seal`], with the id and salt given (test vectors, replays).
-    pub fn seal_with(self, id: MessageId, salt: Vec<u8>, data: Vec<u8>, signer: &Signer) -> Sealed {
-        self.prepare_with(id, salt, data).sign(signer)
+    pub fn seal_with(self, id: MessageId, salt: Vec<u8>, data: impl Into<Bytes>, signer: &Signer) -> Sealed {
+        self.prepare_with(id, salt, data.into()).sign(signer)
     }
 
-    fn prepare_with(self, id: MessageId, salt: Vec<u8>, data: Vec<u8>) -> Prepared {
+    fn prepare_with(self, id: MessageId, salt: Vec<u8>, data: Bytes) -> Prepared {
         let envelope = Envelope {
             id: id.to_string(),
             kind: self.kind as i32,
@@ -114,15 +115,18 @@ impl Draft {
             expires_at: Some(to_timestamp(self.created_at + self.ttl)),
             headers: self.headers,
             content_type: self.content_type,
-            payload_digest: payload_digest(&salt, &data).to_vec(),
+            payload_digest: Bytes::copy_from_slice(&payload_digest(&salt, &data)),
             payload_size: data.len() as u64,
-            salt_sha256: sha256(&salt).to_vec(),
+            salt_sha256: Bytes::copy_from_slice(&sha256(&salt)),
         };
         Prepared {
             id,
             envelope: envelope.encode_to_vec(),
             created_at: self.created_at,
-            payload: Payload { salt, data },
+            payload: Payload {
+                salt: salt.into(),
+                data,
+            },
         }
     }
 }

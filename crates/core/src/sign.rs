@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use prost_types::Timestamp;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -37,7 +38,8 @@ pub enum SignError {
 /// A node's signing key with the certificate that vouches for it.
 pub struct Signer {
     key: Ed25519KeyPair,
-    cert_der: Vec<u8>,
+    /// Shared by every signed envelope and receipt that carries it.
+    cert_der: Bytes,
     /// Signatures made so far: what the node's CPU spends on them.
     made: AtomicU64,
 }
@@ -65,7 +67,7 @@ impl Signer {
         }
         Ok(Self {
             key,
-            cert_der,
+            cert_der: cert_der.into(),
             made: AtomicU64::new(0),
         })
     }
@@ -77,7 +79,7 @@ impl Signer {
         let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).expect("an Ed25519 key");
         Self {
             key,
-            cert_der: Vec::new(),
+            cert_der: Bytes::new(),
             made: AtomicU64::new(0),
         }
     }
@@ -101,6 +103,11 @@ impl Signer {
         &self.cert_der
     }
 
+    /// The same certificate, as a message field shares it (no copy).
+    pub fn cert_bytes(&self) -> Bytes {
+        self.cert_der.clone()
+    }
+
     /// The raw 32-byte Ed25519 public key.
     pub fn public_key(&self) -> &[u8] {
         self.key.public_key().as_ref()
@@ -110,8 +117,8 @@ impl Signer {
     pub fn sign_envelope_bytes(&self, envelope: Vec<u8>) -> SignedEnvelope {
         let signature = self.sign(ENVELOPE_DOMAIN, &envelope);
         SignedEnvelope {
-            envelope_sha256: sha256(&envelope).to_vec(),
-            envelope,
+            envelope_sha256: digest_bytes(&envelope),
+            envelope: envelope.into(),
             signature,
             signer_cert: self.cert_der.clone(),
             batch: None,
@@ -144,9 +151,9 @@ impl Signer {
         envelopes
             .into_iter()
             .zip(batch.proofs)
-            .map(|(envelope, (index, path))| SignedEnvelope {
-                envelope_sha256: sha256(&envelope).to_vec(),
-                envelope,
+            .map(|(envelope, (index, path, digest))| SignedEnvelope {
+                envelope_sha256: digest,
+                envelope: envelope.into(),
                 signature: batch.signature.clone(),
                 signer_cert: self.cert_der.clone(),
                 batch: Some(EnvelopeBatchProof {
@@ -163,8 +170,8 @@ impl Signer {
         let receipt = receipt.encode_to_vec();
         let signature = self.sign(RECEIPT_DOMAIN, &receipt);
         SignedReceipt {
-            receipt_sha256: sha256(&receipt).to_vec(),
-            receipt,
+            receipt_sha256: digest_bytes(&receipt),
+            receipt: receipt.into(),
             signature,
             signer_cert: self.cert_der.clone(),
             batch: None,
@@ -197,9 +204,9 @@ impl Signer {
         bytes
             .into_iter()
             .zip(batch.proofs)
-            .map(|(receipt, (index, path))| SignedReceipt {
-                receipt_sha256: sha256(&receipt).to_vec(),
-                receipt,
+            .map(|(receipt, (index, path, digest))| SignedReceipt {
+                receipt_sha256: digest,
+                receipt: receipt.into(),
                 signature: batch.signature.clone(),
                 signer_cert: self.cert_der.clone(),
                 batch: Some(ReceiptBatchProof {
@@ -218,27 +225,32 @@ impl Signer {
         &self,
         domain: &[u8],
         leaves: &[Vec<u8>],
-        header: impl FnOnce(Vec<u8>, u64) -> H,
+        header: impl FnOnce(Bytes, u64) -> H,
     ) -> SignedBatch {
         let hashes: Vec<Hash> = leaves.iter().map(|b| leaf_hash(b)).collect();
         let (root, proofs) = root_and_proofs(&hashes);
-        let header = header(root.to_vec(), leaves.len() as u64).encode_to_vec();
+        let header = header(Bytes::copy_from_slice(&root), leaves.len() as u64).encode_to_vec();
+        let mut paths = hash_fields(proofs.iter().flatten()).into_iter();
+        let digests: Vec<Hash> = leaves.iter().map(|b| sha256(b)).collect();
         SignedBatch {
             signature: self.sign(domain, &header),
-            header,
+            header: header.into(),
             proofs: proofs
-                .into_iter()
+                .iter()
+                .zip(hash_fields(digests.iter()))
                 .enumerate()
-                .map(|(index, path)| (index as u64, path.iter().map(|h| h.to_vec()).collect()))
+                .map(|(index, (path, digest))| {
+                    (index as u64, paths.by_ref().take(path.len()).collect(), digest)
+                })
                 .collect(),
         }
     }
 
-    fn sign(&self, domain: &[u8], bytes: &[u8]) -> Vec<u8> {
+    fn sign(&self, domain: &[u8], bytes: &[u8]) -> Bytes {
         let mut msg = Vec::with_capacity(domain.len() + bytes.len());
         msg.extend_from_slice(domain);
         msg.extend_from_slice(bytes);
-        self.ed25519(&msg)
+        self.ed25519(&msg).into()
     }
 
     /// Every signature goes through here, and is counted.
@@ -248,11 +260,27 @@ impl Signer {
     }
 }
 
-/// One signature over a batch header, and each leaf's (index, inclusion proof).
+/// One signature over a batch header, and each leaf's (index, inclusion
+/// proof, SHA-256).
 struct SignedBatch {
-    signature: Vec<u8>,
-    header: Vec<u8>,
-    proofs: Vec<(u64, Vec<Vec<u8>>)>,
+    signature: Bytes,
+    header: Bytes,
+    proofs: Vec<(u64, Vec<Bytes>, Bytes)>,
+}
+
+/// SHA-256 of `bytes`, as a field of a signed envelope or receipt.
+fn digest_bytes(bytes: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(&sha256(bytes))
+}
+
+/// `hashes` as message fields, slices of one buffer: a batch's proofs
+/// cost one allocation, not one per hash.
+fn hash_fields<'a>(hashes: impl Iterator<Item = &'a Hash>) -> Vec<Bytes> {
+    let buf: Vec<u8> = hashes.flatten().copied().collect();
+    let buf = Bytes::from(buf);
+    (0..buf.len() / 32)
+        .map(|i| buf.slice(i * 32..(i + 1) * 32))
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+use prost::bytes::Bytes;
 use prost::Message;
 use ring::signature::{UnparsedPublicKey, ED25519};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
@@ -363,7 +364,7 @@ impl Verifier {
             )?,
         }
         let envelope =
-            Envelope::decode(signed.envelope.as_slice()).map_err(|_| VerifyError::Malformed("Envelope"))?;
+            Envelope::decode(signed.envelope.clone()).map_err(|_| VerifyError::Malformed("Envelope"))?;
         let created_at = envelope
             .created_at
             .as_ref()
@@ -425,7 +426,7 @@ impl Verifier {
             )?,
         }
         let receipt =
-            Receipt::decode(signed.receipt.as_slice()).map_err(|_| VerifyError::Malformed("Receipt"))?;
+            Receipt::decode(signed.receipt.clone()).map_err(|_| VerifyError::Malformed("Receipt"))?;
         let at = receipt.at.as_ref().ok_or_else(|| field("at", "missing"))?;
         self.check_cert_at(&cert, from_timestamp(at))?;
         let issuer = AgencyId::parse(&receipt.issuer).map_err(|e| field("issuer", e))?;
@@ -480,8 +481,7 @@ impl Verifier {
             verify_sig(&cert.public_key, item.domain, item.header, item.signature)?;
         }
         let (root, size, signer, at) = decode(item.header)?;
-        let root: Hash = root
-            .as_slice()
+        let root: Hash = root[..]
             .try_into()
             .map_err(|_| field("batch.root", "must be 32 bytes"))?;
         let at = at.as_ref().ok_or_else(|| field("batch.at", "missing"))?;
@@ -502,7 +502,7 @@ impl Verifier {
         let path = item
             .path
             .iter()
-            .map(|h| h.as_slice().try_into())
+            .map(|h| h[..].try_into())
             .collect::<Result<Vec<Hash>, _>>()
             .map_err(|_| field("batch.path", "every hash must be 32 bytes"))?;
         merkle::verify_inclusion(&leaf_hash(item.bytes), item.index, size, &path, &root).map_err(|_| {
@@ -639,11 +639,11 @@ struct InBatch<'a> {
     /// The serialized batch header the signature covers.
     header: &'a [u8],
     index: u64,
-    path: &'a [Vec<u8>],
+    path: &'a [Bytes],
 }
 
 /// A batch header's root, size, signer agency and time.
-type BatchHeader = (Vec<u8>, u64, String, Option<prost_types::Timestamp>);
+type BatchHeader = (Bytes, u64, String, Option<prost_types::Timestamp>);
 
 fn field(field: &'static str, detail: impl ToString) -> VerifyError {
     VerifyError::InvalidField {

@@ -116,7 +116,7 @@ pub(crate) fn bury(
         return Ok(());
     };
     let signed = et.envelope.clone().unwrap_or_default();
-    let env = Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
+    let env = Envelope::decode(&signed.envelope[..]).unwrap_or_default();
     let id = MessageId::parse(&env.id).unwrap_or_default();
     tx.put_dead(
         &id,
@@ -281,7 +281,7 @@ impl Admin for AdminService {
                         continue;
                     };
                     let signed = et.envelope.clone().unwrap_or_default();
-                    let recipient = Envelope::decode(signed.envelope.as_slice())
+                    let recipient = Envelope::decode(&signed.envelope[..])
                         .unwrap_or_default()
                         .recipient;
                     let peer = shared.policy().next_hop(&recipient).unwrap_or(dead.peer.clone());
@@ -354,7 +354,7 @@ impl Admin for AdminService {
         Ok(Response::new(ClearSplitViewResponse {
             found: cleared.found,
             forgotten_size,
-            forgotten_root,
+            forgotten_root: forgotten_root.into(),
             forgotten_note,
         }))
     }

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,7 +44,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// A send that has been validated: what to seal, for whom.
 struct Validated {
     drafts: Vec<Draft>,
-    payload: Vec<u8>,
+    /// Shared by every recipient's envelope: a slice of the request.
+    payload: Bytes,
     idempotency_key: Option<String>,
     /// W3C trace context the envelopes travel with.
     traceparent: String,
@@ -215,7 +217,7 @@ fn draft_send_receipts(
     sealed
         .iter()
         .map(|s| {
-            let env = Envelope::decode(s.envelope.envelope.as_slice())
+            let env = Envelope::decode(&s.envelope.envelope[..])
                 .map_err(|e| NodeError::FailedPrecondition(format!("own envelope does not decode: {e}")))?;
             let accepted = shared.draft_receipt(
                 &env,
@@ -318,7 +320,7 @@ fn store_send(
             service: env.service.clone(),
             recipient: env.recipient.clone(),
             // Hashed once, for the ACCEPTED receipt, outside the transaction.
-            envelope_sha256: accepted.receipt.envelope_sha256.clone(),
+            envelope_sha256: accepted.receipt.envelope_sha256.to_vec(),
             expires_at_ms: expires_ms(env),
             ..Default::default()
         };
@@ -754,7 +756,7 @@ fn check_ack(
         )));
     }
     let signed = record.envelope.unwrap_or_default();
-    let env = Envelope::decode(signed.envelope.as_slice()).unwrap_or_default();
+    let env = Envelope::decode(&signed.envelope[..]).unwrap_or_default();
     let outcome = match (Kind::try_from(env.kind), outcome) {
         (Ok(Kind::Transaction), Outcome::Unspecified) => {
             return Err(NodeError::invalid(
@@ -943,8 +945,7 @@ impl AgencyService {
             .message(&request_id)
             .map_err(NodeError::from)?
             .ok_or_else(|| NodeError::NotFound(format!("request {request_id} is not held by this node")))?;
-        let env =
-            Envelope::decode(record.envelope.unwrap_or_default().envelope.as_slice()).unwrap_or_default();
+        let env = Envelope::decode(record.envelope.unwrap_or_default().envelope).unwrap_or_default();
         if env.kind != Kind::Request as i32 || env.recipient != self.shared.agency.as_str() {
             return Err(NodeError::FailedPrecondition(format!(
                 "{request_id} is not a REQUEST received by this node"
@@ -1296,7 +1297,7 @@ impl Agency for AgencyService {
                 let empty = batch.is_empty();
                 for (c, bytes) in batch {
                     cursor = c;
-                    let receipt = SignedReceipt::decode(bytes.as_slice()).unwrap_or_default();
+                    let receipt = SignedReceipt::decode(Bytes::from(bytes)).unwrap_or_default();
                     if tx
                         .send(Ok(ReceiptEvent {
                             cursor: c,

@@ -5,6 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use prost::bytes::Bytes;
 use prost::Message as _;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -60,12 +61,12 @@ pub(crate) async fn checkpoint_now(shared: &Shared) -> Result<Checkpoint, NodeEr
     let c = Checkpoint {
         note,
         tree_size: size,
-        root_hash: root.to_vec(),
+        root_hash: Bytes::copy_from_slice(&root),
         // Signed again over the same size and root (a renewed key): the
         // witnesses' cosignatures cover the note's text, not the node's
         // signature, so they hold for this one too.
         cosignatures: last.map(|c| c.cosignatures).unwrap_or_default(),
-        signer_cert: Vec::new(),
+        signer_cert: Bytes::new(),
     };
     shared.store.put_checkpoint(size, &c.encode_to_vec()).await?;
     tracing::debug!(size, "log checkpoint signed");
@@ -91,12 +92,12 @@ async fn remember_signing_cert(shared: &Shared) -> Result<(), NodeError> {
 
 /// The certificates of every key this node signed checkpoints with: the
 /// current one first, then those recorded before a renewal.
-fn signing_certs(shared: &Shared) -> Result<Vec<Vec<u8>>, NodeError> {
+fn signing_certs(shared: &Shared) -> Result<Vec<Bytes>, NodeError> {
     let current = shared.signer.cert_der();
-    let mut certs = vec![current.to_vec()];
+    let mut certs = vec![Bytes::copy_from_slice(current)];
     for (_, der) in shared.store.audit_meta_prefix(SIGNING_CERT)? {
         if der != current {
-            certs.push(der);
+            certs.push(der.into());
         }
     }
     Ok(certs)
@@ -171,7 +172,7 @@ async fn purge_payloads(shared: &Shared) {
             let created = r
                 .envelope
                 .as_ref()
-                .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
+                .and_then(|s| Envelope::decode(&s.envelope[..]).ok())
                 .and_then(|e| e.created_at)
                 .map(|t| from_timestamp(&t));
             finished.contains(&r.state) && created.is_some_and(|c| c < cutoff)
@@ -197,9 +198,9 @@ struct About {
 fn about(entry: &LogEntry) -> About {
     match EntryKind::try_from(entry.kind) {
         Ok(EntryKind::Envelope) => {
-            let e = SignedEnvelope::decode(entry.data.as_slice())
+            let e = SignedEnvelope::decode(&entry.data[..])
                 .ok()
-                .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
+                .and_then(|s| Envelope::decode(&s.envelope[..]).ok())
                 .unwrap_or_default();
             About {
                 agencies: vec![e.sender, e.recipient],
@@ -208,9 +209,9 @@ fn about(entry: &LogEntry) -> About {
             }
         }
         _ => {
-            let r = SignedReceipt::decode(entry.data.as_slice())
+            let r = SignedReceipt::decode(&entry.data[..])
                 .ok()
-                .and_then(|s| Receipt::decode(s.receipt.as_slice()).ok())
+                .and_then(|s| Receipt::decode(&s.receipt[..]).ok())
                 .unwrap_or_default();
             About {
                 agencies: vec![r.sender, r.recipient, r.issuer],
@@ -243,8 +244,8 @@ fn matches(q: &QueryRequest, entry: &LogEntry) -> bool {
         && (q.kind == 0 || a.kind == Some(q.kind))
 }
 
-fn proof_hashes(path: Vec<merkle::Hash>) -> Vec<Vec<u8>> {
-    path.into_iter().map(|h| h.to_vec()).collect()
+fn proof_hashes(path: Vec<merkle::Hash>) -> Vec<Bytes> {
+    path.into_iter().map(|h| Bytes::copy_from_slice(&h)).collect()
 }
 
 /// A proof the caller asked for that cannot exist names its size; a
@@ -318,7 +319,7 @@ impl Audit for AuditService {
     ) -> Result<Response<Checkpoint>, Status> {
         auth::auditor(&self.shared, &req)?;
         let mut checkpoint = checkpoint_now(&self.shared).await?;
-        checkpoint.signer_cert = self.shared.signer.cert_der().to_vec();
+        checkpoint.signer_cert = self.shared.signer.cert_bytes();
         Ok(Response::new(checkpoint))
     }
 
@@ -469,7 +470,7 @@ async fn send_chunks(
     };
     for data in buf[..cut].chunks(CHUNK) {
         *sent += data.len() as u64;
-        let data = data.to_vec();
+        let data = Bytes::copy_from_slice(data);
         if tx.send(Ok(ExportChunk { data })).await.is_err() {
             return false;
         }
@@ -516,7 +517,7 @@ pub(crate) async fn export_bundle(shared: &Shared, from: u64) -> Result<(AuditBu
         entries: Vec::new(),
         checkpoints,
         consistency,
-        root_ca: shared.verifier.anchor().root_der().to_vec(),
+        root_ca: shared.verifier.anchor().root_der().to_vec().into(),
         first_index: from,
         prefix: proof_hashes(prefix),
     };

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -222,7 +223,8 @@ async fn session(
                         break;
                     }
                     bytes += value.len();
-                    let mut item = TransferItem::decode(value.as_slice()).unwrap_or_default();
+                    // Its bytes fields share `value`: nothing copied again.
+                    let mut item = TransferItem::decode(Bytes::from(value)).unwrap_or_default();
                     item.seq = seq;
                     batch.items.push(item);
                     seqs.push(seq);
@@ -516,7 +518,7 @@ pub(crate) async fn release(
 
 /// An item to move: its sequence number, expiry, next hop and signer
 /// certificate.
-type Move = (u64, u64, String, Vec<u8>);
+type Move = (u64, u64, String, Bytes);
 
 /// Moves `moves` out of `peer`'s outbox into their next hop's, in one
 /// transaction; returns how many were still there.
@@ -542,16 +544,16 @@ async fn move_items(shared: &Shared, peer: &str, moves: &[Move]) -> Result<u64, 
 
 /// The agency an outbox item goes to — an envelope's recipient, a
 /// receipt's sender — and its signer certificate.
-fn destination(item: &[u8]) -> Option<(String, Vec<u8>)> {
+fn destination(item: &[u8]) -> Option<(String, Bytes)> {
     match TransferItem::decode(item).ok()?.item? {
         transfer_item::Item::Envelope(e) => {
             let signed = e.envelope?;
-            let recipient = Envelope::decode(signed.envelope.as_slice()).ok()?.recipient;
+            let recipient = Envelope::decode(&signed.envelope[..]).ok()?.recipient;
             Some((recipient, signed.signer_cert))
         }
         transfer_item::Item::Receipt(r) => {
             let signed = r.receipt?;
-            let sender = Receipt::decode(signed.receipt.as_slice()).ok()?.sender;
+            let sender = Receipt::decode(&signed.receipt[..]).ok()?.sender;
             Some((sender, signed.signer_cert))
         }
     }
@@ -769,7 +771,7 @@ async fn settle_refusals<'a>(
                         let about = rt
                             .receipt
                             .as_ref()
-                            .and_then(|r| Receipt::decode(r.receipt.as_slice()).ok())
+                            .and_then(|r| Receipt::decode(&r.receipt[..]).ok())
                             .map(|r| r.message_id)
                             .unwrap_or_default();
                         tracing::warn!(%peer, message_id = %about, reason = %a.reason, rejected,
@@ -778,7 +780,7 @@ async fn settle_refusals<'a>(
                     }
                     None => continue,
                 };
-                let env = Envelope::decode(et.envelope.clone().unwrap_or_default().envelope.as_slice())
+                let env = Envelope::decode(et.envelope.clone().unwrap_or_default().envelope)
                     .unwrap_or_default();
                 let id = MessageId::parse(&env.id).unwrap_or_default();
                 if !rejected {

@@ -509,8 +509,8 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
                 return reject(shared, "malformed", None);
             };
             // Decoded without trust, only to address a REJECTED receipt to the claimed sender.
-            let claimed = Envelope::decode(signed.envelope.as_slice()).ok();
-            let claimed = claimed.as_ref().map(|e| (e, signed.envelope.as_slice()));
+            let claimed = Envelope::decode(&signed.envelope[..]).ok();
+            let claimed = claimed.as_ref().map(|e| (e, &signed.envelope[..]));
             let verified = match shared.verifier.verify_envelope(signed) {
                 Ok(v) => v,
                 Err(e) => return reject(shared, e.reason(), claimed),
@@ -679,7 +679,7 @@ fn refuse(
         match signed {
             Some(issued) => shared.route_issued(tx, issued)?,
             None => {
-                let bytes = et.envelope.as_ref().map_or(&[][..], |s| s.envelope.as_slice());
+                let bytes = et.envelope.as_ref().map_or(&[][..], |s| &s.envelope[..]);
                 let mut draft = rejected(shared, &v.envelope, bytes, reason);
                 draft.duplicate_of = id_list(duplicate_of);
                 shared.route_issued(tx, &shared.sign_receipt(draft))?
@@ -745,7 +745,7 @@ fn resend_receipts(
             continue;
         };
         let signed = SignedReceipt::decode(data.as_slice()).unwrap_or_default();
-        let receipt = Receipt::decode(signed.receipt.as_slice()).unwrap_or_default();
+        let receipt = Receipt::decode(&signed.receipt[..]).unwrap_or_default();
         if receipt.status != status as i32 || receipt.message_id != id.to_string() || receipt.sender != sender
         {
             tracing::error!(%id, index, ?status, "the log entry this message's record names is not its receipt; not sent again");

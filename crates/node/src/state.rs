@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
+use prost::bytes::Bytes;
 use prost::Message;
 
 use antar_core::envelope::sha256;
@@ -322,7 +323,7 @@ impl Calls {
             record
                 .envelope
                 .as_ref()
-                .and_then(|s| Envelope::decode(s.envelope.as_slice()).ok())
+                .and_then(|s| Envelope::decode(&s.envelope[..]).ok())
                 .filter(|e| e.kind == antar_core::wire::Kind::Response as i32)
                 .map(|e| e.correlation_id)
         };
@@ -686,7 +687,7 @@ impl Shared {
     ) -> Receipt {
         Receipt {
             message_id: envelope.id.clone(),
-            envelope_sha256: sha256(envelope_bytes).to_vec(),
+            envelope_sha256: Bytes::copy_from_slice(&sha256(envelope_bytes)),
             sender: envelope.sender.clone(),
             recipient: envelope.recipient.clone(),
             status: status as i32,
@@ -694,7 +695,7 @@ impl Shared {
             at: Some(to_timestamp(SystemTime::now())),
             issuer: self.agency.to_string(),
             outcome: outcome as i32,
-            result_digest,
+            result_digest: result_digest.into(),
             duplicate_of: String::new(),
         }
     }
@@ -1022,7 +1023,7 @@ fn from_its_recipient(
         let Some(signed) = signed else {
             return Ok(false);
         };
-        record.recipient = Envelope::decode(signed.envelope.as_slice())
+        record.recipient = Envelope::decode(&signed.envelope[..])
             .map(|e| e.recipient)
             .unwrap_or_default();
         record.envelope_sha256 = sha256(&signed.envelope).to_vec();
@@ -1074,7 +1075,12 @@ pub(crate) fn expires_ms(envelope: &Envelope) -> u64 {
 /// which an outbox item can hold it (`Held::Audited`).
 pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &str) -> Result<u64, TxError> {
     let cert = antar_store::Held::Cert(&signed.signer_cert);
-    tx.audit_append(EntryKind::Envelope, &signed.encode_to_vec(), cert, message_id)
+    tx.audit_append(
+        EntryKind::Envelope,
+        signed.encode_to_vec().into(),
+        cert,
+        message_id,
+    )
 }
 
 /// A receipt about one of this node's own messages, encoded once: into the
@@ -1082,11 +1088,11 @@ pub(crate) fn audit_envelope(tx: &Tx<'_>, signed: &SignedEnvelope, message_id: &
 /// Returns its cursor in the receipt log, which the message's record keeps
 /// (`MessageRecord::receipt_cursors`) instead of a second copy.
 pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<u64, TxError> {
-    let bytes = signed.encode_to_vec();
-    let cursor = tx.log_receipt(&bytes, &signed.signer_cert)?;
+    let bytes = Bytes::from(signed.encode_to_vec());
+    let cursor = tx.log_receipt(bytes.clone(), &signed.signer_cert)?;
     tx.audit_append(
         EntryKind::Receipt,
-        &bytes,
+        bytes,
         antar_store::Held::Logged(cursor),
         message_id,
     )?;
@@ -1097,7 +1103,12 @@ pub(crate) fn log_own_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &
 /// transaction. Returns its index, as `audit_envelope`.
 pub(crate) fn audit_receipt(tx: &Tx<'_>, signed: &SignedReceipt, message_id: &str) -> Result<u64, TxError> {
     let cert = antar_store::Held::Cert(&signed.signer_cert);
-    tx.audit_append(EntryKind::Receipt, &signed.encode_to_vec(), cert, message_id)
+    tx.audit_append(
+        EntryKind::Receipt,
+        signed.encode_to_vec().into(),
+        cert,
+        message_id,
+    )
 }
 
 #[cfg(test)]

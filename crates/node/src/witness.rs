@@ -6,6 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prost::bytes::Bytes;
 use prost::Message as _;
 
 use antar_core::checkpoint::{cosign, origin, verify_cosignature, Checkpoint as Note};
@@ -45,9 +46,9 @@ pub(crate) fn split_views(shared: &Shared) -> Vec<(String, String)> {
         .collect()
 }
 
-fn hashes(path: &[Vec<u8>]) -> Result<Vec<Hash>, NodeError> {
+fn hashes(path: &[Bytes]) -> Result<Vec<Hash>, NodeError> {
     path.iter()
-        .map(|h| Hash::try_from(h.as_slice()).map_err(|_| NodeError::invalid("proof", "hashes are 32 bytes")))
+        .map(|h| Hash::try_from(&h[..]).map_err(|_| NodeError::invalid("proof", "hashes are 32 bytes")))
         .collect()
 }
 
@@ -194,7 +195,7 @@ pub(crate) async fn serve(
     // from the request's unsigned copy of it: a node that signed size 100
     // but said 0 beside it would otherwise have its next checkpoint, any
     // fork, checked against nothing.
-    if cp.tree_size != note.size || cp.root_hash.as_slice() != note.root.as_slice() {
+    if cp.tree_size != note.size || &cp.root_hash[..] != note.root.as_slice() {
         return Err(NodeError::invalid(
             "checkpoint",
             format!(
@@ -213,7 +214,7 @@ pub(crate) async fn serve(
         return Ok(WitnessResponse {
             cosignature: String::new(),
             known_size: known,
-            witness_cert: shared.signer.cert_der().to_vec(),
+            witness_cert: shared.signer.cert_bytes(),
         });
     }
     if let Some((_, old_root)) = seen {
@@ -246,9 +247,9 @@ pub(crate) async fn serve(
         let witnessed = Checkpoint {
             note: cp.note.clone(),
             tree_size: note.size,
-            root_hash: note.root.to_vec(),
+            root_hash: Bytes::copy_from_slice(&note.root),
             cosignatures: Vec::new(),
-            signer_cert: Vec::new(),
+            signer_cert: Bytes::new(),
         };
         shared
             .store
@@ -271,7 +272,7 @@ pub(crate) async fn serve(
     Ok(WitnessResponse {
         cosignature: line,
         known_size: note.size,
-        witness_cert: shared.signer.cert_der().to_vec(),
+        witness_cert: shared.signer.cert_bytes(),
     })
 }
 
@@ -343,7 +344,7 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
             merkle::consistency_proof_of(&mut tree, old, size)
                 .map_err(|e| e.to_string())?
                 .into_iter()
-                .map(|h| h.to_vec())
+                .map(|h| Bytes::copy_from_slice(&h))
                 .collect()
         };
         let resp = client
@@ -352,7 +353,7 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
                     cosignatures: Vec::new(),
                     ..cp.clone()
                 }),
-                signer_cert: shared.signer.cert_der().to_vec(),
+                signer_cert: shared.signer.cert_bytes(),
                 old_size: old,
                 proof,
             })
@@ -366,7 +367,7 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
         let note = Note {
             origin: origin(&shared.config.federation, shared.agency.as_str()),
             size,
-            root: Hash::try_from(cp.root_hash.as_slice()).unwrap_or_default(),
+            root: Hash::try_from(&cp.root_hash[..]).unwrap_or_default(),
         };
         let (witness, witness_key) = shared
             .verifier

@@ -10,7 +10,15 @@ use std::time::{Duration, SystemTime};
 use antar_core::wire::{Kind, SignedEnvelope};
 use antar_core::{Draft, Revocations, ServiceName, SignError, Signer, TrustAnchor, Verifier, VerifyError};
 use antar_pki::{serial_of, AgencyId, Ca, CertKey};
+use prost::bytes::Bytes;
 use time::OffsetDateTime;
+
+/// Flips the bits `mask` of byte `at` of `bytes`: a tampered field.
+fn flip(bytes: &mut Bytes, at: usize, mask: u8) {
+    let mut v = bytes.to_vec();
+    v[at] ^= mask;
+    *bytes = v.into();
+}
 
 const FED: &str = "gov.example";
 
@@ -199,8 +207,8 @@ fn tls_cert_is_not_a_signing_cert() {
     // …and the verifier refuses the certificate before looking at the signature.
     let good = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
     let mut forged = sealed_by(&good, "tax", SystemTime::now());
-    forged.signer_cert = tls.cert_der();
-    forged.signature = vec![0; 64];
+    forged.signer_cert = tls.cert_der().into();
+    forged.signature = vec![0; 64].into();
     assert!(matches!(
         verifier(&root, Revocations::none())
             .verify_envelope(&forged)
@@ -242,7 +250,7 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     let flips = |len: usize| (0..len * 8).map(|i| (i / 8, 1u8 << (i % 8)));
     for (byte, bit) in flips(sealed.envelope.envelope.len()) {
         let mut e = sealed.envelope.clone();
-        e.envelope[byte] ^= bit;
+        flip(&mut e.envelope, byte, bit);
         assert_eq!(
             v.verify_envelope(&e).unwrap_err(),
             VerifyError::BytesAltered,
@@ -255,7 +263,7 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     }
     for (byte, bit) in flips(sealed.envelope.signature.len()) {
         let mut e = sealed.envelope.clone();
-        e.signature[byte] ^= bit;
+        flip(&mut e.signature, byte, bit);
         assert_eq!(
             v.verify_envelope(&e).unwrap_err(),
             VerifyError::BadSignature,
@@ -265,7 +273,7 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     let verified = v.verify_envelope(&sealed.envelope).unwrap();
     for (byte, bit) in flips(sealed.payload.data.len()) {
         let mut p = sealed.payload.clone();
-        p.data[byte] ^= bit;
+        flip(&mut p.data, byte, bit);
         assert_eq!(
             verified.check_payload(&p).unwrap_err(),
             VerifyError::PayloadDigest,
@@ -274,7 +282,7 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     }
     for (byte, bit) in flips(sealed.payload.salt.len()) {
         let mut p = sealed.payload.clone();
-        p.salt[byte] ^= bit;
+        flip(&mut p.salt, byte, bit);
         assert_eq!(
             verified.check_payload(&p).unwrap_err(),
             VerifyError::SaltDigest,
@@ -284,10 +292,10 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     // The digest beside the signature is a hint, not a check: altering it
     // alone changes nothing, since the signature still verifies.
     let mut e = sealed.envelope.clone();
-    e.envelope_sha256[0] ^= 1;
+    flip(&mut e.envelope_sha256, 0, 1);
     v.verify_envelope(&e).unwrap();
     let mut short = sealed.payload.clone();
-    short.data.pop();
+    short.data.truncate(short.data.len() - 1);
     assert!(matches!(
         verified.check_payload(&short),
         Err(VerifyError::PayloadSize { .. })
@@ -296,7 +304,9 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     // Receipts: round trip, then any flipped bit of the bytes or the signature.
     let receipt = antar_core::wire::Receipt {
         message_id: verified.id.to_string(),
-        envelope_sha256: antar_core::envelope::sha256(&sealed.envelope.envelope).to_vec(),
+        envelope_sha256: antar_core::envelope::sha256(&sealed.envelope.envelope)
+            .to_vec()
+            .into(),
         sender: "tax".into(),
         recipient: "health".into(),
         status: antar_core::wire::ReceiptStatus::Accepted as i32,
@@ -308,7 +318,7 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     assert_eq!(v.verify_receipt(&signed).unwrap().receipt, receipt);
     for (byte, bit) in flips(signed.receipt.len()) {
         let mut r = signed.clone();
-        r.receipt[byte] ^= bit;
+        flip(&mut r.receipt, byte, bit);
         assert_eq!(
             v.verify_receipt(&r).unwrap_err(),
             VerifyError::BytesAltered,
@@ -317,7 +327,7 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
     }
     for (byte, bit) in flips(signed.signature.len()) {
         let mut r = signed.clone();
-        r.signature[byte] ^= bit;
+        flip(&mut r.signature, byte, bit);
         assert_eq!(
             v.verify_receipt(&r).unwrap_err(),
             VerifyError::BadSignature,
@@ -328,11 +338,11 @@ fn round_trips_and_each_altered_part_fails_with_its_own_error() {
 
 /// A batch-signed envelope or receipt, as the tamper checks below see it.
 trait InBatch: Clone {
-    fn bytes(&mut self) -> &mut Vec<u8>;
-    fn signature(&mut self) -> &mut Vec<u8>;
-    fn cert(&mut self) -> &mut Vec<u8>;
+    fn bytes(&mut self) -> &mut Bytes;
+    fn signature(&mut self) -> &mut Bytes;
+    fn cert(&mut self) -> &mut Bytes;
     /// The batch header, leaf index and inclusion proof.
-    fn proof(&mut self) -> (&mut Vec<u8>, &mut u64, &mut Vec<Vec<u8>>);
+    fn proof(&mut self) -> (&mut Bytes, &mut u64, &mut Vec<Bytes>);
     fn verify(&self, v: &Verifier) -> Result<(), VerifyError>;
 }
 
@@ -340,16 +350,16 @@ trait InBatch: Clone {
 macro_rules! in_batch {
     ($t:ty, $bytes:ident, $verify:ident) => {
         impl InBatch for $t {
-            fn bytes(&mut self) -> &mut Vec<u8> {
+            fn bytes(&mut self) -> &mut Bytes {
                 &mut self.$bytes
             }
-            fn signature(&mut self) -> &mut Vec<u8> {
+            fn signature(&mut self) -> &mut Bytes {
                 &mut self.signature
             }
-            fn cert(&mut self) -> &mut Vec<u8> {
+            fn cert(&mut self) -> &mut Bytes {
                 &mut self.signer_cert
             }
-            fn proof(&mut self) -> (&mut Vec<u8>, &mut u64, &mut Vec<Vec<u8>>) {
+            fn proof(&mut self) -> (&mut Bytes, &mut u64, &mut Vec<Bytes>) {
                 let b = self.batch.as_mut().unwrap();
                 (&mut b.header, &mut b.index, &mut b.path)
             }
@@ -377,7 +387,7 @@ fn batch_resists_tampering<T: InBatch>(root: &Ca, other: &CertKey, signed: &[T])
         let mut s = signed[3].clone();
         for (byte, bit) in flips(s.bytes().len()) {
             let mut r = s.clone();
-            r.bytes()[byte] ^= bit;
+            flip(r.bytes(), byte, bit);
             rejects(
                 &r,
                 VerifyError::BytesAltered,
@@ -386,12 +396,12 @@ fn batch_resists_tampering<T: InBatch>(root: &Ca, other: &CertKey, signed: &[T])
         }
         for (byte, bit) in flips(s.signature().len()) {
             let mut r = s.clone();
-            r.signature()[byte] ^= bit;
+            flip(r.signature(), byte, bit);
             rejects(&r, VerifyError::BadSignature, &format!("signature byte {byte}"));
         }
         for (byte, bit) in flips(s.proof().0.len()) {
             let mut r = s.clone();
-            r.proof().0[byte] ^= bit;
+            flip(r.proof().0, byte, bit);
             rejects(
                 &r,
                 VerifyError::BadSignature,
@@ -400,7 +410,7 @@ fn batch_resists_tampering<T: InBatch>(root: &Ca, other: &CertKey, signed: &[T])
         }
         for hash in 0..s.proof().2.len() {
             let mut r = s.clone();
-            r.proof().2[hash][7] ^= 1;
+            flip(&mut r.proof().2[hash], 7, 1);
             rejects(&r, VerifyError::BadSignature, &format!("path hash {hash}"));
         }
         // Another leaf's proof, or the proof cut short, does not fit.
@@ -413,8 +423,9 @@ fn batch_resists_tampering<T: InBatch>(root: &Ca, other: &CertKey, signed: &[T])
         // Bytes moved between the signature and the header, which would
         // hash to the cached batch's key were lengths not checked.
         let mut r = s.clone();
-        let first = r.proof().0.remove(0);
-        r.signature().push(first);
+        let first = r.proof().0.split_to(1);
+        let signature = r.signature();
+        *signature = [&signature[..], &first[..]].concat().into();
         rejects(&r, VerifyError::BadSignature, "a byte moved");
         // Another item of the batch with this item's proof.
         let mut r = signed[4].clone();
@@ -425,7 +436,7 @@ fn batch_resists_tampering<T: InBatch>(root: &Ca, other: &CertKey, signed: &[T])
         rejects(&r, VerifyError::BadSignature, "item 4 with item 3's proof");
         // The batch under another node's certificate.
         let mut r = s.clone();
-        *r.cert() = other.cert_der();
+        *r.cert() = other.cert_der().into();
         rejects(&r, VerifyError::BadSignature, "another node's certificate");
     }
 }
@@ -442,7 +453,7 @@ fn batch_signed_receipts_verify_one_by_one_and_resist_tampering() {
     let tax = root.issue_node_signing(FED, &agency("tax"), 365).unwrap();
     let receipt = |i: usize| Receipt {
         message_id: antar_core::MessageId::new().to_string(),
-        envelope_sha256: antar_core::envelope::sha256(&i.to_be_bytes()).to_vec(),
+        envelope_sha256: antar_core::envelope::sha256(&i.to_be_bytes()).to_vec().into(),
         sender: "tax".into(),
         recipient: "health".into(),
         status: ReceiptStatus::Delivered as i32,
@@ -453,7 +464,7 @@ fn batch_signed_receipts_verify_one_by_one_and_resist_tampering() {
     let receipts: Vec<Receipt> = (0..7).map(receipt).collect();
     let signed = signer(&health).sign_receipts(&receipts);
     assert_eq!(signed.len(), 7);
-    let header = ReceiptBatch::decode(signed[0].batch.as_ref().unwrap().header.as_slice()).unwrap();
+    let header = ReceiptBatch::decode(signed[0].batch.as_ref().unwrap().header.clone()).unwrap();
     assert_eq!(header.size, 7);
     assert_eq!(header.issuer, "health");
     assert!(signed.iter().all(|s| s.signature == signed[0].signature));
@@ -511,7 +522,7 @@ fn batch_signed_envelopes_verify_one_by_one_and_resist_tampering() {
     let signed = signer(&tax).sign_envelopes(bytes.clone(), "tax", at);
     assert_eq!(signed.len(), 6);
     assert!(signed.iter().all(|s| s.signature == signed[0].signature));
-    let header = EnvelopeBatch::decode(signed[0].batch.as_ref().unwrap().header.as_slice()).unwrap();
+    let header = EnvelopeBatch::decode(signed[0].batch.as_ref().unwrap().header.clone()).unwrap();
     assert_eq!((header.size, header.sender.as_str()), (6, "tax"));
     for ((s, p), b) in signed.iter().zip(&prepared).zip(&bytes) {
         assert_eq!(&s.envelope, b);
@@ -593,7 +604,7 @@ fn batch_signed_envelopes_verify_one_by_one_and_resist_tampering() {
     let receipts: Vec<Receipt> = (0..5)
         .map(|i| Receipt {
             message_id: antar_core::MessageId::new().to_string(),
-            envelope_sha256: antar_core::envelope::sha256(&[i]).to_vec(),
+            envelope_sha256: antar_core::envelope::sha256(&[i]).to_vec().into(),
             at: Some(at),
             issuer: "tax".into(),
             ..Default::default()
@@ -604,16 +615,16 @@ fn batch_signed_envelopes_verify_one_by_one_and_resist_tampering() {
     v.verify_receipt(&as_receipts[2]).unwrap(); // known to `v` now
     let r = &as_receipts[2];
     let rb = r.batch.as_ref().unwrap();
-    let as_envelope_batch = EnvelopeBatch::decode(rb.header.as_slice()).unwrap();
+    let as_envelope_batch = EnvelopeBatch::decode(&rb.header[..]).unwrap();
     assert_eq!(as_envelope_batch.encode_to_vec(), rb.header);
     assert_eq!(
-        ReceiptBatch::decode(rb.header.as_slice()).unwrap().issuer,
+        ReceiptBatch::decode(&rb.header[..]).unwrap().issuer,
         as_envelope_batch.sender
     );
     let forged = SignedEnvelope {
         envelope: r.receipt.clone(),
         signature: r.signature.clone(),
-        signer_cert: tax.cert_der(),
+        signer_cert: tax.cert_der().into(),
         envelope_sha256: r.receipt_sha256.clone(),
         batch: Some(EnvelopeBatchProof {
             header: rb.header.clone(),

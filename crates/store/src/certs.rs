@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use antar_core::envelope::sha256;
+use prost::bytes::Bytes;
 use sled::IVec;
 
 use crate::records::MessageRecord;
@@ -57,7 +58,7 @@ pub(crate) fn key(digest: &[u8]) -> Vec<u8> {
 }
 
 /// Every signer certificate field of a record.
-fn fields(r: &mut MessageRecord) -> impl Iterator<Item = &mut Vec<u8>> {
+fn fields(r: &mut MessageRecord) -> impl Iterator<Item = &mut Bytes> {
     r.envelope
         .iter_mut()
         .map(|e| &mut e.signer_cert)
@@ -66,14 +67,14 @@ fn fields(r: &mut MessageRecord) -> impl Iterator<Item = &mut Vec<u8>> {
 
 /// Replaces each certificate of `r` by its digest; returns the
 /// certificates, by digest, for the caller to store.
-pub(crate) fn detach(r: &mut MessageRecord) -> Vec<([u8; DIGEST], Vec<u8>)> {
+pub(crate) fn detach(r: &mut MessageRecord) -> Vec<([u8; DIGEST], Bytes)> {
     let mut out = Vec::new();
     for cert in fields(r) {
         if cert.len() == DIGEST || cert.is_empty() {
             continue;
         }
         let digest = sha256(cert);
-        out.push((digest, std::mem::replace(cert, digest.to_vec())));
+        out.push((digest, std::mem::replace(cert, Bytes::copy_from_slice(&digest))));
     }
     out
 }
@@ -91,7 +92,7 @@ pub(crate) fn attach<E>(
             continue;
         }
         match lookup(cert)? {
-            Some(der) => *cert = der.to_vec(),
+            Some(der) => *cert = Bytes::from_owner(der),
             None => {
                 return Err(corrupt(format!(
                     "no signer certificate with SHA-256 {}",

@@ -28,6 +28,7 @@
 
 use std::borrow::Cow;
 
+use prost::bytes::Bytes;
 use prost::Message;
 use sled::IVec;
 
@@ -164,7 +165,7 @@ fn restore_within<'s, E>(
             Part::Receipt(cursor) => inner(parts.receipt(cursor)?),
             Part::Entry(index) => match inner(parts.entry(index)?)? {
                 Some(entry) => entry_data(&entry)
-                    .map(|data| Some(IVec::from(data)))
+                    .map(|data| Some(IVec::from(&data[..])))
                     .map_err(|e| corrupt(format!("log entry {index}, which a value refers to, {e}"))),
                 None => Ok(None),
             },
@@ -174,7 +175,7 @@ fn restore_within<'s, E>(
 }
 
 /// The data (signed envelope or receipt bytes) of a whole log entry.
-fn entry_data(entry: &[u8]) -> Result<Vec<u8>, String> {
+fn entry_data(entry: &[u8]) -> Result<Bytes, String> {
     antar_core::wire::LogEntry::decode(entry)
         .map(|e| e.data)
         .map_err(|e| format!("does not decode: {e}"))
@@ -421,7 +422,7 @@ mod tests {
         let entry = |data: &[u8]| {
             LogEntry {
                 index: 4,
-                data: data.to_vec(),
+                data: data.to_vec().into(),
                 message_id: "m".into(),
                 ..Default::default()
             }

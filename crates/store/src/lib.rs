@@ -494,7 +494,7 @@ impl Store {
     }
 
     /// A stored message record, with its body and signer certificates put back.
-    fn record(&self, id: &[u8], bytes: &[u8]) -> Result<MessageRecord, StoreError> {
+    fn record(&self, id: &[u8], bytes: &sled::IVec) -> Result<MessageRecord, StoreError> {
         let (record, _) = records::restore(
             bytes,
             || Ok(self.inner.trees[keys::BODIES].get(id)?),
@@ -1160,6 +1160,13 @@ fn prefix_counts(trees: &[sled::Tree], tree: usize) -> Vec<(String, u64)> {
 
 pub(crate) fn decode<M: Message + Default>(tree: usize, bytes: &[u8]) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|e| corrupt(tree, e.to_string()))
+}
+
+/// [`decode`] of a value as sled holds it, without copying it: the
+/// message's bytes fields are slices of the value (one allocation for
+/// the whole message instead of one for each field).
+pub(crate) fn decode_shared<M: Message + Default>(tree: usize, value: &sled::IVec) -> Result<M, StoreError> {
+    M::decode(prost::bytes::Bytes::from_owner(value.clone())).map_err(|e| corrupt(tree, e.to_string()))
 }
 
 /// A record of `tree` that is not what was written.

@@ -132,19 +132,19 @@ pub struct DeadLetter {
 /// its digest; `fail` turns a record that is not what was written into
 /// the caller's error.
 pub(crate) fn restore<E>(
-    bytes: &[u8],
+    bytes: &sled::IVec,
     body: impl FnOnce() -> Result<Option<sled::IVec>, E>,
     cert: impl FnMut(&[u8]) -> Result<Option<sled::IVec>, E>,
     fail: impl Fn(crate::StoreError) -> E,
 ) -> Result<(MessageRecord, Option<sled::IVec>), E> {
     use crate::keys::{BODIES, MESSAGES};
-    let mut record: MessageRecord = crate::decode(MESSAGES, bytes).map_err(&fail)?;
+    let mut record: MessageRecord = crate::decode_shared(MESSAGES, bytes).map_err(&fail)?;
     let mut stored = None;
     if record.envelope.is_none() && record.payload.is_none() {
         if let Some(b) = body()? {
             let MessageRecord {
                 envelope, payload, ..
-            } = crate::decode(BODIES, &b).map_err(&fail)?;
+            } = crate::decode_shared(BODIES, &b).map_err(&fail)?;
             (record.envelope, record.payload) = (envelope, payload);
             stored = Some(b);
         }

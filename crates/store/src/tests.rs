@@ -1,5 +1,6 @@
 use super::*;
 use antar_core::MessageId;
+use prost::bytes::Bytes;
 
 /// Journal segments in these tests: small, so they cross segments.
 const SEGMENT_BYTES: u64 = journal::MIN_SEGMENT_BYTES;
@@ -283,8 +284,14 @@ async fn expiry_index_follows_the_outbox() {
 async fn receipt_log_resumes_from_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 1 << 20);
-    let c1 = s.transact(|tx| tx.log_receipt(b"one", b"")).await.unwrap();
-    let c2 = s.transact(|tx| tx.log_receipt(b"two", b"")).await.unwrap();
+    let c1 = s
+        .transact(|tx| tx.log_receipt(Bytes::copy_from_slice(b"one"), b""))
+        .await
+        .unwrap();
+    let c2 = s
+        .transact(|tx| tx.log_receipt(Bytes::copy_from_slice(b"two"), b""))
+        .await
+        .unwrap();
     assert!(c2 > c1 && c1 > 0);
     let all = s.receipts_after(0, 10).unwrap();
     assert_eq!(
@@ -328,8 +335,13 @@ async fn the_log_tree_answers_for_any_size_as_it_grows_and_after_reopen() {
     async fn append(s: &Store, n: usize) {
         for i in 0..n {
             s.transact(|tx| {
-                tx.audit_append(EntryKind::Envelope, &[i as u8; 7], Held::Nothing, "m")
-                    .map(drop)
+                tx.audit_append(
+                    EntryKind::Envelope,
+                    Bytes::copy_from_slice(&[i as u8; 7]),
+                    Held::Nothing,
+                    "m",
+                )
+                .map(drop)
             })
             .await
             .unwrap();
@@ -990,7 +1002,7 @@ async fn numbers_handed_out_before_a_crash_are_not_reused() {
         let c = s
             .transact(|tx| {
                 tx.push_outbox("health", &[i; 10], Held::Nothing, 0)?;
-                tx.log_receipt(&[i], b"")
+                tx.log_receipt(Bytes::copy_from_slice(&[i]), b"")
             })
             .await
             .unwrap();
@@ -1001,7 +1013,7 @@ async fn numbers_handed_out_before_a_crash_are_not_reused() {
     let c = r
         .transact(|tx| {
             tx.push_outbox("health", &[2; 10], Held::Nothing, 0)?;
-            tx.log_receipt(&[2], b"")
+            tx.log_receipt(Bytes::copy_from_slice(&[2]), b"")
         })
         .await
         .unwrap();
@@ -1105,16 +1117,16 @@ fn record_with_certs(cert: &[u8]) -> MessageRecord {
     use antar_core::wire::{SignedEnvelope, SignedReceipt};
     MessageRecord {
         envelope: Some(SignedEnvelope {
-            envelope: vec![7; 50],
-            signature: vec![8; 64],
-            signer_cert: cert.to_vec(),
+            envelope: vec![7; 50].into(),
+            signature: vec![8; 64].into(),
+            signer_cert: cert.to_vec().into(),
             ..Default::default()
         }),
         receipts: (0..2)
             .map(|i| SignedReceipt {
-                receipt: vec![i; 40],
-                signature: vec![9; 64],
-                signer_cert: cert.to_vec(),
+                receipt: vec![i; 40].into(),
+                signature: vec![9; 64].into(),
+                signer_cert: cert.to_vec().into(),
                 ..Default::default()
             })
             .collect(),
@@ -1128,8 +1140,8 @@ async fn stored_with_body(s: &Store) -> (MessageId, MessageRecord) {
     let id = MessageId::new();
     let mut record = record_with_certs(&[3; 300]);
     record.payload = Some(antar_core::wire::Payload {
-        salt: vec![1; 32],
-        data: vec![2; 1000],
+        salt: vec![1; 32].into(),
+        data: vec![2; 1000].into(),
     });
     s.transact(|tx| tx.put_message(&id, &record)).await.unwrap();
     (id, record)
@@ -1256,9 +1268,9 @@ async fn update_message_leaves_the_body_alone() {
     let s = open(dir.path(), 1 << 20);
     let (id, mut record) = stored_with_body(&s).await;
     let new_receipt = antar_core::wire::SignedReceipt {
-        receipt: vec![5; 40],
-        signature: vec![6; 64],
-        signer_cert: vec![4; 300],
+        receipt: vec![5; 40].into(),
+        signature: vec![6; 64].into(),
+        signer_cert: vec![4; 300].into(),
         ..Default::default()
     };
 
@@ -1307,8 +1319,8 @@ async fn update_message_leaves_the_body_alone() {
 
     // A payload given alone replaces the stored one; the envelope stays.
     let payload = antar_core::wire::Payload {
-        salt: vec![9; 32],
-        data: vec![8; 10],
+        salt: vec![9; 32].into(),
+        data: vec![8; 10].into(),
     };
     let mut expected = s.message(&id).unwrap().unwrap();
     s.transact(|tx| tx.update_message(&id, |r| r.payload = Some(payload.clone())))
@@ -1398,15 +1410,15 @@ async fn a_records_receipts_in_the_receipt_log_come_back_in_order() {
     let s = open(dir.path(), 1 << 20);
     let (id, mut record) = stored_with_body(&s).await;
     let receipt = |n: u8| antar_core::wire::SignedReceipt {
-        receipt: vec![n; 40],
-        signature: vec![n; 64],
-        signer_cert: vec![4; 300],
+        receipt: vec![n; 40].into(),
+        signature: vec![n; 64].into(),
+        signer_cert: vec![4; 300].into(),
         ..Default::default()
     };
     let (second, third) = (receipt(8), receipt(9));
     s.transact(|tx| {
         for r in [&second, &third] {
-            let cursor = tx.log_receipt(&r.encode_to_vec(), &r.signer_cert)?;
+            let cursor = tx.log_receipt(r.encode_to_vec().into(), &r.signer_cert)?;
             tx.update_message(&id, |rec| rec.receipt_cursors.push(cursor))?;
         }
         Ok(())
@@ -1434,7 +1446,7 @@ async fn a_records_receipts_in_the_receipt_log_come_back_in_order() {
     // receipt goes into the log before the record that points at it.
     let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
     let cursor = tx
-        .log_receipt(&second.encode_to_vec(), &second.signer_cert)
+        .log_receipt(second.encode_to_vec().into(), &second.signer_cert)
         .unwrap();
     tx.update_message(&id, |rec| rec.receipt_cursors.push(cursor))
         .unwrap();
@@ -1475,16 +1487,16 @@ async fn a_record_knows_its_receipts_by_digest_even_one_from_before_digests() {
     let inline = record.receipts;
     assert_eq!(inline.len(), 2, "record_with_certs holds two receipts inline");
     let receipt = |n: u8| SignedReceipt {
-        receipt: vec![n; 40],
-        signature: vec![n; 64],
-        signer_cert: vec![4; 300],
+        receipt: vec![n; 40].into(),
+        signature: vec![n; 64].into(),
+        signer_cert: vec![4; 300].into(),
         ..Default::default()
     };
     let (old, new) = (receipt(8), receipt(9));
     let digest = |r: &SignedReceipt| antar_core::envelope::sha256(&r.receipt);
     // As a build from before digests wrote it: a cursor, and no digest.
     s.transact(|tx| {
-        let cursor = tx.log_receipt(&old.encode_to_vec(), &old.signer_cert)?;
+        let cursor = tx.log_receipt(old.encode_to_vec().into(), &old.signer_cert)?;
         tx.update_message(&id, |rec| rec.receipt_cursors.push(cursor))?;
         Ok(())
     })
@@ -1502,7 +1514,7 @@ async fn a_record_knows_its_receipts_by_digest_even_one_from_before_digests() {
                     if tx.holds_receipt(&id, rec, &digest(&r))? {
                         return Ok(false);
                     }
-                    let cursor = tx.log_receipt(&r.encode_to_vec(), &r.signer_cert)?;
+                    let cursor = tx.log_receipt(r.encode_to_vec().into(), &r.signer_cert)?;
                     rec.push_logged_receipt(cursor, &digest(&r));
                     Ok(true)
                 })
@@ -1601,16 +1613,16 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
     let dir = tempfile::tempdir().unwrap();
     let (node_cert, other_cert) = (vec![5u8; 436], vec![6u8; 420]);
     let receipt = SignedReceipt {
-        receipt: vec![1; 120],
-        signature: vec![2; 64],
-        signer_cert: node_cert.clone(),
+        receipt: vec![1; 120].into(),
+        signature: vec![2; 64].into(),
+        signer_cert: node_cert.clone().into(),
         ..Default::default()
     }
     .encode_to_vec();
     let envelope = SignedEnvelope {
-        envelope: vec![3; 300],
-        signature: vec![4; 64],
-        signer_cert: other_cert.clone(),
+        envelope: vec![3; 300].into(),
+        signature: vec![4; 64].into(),
+        signer_cert: other_cert.clone().into(),
         ..Default::default()
     }
     .encode_to_vec();
@@ -1619,7 +1631,7 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
         let entries = s.audit_entries(0, 10).unwrap();
         let data: Vec<Vec<u8>> = entries
             .iter()
-            .map(|(_, raw)| LogEntry::decode(raw.as_slice()).unwrap().data)
+            .map(|(_, raw)| LogEntry::decode(raw.as_slice()).unwrap().data.to_vec())
             .collect();
         assert_eq!(data, [receipt.clone(), envelope.clone(), envelope.clone()]);
         let leaves: Vec<merkle::Hash> = entries.iter().map(|(_, raw)| merkle::leaf_hash(raw)).collect();
@@ -1629,10 +1641,25 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
     let s = open(dir.path(), 1 << 20);
     let cursor = s
         .transact(|tx| {
-            let cursor = tx.log_receipt(&receipt, &node_cert)?;
-            tx.audit_append(EntryKind::Receipt, &receipt, Held::Logged(cursor), "m1")?;
-            tx.audit_append(EntryKind::Envelope, &envelope, Held::Cert(&other_cert), "m2")?;
-            tx.audit_append(EntryKind::Envelope, &envelope, Held::Cert(&other_cert), "m3")?;
+            let cursor = tx.log_receipt(Bytes::copy_from_slice(&receipt), &node_cert)?;
+            tx.audit_append(
+                EntryKind::Receipt,
+                Bytes::copy_from_slice(&receipt),
+                Held::Logged(cursor),
+                "m1",
+            )?;
+            tx.audit_append(
+                EntryKind::Envelope,
+                Bytes::copy_from_slice(&envelope),
+                Held::Cert(&other_cert),
+                "m2",
+            )?;
+            tx.audit_append(
+                EntryKind::Envelope,
+                Bytes::copy_from_slice(&envelope),
+                Held::Cert(&other_cert),
+                "m3",
+            )?;
             Ok(cursor)
         })
         .await
@@ -1707,7 +1734,12 @@ async fn an_outbox_batch_restores_items_from_several_log_runs() {
     for g in 0..3 {
         s.transact(|tx| {
             for i in 0..3 {
-                let index = tx.audit_append(EntryKind::Envelope, &data(g, i), Held::Nothing, "m")?;
+                let index = tx.audit_append(
+                    EntryKind::Envelope,
+                    Bytes::copy_from_slice(&data(g, i)),
+                    Held::Nothing,
+                    "m",
+                )?;
                 tx.push_outbox("health", &data(g, i), Held::Audited(index), 0)?;
             }
             Ok(())
@@ -1752,9 +1784,9 @@ async fn an_outbox_item_holds_its_log_entry_by_index() {
     let dir = tempfile::tempdir().unwrap();
     let cert = vec![6u8; 420];
     let signed = SignedEnvelope {
-        envelope: vec![3; 300],
-        signature: vec![4; 64],
-        signer_cert: cert.clone(),
+        envelope: vec![3; 300].into(),
+        signature: vec![4; 64].into(),
+        signer_cert: cert.clone().into(),
         ..Default::default()
     };
     let item = TransferItem {
@@ -1762,8 +1794,8 @@ async fn an_outbox_item_holds_its_log_entry_by_index() {
         item: Some(transfer_item::Item::Envelope(EnvelopeTransfer {
             envelope: Some(signed.clone()),
             payload: Some(Payload {
-                salt: vec![1; 32],
-                data: vec![2; 1000],
+                salt: vec![1; 32].into(),
+                data: vec![2; 1000].into(),
             }),
             hops: vec!["finance".into()],
             traceparent: String::new(),
@@ -1773,7 +1805,12 @@ async fn an_outbox_item_holds_its_log_entry_by_index() {
     let signed = signed.encode_to_vec();
     let s = open(dir.path(), 1 << 20);
     s.transact(|tx| {
-        let index = tx.audit_append(EntryKind::Envelope, &signed, Held::Cert(&cert), "m")?;
+        let index = tx.audit_append(
+            EntryKind::Envelope,
+            Bytes::copy_from_slice(&signed),
+            Held::Cert(&cert),
+            "m",
+        )?;
         tx.push_outbox("health", &item, Held::Audited(index), 0)?;
         // Not holding the entry's data: whole.
         tx.push_outbox("hub", b"\x0aunrelated", Held::Audited(index), 0)
@@ -1816,7 +1853,12 @@ async fn an_outbox_item_holds_its_log_entry_by_index() {
     // A group applies log entries before the outbox items that hold them.
     let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
     let index = tx
-        .audit_append(EntryKind::Envelope, &signed, Held::Cert(&cert), "m")
+        .audit_append(
+            EntryKind::Envelope,
+            Bytes::copy_from_slice(&signed),
+            Held::Cert(&cert),
+            "m",
+        )
         .unwrap();
     tx.push_outbox("health", &item, Held::Audited(index), 0).unwrap();
     let (group, _, _) = tx.into_parts();
@@ -1846,8 +1888,13 @@ async fn a_groups_log_appends_are_stored_as_runs() {
         let s = open(dir.path(), 1 << 20);
         // One entry alone, as every value of a store from before runs.
         s.transact(|tx| {
-            tx.audit_append(EntryKind::Envelope, b"alone", Held::Nothing, "m0")
-                .map(drop)
+            tx.audit_append(
+                EntryKind::Envelope,
+                Bytes::copy_from_slice(b"alone"),
+                Held::Nothing,
+                "m0",
+            )
+            .map(drop)
         })
         .await
         .unwrap();
@@ -1855,11 +1902,11 @@ async fn a_groups_log_appends_are_stored_as_runs() {
         let tx = Tx::new(&inner.trees, [None, None], 100, &inner.certs);
         let mut cursors = Vec::new();
         for (i, receipt) in receipts.iter().enumerate() {
-            let cursor = tx.log_receipt(receipt, &cert).unwrap();
+            let cursor = tx.log_receipt(Bytes::copy_from_slice(receipt), &cert).unwrap();
             let index = tx
                 .audit_append(
                     EntryKind::Receipt,
-                    receipt,
+                    Bytes::copy_from_slice(receipt),
                     Held::Logged(cursor),
                     &format!("m{i}"),
                 )
@@ -1916,7 +1963,7 @@ async fn a_groups_log_appends_are_stored_as_runs() {
     );
     let data: Vec<Vec<u8>> = entries
         .iter()
-        .map(|(_, raw)| LogEntry::decode(raw.as_slice()).unwrap().data)
+        .map(|(_, raw)| LogEntry::decode(raw.as_slice()).unwrap().data.to_vec())
         .collect();
     assert_eq!(data, [&[b"alone".to_vec()][..], &receipts].concat());
     assert_eq!(s.audit_entries(2, 2).unwrap(), entries[2..4]);

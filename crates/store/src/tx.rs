@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use sled::IVec;
 use tokio::sync::Notify;
@@ -324,7 +325,7 @@ pub struct Tx<'a> {
     /// The whole data of the log values this transaction appended, by
     /// tree and cursor or index: what `Held::Logged` and `Held::Audited`
     /// name, found here without reading back what was just cut.
-    appended: RefCell<HashMap<(usize, u64), Vec<u8>>>,
+    appended: RefCell<HashMap<(usize, u64), Bytes>>,
     /// The last run this transaction read from sled, by tree (`runs::get_kept`).
     kept: RefCell<HashMap<usize, Option<runs::Kept>>>,
 }
@@ -618,7 +619,7 @@ impl<'a> Tx<'a> {
     /// each certificate this store does not hold yet.
     fn detach_certs(&self, record: &mut MessageRecord) -> R<()> {
         for (digest, der) in certs::detach(record) {
-            self.keep_cert(&digest, der)?;
+            self.keep_cert(&digest, &der[..])?;
         }
         Ok(())
     }
@@ -648,7 +649,7 @@ impl<'a> Tx<'a> {
             // Merkle log hashes. A mismatch is a caller's bug: stored whole.
             Held::Logged(cursor) => {
                 let logged = self.appended(RECEIPT_LOG, cursor);
-                let same = logged.is_some_and(|logged| logged.as_slice() == data);
+                let same = logged.is_some_and(|logged| &logged[..] == data);
                 debug_assert!(
                     same,
                     "Held::Logged({cursor}) must name the receipt this transaction logged"
@@ -671,7 +672,7 @@ impl<'a> Tx<'a> {
 
     /// The data this transaction appended to `tree` at `n` (`log_receipt`,
     /// `audit_append`), if it appended any there.
-    fn appended(&self, tree: usize, n: u64) -> Option<Ref<'_, Vec<u8>>> {
+    fn appended(&self, tree: usize, n: u64) -> Option<Ref<'_, Bytes>> {
         Ref::filter_map(self.appended.borrow(), |a| a.get(&(tree, n))).ok()
     }
 
@@ -918,13 +919,13 @@ impl<'a> Tx<'a> {
     ///
     /// # Errors
     /// A storage failure.
-    pub fn log_receipt(&self, signed_receipt: &[u8], signer_cert: &[u8]) -> R<u64> {
+    pub fn log_receipt(&self, signed_receipt: Bytes, signer_cert: &[u8]) -> R<u64> {
         let cursor = self.generate_id() + 1;
-        let stored = self.cut(signed_receipt, signed_receipt, Held::Cert(signer_cert))?;
+        let stored = self.cut(&signed_receipt, &signed_receipt, Held::Cert(signer_cert))?;
         self.put(RECEIPT_LOG, cursor.to_be_bytes(), stored);
         self.appended
             .borrow_mut()
-            .insert((RECEIPT_LOG, cursor), signed_receipt.to_vec());
+            .insert((RECEIPT_LOG, cursor), signed_receipt);
         self.effects.borrow_mut().receipts = true;
         Ok(cursor)
     }
@@ -939,7 +940,7 @@ impl<'a> Tx<'a> {
     pub fn audit_append(
         &self,
         kind: antar_core::wire::EntryKind,
-        data: &[u8],
+        data: Bytes,
         held: Held<'_>,
         message_id: &str,
     ) -> R<u64> {
@@ -949,14 +950,14 @@ impl<'a> Tx<'a> {
         let entry = antar_core::wire::LogEntry {
             index,
             kind: kind as i32,
-            data: data.to_vec(),
+            data: data.clone(),
             message_id: message_id.to_owned(),
             logged_at: Some(antar_core::time::to_timestamp(std::time::SystemTime::now())),
         }
         .encode_to_vec();
-        let stored = self.cut(&entry, data, held)?;
+        let stored = self.cut(&entry, &data, held)?;
         self.put(AUDIT, index.to_be_bytes(), stored);
-        self.appended.borrow_mut().insert((AUDIT, index), data.to_vec());
+        self.appended.borrow_mut().insert((AUDIT, index), data);
         self.put(AUDIT_META, keys::AUDIT_SIZE, &(index + 1).to_be_bytes());
         Ok(index)
     }
@@ -979,7 +980,7 @@ impl<'a> Tx<'a> {
             let detail = format!("the entry says it is at index {}", entry.index);
             return Err(Abort::Corrupt(crate::corrupt_at(AUDIT, &key, detail)).into());
         }
-        Ok(Some(entry.data))
+        Ok(Some(entry.data.into()))
     }
 
     /// Stores a dead letter.

@@ -51,6 +51,7 @@ use antar_core::wire::{EntryKind, LogEntry};
 use antar_core::MessageId;
 use antar_store::{Abort, Held, MessageRecord, Store, StoreConfig, StoreError, Tx, TxError};
 use proptest::prelude::*;
+use prost::bytes::Bytes;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
@@ -249,7 +250,7 @@ fn observe(store: &Store) -> State {
         assert_eq!(*index, i as u64, "log index");
         let e = LogEntry::decode(raw.as_slice()).unwrap();
         assert_eq!(e.index, i as u64, "LogEntry.index");
-        s.log.push(e.data);
+        s.log.push(e.data.to_vec());
     }
     s.queued_bytes = store.queued_bytes();
     s
@@ -334,7 +335,12 @@ fn push_outbox(store: &Store, model: &mut State, peer: usize, items: &[(usize, u
         let mut seqs = Vec::new();
         for (item, (_, expires_ms)) in bytes.iter().zip(items) {
             let held = if by_entry {
-                let index = tx.audit_append(EntryKind::Envelope, &signed, Held::Cert(signer), "m")?;
+                let index = tx.audit_append(
+                    EntryKind::Envelope,
+                    Bytes::copy_from_slice(&signed),
+                    Held::Cert(signer),
+                    "m",
+                )?;
                 Held::Audited(index)
             } else {
                 Held::Cert(signer)
@@ -506,7 +512,14 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
             let indexes = transact(store, |tx| {
                 (first..)
                     .zip(&data)
-                    .map(|(i, d)| tx.audit_append(EntryKind::Envelope, d, Held::Cert(signer(i)), "m"))
+                    .map(|(i, d)| {
+                        tx.audit_append(
+                            EntryKind::Envelope,
+                            Bytes::copy_from_slice(d),
+                            Held::Cert(signer(i)),
+                            "m",
+                        )
+                    })
                     .collect::<Result<Vec<_>, _>>()
             })
             .unwrap();
@@ -519,7 +532,12 @@ fn apply(store: &Store, model: &mut State, op: &Op, next_id: &mut u64) {
                 tx.push_outbox(PEERS[peer], b"never", Held::Nothing, 5)?;
                 tx.push_inbox(SERVICES[0], &id, 5)?;
                 tx.mark_seen(NAMESPACES[0], &[5])?;
-                tx.audit_append(EntryKind::Receipt, b"never", Held::Nothing, "m")?;
+                tx.audit_append(
+                    EntryKind::Receipt,
+                    Bytes::copy_from_slice(b"never"),
+                    Held::Nothing,
+                    "m",
+                )?;
                 Err(Abort::Refused("test".into()).into())
             });
             assert!(matches!(r, Err(Ok(Abort::Refused(_)))));
