@@ -276,7 +276,8 @@ fn digest_bytes(bytes: &[u8]) -> Bytes {
 /// `hashes` as message fields, slices of one buffer: a batch's proofs
 /// cost one allocation, not one per hash.
 fn hash_fields<'a>(hashes: impl Iterator<Item = &'a Hash>) -> Vec<Bytes> {
-    let buf: Vec<u8> = hashes.flatten().copied().collect();
+    let mut buf = Vec::with_capacity(hashes.size_hint().0 * 32);
+    hashes.for_each(|h| buf.extend_from_slice(h));
     let buf = Bytes::from(buf);
     (0..buf.len() / 32)
         .map(|i| buf.slice(i * 32..(i + 1) * 32))
@@ -304,5 +305,53 @@ mod tests {
         assert_eq!(s.signatures(), 3);
         s.sign_note(b"origin\n1\nroot\n");
         assert_eq!(s.signatures(), 4);
+    }
+
+    /// Each item of a batch carries its own digest, index and inclusion
+    /// path (slices of buffers the batch shares), whatever the batch's size.
+    #[test]
+    fn batch_items_carry_their_own_digest_index_and_path() {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let s = Signer::without_cert(pkcs8.as_ref());
+        for n in [2usize, 3, 5, 8] {
+            let leaves: Vec<Vec<u8>> = (0..n).map(|i| format!("item {i} of {n}").into_bytes()).collect();
+            let hashes: Vec<Hash> = leaves.iter().map(|b| leaf_hash(b)).collect();
+            let (_, proofs) = root_and_proofs(&hashes);
+            let paths = |i: usize| proofs[i].iter().map(|h| h.to_vec()).collect::<Vec<_>>();
+            let signed = s.sign_envelopes(leaves.clone(), "finance", Timestamp::default());
+            for (i, e) in signed.iter().enumerate() {
+                assert_eq!(e.envelope, leaves[i], "batch of {n}, item {i}");
+                assert_eq!(
+                    e.envelope_sha256,
+                    &sha256(&leaves[i])[..],
+                    "batch of {n}, item {i}"
+                );
+                let proof = e.batch.as_ref().unwrap();
+                assert_eq!(proof.index, i as u64, "batch of {n}");
+                assert_eq!(proof.path, paths(i), "batch of {n}, item {i}");
+            }
+            let receipts: Vec<Receipt> = (0..n)
+                .map(|i| Receipt {
+                    message_id: format!("m{i}"),
+                    ..Receipt::default()
+                })
+                .collect();
+            let bytes: Vec<Vec<u8>> = receipts.iter().map(Message::encode_to_vec).collect();
+            let hashes: Vec<Hash> = bytes.iter().map(|b| leaf_hash(b)).collect();
+            let (_, proofs) = root_and_proofs(&hashes);
+            for (i, r) in s.sign_receipts(&receipts).iter().enumerate() {
+                assert_eq!(r.receipt, bytes[i], "batch of {n}, receipt {i}");
+                assert_eq!(
+                    r.receipt_sha256,
+                    &sha256(&bytes[i])[..],
+                    "batch of {n}, receipt {i}"
+                );
+                let proof = r.batch.as_ref().unwrap();
+                assert_eq!(proof.index, i as u64, "batch of {n}");
+                let want: Vec<Vec<u8>> = proofs[i].iter().map(|h| h.to_vec()).collect();
+                assert_eq!(proof.path, want, "batch of {n}, receipt {i}");
+            }
+        }
     }
 }

@@ -300,9 +300,10 @@ pub struct VerifiedReceipt {
 pub struct Verifier {
     anchor: TrustAnchor,
     revoked: Arc<RwLock<Revocations>>,
-    /// Certificates that already chained to the root, by SHA-256 of their DER:
-    /// a node signs thousands of envelopes with one certificate.
-    cache: Arc<Mutex<HashMap<[u8; 32], SignerCert>>>,
+    /// Certificates that already chained to the root, by their DER: a node
+    /// signs thousands of envelopes with one certificate, and looking one
+    /// up costs a hash and a compare of its bytes, not a SHA-256.
+    cache: Arc<Mutex<HashMap<Vec<u8>, Arc<SignerCert>>>>,
     /// Batch signatures already checked, by SHA-256 of (domain, public key,
     /// signature, header): the envelopes or receipts of one batch arrive
     /// together and cost one signature check between them.
@@ -390,7 +391,7 @@ impl Verifier {
             id,
             sender,
             recipient,
-            signer: cert.identity,
+            signer: cert.identity.clone(),
         })
     }
 
@@ -440,7 +441,7 @@ impl Verifier {
         Ok(VerifiedReceipt {
             receipt,
             message_id,
-            signer: cert.identity,
+            signer: cert.identity.clone(),
         })
     }
 
@@ -453,7 +454,7 @@ impl Verifier {
         &self,
         cert: &SignerCert,
         item: &InBatch<'_>,
-        decode: impl FnOnce(&[u8]) -> Result<BatchHeader, VerifyError>,
+        decode: impl FnOnce(Bytes) -> Result<BatchHeader, VerifyError>,
     ) -> Result<(), VerifyError> {
         // An Ed25519 signature is 64 bytes; checked first, so that no split
         // of other bytes between `signature` and `header` can match the
@@ -480,7 +481,7 @@ impl Verifier {
         if !known {
             verify_sig(&cert.public_key, item.domain, item.header, item.signature)?;
         }
-        let (root, size, signer, at) = decode(item.header)?;
+        let (root, size, signer, at) = decode(item.header.clone())?;
         let root: Hash = root[..]
             .try_into()
             .map_err(|_| field("batch.root", "must be 32 bytes"))?;
@@ -528,7 +529,7 @@ impl Verifier {
                 serial: hex::encode(&cert.serial),
             });
         }
-        Ok((cert.identity, cert.public_key))
+        Ok((cert.identity.clone(), cert.public_key.clone()))
     }
 
     fn check_cert_at(&self, cert: &SignerCert, at: SystemTime) -> Result<(), VerifyError> {
@@ -545,19 +546,18 @@ impl Verifier {
         Ok(())
     }
 
-    fn signer_cert(&self, der: &[u8]) -> Result<SignerCert, VerifyError> {
-        let key = sha256(der);
+    fn signer_cert(&self, der: &[u8]) -> Result<Arc<SignerCert>, VerifyError> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&key) {
-            return Ok(c.clone());
+        if let Some(c) = cache.get(der) {
+            return Ok(Arc::clone(c));
         }
         drop(cache);
-        let parsed = self.parse_signer_cert(der)?;
+        let parsed = Arc::new(self.parse_signer_cert(der)?);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() > 4096 {
             cache.clear();
         }
-        cache.insert(key, parsed.clone());
+        cache.insert(der.to_vec(), Arc::clone(&parsed));
         Ok(parsed)
     }
 
@@ -637,7 +637,7 @@ struct InBatch<'a> {
     bytes_sha256: &'a [u8],
     signature: &'a [u8],
     /// The serialized batch header the signature covers.
-    header: &'a [u8],
+    header: &'a Bytes,
     index: u64,
     path: &'a [Bytes],
 }

@@ -217,7 +217,7 @@ fn draft_send_receipts(
     sealed
         .iter()
         .map(|s| {
-            let env = Envelope::decode(&s.envelope.envelope[..])
+            let env = Envelope::decode(s.envelope.envelope.clone())
                 .map_err(|e| NodeError::FailedPrecondition(format!("own envelope does not decode: {e}")))?;
             let accepted = shared.draft_receipt(
                 &env,
@@ -756,7 +756,7 @@ fn check_ack(
         )));
     }
     let signed = record.envelope.unwrap_or_default();
-    let env = Envelope::decode(&signed.envelope[..]).unwrap_or_default();
+    let env = Envelope::decode(signed.envelope.clone()).unwrap_or_default();
     let outcome = match (Kind::try_from(env.kind), outcome) {
         (Ok(Kind::Transaction), Outcome::Unspecified) => {
             return Err(NodeError::invalid(

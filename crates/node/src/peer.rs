@@ -508,13 +508,20 @@ fn plan(shared: &Shared, from: &Identity, item: TransferItem) -> Plan<Receipt> {
             let Some(signed) = et.envelope.as_ref() else {
                 return reject(shared, "malformed", None);
             };
-            // Decoded without trust, only to address a REJECTED receipt to the claimed sender.
-            let claimed = Envelope::decode(&signed.envelope[..]).ok();
-            let claimed = claimed.as_ref().map(|e| (e, &signed.envelope[..]));
             let verified = match shared.verifier.verify_envelope(signed) {
                 Ok(v) => v,
-                Err(e) => return reject(shared, e.reason(), claimed),
+                Err(e) => {
+                    // Decoded without trust, only to address a REJECTED receipt to the claimed sender.
+                    let claimed = Envelope::decode(signed.envelope.clone()).ok();
+                    return reject(
+                        shared,
+                        e.reason(),
+                        claimed.as_ref().map(|e| (e, &signed.envelope[..])),
+                    );
+                }
             };
+            // From here on what it claims is verified.
+            let claimed = Some((&verified.envelope, &signed.envelope[..]));
             let payload = et.payload.clone().unwrap_or_default();
             if let Err(e) = verified.check_payload(&payload) {
                 return reject(shared, e.reason(), claimed);

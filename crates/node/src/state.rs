@@ -323,7 +323,7 @@ impl Calls {
             record
                 .envelope
                 .as_ref()
-                .and_then(|s| Envelope::decode(&s.envelope[..]).ok())
+                .and_then(|s| Envelope::decode(s.envelope.clone()).ok())
                 .filter(|e| e.kind == antar_core::wire::Kind::Response as i32)
                 .map(|e| e.correlation_id)
         };
