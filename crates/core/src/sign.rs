@@ -314,44 +314,41 @@ mod tests {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
         let s = Signer::without_cert(pkcs8.as_ref());
-        for n in [2usize, 3, 5, 8] {
-            let leaves: Vec<Vec<u8>> = (0..n).map(|i| format!("item {i} of {n}").into_bytes()).collect();
+        // Each signed item as (bytes, SHA-256 field, index, path), checked
+        // against the leaves it was made of.
+        let check = |leaves: &[Vec<u8>], signed: Vec<(Bytes, Bytes, u64, Vec<Bytes>)>| {
             let hashes: Vec<Hash> = leaves.iter().map(|b| leaf_hash(b)).collect();
             let (_, proofs) = root_and_proofs(&hashes);
-            let paths = |i: usize| proofs[i].iter().map(|h| h.to_vec()).collect::<Vec<_>>();
-            let signed = s.sign_envelopes(leaves.clone(), "finance", Timestamp::default());
-            for (i, e) in signed.iter().enumerate() {
-                assert_eq!(e.envelope, leaves[i], "batch of {n}, item {i}");
-                assert_eq!(
-                    e.envelope_sha256,
-                    &sha256(&leaves[i])[..],
-                    "batch of {n}, item {i}"
-                );
-                let proof = e.batch.as_ref().unwrap();
-                assert_eq!(proof.index, i as u64, "batch of {n}");
-                assert_eq!(proof.path, paths(i), "batch of {n}, item {i}");
+            assert_eq!(signed.len(), leaves.len());
+            for (i, (bytes, digest, index, path)) in signed.into_iter().enumerate() {
+                let n = leaves.len();
+                assert_eq!(bytes, leaves[i], "batch of {n}, item {i}");
+                assert_eq!(digest, &sha256(&leaves[i])[..], "batch of {n}, item {i}");
+                assert_eq!(index, i as u64, "batch of {n}, item {i}");
+                let want: Vec<Vec<u8>> = proofs[i].iter().map(|h| h.to_vec()).collect();
+                assert_eq!(path, want, "batch of {n}, item {i}");
             }
+        };
+        for n in [2usize, 3, 5, 8] {
+            let leaves: Vec<Vec<u8>> = (0..n).map(|i| format!("item {i} of {n}").into_bytes()).collect();
+            let signed = s.sign_envelopes(leaves.clone(), "finance", Timestamp::default());
+            let signed = signed.into_iter().map(|e| {
+                let proof = e.batch.unwrap();
+                (e.envelope, e.envelope_sha256, proof.index, proof.path)
+            });
+            check(&leaves, signed.collect());
             let receipts: Vec<Receipt> = (0..n)
                 .map(|i| Receipt {
                     message_id: format!("m{i}"),
                     ..Receipt::default()
                 })
                 .collect();
-            let bytes: Vec<Vec<u8>> = receipts.iter().map(Message::encode_to_vec).collect();
-            let hashes: Vec<Hash> = bytes.iter().map(|b| leaf_hash(b)).collect();
-            let (_, proofs) = root_and_proofs(&hashes);
-            for (i, r) in s.sign_receipts(&receipts).iter().enumerate() {
-                assert_eq!(r.receipt, bytes[i], "batch of {n}, receipt {i}");
-                assert_eq!(
-                    r.receipt_sha256,
-                    &sha256(&bytes[i])[..],
-                    "batch of {n}, receipt {i}"
-                );
-                let proof = r.batch.as_ref().unwrap();
-                assert_eq!(proof.index, i as u64, "batch of {n}");
-                let want: Vec<Vec<u8>> = proofs[i].iter().map(|h| h.to_vec()).collect();
-                assert_eq!(proof.path, want, "batch of {n}, receipt {i}");
-            }
+            let leaves: Vec<Vec<u8>> = receipts.iter().map(Message::encode_to_vec).collect();
+            let signed = s.sign_receipts(&receipts).into_iter().map(|r| {
+                let proof = r.batch.unwrap();
+                (r.receipt, r.receipt_sha256, proof.index, proof.path)
+            });
+            check(&leaves, signed.collect());
         }
     }
 }
