@@ -10,6 +10,9 @@
 //! let ids = client.send_notice("health", "tax.notice", b"hello".to_vec()).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! The `bytes` fields of [`wire`] are `bytes::Bytes` (re-exported as
+//! `antar_proto::prost::bytes`); see `antar_proto` for what that means.
 
 #![warn(missing_docs)]
 
@@ -198,7 +201,7 @@ impl Client {
         &self,
         to: &str,
         service: &str,
-        payload: Vec<u8>,
+        payload: impl Into<antar_proto::prost::bytes::Bytes>,
     ) -> Result<String, ClientError> {
         let resp = self
             .agency()
