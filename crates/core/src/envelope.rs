@@ -54,6 +54,8 @@ pub struct Draft {
 pub struct Sealed {
     /// The id the sender node gave the message.
     pub id: MessageId,
+    /// The header as built: what `envelope.envelope` decodes to.
+    pub header: Envelope,
     /// The signed header.
     pub envelope: SignedEnvelope,
     /// The salted payload, carried beside the header.
@@ -66,8 +68,10 @@ pub struct Sealed {
 pub struct Prepared {
     /// The id the sender node gave the message.
     pub id: MessageId,
+    /// The header as built: what `envelope` decodes to.
+    pub header: Envelope,
     /// The serialized `Envelope`: the bytes to sign.
-    pub envelope: Vec<u8>,
+    pub envelope: Bytes,
     /// The envelope's `created_at`.
     pub created_at: SystemTime,
     /// The salted payload, carried beside the header.
@@ -79,6 +83,7 @@ impl Prepared {
     pub fn sign(self, signer: &Signer) -> Sealed {
         Sealed {
             id: self.id,
+            header: self.header,
             envelope: signer.sign_envelope_bytes(self.envelope),
             payload: self.payload,
         }
@@ -121,7 +126,8 @@ impl Draft {
         };
         Prepared {
             id,
-            envelope: envelope.encode_to_vec(),
+            envelope: envelope.encode_to_vec().into(),
+            header: envelope,
             created_at: self.created_at,
             payload: Payload {
                 salt: salt.into(),

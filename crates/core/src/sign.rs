@@ -114,11 +114,12 @@ impl Signer {
     }
 
     /// Signs serialized `Envelope` bytes.
-    pub fn sign_envelope_bytes(&self, envelope: Vec<u8>) -> SignedEnvelope {
+    pub fn sign_envelope_bytes(&self, envelope: impl Into<Bytes>) -> SignedEnvelope {
+        let envelope = envelope.into();
         let signature = self.sign(ENVELOPE_DOMAIN, &envelope);
         SignedEnvelope {
             envelope_sha256: digest_bytes(&envelope),
-            envelope: envelope.into(),
+            envelope,
             signature,
             signer_cert: self.cert_der.clone(),
             batch: None,
@@ -130,12 +131,13 @@ impl Signer {
     /// each envelope carrying the batch and its inclusion proof. One
     /// envelope alone is signed as by [`Signer::sign_envelope_bytes`]. `at`
     /// is the latest `created_at` of the envelopes.
-    pub fn sign_envelopes(
+    pub fn sign_envelopes<E: Into<Bytes>>(
         &self,
-        envelopes: Vec<Vec<u8>>,
+        envelopes: Vec<E>,
         sender: &str,
         at: Timestamp,
     ) -> Vec<SignedEnvelope> {
+        let envelopes: Vec<Bytes> = envelopes.into_iter().map(Into::into).collect();
         if envelopes.len() < 2 {
             return envelopes
                 .into_iter()
@@ -153,7 +155,7 @@ impl Signer {
             .zip(batch.proofs)
             .map(|(envelope, (index, path, digest))| SignedEnvelope {
                 envelope_sha256: digest,
-                envelope: envelope.into(),
+                envelope,
                 signature: batch.signature.clone(),
                 signer_cert: self.cert_der.clone(),
                 batch: Some(EnvelopeBatchProof {
@@ -224,14 +226,14 @@ impl Signer {
     fn sign_batch<H: Message>(
         &self,
         domain: &[u8],
-        leaves: &[Vec<u8>],
+        leaves: &[impl AsRef<[u8]>],
         header: impl FnOnce(Bytes, u64) -> H,
     ) -> SignedBatch {
-        let hashes: Vec<Hash> = leaves.iter().map(|b| leaf_hash(b)).collect();
+        let hashes: Vec<Hash> = leaves.iter().map(|b| leaf_hash(b.as_ref())).collect();
         let (root, proofs) = root_and_proofs(&hashes);
         let header = header(Bytes::copy_from_slice(&root), leaves.len() as u64).encode_to_vec();
         let mut paths = hash_fields(proofs.iter().flatten()).into_iter();
-        let digests: Vec<Hash> = leaves.iter().map(|b| sha256(b)).collect();
+        let digests: Vec<Hash> = leaves.iter().map(|b| sha256(b.as_ref())).collect();
         SignedBatch {
             signature: self.sign(domain, &header),
             header: header.into(),

@@ -203,32 +203,28 @@ fn validate_send(
     })
 }
 
-/// The receipts one send's transaction records, signed: per envelope, the
-/// envelope decoded, its ACCEPTED receipt and, sent to this node's own
-/// agency, its DELIVERED receipt.
-type SendReceipts = Vec<(Envelope, Issued, Option<Issued>)>;
+/// The receipts one send's transaction records, signed: per envelope, its
+/// ACCEPTED receipt and, sent to this node's own agency, its DELIVERED
+/// receipt.
+type SendReceipts = Vec<(Issued, Option<Issued>)>;
 
 /// Drafts the receipts of `sealed` (unsigned; see `Shared::draft_receipt`).
-fn draft_send_receipts(
-    shared: &Shared,
-    sealed: &[Sealed],
-) -> Result<Vec<(Envelope, Receipt, Option<Receipt>)>, NodeError> {
+fn draft_send_receipts(shared: &Shared, sealed: &[Sealed]) -> Vec<(Receipt, Option<Receipt>)> {
     let sender = shared.agency.as_str();
     sealed
         .iter()
         .map(|s| {
-            let env = Envelope::decode(s.envelope.envelope.clone())
-                .map_err(|e| NodeError::FailedPrecondition(format!("own envelope does not decode: {e}")))?;
+            let env = &s.header;
             let accepted = shared.draft_receipt(
-                &env,
+                env,
                 &s.envelope.envelope,
                 ReceiptStatus::Accepted,
                 "",
                 Outcome::Unspecified,
                 Vec::new(),
             );
-            let delivered = (env.recipient == sender).then(|| shared.delivered(&env, &s.envelope.envelope));
-            Ok((env, accepted, delivered))
+            let delivered = (env.recipient == sender).then(|| shared.delivered(env, &s.envelope.envelope));
+            (accepted, delivered)
         })
         .collect()
 }
@@ -237,12 +233,12 @@ fn draft_send_receipts(
 /// in one go (`Shared::sign_together`); each send's come back in order.
 async fn sign_send_receipts(
     shared: &Shared,
-    drafts: Vec<Vec<(Envelope, Receipt, Option<Receipt>)>>,
+    drafts: Vec<Vec<(Receipt, Option<Receipt>)>>,
 ) -> Vec<SendReceipts> {
     let all = drafts
         .iter()
         .flatten()
-        .flat_map(|(_, a, d)| std::iter::once(a).chain(d))
+        .flat_map(|(a, d)| std::iter::once(a).chain(d))
         .cloned()
         .collect();
     let mut signed = shared.sign_together(all).await;
@@ -250,7 +246,7 @@ async fn sign_send_receipts(
         .into_iter()
         .map(|one| {
             one.into_iter()
-                .map(|(env, a, d)| (env, signed.take(a), d.map(|d| signed.take(d))))
+                .map(|(a, d)| (signed.take(a), d.map(|d| signed.take(d))))
                 .collect()
         })
         .collect()
@@ -297,7 +293,8 @@ fn store_send(
     // Where each goes, first, so a send refused for one writes nothing.
     let policy = shared.policy();
     let mut dests = Vec::with_capacity(sealed.len());
-    for (env, _, delivered) in receipts {
+    for (s, (_, delivered)) in sealed.iter().zip(receipts) {
+        let env = &s.header;
         dests.push(match delivered {
             Some(delivered) => Dest::Here(delivered),
             None => match policy.next_hop(&env.recipient) {
@@ -307,8 +304,8 @@ fn store_send(
         });
     }
     let mut ids = Vec::with_capacity(sealed.len());
-    for ((s, (env, accepted, _)), dest) in sealed.iter().zip(receipts).zip(dests) {
-        let id = s.id.to_string();
+    for ((s, (accepted, _)), dest) in sealed.iter().zip(receipts).zip(dests) {
+        let (id, env) = (s.id.to_string(), &s.header);
         let logged = crate::state::audit_envelope(tx, &s.envelope, &id)?;
         let cursor = crate::state::log_own_receipt(tx, &accepted.signed, &id)?;
         let mut record = MessageRecord {
@@ -459,7 +456,7 @@ async fn accept_acking(
     ack: Option<(MessageId, Receipt)>,
 ) -> Result<Vec<MessageId>, NodeError> {
     // Receipts are signed here, outside the transaction (see `Shared::draft_receipt`).
-    let drafts = draft_send_receipts(shared, &sealed)?;
+    let drafts = draft_send_receipts(shared, &sealed);
     let receipts = sign_send_receipts(shared, vec![drafts])
         .await
         .pop()
@@ -546,13 +543,8 @@ async fn send_all(
     let mut drafts = Vec::with_capacity(valid.len());
     for (i, v) in valid {
         let own: Vec<Sealed> = sealed.by_ref().take(v.drafts.len()).collect();
-        match draft_send_receipts(shared, &own) {
-            Ok(d) => {
-                ready.push((i, v, own));
-                drafts.push(d);
-            }
-            Err(e) => results[i] = Err(item_error(e)),
-        }
+        drafts.push(draft_send_receipts(shared, &own));
+        ready.push((i, v, own));
     }
     let ready: Vec<(usize, Validated, Vec<Sealed>, SendReceipts)> = ready
         .into_iter()

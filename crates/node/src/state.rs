@@ -463,7 +463,7 @@ pub(crate) struct Shared {
     pub(crate) receipt_queue: Together<Receipt, Issued>,
     /// Envelopes of concurrent requests waiting to share a signature:
     /// their bytes and `created_at`.
-    pub(crate) envelope_queue: Together<(Vec<u8>, SystemTime), SignedEnvelope>,
+    pub(crate) envelope_queue: Together<(Bytes, SystemTime), SignedEnvelope>,
     /// `Call`s waiting for their RESPONSE.
     pub(crate) calls: Calls,
     /// Per peer, the outbox items its forwarder may have sent
@@ -646,7 +646,7 @@ impl Shared {
             .collect();
         let signed = self
             .envelope_queue
-            .sign(unsigned, |all: Vec<(Vec<u8>, SystemTime)>| {
+            .sign(unsigned, |all: Vec<(Bytes, SystemTime)>| {
                 let at = all.iter().map(|(_, t)| *t).max().unwrap_or_else(SystemTime::now);
                 let bytes = all.into_iter().map(|(b, _)| b).collect();
                 self.signer
@@ -662,6 +662,7 @@ impl Shared {
                 // is signed alone rather than paired with another's.
                 Some(envelope) if envelope.envelope == p.envelope => Sealed {
                     id: p.id,
+                    header: p.header,
                     envelope,
                     payload: p.payload,
                 },

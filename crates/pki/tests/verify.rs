@@ -517,7 +517,7 @@ fn batch_signed_envelopes_verify_one_by_one_and_resist_tampering() {
     let prepared: Vec<_> = (0..6)
         .map(|i| draft("tax", now).prepare(format!("payload {i}").into_bytes()))
         .collect();
-    let bytes: Vec<Vec<u8>> = prepared.iter().map(|p| p.envelope.clone()).collect();
+    let bytes: Vec<Bytes> = prepared.iter().map(|p| p.envelope.clone()).collect();
     let at = antar_core::time::to_timestamp(now);
     let signed = signer(&tax).sign_envelopes(bytes.clone(), "tax", at);
     assert_eq!(signed.len(), 6);
@@ -586,7 +586,7 @@ fn batch_signed_envelopes_verify_one_by_one_and_resist_tampering() {
             .unwrap_err(),
         VerifyError::SignerMismatch { .. }
     ));
-    let theirs: Vec<Vec<u8>> = (0..3)
+    let theirs: Vec<Bytes> = (0..3)
         .map(|_| draft("health", now).prepare(b"x".to_vec()).envelope)
         .collect();
     assert!(matches!(
