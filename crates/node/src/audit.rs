@@ -244,7 +244,8 @@ fn matches(q: &QueryRequest, entry: &LogEntry) -> bool {
         && (q.kind == 0 || a.kind == Some(q.kind))
 }
 
-fn proof_hashes(path: Vec<merkle::Hash>) -> Vec<Bytes> {
+/// A Merkle proof's hashes as message fields (audit proofs, a witness request).
+pub(crate) fn proof_hashes(path: Vec<merkle::Hash>) -> Vec<Bytes> {
     path.into_iter().map(|h| Bytes::copy_from_slice(&h)).collect()
 }
 
@@ -517,7 +518,7 @@ pub(crate) async fn export_bundle(shared: &Shared, from: u64) -> Result<(AuditBu
         entries: Vec::new(),
         checkpoints,
         consistency,
-        root_ca: shared.verifier.anchor().root_der().to_vec().into(),
+        root_ca: Bytes::copy_from_slice(shared.verifier.anchor().root_der()),
         first_index: from,
         prefix: proof_hashes(prefix),
     };

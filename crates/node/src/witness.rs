@@ -341,11 +341,8 @@ async fn request(shared: &Shared, peer: &str, addr: &str, cp: &Checkpoint) -> Re
             Vec::new()
         } else {
             let mut tree = shared.store.audit_tree(size).map_err(|e| e.to_string())?;
-            merkle::consistency_proof_of(&mut tree, old, size)
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|h| Bytes::copy_from_slice(&h))
-                .collect()
+            let path = merkle::consistency_proof_of(&mut tree, old, size).map_err(|e| e.to_string())?;
+            crate::audit::proof_hashes(path)
         };
         let resp = client
             .witness(WitnessRequest {

@@ -1648,18 +1648,10 @@ async fn log_values_are_stored_without_shared_parts_and_read_back_byte_for_byte(
                 Held::Logged(cursor),
                 "m1",
             )?;
-            tx.audit_append(
-                EntryKind::Envelope,
-                Bytes::copy_from_slice(&envelope),
-                Held::Cert(&other_cert),
-                "m2",
-            )?;
-            tx.audit_append(
-                EntryKind::Envelope,
-                Bytes::copy_from_slice(&envelope),
-                Held::Cert(&other_cert),
-                "m3",
-            )?;
+            for message in ["m2", "m3"] {
+                let envelope = Bytes::copy_from_slice(&envelope);
+                tx.audit_append(EntryKind::Envelope, envelope, Held::Cert(&other_cert), message)?;
+            }
             Ok(cursor)
         })
         .await
