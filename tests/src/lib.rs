@@ -141,6 +141,12 @@ impl Federation {
 
     /// Starts a node as a child process with a given config.
     pub fn spawn_with(&self, config: NodeConfig) -> ChildNode {
+        self.spawn_env(config, &[])
+    }
+
+    /// Starts a node as a child process with a given config and extra
+    /// environment variables.
+    pub fn spawn_env(&self, config: NodeConfig, env: &[(&str, &str)]) -> ChildNode {
         let path = self.layout.config_path(&config.agency);
         std::fs::write(&path, config.to_toml()).unwrap();
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", config.agency))).unwrap();
@@ -148,6 +154,7 @@ impl Federation {
             .args(["node", "run", "--config"])
             .arg(&path)
             .env("ANTAR_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -304,6 +311,11 @@ pub struct ChildNode {
 }
 
 impl ChildNode {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();

@@ -1151,3 +1151,36 @@ async fn a_connection_that_stops_answering_pings_is_closed() {
     send(&app, notice("health", "tax.notice", b"after")).await;
     node.stop().await.unwrap();
 }
+
+/// `THP_enabled` of a process's /proc status: 0 once it has turned
+/// transparent huge pages off for itself.
+#[cfg(target_os = "linux")]
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix("THP_enabled:"));
+    line.expect("no THP_enabled line in /proc/PID/status")
+        .trim()
+        .to_owned()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_turns_transparent_huge_pages_off_unless_its_operator_chose() {
+    let fed = Federation::standard();
+    let node = fed.spawn("finance");
+    fed.admin("finance").await;
+    assert_eq!(thp_enabled(node.pid()), "0", "the node left huge pages on");
+    node.terminate();
+
+    // mimalloc's own variable is the operator's choice, and the node keeps it:
+    // here the same setting as this test's process.
+    let ours = thp_enabled(std::process::id());
+    let node = fed.spawn_env(fed.config("finance"), &[("MIMALLOC_ALLOW_THP", "1")]);
+    fed.admin("finance").await;
+    assert_eq!(
+        thp_enabled(node.pid()),
+        ours,
+        "MIMALLOC_ALLOW_THP=1 was overridden"
+    );
+    node.terminate();
+}
