@@ -13,35 +13,44 @@
 //! A segment past its size (32 MiB by default) is retired: the applier
 //! starts the next one and the checkpointer thread flushes sled — covering
 //! every group of the retired segment, all applied by then — and deletes
-//! it, or, when there is no spare, zeroes it in place to be the next spare
+//! it, or, when there is no spare, keeps its file to be the next spare
 //! (deleting a 32 MiB file stalled every concurrent `fdatasync`). So the
 //! journal holds about two segments, more only while checkpoints lag
 //! behind.
 //!
-//! A new segment is, when one is ready, a *spare*: a segment's size in
-//! zeros that the checkpointer wrote and synced ahead of time
-//! (`spare.zero`: a checkpointed segment zeroed, or a new file asked for
-//! once the segment being written is half full, so a node that writes
-//! little never writes one), renamed into place. Records then overwrite
-//! blocks the file system has already allocated and written, within the
-//! file's size, so an `fdatasync` syncs the record and none of the file's
+//! A new segment is, when one is ready, a *spare*: a file of a segment's
+//! size whose blocks are allocated and written, synced ahead of time by
+//! the checkpointer (`spare.zero`: a checkpointed segment's file cut to
+//! size with its first page zeroed, or a new file of zeros asked for once
+//! the segment being written is half full, so a node that writes little
+//! never writes one), renamed into place. Records then overwrite blocks
+//! the file system has already allocated and written, within the file's
+//! size, so an `fdatasync` syncs the record and none of the file's
 //! metadata — but for the record that crosses the segment's size, and in
 //! a segment started without a spare (ADR 0005's amendment has the
-//! measurements). In the last segment,
-//! zeros from where a record header should start to the end of the file
-//! end the journal quietly: no record is empty, and that is what a spare
-//! holds past its last record. A retired segment is records to its end
-//! (it was retired past its size, which is the spare's).
+//! measurements). A retired segment is records to its end (it was retired
+//! past its size, which is the spare's).
 //!
-//! Record layout: length of the group bytes (u32 BE), CRC-32 of them (u32
-//! BE), the group bytes (`group::encode_into`). A record is only written after
+//! Record layout: length of the group bytes (u32 BE), CRC-32 of the
+//! segment's number (u64 BE) followed by the group bytes (u32 BE), the
+//! group bytes (`group::encode_into`). The number binds a record to its
+//! segment: the older records a recycled file still holds past the new
+//! ones fail the check in their new segment, so a recycled file needs no
+//! zeros (ADR 0010). In the last segment, the first place where no record
+//! of the segment begins ends the journal: zeros (a new spare's tail, or a
+//! tail the file system extended but never wrote), an older segment's
+//! records, or a record torn by a crash. A record is only written after
 //! the one before it was synced, so only the last record of the last
-//! segment can be torn by a crash; replay stops there (that group was never
-//! acknowledged). A bad record anywhere else is corruption and stops the
-//! open.
+//! segment can be torn; that group was never acknowledged. A bad record
+//! anywhere else is corruption and stops the open.
+//!
+//! Segments written before ADR 0010 have the CRC of the group bytes
+//! alone; a segment whose first record checks so is read so to its end
+//! (such a journal was replayed and emptied by the first open of a build
+//! with ADR 0010, and never recycled unzeroed).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -124,8 +133,9 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016}.log"))
 }
 
-/// The next segment, zeroed ahead of time, and the name it is written
-/// under until it is whole and synced.
+/// The next segment, written ahead of time (`prepare_spare`; the name is
+/// from when a spare was all zeros), and the name it is written under
+/// until it is whole and synced.
 const SPARE: &str = "spare.zero";
 const SPARE_PARTIAL: &str = "spare.zero.partial";
 
@@ -152,14 +162,20 @@ fn start_segment(dir: &Path, n: u64, size: u64) -> Result<File, StoreError> {
     Ok(file)
 }
 
-/// Writes the spare when there is none: `size` zeros, synced,
-/// then renamed to [`SPARE`] (so a spare is always whole). The zeros go
-/// over a checkpointed segment left as [`SPARE_PARTIAL`] when there is
-/// one (cut to size), else into a new file. A failure costs only the
-/// speed-up: the next segment is then a new file.
+/// Zeros a spare starts with: a page, so that where its first record
+/// would begin no record of any segment does.
+const SPARE_HEAD: u64 = 4096;
+
+/// Writes the spare when there is none, synced, then renamed to [`SPARE`]
+/// (so a spare is always whole): a checkpointed segment left as
+/// [`SPARE_PARTIAL`] when there is one, cut to `size`, its first page
+/// zeroed and the rest left as it is (records of an older segment, which
+/// no record of the next one can be mistaken for); else a new file of
+/// `size` zeros. Either way every block of it is allocated and written. A
+/// failure costs only the speed-up: the next segment is then a new file.
 fn prepare_spare(dir: &Path, size: u64, stopping: &AtomicBool) {
     if stopping.load(Ordering::Relaxed) {
-        // A checkpointed segment may wait here to be zeroed: at a stop it
+        // A checkpointed segment may wait here to be a spare: at a stop it
         // is only disk space.
         let _ = fs::remove_file(dir.join(SPARE_PARTIAL));
         return;
@@ -182,20 +198,27 @@ fn prepare_spare(dir: &Path, size: u64, stopping: &AtomicBool) {
             .create(true)
             .truncate(false)
             .open(&partial)?;
+        // Bytes of a checkpointed segment, written already (0 for a new file).
+        let kept = f.metadata()?.len().min(size);
         f.set_len(size)?;
-        let zeros = vec![0u8; (1 << 20).min(size as usize)];
-        let mut left = size as usize;
-        // A megabyte at a time, each synced before the next: a whole
-        // segment's writes at once would queue on the disk ahead of the
-        // applier's syncs and stall every commit for tens of milliseconds.
-        while left > 0 {
-            if stopping.load(Ordering::Relaxed) {
-                return Err(std::io::Error::other("the store is stopping"));
+        let head = SPARE_HEAD.min(size);
+        f.write_all(&vec![0u8; head as usize])?;
+        if kept < size {
+            f.seek(SeekFrom::Start(kept.max(head)))?;
+            let zeros = vec![0u8; (1 << 20).min(size as usize)];
+            let mut left = (size - kept.max(head)) as usize;
+            // A megabyte at a time, each synced before the next: a whole
+            // segment's writes at once would queue on the disk ahead of the
+            // applier's syncs and stall every commit for tens of milliseconds.
+            while left > 0 {
+                if stopping.load(Ordering::Relaxed) {
+                    return Err(std::io::Error::other("the store is stopping"));
+                }
+                let n = left.min(zeros.len());
+                f.write_all(&zeros[..n])?;
+                f.sync_data()?;
+                left -= n;
             }
-            let n = left.min(zeros.len());
-            f.write_all(&zeros[..n])?;
-            f.sync_data()?;
-            left -= n;
         }
         f.sync_all()?;
         fs::rename(&partial, &spare)
@@ -208,7 +231,7 @@ fn prepare_spare(dir: &Path, size: u64, stopping: &AtomicBool) {
         tracing::warn!(
             dir = %dir.display(),
             error = %e,
-            "could not write a zeroed spare journal segment; the next segment starts as a new file (slower syncs)"
+            "could not write a spare journal segment; the next segment starts as a new file (slower syncs)"
         );
     }
 }
@@ -235,10 +258,10 @@ impl Journal {
         }
         let segments = segments(&dir)?;
         let mut replayed = 0;
-        for (i, (_, path)) in segments.iter().enumerate() {
+        for (i, (n, path)) in segments.iter().enumerate() {
             let bytes = fs::read(path).map_err(|e| io("reading", path, e))?;
             let last = i + 1 == segments.len();
-            for writes in records(path, &bytes, last)? {
+            for writes in records(path, *n, &bytes, last)? {
                 group::write_all(trees, writes, group::Pass::Replay)?;
                 replayed += 1;
             }
@@ -291,7 +314,7 @@ impl Journal {
         let body = &record[8..];
         let header = [
             (body.len() as u32).to_be_bytes(),
-            crc32fast::hash(body).to_be_bytes(),
+            Crc::Bound(self.segment).of(body).to_be_bytes(),
         ];
         record[..8].copy_from_slice(&header.concat());
         let started = std::time::Instant::now();
@@ -385,7 +408,7 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
 /// without the newer ones.
 ///
 /// With `recycle`, the newest of them is not deleted but renamed to
-/// [`SPARE_PARTIAL`], for [`prepare_spare`] to zero in place; returns
+/// [`SPARE_PARTIAL`], for [`prepare_spare`] to make the next spare; returns
 /// whether it was. Deleting a 32 MiB file frees its blocks, and on this
 /// project's ext4 test machine (mounted with `discard`) that stalled every
 /// concurrent `fdatasync` for 20–27 ms; overwriting a file's blocks in
@@ -421,29 +444,57 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io("syncing", dir, e))
 }
 
-/// The groups of one segment, in order. In the `last` segment zeros to
-/// its end end the journal (a spare's tail, or a tail the file system
-/// extended but never wrote), and a torn final record ends it with a
-/// warning; anywhere else a bad record is corruption.
-fn records(path: &Path, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWrite>>, StoreError> {
+/// What a record's CRC-32 covers besides the group bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crc {
+    /// The number of the segment it was written in, first (ADR 0010).
+    Bound(u64),
+    /// Nothing: a segment written before ADR 0010.
+    Plain,
+}
+
+impl Crc {
+    fn of(self, body: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        if let Crc::Bound(segment) = self {
+            h.update(&segment.to_be_bytes());
+        }
+        h.update(body);
+        h.finalize()
+    }
+}
+
+/// The record at the start of `bytes` if its checksum is `crc`'s: its group
+/// (None if it does not decode) and its length. Zeros are not a record:
+/// a record holds at least the layout version.
+fn record(bytes: &[u8], crc: Crc) -> Option<(Option<Vec<GroupWrite>>, usize)> {
+    let (head, rest) = bytes.split_at_checked(8)?;
+    let len = u32::from_be_bytes(head[..4].try_into().ok()?) as usize;
+    let sum = u32::from_be_bytes(head[4..].try_into().ok()?);
+    (len > 0).then_some(())?;
+    let body = rest.get(..len)?;
+    (crc.of(body) == sum).then_some(())?;
+    Some((group::decode(body), 8 + len))
+}
+
+/// The groups of segment `n`, in order. Its records are bound to `n`,
+/// unless its first record checks as written before ADR 0010: then it is
+/// read so to its end. In the `last` segment the first place where no
+/// record begins ends the journal; anywhere else a bad record is
+/// corruption.
+fn records(path: &Path, n: u64, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWrite>>, StoreError> {
+    let crc = match record(bytes, Crc::Bound(n)) {
+        None if record(bytes, Crc::Plain).is_some() => Crc::Plain,
+        _ => Crc::Bound(n),
+    };
     let mut groups = Vec::new();
     let mut offset = 0usize;
     while !bytes.is_empty() {
-        let group = bytes.split_at_checked(8).and_then(|(head, rest)| {
-            let len = u32::from_be_bytes(head[..4].try_into().ok()?) as usize;
-            let crc = u32::from_be_bytes(head[4..].try_into().ok()?);
-            // A record holds at least the layout version; zeros (a tail the
-            // file system extended but never wrote) are not a record.
-            (len > 0).then_some(())?;
-            let body = rest.get(..len)?;
-            (crc32fast::hash(body) == crc).then_some(())?;
-            Some((group::decode(body), 8 + len))
-        });
-        match group {
-            Some((Some(writes), n)) => {
+        match record(bytes, crc) {
+            Some((Some(writes), len)) => {
                 groups.push(writes);
-                bytes = &bytes[n..];
-                offset += n;
+                bytes = &bytes[len..];
+                offset += len;
             }
             Some((None, _)) => {
                 return Err(StoreError::Journal(format!(
@@ -454,11 +505,16 @@ fn records(path: &Path, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<GroupWri
             }
             None if last && bytes.iter().all(|&b| b == 0) => break,
             None if last => {
-                tracing::warn!(
+                // Not worth a warning: after a recycled segment's last record
+                // this is the usual case, and a torn write lost nothing
+                // acknowledged.
+                tracing::info!(
                     path = %path.display(),
                     offset,
-                    discarded = bytes.len(),
-                    "the journal ends in a torn record: a crash cut its write, and its group was never acknowledged"
+                    rest = bytes.len(),
+                    "the journal ends here: what follows is not a record of this segment \
+                     (an older segment's records in a recycled file, or a write a crash cut \
+                     short, whose group was never acknowledged)"
                 );
                 break;
             }

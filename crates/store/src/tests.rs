@@ -662,6 +662,14 @@ async fn crashed_with(dir: &std::path::Path, n: u8) -> (std::path::PathBuf, std:
     (copy, last)
 }
 
+/// The store at `copy` opens holding exactly [`crashed_with`]'s three
+/// items.
+fn holds_the_three(copy: &std::path::Path) {
+    let r = open(copy, 1 << 20);
+    assert_eq!(first_bytes(&r, "health"), vec![0, 1, 2]);
+    assert_eq!(r.queued_bytes(), 300);
+}
+
 /// Queues item `i` for health: `size` bytes of `i % 251`, as
 /// [`first_bytes`] reads back.
 async fn put_numbered(s: &Store, i: u64, size: usize) {
@@ -747,9 +755,7 @@ async fn a_torn_journal_tail_is_dropped_and_the_rest_replayed() {
     torn.extend_from_slice(&0u32.to_be_bytes());
     torn.extend_from_slice(&[1, 1, 0, 0]);
     std::fs::write(&last, torn).unwrap();
-    let r = open(&copy, 1 << 20);
-    assert_eq!(first_bytes(&r, "health"), vec![0, 1, 2]);
-    assert_eq!(r.queued_bytes(), 300);
+    holds_the_three(&copy);
 }
 
 /// A bad record in a segment before the last cannot be a torn write: the
@@ -871,12 +877,16 @@ async fn the_next_segment_is_the_zeroed_spare() {
     assert_eq!(first_bytes(&r, "health"), want);
 }
 
-/// Segment 0, once checkpointed, is not deleted: its file is zeroed in
-/// place and becomes the next spare (the same inode), so a journal under
-/// steady load frees and allocates no blocks. A crash copy still replays
-/// every group.
+/// Segment 0, once checkpointed, is not deleted: its file becomes the next
+/// spare (the same inode), so a journal under steady load frees and
+/// allocates no blocks. Only its first page is zeroed; its records stay,
+/// and when it is written again as segment 2 they follow the new records
+/// in the file. They are bound to segment 0, so a crash copy replays the
+/// new groups and none of them: the items dropped meanwhile stay dropped.
+/// (Whether an old record begins where the new ones end is up to their
+/// sizes; the next tests put one there.)
 #[tokio::test]
-async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
+async fn a_checkpointed_segment_is_the_next_spare_and_its_old_records_never_replay() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
@@ -894,10 +904,8 @@ async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
         n += 1;
     }
     assert!(poll(|| spare.exists()), "no spare was written");
-    while segments(&live)
-        .iter()
-        .all(|p| !p.ends_with("0000000000000001.log"))
-    {
+    let in_segment = |i: u64| move |p: &std::path::PathBuf| p.ends_with(format!("{i:016}.log"));
+    while !segments(&live).iter().any(in_segment(1)) {
         put_numbered(&s, n, 8000).await;
         n += 1;
     }
@@ -908,17 +916,138 @@ async fn a_checkpointed_segment_is_zeroed_into_the_next_spare() {
         .collect();
     assert!(recycled, "segment 0 did not become the spare: {names:?}");
     assert!(!first.exists(), "{names:?}");
-    let zeros = std::fs::read(&spare).unwrap();
-    assert_eq!(zeros.len() as u64, SEGMENT_BYTES);
+    let bytes = std::fs::read(&spare).unwrap();
+    assert_eq!(bytes.len() as u64, SEGMENT_BYTES);
     assert!(
-        zeros.iter().all(|&b| b == 0),
-        "the recycled spare is not all zeros"
+        bytes[..4096].iter().all(|&b| b == 0),
+        "the first page is not zeroed"
     );
+    assert!(
+        bytes[4096..].iter().any(|&b| b != 0),
+        "the recycled spare was zeroed whole"
+    );
+    // Every item so far dropped: segment 0's records say they are queued.
+    let dropped = n;
+    let queued: Vec<u64> = s
+        .outbox_batch("health", None, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|(seq, _)| *seq)
+        .collect();
+    for seq in queued {
+        s.transact(|tx| tx.drop_outbox("health", seq)).await.unwrap();
+    }
+    // Into segment 2, the recycled file: a few records over segment 0's.
+    while !segments(&live).iter().any(in_segment(2)) {
+        put_numbered(&s, n, 8000).await;
+        n += 1;
+    }
+    for _ in 0..3 {
+        put_numbered(&s, n, 8000).await;
+        n += 1;
+    }
+    let current = segments(&live).pop().unwrap();
+    assert_eq!(std::fs::metadata(&current).unwrap().ino(), inode);
     crash_copy(&live, &copy);
     let r = open(&copy, 1 << 30);
-    assert_eq!(r.queued_bytes(), n * 8000);
-    let want: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    assert_eq!(r.queued_bytes(), (n - dropped) * 8000);
+    let want: Vec<u8> = (dropped..n).map(|i| (i % 251) as u8).collect();
     assert_eq!(first_bytes(&r, "health"), want);
+}
+
+/// Where each record of a segment's bytes begins, up to the first zeros;
+/// the last offset is where the records end.
+fn record_offsets(bytes: &[u8]) -> Vec<usize> {
+    let mut at = vec![0];
+    let mut end = 0;
+    while end + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        end += 8 + len;
+        at.push(end);
+    }
+    at
+}
+
+/// Rewrites the CRC of every record of a segment as `crc` of its group
+/// bytes; returns how many records there were.
+fn rewrite_crcs(segment: &std::path::Path, crc: impl Fn(&[u8]) -> u32) -> usize {
+    let mut bytes = std::fs::read(segment).unwrap();
+    let offsets = record_offsets(&bytes);
+    for pair in offsets.windows(2) {
+        let sum = crc(&bytes[pair[0] + 8..pair[1]]);
+        bytes[pair[0] + 4..pair[0] + 8].copy_from_slice(&sum.to_be_bytes());
+    }
+    std::fs::write(segment, bytes).unwrap();
+    offsets.len() - 1
+}
+
+/// What a recycled segment holds after its new records, record for
+/// record: records the journal wrote in another segment, here segment 1
+/// of another store, queueing items of 7s. Behind the last segment's own
+/// records, at a record's boundary, they end the journal and none replays.
+#[tokio::test]
+async fn another_segment_s_records_after_the_last_record_are_not_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 3).await;
+    assert_eq!(segment_number(&last), 0);
+    let other = dir.path().join("other");
+    let s = open(&other, 1 << 30);
+    let mut i = 0;
+    while !segments(&other).iter().any(|p| segment_number(p) == 1) {
+        put_numbered(&s, i, 1000).await;
+        i += 1;
+    }
+    for _ in 0..3 {
+        s.transact(|tx| tx.push_outbox("health", &[7; 100], Held::Nothing, 0))
+            .await
+            .unwrap();
+    }
+    let theirs = std::fs::read(journal::dir(&other).join(format!("{:016}.log", 1))).unwrap();
+    let end = *record_offsets(&theirs).last().unwrap();
+    assert!(end > 0, "segment 1 of the other store holds no record");
+    let mut ours = std::fs::read(&last).unwrap();
+    assert_eq!(*record_offsets(&ours).last().unwrap(), ours.len());
+    ours.extend_from_slice(&theirs[..end]);
+    std::fs::write(&last, ours).unwrap();
+    holds_the_three(&copy);
+}
+
+/// A journal left by a build from before records were bound to their
+/// segment (the CRC of the group bytes alone) still replays whole.
+#[tokio::test]
+async fn a_journal_from_before_segment_bound_records_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 3).await;
+    assert_eq!(rewrite_crcs(&last, crc32fast::hash), 3);
+    holds_the_three(&copy);
+}
+
+/// A record is bound to the segment it was written in: a segment renamed
+/// to another number replays nothing as the last segment, and before the
+/// last it is corruption, named.
+#[tokio::test]
+async fn records_under_another_segment_number_are_not_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 3).await;
+    let n = segment_number(&last);
+    let moved = last.with_file_name(format!("{:016}.log", n + 1));
+    std::fs::rename(&last, &moved).unwrap();
+    let r = open(&copy, 1 << 20);
+    assert!(first_bytes(&r, "health").is_empty());
+    drop(r);
+
+    let (copy, last) = crashed_with(&dir.path().join("again"), 3).await;
+    let n = segment_number(&last);
+    std::fs::rename(&last, last.with_file_name(format!("{:016}.log", n + 1))).unwrap();
+    std::fs::write(last.with_file_name(format!("{:016}.log", n + 2)), []).unwrap();
+    let err = Store::open(&config(&copy, 1 << 20)).err().unwrap().to_string();
+    assert!(
+        err.contains(&format!("{:016}.log", n + 1)) && err.contains("corrupt"),
+        "{err}"
+    );
 }
 
 /// The segment size is the store's configuration, and may change from one
