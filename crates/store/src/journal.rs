@@ -20,10 +20,10 @@
 //!
 //! A new segment is, when one is ready, a *spare*: a file of a segment's
 //! size whose blocks are allocated and written, synced ahead of time by
-//! the checkpointer (`spare.zero`: a checkpointed segment's file cut to
-//! size with its first page zeroed, or a new file of zeros asked for once
-//! the segment being written is half full, so a node that writes little
-//! never writes one), renamed into place. Records then overwrite blocks
+//! the checkpointer (`spare.<k>`: checkpointed segment k's file cut to
+//! size with its first page zeroed; or `spare.zero`, a new file of zeros
+//! asked for once the segment being written is half full, so a node that
+//! writes little never writes one), renamed into place. Records then overwrite blocks
 //! the file system has already allocated and written, within the file's
 //! size, so an `fdatasync` syncs the record and none of the file's
 //! metadata — but for the record that crosses the segment's size, and in
@@ -36,7 +36,9 @@
 //! group bytes (`group::encode_into`). The number binds a record to its
 //! segment: the older records a recycled file still holds past the new
 //! ones fail the check in their new segment, so a recycled file needs no
-//! zeros (ADR 0010). In the last segment, the first place where no record
+//! zeros (ADR 0010). For that, `spare.<k>` only ever becomes a segment
+//! numbered above k: a clean stop deletes every segment but keeps the
+//! spare, and the next open numbers on from `k + 1`. In the last segment, the first place where no record
 //! of the segment begins ends the journal: zeros (a new spare's tail, or a
 //! tail the file system extended but never wrote), an older segment's
 //! records, or a record torn by a crash. A record is only written after
@@ -133,24 +135,65 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016}.log"))
 }
 
-/// The next segment, written ahead of time (`prepare_spare`; the name is
-/// from when a spare was all zeros), and the name it is written under
-/// until it is whole and synced.
+/// The next segment, written ahead of time (`prepare_spare`), and the name
+/// it is written under until it is whole and synced. `spare.zero` is a new
+/// file of zeros; a checkpointed segment's file is `spare.<k>` (see
+/// [`Spare`]).
 const SPARE: &str = "spare.zero";
 const SPARE_PARTIAL: &str = "spare.zero.partial";
+
+/// A whole spare in the journal's directory.
+struct Spare {
+    path: PathBuf,
+    /// For a checkpointed segment's file (`spare.<k>`, `k` as segment
+    /// names write it), its number: past its zeroed first page it holds
+    /// segment k's records, which check in a segment numbered k, so it
+    /// only ever becomes a segment numbered above k, and the journal's
+    /// numbering goes on past k after a clean stop (which deletes every
+    /// segment but keeps the spare). `None` for `spare.zero`.
+    from: Option<u64>,
+}
+
+fn recycled_spare_path(dir: &Path, k: u64) -> PathBuf {
+    dir.join(format!("spare.{k:016}"))
+}
+
+/// The spare, if there is one (there is never more than one: a spare is
+/// only written when there is none).
+fn find_spare(dir: &Path) -> Option<Spare> {
+    fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let path = entry.path();
+        let name = path.file_name()?.to_str()?;
+        let from = match name {
+            SPARE => None,
+            _ => Some(name.strip_prefix("spare.")?.parse::<u64>().ok()?),
+        };
+        Some(Spare { path, from })
+    })
+}
+
+/// The number of segment file `<n>.log`.
+fn segment_number(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".log")?.parse().ok()
+}
 
 /// Starts segment `n`: the spare renamed into place when there is one,
 /// else a new empty file; then makes its name durable, before any record
 /// goes into it.
 fn start_segment(dir: &Path, n: u64, size: u64) -> Result<File, StoreError> {
     let path = segment_path(dir, n);
-    let spare = dir.join(SPARE);
     // A spare of another size (written before the segment size was
     // changed) is not used: a retired segment must be records to its end.
-    // The checkpointer replaces it. A failed rename leaves the spare for
-    // the next segment.
-    if fs::metadata(&spare).is_ok_and(|m| m.len() == size) {
-        let _ = fs::rename(&spare, &path);
+    // The checkpointer replaces it. Nor is a segment's file that could
+    // become a segment of its own number (the journal numbers past it, so
+    // only a bug would get here). A failed rename leaves the spare for the
+    // next segment.
+    if let Some(spare) = find_spare(dir) {
+        let fits = fs::metadata(&spare.path).is_ok_and(|m| m.len() == size);
+        if fits && spare.from.is_none_or(|k| k < n) {
+            let _ = fs::rename(&spare.path, &path);
+        }
     }
     let file = OpenOptions::new()
         .write(true)
@@ -166,32 +209,39 @@ fn start_segment(dir: &Path, n: u64, size: u64) -> Result<File, StoreError> {
 /// would begin no record of any segment does.
 const SPARE_HEAD: u64 = 4096;
 
-/// Writes the spare when there is none, synced, then renamed to [`SPARE`]
-/// (so a spare is always whole): a checkpointed segment left as
-/// [`SPARE_PARTIAL`] when there is one, cut to `size`, its first page
-/// zeroed and the rest left as it is (records of an older segment, which
-/// no record of the next one can be mistaken for); else a new file of
-/// `size` zeros. Either way every block of it is allocated and written. A
-/// failure costs only the speed-up: the next segment is then a new file.
-fn prepare_spare(dir: &Path, size: u64, stopping: &AtomicBool) {
+/// Writes the spare when there is none, synced, then renamed (so a spare
+/// is always whole): segment `from`'s file, which the checkpoint left as
+/// [`SPARE_PARTIAL`], cut to `size`, its first page zeroed and the rest
+/// left as it is (segment `from`'s records, which no record of a later
+/// segment can be mistaken for), renamed to `spare.<from>`; else, with
+/// `from` None, a new file of `size` zeros renamed to [`SPARE`]. Either
+/// way every block of it is allocated and written. A failure costs only
+/// the speed-up: the next segment is then a new file.
+fn prepare_spare(dir: &Path, size: u64, stopping: &AtomicBool, from: Option<u64>) {
     if stopping.load(Ordering::Relaxed) {
         // A checkpointed segment may wait here to be a spare: at a stop it
         // is only disk space.
         let _ = fs::remove_file(dir.join(SPARE_PARTIAL));
         return;
     }
-    let spare = dir.join(SPARE);
-    match fs::metadata(&spare) {
-        Ok(m) if m.len() == size => return,
-        Ok(_) => {
-            if let Err(e) = fs::remove_file(&spare) {
-                tracing::warn!(path = %spare.display(), error = %e, "cannot remove a spare journal segment of another size; no spare is written");
-                return;
+    if let Some(Spare { path: spare, .. }) = find_spare(dir) {
+        match fs::metadata(&spare) {
+            Ok(m) if m.len() == size => return,
+            Ok(_) => {
+                if let Err(e) = fs::remove_file(&spare) {
+                    tracing::warn!(path = %spare.display(), error = %e, "cannot remove a spare journal segment of another size; no spare is written");
+                    return;
+                }
             }
+            Err(_) => {}
         }
-        Err(_) => {}
     }
     let partial = dir.join(SPARE_PARTIAL);
+    if from.is_none() {
+        // Only a checkpoint leaves a segment's file here, with its number.
+        let _ = fs::remove_file(&partial);
+    }
+    let spare = from.map_or_else(|| dir.join(SPARE), |k| recycled_spare_path(dir, k));
     let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -269,7 +319,10 @@ impl Journal {
         if !segments.is_empty() {
             checkpoint_segments(db, store, segments.iter().map(|(_, p)| p), false)?;
         }
-        let segment = segments.last().map_or(0, |(n, _)| n + 1);
+        // After a clean stop there is no segment, but there may be a spare
+        // holding the records of the segment it was.
+        let after_spare = find_spare(&dir).and_then(|s| s.from).map_or(0, |k| k + 1);
+        let segment = segments.last().map_or(0, |(n, _)| n + 1).max(after_spare);
         // Left by a crash while it was being written.
         let _ = fs::remove_file(dir.join(SPARE_PARTIAL));
         let (retire, retired) = mpsc::channel();
@@ -386,13 +439,11 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     let mut segments = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
         let path = entry.map_err(|e| io("listing", dir, e))?.path();
-        let n = path
+        let spare = path
             .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".log"))
-            .and_then(|n| n.parse::<u64>().ok());
-        let spare = path.file_name().is_some_and(|f| f == SPARE || f == SPARE_PARTIAL);
-        match n {
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| f.starts_with("spare."));
+        match segment_number(&path) {
             Some(n) => segments.push((n, path)),
             None if spare => {}
             None => tracing::warn!(path = %path.display(), "ignoring a file that is not a journal segment"),
@@ -409,7 +460,7 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
 ///
 /// With `recycle`, the newest of them is not deleted but renamed to
 /// [`SPARE_PARTIAL`], for [`prepare_spare`] to make the next spare; returns
-/// whether it was. Deleting a 32 MiB file frees its blocks, and on this
+/// its number if it was. Deleting a 32 MiB file frees its blocks, and on this
 /// project's ext4 test machine (mounted with `discard`) that stalled every
 /// concurrent `fdatasync` for 20–27 ms; overwriting a file's blocks in
 /// place frees and allocates nothing.
@@ -418,23 +469,26 @@ fn checkpoint_segments<'a>(
     store: &Path,
     paths: impl IntoIterator<Item = &'a PathBuf>,
     recycle: bool,
-) -> Result<bool, StoreError> {
+) -> Result<Option<u64>, StoreError> {
     db.flush()?;
     sync_sled_files(store)?;
     let paths: Vec<&PathBuf> = paths.into_iter().collect();
     let (kept, deleted) = match paths.split_last() {
-        Some((newest, older)) if recycle => (Some(*newest), older),
+        Some((newest, older)) if recycle => match segment_number(newest) {
+            Some(k) => (Some((*newest, k)), older),
+            None => (None, &paths[..]),
+        },
         _ => (None, &paths[..]),
     };
     for path in deleted {
         fs::remove_file(path).map_err(|e| io("removing", path, e))?;
     }
-    if let Some(path) = kept {
+    if let Some((path, _)) = kept {
         let partial = dir(store).join(SPARE_PARTIAL);
         fs::rename(path, &partial).map_err(|e| io("recycling", path, e))?;
     }
     sync_dir(&dir(store))?;
-    Ok(kept.is_some())
+    Ok(kept.map(|(_, k)| k))
 }
 
 /// Makes a created segment's name durable.
@@ -505,16 +559,14 @@ fn records(path: &Path, n: u64, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<
             }
             None if last && bytes.iter().all(|&b| b == 0) => break,
             None if last => {
-                // Not worth a warning: after a recycled segment's last record
-                // this is the usual case, and a torn write lost nothing
-                // acknowledged.
-                tracing::info!(
+                // Only ever after a crash: a clean stop leaves no segment.
+                tracing::warn!(
                     path = %path.display(),
                     offset,
                     rest = bytes.len(),
                     "the journal ends here: what follows is not a record of this segment \
-                     (an older segment's records in a recycled file, or a write a crash cut \
-                     short, whose group was never acknowledged)"
+                     (a write a crash cut short, whose group was never acknowledged, or the \
+                     older records of a recycled file)"
                 );
                 break;
             }
@@ -574,6 +626,8 @@ fn checkpoint(
     while let Ok(first) = chores.recv() {
         let mut paths = Vec::new();
         let mut spare = false;
+        // The number of the segment recycled into the spare, if one was.
+        let mut from = None;
         for chore in std::iter::once(first).chain(chores.try_iter()) {
             match chore {
                 Chore::Checkpoint(path) => paths.push(path),
@@ -584,12 +638,14 @@ fn checkpoint(
         // sled's files, and the segments are no longer needed.
         if !paths.is_empty() {
             // The newest becomes the next spare, unless there is one.
-            let recycle = !stopping.load(Ordering::Relaxed) && !dir(store).join(SPARE).exists();
+            let recycle = !stopping.load(Ordering::Relaxed) && find_spare(&dir(store)).is_none();
             let started = std::time::Instant::now();
             match checkpoint_segments(db, store, &paths, recycle) {
                 Ok(recycled) => {
                     timings.observe(started.elapsed());
-                    spare |= recycled;
+                    if recycled.is_some() {
+                        (spare, from) = (true, recycled);
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "a journal checkpoint failed; refusing all further work");
@@ -601,7 +657,7 @@ fn checkpoint(
             tx.send_replace(Progress::UpTo(done));
         }
         if spare {
-            prepare_spare(&dir(store), segment_bytes, stopping);
+            prepare_spare(&dir(store), segment_bytes, stopping, from);
         }
     }
 }

@@ -679,6 +679,19 @@ async fn put_numbered(s: &Store, i: u64, size: usize) {
         .unwrap();
 }
 
+/// Drops every item of `peer`'s outbox, one transaction each.
+async fn drop_all(s: &Store, peer: &str) {
+    let queued: Vec<u64> = s
+        .outbox_batch(peer, None, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|(seq, _)| *seq)
+        .collect();
+    for seq in queued {
+        s.transact(|tx| tx.drop_outbox(peer, seq)).await.unwrap();
+    }
+}
+
 /// Polls `done` every 10 ms for up to 10 s; whether it came true.
 fn poll(mut done: impl FnMut() -> bool) -> bool {
     for _ in 0..1000 {
@@ -894,7 +907,6 @@ async fn a_checkpointed_segment_is_the_next_spare_and_its_old_records_never_repl
     let journal = journal::dir(&live);
     let first = journal.join("0000000000000000.log");
     let inode = std::fs::metadata(&first).unwrap().ino();
-    let spare = journal.join("spare.zero");
     let mut n = 0u64;
     // Past half of segment 0, then wait for the (new) spare, so segment 1
     // is that spare and, once segment 0 is checkpointed, there is none:
@@ -903,12 +915,17 @@ async fn a_checkpointed_segment_is_the_next_spare_and_its_old_records_never_repl
         put_numbered(&s, n, 8000).await;
         n += 1;
     }
-    assert!(poll(|| spare.exists()), "no spare was written");
+    assert!(
+        poll(|| journal.join("spare.zero").exists()),
+        "no spare was written"
+    );
     let in_segment = |i: u64| move |p: &std::path::PathBuf| p.ends_with(format!("{i:016}.log"));
     while !segments(&live).iter().any(in_segment(1)) {
         put_numbered(&s, n, 8000).await;
         n += 1;
     }
+    // Named for the segment it was: it may only become a later one.
+    let spare = journal.join("spare.0000000000000000");
     let recycled = poll(|| std::fs::metadata(&spare).is_ok_and(|m| m.ino() == inode));
     let names: Vec<_> = std::fs::read_dir(&journal)
         .unwrap()
@@ -928,15 +945,7 @@ async fn a_checkpointed_segment_is_the_next_spare_and_its_old_records_never_repl
     );
     // Every item so far dropped: segment 0's records say they are queued.
     let dropped = n;
-    let queued: Vec<u64> = s
-        .outbox_batch("health", None, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|(seq, _)| *seq)
-        .collect();
-    for seq in queued {
-        s.transact(|tx| tx.drop_outbox("health", seq)).await.unwrap();
-    }
+    drop_all(&s, "health").await;
     // Into segment 2, the recycled file: a few records over segment 0's.
     while !segments(&live).iter().any(in_segment(2)) {
         put_numbered(&s, n, 8000).await;
@@ -969,6 +978,97 @@ fn record_offsets(bytes: &[u8]) -> Vec<usize> {
         at.push(end);
     }
     at
+}
+
+/// A clean stop empties the journal, and the next open numbers segments
+/// on past the spare it keeps: a spare recycled from segment 0 never
+/// becomes segment 0 again, where its records would check. Whether an old
+/// record begins right where the new ones end is up to their sizes, so the
+/// crash copy's newest segment is made so: its own records, then the
+/// spare's from one of their boundaries. The items dropped before the stop
+/// stay dropped.
+#[tokio::test]
+async fn a_spare_kept_over_a_clean_stop_never_replays_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let mut n = 0u64;
+    {
+        let s = open(&live, 1 << 30);
+        // Past half of segment 0, then wait for the (new) spare, so segment
+        // 1 is that spare and segment 0, once checkpointed, the next one.
+        while n * 8000 < SEGMENT_BYTES / 2 + 8000 {
+            put_numbered(&s, n, 8000).await;
+            n += 1;
+        }
+        assert!(poll(|| spare(&live).is_some()), "no spare was written");
+        while !segments(&live).iter().any(|p| segment_number(p) == 1) {
+            put_numbered(&s, n, 8000).await;
+            n += 1;
+        }
+        let first = journal::dir(&live).join("0000000000000000.log");
+        assert!(
+            poll(|| !first.exists() && spare(&live).is_some()),
+            "segment 0 was not recycled"
+        );
+        drop_all(&s, "health").await;
+    }
+    assert!(segments(&live).is_empty());
+    let kept = spare(&live).expect("the clean stop did not keep the spare");
+    let old = std::fs::read(&kept).unwrap();
+    // Where segment 0's first whole record begins, past the zeroed page.
+    let old_at = (4096..old.len())
+        .find(|&at| record_offsets_bound(&old[at..], 0) > 1)
+        .expect("the spare holds none of segment 0's records");
+    let s = open(&live, 1 << 30);
+    let dropped = n;
+    let current = segments(&live).pop().unwrap();
+    assert!(segment_number(&current) >= 1, "{current:?} after {kept:?}");
+    for _ in 0..3 {
+        put_numbered(&s, n, 8000).await;
+        n += 1;
+    }
+    crash_copy(&live, &copy);
+    let newest = segments(&copy).pop().unwrap();
+    let ours = std::fs::read(&newest).unwrap();
+    let end = record_offsets(&ours)[3];
+    std::fs::write(&newest, [&ours[..end], &old[old_at..]].concat()).unwrap();
+    let r = open(&copy, 1 << 30);
+    let want: Vec<u8> = (dropped..n).map(|i| (i % 251) as u8).collect();
+    assert_eq!(first_bytes(&r, "health"), want);
+}
+
+/// How many records bound to segment `n` follow one another from the start
+/// of `bytes`, plus one.
+fn record_offsets_bound(bytes: &[u8], n: u64) -> usize {
+    let mut at = 0;
+    let mut count = 1;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let sum = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+        let Some(body) = bytes.get(at + 8..at + 8 + len).filter(|_| len > 0) else {
+            break;
+        };
+        let mut h = crc32fast::Hasher::new();
+        h.update(&n.to_be_bytes());
+        h.update(body);
+        if h.finalize() != sum {
+            break;
+        }
+        at += 8 + len;
+        count += 1;
+    }
+    count
+}
+
+/// The journal's spare, if it has one.
+fn spare(store: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(journal::dir(store))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with("spare.") && !name.ends_with(".partial")
+        })
 }
 
 /// Rewrites the CRC of every record of a segment as `crc` of its group
@@ -1064,9 +1164,8 @@ async fn the_segment_size_may_change_between_opens() {
         })
         .unwrap()
     };
-    let spare_len = |store: &std::path::Path| {
-        std::fs::metadata(journal::dir(store).join("spare.zero")).map_or(0, |m| m.len())
-    };
+    let spare_len =
+        |store: &std::path::Path| spare(store).map_or(0, |p| std::fs::metadata(p).map_or(0, |m| m.len()));
     let mut n = 0u64;
     let mut store = dir.path().join("0");
     // Each round: the store crashed at the end of the last one, opened with
