@@ -47,8 +47,11 @@ fn direct_to(mut config: antar_node::NodeConfig, fed: &Federation, peer: &str) -
 
 /// Sends health a notice that opens the stream and waits for its delivery,
 /// sets the link to `mode`, then sends one with a TTL of `ttl_secs`;
-/// returns both ids.
+/// returns both ids. A link cut is first seen by finance (its stream to
+/// health ends), so that the second is never sent: sent into the stream
+/// that was open, before finance noticed, it would rightly be in doubt.
 async fn delivered_then_with_ttl(
+    fed: &Federation,
     finance: &antar_client::Client,
     proxy: &LinkProxy,
     mode: LinkMode,
@@ -57,6 +60,14 @@ async fn delivered_then_with_ttl(
     let first = send(finance, notice("health", "tax.notice", b"opens the stream")).await;
     until_state(finance, &first, wire::MessageState::Delivered, 10).await;
     proxy.set(mode);
+    if mode == LinkMode::Cut {
+        let admin = fed.admin("finance").await;
+        eventually(10, "finance sees its link to health cut", || async {
+            let status = peer_status(&admin, "health").await?;
+            (!status.connected).then_some(())
+        })
+        .await;
+    }
     let second = send(
         finance,
         wire::SendRequest {
@@ -169,7 +180,7 @@ async fn an_envelope_in_flight_when_its_link_stalls_is_not_expired_but_goes_agai
     let admin = fed.admin("finance").await;
 
     // The stream to health is open, then the link stalls under it.
-    let (first, doubtful) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Stall, 1).await;
+    let (first, doubtful) = delivered_then_with_ttl(&fed, &finance, &proxy, LinkMode::Stall, 1).await;
     // Its TTL passes, the stream times out, reconnections stall: the
     // sweeper (every 200 ms here) has had many chances.
     tokio::time::sleep(Duration::from_millis(3_000)).await;
@@ -203,7 +214,7 @@ async fn an_envelope_in_doubt_when_its_node_crashes_is_not_expired_after_the_res
     let crashed = fed.spawn_with(config.clone());
     let health_node = fed.start("health").await;
     let finance = fed.app("finance").await;
-    let (first, doubtful) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Stall, 1).await;
+    let (first, doubtful) = delivered_then_with_ttl(&fed, &finance, &proxy, LinkMode::Stall, 1).await;
     // Sent into the open stream, or about to be: either way the store's
     // reservation (taken when `first` went) covers it.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -245,7 +256,7 @@ async fn after_a_clean_stop_an_envelope_never_sent_still_expires() {
     let health_node = fed.start("health").await;
     let finance = fed.app("finance").await;
 
-    let (_, queued) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Cut, 4).await;
+    let (_, queued) = delivered_then_with_ttl(&fed, &finance, &proxy, LinkMode::Cut, 4).await;
     node.stop().await.unwrap();
 
     let node = fed.start_with(config).await;
@@ -281,7 +292,7 @@ async fn in_doubt_at_health(fed: &Federation) -> InDoubt {
     let health_node = fed.start("health").await;
     let finance = fed.app("finance").await;
     let admin = fed.admin("finance").await;
-    let (first, doubtful) = delivered_then_with_ttl(&finance, &proxy, LinkMode::Stall, 3_600).await;
+    let (first, doubtful) = delivered_then_with_ttl(fed, &finance, &proxy, LinkMode::Stall, 3_600).await;
     // The stream it went into timed out: it was in flight. What is sent
     // from now on stalls in the handshake, so is never in doubt.
     eventually(10, "the stalled stream is dropped", || async {

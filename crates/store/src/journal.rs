@@ -158,10 +158,16 @@ fn recycled_spare_path(dir: &Path, k: u64) -> PathBuf {
     dir.join(format!("spare.{k:016}"))
 }
 
-/// The spare, if there is one (there is never more than one: a spare is
-/// only written when there is none).
+/// The spare, if there is one. While a node runs there is at most one
+/// (a spare is only written when there is none); [`one_spare`] sees to
+/// that at open.
 fn find_spare(dir: &Path) -> Option<Spare> {
-    fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+    spares(dir).next()
+}
+
+fn spares(dir: &Path) -> impl Iterator<Item = Spare> {
+    let entries = fs::read_dir(dir).into_iter().flatten().flatten();
+    entries.filter_map(|entry| {
         let path = entry.path();
         let name = path.file_name()?.to_str()?;
         let from = match name {
@@ -170,6 +176,21 @@ fn find_spare(dir: &Path) -> Option<Spare> {
         };
         Some(Spare { path, from })
     })
+}
+
+/// At open: keeps one spare, deleting any other (a power cut between
+/// `prepare_spare` removing a spare of another size and renaming the new
+/// one can leave two), and returns the number the journal's segments must
+/// go past: the largest `k` of any `spare.<k>` seen, deleted or kept.
+fn one_spare(dir: &Path) -> u64 {
+    let mut after = 0;
+    for (i, spare) in spares(dir).enumerate() {
+        after = after.max(spare.from.map_or(0, |k| k + 1));
+        if i > 0 {
+            let _ = fs::remove_file(&spare.path);
+        }
+    }
+    after
 }
 
 /// The number of segment file `<n>.log`.
@@ -246,7 +267,8 @@ fn prepare_spare(dir: &Path, size: u64, stopping: &AtomicBool, from: Option<u64>
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(false)
+            // A new file is new even if a partial could not be removed.
+            .truncate(from.is_none())
             .open(&partial)?;
         // Bytes of a checkpointed segment, written already (0 for a new file).
         let kept = f.metadata()?.len().min(size);
@@ -321,7 +343,7 @@ impl Journal {
         }
         // After a clean stop there is no segment, but there may be a spare
         // holding the records of the segment it was.
-        let after_spare = find_spare(&dir).and_then(|s| s.from).map_or(0, |k| k + 1);
+        let after_spare = one_spare(&dir);
         let segment = segments.last().map_or(0, |(n, _)| n + 1).max(after_spare);
         // Left by a crash while it was being written.
         let _ = fs::remove_file(dir.join(SPARE_PARTIAL));

@@ -957,6 +957,12 @@ async fn a_checkpointed_segment_is_the_next_spare_and_its_old_records_never_repl
     }
     let current = segments(&live).pop().unwrap();
     assert_eq!(std::fs::metadata(&current).unwrap().ino(), inode);
+    // Segment 1 (the drops) checkpointed first: a copy taken while sled is
+    // flushed and the segment renamed meanwhile could miss both.
+    assert!(
+        poll(|| journal.join("spare.0000000000000001").exists()),
+        "segment 1 was not recycled"
+    );
     crash_copy(&live, &copy);
     let r = open(&copy, 1 << 30);
     assert_eq!(r.queued_bytes(), (n - dropped) * 8000);
@@ -1293,6 +1299,30 @@ async fn zeros_in_a_segment_before_the_last_stop_the_open() {
         err.to_string().contains("bad record before the last segment"),
         "{err}"
     );
+}
+
+/// A power cut between removing a spare of another size and renaming the
+/// new one can leave two spares. The open keeps one, and numbers its
+/// segments past the `k` of every `spare.<k>` it saw.
+#[tokio::test]
+async fn two_spares_at_open_leave_one_and_segments_number_past_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let (copy, last) = crashed_with(dir.path(), 2).await;
+    assert_eq!(segment_number(&last), 0);
+    let jdir = journal::dir(&copy);
+    std::fs::write(jdir.join("spare.zero"), vec![0; SEGMENT_BYTES as usize]).unwrap();
+    let recycled = jdir.join(format!("spare.{:016}", 5));
+    std::fs::write(&recycled, vec![0; SEGMENT_BYTES as usize]).unwrap();
+    let r = open(&copy, 1 << 20);
+    assert_eq!(first_bytes(&r, "health"), vec![0, 1]);
+    let spares: Vec<_> = std::fs::read_dir(&jdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("spare."))
+        .collect();
+    assert!(spares.len() <= 1, "{spares:?}");
+    let newest = segments(&copy).pop().unwrap();
+    assert!(segment_number(&newest) >= 6, "{newest:?}");
 }
 
 /// A crash right after the spare became the newest segment, before any
