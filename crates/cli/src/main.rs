@@ -28,10 +28,11 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// With them on, mimalloc asks for huge pages on its arenas and gives freed
 /// pages back a second later. A later fault in such a range zeroes a whole
-/// 2 MiB page where 4 KiB were wanted: a fifth of a bench process's samples
+/// 2 MiB page where 4 KiB were wanted: a sixth of a bench process's samples
 /// were the kernel's `clear_page_erms` under mimalloc's page set-up. Off,
-/// the closed loop costs about a tenth less CPU and the process a quarter
-/// less RSS (docs/benchmarks.md, "Transparent huge pages").
+/// the closed loop costs 6–7 % less CPU (a third less system time, a few
+/// percent more user time) and the process a fifth less RSS
+/// (docs/benchmarks.md, "Transparent huge pages").
 ///
 /// The flag holds for the process's later faults whatever the system's
 /// setting (`always` or `madvise`), and children inherit it. If the kernel

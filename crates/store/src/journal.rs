@@ -540,17 +540,16 @@ impl Crc {
     }
 }
 
-/// The record at the start of `bytes` if its checksum is `crc`'s: its group
-/// (None if it does not decode) and its length. Zeros are not a record:
-/// a record holds at least the layout version.
-fn record(bytes: &[u8], crc: Crc) -> Option<(Option<Vec<GroupWrite>>, usize)> {
+/// The record at the start of `bytes` if its checksum is `crc`'s: its
+/// group bytes and its whole length. Zeros are not a record: a record
+/// holds at least the layout version.
+fn record(bytes: &[u8], crc: Crc) -> Option<(&[u8], usize)> {
     let (head, rest) = bytes.split_at_checked(8)?;
     let len = u32::from_be_bytes(head[..4].try_into().ok()?) as usize;
     let sum = u32::from_be_bytes(head[4..].try_into().ok()?);
     (len > 0).then_some(())?;
     let body = rest.get(..len)?;
-    (crc.of(body) == sum).then_some(())?;
-    Some((group::decode(body), 8 + len))
+    (crc.of(body) == sum).then_some((body, 8 + len))
 }
 
 /// The groups of segment `n`, in order. Its records are bound to `n`,
@@ -566,7 +565,7 @@ fn records(path: &Path, n: u64, mut bytes: &[u8], last: bool) -> Result<Vec<Vec<
     let mut groups = Vec::new();
     let mut offset = 0usize;
     while !bytes.is_empty() {
-        match record(bytes, crc) {
+        match record(bytes, crc).map(|(body, len)| (group::decode(body), len)) {
             Some((Some(writes), len)) => {
                 groups.push(writes);
                 bytes = &bytes[len..];

@@ -1023,7 +1023,7 @@ async fn a_spare_kept_over_a_clean_stop_never_replays_its_records() {
     let old = std::fs::read(&kept).unwrap();
     // Where segment 0's first whole record begins, past the zeroed page.
     let old_at = (4096..old.len())
-        .find(|&at| record_offsets_bound(&old[at..], 0) > 1)
+        .find(|&at| begins_with_record_of(&old[at..], 0))
         .expect("the spare holds none of segment 0's records");
     let s = open(&live, 1 << 30);
     let dropped = n;
@@ -1043,27 +1043,21 @@ async fn a_spare_kept_over_a_clean_stop_never_replays_its_records() {
     assert_eq!(first_bytes(&r, "health"), want);
 }
 
-/// How many records bound to segment `n` follow one another from the start
-/// of `bytes`, plus one.
-fn record_offsets_bound(bytes: &[u8], n: u64) -> usize {
-    let mut at = 0;
-    let mut count = 1;
-    while at + 8 <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let sum = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap());
-        let Some(body) = bytes.get(at + 8..at + 8 + len).filter(|_| len > 0) else {
-            break;
-        };
-        let mut h = crc32fast::Hasher::new();
-        h.update(&n.to_be_bytes());
-        h.update(body);
-        if h.finalize() != sum {
-            break;
-        }
-        at += 8 + len;
-        count += 1;
-    }
-    count
+/// Whether `bytes` begin with a whole record bound to segment `n`: its
+/// CRC-32 over `n` (u64 BE) and its group bytes.
+fn begins_with_record_of(bytes: &[u8], n: u64) -> bool {
+    let Some(head) = bytes.get(..8) else {
+        return false;
+    };
+    let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+    let sum = u32::from_be_bytes(head[4..].try_into().unwrap());
+    let Some(body) = bytes.get(8..8 + len).filter(|_| len > 0) else {
+        return false;
+    };
+    let mut h = crc32fast::Hasher::new();
+    h.update(&n.to_be_bytes());
+    h.update(body);
+    h.finalize() == sum
 }
 
 /// The journal's spare, if it has one.
