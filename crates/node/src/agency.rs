@@ -1504,8 +1504,11 @@ async fn receive_loop(shared: Arc<Shared>, scope: Services, max: u32, stream: u6
             resume.valid_until = earliest;
             wake_by = earliest.map_or(now + TICK, |e| e.min(now + TICK));
         }
+        // One reader for the batch: messages delivered together were
+        // logged together, and their bodies are read out of the same runs.
+        let records = shared.store.messages();
         for (id, attempt, size) in to_send {
-            let record = match shared.store.message(&id) {
+            let record = match records.get(&id) {
                 Ok(Some(r)) => r,
                 failed => {
                     // Not delivered: set aside on no stream for a few
@@ -1537,6 +1540,8 @@ async fn receive_loop(shared: Arc<Shared>, scope: Services, max: u32, stream: u6
                 return;
             }
         }
+        // Not held through the wait, with the log runs it keeps.
+        drop(records);
         tokio::select! {
             _ = notified => {}
             _ = tx.closed() => {

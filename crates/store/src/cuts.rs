@@ -1,11 +1,13 @@
 //! Values stored with a part kept elsewhere cut out.
 //!
-//! Log values and outbox items carry bytes the store holds already: the
+//! Log values, outbox items and message bodies carry bytes the store holds already: the
 //! signer's certificate (436 of a receipt's ~900 bytes), kept once in
 //! `meta` (`certs.rs`); in the log entry of a receipt about one of this
 //! node's own messages, the whole receipt, logged in `receipt_log` by the
 //! same transaction; in an outbox item, the signed envelope or receipt
-//! that the same transaction appended to the Merkle log. Written whole,
+//! that the same transaction appended to the Merkle log; in a message's
+//! body, the signed envelope that the same transaction logged for it
+//! (ADR 0011). Written whole,
 //! they were most of the bytes a message cost the journal and sled
 //! (measured: 16.8 KB per message for both nodes). So such a value is
 //! stored as a *cut*: the value without the part, and where the part was
@@ -149,23 +151,30 @@ fn restore_within<'s, E>(
     corrupt: &dyn Fn(String) -> E,
     depth: usize,
 ) -> Result<Cow<'s, [u8]>, E> {
-    let inner = |value: Option<IVec>| -> Lookup<E> {
+    // Parts are passed on as `Bytes` over the value read, or over the one
+    // restored: put back into the value, they are copied once.
+    let inner = |value: Option<IVec>| -> Result<Option<Bytes>, E> {
         let Some(value) = value else { return Ok(None) };
         let Some(depth) = depth.checked_sub(1) else {
             return Err(corrupt("a stored value refers to parts nested too deep".into()));
         };
-        Ok(Some(IVec::from(
-            restore_within(&value, parts, corrupt, depth)?.as_ref(),
-        )))
+        Ok(Some(match restore_within(&value, parts, corrupt, depth)? {
+            // A value stored whole, or behind the `WHOLE` head: its tail.
+            Cow::Borrowed(whole) => {
+                let at = value.len() - whole.len();
+                Bytes::from_owner(value).slice(at..)
+            }
+            Cow::Owned(whole) => Bytes::from(whole),
+        }))
     };
     fill(
         stored,
         |part| match part {
-            Part::Cert(digest) => parts.cert(digest),
+            Part::Cert(digest) => Ok(parts.cert(digest)?.map(Bytes::from_owner)),
             Part::Receipt(cursor) => inner(parts.receipt(cursor)?),
             Part::Entry(index) => match inner(parts.entry(index)?)? {
-                Some(entry) => entry_data(&entry)
-                    .map(|data| Some(IVec::from(&data[..])))
+                Some(entry) => entry_data(entry)
+                    .map(Some)
                     .map_err(|e| corrupt(format!("log entry {index}, which a value refers to, {e}"))),
                 None => Ok(None),
             },
@@ -174,8 +183,22 @@ fn restore_within<'s, E>(
     )
 }
 
-/// The data (signed envelope or receipt bytes) of a whole log entry.
-fn entry_data(entry: &[u8]) -> Result<Bytes, String> {
+/// `restored`, what `stored` stands for (`restore`), as a sled value:
+/// a slice of `stored` when it was stored whole, else the bytes restored.
+pub(crate) fn restored_ivec(stored: &IVec, restored: Cow<'_, [u8]>) -> IVec {
+    match restored {
+        // A value stored whole, or behind the `WHOLE` head: its tail.
+        Cow::Borrowed(whole) => {
+            let at = stored.len() - whole.len();
+            stored.subslice(at, whole.len())
+        }
+        Cow::Owned(whole) => IVec::from(whole),
+    }
+}
+
+/// The data (signed envelope or receipt bytes) of a whole log entry: a
+/// slice of `entry`, not a copy.
+fn entry_data(entry: Bytes) -> Result<Bytes, String> {
     antar_core::wire::LogEntry::decode(entry)
         .map(|e| e.data)
         .map_err(|e| format!("does not decode: {e}"))
@@ -470,5 +493,26 @@ mod tests {
             err.contains("refers to log entry 4, which holds nothing"),
             "{err}"
         );
+    }
+
+    /// A part read from a value stored whole behind the `WHOLE` head comes
+    /// back without the head, as does such a value read as a sled value.
+    #[test]
+    fn a_part_stored_whole_behind_its_head_comes_back_without_it() {
+        let receipt = b"\x00receipt that begins like a cut".to_vec();
+        let stored_receipt = whole(&receipt);
+        assert_eq!(stored_receipt[..2], [MARK, WHOLE]);
+        let mut held = Held::default();
+        held.receipts.push((9u64.to_be_bytes(), stored_receipt.clone()));
+        let item = [b"\x12\x02ok".as_slice(), &receipt].concat();
+        let stored = cut(&item, &receipt, Part::Receipt(9)).unwrap();
+        assert_eq!(restore(&stored, &held, &|e| e).unwrap(), item.as_slice());
+
+        let stored = IVec::from(stored_receipt);
+        let restored = restore(&stored, &held, &|e| e).unwrap();
+        assert_eq!(restored_ivec(&stored, restored), receipt.as_slice());
+        let plain = IVec::from(&b"\x0aplain"[..]);
+        let restored = restore(&plain, &held, &|e| e).unwrap();
+        assert_eq!(restored_ivec(&plain, restored), plain);
     }
 }

@@ -32,7 +32,7 @@
 //!   their own; `Store::close` takes them along with a waiting transaction,
 //!   and at drop they are written before the journal is emptied.
 //! - A reader outside a transaction may see a group half applied. Writes go
-//!   in (tree, key) order, `meta`, `bodies`, `receipt_log` and `audit` first, chosen
+//!   in (tree, key) order, `meta`, `receipt_log`, `audit` and `bodies` first, chosen
 //!   so that what such a reader follows is there first: a message's signer
 //!   certificates, envelope, payload and receipts before its record
 //!   (`Store::message` follows certificate digests and `receipt_cursors`),

@@ -3,7 +3,7 @@
 //! | tree | key | value |
 //! |---|---|---|
 //! | `messages` | message id (16 bytes) | `MessageRecord`, without its envelope and payload (in `bodies`), signer certificates as their SHA-256 (`certs.rs`), receipts of its own messages as `receipt_log` cursors, the SHA-256 of each receipt it holds (`receipt_digests`), and its `inbox` key once queued there (`inbox_key`); records from before hold them inline, and no digests or inbox key |
-//! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change |
+//! | `bodies` | message id | `MessageRecord` holding only the envelope and payload: written when they change, not with every state change; without the signed envelope (a cut, `cuts.rs`) when the transaction that wrote it logged that envelope in `audit` (ADR 0011), else its signer certificate as a SHA-256 (`certs.rs`) |
 //! | `outbox` | peer `\0` seq (u64 BE) | expires_ms (u64 BE) ‖ `TransferItem`, its signed envelope or receipt cut out (held by its `audit` entry) or else its signer certificate (`cuts.rs`); a group's items for one peer as one run under the first seq (`runs.rs`), taken out of it one by one |
 //! | `inbox` | service `\0` seq (u64 BE) | `InboxEntry`; a group's entries for one service as one run under the first seq (`runs.rs`) |
 //! | `inbox_index` | message id | inbox key, of a message without a record, or queued by a build from before `inbox_key` |

@@ -485,19 +485,33 @@ impl Store {
     /// # Errors
     /// [`StoreError`] on a storage failure or a corrupt record.
     pub fn message(&self, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
-        let Some(v) = self.inner.trees[keys::MESSAGES].get(id.as_bytes())? else {
-            return Ok(None);
-        };
-        let mut record = self.record(id.as_bytes(), &v)?;
-        self.put_receipts_back(&mut record)?;
-        Ok(Some(record))
+        self.messages().get(id)
+    }
+
+    /// Reads message records one after another, as [`Store::message`]
+    /// does, each log run their bodies and receipts were cut against read
+    /// once for them all (`runs::get_kept`): messages logged together,
+    /// read together, share their runs.
+    pub fn messages(&self) -> Messages<'_> {
+        Messages {
+            store: self,
+            parts: self.parts(),
+        }
     }
 
     /// A stored message record, with its body and signer certificates put back.
-    fn record(&self, id: &[u8], bytes: &sled::IVec) -> Result<MessageRecord, StoreError> {
+    fn record(&self, parts: &InSled<'_>, id: &[u8], bytes: &sled::IVec) -> Result<MessageRecord, StoreError> {
         let (record, _) = records::restore(
             bytes,
-            || Ok(self.inner.trees[keys::BODIES].get(id)?),
+            || {
+                let Some(stored) = self.inner.trees[keys::BODIES].get(id)? else {
+                    return Ok(None);
+                };
+                Ok(Some(cuts::restored_ivec(
+                    &stored,
+                    parts.whole(keys::BODIES, id, &stored)?,
+                )))
+            },
             |digest| Ok(self.inner.certs.lookup(&self.inner.trees[keys::META], digest)?),
             |e| e,
         )?;
@@ -506,10 +520,9 @@ impl Store {
 
     /// Moves the receipts `record` keeps in the receipt log into its
     /// `receipts`, after those it holds itself.
-    fn put_receipts_back(&self, record: &mut MessageRecord) -> Result<(), StoreError> {
-        let parts = self.parts();
+    fn put_receipts_back(&self, parts: &InSled<'_>, record: &mut MessageRecord) -> Result<(), StoreError> {
         for cursor in std::mem::take(&mut record.receipt_cursors) {
-            let Some(bytes) = cuts::Parts::receipt(&parts, cursor)? else {
+            let Some(bytes) = cuts::Parts::receipt(parts, cursor)? else {
                 return Err(corrupt(
                     keys::MESSAGES,
                     format!("a record refers to receipt log cursor {cursor}, which holds nothing"),
@@ -547,10 +560,11 @@ impl Store {
         let mut n = 0;
         let mut ids = Vec::with_capacity(CHUNK);
         let mut records = self.inner.trees[keys::MESSAGES].iter();
+        let parts = self.parts();
         loop {
             let next = records.next().transpose()?;
             if let Some((k, v)) = &next {
-                let record = self.record(k, v)?;
+                let record = self.record(&parts, k, v)?;
                 if let (Some(_), true, Ok(bytes)) =
                     (&record.payload, purge(&record), <[u8; 16]>::try_from(k.as_ref()))
                 {
@@ -1174,6 +1188,34 @@ pub(crate) fn corrupt(tree: usize, detail: String) -> StoreError {
     StoreError::Corrupt {
         tree: keys::TREES[tree],
         detail,
+    }
+}
+
+/// Message records read one after another ([`Store::messages`]).
+pub struct Messages<'a> {
+    store: &'a Store,
+    parts: InSled<'a>,
+}
+
+impl std::fmt::Debug for Messages<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messages").finish_non_exhaustive()
+    }
+}
+
+impl Messages<'_> {
+    /// The record of message `id`, whole: see [`Store::message`].
+    ///
+    /// # Errors
+    /// [`StoreError`] on a storage failure or a corrupt record.
+    pub fn get(&self, id: &MessageId) -> Result<Option<MessageRecord>, StoreError> {
+        let store = self.store;
+        let Some(v) = store.inner.trees[keys::MESSAGES].get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut record = store.record(&self.parts, id.as_bytes(), &v)?;
+        store.put_receipts_back(&self.parts, &mut record)?;
+        Ok(Some(record))
     }
 }
 

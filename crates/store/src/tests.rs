@@ -1511,6 +1511,116 @@ async fn a_record_body_is_written_only_when_it_changes() {
     assert_eq!(open(&copy, 1 << 20).message(&id).unwrap().as_ref(), Some(&record));
 }
 
+/// A body written by the transaction that logged its signed envelope is
+/// stored without the envelope, which the Merkle-log entry holds (ADR
+/// 0011), and reads back whole: in the transaction, through the store, a
+/// reader of several records, and a crash. A body written without its
+/// envelope logged beside it, or rewritten by a payload purge, is stored
+/// whole, its signer certificate as a digest, as before.
+#[tokio::test]
+async fn a_body_is_stored_without_the_envelope_its_log_entry_holds() {
+    use antar_core::wire::{EntryKind, Payload};
+    let dir = tempfile::tempdir().unwrap();
+    let (live, copy) = (dir.path().join("live"), dir.path().join("copy"));
+    let s = open(&live, 1 << 20);
+    let cert: Vec<u8> = (0..400u32).map(|i| (i * 7 % 251) as u8).collect();
+    let records: Vec<(MessageId, MessageRecord)> = (0..4u8)
+        .map(|i| {
+            let mut record = record_with_certs(&cert);
+            record.envelope.as_mut().unwrap().envelope = vec![100 + i; 300].into();
+            record.payload = Some(Payload {
+                salt: vec![1; 32].into(),
+                data: vec![i; 1000].into(),
+            });
+            (MessageId::new(), record)
+        })
+        .collect();
+    let (logged, unlogged) = records.split_at(3);
+    s.transact(|tx| {
+        for (id, record) in logged {
+            let signed = record.envelope.as_ref().unwrap();
+            let data = Bytes::from(signed.encode_to_vec());
+            let cert = Held::Cert(&signed.signer_cert);
+            tx.audit_append(EntryKind::Envelope, data, cert, &id.to_string())?;
+            tx.put_message(id, record)?;
+            assert_eq!(tx.message(id)?.as_ref(), Some(record));
+        }
+        tx.put_message(&unlogged[0].0, &unlogged[0].1)
+    })
+    .await
+    .unwrap();
+
+    let stored = |s: &Store, id: &MessageId| s.inner.trees[keys::BODIES].get(id.as_bytes()).unwrap().unwrap();
+    let holds = |stored: &[u8], part: &[u8]| stored.windows(part.len()).any(|w| w == part);
+    for (id, record) in logged {
+        let signed = record.envelope.as_ref().unwrap().encode_to_vec();
+        let whole = MessageRecord {
+            envelope: record.envelope.clone(),
+            payload: record.payload.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let stored = stored(&s, id);
+        // A cut's head (6 bytes), the entry's index and the part's length (12).
+        assert_eq!(stored[..2], [0, 3], "a cut of a log entry's data");
+        assert_eq!(stored.len(), whole.len() - signed.len() + 6 + 12);
+        assert!(!holds(&stored, &record.envelope.as_ref().unwrap().envelope));
+    }
+    let (id, record) = &unlogged[0];
+    let stored_whole = stored(&s, id);
+    assert_ne!(stored_whole[0], 0, "stored whole");
+    assert!(holds(&stored_whole, &record.envelope.as_ref().unwrap().envelope));
+    assert!(!holds(&stored_whole, &cert), "the certificate stays a digest");
+
+    let check = |s: &Store| {
+        let reader = s.messages();
+        for (id, record) in &records {
+            assert_eq!(reader.get(id).unwrap().as_ref(), Some(record));
+        }
+        for (id, record) in records.iter().rev() {
+            assert_eq!(s.message(id).unwrap().as_ref(), Some(record));
+        }
+    };
+    check(&s);
+    crash_copy(&live, &copy);
+    check(&open(&copy, 1 << 20));
+
+    // In a group, the log goes into sled before the bodies cut against it.
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    let id = MessageId::new();
+    let signed = records[0].1.envelope.clone().unwrap();
+    let data = Bytes::from(signed.encode_to_vec());
+    tx.audit_append(EntryKind::Envelope, data, Held::Nothing, &id.to_string())
+        .unwrap();
+    tx.put_message(&id, &records[0].1).unwrap();
+    let (group, _, _) = tx.into_parts();
+    let order: Vec<usize> = group.iter().map(|(tree, ..)| tree).collect();
+    let at = |tree| order.iter().position(|t| *t == tree).unwrap();
+    assert!(at(keys::AUDIT) < at(keys::BODIES), "{order:?}");
+    assert!(at(keys::BODIES) < at(keys::MESSAGES), "{order:?}");
+    assert_eq!(
+        group.get(keys::BODIES, id.as_bytes()).unwrap().as_ref().unwrap()[..2],
+        [0, 3]
+    );
+
+    // A state change leaves the body alone; a purge stores it whole.
+    let (id, _) = &logged[0];
+    let tx = Tx::new(&s.inner.trees, [None, None], 1, &s.inner.certs);
+    let mut r = tx.message(id).unwrap().unwrap();
+    r.state = 3;
+    tx.put_message(id, &r).unwrap();
+    assert!(tx.into_parts().0.get(keys::BODIES, id.as_bytes()).is_none());
+    assert_eq!(s.purge_payloads(|_| true).await.unwrap(), 4);
+    for (id, record) in &records {
+        let mut purged = record.clone();
+        purged.payload = None;
+        assert_eq!(s.message(id).unwrap(), Some(purged));
+        let stored = stored(&s, id);
+        assert_ne!(stored[0], 0, "stored whole");
+        assert!(!holds(&stored, &cert), "the certificate stays a digest");
+    }
+}
+
 /// `update_message` changes a record's state and receipts without reading
 /// or writing its body, and the record reads back whole; a record with
 /// its body inline (an older store) is written whole; no record, no write.

@@ -61,7 +61,7 @@ impl From<sled::Error> for TxError {
 
 /// Writes not yet in sled, by tree then key; `None` removes the key. Kept in
 /// (tree, key) order: the order they are applied in (`group.rs`), but for
-/// `meta`, `bodies`, `receipt_log` and `audit`, applied first (see
+/// `meta`, `receipt_log`, `audit` and `bodies`, applied first (see
 /// [`Writes::iter`]).
 #[derive(Debug, Default)]
 pub(crate) struct Writes(BTreeMap<usize, BTreeMap<Vec<u8>, Option<IVec>>>);
@@ -103,15 +103,15 @@ impl Writes {
     /// Every write, tree by tree in key order.
     ///
     /// The trees other values point into come first — `meta` (signer
-    /// certificates), `bodies`, `receipt_log`, `audit` (in that order: a
-    /// log entry may point into `receipt_log`) —: a reader outside a
+    /// certificates), `receipt_log`, `audit`, `bodies` (in that order: a
+    /// log entry may point into `receipt_log`, a body into `audit`) —: a reader outside a
     /// transaction sees sled while a group is being applied, and must never
     /// find a new record in `messages` (or its inbox entry) whose
     /// certificates, envelope and payload or receipts (`receipt_cursors`)
     /// are not in sled yet, nor an outbox item whose log entry is not.
     /// The log's size (`audit_meta`) still comes after its entries.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &[u8], &Option<IVec>)> {
-        const FIRST: [usize; 4] = [META, BODIES, RECEIPT_LOG, AUDIT];
+        const FIRST: [usize; 4] = [META, RECEIPT_LOG, AUDIT, BODIES];
         let first = FIRST.into_iter().filter_map(|t| self.0.get_key_value(&t));
         let rest = self.0.iter().filter(|(tree, _)| !FIRST.contains(tree));
         first
@@ -319,9 +319,15 @@ pub struct Tx<'a> {
     next_id: Cell<u64>,
     ids_used: Cell<bool>,
     certs: &'a certs::Cache,
-    /// The bodies of the records this transaction read or wrote, as
-    /// stored, so that writing a record rewrites its body only if it changed.
+    /// The bodies of the records this transaction read or wrote, as read
+    /// back: restored when stored as a cut (the certificate in place),
+    /// else as stored (the certificate as a digest); so that writing a
+    /// record rewrites its body only if it changed.
     bodies: RefCell<HashMap<MessageId, IVec>>,
+    /// The Merkle-log entries this transaction appended for messages'
+    /// signed envelopes, by message id: a body written beside one is
+    /// stored without the envelope ([`Tx::put_message`]).
+    logged_envelopes: RefCell<HashMap<MessageId, u64>>,
     /// The whole data of the log values this transaction appended, by
     /// tree and cursor or index: what `Held::Logged` and `Held::Audited`
     /// name, found here without reading back what was just cut.
@@ -384,6 +390,7 @@ impl<'a> Tx<'a> {
             ids_used: Cell::new(false),
             certs,
             bodies: RefCell::default(),
+            logged_envelopes: RefCell::default(),
             appended: RefCell::default(),
             kept: RefCell::default(),
         }
@@ -484,7 +491,12 @@ impl<'a> Tx<'a> {
         };
         let (record, body) = crate::records::restore(
             &v,
-            || self.get(BODIES, id.as_bytes()),
+            || {
+                let key = id.as_bytes();
+                self.get(BODIES, key)?
+                    .map(|stored| self.restored(BODIES, key, stored))
+                    .transpose()
+            },
             |digest| self.cert(digest),
             |e| Abort::Corrupt(e).into(),
         )?;
@@ -503,23 +515,54 @@ impl<'a> Tx<'a> {
     /// A storage failure.
     pub fn put_message(&self, id: &MessageId, record: &MessageRecord) -> R<()> {
         let mut record = record.clone();
-        self.detach_certs(&mut record)?;
-        // The envelope and payload go apart, written only when they
-        // differ from what this transaction read: a record is rewritten
-        // with every state change and receipt, its body almost never.
+        // The envelope and payload go apart: a record is rewritten with
+        // every state change and receipt, its body almost never.
         let body = MessageRecord {
             envelope: record.envelope.take(),
             payload: record.payload.take(),
             ..Default::default()
-        }
-        .encode_to_vec();
-        let mut bodies = self.bodies.borrow_mut();
-        if bodies.get(id).map(|b| b.as_ref()) != Some(body.as_slice()) {
-            let body = IVec::from(body);
-            bodies.insert(*id, body.clone());
-            self.put(BODIES, id.as_bytes().as_slice(), body);
-        }
+        };
+        self.detach_certs(&mut record)?;
+        self.put_body(id, body)?;
         self.put(MESSAGES, id.as_bytes().as_slice(), record.encode_to_vec());
+        Ok(())
+    }
+
+    /// Writes `body` (a record holding only an envelope and a payload) as
+    /// message `id`'s, unless it is what this transaction read or wrote
+    /// there last. When this transaction appended its signed envelope to
+    /// the Merkle log, it is stored without it (ADR 0011); else with its
+    /// signer certificate as a digest (`certs.rs`).
+    fn put_body(&self, id: &MessageId, mut body: MessageRecord) -> R<()> {
+        let unchanged = |bytes: &[u8]| {
+            self.bodies
+                .borrow()
+                .get(id)
+                .is_some_and(|read| read[..] == *bytes)
+        };
+        let whole = body.encode_to_vec();
+        if unchanged(&whole) {
+            return Ok(());
+        }
+        let logged = self.logged_envelopes.borrow().get(id).copied();
+        let cut = logged.and_then(|index| {
+            let entry = self.appended(AUDIT, index)?;
+            cuts::cut(&whole, &entry, cuts::Part::Entry(index))
+        });
+        let (stored, read_back) = match cut {
+            Some(cut) => (IVec::from(cut), IVec::from(whole)),
+            None => {
+                self.detach_certs(&mut body)?;
+                let detached = body.encode_to_vec();
+                if unchanged(&detached) {
+                    return Ok(());
+                }
+                let detached = IVec::from(detached);
+                (detached.clone(), detached)
+            }
+        };
+        self.bodies.borrow_mut().insert(*id, read_back);
+        self.put(BODIES, id.as_bytes().as_slice(), stored);
         Ok(())
     }
 
@@ -674,6 +717,15 @@ impl<'a> Tx<'a> {
     /// `audit_append`), if it appended any there.
     fn appended(&self, tree: usize, n: u64) -> Option<Ref<'_, Bytes>> {
         Ref::filter_map(self.appended.borrow(), |a| a.get(&(tree, n))).ok()
+    }
+
+    /// As [`Tx::whole`], taking and giving a sled value: `stored` itself
+    /// when it was stored whole.
+    fn restored(&self, tree: usize, key: &[u8], stored: IVec) -> R<IVec> {
+        let restored = cuts::restore(&stored, self, &|e| {
+            Abort::Corrupt(crate::corrupt_at(tree, key, e)).into()
+        })?;
+        Ok(cuts::restored_ivec(&stored, restored))
     }
 
     /// The value `stored` in `tree` stands for, with the parts it was cut
@@ -957,6 +1009,11 @@ impl<'a> Tx<'a> {
         .encode_to_vec();
         let stored = self.cut(&entry, &data, held)?;
         self.put(AUDIT, index.to_be_bytes(), stored);
+        if kind == antar_core::wire::EntryKind::Envelope {
+            if let Ok(id) = MessageId::parse(message_id) {
+                self.logged_envelopes.borrow_mut().insert(id, index);
+            }
+        }
         self.appended.borrow_mut().insert((AUDIT, index), data);
         self.put(AUDIT_META, keys::AUDIT_SIZE, &(index + 1).to_be_bytes());
         Ok(index)
