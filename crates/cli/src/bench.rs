@@ -29,7 +29,7 @@ use crate::machine::CpuTimes;
 /// `antar bench` arguments.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --rate 2000 --duration 30 --warmup 2                  # the same, latencies of a running node only\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=… signs_per_msg=… warmup_s=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=… signs_per_msg=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits),\nexcept for the sends started in the first --warmup seconds (warmup_s).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends (also without the warm-up).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsigns_per_msg: Ed25519 signatures all the nodes made per message\n(antar_signatures_total), checkpoints included: 4 without the batch switches\nwhen the app acks every message (--receipts none or processed; 3 to 4 with\ndelivered, whose run may end before the last acks); under load with both\n--batch-signatures and --batch-envelopes, below 1.\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others."
+    after_help = "Examples:\n  antar bench --messages 20000 --size 1024 --senders 32          # closed loop: maximum throughput\n  antar bench --rate 2000 --duration 30                             # open loop: latency at a fixed offered rate\n  antar bench --rate 2000 --duration 30 --warmup 2                  # the same, latencies of a running node only\n  antar bench --via-hub --kind transaction --receipts processed --json report.json\n  antar bench --receipts delivered --batch-signatures                # receipts issued together share a signature\n  antar bench --senders 2 --batch 32 --receipts delivered           # SendBatch / AckBatch, 32 per call\n  antar bench --rate 2000 --duration 30 --ack-batch 32              # open loop, the app acks with AckBatch\n  antar bench --peer-down --messages 1000000                        # queue a million with the peer down, then drain\n\nPrints: RESULT mode=… sent_per_s=… delivered_per_s=… p50_ms=… p99_ms=… send_p50_ms=… send_p99_ms=… cpu_us_per_msg=… journal_syncs=… syncs_over_25ms=… signs_per_msg=… warmup_s=…\n  sign_per_s=… verify_per_s=… fsync_p50_ms=… iowait_pct=… steal_pct=… system_pct=… disk_kb_per_msg=… rss_peak_mb=…\n(with --peer-down: RESULT mode=queue … rss_queued_mb=… rss_peak_mb=… drain_per_s=… rss_drain_peak_mb=… signs_per_msg=…;\nrss_peak_mb is the high-water mark while queueing, rss_drain_peak_mb over the whole run)\nLatency runs from the send's start (its scheduled instant, in open loop) to the\ndelivery at the receiving app, or with --receipts to that receipt's arrival at\nthe sending node; recorded in an HdrHistogram (1 µs to 1 h, 3 digits),\nexcept for the sends started in the first --warmup seconds (warmup_s).\nsend_p50_ms/send_p99_ms: from the same start to the sending node's answer to\nSend, the wait of the agency system that sends (also without the warm-up).\ncpu_us_per_msg: CPU time (user + system) of the whole process — nodes and\nload generator — per message while it ran: steadier than throughput on a\nbusy machine.\njournal_syncs/syncs_over_25ms: the nodes' journal fdatasyncs, and those\nthat took over 25 ms (a stalling disk holds up every send meanwhile).\nsigns_per_msg: Ed25519 signatures all the nodes made per message\n(antar_signatures_total), checkpoints included: 4 without the batch switches\nwhen the app acks every message (--receipts none or processed; 3 to 4 with\ndelivered, whose run may end before the last acks); under load with both\n--batch-signatures and --batch-envelopes, below 1.\nsign_per_s/verify_per_s/fsync_p50_ms: the machine, measured before the nodes\nstart: Ed25519 signatures and verifications a second on one core (ring, as\nthe nodes sign), and the median fdatasync of a 4 KiB overwrite in the run's\ndirectory; DESIGN.md §10 budgets for 45,000 / 16,000 / 0.1 ms. Compare runs\nfrom two machines through these.\niowait_pct/steal_pct: of all the machine's CPU time while the run went on,\nthe share idle waiting for IO and the share the hypervisor gave to others.\nsystem_pct: the share of cpu_us_per_msg spent in the kernel.\ndisk_kb_per_msg: bytes the process caused to be written to storage per\nmessage, in KB (/proc/self/io write_bytes: journals, sled, checkpoints).\nrss_peak_mb: the process's resident-set high-water mark, MiB."
 )]
 pub struct BenchArgs {
     /// Envelopes to send in total (default 20000; with --duration, no limit).
@@ -226,16 +226,60 @@ fn rss_mib() -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// CPU seconds this process has used, user + system (Linux `/proc/self/stat`,
-/// whose times are in USER_HZ = 100 ticks per second). Per message, a
-/// steadier figure than throughput on a machine shared with others.
-fn cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
-    let utime: u64 = rest.nth(11)?.parse().ok()?;
-    let stime: u64 = rest.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+/// What this process has used so far: CPU seconds, user and system apart
+/// (Linux `/proc/self/stat`, whose times are in USER_HZ = 100 ticks per
+/// second), and bytes it caused to be written to storage (`write_bytes` of
+/// `/proc/self/io`: the nodes' journals, sled's logs, the checkpoints).
+/// Per message, steadier figures than throughput on a machine shared with
+/// others.
+#[derive(Debug, Clone, Copy)]
+struct Used {
+    user_s: f64,
+    system_s: f64,
+    /// `None` where the kernel does not count it.
+    written: Option<u64>,
+}
+
+impl Used {
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+        let utime: u64 = rest.nth(11)?.parse().ok()?;
+        let stime: u64 = rest.next()?.parse().ok()?;
+        let written = std::fs::read_to_string("/proc/self/io").ok().and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        });
+        Some(Self {
+            user_s: utime as f64 / 100.0,
+            system_s: stime as f64 / 100.0,
+            written,
+        })
+    }
+
+    /// Per message since `start`: CPU µs, the share of it in the kernel
+    /// (%), and KB written to storage.
+    fn per_message(start: Option<Self>, messages: u64) -> (f64, f64, f64) {
+        let (Some(a), Some(b)) = (start, Self::now()) else {
+            return (0.0, 0.0, 0.0);
+        };
+        if messages == 0 {
+            return (0.0, 0.0, 0.0);
+        }
+        let (user, system) = (b.user_s - a.user_s, b.system_s - a.system_s);
+        let system_pct = if user + system > 0.0 {
+            system * 100.0 / (user + system)
+        } else {
+            0.0
+        };
+        let written = match (a.written, b.written) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e3 / messages as f64,
+            _ => 0.0,
+        };
+        ((user + system) * 1e6 / messages as f64, system_pct, written)
+    }
 }
 
 /// Shared counters of one run.
@@ -531,7 +575,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     progress
         .record_from_ns
         .store(start_ns.saturating_add(warmup_ns), Ordering::Relaxed);
-    let cpu_start = cpu_secs();
+    let used_start = Used::now();
     let machine_start = CpuTimes::now();
     let sending_for = args.duration.map(Duration::from_secs);
     let mut senders = tokio::task::JoinSet::new();
@@ -694,10 +738,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let all_secs = start.elapsed().as_secs_f64();
-    let cpu_us_per_msg = match (cpu_start, cpu_secs()) {
-        (Some(a), Some(b)) if total > 0 => (b - a) * 1e6 / total as f64,
-        _ => 0.0,
-    };
+    let (cpu_us_per_msg, system_pct, disk_kb_per_msg) = Used::per_message(used_start, total);
     let drain_secs = drain_start.elapsed().as_secs_f64();
     let (iowait_pct, steal_pct) = match (machine_start, CpuTimes::now()) {
         (Some(a), Some(b)) => b.since(a),
@@ -746,7 +787,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let send_pct = |q: f64| accepted.value_at_quantile(q) as f64 / 1e3;
     let hops = if args.via_hub { 2 } else { 1 };
     let (rss_now, rss_peak) = queued_rss.unwrap_or((0.0, 0.0));
-    // The high-water mark at the end covers the drain as well.
+    // The high-water mark at the end covers the drain as well (with
+    // --peer-down), or the whole run.
     let rss_drain_peak = rss_mib().map_or(0.0, |(_, peak)| peak);
     let mut mode = match (args.peer_down, args.rate) {
         (true, _) => "queue".to_owned(),
@@ -777,7 +819,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms} signs_per_msg={signs_per_msg:.2} warmup_s={} {machine_fields}",
+            "RESULT mode={mode} hops={hops} kind={} messages={total} size={} receipts={} batch_signatures={} batch_envelopes={} sent_per_s={:.0} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} send_p50_ms={:.2} send_p99_ms={:.2} cpu_us_per_msg={cpu_us_per_msg:.0} journal_syncs={journal_syncs} syncs_over_25ms={syncs_over_25ms} signs_per_msg={signs_per_msg:.2} warmup_s={} {machine_fields} system_pct={system_pct:.1} disk_kb_per_msg={disk_kb_per_msg:.1} rss_peak_mb={rss_drain_peak:.0}",
             args.kind,
             args.size,
             args.receipts,
@@ -802,7 +844,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "messages": total, "size": args.size, "warmup_s": args.warmup,
             "calls": if args.batch > 1 { progress.batch_calls.load(Ordering::Relaxed) } else { total },
             "sent_per_s": total as f64 / sent_secs, "completed_per_s": total as f64 / all_secs,
-            "cpu_us_per_msg": cpu_us_per_msg,
+            "cpu_us_per_msg": cpu_us_per_msg, "system_pct": system_pct,
+            "disk_kb_per_msg": disk_kb_per_msg, "rss_peak_mb": rss_drain_peak,
             "journal_syncs": { "count": journal_syncs, "over_25ms": syncs_over_25ms, "over_100ms": syncs_over_100ms },
             "signatures": { "count": signatures, "per_message": signs_per_msg },
             "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),

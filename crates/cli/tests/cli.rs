@@ -308,6 +308,14 @@ fn bench_reports_latencies_of_every_message_and_a_queue_that_drains() {
     // Two nodes with mTLS and signatures cannot move a message on no CPU.
     assert!(report["cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{report}");
     assert!(result.contains(" cpu_us_per_msg="), "{result}");
+    // The kernel's share of it, what reached storage (none on a tmpfs), the RSS peak.
+    let system_pct = report["system_pct"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&system_pct), "{report}");
+    assert!(report["disk_kb_per_msg"].as_f64().unwrap() >= 0.0, "{report}");
+    assert!(report["rss_peak_mb"].as_f64().unwrap() > 1.0, "{report}");
+    for field in [" system_pct=", " disk_kb_per_msg=", " rss_peak_mb="] {
+        assert!(result.contains(field), "{result}");
+    }
     // Every one of the 60 sends waited for at least one journal sync.
     assert!(result.contains(" syncs_over_25ms="), "{result}");
     let syncs = &report["journal_syncs"];
