@@ -323,7 +323,7 @@ pub struct Tx<'a> {
     /// back: restored when stored as a cut (the certificate in place),
     /// else as stored (the certificate as a digest); so that writing a
     /// record rewrites its body only if it changed.
-    bodies: RefCell<HashMap<MessageId, IVec>>,
+    bodies: RefCell<HashMap<MessageId, Bytes>>,
     /// The Merkle-log entries this transaction appended for messages'
     /// signed envelopes, by message id: a body written beside one is
     /// stored without the envelope ([`Tx::put_message`]).
@@ -501,7 +501,7 @@ impl<'a> Tx<'a> {
             |e| Abort::Corrupt(e).into(),
         )?;
         if let Some(body) = body {
-            self.bodies.borrow_mut().insert(*id, body);
+            self.bodies.borrow_mut().insert(*id, Bytes::from_owner(body));
         }
         Ok(Some(record))
     }
@@ -550,7 +550,7 @@ impl<'a> Tx<'a> {
             cuts::cut(&whole, &entry, cuts::Part::Entry(index))
         });
         let (stored, read_back) = match cut {
-            Some(cut) => (IVec::from(cut), IVec::from(whole)),
+            Some(cut) => (IVec::from(cut), Bytes::from(whole)),
             None => {
                 self.detach_certs(&mut body)?;
                 let detached = body.encode_to_vec();
@@ -558,7 +558,7 @@ impl<'a> Tx<'a> {
                     return Ok(());
                 }
                 let detached = IVec::from(detached);
-                (detached.clone(), detached)
+                (detached.clone(), Bytes::from_owner(detached))
             }
         };
         self.bodies.borrow_mut().insert(*id, read_back);
