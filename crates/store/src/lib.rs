@@ -507,7 +507,7 @@ impl Store {
                 let Some(stored) = self.inner.trees[keys::BODIES].get(id)? else {
                     return Ok(None);
                 };
-                Ok(Some(cuts::restored_ivec(
+                Ok(Some(cuts::restored_bytes(
                     &stored,
                     parts.whole(keys::BODIES, id, &stored)?,
                 )))

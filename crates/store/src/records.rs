@@ -127,16 +127,16 @@ pub struct DeadLetter {
 
 /// A stored message record made whole: its body (envelope and payload)
 /// from `bodies` when it is not inline, its signer certificates put back.
-/// Returns the record and the stored body bytes it was given, if any.
-/// `body` reads the record's entry in `bodies`, `cert` a certificate by
+/// Returns the record and the body bytes it was given, if any. `body`
+/// reads the record's entry in `bodies`, whole (`cuts.rs`), `cert` a certificate by
 /// its digest; `fail` turns a record that is not what was written into
 /// the caller's error.
 pub(crate) fn restore<E>(
     bytes: &sled::IVec,
-    body: impl FnOnce() -> Result<Option<sled::IVec>, E>,
+    body: impl FnOnce() -> Result<Option<prost::bytes::Bytes>, E>,
     cert: impl FnMut(&[u8]) -> Result<Option<sled::IVec>, E>,
     fail: impl Fn(crate::StoreError) -> E,
-) -> Result<(MessageRecord, Option<sled::IVec>), E> {
+) -> Result<(MessageRecord, Option<prost::bytes::Bytes>), E> {
     use crate::keys::{BODIES, MESSAGES};
     let mut record: MessageRecord = crate::decode_shared(MESSAGES, bytes).map_err(&fail)?;
     let mut stored = None;
@@ -144,7 +144,7 @@ pub(crate) fn restore<E>(
         if let Some(b) = body()? {
             let MessageRecord {
                 envelope, payload, ..
-            } = crate::decode_shared(BODIES, &b).map_err(&fail)?;
+            } = prost::Message::decode(b.clone()).map_err(|e| fail(crate::corrupt(BODIES, e.to_string())))?;
             (record.envelope, record.payload) = (envelope, payload);
             stored = Some(b);
         }

@@ -501,7 +501,7 @@ impl<'a> Tx<'a> {
             |e| Abort::Corrupt(e).into(),
         )?;
         if let Some(body) = body {
-            self.bodies.borrow_mut().insert(*id, Bytes::from_owner(body));
+            self.bodies.borrow_mut().insert(*id, body);
         }
         Ok(Some(record))
     }
@@ -719,13 +719,12 @@ impl<'a> Tx<'a> {
         Ref::filter_map(self.appended.borrow(), |a| a.get(&(tree, n))).ok()
     }
 
-    /// As [`Tx::whole`], taking and giving a sled value: `stored` itself
-    /// when it was stored whole.
-    fn restored(&self, tree: usize, key: &[u8], stored: IVec) -> R<IVec> {
+    /// As [`Tx::whole`], without a copy of a value stored whole.
+    fn restored(&self, tree: usize, key: &[u8], stored: IVec) -> R<Bytes> {
         let restored = cuts::restore(&stored, self, &|e| {
             Abort::Corrupt(crate::corrupt_at(tree, key, e)).into()
         })?;
-        Ok(cuts::restored_ivec(&stored, restored))
+        Ok(cuts::restored_bytes(&stored, restored))
     }
 
     /// The value `stored` in `tree` stands for, with the parts it was cut
